@@ -1,0 +1,79 @@
+"""The `duodiff` command: one sub-command per pipeline stage.
+
+Each stage module owns its sub-command: it defines `add_cli(subparsers)`, which registers the
+sub-command and sets `func` to a thin wrapper around the module's plain `run_*` function. This
+file only collects them and turns DuodiffError into one readable line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from duodiff.errors import DuodiffError
+
+# Sub-command -> the module that registers it (its `add_cli`), in the order `duodiff --help`
+# lists them. A call imports only its own command's module: every pipeline job starts a fresh
+# `duodiff`, and pandas/matplotlib/clean-fid imports would add seconds to each of them.
+COMMANDS = {
+    "train": "duodiff.training",
+    "sample": "duodiff.sampling",
+    "reference": "duodiff.metrics.fid",
+    "fid": "duodiff.metrics.fid",
+    "cmmd": "duodiff.metrics.cmmd",
+    "flops": "duodiff.metrics.flops",
+    "tables": "duodiff.tables",
+    "plots": "duodiff.plots",
+}
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse prints usage + error; users asked for one line and exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def add_flag(parser: argparse.ArgumentParser, name: str, *aliases: str, **kwargs):
+    """Add `--some-flag`, also accepting the seeds' `--some_flag` spelling (and extra aliases)."""
+    names = [name]
+    # Only the dashes inside the name: the leading "--" must stay dashes.
+    underscored = "--" + name[2:].replace("-", "_")
+    if underscored != name:
+        names.append(underscored)
+    names.extend(aliases)
+    kwargs.setdefault("dest", name.lstrip("-").replace("-", "_"))
+    return parser.add_argument(*names, **kwargs)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `duodiff` parser; with `command`, only that sub-command's module is imported."""
+    parser = OneLineErrorParser(
+        prog="duodiff",
+        description="Train U-ViT, early-exit and DuoDiff diffusion models; sample and score them.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrorParser)
+    modules = [COMMANDS[command]] if command in COMMANDS else COMMANDS.values()
+    for module_name in dict.fromkeys(modules):  # fid.py registers both reference and fid
+        importlib.import_module(module_name).add_cli(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv[0] if argv else None)
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except DuodiffError as error:
+        print(f"duodiff {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"duodiff {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

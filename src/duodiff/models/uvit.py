@@ -1,0 +1,317 @@
+"""U-ViT (Bao et al., "All are Worth Words: A ViT Backbone for Diffusion Models", 2209.12152).
+
+Follows the paper's reference code (libs/uvit.py of baofff/U-ViT) layer for layer, with the same
+module names, so its state_dict keys match the reference checkpoints:
+
+- every input is a token: the patches (Conv2d with kernel = stride = patch size), the time
+  (sinusoidal embedding, optionally through an MLP) and, when class-conditional, the class label
+  (a learned embedding placed before the time token); a learned position embedding is added;
+- `depth` pre-LayerNorm transformer blocks: depth // 2 "in" blocks, one "mid" block and
+  depth // 2 "out" blocks; long skip connections join in-block i's output to the out-block
+  mirrored to it (skip_linear on the concatenation, skips popped last-in first-out);
+- final LayerNorm, a linear decoder back to patches, the extra tokens dropped, the patches put
+  back into an image and an optional 3x3 convolution.
+
+Differences from the reference (none change the numbers): no einops (reshape/permute instead),
+attention always through `F.scaled_dot_product_attention` (the reference picks flash, xformers
+or math by a global flag), no dropout (the reference's rates are 0), no gradient checkpointing,
+and `normalize_timesteps`, which divides t by T before the embedding as the early-exit seed
+repository does with --normalize_timesteps.
+
+For early exit and FLOP counting the forward pass is also available in pieces:
+`embed(x, t, y)`, `run_block(i, x, skips)` for i in execution order, and `head(tokens)`;
+`forward` is exactly these in sequence.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from duodiff.errors import DuodiffError
+
+# The model-config keys a U-ViT understands and their defaults (None = required). `probe_hidden`
+# belongs to the early-exit model and is accepted (and ignored) here so one YAML builds either.
+MODEL_CONFIG_DEFAULTS = {
+    "img_size": None,
+    "patch_size": None,
+    "in_chans": None,
+    "embed_dim": None,
+    "depth": None,
+    "num_heads": None,
+    "mlp_ratio": 4.0,
+    "qkv_bias": False,
+    "mlp_time_embed": False,
+    "num_classes": 0,
+    "conv": True,
+    "normalize_timesteps": False,
+    "probe_hidden": 128,
+}
+MODEL_CONFIG_KEYS = tuple(MODEL_CONFIG_DEFAULTS)
+
+
+def validate_model_config(config: dict, source: str = "model config") -> dict:
+    """Check a model config dict; return it completed with defaults. Raises DuodiffError."""
+    if not isinstance(config, dict):
+        raise DuodiffError(f"{source}: expected a mapping of settings, got {type(config).__name__}")
+    unknown = [key for key in config if key not in MODEL_CONFIG_DEFAULTS]
+    if unknown:
+        raise DuodiffError(
+            f"{source}: unknown key(s) {', '.join(map(str, unknown))}; allowed keys: {', '.join(MODEL_CONFIG_KEYS)}"
+        )
+    missing = [key for key, default in MODEL_CONFIG_DEFAULTS.items() if default is None and key not in config]
+    if missing:
+        raise DuodiffError(f"{source}: missing required key(s) {', '.join(missing)}")
+    config = {**MODEL_CONFIG_DEFAULTS, **config}
+
+    def positive_int(key, allow_zero=False):
+        value = config[key]
+        ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+        if not ok:
+            kind = "a non-negative integer" if allow_zero else "a positive integer"
+            raise DuodiffError(f"{source}: {key} must be {kind}; got {value!r}")
+
+    for key in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "probe_hidden"):
+        positive_int(key)
+    positive_int("num_classes", allow_zero=True)
+    for key in ("qkv_bias", "mlp_time_embed", "conv", "normalize_timesteps"):
+        if not isinstance(config[key], bool):
+            raise DuodiffError(f"{source}: {key} must be true or false; got {config[key]!r}")
+    ratio = config["mlp_ratio"]
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or ratio <= 0:
+        raise DuodiffError(f"{source}: mlp_ratio must be a positive number; got {ratio!r}")
+    if config["img_size"] % config["patch_size"] != 0:
+        raise DuodiffError(
+            f"{source}: img_size ({config['img_size']}) must be divisible by patch_size ({config['patch_size']})"
+        )
+    if config["embed_dim"] % config["num_heads"] != 0:
+        raise DuodiffError(
+            f"{source}: embed_dim ({config['embed_dim']}) must be divisible by num_heads ({config['num_heads']})"
+        )
+    if config["depth"] % 2 != 1:
+        raise DuodiffError(
+            f"{source}: depth must be odd (depth // 2 in-blocks, 1 mid-block, depth // 2 out-blocks); "
+            f"got {config['depth']}"
+        )
+    return config
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps (B,) -> (B, dim): [cos, sin]."""
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(start=0, end=half, dtype=torch.float32, device=timesteps.device) / half
+    )
+    args = timesteps[:, None].float() * freqs[None]
+    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+    return embedding
+
+
+def unpatchify(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """B (h w) (p1 p2 C) -> B C (h p1) (w p2), the inverse of the reference's patchify."""
+    batch, length, patch_dim = x.shape
+    patch_size = int(round((patch_dim // channels) ** 0.5))
+    h = w = int(round(length**0.5))
+    assert h * w == length and patch_size**2 * channels == patch_dim, (x.shape, channels)
+    x = x.reshape(batch, h, w, patch_size, patch_size, channels)
+    x = x.permute(0, 5, 1, 3, 2, 4)  # B C h p1 w p2
+    return x.reshape(batch, channels, h * patch_size, w * patch_size)
+
+
+def init_weights(m):
+    """The reference `_init_weights`: trunc-normal(0.02) Linear weights, zero biases, unit LayerNorms."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.constant_(m.bias, 0)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.constant_(m.bias, 0)
+        nn.init.constant_(m.weight, 1.0)
+
+
+class Mlp(nn.Module):
+    """timm's Mlp without dropout: fc1, GELU, fc2."""
+
+    def __init__(self, in_features: int, hidden_features: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_features, in_features)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = False):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, L, D = x.shape
+        # 'B L (K H D) -> K B H L D' with K = 3 (q, k, v), as in the reference.
+        qkv = self.qkv(x).reshape(B, L, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        x = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(head_dim), as the reference
+        x = x.transpose(1, 2).reshape(B, L, D)
+        return self.proj(x)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block; out-blocks first merge the long skip with skip_linear."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = False, skip: bool = False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.skip_linear = nn.Linear(2 * dim, dim) if skip else None
+
+    def forward(self, x, skip=None):
+        if self.skip_linear is not None:
+            x = self.skip_linear(torch.cat([x, skip], dim=-1))
+        x = x + self.attn(self.norm1(x))
+        x = x + self.mlp(self.norm2(x))
+        return x
+
+
+class PatchEmbed(nn.Module):
+    """Image to patch tokens: Conv2d with kernel = stride = patch size, then flatten."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class UViT(nn.Module):
+    def __init__(
+        self,
+        img_size: int,
+        patch_size: int,
+        in_chans: int,
+        embed_dim: int,
+        depth: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = False,
+        mlp_time_embed: bool = False,
+        num_classes: int = 0,
+        conv: bool = True,
+        normalize_timesteps: bool = False,
+        probe_hidden: int = 128,  # early-exit setting, unused by the plain U-ViT
+        num_timesteps: int = 1000,
+    ):
+        super().__init__()
+        config = validate_model_config(
+            dict(
+                img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, depth=depth,
+                num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, mlp_time_embed=mlp_time_embed,
+                num_classes=num_classes, conv=conv, normalize_timesteps=normalize_timesteps,
+                probe_hidden=probe_hidden,
+            )
+        )  # fmt: skip
+        if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int) or num_timesteps <= 0:
+            raise DuodiffError(f"num_timesteps must be a positive integer; got {num_timesteps!r}")
+        self.config = config
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.embed_dim = embed_dim
+        self.depth = depth
+        self.num_classes = num_classes
+        self.conv = conv
+        self.normalize_timesteps = normalize_timesteps
+        self.num_timesteps = num_timesteps
+
+        self.patch_embed = PatchEmbed(patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
+        self.num_patches = (img_size // patch_size) ** 2
+        self.time_embed = (
+            nn.Sequential(nn.Linear(embed_dim, 4 * embed_dim), nn.SiLU(), nn.Linear(4 * embed_dim, embed_dim))
+            if mlp_time_embed
+            else nn.Identity()
+        )
+        if num_classes > 0:
+            self.label_emb = nn.Embedding(num_classes, embed_dim)
+        self.extras = 1 + (num_classes > 0)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.extras + self.num_patches, embed_dim))
+
+        block_args = dict(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias)
+        self.in_blocks = nn.ModuleList([Block(**block_args) for _ in range(depth // 2)])
+        self.mid_block = Block(**block_args)
+        self.out_blocks = nn.ModuleList([Block(**block_args, skip=True) for _ in range(depth // 2)])
+
+        self.norm = nn.LayerNorm(embed_dim)
+        self.patch_dim = patch_size**2 * in_chans
+        self.decoder_pred = nn.Linear(embed_dim, self.patch_dim, bias=True)
+        self.final_layer = nn.Conv2d(in_chans, in_chans, 3, padding=1) if conv else nn.Identity()
+
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.apply(init_weights)
+
+    @property
+    def num_extras(self) -> int:
+        """Tokens before the patches: the time token and, when class-conditional, the class token."""
+        return self.extras
+
+    def block(self, i: int) -> Block:
+        """The i-th block in execution order (in-blocks, mid-block, out-blocks)."""
+        half = self.depth // 2
+        if i < half:
+            return self.in_blocks[i]
+        if i == half:
+            return self.mid_block
+        return self.out_blocks[i - half - 1]
+
+    def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Image, timesteps (and labels) -> tokens (B, extras + L, D): [class], time, patches."""
+        if (y is not None) != (self.num_classes > 0):
+            raise DuodiffError(
+                f"this U-ViT has num_classes={self.num_classes}: labels y must be "
+                + ("given" if self.num_classes > 0 else "None")
+            )
+        x = self.patch_embed(x)
+        timesteps = t.float() / self.num_timesteps if self.normalize_timesteps else t
+        time_token = self.time_embed(timestep_embedding(timesteps, self.embed_dim)).unsqueeze(dim=1)
+        x = torch.cat((time_token.to(x.dtype), x), dim=1)
+        if y is not None:
+            label_emb = self.label_emb(y).unsqueeze(dim=1)
+            x = torch.cat((label_emb.to(x.dtype), x), dim=1)
+        return x + self.pos_embed
+
+    def run_block(self, i: int, x: torch.Tensor, skips: list) -> torch.Tensor:
+        """Run block i (execution order); in-blocks push their output to `skips`, out-blocks pop."""
+        half = self.depth // 2
+        if i < half:
+            x = self.in_blocks[i](x)
+            skips.append(x)
+            return x
+        if i == half:
+            return self.mid_block(x)
+        return self.out_blocks[i - half - 1](x, skips.pop())
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens -> image: final norm, decoder, drop the extra tokens, unpatchify, 3x3 conv."""
+        x = self.norm(x)
+        x = self.decoder_pred(x)
+        x = x[:, self.extras :, :]
+        x = unpatchify(x, self.in_chans)
+        return self.final_layer(x)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.embed(x, t, y)
+        skips = []
+        for i in range(self.depth):
+            x = self.run_block(i, x, skips)
+        return self.head(x)

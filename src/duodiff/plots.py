@@ -1,0 +1,575 @@
+"""`duodiff plots`: the study's figures, drawn from the tables and the sample-set folders.
+
+Each figure is saved as `<name>.png` (raster, for the report) and `<name>.pdf` (vector, for
+papers), atomically, under fixed names (docs/architecture.md, "Tables and plots"):
+
+    quality_vs_gflops   FID against GFLOPs per network evaluation: the Pareto picture
+    quality_vs_time     FID against measured milliseconds per image
+    exit_heatmap        where early exit exits: exit layer by sampling step, per set
+    fid_vs_tswitch      DuoDiff's FID against t_switch, per shallow depth
+    training_curves     training loss against step for every trained model
+    sample_grids        sample grids of every set beside real images
+
+Beside each figure, `<name>.json` holds the data series as drawn (read back from the figure's
+artists), so a reader or a test can check a figure against the tables it claims to show.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from tqdm import tqdm
+
+from duodiff.errors import DuodiffError, check_positive, require
+from duodiff.io import atomic_path, write_json
+from duodiff.tables import INTEGER_COLUMNS, blocks, method_label
+
+PLOT_NAMES = ["quality_vs_gflops", "quality_vs_time", "exit_heatmap", "fid_vs_tswitch",
+              "training_curves", "sample_grids"]
+TABLE_COLUMNS = ["set", "method", "setting", "classifier_type", "threshold", "t_switch", "shallow_depth",
+                 "depth", "sampler", "steps", "seed", "n_samples", "fid", "gflops_per_forward",
+                 "gflops_per_image", "layer_ratio", "images_per_s"]
+LOSS_BOOKKEEPING = ["step", "loss", "lr", "steps_per_s"]  # loss.csv columns that are not loss parts
+
+# One sequential colour map per family, so every set of a family shares a hue and its setting
+# (threshold, t_switch) picks the shade. Early exit: cool hues (then grey) per classifier; DuoDiff:
+# warm hues per shallow depth.
+EARLY_EXIT_CMAPS = ["Blues", "Greens", "Purples", "Greys", "GnBu", "BuPu"]
+DUODIFF_CMAPS = ["Reds", "Oranges", "YlOrBr", "RdPu"]
+FULL_STYLE = dict(color="black", marker="*", markersize=15, linestyle="none")
+SHALLOW_MARKER = "s"
+STYLE = {
+    "font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8,
+    "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.3,
+    "figure.dpi": 100, "savefig.bbox": "tight",
+}
+
+
+def shades(cmap_name: str, count: int) -> list:
+    """`count` colours from light to dark of a sequential colour map (never the near-white end)."""
+    cmap = colormaps[cmap_name]
+    if count == 1:
+        return [cmap(0.75)]
+    return [cmap(x) for x in np.linspace(0.45, 0.85, count)]  # the darkest Greys would read as the full model
+
+
+class Palette:
+    """The colour of every set, fixed once per run so all figures agree."""
+
+    def __init__(self, table: pd.DataFrame):
+        self.colors: dict[str, tuple] = {}
+        self.family: dict[tuple, tuple] = {}  # (method, classifier or depth) -> line colour
+        classifiers = sorted(table.loc[table["method"] == "early_exit", "classifier_type"].dropna().unique())
+        depths = sorted(table.loc[table["method"].isin(["duodiff", "shallow"]), "shallow_depth"].dropna().unique())
+        for i, classifier in enumerate(classifiers):
+            group = table[(table["method"] == "early_exit") & (table["classifier_type"] == classifier)]
+            self._assign(group, "threshold", EARLY_EXIT_CMAPS[i % len(EARLY_EXIT_CMAPS)], ("early_exit", classifier))
+        for i, depth in enumerate(depths):
+            group = table[(table["method"] == "duodiff") & (table["shallow_depth"] == depth)]
+            cmap = DUODIFF_CMAPS[i % len(DUODIFF_CMAPS)]
+            self._assign(group, "t_switch", cmap, ("duodiff", depth))
+            for name in table.loc[(table["method"] == "shallow") & (table["shallow_depth"] == depth), "set"]:
+                self.colors[name] = colormaps[cmap](0.95)
+        for name in table.loc[table["method"] == "full", "set"]:
+            self.colors[name] = (0.0, 0.0, 0.0, 1.0)
+
+    def _assign(self, group: pd.DataFrame, setting: str, cmap: str, key: tuple) -> None:
+        group = group.sort_values(setting)
+        for name, color in zip(group["set"], shades(cmap, len(group))):
+            self.colors[name] = color
+        self.family[key] = colormaps[cmap](0.75)
+
+
+def load_table(tables_dir) -> pd.DataFrame:
+    path = Path(tables_dir) / "fid.csv"
+    require(path.is_file(), f"{path} does not exist (run `duodiff tables` first)")
+    table = pd.read_csv(path)
+    missing = [c for c in TABLE_COLUMNS if c not in table.columns]
+    require(not missing, f"{path}: missing columns {', '.join(missing)}")
+    require(len(table) > 0, f"{path}: has no rows")
+    for column in INTEGER_COLUMNS:
+        table[column] = table[column].astype("Int64")
+    return table
+
+
+def setting_text(rows: list) -> str:
+    """Annotation of a point: the early-exit threshold(s) or DuoDiff t_switch(es) drawn there."""
+    if rows[0]["method"] == "early_exit":
+        return "τ=" + ", ".join(f"{row['threshold']:g}" for row in rows)
+    if rows[0]["method"] == "duodiff":
+        return "$t_s$=" + ", ".join(str(row["t_switch"]) for row in rows)
+    return ""
+
+
+def setting_line(row) -> str:
+    if row["method"] == "early_exit":
+        return f"threshold {row['threshold']:g}"
+    if row["method"] == "duodiff":
+        return f"t_switch {row['t_switch']}"
+    return ""
+
+
+def panel_title(row) -> str:
+    setting = setting_line(row)
+    return f"{method_label(row)}, {setting}" if setting else method_label(row)
+
+
+def lines_drawn(ax) -> list[dict]:
+    """The labelled lines of an axes as drawn: the record saved beside the figure."""
+    series = []
+    for line in ax.get_lines():
+        if line.get_label().startswith("_"):
+            continue
+        series.append({"label": line.get_label(),
+                       "x": [float(v) for v in line.get_xdata()],
+                       "y": [float(v) for v in line.get_ydata()]})
+    return series
+
+
+def ema_smooth(values, weight: float) -> np.ndarray:
+    """TensorBoard-style smoothing: exponential moving average, debiased at the start."""
+    smoothed, average = [], 0.0
+    for i, value in enumerate(np.asarray(values, dtype=float), start=1):
+        average = weight * average + (1.0 - weight) * value
+        smoothed.append(average / (1.0 - weight**i) if weight > 0 else average)
+    return np.array(smoothed)
+
+
+def pareto_front(sets: list[str], x: list[float], y: list[float]) -> list[str]:
+    """Sets no other set beats on both cost (x) and FID (y), ordered by cost."""
+    front = []
+    for i in range(len(sets)):
+        dominated = any(x[j] <= x[i] and y[j] <= y[i] and (x[j] < x[i] or y[j] < y[i]) for j in range(len(sets)))
+        if not dominated:
+            front.append(i)
+    return [sets[i] for i in sorted(front, key=lambda i: (x[i], y[i]))]
+
+
+# ---------------------------------------------------------------------------------------------
+# FID against cost
+
+
+def quality_figure(table: pd.DataFrame, palette: Palette, cost: str, xlabel: str, title: str):
+    """FID against a cost column: one line per early-exit classifier and DuoDiff depth,
+    the full model as a star and the shallow model alone as a square."""
+    fig = Figure(figsize=(6.6, 4.6), layout="constrained")
+    ax = fig.subplots()
+    points = []  # (set, x, y) of every drawn point, for the Pareto front
+    annotations = []
+
+    def draw(group: pd.DataFrame, label: str, **style):
+        xs, ys = group[cost].astype(float).tolist(), group["fid"].astype(float).tolist()
+        ax.plot(xs, ys, label=label, **style)
+        points.extend(zip(group["set"], xs, ys))
+        # Settings that land on the same point (e.g. thresholds at which nothing exits early)
+        # share one annotation instead of printing over each other.
+        at: dict[tuple, list] = {}
+        for (_, row), x, y in zip(group.iterrows(), xs, ys):
+            at.setdefault((x, y), []).append(row)
+        for (x, y), rows in at.items():
+            text = setting_text(rows)
+            if text:
+                ax.annotate(text, (x, y), xytext=(4, 4), textcoords="offset points", fontsize=7,
+                            color=style["color"])
+                annotations.append({"sets": [row["set"] for row in rows], "text": text, "x": x, "y": y})
+
+    for (method, key), color in palette.family.items():
+        if method == "early_exit":
+            group = table[(table["method"] == method) & (table["classifier_type"] == key)].sort_values("threshold")
+            label = f"early exit, {key}"
+        else:
+            group = table[(table["method"] == method) & (table["shallow_depth"] == key)].sort_values("t_switch")
+            label = f"DuoDiff, {key}-block shallow"
+        if len(group):
+            draw(group, label, color=color, marker="o", markersize=5, linewidth=1.5)
+    for _, row in table[table["method"] == "shallow"].iterrows():
+        draw(table[table["set"] == row["set"]], f"shallow alone ({blocks(row['shallow_depth'])})",
+             color=palette.colors[row["set"]], marker=SHALLOW_MARKER, markersize=8, linestyle="none",
+             markerfacecolor="white", markeredgewidth=1.8)
+    for _, row in table[table["method"] == "full"].iterrows():
+        draw(table[table["set"] == row["set"]], f"full U-ViT ({blocks(row['depth'])})", **FULL_STYLE)
+
+    sets, xs, ys = (list(v) for v in zip(*points))
+    front = pareto_front(sets, xs, ys)
+    where = {s: (x, y) for s, x, y in points}
+    ax.plot([where[s][0] for s in front], [where[s][1] for s in front], color="0.5", linestyle=":",
+            linewidth=1.2, zorder=0, drawstyle="steps-post", label="Pareto front")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("FID (lower is better)")
+    ax.set_title(title)
+    ax.legend(loc="best", frameon=False)
+    return fig, {"x": cost, "y": "fid", "series": lines_drawn(ax), "annotations": annotations, "pareto": front}
+
+
+def sampling_caption(table: pd.DataFrame) -> str:
+    setups = table[["sampler", "steps"]].drop_duplicates()
+    if len(setups) == 1:
+        return f"{setups.iloc[0]['sampler']}, {setups.iloc[0]['steps']} steps"
+    return "mixed samplers"
+
+
+def plot_quality_vs_gflops(table, palette):
+    return quality_figure(table, palette, "gflops_per_forward",
+                          "GFLOPs per network evaluation (mean over steps and samples)",
+                          f"Quality against compute ({sampling_caption(table)})")
+
+
+def plot_quality_vs_time(table, palette):
+    table = table.assign(ms_per_image=1000.0 / table["images_per_s"].astype(float))
+    return quality_figure(table, palette, "ms_per_image", "measured milliseconds per image (1000 / images per s)",
+                          f"Quality against wall time ({sampling_caption(table)})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Where early exit exits
+
+
+def load_exit_layers(samples_root, row) -> "torch.Tensor":  # noqa: F821
+    import torch
+
+    path = Path(samples_root) / row["set"] / "exit_layers.pt"
+    require(path.is_file(), f"{path} does not exist")
+    exit_layers = torch.load(path, map_location="cpu", weights_only=True)
+    ok = isinstance(exit_layers, torch.Tensor) and exit_layers.dim() == 2 and not exit_layers.is_floating_point()
+    require(ok, f"{path}: expected an integer tensor (steps, n_samples), got "
+                f"{getattr(exit_layers, 'shape', type(exit_layers).__name__)}")
+    require(exit_layers.shape[0] == row["steps"],
+            f"{path}: has {exit_layers.shape[0]} steps but the table says {row['steps']}")
+    low, high = int(exit_layers.min()), int(exit_layers.max())
+    require(0 <= low and high <= row["depth"],
+            f"{path}: exit layers must lie in [0, {row['depth']}], found [{low}, {high}]")
+    return exit_layers.long()
+
+
+def exit_fractions(exit_layers, depth: int) -> np.ndarray:
+    """(depth + 1, steps): fraction of samples whose exit layer is l at sampling step s."""
+    import torch
+
+    steps, n = exit_layers.shape
+    # One bincount over (step, layer) pairs: index = step * (depth + 1) + layer.
+    flat = exit_layers + (depth + 1) * torch.arange(steps).unsqueeze(1)
+    counts = torch.bincount(flat.flatten(), minlength=steps * (depth + 1)).view(steps, depth + 1)
+    return (counts.double() / n).T.numpy()
+
+
+def exit_summaries(table: pd.DataFrame, samples_root) -> dict[str, np.ndarray]:
+    """Every set's exit-layer fractions, read (and checked) once before anything is drawn. Only
+    these (depth + 1, steps) summaries are kept: exit_layers.pt can hold millions of entries."""
+    return {row["set"]: exit_fractions(load_exit_layers(samples_root, row), int(row["depth"]))
+            for _, row in tqdm(table.iterrows(), total=len(table), desc="exit layers", unit="set", leave=False)}
+
+
+def mean_exit_layer(fractions: np.ndarray) -> np.ndarray:
+    return (fractions * np.arange(fractions.shape[0])[:, None]).sum(axis=0)
+
+
+def plot_exit_heatmap(table, palette, summaries: dict[str, np.ndarray]):
+    early = table[table["method"] == "early_exit"].sort_values(["classifier_type", "threshold"])
+    classifiers = list(dict.fromkeys(early["classifier_type"]))
+    n_cols = max([int((early["classifier_type"] == c).sum()) for c in classifiers] + [1])
+    n_rows = len(classifiers)
+    fig = Figure(figsize=(max(3.2 * n_cols + 1.0, 7.5), 2.6 * n_rows + 3.6), layout="constrained")
+    # Two sub-figures: the heat maps with their own colour bar on top, the mean-exit panel below.
+    top, bottom = fig.subfigures(2, 1, height_ratios=[2.6 * n_rows + 0.1, 3.5])
+    data = {"heatmaps": {}, "mean_exit_layer": []}
+
+    counts = [int((early["classifier_type"] == c).sum()) for c in classifiers]
+    bottom_row = {c: max(r for r, count in enumerate(counts) if count > c) for c in range(max(counts, default=0))}
+    image, heatmap_axes = None, []
+    for r, classifier in enumerate(classifiers):
+        group = early[early["classifier_type"] == classifier]
+        for c, (_, row) in enumerate(group.iterrows()):
+            ax = top.add_subplot(n_rows, n_cols, r * n_cols + c + 1)
+            heatmap_axes.append(ax)
+            depth, steps = int(row["depth"]), int(row["steps"])
+            fractions = summaries[row["set"]]
+            image = ax.imshow(fractions, origin="lower", aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0,
+                              interpolation="nearest", extent=(-0.5, steps - 0.5, -0.5, depth + 0.5))
+            ax.plot(np.arange(steps), mean_exit_layer(fractions), color="white", linewidth=1.0, label="_mean")
+            ax.set_title(f"{classifier}, threshold {row['threshold']:g}\nlayer ratio {row['layer_ratio']:.2f}, "
+                         f"FID {row['fid']:.1f}", fontsize=8)
+            if r == bottom_row[c]:  # axis labels only at the outer edges of the grid
+                ax.set_xlabel("sampling step (0 = noisiest)")
+            if c == 0:
+                ax.set_ylabel("exit layer")
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(False)
+            data["heatmaps"][row["set"]] = {
+                "classifier_type": classifier, "threshold": float(row["threshold"]),
+                "fraction": np.asarray(image.get_array()).tolist(),
+            }
+    if image is not None:
+        top.colorbar(image, ax=heatmap_axes, shrink=0.9, label="fraction of samples exiting")
+        top.suptitle("Where early exit exits: exit layer by sampling step (white: mean)")
+    else:
+        top.text(0.5, 0.5, "No early-exit sample sets in this study", ha="center", va="center", color="0.4")
+
+    ax = bottom.subplots()
+    for _, row in table.iterrows():  # table order: full, shallow, early exit, DuoDiff
+        mean = mean_exit_layer(summaries[row["set"]])
+        style = dict(color=palette.colors[row["set"]], linewidth=1.4, drawstyle="steps-mid")
+        # Dashed/dotted on top: the fixed-depth references stay visible where other sets coincide.
+        if row["method"] == "full":
+            style.update(linestyle="--", zorder=3)
+        elif row["method"] == "shallow":
+            style.update(linestyle=":", zorder=3)
+        label = panel_title(row)
+        ax.plot(np.arange(len(mean)), mean, label=label, **style)
+    ax.set_xlabel("sampling step (0 = noisiest, left; clean image, right)")
+    ax.set_ylabel("mean blocks executed")
+    ax.set_ylim(bottom=0)
+    ax.set_title("Mean exit layer per sampling step, all sets")
+    # Legend below the panel: beside it, it would widen the figure and push the colour bar away.
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncols=min(3, len(table)), frameon=False, fontsize=7)
+    data["mean_exit_layer"] = lines_drawn(ax)
+    return fig, data
+
+
+# ---------------------------------------------------------------------------------------------
+# DuoDiff's switch point
+
+
+def plot_fid_vs_tswitch(table, palette):
+    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    ax = fig.subplots()
+    depths = sorted(table.loc[table["method"].isin(["duodiff", "shallow"]), "shallow_depth"].dropna().unique())
+    for depth in depths:
+        duo = table[(table["method"] == "duodiff") & (table["shallow_depth"] == depth)].sort_values("t_switch")
+        shallow = table[(table["method"] == "shallow") & (table["shallow_depth"] == depth)]
+        # Shallow alone is DuoDiff with t_switch = steps: the shallow model runs every step.
+        xs = duo["t_switch"].astype(float).tolist() + shallow["steps"].astype(float).tolist()
+        ys = duo["fid"].astype(float).tolist() + shallow["fid"].astype(float).tolist()
+        color = palette.family.get(("duodiff", depth), palette.colors.get(next(iter(shallow["set"]), ""), "0.4"))
+        ax.plot(xs, ys, color=color, marker="o", markersize=5, label=f"DuoDiff, {depth}-block shallow")
+        if len(shallow):
+            ax.plot(shallow["steps"].astype(float), shallow["fid"].astype(float), color=color, marker=SHALLOW_MARKER,
+                    markersize=9, markerfacecolor="white", markeredgewidth=1.8, linestyle="none",
+                    label=f"shallow alone ({blocks(depth)}, t_switch = steps)")
+    for _, row in table[table["method"] == "full"].iterrows():
+        ax.axhline(float(row["fid"]), color="black", linestyle="--", linewidth=1.2,
+                   label=f"full U-ViT ({blocks(row['depth'])})")
+        # The full model is DuoDiff with t_switch = 0: a star there anchors the curve's left end.
+        ax.plot([0.0], [float(row["fid"])], label="_full_at_zero", **FULL_STYLE)
+    steps = int(table["steps"].max())
+    ax.set_xlim(-0.03 * steps, 1.03 * steps)  # the whole range: 0 = full model alone, steps = shallow alone
+    ax.set_xlabel("t_switch (noisiest sampling steps run by the shallow model)")
+    ax.set_ylabel("FID (lower is better)")
+    ax.set_title(f"DuoDiff: FID against the switch step ({sampling_caption(table)})")
+    ax.legend(loc="best", frameon=False)
+    if not depths:
+        ax.text(0.5, 0.5, "no DuoDiff or shallow sample sets in this study", transform=ax.transAxes,
+                ha="center", va="center", color="0.4")
+    # axhline's x data are axes fractions, not steps: record the full model's FID as a number.
+    series = [{**s, "x": None} if s["label"].startswith("full U-ViT") else s for s in lines_drawn(ax)]
+    return fig, {"series": series}
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def find_loss_files(models_root) -> list[Path]:
+    models_root = Path(models_root)
+    require(models_root.is_dir(), f"--models-root {models_root} is not a folder")
+    paths = sorted(models_root.glob("*/loss.csv"))
+    require(len(paths) > 0, f"no trained models under {models_root}: expected {models_root}/<model>/loss.csv")
+    return paths
+
+
+def loss_parts(log: pd.DataFrame) -> list[str]:
+    """The loss terms a log holds beside the total; a term that is never positive (a loss that
+    was switched off, e.g. loss_unweighted without --use-unweighted-loss) has no log-scale curve."""
+    return [c for c in log.columns if c not in LOSS_BOOKKEEPING
+            and (pd.to_numeric(log[c], errors="coerce") > 0).any()]
+
+
+def plot_training_curves(loss_files: list[Path], smoothing: float):
+    logs = {}
+    for path in loss_files:
+        log = pd.read_csv(path)
+        missing = [c for c in ("step", "loss") if c not in log.columns]
+        require(not missing, f"{path}: missing columns {', '.join(missing)}")
+        require(len(log) > 0, f"{path}: has no rows")
+        logs[path.parent.name] = log
+    with_parts = [name for name, log in logs.items() if loss_parts(log)]
+    n_panels = 1 + len(with_parts)
+    n_cols = min(n_panels, 3)
+    n_rows = math.ceil(n_panels / n_cols)
+    fig = Figure(figsize=(4.6 * n_cols, 3.4 * n_rows), layout="constrained")
+    axes = fig.subplots(n_rows, n_cols, squeeze=False).flatten()
+    data = {"smoothing": smoothing, "panels": []}
+    colors = colormaps["tab10"]
+
+    def curve(ax, steps, values, color, label):
+        ax.plot(steps, values, color=color, alpha=0.25, linewidth=0.8, label="_raw")
+        ax.plot(steps, ema_smooth(values, smoothing), color=color, linewidth=1.6, label=label)
+
+    ax = axes[0]
+    for i, (name, log) in enumerate(logs.items()):
+        curve(ax, log["step"].to_numpy(), log["loss"].to_numpy(float), colors(i % 10), name)
+    ax.set_title("Training loss (all models)")
+    data["panels"].append({"title": "all models", "series": lines_drawn(ax)})
+    for ax, name in zip(axes[1:], with_parts):
+        log = logs[name]
+        parts = loss_parts(log)
+        curve(ax, log["step"].to_numpy(), log["loss"].to_numpy(float), "black", "total")
+        for j, part in enumerate(parts):
+            curve(ax, log["step"].to_numpy(), log[part].to_numpy(float), colors(j % 10), part)
+        ax.set_title(f"{name}: loss terms")
+        data["panels"].append({"title": name, "series": lines_drawn(ax)})
+    for ax in axes[:n_panels]:
+        ax.set_yscale("log")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("loss (log scale)")
+        ax.legend(frameon=False)
+    for ax in axes[n_panels:]:
+        ax.set_visible(False)
+    fig.suptitle(f"Training curves: raw (faint) and smoothed (exponential moving average, weight {smoothing:g})")
+    return fig, data
+
+
+# ---------------------------------------------------------------------------------------------
+# Samples
+
+
+def image_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.png"))
+
+
+def grid_from_images(paths: list[Path], n_images: int) -> np.ndarray:
+    """The grid `duodiff sample` writes as grid.png, from the first images: GRID_NROW per row,
+    2 px white padding, images smaller than GRID_MIN_SIZE enlarged by nearest neighbour; so real
+    images and rebuilt grids look like the sample sets' grid.png."""
+    import torch
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    from duodiff.sampling import GRID_MIN_SIZE, GRID_NROW
+
+    images = torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1)
+                          for p in paths[:n_images]])
+    size = images.shape[-1]
+    if size < GRID_MIN_SIZE:
+        factor = math.ceil(GRID_MIN_SIZE / size)
+        images = images.repeat_interleave(factor, dim=2).repeat_interleave(factor, dim=3)
+    return make_grid(images, nrow=GRID_NROW, padding=2, pad_value=255).permute(1, 2, 0).numpy()
+
+
+def sample_grid(samples_root, name: str, n_images: int) -> tuple[np.ndarray, str]:
+    """A set's grid image (H, W, 3) uint8 and where it came from."""
+    from PIL import Image
+
+    folder = Path(samples_root) / name
+    if (folder / "grid.png").is_file():
+        return np.asarray(Image.open(folder / "grid.png").convert("RGB")), str(folder / "grid.png")
+    paths = image_files(folder / "images")
+    require(len(paths) > 0, f"{folder} has neither grid.png nor images/*.png")
+    return grid_from_images(paths, n_images), f"{folder / 'images'} (first {min(n_images, len(paths))})"
+
+
+def plot_sample_grids(table, samples_root, reference, n_images: int):
+    # As many real images as the sample grids hold (a set grid has its first <= n_images samples).
+    n_real = min(n_images, int(table["n_samples"].min()))
+    reference_images = image_files(Path(reference) / "images")
+    panels = [("Real images", grid_from_images(reference_images, n_real),
+               f"{Path(reference) / 'images'} (first {min(n_real, len(reference_images))})", None)]
+    for _, row in table.iterrows():
+        grid, source = sample_grid(samples_root, row["set"], n_images)
+        setting = setting_line(row)
+        title = f"{method_label(row)}\n{setting + ', ' if setting else ''}FID {row['fid']:.2f}"
+        panels.append((title, grid, source, row["set"]))
+    n_cols = min(len(panels), 4)
+    n_rows = math.ceil(len(panels) / n_cols)
+    # Panel height from the tallest grid's aspect, plus room for a two-line title.
+    aspect = max(grid.shape[0] / grid.shape[1] for _, grid, _, _ in panels)
+    width = 3.4
+    fig = Figure(figsize=(width * n_cols, (width * aspect + 0.6) * n_rows + 0.4), layout="constrained")
+    axes = fig.subplots(n_rows, n_cols, squeeze=False).flatten()
+    data = {"panels": []}
+    for ax, (title, grid, source, name) in zip(axes, panels):
+        ax.imshow(grid, interpolation="nearest")
+        ax.set_anchor("N")  # panels of different heights line up at their titles
+        ax.set_title(title, fontsize=8)
+        ax.set_axis_off()
+        data["panels"].append({"set": name, "title": title, "source": source, "shape": list(grid.shape)})
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    seeds = sorted(table["seed"].dropna().unique().tolist())
+    same_seed = f"same seed ({seeds[0]}) for every set, so grids start from the same noise" if len(seeds) == 1 \
+        else f"seeds differ between sets ({', '.join(map(str, seeds))}): grids are not noise-matched"
+    fig.suptitle(f"Samples ({sampling_caption(table)}; {same_seed})")
+    return fig, data
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def save_figure(fig: Figure, data: dict, output_dir: Path, name: str, dpi: int) -> None:
+    with atomic_path(output_dir / f"{name}.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    with atomic_path(output_dir / f"{name}.pdf") as tmp:
+        fig.savefig(tmp, format="pdf", metadata={"CreationDate": None})  # no date: same input, same bytes
+    write_json(output_dir / f"{name}.json", data)
+
+
+def run_plots(tables_dir, samples_root, models_root, reference, output_dir, smoothing: float = 0.9,
+              dpi: int = 150, grid_images: int = 64) -> dict[str, dict]:
+    """Draw every figure into output_dir (png, pdf and the data as json); return the data per figure."""
+    # Check every input before drawing anything.
+    require(0.0 <= smoothing < 1.0, f"--smoothing must be in [0, 1); got {smoothing!r}")
+    check_positive("--dpi", dpi)
+    check_positive("--grid-images", grid_images)
+    table = load_table(tables_dir)
+    samples_root, reference, output_dir = Path(samples_root), Path(reference), Path(output_dir)
+    for name in table["set"]:
+        folder = samples_root / name
+        require((folder / "grid.png").is_file() or image_files(folder / "images"),
+                f"{folder} has neither grid.png nor images/*.png")
+    require(image_files(reference / "images"), f"{reference / 'images'} holds no real images (*.png)")
+    loss_files = find_loss_files(models_root)
+    summaries = exit_summaries(table, samples_root)
+
+    palette = Palette(table)
+    builders = {
+        "quality_vs_gflops": lambda: plot_quality_vs_gflops(table, palette),
+        "quality_vs_time": lambda: plot_quality_vs_time(table, palette),
+        "exit_heatmap": lambda: plot_exit_heatmap(table, palette, summaries),
+        "fid_vs_tswitch": lambda: plot_fid_vs_tswitch(table, palette),
+        "training_curves": lambda: plot_training_curves(loss_files, smoothing),
+        "sample_grids": lambda: plot_sample_grids(table, samples_root, reference, grid_images),
+    }
+    from matplotlib import rc_context
+
+    results = {}
+    with rc_context(STYLE):
+        for name in tqdm(PLOT_NAMES, desc="plots", unit="figure"):
+            fig, data = builders[name]()
+            save_figure(fig, data, output_dir, name, dpi)
+            results[name] = data
+    return results
+
+
+def add_cli(subparsers) -> None:
+    from duodiff.cli import add_flag
+
+    parser = subparsers.add_parser("plots", help="the study's figures (png + pdf) from the tables and sample sets",
+                                   description=__doc__.split("\n\n")[0])
+    add_flag(parser, "--tables-dir", required=True, help="folder with fid.csv (from `duodiff tables`)")
+    add_flag(parser, "--samples-root", required=True, help="results/<dataset>/samples")
+    add_flag(parser, "--models-root", required=True, help="results/<dataset>/models (each model's loss.csv)")
+    add_flag(parser, "--reference", required=True, help="results/<dataset>/reference (real images)")
+    add_flag(parser, "--output-dir", required=True, help="where the figures go, e.g. results/plots")
+    add_flag(parser, "--smoothing", type=float, default=0.9, help="EMA weight of the smoothed training curves, in [0, 1)")
+    add_flag(parser, "--dpi", type=int, default=150, help="resolution of the png figures")
+    add_flag(parser, "--grid-images", type=int, default=64, help="images per sample grid when rebuilt from images/")
+    parser.set_defaults(func=lambda args: run_plots(
+        tables_dir=args.tables_dir, samples_root=args.samples_root, models_root=args.models_root,
+        reference=args.reference, output_dir=args.output_dir, smoothing=args.smoothing, dpi=args.dpi,
+        grid_images=args.grid_images))

@@ -1,0 +1,454 @@
+"""`duodiff tables`: the study's numbers, one row per sample set, as csv, Markdown, LaTeX and HTML.
+
+Inputs are the files of docs/architecture.md: per sample set `samples/{set}/stats.json` and
+`metrics/{set}/{fid,cmmd,gflops}.json`. Outputs (all written atomically, fixed names):
+
+    fid.csv, kid.csv, cmmd.csv, gflops.csv   data, full precision, one row per set
+    summary.md, summary.tex, summary.html   the table researchers read: FID, KID, CMMD, GFLOPs,
+                                            layer ratio, throughput and speed-ups, best per
+                                            column in bold, conventions and caveats below it
+                                            (html: for the Snakemake report, which shows html)
+
+Rows are ordered like the papers' tables: full model, shallow model alone, early exit (by
+classifier, then threshold), DuoDiff (by shallow depth, then t_switch). Speed-ups are relative to
+the `full` set, which must be among the sets.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from duodiff.errors import DuodiffError, require
+from duodiff.io import atomic_path, read_json, write_text
+
+# Sample-set names (docs/architecture.md, "Tables and plots"), one pattern per method.
+SET_NAME_PATTERNS = {
+    "full": re.compile(r"full"),
+    "shallow": re.compile(r"shallow_d(\d+)"),
+    "early_exit": re.compile(r"ee_(.+)_thr(.+)"),
+    "duodiff": re.compile(r"duodiff_d(\d+)_ts(\d+)"),
+}
+SET_NAME_FORMS = "full, shallow_d<depth>, ee_<classifier_type>_thr<threshold>, duodiff_d<depth>_ts<t_switch>"
+METHOD_ORDER = ["full", "shallow", "early_exit", "duodiff"]
+
+# Keys each input file must have (the contract); anything else in them is ignored.
+REQUIRED_KEYS = {
+    "stats.json": ["method", "setting", "threshold", "t_switch", "classifier_type", "sampler",
+                   "steps", "n_samples", "batch_size", "seed", "depth", "shallow_depth",
+                   "images_per_s", "device", "torch_version"],
+    "fid.json": ["fid", "kid", "kid_std", "n_samples", "n_reference", "feature_network",
+                 "feature_network_sha256", "notes"],
+    "cmmd.json": ["cmmd", "available", "reason", "n_samples", "embedding_model"],
+    "gflops.json": ["gflops_per_forward", "gflops_per_forward_linear_conv", "gflops_per_image",
+                    "layer_ratio", "theoretical"],
+}
+
+# The columns every csv starts with (the contract's list, plus the sampling set-up the plots
+# need: sampler, steps, depth, seed).
+ID_COLUMNS = ["set", "method", "setting", "classifier_type", "threshold", "t_switch",
+              "shallow_depth", "depth", "sampler", "steps", "seed", "n_samples"]
+INTEGER_COLUMNS = ["t_switch", "shallow_depth", "depth", "steps", "seed", "n_samples"]
+SPEED_COLUMNS = ["gflops_per_forward", "gflops_per_image", "layer_ratio", "images_per_s",
+                 "speedup_measured", "speedup_theoretical"]
+CSV_COLUMNS = {
+    "fid": ID_COLUMNS + ["fid"] + SPEED_COLUMNS + ["feature_network", "n_reference"],
+    "kid": ID_COLUMNS + ["kid", "kid_std", "feature_network", "n_reference"],
+    "cmmd": ID_COLUMNS + ["cmmd", "available", "reason", "embedding_model"],
+    "gflops": ID_COLUMNS + ["gflops_per_forward", "gflops_per_forward_linear_conv",
+                            "gflops_per_image", "layer_ratio", "images_per_s",
+                            "speedup_measured", "speedup_theoretical"],
+}
+
+# Summary columns: (column in the data, Markdown header, LaTeX header, which value is best).
+SUMMARY_COLUMNS = [
+    ("fid", "FID ↓", r"FID$\downarrow$", "min"),
+    ("kid", "KID×10³ ↓", r"KID$\times10^3\downarrow$", "min"),
+    ("cmmd", "CMMD ↓", r"CMMD$\downarrow$", "min"),
+    ("gflops_per_forward", "GFLOPs/fwd ↓", r"GFLOPs/fwd$\downarrow$", "min"),
+    ("layer_ratio", "Layer ratio", "Layer ratio", None),
+    ("images_per_s", "Images/s ↑", r"Images/s$\uparrow$", "max"),
+    ("speedup_measured", "Speed-up (measured) ↑", r"Speed-up (meas.)$\uparrow$", "max"),
+    ("speedup_theoretical", "Speed-up (theoretical) ↑", r"Speed-up (theor.)$\uparrow$", "max"),
+]
+# Least display precision of each summary column; a column of small numbers (the GFLOPs of an
+# 8x8 model) gets more, see `decimals`. Best-value marking compares the displayed (rounded)
+# values, so two numbers that print the same are both bold.
+DECIMALS = {"fid": 2, "kid": 2, "cmmd": 3, "gflops_per_forward": 2, "layer_ratio": 3,
+            "images_per_s": 1, "speedup_measured": 2, "speedup_theoretical": 2}
+SIGNIFICANT_DIGITS = 2  # at least this many for the smallest non-zero value of a column
+KID_SCALE = 1e3  # KID is printed x10^3, as is usual in papers
+SUPERSCRIPTS = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+def method_of_set(name: str) -> str:
+    """The method a sample-set name belongs to, from its form (see SET_NAME_PATTERNS)."""
+    for method, pattern in SET_NAME_PATTERNS.items():
+        if pattern.fullmatch(name):
+            return method
+    raise DuodiffError(f"sample set name {name!r} has none of the forms {SET_NAME_FORMS}")
+
+
+def check_sets(sets) -> list[str]:
+    sets = list(sets or [])
+    require(len(sets) > 0, "--sets must name at least one sample set; got none")
+    duplicates = sorted({s for s in sets if sets.count(s) > 1})
+    require(not duplicates, f"--sets names {', '.join(duplicates)} more than once")
+    for name in sets:
+        method_of_set(name)
+    require("full" in sets, f"--sets must include 'full' (speed-ups are relative to it); got {' '.join(sets)}")
+    return sets
+
+
+def _read(path: Path) -> dict:
+    require(path.is_file(), f"{path} does not exist")
+    try:
+        data = read_json(path)
+    except ValueError as error:
+        raise DuodiffError(f"{path}: not valid JSON: {error}") from None
+    require(isinstance(data, dict), f"{path}: expected a JSON object, found {type(data).__name__}")
+    missing = [key for key in REQUIRED_KEYS[path.name] if key not in data]
+    require(not missing, f"{path}: missing {', '.join(missing)}")
+    return data
+
+
+def _number(path: Path, data: dict, key: str, positive: bool = False) -> float:
+    value = data[key]
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    require(ok and (value > 0 or not positive),
+            f"{path}: {key} must be a {'positive' if positive else 'finite'} number; got {value!r}")
+    return float(value)
+
+
+def read_set(samples_root, metrics_root, name: str) -> dict:
+    """One sample set's row: its stats.json and metric files merged into flat columns."""
+    stats_path = Path(samples_root) / name / "stats.json"
+    metric_paths = {key: Path(metrics_root) / name / f"{key}.json" for key in ("fid", "cmmd", "gflops")}
+    stats = _read(stats_path)
+    fid, cmmd, gflops = (_read(metric_paths[key]) for key in ("fid", "cmmd", "gflops"))
+
+    method = method_of_set(name)
+    require(stats["method"] == method,
+            f"{stats_path}: method is {stats['method']!r} but the set name {name!r} says {method!r}")
+    shallow_depth = stats["shallow_depth"]
+    if method == "shallow" and shallow_depth is None:
+        shallow_depth = stats["depth"]  # a shallow set is one U-ViT: its depth is the shallow depth
+
+    cmmd_value = cmmd["cmmd"] if cmmd["available"] else None
+    if cmmd_value is not None:
+        cmmd_value = _number(metric_paths["cmmd"], cmmd, "cmmd")
+    reason = cmmd["reason"]
+    if cmmd_value is None and not reason:
+        reason = "CMMD was not computed"
+
+    return {
+        "set": name, "method": method, "setting": stats["setting"],
+        "classifier_type": stats["classifier_type"], "threshold": stats["threshold"],
+        "t_switch": stats["t_switch"], "shallow_depth": shallow_depth, "depth": stats["depth"],
+        "sampler": stats["sampler"], "steps": stats["steps"], "seed": stats["seed"],
+        "n_samples": stats["n_samples"], "batch_size": stats["batch_size"],
+        "device": stats["device"], "torch_version": stats["torch_version"],
+        "fid": _number(metric_paths["fid"], fid, "fid"),
+        "kid": _number(metric_paths["fid"], fid, "kid"),
+        "kid_std": _number(metric_paths["fid"], fid, "kid_std"),
+        "fid_n_samples": fid["n_samples"], "n_reference": fid["n_reference"],
+        "feature_network": fid["feature_network"],
+        "feature_network_sha256": fid["feature_network_sha256"], "fid_notes": list(fid["notes"] or []),
+        "cmmd": cmmd_value, "available": bool(cmmd["available"]) and cmmd_value is not None,
+        "reason": None if cmmd_value is not None else reason,
+        "cmmd_n_samples": cmmd["n_samples"], "embedding_model": cmmd["embedding_model"],
+        "gflops_per_forward": _number(metric_paths["gflops"], gflops, "gflops_per_forward", positive=True),
+        "gflops_per_forward_linear_conv": _number(metric_paths["gflops"], gflops, "gflops_per_forward_linear_conv", positive=True),
+        "gflops_per_image": _number(metric_paths["gflops"], gflops, "gflops_per_image", positive=True),
+        "layer_ratio": _number(metric_paths["gflops"], gflops, "layer_ratio"),
+        "gflops_convention": gflops["theoretical"],
+        "images_per_s": _number(stats_path, stats, "images_per_s", positive=True),
+    }
+
+
+def _order_key(row) -> tuple:
+    """Paper order: full, shallow (by depth), early exit (classifier, threshold), DuoDiff (depth, t_switch)."""
+    method = row["method"]
+    number = lambda v: float("inf") if v is None or pd.isna(v) else float(v)  # noqa: E731
+    if method == "early_exit":
+        return (METHOD_ORDER.index(method), str(row["classifier_type"]), number(row["threshold"]), 0.0)
+    if method == "duodiff":
+        return (METHOD_ORDER.index(method), "", number(row["shallow_depth"]), number(row["t_switch"]))
+    return (METHOD_ORDER.index(method), "", number(row["shallow_depth"]), 0.0)
+
+
+def collect(samples_root, metrics_root, sets) -> pd.DataFrame:
+    """All sets' rows in paper order, with speed-ups relative to `full`."""
+    sets = check_sets(sets)
+    rows = sorted((read_set(samples_root, metrics_root, name) for name in sets), key=_order_key)
+    frame = pd.DataFrame(rows)
+    for column in INTEGER_COLUMNS:  # nullable integers, so t_switch 300 stays "300", not "300.0"
+        frame[column] = frame[column].astype("Int64")
+    full = frame.loc[frame["set"] == "full"].iloc[0]
+    # gflops.json's layer ratio is relative to the depth of the set's own (deepest) network, so a
+    # shallow set alone reads 1.0; rescale every set to the full model's depth, the one reference
+    # that makes the column comparable across methods.
+    frame["layer_ratio"] = frame["layer_ratio"] * frame["depth"] / full["depth"]
+    frame["speedup_measured"] = frame["images_per_s"] / full["images_per_s"]
+    frame["speedup_theoretical"] = full["gflops_per_image"] / frame["gflops_per_image"]
+    return frame
+
+
+def decimals(column: str, values) -> int:
+    """Decimals that show every value of a summary column with SIGNIFICANT_DIGITS digits."""
+    values = pd.to_numeric(pd.Series(values), errors="coerce").abs()
+    values = values[values > 0]
+    if values.empty:
+        return DECIMALS[column]
+    return max(DECIMALS[column], SIGNIFICANT_DIGITS - 1 - math.floor(math.log10(values.min())))
+
+
+def blocks(n) -> str:
+    return f"{n} block" if n == 1 else f"{n} blocks"
+
+
+def method_label(row) -> str:
+    """How a set's method reads in tables and legends."""
+    method = row["method"]
+    if method == "full":
+        return f"U-ViT ({blocks(row['depth'])})"
+    if method == "shallow":
+        return f"U-ViT shallow ({blocks(row['shallow_depth'])})"
+    if method == "early_exit":
+        return f"Early exit, {row['classifier_type']}"
+    return f"DuoDiff ({row['shallow_depth']} + {row['depth']} blocks)"
+
+
+def setting_label(row) -> str:
+    """The swept setting of a set: the threshold (early exit) or t_switch (DuoDiff)."""
+    if row["method"] == "early_exit":
+        return f"threshold = {row['threshold']:g}"
+    if row["method"] == "duodiff":
+        return f"t_switch = {row['t_switch']:g}"
+    return "–"
+
+
+def best_mask(frame: pd.DataFrame) -> pd.DataFrame:
+    """True where a summary cell holds its column's best value (compared as displayed)."""
+    mask = pd.DataFrame(False, index=frame.index, columns=[c for c, *_ in SUMMARY_COLUMNS])
+    for column, _, _, best in SUMMARY_COLUMNS:
+        if best is None:
+            continue
+        scale = KID_SCALE if column == "kid" else 1.0
+        values = pd.to_numeric(frame[column], errors="coerce").mul(scale)
+        values = values.round(decimals(column, values))
+        if values.notna().any():
+            target = values.min() if best == "min" else values.max()
+            mask[column] = values == target
+    return mask
+
+
+def _footnotes(frame: pd.DataFrame) -> dict[str, int]:
+    """Number each distinct reason CMMD is missing (1, 2, ...), in row order."""
+    numbers: dict[str, int] = {}
+    for reason in frame.loc[frame["cmmd"].isna(), "reason"]:
+        numbers.setdefault(str(reason), len(numbers) + 1)
+    return numbers
+
+
+def _summary_cells(frame: pd.DataFrame, footnotes: dict[str, int], latex: bool) -> pd.DataFrame:
+    """The summary's cells as text (numbers rounded; n/a with a footnote mark), not yet bolded."""
+    cells = pd.DataFrame(index=frame.index)
+    cells["Method"] = frame.apply(method_label, axis=1)
+    cells["Setting"] = frame.apply(setting_label, axis=1)
+    for column, *_ in SUMMARY_COLUMNS:
+        scale = KID_SCALE if column == "kid" else 1.0
+        digits = decimals(column, frame[column] * scale)
+        if column == "kid":
+            pm = r" $\pm$ " if latex else " ± "
+            text = [f"{k * KID_SCALE:.{digits}f}{pm}{s * KID_SCALE:.{digits}f}"
+                    for k, s in zip(frame["kid"], frame["kid_std"])]
+        elif column == "cmmd":
+            mark = (lambda n: f"\\textsuperscript{{{n}}}") if latex else (lambda n: str(n).translate(SUPERSCRIPTS))
+            text = [f"n/a{mark(footnotes[str(r)])}" if pd.isna(v) else f"{v:.{digits}f}"
+                    for v, r in zip(frame["cmmd"], frame["reason"])]
+        elif column.startswith("speedup"):
+            times = r"$\times$" if latex else "×"
+            text = [f"{v:.{digits}f}{times}" for v in frame[column]]
+        else:
+            text = [f"{v:,.{digits}f}" for v in frame[column]]
+        cells[column] = text
+    return cells
+
+
+def sentence(text) -> str:
+    """Notes from other files, ended with exactly one full stop."""
+    text = str(text).strip()
+    return text if text.endswith((".", "!", "?")) else text + "."
+
+
+def _notes(frame: pd.DataFrame, footnotes: dict[str, int]) -> list[str]:
+    """Conventions and caveats printed under the table (plain text; the LaTeX writer escapes it)."""
+    full = frame.loc[frame["set"] == "full"].iloc[0]
+    notes = []
+
+    setups = frame[["sampler", "steps", "seed"]].drop_duplicates()
+    if len(setups) == 1:
+        notes.append(f"Sampling: {full['sampler']} with {full['steps']} steps, seed {full['seed']} for every set.")
+    else:
+        per_set = "; ".join(f"{r.set}: {r.sampler} {r.steps} steps, seed {r.seed}" for r in frame.itertuples())
+        notes.append(f"Sampling differs between sets ({per_set}).")
+
+    counts = frame[["n_samples", "fid_n_samples", "n_reference", "cmmd_n_samples"]].drop_duplicates()
+    if len(counts) == 1:
+        notes.append(f"Samples: {full['n_samples']} per set; FID and KID from {full['fid_n_samples']} samples "
+                     f"against {full['n_reference']} real images; CMMD from {full['cmmd_n_samples']} samples.")
+    else:
+        per_set = "; ".join(f"{r.set}: {r.n_samples} (FID/KID {r.fid_n_samples} vs {r.n_reference} real, "
+                            f"CMMD {r.cmmd_n_samples})" for r in frame.itertuples())
+        notes.append(f"Samples per set: {per_set}.")
+
+    networks = frame[["feature_network", "feature_network_sha256"]].drop_duplicates()
+    described = ", ".join(f"{r.feature_network} (sha256 {str(r.feature_network_sha256)[:12]}…)"
+                          for r in networks.itertuples())
+    notes.append(f"FID and KID: clean-fid, mode clean, features from {described}"
+                 + (" — feature networks differ between sets, so their FIDs are not comparable." if len(networks) > 1 else "."))
+
+    fid_notes: dict[str, list[str]] = {}
+    for row in frame.itertuples():
+        for text in row.fid_notes:
+            fid_notes.setdefault(str(text), []).append(row.set)
+    for text, sets in fid_notes.items():
+        where = "all sets" if len(sets) == len(frame) else ", ".join(sets)
+        notes.append(f"FID caveat ({where}): {sentence(text)}")
+
+    conventions = frame["gflops_convention"].drop_duplicates()
+    linear_conv = full["gflops_per_forward_linear_conv"]
+    notes.append("GFLOPs/fwd: mean over sampling steps and samples of one network evaluation. "
+                 + " ".join(sentence(c) for c in conventions)
+                 + " Counting linear and conv layers only (the DeeDiff and DuoDiff papers' convention) the full "
+                 f"model costs {linear_conv:.{decimals('gflops_per_forward', [linear_conv])}f} GFLOPs per forward "
+                 "(gflops.csv: gflops_per_forward_linear_conv).")
+    notes.append(f"Layer ratio: transformer blocks executed per network evaluation, averaged over steps and "
+                 f"samples, as a fraction of the full model's {full['depth']} (1 = full model).")
+
+    devices = frame[["device", "torch_version", "batch_size"]].drop_duplicates()
+    measured = ", ".join(f"{r.device} (torch {r.torch_version}, batch size {r.batch_size})" for r in devices.itertuples())
+    notes.append(f"Images/s: measured sampling throughput on {measured}. Speed-up (measured) = images/s ÷ the "
+                 f"full model's; speed-up (theoretical) = the full model's GFLOPs per image ÷ the set's."
+                 + (" Sets were timed on different set-ups, so measured speed-ups mix them." if len(devices) > 1 else ""))
+
+    for reason, number in footnotes.items():
+        notes.append(f"[{number}] CMMD n/a: {sentence(reason)}")
+    notes.append("Bold: best value per column (lowest FID, KID, CMMD and GFLOPs; highest images/s and speed-ups).")
+    return notes
+
+
+def summary_markdown(frame: pd.DataFrame) -> str:
+    footnotes = _footnotes(frame)
+    cells = _summary_cells(frame, footnotes, latex=False)
+    mask = best_mask(frame)
+    for column in mask.columns:
+        cells[column] = [f"**{text}**" if best else text for text, best in zip(cells[column], mask[column])]
+    cells.columns = ["Method", "Setting"] + [md for _, md, _, _ in SUMMARY_COLUMNS]
+    # disable_numparse: the cells are already formatted; tabulate would re-format "1.000" as "1".
+    table = cells.to_markdown(index=False, disable_numparse=True, colalign=["left", "left"] + ["right"] * len(SUMMARY_COLUMNS))
+    notes = "\n".join(f"- {note}" for note in _notes(frame, footnotes))
+    return ("# Results: sample quality and cost per method\n\n"
+            "Full U-ViT, the shallow U-ViT alone, early exit (DeeDiff/AdaDiff) and DuoDiff, one row per "
+            "sample set.\n\n" + table + "\n\n" + notes + "\n")
+
+
+def _escape_latex(text: str) -> str:
+    replacements = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                    "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                    "÷": r"$\div$", "×": r"$\times$", "…": r"\ldots{}", "—": "---", "–": "--"}
+    return "".join(replacements.get(char, char) for char in text)
+
+
+def summary_latex(frame: pd.DataFrame) -> str:
+    footnotes = _footnotes(frame)
+    cells = _summary_cells(frame, footnotes, latex=True)
+    mask = best_mask(frame)
+    styler = cells.style.hide(axis="index")
+    # Method and setting are free text (classifier names have underscores); the numeric cells
+    # already hold LaTeX ($\pm$, \textsuperscript) and must not be escaped.
+    styler = styler.format(subset=["Method", "Setting"], escape="latex")
+    styler = styler.apply(lambda column: ["textbf:--rwrap;" if best else "" for best in mask[column.name]],
+                          axis=0, subset=list(mask.columns))
+    styler = styler.relabel_index(["Method", "Setting"] + [tex for _, _, tex, _ in SUMMARY_COLUMNS], axis=1)
+    tabular = styler.to_latex(hrules=True, column_format="ll" + "r" * len(SUMMARY_COLUMNS))
+    notes = "\n".join(f"  {_escape_latex(note)}\\par" for note in _notes(frame, footnotes))
+    return ("% duodiff summary table; needs \\usepackage{booktabs}\n"
+            "\\begin{table}[t]\n\\centering\n\\small\n"
+            "\\caption{Sample quality and cost: full U-ViT, the shallow U-ViT alone, early exit "
+            "(DeeDiff/AdaDiff) and DuoDiff.}\n\\label{tab:duodiff-summary}\n"
+            "\\resizebox{\\linewidth}{!}{%\n" + tabular + "}\n"
+            "\\smallskip\n{\\footnotesize\\raggedright\n" + notes + "\n}\n\\end{table}\n")
+
+
+# The HTML summary is what the Snakemake report shows in the browser (it cannot display Markdown).
+HTML_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 1.5em; color: #1a1a1a; }
+h1 { font-size: 1.3em; }
+table { border-collapse: collapse; font-size: 0.9em; }
+thead th { border-top: 2px solid #333; border-bottom: 1px solid #333; padding: 0.35em 0.7em; text-align: right; }
+thead th:nth-child(-n+2) { text-align: left; }
+tbody td { padding: 0.3em 0.7em; text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+tbody td:nth-child(-n+2) { text-align: left; }
+tbody tr:last-child td { border-bottom: 2px solid #333; }
+ul { font-size: 0.85em; max-width: 70em; line-height: 1.4; }
+"""
+
+
+def summary_html(frame: pd.DataFrame) -> str:
+    footnotes = _footnotes(frame)
+    cells = _summary_cells(frame, footnotes, latex=False)
+    mask = best_mask(frame)
+    styler = cells.style.set_uuid("summary").hide(axis="index")
+    styler = styler.format(escape="html")
+    styler = styler.apply(lambda column: ["font-weight: bold" if best else "" for best in mask[column.name]],
+                          axis=0, subset=list(mask.columns))
+    styler = styler.relabel_index(["Method", "Setting"] + [md for _, md, _, _ in SUMMARY_COLUMNS], axis=1)
+    notes = "\n".join(f"<li>{html.escape(note)}</li>" for note in _notes(frame, footnotes))
+    return ("<!DOCTYPE html>\n<html>\n<head>\n<meta charset=\"utf-8\">\n"
+            "<title>duodiff results: sample quality and cost per method</title>\n"
+            f"<style>{HTML_STYLE}</style>\n</head>\n<body>\n"
+            "<h1>Results: sample quality and cost per method</h1>\n"
+            "<p>Full U-ViT, the shallow U-ViT alone, early exit (DeeDiff/AdaDiff) and DuoDiff, one row per "
+            "sample set.</p>\n" + styler.to_html() + f"\n<ul>\n{notes}\n</ul>\n</body>\n</html>\n")
+
+
+def _write_frame(frame: pd.DataFrame, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+
+
+def run_tables(samples_root, metrics_root, sets, output_dir) -> dict[str, Path]:
+    """Write fid/kid/cmmd/gflops.csv, summary.md, summary.tex and summary.html to output_dir;
+    return their paths."""
+    frame = collect(samples_root, metrics_root, sets)  # reads and checks everything before writing
+    output_dir = Path(output_dir)
+    paths = {}
+    for name, columns in CSV_COLUMNS.items():
+        paths[f"{name}.csv"] = output_dir / f"{name}.csv"
+        _write_frame(frame[columns], paths[f"{name}.csv"])
+    paths["summary.md"] = output_dir / "summary.md"
+    write_text(paths["summary.md"], summary_markdown(frame))
+    paths["summary.tex"] = output_dir / "summary.tex"
+    write_text(paths["summary.tex"], summary_latex(frame))
+    paths["summary.html"] = output_dir / "summary.html"
+    write_text(paths["summary.html"], summary_html(frame))
+    return paths
+
+
+def add_cli(subparsers) -> None:
+    from duodiff.cli import add_flag
+
+    parser = subparsers.add_parser("tables", help="csv, Markdown and LaTeX tables of every sample set's metrics",
+                                   description=__doc__.split("\n\n")[0])
+    add_flag(parser, "--samples-root", required=True, help="results/<dataset>/samples")
+    add_flag(parser, "--metrics-root", required=True, help="results/<dataset>/metrics")
+    add_flag(parser, "--sets", nargs="+", required=True, help="sample-set names, e.g. full shallow_d3 ee_attention_probe_thr0.1")
+    add_flag(parser, "--output-dir", required=True, help="where the tables go, e.g. results/tables")
+    parser.set_defaults(func=lambda args: run_tables(samples_root=args.samples_root, metrics_root=args.metrics_root,
+                                                     sets=args.sets, output_dir=args.output_dir))

@@ -1,0 +1,85 @@
+"""Every bad input a user can give a `duodiff` command, and the one line it gets back.
+
+Each case runs the real CLI in-process and checks: exit status 2, a single line on stderr naming
+the bad value and what is allowed (the substrings below), no traceback, and no output written.
+The workflow's config-level bad inputs (schema and cross-checks) are listed in
+tests/test_workflow.py::BAD_CONFIGS; this file covers the sub-commands.
+"""
+
+import pytest
+import torch
+
+from duodiff import cli
+from duodiff.checkpoints import save_model
+from duodiff.models import build_model
+
+CONFIG = dict(img_size=8, patch_size=2, in_chans=1, embed_dim=16, depth=3, num_heads=2)
+DIFFUSION = dict(num_timesteps=50, beta_start=1e-4, beta_end=0.02, parametrization="predict_noise")
+SAMPLE = "--sampler ddim --steps 10 --n-samples 4 --batch-size 4 --seed 0"
+
+# (command line with {placeholders}, substrings the one-line message must contain)
+BAD_INPUTS = [
+    ("train --model gan --config-path {cfg} --log-path {out}", ["--model", "'gan'", "uvit", "early_exit"]),
+    ("train --model uvit --config-path {cfg} --log-path {out} --n-steps 0", ["--n-steps", "0"]),
+    ("train --model uvit --config-path {cfg} --log-path {out} --batch-size -4", ["--batch-size", "-4"]),
+    ("train --model uvit --config-path {cfg} --log-path {out} --dataset mnist", ["--dataset", "'mnist'", "digits", "cifar10"]),
+    (
+        "train --model early_exit --config-path {cfg} --log-path {out} --classifier-type linear_probe",
+        ["--classifier-type", "'linear_probe'", "attention_probe", "mlp_probe_per_layer_per_timestep"],
+    ),
+    ("train --model uvit --config-path {tmp}/nope.yaml --log-path {out}", ["nope.yaml", "does not exist"]),
+    ("train --model uvit --config-path {bad_cfg} --log-path {out}", ["depth", "odd", "4"]),
+    (
+        "train --model uvit --config-path {cfg_rgb} --log-path {out} --dataset cifar10 --data-root {tmp}/none",
+        ["cifar10", "{tmp}/none", "--download"],
+    ),
+    ("train --model uvit --config-path {cfg} --log-path {out} --dataset cifar10 --data-root {tmp}", ["cifar10", "3 channel", "in_chans 1"]),
+    ("sample --checkpoint-path {full} --method fast " + SAMPLE + " --output-folder {out}", ["--method", "'fast'", "duodiff"]),
+    ("sample --checkpoint-path {ee} --method early_exit --threshold 1.5 " + SAMPLE + " --output-folder {out}", ["--threshold", "[0, 1]", "1.5"]),
+    (
+        "sample --checkpoint-path {full} --checkpoint-path-late {full} --method duodiff --t-switch 11 " + SAMPLE + " --output-folder {out}",
+        ["--t-switch", "[0, 10]", "11"],
+    ),
+    ("sample --checkpoint-path {full} --method full --sampler euler --steps 10 --n-samples 4 --batch-size 4 --seed 0 --output-folder {out}", ["--sampler", "'euler'", "ddim"]),
+    ("sample --checkpoint-path {full} --method full --sampler ddim --steps 10 --n-samples 0 --batch-size 4 --seed 0 --output-folder {out}", ["--n-samples", "0"]),
+    ("sample --checkpoint-path {truncated} --method full " + SAMPLE + " --output-folder {out}", ["truncated.pt", "truncated or corrupt"]),
+    ("sample --checkpoint-path {foreign} --method full " + SAMPLE + " --output-folder {out}", ["foreign.pt", "duodiff-model"]),
+    ("reference --dataset digits --n-reference 5000 --output-folder {out}", ["--n-reference 5000", "1797"]),
+    ("fid --samples {tmp}/none --reference {tmp}/none --output {out}/fid.json", ["{tmp}/none", "PNG"]),
+    ("flops --samples {tmp}/none --output {out}/gflops.json", ["{tmp}/none", "stats.json"]),
+]
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bad")
+    torch.manual_seed(0)
+    files = {"tmp": tmp, "cfg": tmp / "model.yaml", "bad_cfg": tmp / "even.yaml", "full": tmp / "full.pt",
+             "ee": tmp / "ee.pt", "truncated": tmp / "truncated.pt", "foreign": tmp / "foreign.pt"}  # fmt: skip
+    files["cfg"].write_text("".join(f"{k}: {v}\n" for k, v in CONFIG.items()))
+    files["cfg_rgb"] = tmp / "rgb.yaml"
+    files["cfg_rgb"].write_text("".join(f"{k}: {v}\n" for k, v in {**CONFIG, "img_size": 32, "in_chans": 3}.items()))
+    files["bad_cfg"].write_text("".join(f"{k}: {v}\n" for k, v in {**CONFIG, "depth": 4}.items()))
+    for name, kind, classifier in (("full", "uvit", None), ("ee", "early_exit", "mlp_probe_per_layer")):
+        model = build_model(kind, CONFIG, DIFFUSION["num_timesteps"], classifier)
+        save_model(files[name], kind=kind, model_config=CONFIG, diffusion=DIFFUSION, classifier_type=classifier,
+                   state_dict=model.state_dict(), ema_state_dict=None, step=0, train_args={})  # fmt: skip
+    files["truncated"].write_bytes(files["full"].read_bytes()[:1000])
+    torch.save({"state_dict": {}}, files["foreign"])
+    return files
+
+
+@pytest.mark.parametrize("line, expected", BAD_INPUTS, ids=[line.split(" --output")[0][:60] for line, _ in BAD_INPUTS])
+def test_bad_input_gets_one_clear_line(paths, tmp_path, capsys, line, expected):
+    fill = {**{k: str(v) for k, v in paths.items()}, "out": str(tmp_path / "out")}
+    try:
+        status = cli.main(line.format(**fill).split())
+    except SystemExit as stop:  # argparse's own checks (choices, types) exit through SystemExit
+        status = stop.code
+    err = capsys.readouterr().err.strip()
+    assert status == 2
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith(f"duodiff {line.split()[0]}: error: "), err
+    for piece in expected:
+        assert piece.format(**fill) in err, (piece, err)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.json")), "bad input wrote output"

@@ -1,0 +1,177 @@
+"""CMMD: the RBF-kernel MMD against hand-computed values, and `duodiff cmmd` with a fake embedder
+and on the CLIP-unavailable path (no CLIP weights can be downloaded in tests)."""
+
+import argparse
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from duodiff.errors import DuodiffError
+from duodiff.metrics import cmmd
+
+
+def test_mmd_hand_computed_sigma_10():
+    # x = {(0,0), (3,4)}, y = {(0,0)}; sigma 10 -> gamma = 1/200, ||(3,4)||^2 = 25.
+    e = math.exp(-25 / 200)
+    k_xx = (1 + 1 + 2 * e) / 4
+    k_yy = 1.0
+    k_xy = (1 + e) / 2
+    expected = 1000 * (k_xx + k_yy - 2 * k_xy)  # = 500 (1 - e)
+    x = torch.tensor([[0.0, 0.0], [3.0, 4.0]])
+    y = torch.tensor([[0.0, 0.0]])
+    assert cmmd.mmd(x, y) == pytest.approx(expected, rel=1e-12)
+    assert expected == pytest.approx(500 * (1 - e))
+
+
+def test_mmd_hand_computed_other_sigma_and_scale():
+    # (1,0) vs (0,1): distance^2 2; sigma 1 -> k_xy = exp(-1); diagonals are 1.
+    x, y = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    assert cmmd.mmd(x, y, sigma=1.0, scale=1.0) == pytest.approx(2 - 2 * math.exp(-1), rel=1e-12)
+    assert cmmd.mmd(x, y, sigma=1.0) == pytest.approx(1000 * (2 - 2 * math.exp(-1)), rel=1e-12)
+
+
+def test_mmd_identical_zero_symmetric_and_grows_with_shift():
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(20, 8, generator=g), dim=-1)
+    y = torch.nn.functional.normalize(torch.randn(15, 8, generator=g), dim=-1)
+    assert cmmd.mmd(x, x) == pytest.approx(0.0, abs=1e-9)
+    assert cmmd.mmd(x, y) == pytest.approx(cmmd.mmd(y, x), rel=1e-12)
+    direction = torch.zeros(8)
+    direction[0] = 1.0
+    values = [cmmd.mmd(x, x + s * direction) for s in (0.0, 0.5, 1.0, 2.0, 4.0)]
+    assert values[0] == pytest.approx(0.0, abs=1e-9)
+    assert all(a < b for a, b in zip(values, values[1:]))
+
+
+def test_compute_cmmd_uses_the_embedding_function():
+    calls = []
+
+    def embed(images):
+        calls.append(len(images))
+        return torch.tensor([[float(v), 0.0] for v in images])
+
+    value = cmmd.compute_cmmd([0, 3], [0, 0, 0], embed, sigma=10.0)
+    # x = {(0,0), (3,0)}, y = three times (0,0): by hand, e = exp(-9/200).
+    e = math.exp(-9 / 200)
+    assert value == pytest.approx(1000 * ((2 + 2 * e) / 4 + 1 - 2 * (1 + e) / 2), rel=1e-12)
+    assert calls == [2, 3]
+
+
+def write_pngs(folder, colors, mode="RGB"):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, color in enumerate(colors):
+        Image.new(mode, (8, 8), color).save(folder / f"{i:06d}.png")
+
+
+def fake_embedder(paths, batch_size=32):
+    """Mean RGB of each image, L2-normalised (a stand-in for CLIP)."""
+    rows = [np.asarray(Image.open(p).convert("RGB"), dtype=np.float64).mean(axis=(0, 1)) for p in paths]
+    return torch.nn.functional.normalize(torch.tensor(np.array(rows)), dim=-1)
+
+
+def test_run_cmmd_with_fake_embedder(tmp_path, monkeypatch):
+    write_pngs(tmp_path / "s" / "images", [(255, 0, 0), (250, 10, 0), (0, 255, 0)])
+    write_pngs(tmp_path / "r" / "images", [(0, 0, 255), (0, 255, 0)])
+    monkeypatch.setattr(cmmd, "clip_embedder", lambda *a, **k: (fake_embedder, "fake mean-RGB"))
+    out = cmmd.run_cmmd(tmp_path / "s", tmp_path / "r", tmp_path / "cmmd.json", batch_size=2)
+    stored = json.loads((tmp_path / "cmmd.json").read_text())
+    assert stored == json.loads(json.dumps(out))
+    assert stored["available"] is True and stored["reason"] is None
+    assert stored["n_samples"] == 3 and stored["embedding_model"] == "fake mean-RGB"
+
+    # Independently: mean-RGB unit vectors, Gaussian kernel sigma 10, biased estimator x 1000.
+    def unit(c):
+        v = np.array(c, dtype=float)
+        return v / np.linalg.norm(v)
+
+    x = [unit(c) for c in [(255, 0, 0), (250, 10, 0), (0, 255, 0)]]
+    y = [unit(c) for c in [(0, 0, 255), (0, 255, 0)]]
+
+    def k(a, b):
+        return math.exp(-np.sum((a - b) ** 2) / 200)
+
+    def mean_k(a, b):
+        return np.mean([[k(u, v) for v in b] for u in a])
+
+    expected = 1000 * (mean_k(x, x) + mean_k(y, y) - 2 * mean_k(x, y))
+    assert stored["cmmd"] == pytest.approx(expected, rel=1e-9)
+
+    # --max-count: the first N (sorted) of each folder.
+    out = cmmd.run_cmmd(tmp_path / "s", tmp_path / "r", tmp_path / "cmmd2.json", max_count=1)
+    assert out["n_samples"] == 1 and out["n_reference"] == 1
+    assert out["cmmd"] == pytest.approx(1000 * (2 - 2 * k(x[0], y[0])), rel=1e-9)
+
+
+def test_grayscale_images_are_embedded_as_rgb(tmp_path):
+    write_pngs(tmp_path / "g", [100], mode="L")
+    write_pngs(tmp_path / "c", [(100, 100, 100)])
+    gray = cmmd.image_list(tmp_path / "g", None)
+    rgb = cmmd.image_list(tmp_path / "c", None)
+    assert torch.equal(fake_embedder(gray), fake_embedder(rgb))
+
+
+@pytest.fixture
+def no_cached_clip(monkeypatch):
+    cmmd.clip_embedder.cache_clear()
+    monkeypatch.setattr(cmmd, "cached_clip_weights", lambda *a, **k: None)
+    yield
+    cmmd.clip_embedder.cache_clear()
+
+
+def test_unavailable_offline_writes_reason_and_exits_zero(tmp_path, monkeypatch, no_cached_clip):
+    write_pngs(tmp_path / "s" / "images", [(1, 2, 3)])
+    write_pngs(tmp_path / "r" / "images", [(4, 5, 6)])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    parser = argparse.ArgumentParser()
+    cmmd.add_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(
+        ["cmmd", "--samples", str(tmp_path / "s"), "--reference", str(tmp_path / "r"),
+         "--output", str(tmp_path / "cmmd.json"), "--cmmd_batch_size", "4", "--cmmd_max_count", "7"]
+    )  # fmt: skip
+    assert (args.batch_size, args.max_count) == (4, 7)
+    args.func(args)  # returns normally: the CLI then exits 0
+    stored = json.loads((tmp_path / "cmmd.json").read_text())
+    assert stored["cmmd"] is None and stored["available"] is False
+    assert "HF_HUB_OFFLINE" in stored["reason"] and "\n" not in stored["reason"]
+    assert stored["n_samples"] == 1 and stored["embedding_model"].startswith("open_clip ViT-L-14-336")
+
+
+def test_unavailable_when_hub_unreachable(tmp_path, monkeypatch, no_cached_clip):
+    write_pngs(tmp_path / "s" / "images", [(1, 2, 3)])
+    write_pngs(tmp_path / "r" / "images", [(4, 5, 6)])
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(cmmd, "hub_reachable", lambda *a, **k: False)
+    out = cmmd.run_cmmd(tmp_path / "s", tmp_path / "r", tmp_path / "cmmd.json")
+    assert out["available"] is False and "unreachable" in out["reason"]
+
+
+def test_hub_reachable_false_for_a_closed_port(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port, not listening
+    assert cmmd.hub_reachable(timeout=1.0) is False
+
+
+def test_unavailable_when_loading_fails(tmp_path, monkeypatch):
+    cmmd.clip_embedder.cache_clear()
+    # A cache entry that is not a weights file: open_clip refuses it, CMMD becomes unavailable.
+    monkeypatch.setattr(cmmd, "cached_clip_weights", lambda *a, **k: str(tmp_path / "missing.safetensors"))
+    with pytest.raises(cmmd.EmbeddingUnavailable, match="loading CLIP"):
+        cmmd.clip_embedder(cmmd.CLIP_MODEL, cmmd.CLIP_PRETRAINED, "cpu")
+    cmmd.clip_embedder.cache_clear()
+
+
+def test_bad_input(tmp_path):
+    write_pngs(tmp_path / "s" / "images", [(1, 2, 3)])
+    with pytest.raises(DuodiffError, match="--batch-size"):
+        cmmd.run_cmmd(tmp_path / "s", tmp_path / "s", tmp_path / "o.json", batch_size=0)
+    with pytest.raises(DuodiffError, match="--reference"):
+        cmmd.run_cmmd(tmp_path / "s", tmp_path / "nowhere", tmp_path / "o.json")
+    with pytest.raises(DuodiffError, match="--max-count"):
+        cmmd.run_cmmd(tmp_path / "s", tmp_path / "s", tmp_path / "o.json", max_count=-3)
+    assert not (tmp_path / "o.json").exists()

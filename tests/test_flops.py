@@ -1,0 +1,197 @@
+"""FLOP counting against closed-form counts, the exit LUT, and per-sample-set averaging."""
+
+import json
+
+import pytest
+import torch
+
+from duodiff.checkpoints import save_model
+from duodiff.errors import DuodiffError
+from duodiff.metrics import flops
+from duodiff.models import build_model
+
+# A small class-conditional U-ViT with a time-embedding MLP, so every kind of layer is counted.
+IMG, P, C, D, DEPTH, HEADS, RATIO, CLASSES, HIDDEN = 8, 2, 3, 32, 5, 4, 2.0, 3, 16
+CONFIG = dict(
+    img_size=IMG, patch_size=P, in_chans=C, embed_dim=D, depth=DEPTH, num_heads=HEADS, mlp_ratio=RATIO,
+    qkv_bias=False, mlp_time_embed=True, num_classes=CLASSES, conv=True, normalize_timesteps=True,
+    probe_hidden=HIDDEN,
+)  # fmt: skip
+T = 10
+
+# Closed forms, 2 FLOPs per multiply-add, batch 1.
+L = (IMG // P) ** 2  # patches
+N = L + 2  # + time token + class token
+MLP_HIDDEN = int(D * RATIO)
+PATCH_CONV = 2 * (C * P * P) * D * L
+TIME_MLP = 2 * D * 4 * D + 2 * 4 * D * D  # Linear(D, 4D), Linear(4D, D) on one token
+BLOCK_LINEAR = 2 * N * D * 3 * D + 2 * N * D * D + 2 * N * D * MLP_HIDDEN * 2  # qkv, proj, fc1 + fc2
+BLOCK_ATTENTION = 2 * N * N * D + 2 * N * N * D  # QK^T and AV summed over heads
+SKIP_LINEAR = 2 * N * 2 * D * D
+DECODER = 2 * N * D * P * P * C  # applied to every token before the extras are dropped
+FINAL_CONV = 2 * (C * 9) * C * IMG * IMG
+MLP_PROBE = 2 * D * HIDDEN + 2 * HIDDEN * 1  # on the pooled tokens (pooling itself: no matmul)
+N_OUT = DEPTH // 2
+
+EMBED = PATCH_CONV + TIME_MLP
+HEAD = DECODER + FINAL_CONV
+FULL_LINEAR_CONV = EMBED + DEPTH * BLOCK_LINEAR + N_OUT * SKIP_LINEAR + HEAD
+FULL_TOTAL = FULL_LINEAR_CONV + DEPTH * BLOCK_ATTENTION
+
+
+def block_linear(i):
+    return BLOCK_LINEAR + (SKIP_LINEAR if i > DEPTH // 2 else 0)
+
+
+@pytest.fixture(scope="module")
+def uvit_costs():
+    return flops.model_costs("uvit", CONFIG, T)
+
+
+@pytest.fixture(scope="module")
+def ee_costs():
+    return flops.model_costs("early_exit", CONFIG, T, "mlp_probe_per_layer")
+
+
+def test_uvit_pieces_match_closed_form(uvit_costs):
+    assert uvit_costs["embed"] == {"total": EMBED, "linear_conv": EMBED}
+    for i, cost in enumerate(uvit_costs["blocks"]):
+        assert cost["linear_conv"] == block_linear(i), i
+        assert cost["total"] == block_linear(i) + BLOCK_ATTENTION, i
+    assert uvit_costs["head"] == {"total": HEAD, "linear_conv": HEAD}
+    assert flops.network_cost(uvit_costs) == {"total": FULL_TOTAL, "linear_conv": FULL_LINEAR_CONV}
+
+
+def test_whole_forward_on_cpu_counts_the_same(uvit_costs):
+    """The meta-device piecewise count equals FlopCounterMode around a real forward pass."""
+    torch.manual_seed(0)
+    model = build_model("uvit", CONFIG, T).eval()
+    x, t, y = torch.randn(1, C, IMG, IMG), torch.tensor([3]), torch.tensor([1])
+    _, cost = flops.count(lambda: model(x, t, y))
+    assert cost == {"total": FULL_TOTAL, "linear_conv": FULL_LINEAR_CONV}
+
+
+def test_attention_is_counted_on_cpu():
+    """PyTorch's fused CPU attention kernel has no FLOP formula; counting must not lose QK^T, AV."""
+    q = k = v = torch.randn(1, HEADS, N, D // HEADS)
+    _, cost = flops.count(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    assert cost == {"total": BLOCK_ATTENTION, "linear_conv": 0}
+
+
+def test_exit_lut_closed_form(ee_costs):
+    lut = flops.exit_lut(ee_costs)
+    assert len(lut) == DEPTH + 1
+    for k, entry in enumerate(lut):
+        probes = min(k, DEPTH - 1) + 1
+        expected_lc = EMBED + sum(block_linear(i) for i in range(k)) + probes * MLP_PROBE + HEAD
+        assert entry["linear_conv"] == expected_lc, k
+        assert entry["total"] == expected_lc + k * BLOCK_ATTENTION, k
+    totals = [e["total"] for e in lut]
+    assert all(a < b for a, b in zip(totals, totals[1:]))
+    # Exit depth: the whole backbone plus every probe.
+    assert lut[DEPTH]["total"] == FULL_TOTAL + DEPTH * MLP_PROBE
+
+
+@pytest.mark.parametrize("classifier_type", ["attention_probe", "mlp_probe_per_timestep", "mlp_probe_per_layer_per_timestep"])
+def test_lut_increasing_and_consistent_with_forward(classifier_type):
+    costs = flops.model_costs("early_exit", CONFIG, T, classifier_type)
+    lut = [e["total"] for e in flops.exit_lut(costs)]
+    assert all(a < b for a, b in zip(lut, lut[1:]))
+    backbone = flops.network_cost(costs)
+    probes = sum(p["total"] for p in costs["probes"])
+    assert lut[DEPTH] == backbone["total"] + probes
+    # The model's own forward runs every exit head and probe once: FlopCounterMode around it.
+    model = build_model("early_exit", CONFIG, T, classifier_type).eval()
+    _, whole = flops.count(lambda: model(torch.randn(1, C, IMG, IMG), torch.tensor([7]), torch.tensor([2])))
+    heads = sum(h["total"] for h in costs["exit_heads"][:DEPTH])
+    assert whole["total"] == backbone["total"] + probes + heads
+
+
+def test_early_exit_set_average_by_hand(ee_costs):
+    lut = [e["total"] for e in flops.exit_lut(ee_costs)]
+    exit_layers = torch.tensor([[0, 5, 2], [5, 1, 3]])  # (steps=2, n=3)
+    per_eval, depth = flops.set_costs("early_exit", exit_layers, ee_costs)
+    out = flops.summarize(per_eval, exit_layers, depth)
+    by_hand = (lut[0] + lut[5] + lut[2] + lut[5] + lut[1] + lut[3]) / 6
+    assert out["gflops_per_forward"] == pytest.approx(by_hand / 1e9, rel=1e-12)
+    assert out["gflops_per_image"] == pytest.approx(2 * by_hand / 1e9, rel=1e-12)
+    assert out["layer_ratio"] == pytest.approx((0 + 5 + 2 + 5 + 1 + 3) / 6 / DEPTH)
+
+
+def test_duodiff_set_average_by_hand():
+    shallow = flops.model_costs("uvit", {**CONFIG, "depth": 3}, T)
+    full = flops.model_costs("uvit", CONFIG, T)
+    steps, t_switch = 5, 2
+    exit_layers = torch.tensor([[3, 3]] * t_switch + [[DEPTH, DEPTH]] * (steps - t_switch))
+    per_eval, depth = flops.set_costs("duodiff", exit_layers, shallow, full, t_switch)
+    out = flops.summarize(per_eval, exit_layers, depth)
+    s, f = flops.network_cost(shallow)["total"], FULL_TOTAL
+    assert out["gflops_per_forward"] == pytest.approx((2 * s + 3 * f) / 5 / 1e9, rel=1e-12)
+    assert out["gflops_per_image"] == pytest.approx((2 * s + 3 * f) / 1e9, rel=1e-12)
+    assert out["layer_ratio"] == pytest.approx((2 * 3 + 3 * DEPTH) / 5 / DEPTH)
+    with pytest.raises(DuodiffError, match="t_switch"):
+        flops.set_costs("duodiff", exit_layers, shallow, full, 3)  # exit_layers say 2
+
+
+def write_set(folder, stats, exit_layers):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "stats.json").write_text(json.dumps(stats))
+    torch.save(exit_layers, folder / "exit_layers.pt")
+
+
+def save_tiny(path, kind, config, classifier_type=None):
+    model = build_model(kind, config, T, classifier_type)
+    save_model(
+        path, kind=kind, classifier_type=classifier_type, model_config=config,
+        diffusion={"num_timesteps": T, "beta_start": 1e-4, "beta_end": 0.02, "parametrization": "predict_noise"},
+        state_dict=model.state_dict(), ema_state_dict=None, step=0, train_args={},
+    )  # fmt: skip
+
+
+def test_run_flops_early_exit_and_duodiff(tmp_path, ee_costs):
+    save_tiny(tmp_path / "ee.pt", "early_exit", CONFIG, "mlp_probe_per_layer")
+    exit_layers = torch.tensor([[1, 5], [4, 0], [5, 5]])
+    write_set(
+        tmp_path / "ee", {"method": "early_exit", "checkpoint": str(tmp_path / "ee.pt"), "depth": DEPTH}, exit_layers
+    )
+    out = flops.run_flops(tmp_path / "ee", tmp_path / "ee.json")
+    stored = json.loads((tmp_path / "ee.json").read_text())
+    assert stored == json.loads(json.dumps(out))
+    for key in ("gflops_per_forward", "gflops_per_forward_linear_conv", "gflops_per_image", "layer_ratio", "lut_gflops", "theoretical"):
+        assert key in stored
+    lut = [e["total"] / 1e9 for e in flops.exit_lut(ee_costs)]
+    assert stored["lut_gflops"] == pytest.approx(lut)
+    assert stored["gflops_per_forward"] == pytest.approx((lut[1] + lut[5] + lut[4] + lut[0] + 2 * lut[5]) / 6)
+    assert stored["layer_ratio"] == pytest.approx(20 / 6 / DEPTH)
+
+    save_tiny(tmp_path / "shallow.pt", "uvit", {**CONFIG, "depth": 3})
+    save_tiny(tmp_path / "full.pt", "uvit", CONFIG)
+    stats = {"method": "duodiff", "checkpoint": str(tmp_path / "shallow.pt"),
+             "checkpoint_late": str(tmp_path / "full.pt"), "t_switch": 1, "depth": DEPTH, "shallow_depth": 3}  # fmt: skip
+    write_set(tmp_path / "duo", stats, torch.tensor([[3, 3, 3], [DEPTH] * 3]))
+    out = flops.run_flops(tmp_path / "duo", tmp_path / "duo.json")
+    shallow = flops.network_cost(flops.model_costs("uvit", {**CONFIG, "depth": 3}, T))
+    assert out["gflops_per_forward"] == pytest.approx((shallow["total"] + FULL_TOTAL) / 2 / 1e9)
+    assert out["gflops_per_forward_linear_conv"] == pytest.approx((shallow["linear_conv"] + FULL_LINEAR_CONV) / 2 / 1e9)
+    assert out["lut_gflops"] is None
+
+
+def test_run_flops_bad_input(tmp_path):
+    with pytest.raises(DuodiffError, match="stats.json"):
+        flops.run_flops(tmp_path / "nowhere", tmp_path / "out.json")
+    write_set(tmp_path / "s", {"method": "sideways", "checkpoint": "x.pt"}, torch.zeros(2, 2, dtype=torch.long))
+    with pytest.raises(DuodiffError, match="method must be one of"):
+        flops.run_flops(tmp_path / "s", tmp_path / "out.json")
+    write_set(tmp_path / "m", {"method": "full", "checkpoint": str(tmp_path / "missing.pt")}, torch.zeros(2, 2, dtype=torch.long))
+    with pytest.raises(DuodiffError, match="does not exist"):
+        flops.run_flops(tmp_path / "m", tmp_path / "out.json")
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_cli_registers_flops():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    flops.add_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["flops", "--samples", "S", "--output", "O.json"])
+    assert (args.samples, args.output) == ("S", "O.json") and callable(args.func)

@@ -1,0 +1,256 @@
+"""`duodiff plots` on the hand-made study of test_tables.py.
+
+Each figure must be a real image (PIL opens the png, the pdf starts with %PDF) and must show the
+numbers it claims: run_plots records the series as drawn (read back from the matplotlib
+artists) in <name>.json, and the tests compare those with the fixture's numbers, with the Pareto
+fronts, heat-map fractions and smoothed losses worked out by hand.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from duodiff.errors import DuodiffError
+from duodiff.plots import PLOT_NAMES, Palette, grid_from_images, load_table, plot_quality_vs_gflops, run_plots
+from test_tables import ORDER, STEPS, STUDY, tables, write_study
+
+# Exit layers (steps=4, n=5) of one early-exit set, and by hand the fraction exiting at each layer.
+EE_LAYERS = [[0, 0, 1, 13, 13],
+             [2, 2, 2, 2, 13],
+             [13, 13, 13, 13, 13],
+             [5, 6, 5, 6, 5]]
+EE_FRACTIONS = {(0, 0): 0.4, (1, 0): 0.2, (13, 0): 0.4,  # (layer, step): fraction
+                (2, 1): 0.8, (13, 1): 0.2,
+                (13, 2): 1.0,
+                (5, 3): 0.6, (6, 3): 0.4}
+EE_MEAN = [5.4, 4.2, 13.0, 5.4]  # (0+0+1+13+13)/5, (4*2+13)/5, 13, (3*5+2*6)/5
+GRID_PNG_SHAPE = (30, 40, 3)     # full's grid.png; the other sets rebuild their grid from images/
+N_SET_IMAGES = 3
+LOSSES = [4.0, 2.0, 1.0]
+# Debiased EMA with weight 0.5: 4; (0.5*2 + 0.5*4 ... ) = (0.5*4*0.5 + 0.5*2) / (1 - 0.25) = 2/0.75;
+# (0.25*4 + 0.5*2 + 1) * 0.5 / (1 - 0.125) = 1.5 / 0.875.
+SMOOTHED = [4.0, 2.0 / 0.75, 1.5 / 0.875]
+
+
+def exit_layers_of(name, spec):
+    method = spec[0]
+    if name == "ee_attention_probe_thr0.05":
+        return torch.tensor(EE_LAYERS)
+    if method == "early_exit":
+        return torch.tensor(EE_LAYERS).flip(0)
+    if method == "duodiff":
+        t_switch = spec[3]
+        return torch.tensor([[3] * 5] * t_switch + [[13] * 5] * (STEPS - t_switch))
+    return torch.full((STEPS, 5), 3 if method == "shallow" else 13)
+
+
+def write_plot_inputs(root, study=STUDY, grids=("full",)):
+    """What run_plots reads besides the tables: exit layers, samples (grid.png for the sets in
+    `grids`, images/ for the others), real images, loss logs."""
+    rng = np.random.default_rng(0)
+    for name, spec in study.items():
+        folder = root / "samples" / name
+        torch.save(exit_layers_of(name, spec), folder / "exit_layers.pt")
+        if name in grids:
+            Image.fromarray(np.full(GRID_PNG_SHAPE, 200, np.uint8)).save(folder / "grid.png")
+        else:
+            (folder / "images").mkdir()
+            for i in range(N_SET_IMAGES):
+                Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(folder / "images" / f"{i:06d}.png")
+    (root / "reference" / "images").mkdir(parents=True)
+    for i in range(70):
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(root / "reference" / "images" / f"{i:06d}.png")
+    # The early-exit model logs loss terms; loss_unweighted was switched off (all zero).
+    for model, parts in [("full", ""), ("shallow_d3", ""), ("ee_attention_probe", ",loss_simple,loss_u,loss_unweighted")]:
+        (root / "models" / model).mkdir(parents=True)
+        rows = [f"{10 * (i + 1)},{loss},0.0002,5.0" + (f",{loss / 2},{loss / 4},0.0" if parts else "")
+                for i, loss in enumerate(LOSSES)]
+        (root / "models" / model / "loss.csv").write_text("step,loss,lr,steps_per_s" + parts + "\n" + "\n".join(rows) + "\n")
+
+
+def plots(root, **kwargs):
+    return run_plots(tables_dir=root / "tables", samples_root=root / "samples", models_root=root / "models",
+                     reference=root / "reference", output_dir=root / "plots", **{"smoothing": 0.5, "dpi": 60, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    write_study(root)
+    write_plot_inputs(root)
+    tables(root)
+    data = plots(root)
+    return root, data
+
+
+def series(data, label):
+    (found,) = [s for s in data["series"] if s["label"] == label]
+    return found
+
+
+def column(names, index):
+    return [STUDY[name][index] for name in names]
+
+
+def test_every_figure_is_a_png_and_a_pdf_with_its_data(study):
+    root, data = study
+    for name in PLOT_NAMES:
+        with Image.open(root / "plots" / f"{name}.png") as image:
+            image.verify()
+            assert image.format == "PNG" and min(image.size) > 150
+        assert (root / "plots" / f"{name}.pdf").read_bytes()[:5] == b"%PDF-"
+        assert json.loads((root / "plots" / f"{name}.json").read_text()) == json.loads(json.dumps(data[name]))
+
+
+def test_quality_vs_gflops_plots_the_table_values(study):
+    _, data = study
+    quality = data["quality_vs_gflops"]
+    attention = ["ee_attention_probe_thr0.05", "ee_attention_probe_thr0.1"]  # by threshold
+    assert series(quality, "early exit, attention_probe") == {
+        "label": "early exit, attention_probe", "x": column(attention, 8), "y": column(attention, 4)}
+    assert series(quality, "early exit, mlp_probe_per_layer")["y"] == [30.0]
+    duodiff = ["duodiff_d3_ts1", "duodiff_d3_ts3"]  # by t_switch
+    assert series(quality, "DuoDiff, 3-block shallow")["x"] == column(duodiff, 8)
+    assert series(quality, "DuoDiff, 3-block shallow")["y"] == column(duodiff, 4)
+    assert series(quality, "full U-ViT (13 blocks)") | {"label": None} == {"label": None, "x": [22.75], "y": [20.0]}
+    assert series(quality, "shallow alone (3 blocks)")["x"] == [5.25]
+    # By hand: only full is beaten on both axes (duodiff ts1: 19.25 GFLOPs, FID 19.5 < 22.75, 20).
+    front = ["shallow_d3", "ee_mlp_probe_per_layer_thr0.1", "ee_attention_probe_thr0.1", "duodiff_d3_ts3",
+             "ee_attention_probe_thr0.05", "duodiff_d3_ts1"]
+    assert quality["pareto"] == front
+    assert series(quality, "Pareto front")["x"] == column(front, 8)
+    assert {tuple(a["sets"]): a["text"] for a in quality["annotations"]} == {
+        ("ee_attention_probe_thr0.05",): "τ=0.05", ("ee_attention_probe_thr0.1",): "τ=0.1",
+        ("ee_mlp_probe_per_layer_thr0.1",): "τ=0.1", ("duodiff_d3_ts1",): "$t_s$=1", ("duodiff_d3_ts3",): "$t_s$=3"}
+
+
+def test_settings_on_the_same_point_share_one_annotation(tmp_path):
+    # Two thresholds at which nothing exits: same FID, same cost, one label "τ=0.05, 0.1".
+    study = {name: STUDY[name] for name in ("full", "ee_attention_probe_thr0.05", "ee_attention_probe_thr0.1")}
+    study["ee_attention_probe_thr0.1"] = study["ee_attention_probe_thr0.05"][:2] + (0.1,) + study["ee_attention_probe_thr0.05"][3:]
+    write_study(tmp_path, study)
+    tables(tmp_path, sets=list(study))
+    figure, data = plot_quality_vs_gflops(load_table(tmp_path / "tables"), Palette(load_table(tmp_path / "tables")))
+    assert [(a["sets"], a["text"]) for a in data["annotations"]] == [
+        (["ee_attention_probe_thr0.05", "ee_attention_probe_thr0.1"], "τ=0.05, 0.1")]
+    assert [t.get_text() for t in figure.axes[0].texts] == ["τ=0.05, 0.1"]
+
+
+def test_quality_vs_time_uses_milliseconds_per_image(study):
+    _, data = study
+    quality = data["quality_vs_time"]
+    assert series(quality, "DuoDiff, 3-block shallow")["x"] == pytest.approx([1000 / 60.0, 1000 / 100.0])
+    assert series(quality, "full U-ViT (13 blocks)")["x"] == pytest.approx([1000 / 50.0])
+    # By hand: duodiff ts3 (10 ms, FID 24) beats mlp (14.3 ms, 30) and attention 0.1 (16 ms, 25);
+    # duodiff ts1 (16.7 ms, 19.5) beats attention 0.05 (18.2 ms, 21) and full (20 ms, 20).
+    assert quality["pareto"] == ["shallow_d3", "duodiff_d3_ts3", "duodiff_d3_ts1"]
+
+
+def test_exit_heatmap_fractions_match_a_hand_count(study):
+    _, data = study
+    heat = data["exit_heatmap"]
+    assert sorted(heat["heatmaps"]) == ["ee_attention_probe_thr0.05", "ee_attention_probe_thr0.1",
+                                        "ee_mlp_probe_per_layer_thr0.1"]
+    expected = np.zeros((14, STEPS))
+    for (layer, step), fraction in EE_FRACTIONS.items():
+        expected[layer, step] = fraction
+    np.testing.assert_allclose(heat["heatmaps"]["ee_attention_probe_thr0.05"]["fraction"], expected)
+    # The other early-exit sets hold the same layers in reverse step order.
+    np.testing.assert_allclose(heat["heatmaps"]["ee_attention_probe_thr0.1"]["fraction"], expected[:, ::-1])
+
+    means = {s["label"]: s["y"] for s in heat["mean_exit_layer"]}
+    assert means["Early exit, attention_probe, threshold 0.05"] == pytest.approx(EE_MEAN)
+    assert means["DuoDiff (3 + 13 blocks), t_switch 3"] == [3.0, 3.0, 3.0, 13.0]
+    assert means["U-ViT (13 blocks)"] == [13.0] * STEPS
+    assert means["U-ViT shallow (3 blocks)"] == [3.0] * STEPS
+
+
+def test_fid_vs_tswitch_puts_shallow_alone_at_t_switch_steps(study):
+    _, data = study
+    duo = series(data["fid_vs_tswitch"], "DuoDiff, 3-block shallow")
+    assert duo["x"] == [1.0, 3.0, float(STEPS)]
+    assert duo["y"] == [19.5, 24.0, 60.0]
+    assert series(data["fid_vs_tswitch"], "full U-ViT (13 blocks)")["y"] == [20.0, 20.0]
+
+
+def test_training_curves_are_smoothed_by_hand_computed_ema(study):
+    _, data = study
+    curves = data["training_curves"]
+    assert curves["smoothing"] == 0.5
+    (overview, ee_terms) = curves["panels"]
+    assert [s["label"] for s in overview["series"]] == ["ee_attention_probe", "full", "shallow_d3"]
+    for s in overview["series"]:
+        assert s["x"] == [10.0, 20.0, 30.0]
+        assert s["y"] == pytest.approx(SMOOTHED)
+    assert ee_terms["title"] == "ee_attention_probe"
+    terms = {s["label"]: s["y"] for s in ee_terms["series"]}
+    assert list(terms) == ["total", "loss_simple", "loss_u"]  # loss_unweighted is all zero: not drawn
+    assert terms["loss_u"] == pytest.approx([v / 4 for v in SMOOTHED])  # the EMA is linear
+
+
+def test_sample_grids_show_real_images_and_every_set(study):
+    root, data = study
+    panels = data["sample_grids"]["panels"]
+    assert [p["set"] for p in panels] == [None] + ORDER  # real images first, then the table's order
+    # As many real images as each set has samples (5): one row of 8px images enlarged 4x to 32px
+    # like grid.png, 2px padding: 2 + 32 + 2 high, 2 + 5 * (32 + 2) wide.
+    assert panels[0]["title"] == "Real images" and panels[0]["shape"] == [36, 172, 3]
+    assert panels[1]["source"] == str(root / "samples" / "full" / "grid.png")
+    assert panels[1]["shape"] == list(GRID_PNG_SHAPE)
+    assert panels[2]["shape"] == [36, 104, 3]  # 3 images in one row: 2 + 3 * (32 + 2) wide
+    assert panels[6]["title"] == "DuoDiff (3 + 13 blocks)\nt_switch 1, FID 19.50"
+    assert panels[1]["title"] == "U-ViT (13 blocks)\nFID 20.00"
+
+
+def test_grid_from_images_places_images_like_make_grid(tmp_path):
+    red, blue = np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4, 3), np.uint8)
+    red[..., 0], blue[..., 2] = 255, 255
+    Image.fromarray(red).save(tmp_path / "0.png")
+    Image.fromarray(blue).save(tmp_path / "1.png")
+    grid = grid_from_images([tmp_path / "0.png", tmp_path / "1.png"], n_images=64)
+    # Like sampling's grid.png: 4x4 images enlarged 8x (nearest) to 32x32, 2 px white padding.
+    assert grid.shape == (36, 70, 3)
+    assert (grid[2:34, 2:34] == [255, 0, 0]).all() and (grid[2:34, 36:68] == [0, 0, 255]).all()
+    assert (grid[:2] == 255).all() and (grid[:, 34:36] == 255).all() and (grid[34:] == 255).all()
+
+
+def test_a_study_without_early_exit_still_gets_every_figure(tmp_path):
+    study = {k: v for k, v in STUDY.items() if not k.startswith("ee_")}
+    write_study(tmp_path, study)
+    write_plot_inputs(tmp_path, study)
+    tables(tmp_path, sets=list(study))
+    data = plots(tmp_path)
+    assert data["exit_heatmap"]["heatmaps"] == {}
+    assert len(data["exit_heatmap"]["mean_exit_layer"]) == len(study)
+    assert all((tmp_path / "plots" / f"{name}.png").is_file() for name in PLOT_NAMES)
+
+
+def test_bad_inputs_are_refused_before_drawing(tmp_path):
+    write_study(tmp_path)
+    write_plot_inputs(tmp_path)
+    with pytest.raises(DuodiffError, match=r"tables/fid\.csv does not exist"):
+        plots(tmp_path)
+    tables(tmp_path)
+    with pytest.raises(DuodiffError, match=r"--smoothing must be in \[0, 1\); got 1.0"):
+        plots(tmp_path, smoothing=1.0)
+    (tmp_path / "samples" / "duodiff_d3_ts1" / "exit_layers.pt").unlink()
+    with pytest.raises(DuodiffError, match=r"duodiff_d3_ts1/exit_layers\.pt does not exist"):
+        plots(tmp_path)
+    torch.save(exit_layers_of("duodiff_d3_ts1", STUDY["duodiff_d3_ts1"]), tmp_path / "samples" / "duodiff_d3_ts1" / "exit_layers.pt")
+    for loss in (tmp_path / "models").glob("*/loss.csv"):
+        loss.unlink()
+    with pytest.raises(DuodiffError, match="no trained models under"):
+        plots(tmp_path)
+    assert not (tmp_path / "plots").exists()
+
+
+def test_exit_layers_outside_the_model_are_refused(tmp_path):
+    write_study(tmp_path)
+    write_plot_inputs(tmp_path)
+    tables(tmp_path)
+    torch.save(torch.full((STEPS, 5), 14), tmp_path / "samples" / "ee_attention_probe_thr0.1" / "exit_layers.pt")
+    with pytest.raises(DuodiffError, match=r"exit layers must lie in \[0, 13\], found \[14, 14\]"):
+        plots(tmp_path)

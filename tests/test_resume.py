@@ -1,0 +1,177 @@
+"""Checkpoints and resumption: an interrupted run (stopped in-process, SIGTERM, SIGKILL) finishes
+with weights bit-identical to an uninterrupted one; bad checkpoints and NaN losses are handled."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from duodiff.diffusion import GaussianDiffusion
+from duodiff.errors import DuodiffError
+from duodiff.training import TrainingStopped, run_train
+
+TINY = {
+    "img_size": 8, "patch_size": 2, "in_chans": 1, "embed_dim": 32, "depth": 3, "num_heads": 2,
+    "mlp_ratio": 2.0, "normalize_timesteps": False, "probe_hidden": 16,
+}  # fmt: skip
+SETTINGS = dict(
+    dataset="digits", n_steps=60, batch_size=8, lr=1e-3, warmup_steps=5, ema_decay=0.9,
+    log_every_n_steps=5, save_every_n_steps=10, seed=7, device="cpu",
+)  # fmt: skip
+DUODIFF = [sys.executable, "-m", "duodiff.cli"]
+
+
+def cli_flags(config, log_path, **overrides):
+    settings = {**SETTINGS, **overrides}
+    flags = ["train", "--config-path", str(config), "--log-path", str(log_path)]
+    for key, value in settings.items():
+        flags += [f"--{key.replace('_', '-')}", str(value)]
+    return flags
+
+
+def subprocess_env():
+    # The same thread count as this process, so float reductions happen in the same order.
+    threads = str(torch.get_num_threads())
+    return {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def losses(path):
+    with open(path) as f:
+        return [(r["step"], r["loss"], r["lr"]) for r in csv.DictReader(f)]
+
+
+def assert_identical(model_a, model_b):
+    assert model_a["step"] == model_b["step"]
+    for field in ("state_dict", "ema_state_dict"):
+        assert model_a[field].keys() == model_b[field].keys()
+        for key in model_a[field]:
+            assert torch.equal(model_a[field][key], model_b[field][key]), (field, key)
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("config") / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(config, tmp_path_factory):
+    """The uninterrupted run."""
+    log_path = tmp_path_factory.mktemp("reference")
+    run_train(config_path=config, log_path=log_path, **SETTINGS)
+    return load(log_path / "model.pt"), losses(log_path / "loss.csv")
+
+
+def stop_at_call(monkeypatch, n, action):
+    """Do `action(call_number)` inside the n-th training step (through GaussianDiffusion.q_sample)."""
+    original = GaussianDiffusion.q_sample
+    calls = {"n": 0}
+
+    def q_sample(self, x0, t, noise):
+        calls["n"] += 1
+        out = original(self, x0, t, noise)
+        return action(out) if calls["n"] >= n else out
+
+    monkeypatch.setattr(GaussianDiffusion, "q_sample", q_sample)
+
+
+def test_stop_and_resume_in_process_is_bit_identical(config, reference, tmp_path, monkeypatch):
+    def sigterm(out):
+        signal.raise_signal(signal.SIGTERM)  # as Slurm does at the time limit
+        return out
+
+    stop_at_call(monkeypatch, 23, sigterm)
+    with pytest.raises(TrainingStopped, match=r"SIGTERM after step 23 of 60.*rerun the same command"):
+        run_train(config_path=config, log_path=tmp_path, **SETTINGS)
+    monkeypatch.undo()
+    assert load(tmp_path / "checkpoint.pt")["step"] == 23
+    assert not (tmp_path / "model.pt").exists()
+    assert losses(tmp_path / "loss.csv") == reference[1][:4]  # rows 5..20 were logged before the stop
+
+    summary = run_train(config_path=config, log_path=tmp_path, **SETTINGS)
+    assert summary["resumed_from"] == 23
+    assert_identical(load(tmp_path / "model.pt"), reference[0])
+    assert losses(tmp_path / "loss.csv") == reference[1]  # the whole log, not just the resumed part
+    # Rerunning a finished run changes nothing.
+    assert run_train(config_path=config, log_path=tmp_path, **SETTINGS)["step"] == 60
+    assert_identical(load(tmp_path / "model.pt"), reference[0])
+
+
+def test_sigterm_and_sigkill_cli_runs_resume_to_identical_weights(config, reference, tmp_path):
+    # Both victims run at once (each start pays the imports); SIGTERM is Slurm's time limit or
+    # preemption, SIGKILL a node failure.
+    victims = {}
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        log_path = tmp_path / signum.name
+        process = subprocess.Popen(
+            DUODIFF + cli_flags(config, log_path), env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        victims[signum] = (log_path, process)
+    # Each is signalled as soon as its first periodic checkpoint (step 10) appears.
+    waiting, start = dict(victims), time.monotonic()
+    while waiting:
+        for signum, (log_path, process) in list(waiting.items()):
+            assert process.poll() is None, process.communicate()[1][-3000:]
+            if (log_path / "checkpoint.pt").exists():
+                process.send_signal(signum)
+                del waiting[signum]
+        assert time.monotonic() - start < 300, "no checkpoint appeared"
+        time.sleep(0.01)
+    for signum, (log_path, process) in victims.items():
+        _, stderr = process.communicate(timeout=120)
+        assert process.returncode != 0
+        if signum == signal.SIGTERM:
+            # It finished its step, wrote a checkpoint and said so in one line.
+            assert process.returncode == 2
+            assert "stopped by SIGTERM after step" in stderr and "rerun the same command to resume" in stderr
+        step = load(log_path / "checkpoint.pt")["step"]
+        assert 10 <= step < 60, signum
+        assert not (log_path / "model.pt").exists()
+
+        summary = run_train(config_path=config, log_path=log_path, **SETTINGS)  # the same command again
+        assert summary["resumed_from"] == step
+        assert_identical(load(log_path / "model.pt"), reference[0])
+        assert losses(log_path / "loss.csv") == reference[1]
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(config, tmp_path, monkeypatch):
+    stop_at_call(monkeypatch, 14, lambda out: torch.full_like(out, float("nan")))
+    with pytest.raises(DuodiffError) as error:
+        run_train(config_path=config, log_path=tmp_path, **{**SETTINGS, "save_every_n_steps": 5})
+    message = str(error.value)
+    assert "loss became nan at step 14" in message and "checkpoint.pt (step 10) is kept" in message
+    assert load(tmp_path / "checkpoint.pt")["step"] == 10
+    assert not (tmp_path / "model.pt").exists()
+
+
+def test_checkpoint_with_other_settings_is_refused(config, tmp_path):
+    run_train(config_path=config, log_path=tmp_path, **{**SETTINGS, "n_steps": 10})
+    with pytest.raises(DuodiffError, match=r"--lr 0.001 \(this run: 0.002\)"):
+        run_train(config_path=config, log_path=tmp_path, **{**SETTINGS, "n_steps": 10, "lr": 2e-3})
+    deeper = tmp_path / "deeper.yaml"
+    deeper.write_text(yaml.safe_dump({**TINY, "depth": 5}))
+    with pytest.raises(DuodiffError, match=r"different model config \(depth: 3 -> 5\)"):
+        run_train(config_path=deeper, log_path=tmp_path, **{**SETTINGS, "n_steps": 10})
+    # Reporting settings may change between a run and its resumption.
+    run_train(config_path=config, log_path=tmp_path, **{**SETTINGS, "n_steps": 10, "log_every_n_steps": 2})
+
+
+def test_truncated_checkpoint_is_refused_naming_the_file(config, tmp_path):
+    run_train(config_path=config, log_path=tmp_path, **{**SETTINGS, "n_steps": 5, "save_every_n_steps": 5})
+    checkpoint = tmp_path / "checkpoint.pt"
+    data = checkpoint.read_bytes()
+    checkpoint.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DuodiffError) as error:
+        run_train(config_path=config, log_path=tmp_path, **{**SETTINGS, "n_steps": 5, "save_every_n_steps": 5})
+    assert str(checkpoint) in str(error.value) and "truncated" in str(error.value)

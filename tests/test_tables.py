@@ -1,0 +1,272 @@
+"""`duodiff tables` against a hand-made study: every number checked against the fixture's inputs.
+
+The study below is written file by file in the formats of docs/architecture.md (stats.json,
+fid.json, cmmd.json, gflops.json). Expected speed-ups, best values and row order are worked out
+by hand in the comments, not by the code under test. test_plots.py reuses STUDY and write_study.
+"""
+
+import json
+import math
+import re
+
+import pandas as pd
+import pytest
+
+from duodiff.cli import OneLineErrorParser
+from duodiff.errors import DuodiffError
+from duodiff.tables import add_cli, run_tables
+
+SHA = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
+FID_NOTE = "FID from 5 samples is strongly biased upwards; compare sets only at equal sample counts."
+CMMD_REASON = "open_clip ViT-L-14-336 weights are not available offline"
+STEPS = 4
+
+# name: (method, classifier, threshold, t_switch, fid, kid, cmmd, images/s, GFLOPs/fwd, layer ratio)
+# GFLOPs per image = GFLOPs/fwd * STEPS.
+STUDY = {
+    "full": ("full", None, None, None, 20.0, 0.0100, 0.40, 50.0, 22.75, 1.0),
+    # gflops.json's layer ratio is relative to the set's own network: 1.0 for the shallow model alone.
+    "shallow_d3": ("shallow", None, None, None, 60.0, 0.0500, 1.20, 200.0, 5.25, 1.0),
+    "ee_attention_probe_thr0.05": ("early_exit", "attention_probe", 0.05, None, 21.0, 0.0110, 0.45, 55.0, 18.2, 0.8),
+    "ee_attention_probe_thr0.1": ("early_exit", "attention_probe", 0.1, None, 25.0, 0.0140, None, 62.5, 13.65, 0.6),
+    "ee_mlp_probe_per_layer_thr0.1": ("early_exit", "mlp_probe_per_layer", 0.1, None, 30.0, 0.0200, 0.60, 70.0, 11.375, 0.5),
+    "duodiff_d3_ts1": ("duodiff", None, None, 1, 19.5, 0.0105, 0.38, 60.0, 19.25, 0.846),
+    "duodiff_d3_ts3": ("duodiff", None, None, 3, 24.0, 0.0130, 0.90, 100.0, 14.7, 0.646),
+}
+# Paper order: full, shallow, early exit by classifier then threshold, DuoDiff by depth then t_switch.
+ORDER = ["full", "shallow_d3", "ee_attention_probe_thr0.05", "ee_attention_probe_thr0.1",
+         "ee_mlp_probe_per_layer_thr0.1", "duodiff_d3_ts1", "duodiff_d3_ts3"]
+
+
+def write_json(path, data):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+
+
+def write_study(root, study=STUDY, n_samples=5):
+    """samples/{set}/stats.json and metrics/{set}/{fid,cmmd,gflops}.json for every set of `study`."""
+    for name, (method, classifier, threshold, t_switch, fid, kid, cmmd, ips, gpf, ratio) in study.items():
+        write_json(root / "samples" / name / "stats.json", {
+            "method": method, "setting": name, "threshold": threshold, "t_switch": t_switch,
+            "classifier_type": classifier, "sampler": "ddim", "steps": STEPS, "eta": 0.0,
+            "n_samples": n_samples, "batch_size": 5, "seed": 0,
+            "depth": 3 if method == "shallow" else 13, "shallow_depth": 3 if method == "duodiff" else None,
+            "checkpoint": "m.pt", "checkpoint_late": None, "wall_time_s": n_samples / ips, "images_per_s": ips,
+            "mean_exit_layer_per_step": [], "layer_ratio": ratio, "device": "cpu", "torch_version": "2.14.1"})
+        write_json(root / "metrics" / name / "fid.json", {
+            "fid": fid, "kid": kid, "kid_std": 0.001, "n_samples": n_samples, "n_reference": 70,
+            "feature_network": "inception-v3-compat", "feature_network_sha256": SHA, "mode": "clean",
+            "notes": [FID_NOTE]})
+        write_json(root / "metrics" / name / "cmmd.json", {
+            "cmmd": cmmd, "available": cmmd is not None, "reason": None if cmmd is not None else CMMD_REASON,
+            "n_samples": n_samples, "embedding_model": "ViT-L-14-336"})
+        write_json(root / "metrics" / name / "gflops.json", {
+            "gflops_per_forward": gpf, "gflops_per_forward_linear_conv": gpf * 0.9,
+            "gflops_per_image": gpf * STEPS, "layer_ratio": ratio, "lut_gflops": None,
+            "theoretical": "FlopCounterMode over all ops, 2 FLOPs per multiply-add"})
+
+
+def tables(root, sets=None):
+    return run_tables(samples_root=root / "samples", metrics_root=root / "metrics",
+                      sets=sets or list(reversed(ORDER)), output_dir=root / "tables")
+
+
+def markdown_rows(text):
+    """The summary table's header and rows as lists of stripped cells."""
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+    return cells[0], cells[2:]  # cells[1] is the alignment row
+
+
+@pytest.fixture()
+def study(tmp_path):
+    write_study(tmp_path)
+    return tmp_path
+
+
+def test_csvs_hold_the_inputs_in_paper_order_with_speedups(study):
+    paths = tables(study)
+    assert sorted(p.name for p in paths.values()) == ["cmmd.csv", "fid.csv", "gflops.csv", "kid.csv",
+                                                      "summary.html", "summary.md", "summary.tex"]
+    fid = pd.read_csv(study / "tables" / "fid.csv")
+    assert fid["set"].tolist() == ORDER
+    contract = ["set", "method", "setting", "classifier_type", "threshold", "t_switch", "shallow_depth", "n_samples",
+                "fid", "gflops_per_forward", "gflops_per_image", "layer_ratio", "images_per_s",
+                "speedup_measured", "speedup_theoretical", "feature_network"]
+    assert set(contract) <= set(fid.columns)
+    row = fid.set_index("set").loc["ee_attention_probe_thr0.1"]
+    assert row["fid"] == 25.0 and row["threshold"] == 0.1 and row["classifier_type"] == "attention_probe"
+    assert row["speedup_measured"] == pytest.approx(62.5 / 50.0)          # 1.25
+    assert row["speedup_theoretical"] == pytest.approx(22.75 / 13.65)     # GFLOPs per image ratio, steps cancel
+    duo = fid.set_index("set").loc["duodiff_d3_ts3"]
+    assert duo["t_switch"] == 3 and duo["shallow_depth"] == 3
+    assert duo["speedup_measured"] == pytest.approx(2.0) and duo["gflops_per_image"] == pytest.approx(14.7 * 4)
+    assert fid.set_index("set").loc["full", ["speedup_measured", "speedup_theoretical"]].tolist() == [1.0, 1.0]
+    # The shallow set is one 3-block U-ViT: its shallow depth is its depth, and it runs 3 of the
+    # full model's 13 blocks per evaluation.
+    assert fid.set_index("set").loc["shallow_d3", "shallow_depth"] == 3
+    assert fid.set_index("set").loc["shallow_d3", "layer_ratio"] == pytest.approx(3 / 13)
+    assert fid.set_index("set").loc["duodiff_d3_ts3", "layer_ratio"] == pytest.approx(0.646)
+
+    kid = pd.read_csv(study / "tables" / "kid.csv").set_index("set")
+    assert kid.loc["duodiff_d3_ts1", "kid"] == 0.0105 and kid.loc["full", "kid_std"] == 0.001
+    cmmd = pd.read_csv(study / "tables" / "cmmd.csv").set_index("set")
+    assert math.isnan(cmmd.loc["ee_attention_probe_thr0.1", "cmmd"])
+    assert not cmmd.loc["ee_attention_probe_thr0.1", "available"]
+    assert cmmd.loc["ee_attention_probe_thr0.1", "reason"] == CMMD_REASON
+    assert cmmd.loc["full", "cmmd"] == 0.40 and cmmd.loc["full", "available"]
+    gflops = pd.read_csv(study / "tables" / "gflops.csv").set_index("set")
+    assert gflops.loc["shallow_d3", "gflops_per_forward_linear_conv"] == pytest.approx(5.25 * 0.9)
+    assert gflops.loc["shallow_d3", "speedup_measured"] == pytest.approx(4.0)
+
+
+def test_summary_markdown_marks_the_best_value_of_each_column(study):
+    tables(study)
+    text = (study / "tables" / "summary.md").read_text()
+    header, rows = markdown_rows(text)
+    assert len(rows) == len(ORDER)
+    column = {name: i for i, name in enumerate(header)}
+    by_set = dict(zip(ORDER, rows))
+
+    def bold(name, col):
+        return by_set[name][column[col]].startswith("**")
+
+    # Hand-picked winners: lowest FID 19.5 (duodiff ts1), KID 10.00e-3 (full), CMMD 0.38 (duodiff ts1),
+    # GFLOPs 5.25 (shallow); highest images/s 200 and both speed-ups (shallow: 4.00x, 4.33x).
+    winners = {"FID ↓": "duodiff_d3_ts1", "KID×10³ ↓": "full", "CMMD ↓": "duodiff_d3_ts1",
+               "GFLOPs/fwd ↓": "shallow_d3", "Images/s ↑": "shallow_d3",
+               "Speed-up (measured) ↑": "shallow_d3", "Speed-up (theoretical) ↑": "shallow_d3"}
+    for col, winner in winners.items():
+        assert [name for name in ORDER if bold(name, col)] == [winner], col
+    assert not any(bold(name, "Layer ratio") for name in ORDER)  # no "best" layer ratio
+
+    assert by_set["duodiff_d3_ts1"][column["FID ↓"]] == "**19.50**"
+    assert by_set["full"][column["KID×10³ ↓"]] == "**10.00 ± 1.00**"
+    assert by_set["ee_attention_probe_thr0.1"][column["Speed-up (measured) ↑"]] == "1.25×"
+    assert by_set["ee_attention_probe_thr0.1"][column["Speed-up (theoretical) ↑"]] == "1.67×"   # 22.75/13.65
+    assert by_set["ee_attention_probe_thr0.05"][column["Layer ratio"]] == "0.800"
+    assert by_set["shallow_d3"][column["Layer ratio"]] == "0.231"  # 3 / 13
+    assert by_set["ee_attention_probe_thr0.1"][column["Setting"]] == "threshold = 0.1"
+    assert by_set["duodiff_d3_ts3"][column["Setting"]] == "t_switch = 3"
+    assert by_set["full"][column["Method"]] == "U-ViT (13 blocks)"
+
+    # CMMD n/a carries a footnote mark whose note gives the reason.
+    assert by_set["ee_attention_probe_thr0.1"][column["CMMD ↓"]] == "n/a¹"
+    assert f"[1] CMMD n/a: {CMMD_REASON}" in text
+    # Notes: sample counts, feature network with its sha256 prefix, the FID caveat, conventions.
+    assert "Samples: 5 per set; FID and KID from 5 samples against 70 real images" in text
+    assert f"inception-v3-compat (sha256 {SHA[:12]}…)" in text
+    assert f"FID caveat (all sets): {FID_NOTE}" in text
+    assert "FlopCounterMode over all ops" in text and "20.48 GFLOPs per forward" in text  # 22.75 * 0.9 linear+conv
+    assert "ddim with 4 steps, seed 0" in text
+
+
+def test_summary_latex_bolds_the_same_cells_and_escapes_names(study):
+    tables(study)
+    tex = (study / "tables" / "summary.tex").read_text()
+    assert "\\toprule" in tex and "\\bottomrule" in tex and tex.count("\\begin{tabular}") == 1
+    lines = {line.split(" & ")[0] + " " + line.split(" & ")[1]: line for line in tex.splitlines()
+             if line.count(" & ") >= 9}
+    duo = lines["DuoDiff (3 + 13 blocks) t\\_switch = 1"]
+    assert "\\textbf{19.50}" in duo and "\\textbf{0.380}" in duo
+    shallow = lines["U-ViT shallow (3 blocks) –"]
+    assert "\\textbf{5.25}" in shallow and "\\textbf{200.0}" in shallow and "\\textbf{4.00$\\times$}" in shallow
+    assert "Early exit, attention\\_probe threshold = 0.1" in lines
+    assert "n/a\\textsuperscript{1}" in lines["Early exit, attention\\_probe threshold = 0.1"]
+    assert tex.count("\\textbf{") == 7  # one winner per marked column, as in the Markdown
+    assert "gflops\\_per\\_forward\\_linear\\_conv" in tex  # notes are escaped too
+
+
+def test_summary_html_bolds_the_same_cells_for_the_report(study):
+    tables(study)
+    page = (study / "tables" / "summary.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and page.count("<tr>") == 1 + len(ORDER)
+    # pandas' Styler names cells T_summary_row<r>_col<c> and bolds them with one CSS rule.
+    bold = set()
+    css = page.split('<style type="text/css">')[1].split("</style>")[0]
+    for selectors in re.findall(r"([^{}]*)\{\s*font-weight: bold;\s*\}", css):
+        bold |= {sel.strip().removeprefix("#T_summary_") for sel in selectors.split(",")}
+    # Winners as in the Markdown test; columns: Method, Setting, FID, KID, CMMD, GFLOPs, layer ratio,
+    # images/s, speed-up measured, speed-up theoretical.
+    shallow, duo_ts1, full = ORDER.index("shallow_d3"), ORDER.index("duodiff_d3_ts1"), ORDER.index("full")
+    assert bold == {f"row{duo_ts1}_col2", f"row{full}_col3", f"row{duo_ts1}_col4", f"row{shallow}_col5",
+                    f"row{shallow}_col7", f"row{shallow}_col8", f"row{shallow}_col9"}
+    assert "Early exit, attention_probe" in page and "n/a¹" in page
+    assert f"[1] CMMD n/a: {CMMD_REASON}" in page
+
+
+def test_equal_values_as_printed_are_all_marked(tmp_path):
+    study = dict(STUDY)
+    # 19.996 and 20.004 both print as 20.00: neither can be shown as better than the other.
+    study["full"] = STUDY["full"][:4] + (20.004,) + STUDY["full"][5:]
+    study["duodiff_d3_ts1"] = STUDY["duodiff_d3_ts1"][:4] + (19.996,) + STUDY["duodiff_d3_ts1"][5:]
+    write_study(tmp_path, study)
+    tables(tmp_path)
+    header, rows = markdown_rows((tmp_path / "tables" / "summary.md").read_text())
+    fid = [row[header.index("FID ↓")] for row in rows]
+    assert [name for name, cell in zip(ORDER, fid) if cell.startswith("**")] == ["full", "duodiff_d3_ts1"]
+
+
+def test_small_numbers_keep_two_significant_digits(tmp_path):
+    # An 8x8 model costs about a thousandth of a GFLOP: two fixed decimals would print 0.00 for all.
+    study = {name: spec[:8] + (spec[8] * 1.1e-4,) + spec[9:] for name, spec in STUDY.items()}
+    write_study(tmp_path, study)
+    tables(tmp_path)
+    text = (tmp_path / "tables" / "summary.md").read_text()
+    header, rows = markdown_rows(text)
+    gflops = dict(zip(ORDER, (row[header.index("GFLOPs/fwd ↓")] for row in rows)))
+    # The smallest, 5.25 * 1.1e-4 = 0.0005775, needs 5 decimals for 2 significant digits; the
+    # column shares them (full: 22.75 * 1.1e-4 = 0.0025025).
+    assert gflops["shallow_d3"] == "**0.00058**" and gflops["full"] == "0.00250"
+    # The linear+conv cost in the notes, 0.0025025 * 0.9 = 0.00225225, also to 2 significant digits.
+    assert "the full model costs 0.0023 GFLOPs per forward" in text
+    # Speed-ups keep their two decimals: 1137.5 / 262.5 = 4.33.
+    assert rows[1][header.index("Speed-up (theoretical) ↑")] == "**4.33×**"
+
+
+def test_missing_file_is_named_and_nothing_is_written(study):
+    (study / "metrics" / "duodiff_d3_ts3" / "gflops.json").unlink()
+    with pytest.raises(DuodiffError, match=r"metrics/duodiff_d3_ts3/gflops\.json does not exist"):
+        tables(study)
+    assert not (study / "tables").exists()
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["shallow_d3", "duodiff_d3_ts1"], "must include 'full'"),
+    ([], "at least one"),
+    (["full", "full"], "full more than once"),
+    (["full", "ee_attention_probe"], "'ee_attention_probe' has none of the forms"),
+])
+def test_bad_set_lists_are_refused(study, sets, message):
+    with pytest.raises(DuodiffError, match=message):
+        run_tables(samples_root=study / "samples", metrics_root=study / "metrics", sets=sets,
+                   output_dir=study / "tables")
+    assert not (study / "tables").exists()
+
+
+def test_bad_file_contents_are_refused(study):
+    stats = study / "samples" / "shallow_d3" / "stats.json"
+    data = json.loads(stats.read_text())
+    write_json(stats, {**data, "method": "full"})
+    with pytest.raises(DuodiffError, match="method is 'full' but the set name 'shallow_d3' says 'shallow'"):
+        tables(study)
+    write_json(stats, data)
+    fid = study / "metrics" / "full" / "fid.json"
+    write_json(fid, {**json.loads(fid.read_text()), "fid": float("nan")})
+    with pytest.raises(DuodiffError, match="full/fid.json: fid must be a finite number; got nan"):
+        tables(study)
+    fid.write_text("{not json")
+    with pytest.raises(DuodiffError, match="not valid JSON"):
+        tables(study)
+    write_json(fid, {"fid": 1.0})
+    with pytest.raises(DuodiffError, match="missing kid, kid_std"):
+        tables(study)
+
+
+def test_cli_accepts_dashes_and_underscores(study, capsys):
+    parser = OneLineErrorParser(prog="duodiff")
+    add_cli(parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrorParser))
+    args = parser.parse_args(["tables", "--samples_root", str(study / "samples"), "--metrics-root",
+                              str(study / "metrics"), "--sets", *ORDER, "--output-dir", str(study / "out")])
+    args.func(args)
+    assert pd.read_csv(study / "out" / "fid.csv")["set"].tolist() == ORDER

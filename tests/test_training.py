@@ -1,0 +1,314 @@
+"""`duodiff train`: losses against hand computations, optimizer / schedule / EMA settings, the
+early-exit options, input validation, the CLI, and DDP against one process."""
+
+import csv
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from duodiff import cli
+from duodiff.errors import DuodiffError
+from duodiff.training import StepBatchSampler, early_exit_loss, ema_update, run_train, warmup_cosine
+
+TINY = {
+    "img_size": 8, "patch_size": 2, "in_chans": 1, "embed_dim": 32, "depth": 3, "num_heads": 2,
+    "mlp_ratio": 2.0, "normalize_timesteps": False, "probe_hidden": 16,
+}  # fmt: skip
+
+
+def write_config(path, **overrides):
+    path.write_text(yaml.safe_dump({**TINY, **overrides}))
+    return path
+
+
+@pytest.fixture
+def config(tmp_path):
+    return write_config(tmp_path / "tiny.yaml")
+
+
+def quick(config, log_path, **kwargs):
+    """A short digits run with settings that learn fast at this size."""
+    settings = dict(
+        config_path=config, log_path=log_path, dataset="digits", n_steps=10, batch_size=16, lr=1e-3,
+        warmup_steps=2, ema_decay=0.99, log_every_n_steps=5, save_every_n_steps=5, device="cpu", seed=3,
+    )  # fmt: skip
+    settings.update(kwargs)
+    return run_train(**settings)
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+# ---- losses ---------------------------------------------------------------------------------------
+
+
+def test_early_exit_loss_matches_a_hand_computation():
+    target = [[0.0, 1.0], [2.0, -1.0]]  # two samples of one 1x2 image
+    g = [
+        [[0.5, 1.0], [2.0, 0.0]],  # exit 0
+        [[0.0, 0.0], [1.0, -1.0]],  # exit 1
+        [[0.1, 0.9], [2.0, -1.2]],  # final output (exit depth = 2)
+    ]
+    u = [[0.3, 0.1], [0.6, 0.2]]  # (B, depth)
+
+    def hand(use_unweighted):
+        simple = sum((g[2][b][p] - target[b][p]) ** 2 for b in range(2) for p in range(2)) / 4
+        loss_u = loss_ual = unweighted = 0.0
+        for i in range(2):
+            for b in range(2):
+                diffs = [g[i][b][p] - target[b][p] for p in range(2)]
+                mse = sum(d * d for d in diffs) / 2
+                u_hat = sum(math.tanh(abs(d)) for d in diffs) / 2
+                loss_u += (u[b][i] - u_hat) ** 2 / 2
+                loss_ual += (1 - u_hat) * mse / 2
+                unweighted += mse / 2
+        total = simple + loss_u + loss_ual + (unweighted if use_unweighted else 0.0)
+        return total, simple, loss_u, loss_ual, unweighted
+
+    outputs = [torch.tensor(x).view(2, 1, 1, 2) for x in g]
+    for use_unweighted in (False, True):
+        total, parts = early_exit_loss(outputs, torch.tensor(u), torch.tensor(target).view(2, 1, 1, 2), use_unweighted)
+        expected = hand(use_unweighted)
+        assert total.item() == pytest.approx(expected[0], rel=1e-6)
+        got = [parts[k].item() for k in ("loss_simple", "loss_u", "loss_ual", "loss_unweighted")]
+        assert got == pytest.approx(list(expected[1:]), rel=1e-6)
+
+
+def test_early_exit_uncertainty_target_is_detached():
+    torch.manual_seed(0)
+    outputs = [torch.randn(4, 1, 2, 2, requires_grad=True) for _ in range(3)]
+    u = torch.rand(4, 2, requires_grad=True)
+    _, parts = early_exit_loss(outputs, u, torch.randn(4, 1, 2, 2))
+    parts["loss_u"].backward()
+    # L_u trains the probes only: û is a fixed target, so no gradient reaches the exit outputs.
+    assert all(o.grad is None for o in outputs)
+    assert u.grad is not None and u.grad.abs().sum() > 0
+
+
+def test_loss_decreases_on_digits(config, tmp_path):
+    quick(config, tmp_path / "run", n_steps=80, batch_size=32, lr=2e-3, warmup_steps=5, log_every_n_steps=20, save_every_n_steps=80)
+    rows = read_csv(tmp_path / "run" / "loss.csv")
+    assert [int(r["step"]) for r in rows] == [20, 40, 60, 80]
+    first, last = float(rows[0]["loss"]), float(rows[-1]["loss"])
+    # Predicting zero noise scores 1.0 (the noise variance); the model must do clearly better.
+    assert last < 0.85 * first and last < 0.8, (first, last)
+
+
+# ---- optimizer, schedule, EMA ---------------------------------------------------------------------
+
+
+def test_warmup_cosine_closed_form():
+    f = warmup_cosine(warmup_steps=10, n_steps=110)
+    assert f(0) == 0.0 and f(5) == 0.5 and f(10) == 1.0
+    assert f(60) == pytest.approx(0.5)  # half-way through the decay
+    assert f(35) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.25)))
+    assert f(110) == pytest.approx(0.0, abs=1e-12)
+    assert warmup_cosine(0, 10)(0) == 1.0
+
+
+def test_adamw_settings_and_lr_schedule_in_a_run(config, tmp_path):
+    quick(config, tmp_path / "run", n_steps=12, warmup_steps=4, lr=2e-4, log_every_n_steps=1, save_every_n_steps=12)
+    state = load(tmp_path / "run" / "checkpoint.pt")
+    group = state["optimizer"]["param_groups"][0]
+    # U-ViT's AdamW settings (the defaults).
+    assert group["betas"] == (0.99, 0.999) and group["weight_decay"] == 0.03 and group["initial_lr"] == 2e-4
+    assert group["lr"] == pytest.approx(0.0, abs=1e-12)  # decayed to 0 after the last step
+    rows = read_csv(tmp_path / "run" / "loss.csv")
+    # Row for step s (1-based) shows the lr of optimizer step s - 1: warm-up s/4, then cosine over 8 steps.
+    expected = [2e-4 * (s / 4 if s < 4 else 0.5 * (1 + math.cos(math.pi * (s - 4) / 8))) for s in range(12)]
+    assert [float(r["lr"]) for r in rows] == pytest.approx(expected, rel=1e-9, abs=1e-15)
+
+
+def test_ema_update_closed_form():
+    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    before = [p.detach().clone() for p in a.parameters()]
+    ema_update(a, b, 0.9)
+    for p_ema, p0, p in zip(a.parameters(), before, b.parameters()):
+        assert torch.allclose(p_ema, 0.9 * p0 + 0.1 * p, atol=1e-7, rtol=0)
+
+
+def test_ema_after_one_training_step_is_the_closed_form(config, tmp_path):
+    from duodiff.models import build_model
+
+    # warmup 0: the first step already uses the full lr, so the weights move.
+    quick(config, tmp_path / "run", n_steps=1, warmup_steps=0, ema_decay=0.75)
+    one = load(tmp_path / "run" / "model.pt")
+    torch.manual_seed(3)  # the run's seed gives the run's initial weights w0
+    initial = build_model("uvit", yaml.safe_load(config.read_text())).state_dict()
+    changed = 0
+    for key, w0 in initial.items():
+        w1 = one["state_dict"][key]
+        assert torch.allclose(one["ema_state_dict"][key], 0.75 * w0 + 0.25 * w1, atol=1e-6, rtol=0), key
+        changed += not torch.equal(w0, w1)
+    assert changed > 0 and one["step"] == 1
+
+
+def test_batches_cover_each_epoch_once_and_ranks_split_the_global_batch():
+    full = StepBatchSampler(n_items=10, batch_size=4, seed=1, start_step=0, n_steps=5)
+    stream = [i for batch in full for i in batch]  # 20 positions = 2 epochs
+    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:]) == list(range(10))
+    assert stream[:10] != stream[10:]  # a fresh permutation each epoch
+    halves = [list(StepBatchSampler(10, 4, 1, 0, 5, rank=r, world_size=2)) for r in (0, 1)]
+    assert [a + b for a, b in zip(*halves)] == list(full)
+    resumed = list(StepBatchSampler(10, 4, 1, start_step=3, n_steps=5))
+    assert resumed == list(full)[3:]
+    # A batch larger than the dataset spans several epochs, each a permutation.
+    big = list(StepBatchSampler(n_items=3, batch_size=7, seed=2, start_step=0, n_steps=3))
+    stream = [i for batch in big for i in batch]
+    assert all(sorted(stream[k : k + 3]) == [0, 1, 2] for k in range(0, 21, 3))
+
+
+# ---- early exit -----------------------------------------------------------------------------------
+
+
+def test_frozen_backbone_is_unchanged_and_heads_train(config, tmp_path):
+    quick(config, tmp_path / "full", n_steps=4)
+    backbone = load(tmp_path / "full" / "model.pt")
+    quick(
+        config, tmp_path / "ee", model="deediff_uvit", classifier_type="mlp_probe_per_layer",
+        load_backbone=tmp_path / "full" / "model.pt", freeze_backbone=True, n_steps=6,
+    )  # fmt: skip
+    ee = load(tmp_path / "ee" / "model.pt")
+    assert ee["kind"] == "early_exit" and ee["classifier_type"] == "mlp_probe_per_layer"
+    for key, value in backbone["ema_state_dict"].items():  # the EMA weights are what is loaded
+        assert torch.equal(ee["state_dict"]["backbone." + key], value), key
+        assert torch.equal(ee["ema_state_dict"]["backbone." + key], value), key
+    torch.manual_seed(3)
+    from duodiff.models import build_model
+
+    fresh = build_model("early_exit", TINY, classifier_type="mlp_probe_per_layer").state_dict()
+    heads = [k for k in fresh if k.startswith(("exit_heads.", "probes."))]
+    assert heads and any(not torch.equal(fresh[k], ee["state_dict"][k]) for k in heads)
+    rows = read_csv(tmp_path / "ee" / "loss.csv")
+    assert {"loss_simple", "loss_u", "loss_ual", "loss_unweighted"} <= set(rows[0])
+
+
+def test_unfrozen_early_exit_from_scratch_trains_everything(config, tmp_path):
+    quick(config, tmp_path / "ee", model="early_exit", classifier_type="attention_probe", n_steps=3, ema_decay=0)
+    ee = load(tmp_path / "ee" / "model.pt")
+    assert ee["ema_state_dict"] is None
+    torch.manual_seed(3)
+    from duodiff.models import build_model
+
+    fresh = build_model("early_exit", TINY, classifier_type="attention_probe").state_dict()
+    assert not torch.equal(fresh["backbone.patch_embed.proj.weight"], ee["state_dict"]["backbone.patch_embed.proj.weight"])
+
+
+def test_load_backbone_config_mismatch_is_refused(config, tmp_path):
+    quick(config, tmp_path / "full", n_steps=1)
+    other = write_config(tmp_path / "deeper.yaml", depth=5)
+    with pytest.raises(DuodiffError, match=r"depth 3 vs 5"):
+        quick(other, tmp_path / "ee", model="early_exit", classifier_type="attention_probe", load_backbone=tmp_path / "full" / "model.pt")
+    with pytest.raises(DuodiffError, match=r"--parametrization 'predict_noise' vs 'predict_original'"):
+        quick(
+            config, tmp_path / "ee", model="early_exit", classifier_type="attention_probe",
+            load_backbone=tmp_path / "full" / "model.pt", parametrization="predict_original",
+        )  # fmt: skip
+    assert not (tmp_path / "ee").exists()
+
+
+# ---- validation and the CLI -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        ({"n_steps": 0}, "--n-steps"),
+        ({"batch_size": -4}, "--batch-size"),
+        ({"lr": 0.0}, "--lr"),
+        ({"ema_decay": 1.0}, "--ema-decay"),
+        ({"beta2": 1.5}, "--beta2"),
+        ({"model": "resnet"}, "--model"),
+        ({"dataset": "mnist"}, "--dataset"),
+        ({"device": "tpu"}, "--device"),
+        ({"image_size": 16}, "--image-size 16"),
+        ({"dataset": "cifar10"}, "in_chans"),
+        ({"model": "early_exit"}, "--classifier-type"),
+        ({"model": "early_exit", "classifier_type": "linear"}, "--classifier-type"),
+        ({"model": "early_exit", "classifier_type": "attention_probe", "freeze_backbone": True}, "--load-backbone"),
+        ({"model": "early_exit", "classifier_type": "attention_probe", "load_backbone": "missing.pt"}, "missing.pt"),
+        ({"classifier_type": "attention_probe"}, "early_exit only"),
+        ({"parametrization": "predict_velocity"}, "parametrization"),
+        ({"config_path": "nowhere.yaml"}, "nowhere.yaml"),
+    ],
+)
+def test_bad_input_is_refused_before_any_work(config, tmp_path, overrides, words):
+    with pytest.raises(DuodiffError) as error:
+        quick(config, tmp_path / "run", **overrides)
+    assert words in str(error.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_bad_flags_exit_2_with_one_line(config, tmp_path, capsys):
+    base = ["train", "--config-path", str(config), "--log-path", str(tmp_path / "run")]
+    assert cli.main(base + ["--n_steps", "0"]) == 2  # the seed's spelling is accepted
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("duodiff train: error:") and "--n-steps" in err
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(base + ["--n-steps", "many"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "many" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_ddp_two_processes_match_one_process(config, tmp_path):
+    settings = ["--n-steps", "6", "--batch-size", "8", "--lr", "1e-3", "--warmup-steps", "2", "--ema-decay", "0.9",
+                "--save-every-n-steps", "6", "--log-every-n-steps", "3", "--seed", "5", "--device", "cpu"]  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "duodiff.cli", "train", "--config-path", str(config), "--log-path", str(tmp_path / "ddp")]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command + settings, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    quick(config, tmp_path / "one", n_steps=6, batch_size=8, lr=1e-3, warmup_steps=2, ema_decay=0.9,
+          save_every_n_steps=6, log_every_n_steps=3, seed=5)  # fmt: skip
+    ddp, one = load(tmp_path / "ddp" / "model.pt"), load(tmp_path / "one" / "model.pt")
+    assert ddp["train_args"]["world_size"] == 2 and one["train_args"]["world_size"] == 1
+    for key in one["state_dict"]:
+        assert torch.allclose(ddp["state_dict"][key], one["state_dict"][key], atol=1e-5, rtol=1e-4), key
+        assert torch.allclose(ddp["ema_state_dict"][key], one["ema_state_dict"][key], atol=1e-5, rtol=1e-4), key
+    losses = [float(r["loss"]) for r in read_csv(tmp_path / "ddp" / "loss.csv")]
+    assert losses == pytest.approx([float(r["loss"]) for r in read_csv(tmp_path / "one" / "loss.csv")], rel=1e-4)
+
+
+def test_uneven_split_across_ranks_is_refused(config, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun --nproc_per_node 2 sets it; checked before joining
+    with pytest.raises(DuodiffError, match=r"--batch-size 7 must be divisible by the number of processes \(2\)"):
+        quick(config, tmp_path / "run", batch_size=7)
+
+
+def test_loader_workers_do_not_change_the_result(config, tmp_path):
+    quick(config, tmp_path / "w0", n_steps=4, num_workers=0)
+    quick(config, tmp_path / "w2", n_steps=4, num_workers=2)
+    a, b = load(tmp_path / "w0" / "model.pt"), load(tmp_path / "w2" / "model.pt")
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+
+
+def test_class_conditional_rgb_imagefolder_with_flips_and_amp(tmp_path):
+    from PIL import Image
+
+    for label in ("cats", "dogs"):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        for i in range(3):
+            pixels = torch.randint(0, 256, (8, 8, 3), generator=torch.Generator().manual_seed(i), dtype=torch.uint8)
+            Image.fromarray(pixels.numpy()).save(tmp_path / "images" / label / f"{i}.png")
+    rgb = write_config(tmp_path / "rgb.yaml", in_chans=3, num_classes=2)
+    quick(rgb, tmp_path / "run", dataset="imagefolder", data_root=tmp_path / "images", n_steps=3, use_amp=True)
+    saved = load(tmp_path / "run" / "model.pt")
+    assert saved["model_config"]["num_classes"] == 2 and saved["train_args"]["use_amp"] is True
+    assert "label_emb.weight" in saved["state_dict"]
+    assert all(float(r["loss"]) > 0 for r in read_csv(tmp_path / "run" / "loss.csv"))
+    wrong = write_config(tmp_path / "wrong.yaml", in_chans=3, num_classes=5)
+    with pytest.raises(DuodiffError, match="num_classes 5 but --dataset imagefolder has 2 class labels"):
+        quick(wrong, tmp_path / "wrong", dataset="imagefolder", data_root=tmp_path / "images")

@@ -1,0 +1,498 @@
+"""The Snakemake workflow: the DAG each shipped config plans, config validation, the profiles, and
+(slow) the whole tiny study end to end.
+
+Expected job counts are computed here from the config values alone (one training per model, one
+sample set per grid point, three scores per set), not from the workflow's own helpers. Snakemake
+runs as a subprocess, as users run it, in a scratch folder that links config/, tests/ and
+profiles/ from the repository, so no test touches the checkout's results/ or .snakemake/.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEFILE = REPO / "workflow" / "Snakefile"
+BIN = Path(sys.executable).parent  # the environment running the tests also runs the pipeline
+SNAKEMAKE = BIN / "snakemake"
+SHIPPED_CONFIGS = ["config/config.yaml", "config/cifar10.yaml", "config/celeba64.yaml", "config/imagenet64.yaml"]
+TINY = "tests/configs/tiny.yaml"
+PLOTS = ["quality_vs_gflops", "quality_vs_time", "exit_heatmap", "fid_vs_tswitch", "training_curves", "sample_grids"]
+GPU_RULES = ["reference", "train_full", "train_shallow", "train_early_exit", "sample_full", "sample_shallow",
+             "sample_early_exit", "sample_duodiff", "fid", "cmmd"]  # fmt: skip
+
+
+# ---- helpers ---------------------------------------------------------------------------------------
+
+
+def make_workdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    for name in ("config", "tests", "profiles"):
+        link = path / name
+        if not link.exists():
+            link.symlink_to(REPO / name)
+    return path
+
+
+def snakemake(workdir: Path, *args, timeout=300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [str(SNAKEMAKE), "--snakefile", str(SNAKEFILE), "--directory", str(workdir), *map(str, args)],
+        cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+def job_counts(output: str) -> dict:
+    """The first 'Job stats' table of Snakemake's output as {rule: count} (without 'total')."""
+    lines = output.splitlines()
+    start = lines.index("Job stats:") + 3  # header, column names, dashes
+    counts = {}
+    for line in lines[start:]:
+        rule, count = line.split()
+        if rule == "total":
+            return counts
+        counts[rule] = int(count)
+    raise AssertionError("no 'total' line in the job stats")
+
+
+def load(path) -> dict:
+    with open(REPO / path) as f:
+        return yaml.safe_load(f)
+
+
+def model_depth(path) -> int:
+    return load(path)["depth"]
+
+
+def expected_sets(cfg: dict) -> list:
+    depths = [model_depth(p) for p in cfg["models"]["shallow"]]
+    return (
+        ["full"]
+        + [f"shallow_d{d}" for d in depths]
+        + [f"ee_{c}_thr{float(t)!r}" for c in cfg["early_exit"]["classifier_types"] for t in cfg["early_exit"]["thresholds"]]
+        + [f"duodiff_d{d}_ts{t}" for d in depths for t in cfg["duodiff"]["t_switch"]]
+    )
+
+
+def expected_jobs(cfg: dict) -> dict:
+    n_shallow = len(cfg["models"]["shallow"])
+    n_classifiers = len(cfg["early_exit"]["classifier_types"])
+    n_thresholds = len(cfg["early_exit"]["thresholds"])
+    n_t_switch = len(cfg["duodiff"]["t_switch"])
+    n_sets = 1 + n_shallow + n_classifiers * n_thresholds + n_shallow * n_t_switch
+    return {
+        "reference": 1,
+        "train_full": 1,
+        "train_shallow": n_shallow,
+        "train_early_exit": n_classifiers,
+        "sample_full": 1,
+        "sample_shallow": n_shallow,
+        "sample_early_exit": n_classifiers * n_thresholds,
+        "sample_duodiff": n_shallow * n_t_switch,
+        "fid": n_sets,
+        "cmmd": n_sets,
+        "flops": n_sets,
+        "tables": 1,
+        "plots": 1,
+        "all": 1,
+    }
+
+
+# ---- the DAG of every shipped config ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dry_runs(tmp_path_factory):
+    """`snakemake -n` of every shipped config, plus one targeted and two profile runs, run
+    side by side (each is mostly Snakemake's start-up)."""
+    workdir = make_workdir(tmp_path_factory.mktemp("dry"))
+    runs = {config: ("--configfile", config, "-n") for config in SHIPPED_CONFIGS}
+    runs["target"] = ("--configfile", "config/config.yaml", "-n", "results/tables/fid.csv")
+    runs["tiny_commands"] = ("--configfile", TINY, "-n", "-p")
+    runs["profile_slurm"] = ("--profile", "profiles/slurm", "--configfile", "config/config.yaml", "-n")
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        results = dict(zip(runs, pool.map(lambda args: snakemake(workdir, *args), runs.values())))
+    return workdir, results
+
+
+@pytest.mark.parametrize("config", SHIPPED_CONFIGS)
+def test_dry_run_plans_one_job_per_grid_point(dry_runs, config):
+    _, results = dry_runs
+    result = results[config]
+    assert result.returncode == 0, result.stderr
+    assert job_counts(result.stdout) == expected_jobs(load(config))
+
+
+@pytest.mark.parametrize("config", ["config/cifar10.yaml", "config/celeba64.yaml", "config/imagenet64.yaml"])
+def test_dry_run_of_a_cluster_config_warns_about_the_missing_data(dry_runs, config):
+    # The data roots of the paper configs do not exist here: planning still works, and says so.
+    _, results = dry_runs
+    root = load(config)["dataset"]["root"]
+    assert f"dataset.root {root} does not exist" in results[config].stdout + results[config].stderr
+
+
+def test_paper_configs_have_the_papers_settings():
+    cifar = load("config/cifar10.yaml")
+    assert load(cifar["models"]["full"])["depth"] == 13 and load(cifar["models"]["full"])["patch_size"] == 2
+    assert [model_depth(p) for p in cifar["models"]["shallow"]] == [3]
+    assert cifar["train"]["full"]["n_steps"] == cifar["train"]["shallow"]["n_steps"] == 500_000
+    assert cifar["train"]["early_exit"]["n_steps"] == 100_000
+    assert cifar["train"]["full"]["batch_size"] == 128 and cifar["train"]["full"]["ema_decay"] == 0.9999
+    assert cifar["train"]["full"]["use_amp"] and cifar["device"] == "cuda"
+    assert (cifar["sampling"]["sampler"], cifar["sampling"]["steps"]) == ("ddpm", 1000)
+    assert cifar["sampling"]["n_samples"] == 50_000
+    assert len(cifar["early_exit"]["classifier_types"]) == 4
+    celeba = load("config/celeba64.yaml")
+    assert [model_depth(p) for p in celeba["models"]["shallow"]] == [3, 5, 7]
+    assert 300 in celeba["duodiff"]["t_switch"]
+    assert load(load("config/imagenet64.yaml")["models"]["full"])["num_classes"] == 1000
+
+
+def test_a_table_target_plans_exactly_what_the_tables_need(dry_runs):
+    # tables read every set's stats and scores; the plots and `all` are not needed for them.
+    _, results = dry_runs
+    result = results["target"]
+    assert result.returncode == 0, result.stderr
+    expected = expected_jobs(load("config/config.yaml"))
+    del expected["plots"], expected["all"]
+    assert job_counts(result.stdout) == expected
+
+
+def planned_commands(output: str) -> list:
+    """The `duodiff` command lines of a dry run with -p, each as (sub-command, {flag: value})."""
+    commands = []
+    for line in output.splitlines():
+        if not line.startswith("Shell command: duodiff "):
+            continue
+        words = shlex.split(line.removeprefix("Shell command: ").split(" > ")[0])
+        flags, key = {}, None
+        for word in words[2:]:
+            if word.startswith("--"):
+                key = word
+                flags[key] = True
+            else:
+                flags[key] = word if flags[key] is True else f"{flags[key]} {word}"
+        commands.append((words[1], flags))
+    return commands
+
+
+def test_every_setting_reaches_its_command(dry_runs):
+    # Each config key becomes the flag of the same name, with the configured value (or the
+    # schema default), so a changed setting changes the job's params and reruns it.
+    _, results = dry_runs
+    result = results["tiny_commands"]
+    assert result.returncode == 0, result.stderr
+    commands = planned_commands(result.stdout)
+    cfg = load(TINY)
+    train = [flags for name, flags in commands if name == "train"]
+    full = next(f for f in train if f["--log-path"].endswith("models/full"))
+    for key, value in cfg["train"]["full"].items():
+        assert full[f"--{key.replace('_', '-')}"] == str(value), key
+    assert (full["--model"], full["--config-path"], full["--dataset"], full["--device"]) == (
+        "uvit", cfg["models"]["full"], "digits", "cpu")
+    assert full["--num-timesteps"] == "1000" and full["--grad-clip"] == "1.0"  # schema defaults
+    assert "--freeze-backbone" not in full
+    early = next(f for f in train if f["--model"] == "early_exit")
+    assert early["--load-backbone"] == "results/tiny/models/full/model.pt"
+    assert early["--freeze-backbone"] is True and early["--n-steps"] == str(cfg["train"]["early_exit"]["n_steps"])
+    samples = [flags for name, flags in commands if name == "sample"]
+    assert len(samples) == len(expected_sets(cfg))
+    for flags in samples:
+        assert (flags["--steps"], flags["--n-samples"], flags["--batch-size"], flags["--sampler"]) == (
+            str(cfg["sampling"]["steps"]), str(cfg["sampling"]["n_samples"]), str(cfg["sampling"]["batch_size"]), "ddim")
+        assert "--no-ema" not in flags
+    duodiff = [f for f in samples if f["--method"] == "duodiff"]
+    assert sorted(int(f["--t-switch"]) for f in duodiff) == sorted(cfg["duodiff"]["t_switch"])
+    assert all(f["--checkpoint-path-late"] == "results/tiny/models/full/model.pt" for f in duodiff)
+    early_sets = [f for f in samples if f["--method"] == "early_exit"]
+    assert sorted(float(f["--threshold"]) for f in early_sets) == sorted(cfg["early_exit"]["thresholds"])
+    tables = next(flags for name, flags in commands if name == "tables")
+    assert sorted(tables["--sets"].split()) == sorted(expected_sets(cfg))
+
+
+# ---- config validation -----------------------------------------------------------------------------
+
+
+def modified(cfg: dict, edit) -> dict:
+    cfg = copy.deepcopy(cfg)
+    edit(cfg)
+    return cfg
+
+
+def _mismatched_shallow(cfg, workdir):
+    shallow = load(cfg["models"]["shallow"][0]) | {"patch_size": 4}
+    path = workdir / "shallow_patch4.yaml"
+    path.write_text(yaml.safe_dump(shallow))
+    cfg["models"]["shallow"] = [str(path)]
+
+
+# (name, edit of the tiny config, text the error must contain). Each is refused before any job.
+BAD_CONFIGS = [
+    ("threshold above 1", lambda c, w: c["early_exit"].update(thresholds=[0.1, 1.5]),
+     "invalid config: early_exit.thresholds[1]: 1.5 is greater than the maximum of 1"),
+    ("t_switch beyond the sampling steps", lambda c, w: c["duodiff"].update(t_switch=[2, 7]),
+     "invalid config: duodiff.t_switch 7 must be in [0, sampling.steps = 6]"),
+    ("unknown classifier type", lambda c, w: c["early_exit"].update(classifier_types=["linear_probe"]),
+     "invalid config: early_exit.classifier_types[0]: 'linear_probe' is not one of ['attention_probe', "
+     "'mlp_probe_per_layer', 'mlp_probe_per_timestep', 'mlp_probe_per_layer_per_timestep']"),
+    ("unknown dataset", lambda c, w: c["dataset"].update(name="mnist"),
+     "invalid config: dataset.name: 'mnist' is not one of ['digits', 'cifar10', 'celeba', 'imagenet64', 'imagefolder']"),
+    ("zero batch size", lambda c, w: c["sampling"].update(batch_size=0),
+     "invalid config: sampling.batch_size: 0 is less than the minimum of 1"),
+    ("misspelt training key", lambda c, w: c["train"]["early_exit"].update(n_step=5),
+     "invalid config: train.early_exit: Unevaluated properties are not allowed ('n_step' was unexpected)"),
+    ("shallow model with another patch size", _mismatched_shallow,
+     "has patch_size 4 but models.full tests/configs/models/tiny.yaml has 2"),
+    ("ddpm with fewer steps than timesteps", lambda c, w: c["sampling"].update(sampler="ddpm"),
+     "invalid config: sampling.steps is 6, but the ddpm sampler visits all diffusion.num_timesteps = 1000 steps"),
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def bad_config_runs(tmp_path_factory):
+    workdir = make_workdir(tmp_path_factory.mktemp("bad"))
+    tiny = load(TINY)
+    args = []
+    for i, (_, edit, _) in enumerate(BAD_CONFIGS):
+        path = workdir / f"bad{i}.yaml"
+        path.write_text(yaml.safe_dump(modified(tiny, lambda c: edit(c, workdir))))
+        # A real run, not a dry run: the config must be refused before any job starts.
+        args.append(("--configfile", path, "--cores", "1"))
+    # A dataset that needs files, at a root that does not exist.
+    path = workdir / "missing_root.yaml"
+    path.write_text(yaml.safe_dump(modified(tiny, lambda c: c["dataset"].update(name="cifar10", root="no/such/dir"))))
+    args.append(("--configfile", path, "--cores", "1"))
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        results = list(pool.map(lambda a: snakemake(workdir, *a), args))
+    return workdir, results
+
+
+@pytest.mark.parametrize("index", range(len(BAD_CONFIGS)), ids=[name for name, _, _ in BAD_CONFIGS])
+def test_bad_config_is_refused_before_any_job_with_a_message_naming_the_key(bad_config_runs, index):
+    workdir, results = bad_config_runs
+    result = results[index]
+    assert result.returncode != 0
+    assert BAD_CONFIGS[index][2] in result.stderr
+    assert "Building DAG of jobs" not in result.stderr + result.stdout
+    assert not (workdir / "results").exists()
+
+
+def test_missing_data_root_stops_a_real_run(bad_config_runs):
+    workdir, results = bad_config_runs
+    result = results[-1]
+    assert result.returncode != 0
+    assert "invalid config: dataset.root no/such/dir does not exist for dataset cifar10" in result.stderr
+    assert not (workdir / "results").exists()
+
+
+# ---- profiles ----------------------------------------------------------------------------------------
+
+
+def snakemake_options() -> set:
+    from snakemake.cli import get_argument_parser
+
+    return {option for action in get_argument_parser()._actions for option in action.option_strings}
+
+
+@pytest.mark.parametrize("profile", ["default", "slurm"])
+def test_profile_keys_are_snakemake_options(profile):
+    settings = load(f"profiles/{profile}/config.yaml")
+    unknown = [key for key in settings if f"--{key}" not in snakemake_options()]
+    assert unknown == []
+
+
+def test_slurm_profile_uses_the_plugin_settings_and_resources_it_knows(dry_runs):
+    from snakemake_executor_plugin_slurm import ExecutorSettings
+
+    settings = load("profiles/slurm/config.yaml")
+    assert settings["executor"] == "slurm"
+    plugin_fields = {f.name for f in dataclasses.fields(ExecutorSettings)}
+    plugin_keys = [k.removeprefix("slurm-").replace("-", "_") for k in settings if k.startswith("slurm-")]
+    assert plugin_keys and set(plugin_keys) <= plugin_fields
+    # set-resources silently ignores a misspelt rule name: every name must be a rule of the DAG.
+    _, results = dry_runs
+    rules = set(job_counts(results["config/config.yaml"].stdout))
+    assert set(settings["set-resources"]) <= rules
+    for rule in GPU_RULES:
+        assert settings["set-resources"][rule]["gpu"] == 1, rule
+    for resources in [settings["default-resources"], *settings["set-resources"].values()]:
+        assert not re.search(r"--(gres|gpus)\b", str(resources.get("slurm_extra", "")))
+
+
+def test_slurm_profile_is_not_overridden_by_the_workflow_profile(tmp_path, monkeypatch):
+    # Snakemake also applies profiles/default to every run from the repository; it must not turn
+    # the slurm executor back into the local one.
+    from snakemake.cli import parse_args
+
+    monkeypatch.chdir(make_workdir(tmp_path))
+    _, args = parse_args(["--snakefile", str(SNAKEFILE), "--profile", "profiles/slurm", "-n"])
+    assert args.executor == "slurm"
+    assert args.retries == 2 and args.rerun_incomplete
+    _, args = parse_args(["--snakefile", str(SNAKEFILE), "-n"])
+    assert args.executor in (None, "local") and args.keep_going and args.rerun_incomplete
+
+
+def test_dry_run_with_each_profile(dry_runs):
+    # Every run from the repository applies profiles/default (Snakemake's workflow profile), so
+    # the shipped-config runs above already used it; profiles/slurm is added on top here.
+    _, results = dry_runs
+    assert "workflow specific profile profiles/default" in results["config/config.yaml"].stderr
+    result = results["profile_slurm"]
+    assert result.returncode == 0, result.stderr
+    assert "profiles/slurm" in result.stderr
+    assert job_counts(result.stdout) == expected_jobs(load("config/config.yaml"))
+
+
+# ---- the whole tiny study, end to end -------------------------------------------------------------
+
+ID_COLUMNS = ["set", "method", "setting", "classifier_type", "threshold", "t_switch", "shallow_depth", "n_samples"]
+TABLE_COLUMNS = {
+    "fid": ["fid", "gflops_per_forward", "gflops_per_image", "layer_ratio", "images_per_s", "speedup_measured",
+            "speedup_theoretical", "feature_network"],
+    "kid": ["kid", "kid_std", "feature_network"],
+    "cmmd": ["cmmd", "available", "reason", "embedding_model"],
+    "gflops": ["gflops_per_forward", "gflops_per_forward_linear_conv", "gflops_per_image", "layer_ratio",
+               "images_per_s", "speedup_measured", "speedup_theoretical"],
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+    workdir = make_workdir(tmp_path_factory.mktemp("tiny"))
+    result = snakemake(workdir, "--configfile", TINY, "--cores", "2", timeout=1800)
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
+    return workdir
+
+
+@pytest.mark.slow
+def test_tiny_study_tables_have_one_row_per_set_and_the_contract_columns(tiny_study):
+    sets = expected_sets(load(TINY))
+    for table, columns in TABLE_COLUMNS.items():
+        with open(tiny_study / "results" / "tables" / f"{table}.csv") as f:
+            rows = list(csv.DictReader(f))
+        assert sorted(row["set"] for row in rows) == sorted(sets), table
+        assert set(ID_COLUMNS + columns) <= set(rows[0]), table
+    for name in ("summary.md", "summary.tex", "summary.html"):
+        assert (tiny_study / "results" / "tables" / name).stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_tiny_study_plots_and_grids_exist(tiny_study):
+    for name in PLOTS:
+        for suffix in (".png", ".pdf"):
+            assert (tiny_study / "results" / "plots" / f"{name}{suffix}").stat().st_size > 0
+    for name in expected_sets(load(TINY)):
+        assert (tiny_study / "results" / "tiny" / "samples" / name / "grid.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_tiny_study_sample_sets_were_made_with_the_configured_settings(tiny_study):
+    cfg = load(TINY)
+    sampling = cfg["sampling"]
+    for name in expected_sets(cfg):
+        stats = json.loads((tiny_study / "results" / "tiny" / "samples" / name / "stats.json").read_text())
+        assert (stats["sampler"], stats["steps"], stats["n_samples"], stats["batch_size"], stats["seed"]) == (
+            sampling["sampler"], sampling["steps"], sampling["n_samples"], sampling["batch_size"], sampling["seed"])
+        method = {"full": "full", "shallow": "shallow", "ee": "early_exit", "duodiff": "duodiff"}[name.split("_")[0]]
+        assert stats["method"] == method
+        if method == "early_exit":
+            assert stats["threshold"] == float(name.rsplit("_thr", 1)[1])
+            assert stats["classifier_type"] == name[len("ee_"):name.rindex("_thr")]
+        if method == "duodiff":
+            assert stats["t_switch"] == int(name.rsplit("_ts", 1)[1])
+            assert stats["shallow_depth"] == int(name.split("_")[1][1:])
+        for metric in ("fid", "cmmd", "gflops"):
+            assert (tiny_study / "results" / "tiny" / "metrics" / name / f"{metric}.json").is_file()
+        rule = {"full": "sample_full", "shallow": "sample_shallow", "early_exit": "sample_early_exit", "duodiff": "sample_duodiff"}[method]
+        assert (tiny_study / "results" / "logs" / rule / "tiny" / f"{name}.log").is_file()
+        assert (tiny_study / "results" / "benchmarks" / rule / "tiny" / f"{name}.tsv").is_file()
+
+
+@pytest.mark.slow
+def test_tiny_study_report_builds(tiny_study):
+    result = snakemake(tiny_study, "--configfile", TINY, "--report", "results/report.html")
+    assert result.returncode == 0, result.stderr
+    page = (tiny_study / "results" / "report.html").read_text()
+    assert "quality_vs_gflops.png" in page and "fid.csv" in page
+
+
+@pytest.mark.slow
+def test_tiny_study_second_run_has_nothing_to_do(tiny_study):
+    result = snakemake(tiny_study, "--configfile", TINY, "-n")
+    assert result.returncode == 0, result.stderr
+    assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def changed_jobs(workdir: Path, name: str, edit) -> dict:
+    path = workdir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(modified(load(TINY), edit)))
+    result = snakemake(workdir, "--configfile", path, "-n")
+    assert result.returncode == 0, result.stderr
+    return job_counts(result.stdout)
+
+
+@pytest.mark.slow
+def test_tiny_study_same_settings_in_another_key_order_change_nothing(tiny_study):
+    def reverse(mapping):
+        if not isinstance(mapping, dict):
+            return mapping
+        return {key: reverse(mapping[key]) for key in reversed(list(mapping))}
+
+    path = tiny_study / "reversed.yaml"
+    path.write_text(yaml.safe_dump(reverse(load(TINY)), sort_keys=False))
+    result = snakemake(tiny_study, "--configfile", path, "-n")
+    assert result.returncode == 0, result.stderr
+    assert "Nothing to be done" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_tiny_study_changing_one_threshold_reruns_only_what_depends_on_it(tiny_study):
+    cfg = load(TINY)
+    n_classifiers = len(cfg["early_exit"]["classifier_types"])
+
+    def edit(c):
+        c["early_exit"]["thresholds"][-1] = 0.3
+
+    # One new sample set per classifier type, its three scores, and the tables and plots.
+    assert changed_jobs(tiny_study, "threshold", edit) == {
+        "sample_early_exit": n_classifiers, "fid": n_classifiers, "cmmd": n_classifiers,
+        "flops": n_classifiers, "tables": 1, "plots": 1, "all": 1,
+    }  # fmt: skip
+
+
+@pytest.mark.slow
+def test_tiny_study_changing_a_training_setting_reruns_that_model_and_its_sets(tiny_study):
+    n_t_switch = len(load(TINY)["duodiff"]["t_switch"])
+
+    def edit(c):
+        c["train"]["shallow"]["lr"] = 0.002
+
+    # The shallow model, the shallow set and every DuoDiff set (they use it), their scores.
+    n_sets = 1 + n_t_switch
+    assert changed_jobs(tiny_study, "shallow_lr", edit) == {
+        "train_shallow": 1, "sample_shallow": 1, "sample_duodiff": n_t_switch,
+        "fid": n_sets, "cmmd": n_sets, "flops": n_sets, "tables": 1, "plots": 1, "all": 1,
+    }  # fmt: skip
+
+
+@pytest.mark.slow
+def test_tiny_study_changing_a_metric_setting_rescores_only(tiny_study):
+    n_sets = len(expected_sets(load(TINY)))
+
+    def edit(c):
+        c.setdefault("metrics", {}).setdefault("fid", {})["kid_subsets"] = 50
+
+    assert changed_jobs(tiny_study, "kid_subsets", edit) == {"fid": n_sets, "tables": 1, "plots": 1, "all": 1}

@@ -1,0 +1,76 @@
+# The study's tables and plots (`duodiff tables`, `duodiff plots`), flagged for the Snakemake
+# report with the captions in workflow/report/.
+
+PLOTS = ["quality_vs_gflops", "quality_vs_time", "exit_heatmap", "fid_vs_tswitch", "training_curves", "sample_grids"]
+
+
+rule tables:
+    input:
+        stats=study_files("stats"),
+        fid=study_files("fid"),
+        cmmd=study_files("cmmd"),
+        gflops=study_files("gflops"),
+    output:
+        fid=report("results/tables/fid.csv", caption="../report/fid_table.rst", category="Tables"),
+        kid=report("results/tables/kid.csv", caption="../report/kid_table.rst", category="Tables"),
+        cmmd=report("results/tables/cmmd.csv", caption="../report/cmmd_table.rst", category="Tables"),
+        gflops=report("results/tables/gflops.csv", caption="../report/gflops_table.rst", category="Tables"),
+        # The report shows html, not Markdown: summary.html is the summary.md table as a page.
+        summary_html=report("results/tables/summary.html", caption="../report/summary.rst", category="Tables"),
+        summary_md="results/tables/summary.md",
+        summary_tex="results/tables/summary.tex",
+    params:
+        # results/<experiment>/samples/<set>/stats.json -> results/<experiment>/samples
+        samples_root=subpath(lambda wildcards, input: input.stats[0], ancestor=2),
+        metrics_root=subpath(lambda wildcards, input: input.fid[0], ancestor=2),
+        sets=" ".join(sample_sets()),
+        output_dir=subpath(output.fid, parent=True),
+    log:
+        "results/logs/tables/tables.log",
+    benchmark:
+        "results/benchmarks/tables/tables.tsv"
+    threads: config["threads"]["report"]
+    resources:
+        **resources("report"),
+    conda:
+        ENV
+    shell:
+        "duodiff tables --samples-root {params.samples_root} --metrics-root {params.metrics_root} "
+        "--sets {params.sets} --output-dir {params.output_dir} > {log} 2>&1"
+
+
+rule plots:
+    input:
+        tables=rules.tables.output,
+        stats=study_files("stats"),
+        exit_layers=study_files("exit_layers"),
+        grids=study_files("grids"),
+        losses=study_files("losses"),
+        reference=f"results/{config['experiment']}/reference/reference.json",
+    output:
+        png=[
+            report(f"results/plots/{name}.png", caption=f"../report/{name}.rst", category="Plots")
+            for name in PLOTS
+        ],
+        pdf=[f"results/plots/{name}.pdf" for name in PLOTS],
+        data=[f"results/plots/{name}.json" for name in PLOTS],  # the plotted series, as drawn
+    params:
+        tables_dir=subpath(lambda wildcards, input: input.tables[0], parent=True),
+        samples_root=subpath(lambda wildcards, input: input.stats[0], ancestor=2),
+        models_root=subpath(lambda wildcards, input: input.losses[0], ancestor=2),
+        reference=subpath(input.reference, parent=True),
+        output_dir=subpath(lambda wildcards, output: output.png[0], parent=True),
+        flags=cli_flags(config["plots"]),
+    log:
+        "results/logs/plots/plots.log",
+    benchmark:
+        "results/benchmarks/plots/plots.tsv"
+    threads: config["threads"]["report"]
+    resources:
+        **resources("report"),
+    conda:
+        ENV
+    shell:
+        "duodiff plots --tables-dir {params.tables_dir} --samples-root {params.samples_root} "
+        "--models-root {params.models_root} --reference {params.reference} --output-dir {params.output_dir} "
+        "{params.flags} > {log} 2>&1"

@@ -1,0 +1,94 @@
+# Sampling: one `duodiff sample` job per sample set. Every set uses the same sampler, steps,
+# number of samples and seed (config `sampling`), so all methods start from the same noise.
+#
+# Declared outputs are stats.json (written last), grid.png and exit_layers.pt. The images/ and
+# parts/ folders are not declared: Snakemake deletes the declared outputs of a killed job, and
+# the finished batches in parts/ let the rerun resume where it stopped.
+
+rule sample_full:
+    input:
+        model="results/{experiment}/models/full/model.pt",
+    output:
+        **sample_outputs("full", "full"),
+    params:
+        folder=subpath(output.stats, parent=True),
+        flags=sampling_flags(),
+    log:
+        "results/logs/sample_full/{experiment}/full.log",
+    benchmark:
+        "results/benchmarks/sample_full/{experiment}/full.tsv"
+    threads: config["threads"]["sample"]
+    resources:
+        **resources("sample"),
+    conda:
+        ENV
+    shell:
+        "duodiff sample --method full --checkpoint-path {input.model} {params.flags} "
+        "--output-folder {params.folder} > {log} 2>&1"
+
+
+rule sample_shallow:
+    input:
+        model="results/{experiment}/models/shallow_d{depth}/model.pt",
+    output:
+        **sample_outputs("shallow_d{depth}", "shallow"),
+    params:
+        folder=subpath(output.stats, parent=True),
+        flags=sampling_flags(),
+    log:
+        "results/logs/sample_shallow/{experiment}/shallow_d{depth}.log",
+    benchmark:
+        "results/benchmarks/sample_shallow/{experiment}/shallow_d{depth}.tsv"
+    threads: config["threads"]["sample"]
+    resources:
+        **resources("sample"),
+    conda:
+        ENV
+    shell:
+        "duodiff sample --method shallow --checkpoint-path {input.model} {params.flags} "
+        "--output-folder {params.folder} > {log} 2>&1"
+
+
+rule sample_early_exit:
+    input:
+        model="results/{experiment}/models/ee_{classifier_type}/model.pt",
+    output:
+        **sample_outputs("ee_{classifier_type}_thr{threshold}", "early_exit"),
+    params:
+        folder=subpath(output.stats, parent=True),
+        flags=sampling_flags(),
+    log:
+        "results/logs/sample_early_exit/{experiment}/ee_{classifier_type}_thr{threshold}.log",
+    benchmark:
+        "results/benchmarks/sample_early_exit/{experiment}/ee_{classifier_type}_thr{threshold}.tsv"
+    threads: config["threads"]["sample"]
+    resources:
+        **resources("sample"),
+    conda:
+        ENV
+    shell:
+        "duodiff sample --method early_exit --checkpoint-path {input.model} --threshold {wildcards.threshold} "
+        "{params.flags} --output-folder {params.folder} > {log} 2>&1"
+
+
+rule sample_duodiff:
+    input:
+        shallow="results/{experiment}/models/shallow_d{depth}/model.pt",
+        full="results/{experiment}/models/full/model.pt",
+    output:
+        **sample_outputs("duodiff_d{depth}_ts{t_switch}", "duodiff"),
+    params:
+        folder=subpath(output.stats, parent=True),
+        flags=sampling_flags(),
+    log:
+        "results/logs/sample_duodiff/{experiment}/duodiff_d{depth}_ts{t_switch}.log",
+    benchmark:
+        "results/benchmarks/sample_duodiff/{experiment}/duodiff_d{depth}_ts{t_switch}.tsv"
+    threads: config["threads"]["sample"]
+    resources:
+        **resources("sample"),
+    conda:
+        ENV
+    shell:
+        "duodiff sample --method duodiff --checkpoint-path {input.shallow} --checkpoint-path-late {input.full} "
+        "--t-switch {wildcards.t_switch} {params.flags} --output-folder {params.folder} > {log} 2>&1"

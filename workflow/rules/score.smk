@@ -1,0 +1,71 @@
+# Scoring every sample set: FID and KID against the reference features, CMMD against the
+# reference images, and the GFLOPs the set's sampling cost (from its exit layers).
+
+
+rule fid:
+    input:
+        stats="results/{experiment}/samples/{set}/stats.json",
+        reference="results/{experiment}/reference/features.npz",
+    output:
+        "results/{experiment}/metrics/{set}/fid.json",
+    params:
+        samples=subpath(input.stats, parent=True),
+        reference=subpath(input.reference, parent=True),
+        flags=fid_flags(),
+    log:
+        "results/logs/fid/{experiment}/{set}.log",
+    benchmark:
+        "results/benchmarks/fid/{experiment}/{set}.tsv"
+    threads: config["threads"]["score"]
+    resources:
+        **resources("score"),
+    conda:
+        ENV
+    shell:
+        "duodiff fid --samples {params.samples} --reference {params.reference} --output {output} "
+        "{params.flags} > {log} 2>&1"
+
+
+rule cmmd:
+    input:
+        stats="results/{experiment}/samples/{set}/stats.json",
+        reference="results/{experiment}/reference/reference.json",
+    output:
+        "results/{experiment}/metrics/{set}/cmmd.json",
+    params:
+        samples=subpath(input.stats, parent=True),
+        reference=subpath(input.reference, parent=True),
+        flags=cmmd_flags(),
+    log:
+        "results/logs/cmmd/{experiment}/{set}.log",
+    benchmark:
+        "results/benchmarks/cmmd/{experiment}/{set}.tsv"
+    threads: config["threads"]["score"]
+    resources:
+        **resources("score"),
+    conda:
+        ENV
+    shell:
+        "duodiff cmmd --samples {params.samples} --reference {params.reference} --output {output} "
+        "{params.flags} > {log} 2>&1"
+
+
+rule flops:
+    input:
+        stats="results/{experiment}/samples/{set}/stats.json",
+        exit_layers="results/{experiment}/samples/{set}/exit_layers.pt",
+    output:
+        "results/{experiment}/metrics/{set}/gflops.json",
+    params:
+        samples=subpath(input.stats, parent=True),
+    log:
+        "results/logs/flops/{experiment}/{set}.log",
+    benchmark:
+        "results/benchmarks/flops/{experiment}/{set}.tsv"
+    threads: config["threads"]["score"]
+    resources:
+        **resources("score"),
+    conda:
+        ENV
+    shell:
+        "duodiff flops --samples {params.samples} --output {output} > {log} 2>&1"
