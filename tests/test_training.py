@@ -263,11 +263,20 @@ def test_cli_bad_flags_exit_2_with_one_line(config, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def test_ddp_two_processes_match_one_process(config, tmp_path):
+# Two ways to get two ranks: torchrun around `duodiff train` (what users of the seeds type), and
+# `duodiff train --nproc-per-node 2` (what the pipeline's training rules run with resources.gpu 2).
+LAUNCHERS = {
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                 "-m", "duodiff.cli", "train"],
+    "nproc_flag": [sys.executable, "-m", "duodiff.cli", "train", "--nproc-per-node", "2"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_ddp_two_processes_match_one_process(config, tmp_path, launcher):
     settings = ["--n-steps", "6", "--batch-size", "8", "--lr", "1e-3", "--warmup-steps", "2", "--ema-decay", "0.9",
                 "--save-every-n-steps", "6", "--log-every-n-steps", "3", "--seed", "5", "--device", "cpu"]  # fmt: skip
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "duodiff.cli", "train", "--config-path", str(config), "--log-path", str(tmp_path / "ddp")]  # fmt: skip
+    command = LAUNCHERS[launcher] + ["--config-path", str(config), "--log-path", str(tmp_path / "ddp")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command + settings, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -280,6 +289,24 @@ def test_ddp_two_processes_match_one_process(config, tmp_path):
         assert torch.allclose(ddp["ema_state_dict"][key], one["ema_state_dict"][key], atol=1e-5, rtol=1e-4), key
     losses = [float(r["loss"]) for r in read_csv(tmp_path / "ddp" / "loss.csv")]
     assert losses == pytest.approx([float(r["loss"]) for r in read_csv(tmp_path / "one" / "loss.csv")], rel=1e-4)
+
+
+def test_nproc_flag_checks_before_launching(config, tmp_path, capsys):
+    base = ["train", "--config-path", str(config), "--log-path", str(tmp_path / "run"), "--device", "cpu"]
+    # Refused in this process, before torchrun would start two ranks that each fail.
+    assert cli.main(base + ["--nproc-per-node", "2", "--batch-size", "7"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--batch-size 7 must be divisible by the number of processes (2)" in err
+    assert cli.main(base + ["--nproc-per-node", "-1"]) == 2
+    assert "--nproc-per-node must be an integer >= 0; got -1" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_nproc_flag_must_agree_with_torchrun(config, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # already a torchrun rank
+    base = ["train", "--config-path", str(config), "--log-path", str(tmp_path / "run"), "--device", "cpu"]
+    assert cli.main(base + ["--nproc-per-node", "4"]) == 2
+    assert "--nproc-per-node 4 contradicts the 2 processes torchrun started" in capsys.readouterr().err
 
 
 def test_uneven_split_across_ranks_is_refused(config, tmp_path, monkeypatch):

@@ -122,6 +122,8 @@ def dry_runs(tmp_path_factory):
     runs = {config: ("--configfile", config, "-n") for config in SHIPPED_CONFIGS}
     runs["target"] = ("--configfile", "config/config.yaml", "-n", "results/tables/fid.csv")
     runs["tiny_commands"] = ("--configfile", TINY, "-n", "-p")
+    # What profiles/slurm's `set-resources: {train_full: {gpu: 2}}` does to the training commands.
+    runs["tiny_two_gpus"] = ("--configfile", TINY, "-n", "-p", "--set-resources", "train_full:gpu=2")
     runs["profile_slurm"] = ("--profile", "profiles/slurm", "--configfile", "config/config.yaml", "-n")
     with ThreadPoolExecutor(max_workers=3) as pool:
         results = dict(zip(runs, pool.map(lambda args: snakemake(workdir, *args), runs.values())))
@@ -187,6 +189,19 @@ def planned_commands(output: str) -> list:
                 flags[key] = word if flags[key] is True else f"{flags[key]} {word}"
         commands.append((words[1], flags))
     return commands
+
+
+def test_training_gets_one_process_per_gpu_of_its_job(dry_runs):
+    _, results = dry_runs
+    for run, full_processes in (("tiny_commands", "0"), ("tiny_two_gpus", "2")):
+        result = results[run]
+        assert result.returncode == 0, result.stderr
+        train = [flags for name, flags in planned_commands(result.stdout) if name == "train"]
+        jobs = expected_jobs(load(TINY))
+        assert len(train) == jobs["train_full"] + jobs["train_shallow"] + jobs["train_early_exit"]
+        for flags in train:
+            expected = full_processes if flags["--log-path"].endswith("models/full") else "0"
+            assert flags["--nproc-per-node"] == expected, flags["--log-path"]
 
 
 def test_every_setting_reaches_its_command(dry_runs):

@@ -653,6 +653,8 @@ def add_cli(subparsers) -> None:
     add_flag(p, "--save-every-n-steps", type=int, default=5000)
     add_flag(p, "--num-workers", type=int, default=0)
     add_flag(p, "--device", default=None, help="cpu | cuda (default: cuda when available)")
+    add_flag(p, "--nproc-per-node", type=int, default=1, help="training processes on this node, one per GPU "
+             "with --device cuda (DDP under torchrun; --batch-size stays the global batch); 0 or 1: one process")
     add_flag(p, "--classifier-type", default=None, help="early exit: attention_probe | mlp_probe_per_layer | "
              "mlp_probe_per_timestep | mlp_probe_per_layer_per_timestep")
     add_flag(p, "--load-backbone", default=None, help="early exit: a trained U-ViT model.pt for the backbone")
@@ -663,6 +665,37 @@ def add_cli(subparsers) -> None:
 
 def _cli(args) -> None:
     kwargs = {k: v for k, v in vars(args).items() if k not in ("command", "func")}
+    nproc = kwargs.pop("nproc_per_node")
+    _int("--nproc-per-node", nproc, 0)
+    world_size = distributed.from_env().world_size
+    if nproc > 1 and world_size == 1:
+        check_processes(kwargs, nproc)  # one clear line now, not one per rank after the launch
+        distributed.relaunch_under_torchrun(nproc, ["train", *_flags(kwargs)])  # does not return
+    require(
+        nproc <= 1 or nproc == world_size,
+        f"--nproc-per-node {nproc} contradicts the {world_size} processes torchrun started; give one or the other",
+    )
     summary = run_train(**kwargs)
     if distributed.from_env().is_main:
         print(f"trained {summary['step']} steps -> {summary['model']}")
+
+
+def check_processes(kwargs: dict, nproc: int) -> None:
+    """What must hold before N training processes start: the usual arguments, and one GPU each."""
+    validate(dict(kwargs), nproc)
+    device = kwargs["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda":
+        available = torch.cuda.device_count()
+        require(nproc <= available, f"--nproc-per-node {nproc} needs {nproc} GPUs, but {available} are visible")
+
+
+def _flags(kwargs: dict) -> list[str]:
+    """The parsed arguments written back as `duodiff train` flags, for the torchrun ranks."""
+    flags = []
+    for key, value in kwargs.items():
+        if value is None or value is False:
+            continue
+        flags.append(f"--{key.replace('_', '-')}")
+        if value is not True:
+            flags.append(str(value))  # str(float) round-trips exactly
+    return flags

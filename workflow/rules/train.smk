@@ -6,6 +6,10 @@
 # checkpoint.pt lets the rerun (rerun-incomplete, a slurm retry after a time limit) resume instead
 # of starting over.
 #
+# GPUs: `--nproc-per-node {resources.gpu}` starts one DDP process per GPU the job was given (0 or 1:
+# a single process), at the same global batch. It is a resource, not a param, so moving a run to
+# more GPUs does not count as a changed setting that retrains it.
+#
 # The full model is on the critical path (every early-exit model and most sample sets wait for
 # it), so it and the early-exit trainings start first when cores are scarce.
 
@@ -26,11 +30,12 @@ rule train_full:
     threads: config["threads"]["train"]
     priority: 10
     resources:
+        gpu=0,  # the Slurm profile's set-resources raises it; one training process per GPU
         **resources("train"),
     conda:
         ENV
     shell:
-        "duodiff train --model uvit --config-path {input.model_config} --log-path {params.folder} "
+        "duodiff train --nproc-per-node {resources.gpu} --model uvit --config-path {input.model_config} --log-path {params.folder} "
         "{params.flags} > {log} 2>&1"
 
 
@@ -49,11 +54,12 @@ rule train_shallow:
         "results/benchmarks/train_shallow/{experiment}/shallow_d{depth}.tsv"
     threads: config["threads"]["train"]
     resources:
+        gpu=0,  # the Slurm profile's set-resources raises it; one training process per GPU
         **resources("train"),
     conda:
         ENV
     shell:
-        "duodiff train --model uvit --config-path {input.model_config} --log-path {params.folder} "
+        "duodiff train --nproc-per-node {resources.gpu} --model uvit --config-path {input.model_config} --log-path {params.folder} "
         "{params.flags} > {log} 2>&1"
 
 
@@ -74,10 +80,11 @@ rule train_early_exit:
     threads: config["threads"]["train"]
     priority: 5
     resources:
+        gpu=0,  # the Slurm profile's set-resources raises it; one training process per GPU
         **resources("train"),
     conda:
         ENV
     shell:
-        "duodiff train --model early_exit --classifier-type {wildcards.classifier_type} "
+        "duodiff train --nproc-per-node {resources.gpu} --model early_exit --classifier-type {wildcards.classifier_type} "
         "--load-backbone {input.backbone} --config-path {input.model_config} --log-path {params.folder} "
         "{params.flags} > {log} 2>&1"
