@@ -313,3 +313,63 @@ def test_fid_grows_as_images_are_perturbed(tmp_path, monkeypatch, fake_network):
         scores.append(fid.run_fid(folder, tmp_path / "ref", folder / "fid.json", device="cpu")["fid"])
     assert scores[0] == pytest.approx(0, abs=1e-6)
     assert scores == sorted(scores) and scores[1] > 1e-4
+
+
+def test_a_killed_scoring_job_resumes_from_its_finished_chunks(tmp_path, monkeypatch, fake_network):
+    monkeypatch.setattr(duodiff.data, "load_dataset", lambda name, **kw: FakeData(10, seed=6))
+    fid.run_reference("cifar10", 10, tmp_path / "ref", batch_size=3, chunk_size=4)
+    assert not (tmp_path / "ref" / fid.REFERENCE_CACHE).exists()  # removed with the output written
+    make_samples(tmp_path / "s", 10, seed=7)
+    whole = fid.run_fid(tmp_path / "s", tmp_path / "ref", tmp_path / "whole.json", batch_size=3, chunk_size=4)
+
+    # The feature network's calls, by chunk; `die_after` chunks, the job is killed (as by SIGTERM).
+    calls, die_after, real = [], [2], fid.image_features
+
+    def recording(files, *args, **kwargs):
+        if len(calls) == die_after[0]:
+            raise KeyboardInterrupt
+        calls.append([f.name for f in files])
+        return real(files, *args, **kwargs)
+
+    monkeypatch.setattr(fid, "image_features", recording)
+    output = tmp_path / "metrics" / "fid.json"
+    with pytest.raises(KeyboardInterrupt):
+        fid.run_fid(tmp_path / "s", tmp_path / "ref", output, batch_size=3, chunk_size=4)
+    names = [f"{i:06d}.png" for i in range(10)]
+    assert calls == [names[0:4], names[4:8]] and not output.exists()
+    assert len(list((tmp_path / "metrics" / fid.FID_CACHE).glob("*.npy"))) == 2
+
+    calls.clear()
+    die_after[0] = None
+    resumed = fid.run_fid(tmp_path / "s", tmp_path / "ref", output, batch_size=3, chunk_size=4)
+    assert calls == [names[8:10]]  # only the chunk the killed job had not finished
+    assert (resumed["fid"], resumed["kid"]) == (whole["fid"], whole["kid"])
+    assert not (tmp_path / "metrics" / fid.FID_CACHE).exists()
+
+
+def test_a_regenerated_image_never_reuses_old_features(tmp_path, monkeypatch, fake_network):
+    monkeypatch.setattr(duodiff.data, "load_dataset", lambda name, **kw: FakeData(6, seed=8))
+    fid.run_reference("cifar10", 6, tmp_path / "ref", chunk_size=3)
+    make_samples(tmp_path / "s", 6, seed=9)
+    output = tmp_path / "metrics" / "fid.json"
+    real = fid.image_features
+
+    def killed_after_first_chunk(files, *args, **kwargs):
+        monkeypatch.setattr(fid, "image_features", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        return real(files, *args, **kwargs)
+
+    monkeypatch.setattr(fid, "image_features", killed_after_first_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        fid.run_fid(tmp_path / "s", tmp_path / "ref", output, chunk_size=3)
+    monkeypatch.setattr(fid, "image_features", real)
+    # The set is regenerated (other settings) before the rerun: image 1 of the finished chunk changes.
+    make_samples(tmp_path / "t", 6, seed=10)
+    (tmp_path / "t" / "images" / "000001.png").replace(tmp_path / "s" / "images" / "000001.png")
+    resumed = fid.run_fid(tmp_path / "s", tmp_path / "ref", output, chunk_size=3)
+    fresh = fid.run_fid(tmp_path / "s", tmp_path / "ref", tmp_path / "fresh.json", chunk_size=1000)
+    assert resumed["fid"] == pytest.approx(fresh["fid"], rel=1e-12)
+
+
+def test_chunk_size_must_be_positive(tmp_path, fake_network):
+    with pytest.raises(DuodiffError, match="--chunk-size must be a positive number; got 0"):
+        fid.run_fid(tmp_path / "s", tmp_path / "ref", tmp_path / "fid.json", chunk_size=0)

@@ -41,9 +41,14 @@ import torch
 
 from duodiff.errors import DuodiffError, check_choice, check_positive, require
 from duodiff.io import atomic_path, read_json, write_json
+from duodiff.metrics.feature_cache import cached_features, remove_cache
 
 FEATURE_NETWORKS = ("auto", "clean-fid", "fid-helper")
 FEATURE_DIM = 2048
+# Where a job keeps the feature chunks it has finished until its output is written
+# (feature_cache.py): inside the reference folder, beside a set's fid.json.
+REFERENCE_CACHE = ".features-cache"
+FID_CACHE = ".fid-features-cache"
 MODE = "clean"
 # clean-fid keeps its Inception file here (cleanfid.features.feature_extractor: "./" on Windows).
 CLEANFID_DIR = "./" if platform.system() == "Windows" else "/tmp"
@@ -206,6 +211,7 @@ def run_reference(
     device: str | None = None,
     num_workers: int = 0,
     feature_network: str = "auto",
+    chunk_size: int = 1000,
 ) -> dict:
     """The first n_reference training images -> DIR/images/*.png, DIR/features.npz, DIR/reference.json."""
     from duodiff import data
@@ -218,6 +224,7 @@ def run_reference(
         f"--n-reference must be an integer >= 2 (a covariance needs two images); got {n_reference!r}",
     )
     check_positive("--batch-size", batch_size)
+    check_positive("--chunk-size", chunk_size)
     require(isinstance(num_workers, int) and num_workers >= 0, f"--num-workers must be >= 0; got {num_workers!r}")
     check_choice("--feature-network", feature_network, FEATURE_NETWORKS)
     device = device or default_device()
@@ -256,7 +263,12 @@ def run_reference(
             shutil.rmtree(tmp_images)
 
     files = image_files(final_images)
-    features = image_features(files, fn, batch_size, device, num_workers, description="reference features")
+    cache = output_folder / REFERENCE_CACHE
+    features = cached_features(
+        files,
+        lambda chunk, label: image_features(chunk, fn, batch_size, device, num_workers, description=label),
+        cache, info["feature_network_sha256"], chunk_size, description="reference features",
+    )  # fmt: skip
     mu = np.mean(features, axis=0, dtype=np.float64)
     sigma = np.cov(features, rowvar=False)
     sigma_sqrt = psd_sqrt(sigma)  # once per dataset; every `duodiff fid` reuses it
@@ -276,6 +288,7 @@ def run_reference(
         "feature_dim": int(features.shape[1]),
     }
     write_json(output_folder / "reference.json", meta)
+    remove_cache(cache)
     return meta
 
 
@@ -347,10 +360,12 @@ def run_fid(
     kid_subsets: int = 100,
     kid_subset_size: int = 1000,
     seed: int = 0,
+    chunk_size: int = 1000,
 ) -> dict:
     """FID and KID of DIR/images/*.png against a reference folder -> FILE.json."""
     check_positive("--batch-size", batch_size)
     check_positive("--kid-subsets", kid_subsets)
+    check_positive("--chunk-size", chunk_size)
     require(isinstance(kid_subset_size, int) and kid_subset_size >= 2, f"--kid-subset-size must be >= 2; got {kid_subset_size!r}")
     require(isinstance(num_workers, int) and num_workers >= 0, f"--num-workers must be >= 0; got {num_workers!r}")
     samples = Path(samples)
@@ -377,7 +392,12 @@ def run_fid(
 
     # Statistics in float64 (clean-fid leaves float32 features in float32 for the mean and for
     # KID's kernel sums, which cancel to a small number: ~1e-4 relative error there).
-    features = image_features(files, fn, batch_size, device, num_workers, description=f"FID {samples.name}")
+    cache = Path(output).parent / FID_CACHE
+    features = cached_features(
+        files,
+        lambda chunk, label: image_features(chunk, fn, batch_size, device, num_workers, description=label),
+        cache, info["feature_network_sha256"], chunk_size, description=f"FID {samples.name}",
+    )  # fmt: skip
     features, ref_features = features.astype(np.float64), ref_features.astype(np.float64)
     ref_mu, ref_sigma = np.mean(ref_features, axis=0), np.cov(ref_features, rowvar=False)
     fid = frechet_distance(features, ref_mu, ref_sigma, load_reference_sigma_sqrt(reference, ref_sigma))
@@ -399,11 +419,15 @@ def run_fid(
         "reference": str(reference),
     }
     write_json(output, result)
+    remove_cache(cache)
     return result
 
 
 # ---------------------------------------------------------------------------------------------
 # CLI
+
+
+CHUNK_HELP = "images per kept feature chunk: a killed job's rerun recomputes only the unfinished chunks"
 
 
 def add_cli(subparsers):
@@ -420,10 +444,11 @@ def add_cli(subparsers):
     add_flag(p, "--device", default=None, help="cpu or cuda (default: cuda when available)")
     add_flag(p, "--num-workers", type=int, default=0, help="DataLoader workers for decoding and resizing")
     add_flag(p, "--feature-network", default="auto", help="auto | clean-fid | fid-helper (auto: clean-fid's file if present)")
+    add_flag(p, "--chunk-size", type=int, default=1000, help=CHUNK_HELP)
     p.set_defaults(func=lambda a: run_reference(
         dataset=a.dataset, n_reference=a.n_reference, output_folder=a.output_folder, data_root=a.data_root,
         download=a.download, image_size=a.image_size, batch_size=a.batch_size, device=a.device,
-        num_workers=a.num_workers, feature_network=a.feature_network,
+        num_workers=a.num_workers, feature_network=a.feature_network, chunk_size=a.chunk_size,
     ))  # fmt: skip
 
     p = subparsers.add_parser("fid", help="FID and KID (clean-fid) of a sample folder against a reference")
@@ -436,7 +461,9 @@ def add_cli(subparsers):
     add_flag(p, "--kid-subsets", type=int, default=100)
     add_flag(p, "--kid-subset-size", type=int, default=1000)
     add_flag(p, "--seed", type=int, default=0, help="seed of the KID subsets")
+    add_flag(p, "--chunk-size", type=int, default=1000, help=CHUNK_HELP)
     p.set_defaults(func=lambda a: run_fid(
         samples=a.samples, reference=a.reference, output=a.output, batch_size=a.batch_size, device=a.device,
         num_workers=a.num_workers, kid_subsets=a.kid_subsets, kid_subset_size=a.kid_subset_size, seed=a.seed,
+        chunk_size=a.chunk_size,
     ))  # fmt: skip
