@@ -175,3 +175,34 @@ def test_bad_input(tmp_path):
     with pytest.raises(DuodiffError, match="--max-count"):
         cmmd.run_cmmd(tmp_path / "s", tmp_path / "s", tmp_path / "o.json", max_count=-3)
     assert not (tmp_path / "o.json").exists()
+
+
+def test_a_killed_cmmd_job_resumes_from_its_finished_chunks(tmp_path, monkeypatch):
+    colours = [(255, 0, 0), (250, 10, 0), (0, 255, 0), (0, 0, 255), (9, 9, 9)]
+    write_pngs(tmp_path / "s" / "images", colours)
+    write_pngs(tmp_path / "r" / "images", colours[::-1][:4])
+    calls, die_after = [], [None]
+
+    def recording_embedder(paths, batch_size=32):
+        if len(calls) == die_after[0]:
+            raise KeyboardInterrupt  # as SIGTERM in the middle of the job
+        calls.append([p.name for p in paths])
+        return fake_embedder(paths, batch_size)
+
+    monkeypatch.setattr(cmmd, "clip_embedder", lambda *a, **k: (recording_embedder, "fake mean-RGB"))
+    whole = cmmd.run_cmmd(tmp_path / "s", tmp_path / "r", tmp_path / "whole.json", chunk_size=2)
+    assert len(calls) == 3 + 2  # samples in chunks of 2, 2, 1; reference in 2, 2
+
+    calls.clear()
+    die_after[0] = 3
+    output = tmp_path / "metrics" / "cmmd.json"
+    with pytest.raises(KeyboardInterrupt):
+        cmmd.run_cmmd(tmp_path / "s", tmp_path / "r", output, chunk_size=2)
+    assert not output.exists() and len(list((tmp_path / "metrics" / cmmd.CMMD_CACHE).glob("*.npy"))) == 3
+    calls.clear()
+    die_after[0] = None
+    resumed = cmmd.run_cmmd(tmp_path / "s", tmp_path / "r", output, chunk_size=2)
+    names = [p.name for p in sorted((tmp_path / "r" / "images").iterdir())]
+    assert calls == [names[0:2], names[2:4]]  # the sample chunks were kept; only the reference is left
+    assert resumed["cmmd"] == whole["cmmd"]
+    assert not (tmp_path / "metrics" / cmmd.CMMD_CACHE).exists()

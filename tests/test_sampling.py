@@ -92,7 +92,8 @@ def test_each_method_writes_a_complete_set(ckpt, tmp_path, method):
     exit_layers = torch.load(out / "exit_layers.pt")
     assert exit_layers.shape == (STEPS, 10) and exit_layers.dtype == torch.long
     assert stats["method"] == method and stats["n_samples"] == 10 and stats["steps"] == STEPS
-    assert stats["images_per_s"] == pytest.approx(10 / stats["wall_time_s"])
+    timed = stats["wall_time_s"] if stats["timing_clock"] == "wall" else stats["cpu_time_s"]
+    assert stats["images_per_s"] == pytest.approx(10 / timed)
     assert stats["mean_exit_layer_per_step"] == pytest.approx(exit_layers.float().mean(1).tolist())
     full_depth = {"shallow": 1}.get(method, 3)
     expected = {
@@ -109,6 +110,24 @@ def test_each_method_writes_a_complete_set(ckpt, tmp_path, method):
         assert stats["classifier_type"] == "mlp_probe_per_layer"
         assert ((exit_layers >= 0) & (exit_layers <= 3)).all()
     assert (out / "stats.json").is_file()
+
+
+@pytest.mark.parametrize("threads, clock", [(1, "cpu"), (2, "wall")])
+def test_throughput_clock_follows_the_thread_count(ckpt, tmp_path, threads, clock):
+    # The pipeline's sampling jobs run with one thread, side by side: their throughput is taken
+    # from the process's CPU time, which another job on the other core cannot inflate.
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        stats = sample(ckpt, tmp_path / "set")
+    finally:
+        torch.set_num_threads(before)
+    parts = [torch.load(p, weights_only=False) for p in sorted((tmp_path / "set" / "parts").iterdir())]
+    assert [part["timing_clock"] for part in parts] == [clock] * 3
+    key = {"cpu": "cpu_time_s", "wall": "wall_time_s"}[clock]
+    assert stats["timing_clock"] == clock
+    assert stats["images_per_s"] == pytest.approx(10 / sum(part[key] for part in parts))
+    assert stats["wall_time_s"] == pytest.approx(sum(part["wall_time_s"] for part in parts))
 
 
 def test_duodiff_edge_cases_reproduce_single_model_sets(ckpt, tmp_path):

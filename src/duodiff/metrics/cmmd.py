@@ -30,12 +30,14 @@ import torch
 
 from duodiff.errors import check_positive, require
 from duodiff.io import write_json
+from duodiff.metrics.feature_cache import cached_features, remove_cache
 
 CLIP_MODEL = "ViT-L-14-336"
 CLIP_PRETRAINED = "openai"
 # The reference implementation's _SIGMA and _SCALE.
 SIGMA = 10.0
 SCALE = 1000.0
+CMMD_CACHE = ".cmmd-embeddings-cache"  # beside cmmd.json until it is written
 # Seconds to wait for the Hugging Face Hub before calling CMMD unavailable.
 HUB_TIMEOUT_S = 5.0
 
@@ -186,11 +188,13 @@ def run_cmmd(
     device: str | None = None,
     sigma: float = SIGMA,
     scale: float = SCALE,
+    chunk_size: int = 1000,
 ) -> dict:
     """CMMD of DIR/images against REFDIR/images -> FILE.json (cmmd null + reason when CLIP is unavailable)."""
     check_positive("--batch-size", batch_size)
     require(max_count is None or (isinstance(max_count, int) and max_count > 0), f"--max-count must be a positive integer; got {max_count!r}")
     check_positive("--sigma", sigma)
+    check_positive("--chunk-size", chunk_size)
     samples, reference = Path(samples), Path(reference)
     for flag, folder in (("--samples", samples), ("--reference", reference)):
         require((folder / "images").is_dir(), f"{flag} {folder}: no images/ folder there")
@@ -216,12 +220,21 @@ def run_cmmd(
         result["reason"] = str(error)
         print(f"duodiff cmmd: CMMD unavailable: {error}")
     else:
-        result["cmmd"] = compute_cmmd(
-            x_files, y_files, functools.partial(embed, batch_size=batch_size), sigma=sigma, scale=scale
-        )
+        # Embeddings kept by chunk (feature_cache.py), so a killed job's rerun embeds only the rest.
+        cache = Path(output).parent / CMMD_CACHE
+
+        def cached_embed(paths):
+            def compute(chunk, label):
+                return embed(chunk, batch_size=batch_size).numpy()
+
+            return torch.from_numpy(cached_features(paths, compute, cache, description, chunk_size, "CLIP embeddings"))
+
+        result["cmmd"] = compute_cmmd(x_files, y_files, cached_embed, sigma=sigma, scale=scale)
         result["available"] = True
         result["embedding_model"] = description
     write_json(output, result)
+    if result["available"]:
+        remove_cache(cache)
     return result
 
 
@@ -236,7 +249,9 @@ def add_cli(subparsers):
     add_flag(p, "--max-count", "--cmmd_max_count", "--cmmd-max-count", type=int, default=None,
              help="use only the first N images (sorted) of each folder")  # fmt: skip
     add_flag(p, "--device", default=None, help="cpu or cuda (default: cuda when available)")
+    add_flag(p, "--chunk-size", type=int, default=1000,
+             help="images per kept embedding chunk: a killed job's rerun embeds only the unfinished chunks")
     p.set_defaults(func=lambda a: run_cmmd(
         samples=a.samples, reference=a.reference, output=a.output, batch_size=a.batch_size,
-        max_count=a.max_count, device=a.device,
+        max_count=a.max_count, device=a.device, chunk_size=a.chunk_size,
     ))  # fmt: skip
