@@ -333,8 +333,8 @@ def _notes(frame: pd.DataFrame, footnotes: dict[str, int]) -> list[str]:
                  f"samples, as a fraction of the full model's {full['depth']} (1 = full model).")
 
     devices = frame[["device", "torch_version", "batch_size", "timing_clock"]].drop_duplicates()
-    clocks = {"cpu": "timed by the CPU time of the single-threaded sampling process, which jobs running side "
-                     "by side do not inflate", "wall": "timed by the wall clock"}
+    clocks = {"cpu": "timed by the CPU time of the single-threaded sampling process, which other jobs running side "
+                     "by side do not slow down", "wall": "timed by the wall clock"}
     measured = ", ".join(f"{r.device} (torch {r.torch_version}, batch size {r.batch_size}, {clocks[r.timing_clock]})"
                          for r in devices.itertuples())
     notes.append(f"Images/s: measured sampling throughput on {measured}. Speed-up (measured) = images/s ÷ the "
