@@ -34,6 +34,11 @@ BAD_INPUTS = [
         ["cifar10", "{tmp}/none", "--download"],
     ),
     ("train --model uvit --config-path {cfg} --log-path {out} --dataset cifar10 --data-root {tmp}", ["cifar10", "3 channel", "in_chans 1"]),
+    (
+        "train --model uvit --config-path {cfg} --log-path {out} --device cpu --nproc-per-node 2 --batch-size 7",
+        ["--batch-size 7", "divisible by the number of processes (2)"],
+    ),
+    ("train --model uvit --config-path {cfg} --log-path {out} --nproc-per-node -1", ["--nproc-per-node", ">= 0", "-1"]),
     ("sample --checkpoint-path {full} --method fast " + SAMPLE + " --output-folder {out}", ["--method", "'fast'", "duodiff"]),
     ("sample --checkpoint-path {ee} --method early_exit --threshold 1.5 " + SAMPLE + " --output-folder {out}", ["--threshold", "[0, 1]", "1.5"]),
     (
@@ -46,6 +51,8 @@ BAD_INPUTS = [
     ("sample --checkpoint-path {foreign} --method full " + SAMPLE + " --output-folder {out}", ["foreign.pt", "duodiff-model"]),
     ("reference --dataset digits --n-reference 5000 --output-folder {out}", ["--n-reference 5000", "1797"]),
     ("fid --samples {tmp}/none --reference {tmp}/none --output {out}/fid.json", ["{tmp}/none", "PNG"]),
+    ("fid --samples {tmp}/none --reference {tmp}/none --output {out}/fid.json --chunk-size 0", ["--chunk-size", "positive", "0"]),
+    ("cmmd --samples {tmp}/none --reference {tmp}/none --output {out}/cmmd.json --chunk-size 0", ["--chunk-size", "positive", "0"]),
     ("flops --samples {tmp}/none --output {out}/gflops.json", ["{tmp}/none", "stats.json"]),
 ]
 
