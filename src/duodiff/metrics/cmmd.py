@@ -214,27 +214,23 @@ def run_cmmd(
         "scale": scale,
         "estimator": "biased MMD^2 (V-statistic), as google-research/cmmd",
     }
+    # Embeddings kept by chunk (feature_cache.py), so a killed job's rerun embeds only the rest.
+    cache = Path(output).parent / CMMD_CACHE
     try:
         embed, description = clip_embedder(CLIP_MODEL, CLIP_PRETRAINED, device)
     except EmbeddingUnavailable as error:
         result["reason"] = str(error)
         print(f"duodiff cmmd: CMMD unavailable: {error}")
     else:
-        # Embeddings kept by chunk (feature_cache.py), so a killed job's rerun embeds only the rest.
-        cache = Path(output).parent / CMMD_CACHE
-
         def cached_embed(paths):
-            def compute(chunk, label):
-                return embed(chunk, batch_size=batch_size).numpy()
-
+            compute = lambda chunk, label: embed(chunk, batch_size=batch_size).numpy()  # noqa: E731
             return torch.from_numpy(cached_features(paths, compute, cache, description, chunk_size, "CLIP embeddings"))
 
         result["cmmd"] = compute_cmmd(x_files, y_files, cached_embed, sigma=sigma, scale=scale)
         result["available"] = True
         result["embedding_model"] = description
     write_json(output, result)
-    if result["available"]:
-        remove_cache(cache)
+    remove_cache(cache)
     return result
 
 

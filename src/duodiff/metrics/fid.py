@@ -165,6 +165,16 @@ def image_features(files, fn, batch_size=50, device="cpu", num_workers=0, descri
     )
 
 
+def cached_image_features(files, fn, info, cache, chunk_size, batch_size, device, num_workers, description) -> np.ndarray:
+    """image_features, chunk by chunk through the cache folder (feature_cache.py), keyed by the
+    network's sha256: the chunks a killed job finished are not computed again."""
+    return cached_features(
+        files,
+        lambda chunk, label: image_features(chunk, fn, batch_size, device, num_workers, description=label),
+        cache, info["feature_network_sha256"], chunk_size, description,
+    )  # fmt: skip
+
+
 def kid_with_std(ref_features, features, num_subsets=100, max_subset_size=1000, seed=0):
     """clean-fid's KID and the standard deviation over its subsets.
 
@@ -264,11 +274,7 @@ def run_reference(
 
     files = image_files(final_images)
     cache = output_folder / REFERENCE_CACHE
-    features = cached_features(
-        files,
-        lambda chunk, label: image_features(chunk, fn, batch_size, device, num_workers, description=label),
-        cache, info["feature_network_sha256"], chunk_size, description="reference features",
-    )  # fmt: skip
+    features = cached_image_features(files, fn, info, cache, chunk_size, batch_size, device, num_workers, "reference features")
     mu = np.mean(features, axis=0, dtype=np.float64)
     sigma = np.cov(features, rowvar=False)
     sigma_sqrt = psd_sqrt(sigma)  # once per dataset; every `duodiff fid` reuses it
@@ -393,11 +399,7 @@ def run_fid(
     # Statistics in float64 (clean-fid leaves float32 features in float32 for the mean and for
     # KID's kernel sums, which cancel to a small number: ~1e-4 relative error there).
     cache = Path(output).parent / FID_CACHE
-    features = cached_features(
-        files,
-        lambda chunk, label: image_features(chunk, fn, batch_size, device, num_workers, description=label),
-        cache, info["feature_network_sha256"], chunk_size, description=f"FID {samples.name}",
-    )  # fmt: skip
+    features = cached_image_features(files, fn, info, cache, chunk_size, batch_size, device, num_workers, f"FID {samples.name}")
     features, ref_features = features.astype(np.float64), ref_features.astype(np.float64)
     ref_mu, ref_sigma = np.mean(ref_features, axis=0), np.cov(ref_features, rowvar=False)
     fid = frechet_distance(features, ref_mu, ref_sigma, load_reference_sigma_sqrt(reference, ref_sigma))
