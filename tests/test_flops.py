@@ -1,6 +1,7 @@
 """FLOP counting against closed-form counts, the exit LUT, and per-sample-set averaging."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import torch
 from duodiff.checkpoints import save_model
 from duodiff.errors import DuodiffError
 from duodiff.metrics import flops
-from duodiff.models import build_model
+from duodiff.models import build_model, load_model_config
 
 # A small class-conditional U-ViT with a time-embedding MLP, so every kind of layer is counted.
 IMG, P, C, D, DEPTH, HEADS, RATIO, CLASSES, HIDDEN = 8, 2, 3, 32, 5, 4, 2.0, 3, 16
@@ -131,6 +132,32 @@ def test_duodiff_set_average_by_hand():
     assert out["layer_ratio"] == pytest.approx((2 * 3 + 3 * DEPTH) / 5 / DEPTH)
     with pytest.raises(DuodiffError, match="t_switch"):
         flops.set_costs("duodiff", exit_layers, shallow, full, 3)  # exit_layers say 2
+
+
+def test_cifar10_uvit_s2_matches_the_papers_and_a_hand_count():
+    """The shipped U-ViT-S/2 CIFAR-10 config: 32x32x3, patch 2, D 512, 13 blocks, mlp_ratio 4,
+    unconditional, no time MLP, final 3x3 conv."""
+    cfg = load_model_config(Path(__file__).resolve().parents[1] / "config" / "models" / "cifar10.yaml")
+    assert (cfg["num_classes"], cfg["mlp_time_embed"], cfg["conv"], cfg["depth"]) == (0, False, True, 13)
+    cost = flops.network_cost(flops.model_costs("uvit", cfg, 1000))
+    # The DeeDiff / DuoDiff cost tables quote 22.6-22.75 GFLOPs (linear and conv layers) for
+    # U-ViT-S/2 on CIFAR-10; 22.75 includes their MLP probes.
+    assert 22.6e9 <= cost["linear_conv"] <= 22.7e9, cost
+
+    # By hand, 2 FLOPs per multiply-add. 256 patches + 1 time token (the sinusoidal embedding
+    # is no matmul without the time MLP; no class token).
+    d, p, c, img, depth = 512, 2, 3, 32, 13
+    patches = (img // p) ** 2
+    n = patches + 1
+    patch_conv = 2 * (c * p * p) * d * patches
+    block = 2 * n * d * 3 * d + 2 * n * d * d + 2 * n * d * 4 * d * 2  # qkv (no bias), proj, fc1 + fc2
+    skip = 2 * n * 2 * d * d  # the 6 out-blocks' Linear(2D, D)
+    decoder = 2 * n * d * p * p * c  # every token, before the time token is dropped
+    final_conv = 2 * (c * 9) * c * img * img
+    by_hand = patch_conv + depth * block + (depth // 2) * skip + decoder + final_conv
+    assert by_hand == 22_643_128_320
+    assert cost["linear_conv"] == by_hand
+    assert cost["total"] - cost["linear_conv"] == depth * 4 * n * n * d  # QK^T and AV, 2 N^2 D each
 
 
 def write_set(folder, stats, exit_layers):

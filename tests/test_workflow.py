@@ -32,7 +32,7 @@ SHIPPED_CONFIGS = ["config/config.yaml", "config/cifar10.yaml", "config/celeba64
 TINY = "tests/configs/tiny.yaml"
 PLOTS = ["quality_vs_gflops", "quality_vs_time", "exit_heatmap", "fid_vs_tswitch", "training_curves", "sample_grids"]
 GPU_RULES = ["reference", "train_full", "train_shallow", "train_early_exit", "sample_full", "sample_shallow",
-             "sample_early_exit", "sample_duodiff", "fid", "cmmd"]  # fmt: skip
+             "sample_early_exit", "sample_duodiff", "fid", "cmmd_reference", "cmmd"]  # fmt: skip
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
@@ -95,6 +95,7 @@ def expected_jobs(cfg: dict) -> dict:
     n_sets = 1 + n_shallow + n_classifiers * n_thresholds + n_shallow * n_t_switch
     return {
         "reference": 1,
+        "cmmd_reference": 1,
         "train_full": 1,
         "train_shallow": n_shallow,
         "train_early_exit": n_classifiers,
@@ -234,6 +235,14 @@ def test_every_setting_reaches_its_command(dry_runs):
     assert all(f["--checkpoint-path-late"] == "results/tiny/models/full/model.pt" for f in duodiff)
     early_sets = [f for f in samples if f["--method"] == "early_exit"]
     assert sorted(float(f["--threshold"]) for f in early_sets) == sorted(cfg["early_exit"]["thresholds"])
+    # CMMD: the reference is embedded by one job, with the same settings as every set's job.
+    (embed_reference,) = [flags for name, flags in commands if name == "cmmd-reference"]
+    cmmd = [flags for name, flags in commands if name == "cmmd"]
+    assert len(cmmd) == len(expected_sets(cfg))
+    for flags in [embed_reference, *cmmd]:
+        assert flags["--batch-size"] == str(cfg["metrics"]["cmmd"]["batch_size"]) and "--max-count" not in flags
+    assert embed_reference["--output"] == "results/tiny/reference/clip_embeddings.npz"
+    assert all(flags["--reference"] == embed_reference["--output"] for flags in cmmd)
     tables = next(flags for name, flags in commands if name == "tables")
     assert sorted(tables["--sets"].split()) == sorted(expected_sets(cfg))
 

@@ -21,6 +21,7 @@ COMMANDS = {
     "sample": "duodiff.sampling",
     "reference": "duodiff.metrics.fid",
     "fid": "duodiff.metrics.fid",
+    "cmmd-reference": "duodiff.metrics.cmmd",
     "cmmd": "duodiff.metrics.cmmd",
     "flops": "duodiff.metrics.flops",
     "tables": "duodiff.tables",

@@ -1,5 +1,5 @@
 # Scoring every sample set: FID and KID against the reference features, CMMD against the
-# reference images, and the GFLOPs the set's sampling cost (from its exit layers).
+# reference's CLIP embeddings, and the GFLOPs the set's sampling cost (from its exit layers).
 
 
 rule fid:
@@ -29,12 +29,11 @@ rule fid:
 rule cmmd:
     input:
         stats="results/{experiment}/samples/{set}/stats.json",
-        reference="results/{experiment}/reference/reference.json",
+        reference="results/{experiment}/reference/clip_embeddings.npz",
     output:
         "results/{experiment}/metrics/{set}/cmmd.json",
     params:
         samples=subpath(input.stats, parent=True),
-        reference=subpath(input.reference, parent=True),
         flags=cmmd_flags(),
     log:
         "results/logs/cmmd/{experiment}/{set}.log",
@@ -46,7 +45,7 @@ rule cmmd:
     conda:
         ENV
     shell:
-        "duodiff cmmd --samples {params.samples} --reference {params.reference} --output {output} "
+        "duodiff cmmd --samples {params.samples} --reference {input.reference} --output {output} "
         "{params.flags} > {log} 2>&1"
 
 

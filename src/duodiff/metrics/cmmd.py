@@ -16,20 +16,28 @@ The CLIP weights (1.7 GB) cannot be fetched on an offline machine. Then `duodiff
 {"cmmd": null, "available": false, "reason": ...} and exits 0, so the pipeline records CMMD as
 unavailable instead of failing; it decides that in seconds (cache lookup, then one short
 connection attempt) instead of waiting through the Hugging Face client's retries.
+
+The reference side is embedded once per dataset: `duodiff cmmd-reference` writes the real images'
+embeddings to an .npz (or, when CLIP is unavailable, the reason), and `duodiff cmmd --reference
+FILE.npz` embeds only the samples. With 50k reference images at 336x336 through ViT-L/14 that
+saves one full embedding pass per sample set. `--reference DIR` (images embedded on the spot)
+still works for a one-off comparison.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
+import numpy as np
 import torch
 
-from duodiff.errors import check_positive, require
-from duodiff.io import write_json
+from duodiff.errors import DuodiffError, check_positive, require
+from duodiff.io import atomic_path, write_json
 from duodiff.metrics.feature_cache import cached_features, remove_cache
 
 CLIP_MODEL = "ViT-L-14-336"
@@ -37,7 +45,9 @@ CLIP_PRETRAINED = "openai"
 # The reference implementation's _SIGMA and _SCALE.
 SIGMA = 10.0
 SCALE = 1000.0
-CMMD_CACHE = ".cmmd-embeddings-cache"  # beside cmmd.json until it is written
+# Embedding chunks are kept here, beside the output, until it is written (feature_cache.py).
+CMMD_CACHE = ".cmmd-embeddings-cache"
+REFERENCE_CACHE = ".cmmd-reference-cache"
 # Seconds to wait for the Hugging Face Hub before calling CMMD unavailable.
 HUB_TIMEOUT_S = 5.0
 
@@ -63,11 +73,6 @@ def mmd(x_emb: torch.Tensor, y_emb: torch.Tensor, sigma: float = SIGMA, scale: f
         return torch.exp(-gamma * sq).mean()
 
     return float(scale * (mean_kernel(x, x) + mean_kernel(y, y) - 2.0 * mean_kernel(x, y)))
-
-
-def compute_cmmd(x_images, y_images, embed_fn, sigma: float = SIGMA, scale: float = SCALE) -> float:
-    """CMMD between two image collections; embed_fn(images) -> (n, d) L2-normalised embeddings."""
-    return mmd(embed_fn(x_images), embed_fn(y_images), sigma=sigma, scale=scale)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,13 +175,96 @@ def clip_embedder(model_name: str = CLIP_MODEL, pretrained: str = CLIP_PRETRAINE
 
 
 # ---------------------------------------------------------------------------------------------
-# duodiff cmmd
+# duodiff cmmd-reference and duodiff cmmd
 
 
 def image_list(folder, max_count: int | None) -> list[Path]:
     """Sorted PNG/JPEG files of a folder, the first max_count of them (the reference's order)."""
     files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     return files[:max_count] if max_count else files
+
+
+def check_flags(batch_size, max_count, chunk_size) -> None:
+    check_positive("--batch-size", batch_size)
+    require(max_count is None or (isinstance(max_count, int) and max_count > 0), f"--max-count must be a positive integer; got {max_count!r}")
+    check_positive("--chunk-size", chunk_size)
+
+
+def folder_images(flag: str, folder: Path, max_count: int | None) -> list[Path]:
+    require((folder / "images").is_dir(), f"{flag} {folder}: no images/ folder there")
+    files = image_list(folder / "images", max_count)
+    require(len(files) > 0, f"{flag} {folder}: no PNG/JPEG images in {folder / 'images'}")
+    return files
+
+
+def load_embedder(device: str):
+    """-> (embed, model description, None), or (None, None, reason) when CLIP cannot be loaded."""
+    try:
+        embed, description = clip_embedder(CLIP_MODEL, CLIP_PRETRAINED, device)
+    except EmbeddingUnavailable as error:
+        print(f"duodiff: CMMD unavailable: {error}")
+        return None, None, str(error)
+    return embed, description, None
+
+
+def embed_files(files, embed, description: str, cache, batch_size: int, chunk_size: int) -> np.ndarray:
+    """(n, d) embeddings of image files, chunk by chunk through the cache (feature_cache.py),
+    keyed by the model's name: the chunks a killed job finished are not embedded again."""
+    compute = lambda chunk, label: embed(chunk, batch_size=batch_size).numpy()  # noqa: E731
+    return cached_features(files, compute, cache, description, chunk_size, "CLIP embeddings")
+
+
+def load_reference_embeddings(path) -> tuple[dict, np.ndarray]:
+    """-> (info, embeddings (n, d)) of an .npz written by `duodiff cmmd-reference`."""
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            info, embeddings = json.loads(str(stored["info"])), stored["embeddings"]
+    except (OSError, ValueError, KeyError) as error:
+        raise DuodiffError(f"--reference {path}: not an embeddings file of `duodiff cmmd-reference` ({error})") from None
+    if info.get("available"):
+        require(
+            embeddings.ndim == 2 and len(embeddings) == info.get("n_reference"),
+            f"--reference {path}: holds {tuple(embeddings.shape)} embeddings for n_reference={info.get('n_reference')}; rebuild it",
+        )
+    return info, embeddings
+
+
+def run_cmmd_reference(
+    reference,
+    output,
+    batch_size: int = 32,
+    max_count: int | None = None,
+    device: str | None = None,
+    chunk_size: int = 1000,
+) -> dict:
+    """CLIP embeddings of REFDIR/images, once per dataset -> FILE.npz (`embeddings`, and `info`:
+    a JSON string with available, reason, n_reference, max_count, embedding_model).
+    When CLIP is unavailable the file holds the reason and no embeddings, and the exit status is 0."""
+    check_flags(batch_size, max_count, chunk_size)
+    reference = Path(reference)
+    files = folder_images("--reference", reference, max_count)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    info = {
+        "available": False,
+        "reason": None,
+        "n_reference": len(files),
+        "max_count": max_count,
+        "embedding_model": f"open_clip {CLIP_MODEL} ({CLIP_PRETRAINED})",
+        "reference": str(reference),
+    }
+    embeddings = np.zeros((0, 0), dtype=np.float32)
+    cache = Path(output).parent / REFERENCE_CACHE
+    embed, description, reason = load_embedder(device)
+    if embed is None:
+        info["reason"] = reason
+    else:
+        embeddings = embed_files(files, embed, description, cache, batch_size, chunk_size)
+        info.update(available=True, embedding_model=description)
+    with atomic_path(output) as tmp, open(tmp, "wb") as f:
+        np.savez(f, embeddings=embeddings, info=np.array(json.dumps(info)))
+    remove_cache(cache)
+    return info
 
 
 def run_cmmd(
@@ -190,17 +278,23 @@ def run_cmmd(
     scale: float = SCALE,
     chunk_size: int = 1000,
 ) -> dict:
-    """CMMD of DIR/images against REFDIR/images -> FILE.json (cmmd null + reason when CLIP is unavailable)."""
-    check_positive("--batch-size", batch_size)
-    require(max_count is None or (isinstance(max_count, int) and max_count > 0), f"--max-count must be a positive integer; got {max_count!r}")
+    """CMMD of DIR/images against the reference -> FILE.json (cmmd null + reason when CLIP is
+    unavailable). reference: the .npz of `duodiff cmmd-reference`, or a folder REFDIR/images."""
+    check_flags(batch_size, max_count, chunk_size)
     check_positive("--sigma", sigma)
-    check_positive("--chunk-size", chunk_size)
     samples, reference = Path(samples), Path(reference)
-    for flag, folder in (("--samples", samples), ("--reference", reference)):
-        require((folder / "images").is_dir(), f"{flag} {folder}: no images/ folder there")
-    x_files, y_files = image_list(samples / "images", max_count), image_list(reference / "images", max_count)
-    require(len(x_files) > 0, f"--samples {samples}: no PNG/JPEG images in {samples / 'images'}")
-    require(len(y_files) > 0, f"--reference {reference}: no PNG/JPEG images in {reference / 'images'}")
+    x_files = folder_images("--samples", samples, max_count)
+    if reference.suffix == ".npz":
+        require(reference.is_file(), f"--reference {reference}: no such file; write it with `duodiff cmmd-reference`")
+        ref_info, ref_embeddings = load_reference_embeddings(reference)
+        require(
+            ref_info.get("max_count") == max_count,
+            f"--max-count {max_count} differs from the {ref_info.get('max_count')} that {reference} was embedded with",
+        )
+        n_reference = ref_info["n_reference"]
+    else:
+        ref_info, y_files = None, folder_images("--reference", reference, max_count)
+        n_reference = len(y_files)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     result = {
@@ -208,45 +302,70 @@ def run_cmmd(
         "available": False,
         "reason": None,
         "n_samples": len(x_files),
-        "n_reference": len(y_files),
+        "n_reference": n_reference,
         "embedding_model": f"open_clip {CLIP_MODEL} ({CLIP_PRETRAINED})",
         "sigma": sigma,
         "scale": scale,
         "estimator": "biased MMD^2 (V-statistic), as google-research/cmmd",
     }
-    # Embeddings kept by chunk (feature_cache.py), so a killed job's rerun embeds only the rest.
     cache = Path(output).parent / CMMD_CACHE
-    try:
-        embed, description = clip_embedder(CLIP_MODEL, CLIP_PRETRAINED, device)
-    except EmbeddingUnavailable as error:
-        result["reason"] = str(error)
-        print(f"duodiff cmmd: CMMD unavailable: {error}")
+    if ref_info is not None and not ref_info["available"]:
+        # No CLIP attempt: the reference job already found it unavailable.
+        result["reason"] = ref_info["reason"]
+        print(f"duodiff cmmd: CMMD unavailable ({reference} says): {result['reason']}; "
+              "rebuild it with `duodiff cmmd-reference` once CLIP can be loaded")  # fmt: skip
     else:
-        def cached_embed(paths):
-            compute = lambda chunk, label: embed(chunk, batch_size=batch_size).numpy()  # noqa: E731
-            return torch.from_numpy(cached_features(paths, compute, cache, description, chunk_size, "CLIP embeddings"))
-
-        result["cmmd"] = compute_cmmd(x_files, y_files, cached_embed, sigma=sigma, scale=scale)
-        result["available"] = True
-        result["embedding_model"] = description
+        embed, description, reason = load_embedder(device)
+        if embed is None:
+            result["reason"] = reason
+        else:
+            if ref_info is not None:
+                require(
+                    ref_info["embedding_model"] == description,
+                    f"--reference {reference} was embedded with {ref_info['embedding_model']}, not {description}; rebuild it",
+                )
+            x_embeddings = embed_files(x_files, embed, description, cache, batch_size, chunk_size)
+            if ref_info is None:
+                ref_embeddings = embed_files(y_files, embed, description, cache, batch_size, chunk_size)
+            result.update(
+                cmmd=mmd(torch.from_numpy(x_embeddings), torch.from_numpy(ref_embeddings), sigma=sigma, scale=scale),
+                available=True,
+                embedding_model=description,
+            )
     write_json(output, result)
     remove_cache(cache)
     return result
 
 
-def add_cli(subparsers):
+def add_embedding_flags(p) -> None:
     from duodiff.cli import add_flag
 
-    p = subparsers.add_parser("cmmd", help="CMMD (CLIP ViT-L/14@336, RBF MMD) of a sample folder against a reference")
-    add_flag(p, "--samples", required=True, help="sample set folder (DIR/images/*.png)")
-    add_flag(p, "--reference", required=True, help="reference folder (REFDIR/images/*.png)")
-    add_flag(p, "--output", required=True, help="FILE.json")
     add_flag(p, "--batch-size", "--cmmd_batch_size", "--cmmd-batch-size", type=int, default=32)
     add_flag(p, "--max-count", "--cmmd_max_count", "--cmmd-max-count", type=int, default=None,
              help="use only the first N images (sorted) of each folder")  # fmt: skip
     add_flag(p, "--device", default=None, help="cpu or cuda (default: cuda when available)")
     add_flag(p, "--chunk-size", type=int, default=1000,
              help="images per kept embedding chunk: a killed job's rerun embeds only the unfinished chunks")
+
+
+def add_cli(subparsers):
+    from duodiff.cli import add_flag
+
+    p = subparsers.add_parser("cmmd-reference", help="CLIP embeddings of the reference images, once per dataset (for CMMD)")
+    add_flag(p, "--reference", required=True, help="reference folder (REFDIR/images/*.png)")
+    add_flag(p, "--output", required=True, help="FILE.npz")
+    add_embedding_flags(p)
+    p.set_defaults(func=lambda a: run_cmmd_reference(
+        reference=a.reference, output=a.output, batch_size=a.batch_size, max_count=a.max_count,
+        device=a.device, chunk_size=a.chunk_size,
+    ))  # fmt: skip
+
+    p = subparsers.add_parser("cmmd", help="CMMD (CLIP ViT-L/14@336, RBF MMD) of a sample folder against a reference")
+    add_flag(p, "--samples", required=True, help="sample set folder (DIR/images/*.png)")
+    add_flag(p, "--reference", required=True,
+             help="FILE.npz of `duodiff cmmd-reference`, or a reference folder (REFDIR/images/*.png) embedded now")
+    add_flag(p, "--output", required=True, help="FILE.json")
+    add_embedding_flags(p)
     p.set_defaults(func=lambda a: run_cmmd(
         samples=a.samples, reference=a.reference, output=a.output, batch_size=a.batch_size,
         max_count=a.max_count, device=a.device, chunk_size=a.chunk_size,
