@@ -229,6 +229,7 @@ def test_every_setting_reaches_its_command(dry_runs):
     for flags in samples:
         assert (flags["--steps"], flags["--n-samples"], flags["--batch-size"], flags["--sampler"]) == (
             str(cfg["sampling"]["steps"]), str(cfg["sampling"]["n_samples"]), str(cfg["sampling"]["batch_size"]), "ddim")
+        assert flags["--precision"] == "fp32"  # the schema default
         assert "--no-ema" not in flags
     duodiff = [f for f in samples if f["--method"] == "duodiff"]
     assert sorted(int(f["--t-switch"]) for f in duodiff) == sorted(cfg["duodiff"]["t_switch"])
@@ -282,6 +283,10 @@ BAD_CONFIGS = [
      "has patch_size 4 but models.full tests/configs/models/tiny.yaml has 2"),
     ("ddpm with fewer steps than timesteps", lambda c, w: c["sampling"].update(sampler="ddpm"),
      "invalid config: sampling.steps is 6, but the ddpm sampler visits all diffusion.num_timesteps = 1000 steps"),
+    ("unknown precision", lambda c, w: c["sampling"].update(precision="fp8"),
+     "invalid config: sampling.precision: 'fp8' is not one of ['fp32', 'tf32', 'bf16', 'fp16']"),
+    ("tf32 on the CPU", lambda c, w: c["sampling"].update(precision="tf32"),
+     "invalid config: sampling.precision tf32 needs device: cuda (device is cpu); on the CPU use fp32 or bf16"),
 ]  # fmt: skip
 
 

@@ -16,6 +16,7 @@ draws everything from its own generator seeded with seed * 1000003 + b.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -27,6 +28,11 @@ from duodiff.io import atomic_path, torch_save, write_json
 
 METHODS = ("full", "shallow", "early_exit", "duodiff")
 SAMPLERS = ("ddpm", "ddim")
+# Arithmetic of the network evaluations (the sampler's own updates stay float32):
+# fp32 everywhere; tf32 lets CUDA matmuls and convolutions round their inputs to TF32; bf16 and
+# fp16 run them under torch.autocast, as mixed-precision inference usually does.
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+CUDA_ONLY_PRECISIONS = ("tf32", "fp16")
 SEED_STRIDE = 1000003  # batch b of a set with seed s uses seed s * SEED_STRIDE + b
 GRID_SAMPLES = 64
 GRID_NROW = 8
@@ -82,6 +88,24 @@ def _check_device(device: str) -> torch.device:
     check_choice("--device", dev.type, ("cpu", "cuda"))
     require(dev.type != "cuda" or torch.cuda.is_available(), f"--device {device}: CUDA is not available on this machine")
     return dev
+
+
+@contextlib.contextmanager
+def precision_context(precision: str, device: torch.device):
+    """Run the network evaluations inside at `precision` (see PRECISIONS)."""
+    if precision == "tf32":
+        matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+    elif precision in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        with torch.autocast(device.type, dtype=dtype):
+            yield
+    else:
+        yield
 
 
 def _synchronize(device: torch.device) -> None:
@@ -166,12 +190,12 @@ def timing_clock(device: torch.device) -> str:
     return "cpu" if device.type == "cpu" and torch.get_num_threads() == 1 else "wall"
 
 
-def _warm_up(method, models, threshold, shape, num_classes, device):
+def _warm_up(method, models, threshold, shape, num_classes, device, precision):
     """One untimed forward pass per network, so lazy CUDA/cuDNN set-up is not billed to batch 0."""
     x = torch.zeros(shape, device=device)
     t = torch.zeros(shape[0], dtype=torch.long, device=device)
     y = torch.zeros(shape[0], dtype=torch.long, device=device) if num_classes > 0 else None
-    with torch.inference_mode():
+    with torch.inference_mode(), precision_context(precision, device):
         for model in models.values():
             if method == "early_exit":
                 model.forward_early_exit(x, t, threshold, y)
@@ -185,8 +209,10 @@ def _read_part(path: Path, settings: dict) -> dict:
         part = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # a part is written atomically; anything unreadable is foreign
         raise DuodiffError(f"{path}: unreadable part file ({error}); delete the output folder and rerun") from None
-    if not isinstance(part, dict) or part.get("settings") != settings:
-        found = part.get("settings") if isinstance(part, dict) else None
+    found = part.get("settings") if isinstance(part, dict) else None
+    if isinstance(found, dict) and "precision" not in found:
+        found = {**found, "precision": "fp32"}  # parts written before --precision existed: fp32
+    if found != settings:
         changed = (
             sorted(k for k in set(settings) | set(found) if settings.get(k) != found.get(k))
             if isinstance(found, dict)
@@ -214,6 +240,7 @@ def run_sample(
     eta=0.0,
     use_ema=True,
     device="cpu",
+    precision="fp32",
     progress=True,
 ):
     """Generate `n_samples` images into `output_folder` (see docs/architecture.md, "Sample set folder")."""
@@ -257,7 +284,12 @@ def run_sample(
             checkpoint_path_late is None,
             f"--checkpoint-path-late applies to --method duodiff only; got it with --method {method}",
         )
+    check_choice("--precision", precision, PRECISIONS)
     dev = _check_device(device)
+    require(
+        dev.type == "cuda" or precision not in CUDA_ONLY_PRECISIONS,
+        f"--precision {precision} needs --device cuda; on {dev.type} choose fp32 or bf16",
+    )
     folder = Path(output_folder)
 
     # ---- models, and the checks that need them ----------------------------------------------
@@ -295,6 +327,7 @@ def run_sample(
         "n_samples": n_samples,
         "batch_size": batch_size,
         "seed": seed,
+        "precision": precision,
     }
     n_batches = math.ceil(n_samples / batch_size)
     batch_ranges = [(b, b * batch_size, min(batch_size, n_samples - b * batch_size)) for b in range(n_batches)]
@@ -318,7 +351,8 @@ def run_sample(
     for model in models.values():
         model.eval()
     if todo:
-        _warm_up(method, models, threshold, (min(batch_size, n_samples), in_chans, img_size, img_size), num_classes, dev)
+        shape = (min(batch_size, n_samples), in_chans, img_size, img_size)
+        _warm_up(method, models, threshold, shape, num_classes, dev, precision)
 
     from tqdm.auto import tqdm
 
@@ -334,7 +368,7 @@ def run_sample(
         clock = timing_clock(dev)
         _synchronize(dev)
         started, cpu_started = time.perf_counter(), time.process_time()
-        with torch.inference_mode():
+        with torch.inference_mode(), precision_context(precision, dev):
             samples = diffusion.sample(denoiser, noise, sampler, steps, eta=eta, generator=generator, progress=progress)
         _synchronize(dev)
         wall_time, cpu_time = time.perf_counter() - started, time.process_time() - cpu_started
@@ -389,6 +423,7 @@ def run_sample(
         "checkpoint": str(checkpoint_path),
         "checkpoint_late": settings["checkpoint_late"],
         "use_ema": bool(use_ema),
+        "precision": precision,
         "wall_time_s": wall_time_s,
         "cpu_time_s": cpu_time_s,
         "timing_clock": clock,
@@ -445,6 +480,8 @@ def add_cli(subparsers) -> None:
     add_flag(parser, "--output-folder", required=True)
     add_flag(parser, "--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     add_flag(parser, "--device", default="cpu", help="cpu, cuda or cuda:N")
+    add_flag(parser, "--precision", default="fp32",
+             help="network arithmetic: fp32 | tf32 (CUDA) | bf16 | fp16 (CUDA): autocast")  # fmt: skip
     add_flag(parser, "--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=_main)
 
@@ -465,5 +502,6 @@ def _main(args) -> None:
         eta=args.eta,
         use_ema=not args.no_ema,
         device=args.device,
+        precision=args.precision,
         progress=not args.no_progress,
     )

@@ -153,6 +153,7 @@ def read_set(samples_root, metrics_root, name: str) -> dict:
         "n_samples": stats["n_samples"], "batch_size": stats["batch_size"],
         "device": stats["device"], "torch_version": stats["torch_version"],
         "timing_clock": stats.get("timing_clock", "wall"),  # sets sampled before it was recorded: wall
+        "precision": stats.get("precision", "fp32"),  # sets sampled before --precision existed: fp32
         "fid": _number(metric_paths["fid"], fid, "fid"),
         "kid": _number(metric_paths["fid"], fid, "kid"),
         "kid_std": _number(metric_paths["fid"], fid, "kid_std"),
@@ -332,11 +333,11 @@ def _notes(frame: pd.DataFrame, footnotes: dict[str, int]) -> list[str]:
     notes.append(f"Layer ratio: transformer blocks executed per network evaluation, averaged over steps and "
                  f"samples, as a fraction of the full model's {full['depth']} (1 = full model).")
 
-    devices = frame[["device", "torch_version", "batch_size", "timing_clock"]].drop_duplicates()
+    devices = frame[["device", "torch_version", "batch_size", "precision", "timing_clock"]].drop_duplicates()
     clocks = {"cpu": "timed by the CPU time of the single-threaded sampling process, which other jobs running side "
                      "by side do not slow down", "wall": "timed by the wall clock"}
-    measured = ", ".join(f"{r.device} (torch {r.torch_version}, batch size {r.batch_size}, {clocks[r.timing_clock]})"
-                         for r in devices.itertuples())
+    measured = ", ".join(f"{r.device} (torch {r.torch_version}, batch size {r.batch_size}, {r.precision}, "
+                         f"{clocks[r.timing_clock]})" for r in devices.itertuples())
     notes.append(f"Images/s: measured sampling throughput on {measured}. Speed-up (measured) = images/s ÷ the "
                  f"full model's; speed-up (theoretical) = the full model's GFLOPs per image ÷ the set's."
                  + (" Sets were timed on different set-ups, so measured speed-ups mix them." if len(devices) > 1 else ""))

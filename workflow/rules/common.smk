@@ -124,6 +124,11 @@ def check_config(config, dryrun: bool) -> None:
             raise ValueError(f"invalid config: sampling.eta is {sampling['eta']}; it applies to the ddim sampler only (use 0 with ddpm)")
     elif sampling["steps"] > T:
         raise ValueError(f"invalid config: sampling.steps ({sampling['steps']}) must be in [1, diffusion.num_timesteps = {T}]")
+    if sampling["precision"] in ("tf32", "fp16") and config["device"] != "cuda":
+        raise ValueError(
+            f"invalid config: sampling.precision {sampling['precision']} needs device: cuda (device is "
+            f"{config['device']}); on the CPU use fp32 or bf16"
+        )
 
     for t_switch in config["duodiff"]["t_switch"]:
         if not 0 <= t_switch <= sampling["steps"]:
@@ -296,7 +301,7 @@ def train_flags(stage: str) -> str:
 
 def sampling_flags() -> str:
     sampling = config["sampling"]
-    settings = {key: sampling[key] for key in ("sampler", "steps", "eta", "n_samples", "batch_size", "seed")}
+    settings = {key: sampling[key] for key in ("sampler", "steps", "eta", "n_samples", "batch_size", "seed", "precision")}
     settings["no_ema"] = not sampling["use_ema"]
     settings["device"] = config["device"]
     return cli_flags(settings)
