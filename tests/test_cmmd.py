@@ -262,3 +262,63 @@ def test_a_killed_cmmd_job_resumes_from_its_finished_chunks(tmp_path, monkeypatc
     assert calls == [names[0:2], names[2:4]]  # the sample chunks were kept; only the reference is left
     assert resumed["cmmd"] == whole["cmmd"]
     assert not (tmp_path / "metrics" / cmmd.CMMD_CACHE).exists()
+
+
+# ---- the open_clip loading and embedding path, with a tiny stand-in for ViT-L/14@336 -------------
+
+TINY_CLIP = "duodiff-test-tiny-clip-336"
+
+
+@pytest.fixture
+def tiny_clip(tmp_path, monkeypatch):
+    """A 2-layer CLIP of open_clip's own ViT kind at 336x336, its random weights saved as the
+    'cached' weights file, and the real ViT-L-14-336/openai settings (QuickGELU, mean/std,
+    bicubic shortest-side resize): clip_embedder then runs exactly its cached-weights path."""
+    import open_clip
+
+    config = {"embed_dim": 16,  # no quick_gelu here: as for ViT-L-14-336, the openai tag brings it
+              "vision_cfg": {"image_size": 336, "layers": 2, "width": 32, "head_width": 16, "patch_size": 112},
+              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}  # fmt: skip
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / f"{TINY_CLIP}.json").write_text(json.dumps(config))
+    open_clip.add_model_config(tmp_path / "configs")
+    torch.manual_seed(0)
+    model = open_clip.create_model(TINY_CLIP, force_quick_gelu=True).eval()
+    weights = tmp_path / "open_clip_pytorch_model.bin"
+    torch.save(model.state_dict(), weights)
+
+    openai_cfg = open_clip.get_pretrained_cfg(cmmd.CLIP_MODEL, cmmd.CLIP_PRETRAINED)
+    monkeypatch.setattr(open_clip, "get_pretrained_cfg", lambda name, tag: dict(openai_cfg))
+    monkeypatch.setattr(cmmd, "cached_clip_weights", lambda *a, **k: str(weights))
+    cmmd.clip_embedder.cache_clear()
+    yield model, openai_cfg
+    cmmd.clip_embedder.cache_clear()
+
+
+def test_clip_embeddings_follow_clips_own_preprocessing(tmp_path, tiny_clip):
+    import torchvision.transforms.functional as TF
+
+    model, cfg = tiny_clip
+    write_pngs(tmp_path / "rgb", [(255, 0, 0), (10, 200, 30), (0, 0, 0)])
+    rng = np.random.default_rng(0)
+    (tmp_path / "gray").mkdir()
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8), mode="L").save(tmp_path / "gray" / f"{i:06d}.png")
+    files = cmmd.image_list(tmp_path / "rgb", None) + cmmd.image_list(tmp_path / "gray", None)
+
+    embed, description = cmmd.clip_embedder(TINY_CLIP, cmmd.CLIP_PRETRAINED, "cpu")
+    assert description == f"open_clip {TINY_CLIP} ({cmmd.CLIP_PRETRAINED})"
+    got = embed(files, batch_size=4)  # batches of 4 and 2
+    assert got.shape == (6, 16) and torch.allclose(got.norm(dim=1), torch.ones(6), atol=1e-6)
+    assert torch.allclose(embed(files, batch_size=6), got, atol=1e-6)
+
+    # By hand, as CLIP's reference preprocessing: RGB, bicubic resize of the shorter side to 336,
+    # centre crop, [0, 1], OpenAI mean/std; the saved weights; L2 normalisation.
+    def by_hand(path):
+        image = Image.open(path).convert("RGB").resize((336, 336), Image.BICUBIC)
+        x = TF.normalize(TF.to_tensor(image), cfg["mean"], cfg["std"])
+        with torch.no_grad():
+            return torch.nn.functional.normalize(model.encode_image(x[None]), dim=-1)[0]
+
+    expected = torch.stack([by_hand(p) for p in files])
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
