@@ -98,8 +98,9 @@ def test_front_page_states_the_configured_study():
     config = experiment_config("config/config.yaml")
     config["early_exit"]["thresholds"] = [0.05, 0.1, 0.2]
     config["duodiff"]["t_switch"] = [10, 20, 30]
+    config["sampling"]["precision"] = "fp16"
     text, html = render("workflow", SimpleNamespace(config=config))
-    assert "experiment ``digits``" in text
+    assert "experiment ``digits``" in text and "network arithmetic\n(fp16)" in text
     assert "thresholds:\n  0.05, 0.1, 0.2" in text and "t_switch: 10, 20, 30" in text
     for arxiv in ("2209.12152", "2309.17074", "2410.09633"):
         assert f'href="https://arxiv.org/abs/{arxiv}"' in html
