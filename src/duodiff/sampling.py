@@ -239,7 +239,7 @@ def run_sample(
     checkpoint_path_late=None,
     eta=0.0,
     use_ema=True,
-    device="cpu",
+    device=None,
     precision="fp32",
     progress=True,
 ):
@@ -285,7 +285,7 @@ def run_sample(
             f"--checkpoint-path-late applies to --method duodiff only; got it with --method {method}",
         )
     check_choice("--precision", precision, PRECISIONS)
-    dev = _check_device(device)
+    dev = _check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     require(
         dev.type == "cuda" or precision not in CUDA_ONLY_PRECISIONS,
         f"--precision {precision} needs --device cuda; on {dev.type} choose fp32 or bf16",
@@ -479,7 +479,7 @@ def add_cli(subparsers) -> None:
     add_flag(parser, "--seed", type=int, default=0)
     add_flag(parser, "--output-folder", required=True)
     add_flag(parser, "--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
-    add_flag(parser, "--device", default="cpu", help="cpu, cuda or cuda:N")
+    add_flag(parser, "--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     add_flag(parser, "--precision", default="fp32",
              help="network arithmetic: fp32 | tf32 (CUDA) | bf16 | fp16 (CUDA): autocast")  # fmt: skip
     add_flag(parser, "--no-progress", action="store_true", help="no progress bars")
