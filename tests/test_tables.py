@@ -270,3 +270,20 @@ def test_cli_accepts_dashes_and_underscores(study, capsys):
                               str(study / "metrics"), "--sets", *ORDER, "--output-dir", str(study / "out")])
     args.func(args)
     assert pd.read_csv(study / "out" / "fid.csv")["set"].tolist() == ORDER
+
+
+def test_throughput_note_names_device_precision_and_clock(tmp_path):
+    # Sets written before timing_clock / precision were recorded count as wall clock and fp32.
+    write_study(tmp_path)
+    tables(tmp_path)
+    text = (tmp_path / "tables" / "summary.md").read_text()
+    assert "measured sampling throughput on cpu (torch 2.14.1, batch size 5, fp32, timed by the wall clock)" in text
+    assert "mix them" not in text
+    # One set sampled on another set-up: the note lists both and warns.
+    stats_path = tmp_path / "samples" / "full" / "stats.json"
+    stats = json.loads(stats_path.read_text()) | {"device": "cuda", "precision": "fp16", "timing_clock": "wall"}
+    stats_path.write_text(json.dumps(stats))
+    tables(tmp_path)
+    text = (tmp_path / "tables" / "summary.md").read_text()
+    assert "cuda (torch 2.14.1, batch size 5, fp16, timed by the wall clock)" in text
+    assert "Sets were timed on different set-ups, so measured speed-ups mix them." in text
