@@ -1,4 +1,4 @@
-"""Process-group helpers for training under `torchrun --nproc_per_node N`.
+"""Devices, and process-group helpers for training under `torchrun --nproc_per_node N`.
 
 torchrun sets RANK, WORLD_SIZE and LOCAL_RANK for every process it starts. Without them (a plain
 `duodiff train`) everything here is a no-op for a single process, so the training loop reads the
@@ -13,6 +13,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+
+def default_device() -> str:
+    """The device every `duodiff` command uses when --device is not given."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @dataclass(frozen=True)

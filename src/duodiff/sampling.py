@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from duodiff.distributed import default_device
 from duodiff.errors import DuodiffError, check_choice, require
 from duodiff.io import atomic_path, torch_save, write_json
 
@@ -285,7 +286,7 @@ def run_sample(
             f"--checkpoint-path-late applies to --method duodiff only; got it with --method {method}",
         )
     check_choice("--precision", precision, PRECISIONS)
-    dev = _check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = _check_device(device or default_device())
     require(
         dev.type == "cuda" or precision not in CUDA_ONLY_PRECISIONS,
         f"--precision {precision} needs --device cuda; on {dev.type} choose fp32 or bf16",

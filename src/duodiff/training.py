@@ -534,7 +534,7 @@ def validate(args: dict, world_size: int) -> dict:
         f"--batch-size {args['batch_size']} must be divisible by the number of processes ({world_size}); "
         "it is the global batch, split evenly across ranks",
     )
-    device = args["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args["device"] or distributed.default_device()
     check_choice("--device", device, ("cpu", "cuda"))
     require(device == "cpu" or torch.cuda.is_available(), "--device cuda: no CUDA device is available; use --device cpu")
     diffusion = GaussianDiffusion(args["num_timesteps"], args["beta_start"], args["beta_end"], args["parametrization"])
@@ -683,7 +683,7 @@ def _cli(args) -> None:
 def check_processes(kwargs: dict, nproc: int) -> None:
     """What must hold before N training processes start: the usual arguments, and one GPU each."""
     validate(dict(kwargs), nproc)
-    device = kwargs["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = kwargs["device"] or distributed.default_device()
     if device == "cuda":
         available = torch.cuda.device_count()
         require(nproc <= available, f"--nproc-per-node {nproc} needs {nproc} GPUs, but {available} are visible")

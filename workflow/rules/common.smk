@@ -124,6 +124,7 @@ def check_config(config, dryrun: bool) -> None:
             raise ValueError(f"invalid config: sampling.eta is {sampling['eta']}; it applies to the ddim sampler only (use 0 with ddpm)")
     elif sampling["steps"] > T:
         raise ValueError(f"invalid config: sampling.steps ({sampling['steps']}) must be in [1, diffusion.num_timesteps = {T}]")
+    # duodiff.sampling.CUDA_ONLY_PRECISIONS (the workflow does not import duodiff, see above).
     if sampling["precision"] in ("tf32", "fp16") and config["device"] != "cuda":
         raise ValueError(
             f"invalid config: sampling.precision {sampling['precision']} needs device: cuda (device is "

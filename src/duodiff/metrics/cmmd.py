@@ -36,6 +36,7 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 
+from duodiff.distributed import default_device
 from duodiff.errors import DuodiffError, check_positive, require
 from duodiff.io import atomic_path, write_json
 from duodiff.metrics.feature_cache import cached_features, remove_cache
@@ -77,6 +78,11 @@ def mmd(x_emb: torch.Tensor, y_emb: torch.Tensor, sigma: float = SIGMA, scale: f
 
 # ---------------------------------------------------------------------------------------------
 # The CLIP embedding model
+
+
+def embedding_model_name(model_name: str = CLIP_MODEL, pretrained: str = CLIP_PRETRAINED) -> str:
+    """How outputs name the embedding model (a reference's embeddings are reused only under it)."""
+    return f"open_clip {model_name} ({pretrained})"
 
 
 def cached_clip_weights(model_name: str = CLIP_MODEL, pretrained: str = CLIP_PRETRAINED) -> str | None:
@@ -171,7 +177,7 @@ def clip_embedder(model_name: str = CLIP_MODEL, pretrained: str = CLIP_PRETRAINE
             out.append(torch.nn.functional.normalize(emb, dim=-1).cpu())
         return torch.cat(out)
 
-    return embed, f"open_clip {model_name} ({pretrained})"
+    return embed, embedding_model_name(model_name, pretrained)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,14 +249,14 @@ def run_cmmd_reference(
     check_flags(batch_size, max_count, chunk_size)
     reference = Path(reference)
     files = folder_images("--reference", reference, max_count)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
 
     info = {
         "available": False,
         "reason": None,
         "n_reference": len(files),
         "max_count": max_count,
-        "embedding_model": f"open_clip {CLIP_MODEL} ({CLIP_PRETRAINED})",
+        "embedding_model": embedding_model_name(),
         "reference": str(reference),
     }
     embeddings = np.zeros((0, 0), dtype=np.float32)
@@ -295,7 +301,7 @@ def run_cmmd(
     else:
         ref_info, y_files = None, folder_images("--reference", reference, max_count)
         n_reference = len(y_files)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
 
     result = {
         "cmmd": None,
@@ -303,7 +309,7 @@ def run_cmmd(
         "reason": None,
         "n_samples": len(x_files),
         "n_reference": n_reference,
-        "embedding_model": f"open_clip {CLIP_MODEL} ({CLIP_PRETRAINED})",
+        "embedding_model": embedding_model_name(),
         "sigma": sigma,
         "scale": scale,
         "estimator": "biased MMD^2 (V-statistic), as google-research/cmmd",

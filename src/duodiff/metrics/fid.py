@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from duodiff.distributed import default_device
 from duodiff.errors import DuodiffError, check_choice, check_positive, require
 from duodiff.io import atomic_path, read_json, write_json
 from duodiff.metrics.feature_cache import cached_features, remove_cache
@@ -138,10 +139,6 @@ def feature_extractor(prefer: str = "auto", device: str = "cpu"):
         "feature_network_sha256": file_sha256(str(path)),
     }
     return fn, info
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def image_files(folder) -> list[Path]:
