@@ -595,13 +595,13 @@ def validate(args: dict, world_size: int) -> dict:
 
 def read_backbone(path, full_config, diffusion, config_path) -> dict:
     """The weights of a trained U-ViT model.pt (EMA if it has them) after checking it fits."""
-    from duodiff.models import MODEL_CONFIG_KEYS, validate_model_config
+    from duodiff.models import EARLY_EXIT_KEYS, MODEL_CONFIG_KEYS, validate_model_config
 
     obj = checkpoints.load_model_file(path)
     require(obj["kind"] == "uvit", f"--load-backbone {path}: expected a U-ViT model (kind uvit), found kind {obj['kind']!r}")
     theirs = validate_model_config(obj["model_config"], source=str(path))
-    # probe_hidden belongs to the early-exit part, not the backbone.
-    differing = [k for k in MODEL_CONFIG_KEYS if k != "probe_hidden" and theirs[k] != full_config[k]]
+    # The probe settings belong to the early-exit part, not the backbone.
+    differing = [k for k in MODEL_CONFIG_KEYS if k not in EARLY_EXIT_KEYS and theirs[k] != full_config[k]]
     require(
         not differing,
         f"--load-backbone {path} was trained with a different model config than {config_path}: "

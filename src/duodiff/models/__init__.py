@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from duodiff.config import load_yaml
 from duodiff.errors import check_choice
-from duodiff.models.uvit import MODEL_CONFIG_KEYS, UViT, validate_model_config
+from duodiff.models.uvit import EARLY_EXIT_KEYS, MODEL_CONFIG_KEYS, PROBE_DESIGNS, UViT, validate_model_config
 
 # Kept in step with early_exit.CLASSIFIER_TYPES (tested); listed here so importing the registry
 # does not need the early-exit module.
@@ -20,9 +20,11 @@ KIND_ALIASES = {"deediff_uvit": "early_exit"}
 
 __all__ = [
     "CLASSIFIER_TYPES",
+    "EARLY_EXIT_KEYS",
     "KIND_ALIASES",
     "MODEL_CONFIG_KEYS",
     "MODEL_KINDS",
+    "PROBE_DESIGNS",
     "UViT",
     "build_model",
     "load_model_config",
@@ -59,4 +61,5 @@ def build_model(kind: str, model_config: dict, num_timesteps: int = 1000, classi
         classifier_type=classifier_type,
         probe_hidden=config["probe_hidden"],
         num_timesteps=num_timesteps,
+        probe_design=config["probe_design"],
     )

@@ -4,10 +4,13 @@ probe at every layer, so a sample can stop as soon as its predicted uncertainty 
 Exits are numbered 0..depth. Exit i < depth sits at the *input* of block i (exit 0 sees the
 tokens right after the embedding); it has its own `OutputHead` (the backbone's head layout:
 LayerNorm, Linear to patches, drop the extra tokens, unpatchify, 3x3 conv when the backbone has
-one) and an uncertainty probe that maps the tokens (and the timestep) to u in [0, 1]. Exit depth
-is the backbone's own head and is always taken when no earlier exit was.
+one) and an uncertainty probe that maps the tokens (and the timestep) to u in [0, 1] (unbounded
+for the seed design of the attention probe). Exit depth is the backbone's own head and is always
+taken when no earlier exit was.
 
-Probes (`classifier_type`, named as in the early-stopping-diffusion seed):
+Probes (`classifier_type`, named as in the early-stopping-diffusion seed). Each comes in two designs,
+chosen by the model config's `probe_design`: `duodiff` (this project's, the default, described
+first) and `seed` (the seed's own, below). With the `duodiff` design:
 
 - `attention_probe`: one per exit. A learned query attends (multi-head) over the LayerNormed
   tokens, whose keys and values are projected to `probe_hidden` dims; the pooled vector goes
@@ -18,6 +21,24 @@ Probes (`classifier_type`, named as in the early-stopping-diffusion seed):
   a learned affine would be absorbed by the first Linear after the mean).
 - `mlp_probe_per_timestep`: one probe per timestep (T of them), shared across exits.
 - `mlp_probe_per_layer_per_timestep`: one probe per (exit, timestep), nothing shared.
+
+With `probe_design: seed`, the seed's designs (razvanmatisan/duodiff, models/early_exit.py: its
+MLPProbe and AttentionProbe, and EarlyExitUViT's per-timestep ModuleDicts of MLPProbes):
+
+- `attention_probe` (SeedAttentionProbe): one learned d-dimensional query (zero-initialised)
+  attends, as a single head of width d, over the tokens without the time token (the seed slices
+  off token 0 "to ignore the time vector"; in a class-conditional U-ViT token 0 is the class
+  token, so here the time token itself is dropped, as the seed meant); keys and values come from
+  one Linear(d, 2d); the pooled vector goes through Linear(d, d), SiLU, Linear(d, 1) and
+  *no* sigmoid, so its u is unbounded (the seed trains it by MSE against the [0, 1] target
+  all the same). 3d^2 + 5d + 1 parameters per exit (788,993 for d = 512, as the seed's docstring says).
+- `mlp_probe_per_layer` (SeedMLPProbe): Linear(d, 1) and a sigmoid on every token (time and
+  class tokens included), then the mean over the tokens: d + 1 parameters per exit.
+- `mlp_probe_per_timestep` / `mlp_probe_per_layer_per_timestep`: a bank of such per-token
+  linear probes, one per timestep (and exit). The seed picks the probe of the batch's first
+  timestep for the whole batch; here each sample uses its own, as in the `duodiff` banks.
+- No U-ViT init: the seed's probes keep PyTorch's default Linear init (and a zero query).
+- `probe_hidden` does not apply: the seed's probes have no hidden width of their own.
 
 The per-timestep probes are banks of weights of shape (T, ...) (and (depth, T, ...)): each sample
 gathers the rows of its own timestep and the batch is evaluated with one einsum, so a batch with
@@ -42,7 +63,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from duodiff.errors import DuodiffError, check_choice, check_range
-from duodiff.models.uvit import UViT, init_weights, unpatchify
+from duodiff.models.uvit import MODEL_CONFIG_DEFAULTS, PROBE_DESIGNS, UViT, init_weights, unpatchify
 
 CLASSIFIER_TYPES = (
     "attention_probe",
@@ -113,16 +134,55 @@ class AttentionProbe(nn.Module):
         return torch.sigmoid(self.fc2(self.act(self.fc1(pooled)))).squeeze(-1)
 
 
-class TimestepProbeBank(nn.Module):
-    """`banks` x T probes on pooled tokens; each sample uses the probe of its own timestep.
+class SeedMLPProbe(nn.Module):
+    """The seed's MLP probe: sigmoid(w . token + b) on every token, averaged over the tokens."""
 
-    hidden = 0: linear probe sigmoid(w[t] . h + b[t]); hidden > 0: a one-hidden-layer MLP whose
-    weights are all indexed by t.
+    def __init__(self, embed_dim: int):
+        super().__init__()
+        self.fc = nn.Linear(embed_dim, 1)
+
+    def forward(self, tokens):
+        return torch.sigmoid(self.fc(tokens)).mean(dim=1).squeeze(-1)
+
+
+class SeedAttentionProbe(nn.Module):
+    """The seed's attention probe: a learned query, one head of width d over the tokens without
+    the time token, then Linear(d, d), SiLU, Linear(d, 1) and no sigmoid (u is unbounded)."""
+
+    def __init__(self, embed_dim: int, time_index: int):
+        super().__init__()
+        # The seed drops token 0 ("Ignore time vector"): the time token of an unconditional
+        # U-ViT. A class-conditional U-ViT puts the class token first, so the time token's
+        # position is passed in and the class token stays, as the seed's comment intends.
+        self.time_index = time_index
+        self.query = nn.Parameter(torch.zeros(1, 1, 1, embed_dim))  # (batch, head, query, width)
+        self.kv = nn.Linear(embed_dim, 2 * embed_dim)
+        self.fc1 = nn.Linear(embed_dim, embed_dim)
+        self.act = nn.SiLU()
+        self.fc2 = nn.Linear(embed_dim, 1)
+
+    def forward(self, tokens):
+        tokens = torch.cat([tokens[:, : self.time_index], tokens[:, self.time_index + 1 :]], dim=1)
+        keys, values = self.kv(tokens).unsqueeze(1).chunk(2, dim=-1)  # (B, 1 head, N - 1, d) each
+        query = self.query.expand(tokens.shape[0], -1, -1, -1).to(keys.dtype)
+        pooled = F.scaled_dot_product_attention(query, keys, values).flatten(1)  # scale 1/sqrt(d)
+        return self.fc2(self.act(self.fc1(pooled))).squeeze(-1)
+
+
+class TimestepProbeBank(nn.Module):
+    """`banks` x T probes; each sample uses the probe of its own timestep.
+
+    On the pooled tokens h: hidden = 0, linear probe sigmoid(w[t] . h + b[t]); hidden > 0, a
+    one-hidden-layer MLP whose weights are all indexed by t. per_token (the seed's design, linear
+    only): sigmoid(w[t] . token + b[t]) on every token, averaged over the tokens.
     """
 
-    def __init__(self, banks: int, num_timesteps: int, embed_dim: int, hidden: int):
+    def __init__(self, banks: int, num_timesteps: int, embed_dim: int, hidden: int, per_token: bool = False):
         super().__init__()
         self.hidden = hidden
+        self.per_token = per_token
+        if per_token and hidden != 0:
+            raise DuodiffError(f"the seed's per-timestep probes are linear: bank_hidden must be 0; got {hidden}")
         if hidden == 0:
             self.weight = nn.Parameter(torch.empty(banks, num_timesteps, embed_dim))
             self.bias = nn.Parameter(torch.zeros(banks, num_timesteps))
@@ -131,11 +191,21 @@ class TimestepProbeBank(nn.Module):
             self.bias1 = nn.Parameter(torch.zeros(banks, num_timesteps, hidden))
             self.weight2 = nn.Parameter(torch.empty(banks, num_timesteps, hidden))
             self.bias2 = nn.Parameter(torch.zeros(banks, num_timesteps))
+        if per_token:
+            # The seed's probes are nn.Linear(d, 1) modules left at PyTorch's default init, which
+            # draws weight and bias from U(-1/sqrt(d), 1/sqrt(d)).
+            bound = embed_dim**-0.5
+            nn.init.uniform_(self.weight, -bound, bound)
+            nn.init.uniform_(self.bias, -bound, bound)
+            return
         for name, param in self.named_parameters():
             if name.startswith("weight"):
                 nn.init.trunc_normal_(param, std=0.02)
 
     def forward(self, bank: int, tokens: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.per_token:
+            logits = torch.einsum("bnd,bd->bn", tokens, self.weight[bank, t].to(tokens.dtype))
+            return torch.sigmoid(logits + self.bias[bank, t, None]).mean(dim=1)
         h = pool_tokens(tokens)
         if self.hidden == 0:
             logit = torch.einsum("bd,bd->b", h, self.weight[bank, t].to(h.dtype)) + self.bias[bank, t]
@@ -181,9 +251,11 @@ class EarlyExitUViT(nn.Module):
         num_timesteps: int = 1000,
         bank_hidden: int = 0,
         probe_heads: int = 4,
+        probe_design: str = MODEL_CONFIG_DEFAULTS["probe_design"],
     ):
         super().__init__()
         check_choice("classifier type", classifier_type, CLASSIFIER_TYPES)
+        check_choice("probe_design", probe_design, PROBE_DESIGNS)
         for name, value, allow_zero in [
             ("probe_hidden", probe_hidden, False),
             ("num_timesteps", num_timesteps, False),
@@ -193,7 +265,9 @@ class EarlyExitUViT(nn.Module):
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
                 kind = "a non-negative integer" if allow_zero else "a positive integer"
                 raise DuodiffError(f"{name} must be {kind}; got {value!r}")
-        if classifier_type == "attention_probe" and probe_hidden % probe_heads != 0:
+        # The seed's attention probe is one head of the full width: probe_hidden and probe_heads
+        # do not apply to it.
+        if classifier_type == "attention_probe" and probe_design == "duodiff" and probe_hidden % probe_heads != 0:
             raise DuodiffError(
                 f"probe_hidden ({probe_hidden}) must be divisible by the attention probe's heads ({probe_heads})"
             )
@@ -203,6 +277,7 @@ class EarlyExitUViT(nn.Module):
             )
         self.backbone = backbone
         self.classifier_type = classifier_type
+        self.probe_design = probe_design
         self.depth = backbone.depth
         self.num_timesteps = num_timesteps
         d = backbone.embed_dim
@@ -213,16 +288,26 @@ class EarlyExitUViT(nn.Module):
                 for _ in range(self.depth)
             ]
         )
+        seed = probe_design == "seed"
+        time_index = backbone.num_extras - 1  # the class token, if any, precedes the time token
         if classifier_type == "attention_probe":
-            self.probes = nn.ModuleList([AttentionProbe(d, probe_hidden, probe_heads) for _ in range(self.depth)])
+            self.probes = nn.ModuleList(
+                [
+                    SeedAttentionProbe(d, time_index) if seed else AttentionProbe(d, probe_hidden, probe_heads)
+                    for _ in range(self.depth)
+                ]
+            )
         elif classifier_type == "mlp_probe_per_layer":
-            self.probes = nn.ModuleList([MLPProbe(d, probe_hidden) for _ in range(self.depth)])
+            self.probes = nn.ModuleList(
+                [SeedMLPProbe(d) if seed else MLPProbe(d, probe_hidden) for _ in range(self.depth)]
+            )
         elif classifier_type == "mlp_probe_per_timestep":
-            self.probes = TimestepProbeBank(1, num_timesteps, d, bank_hidden)
+            self.probes = TimestepProbeBank(1, num_timesteps, d, bank_hidden, per_token=seed)
         else:
-            self.probes = TimestepProbeBank(self.depth, num_timesteps, d, bank_hidden)
+            self.probes = TimestepProbeBank(self.depth, num_timesteps, d, bank_hidden, per_token=seed)
         self.exit_heads.apply(init_weights)  # the U-ViT reference init for the new heads and probes too
-        if isinstance(self.probes, nn.ModuleList):
+        # ...except the seed's probes, which keep the init the seed gave them (see the docstring).
+        if isinstance(self.probes, nn.ModuleList) and not seed:
             self.probes.apply(init_weights)
 
     @property
@@ -236,7 +321,8 @@ class EarlyExitUViT(nn.Module):
         return self
 
     def probe(self, i: int, tokens: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Uncertainty (B,) in [0, 1] of exit i < depth for tokens at the input of block i."""
+        """Uncertainty (B,) of exit i < depth for tokens at the input of block i: in [0, 1],
+        except the seed's attention probe, whose output is unbounded."""
         if self.classifier_type == "mlp_probe_per_timestep":
             return self.probes(0, tokens, t)
         if self.classifier_type == "mlp_probe_per_layer_per_timestep":

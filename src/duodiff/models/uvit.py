@@ -33,8 +33,14 @@ import torch.nn.functional as F
 
 from duodiff.errors import DuodiffError
 
-# The model-config keys a U-ViT understands and their defaults (None = required). `probe_hidden`
-# belongs to the early-exit model and is accepted (and ignored) here so one YAML builds either.
+# The designs of the early-exit uncertainty probes (models/early_exit.py): this project's, or the
+# early-stopping-diffusion seed's. Listed here, where model configs are validated, so that checking a
+# config does not need the early-exit module.
+PROBE_DESIGNS = ("duodiff", "seed")
+
+# The model-config keys a U-ViT understands and their defaults (None = required). The early-exit
+# keys (EARLY_EXIT_KEYS) belong to the early-exit model and are accepted (and ignored) here so one
+# YAML builds either.
 MODEL_CONFIG_DEFAULTS = {
     "img_size": None,
     "patch_size": None,
@@ -49,8 +55,12 @@ MODEL_CONFIG_DEFAULTS = {
     "conv": True,
     "normalize_timesteps": False,
     "probe_hidden": 128,
+    # Model files written before this key existed have no probe_design: they load as "duodiff",
+    # the only design there was.
+    "probe_design": "duodiff",
 }
 MODEL_CONFIG_KEYS = tuple(MODEL_CONFIG_DEFAULTS)
+EARLY_EXIT_KEYS = ("probe_hidden", "probe_design")
 
 
 def validate_model_config(config: dict, source: str = "model config") -> dict:
@@ -77,6 +87,10 @@ def validate_model_config(config: dict, source: str = "model config") -> dict:
     for key in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "probe_hidden"):
         positive_int(key)
     positive_int("num_classes", allow_zero=True)
+    if config["probe_design"] not in PROBE_DESIGNS:
+        raise DuodiffError(
+            f"{source}: probe_design must be one of {', '.join(PROBE_DESIGNS)}; got {config['probe_design']!r}"
+        )
     for key in ("qkv_bias", "mlp_time_embed", "conv", "normalize_timesteps"):
         if not isinstance(config[key], bool):
             raise DuodiffError(f"{source}: {key} must be true or false; got {config[key]!r}")
@@ -210,7 +224,8 @@ class UViT(nn.Module):
         num_classes: int = 0,
         conv: bool = True,
         normalize_timesteps: bool = False,
-        probe_hidden: int = 128,  # early-exit setting, unused by the plain U-ViT
+        probe_hidden: int = 128,  # early-exit settings, unused by the plain U-ViT
+        probe_design: str = MODEL_CONFIG_DEFAULTS["probe_design"],
         num_timesteps: int = 1000,
     ):
         super().__init__()
@@ -219,7 +234,7 @@ class UViT(nn.Module):
                 img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, depth=depth,
                 num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, mlp_time_embed=mlp_time_embed,
                 num_classes=num_classes, conv=conv, normalize_timesteps=normalize_timesteps,
-                probe_hidden=probe_hidden,
+                probe_hidden=probe_hidden, probe_design=probe_design,
             )
         )  # fmt: skip
         if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int) or num_timesteps <= 0:
