@@ -391,17 +391,21 @@ def summary_latex(frame: pd.DataFrame) -> str:
             "\\smallskip\n{\\footnotesize\\raggedright\n" + notes + "\n}\n\\end{table}\n")
 
 
-# The HTML summary is what the Snakemake report shows in the browser (it cannot display Markdown).
+# The HTML summary is what the Snakemake report shows in the browser (it cannot display Markdown),
+# in a pane about 1000 px wide at a 1400 px window: headers and the method column wrap, numbers
+# and settings do not, and the padding is tight, so that the table fits without sideways scrolling.
 HTML_STYLE = """
-body { font-family: system-ui, sans-serif; margin: 1.5em; color: #1a1a1a; }
+body { font-family: system-ui, sans-serif; margin: 1em 1.25em; color: #1a1a1a; }
 h1 { font-size: 1.3em; }
-table { border-collapse: collapse; font-size: 0.9em; }
-thead th { border-top: 2px solid #333; border-bottom: 1px solid #333; padding: 0.35em 0.7em; text-align: right; }
+table { border-collapse: collapse; font-size: 0.85em; }
+thead th { border-top: 2px solid #333; border-bottom: 1px solid #333; padding: 0.35em 0.45em; text-align: right;
+           vertical-align: bottom; }
 thead th:nth-child(-n+2) { text-align: left; }
-tbody td { padding: 0.3em 0.7em; text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+tbody td { padding: 0.3em 0.45em; text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 tbody td:nth-child(-n+2) { text-align: left; }
+tbody td:first-child { white-space: normal; min-width: 9em; }
 tbody tr:last-child td { border-bottom: 2px solid #333; }
-ul { font-size: 0.85em; max-width: 70em; line-height: 1.4; }
+ul { font-size: 0.85em; max-width: 70em; line-height: 1.4; padding-left: 1.25em; }
 """
 
 
