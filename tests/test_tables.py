@@ -165,14 +165,21 @@ def test_summary_latex_bolds_the_same_cells_and_escapes_names(study):
     tables(study)
     tex = (study / "tables" / "summary.tex").read_text()
     assert "\\toprule" in tex and "\\bottomrule" in tex and tex.count("\\begin{tabular}") == 1
-    lines = {line.split(" & ")[0] + " " + line.split(" & ")[1]: line for line in tex.splitlines()
-             if line.count(" & ") >= 9}
-    duo = lines["DuoDiff (3 + 13 blocks) t\\_switch = 1"]
+    assert "\\resizebox" not in tex and "\\usepackage{booktabs}" in tex.split("\\begin")[0]  # says what it needs
+    # Rows grouped the papers' way: a method with settings has a heading row, then a row per setting.
+    body = tex.split("\\midrule\n")[1].split("\n\\bottomrule")[0].splitlines()
+    first_cells = [line.split(" & ")[0].removesuffix(" \\\\") for line in body]
+    assert first_cells == ["U-ViT (13 blocks)", "U-ViT shallow (3 blocks)",
+                           "\\multicolumn{9}{@{}l}{Early exit, attention\\_probe}",
+                           "\\quad threshold = 0.05", "\\quad threshold = 0.1",
+                           "\\multicolumn{9}{@{}l}{Early exit, mlp\\_probe\\_per\\_layer}", "\\quad threshold = 0.1",
+                           "\\multicolumn{9}{@{}l}{DuoDiff (3 + 13 blocks)}", "\\quad t\\_switch = 1", "\\quad t\\_switch = 3"]
+    assert all(line.count(" & ") == 8 for line in body if "\\multicolumn" not in line)
+    duo = body[first_cells.index("\\quad t\\_switch = 1")]
     assert "\\textbf{19.50}" in duo and "\\textbf{0.380}" in duo
-    shallow = lines["U-ViT shallow (3 blocks) –"]
+    shallow = body[1]
     assert "\\textbf{5.25}" in shallow and "\\textbf{200.0}" in shallow and "\\textbf{4.00$\\times$}" in shallow
-    assert "Early exit, attention\\_probe threshold = 0.1" in lines
-    assert "n/a\\textsuperscript{1}" in lines["Early exit, attention\\_probe threshold = 0.1"]
+    assert "n/a\\textsuperscript{1}" in body[4]  # ee_attention_probe_thr0.1
     assert tex.count("\\textbf{") == 7  # one winner per marked column, as in the Markdown
     assert "gflops\\_per\\_forward\\_linear\\_conv" in tex  # notes are escaped too
 

@@ -363,45 +363,89 @@ def summary_markdown(frame: pd.DataFrame) -> str:
             "sample set.\n\n" + table + "\n\n" + notes + "\n")
 
 
+# Characters of the notes (free text, some from other files) that LaTeX would fail on or
+# mis-typeset: specials, and "<", ">", "|", which the default OT1 encoding prints as other glyphs
+# ("100 < 2048" as "100 ¡ 2048"). Non-ASCII letters pass: LaTeX reads UTF-8.
+LATEX_TEXT = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+              "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+              "<": r"\textless{}", ">": r"\textgreater{}", "|": r"\textbar{}",
+              "÷": r"$\div$", "×": r"$\times$", "±": r"$\pm$", "≤": r"$\leq$", "≥": r"$\geq$", "≈": r"$\approx$",
+              "→": r"$\rightarrow$", "↑": r"$\uparrow$", "↓": r"$\downarrow$", "µ": r"$\mu$",
+              "²": r"\textsuperscript{2}", "³": r"\textsuperscript{3}",
+              "…": r"\ldots{}", "—": "---", "–": "--"}
+
+
 def _escape_latex(text: str) -> str:
-    replacements = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-                    "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-                    "÷": r"$\div$", "×": r"$\times$", "…": r"\ldots{}", "—": "---", "–": "--"}
-    return "".join(replacements.get(char, char) for char in text)
+    return "".join(LATEX_TEXT.get(char, char) for char in text)
+
+
+def _stacked_header(tex: str) -> str:
+    """A header over two lines at its first space outside math ("Layer ratio", "Speed-up
+    (meas.)$\\uparrow$"), bottom-aligned, so that headers are no wider than their numbers."""
+    head, space, tail = tex.partition(" ")
+    if not space or head.count("$") % 2:
+        return tex
+    return f"\\shortstack[r]{{{head}\\\\{tail}}}"
 
 
 def summary_latex(frame: pd.DataFrame) -> str:
+    r"""summary.tex: the summary as a booktabs table* with its notes below, to \input in a paper.
+
+    Readable as it is: \footnotesize type (8 pt in a 10 pt document), never scaled to fit. To fit
+    the text width of a two-column paper (table*; in a one-column document table* is a plain
+    table), rows are grouped the papers' way: a method with swept settings (early exit, DuoDiff)
+    gets a heading row and one indented row per setting, so the first column is only as wide as
+    a setting; long headers take two lines. The notes follow in the same size. Needs booktabs.
+    """
     footnotes = _footnotes(frame)
     cells = _summary_cells(frame, footnotes, latex=True)
     mask = best_mask(frame)
-    styler = cells.style.hide(axis="index")
-    # Method and setting are free text (classifier names have underscores); the numeric cells
-    # already hold LaTeX ($\pm$, \textsuperscript) and must not be escaped.
-    styler = styler.format(subset=["Method", "Setting"], escape="latex")
-    styler = styler.apply(lambda column: ["textbf:--rwrap;" if best else "" for best in mask[column.name]],
-                          axis=0, subset=list(mask.columns))
-    styler = styler.relabel_index(["Method", "Setting"] + [tex for _, _, tex, _ in SUMMARY_COLUMNS], axis=1)
-    tabular = styler.to_latex(hrules=True, column_format="ll" + "r" * len(SUMMARY_COLUMNS))
-    notes = "\n".join(f"  {_escape_latex(note)}\\par" for note in _notes(frame, footnotes))
-    return ("% duodiff summary table; needs \\usepackage{booktabs}\n"
-            "\\begin{table}[t]\n\\centering\n\\small\n"
+    numbers = [column for column, *_ in SUMMARY_COLUMNS]
+    width = 1 + len(numbers)
+    rows, group = [], None
+    for index, row in cells.iterrows():
+        # Numeric cells already hold LaTeX ($\pm$, \textsuperscript); method and setting are free text.
+        values = [f"\\textbf{{{row[c]}}}" if mask.at[index, c] else row[c] for c in numbers]
+        if row["Setting"] == setting_label({"method": None}):  # no swept setting: one row, its method
+            label, group = _escape_latex(row["Method"]), None
+        else:
+            if row["Method"] != group:
+                rows.append(f"\\multicolumn{{{width}}}{{@{{}}l}}{{{_escape_latex(row['Method'])}}} \\\\")
+                group = row["Method"]
+            label = "\\quad " + _escape_latex(row["Setting"])
+        rows.append(" & ".join([label, *values]) + " \\\\")
+    header = " & ".join(["Method, setting"] + [_stacked_header(tex) for _, _, tex, _ in SUMMARY_COLUMNS]) + " \\\\"
+    tabular = ("\\begin{tabular}{@{}l" + "r" * len(numbers) + "@{}}\n\\toprule\n" + header + "\n\\midrule\n"
+               + "\n".join(rows) + "\n\\bottomrule\n\\end{tabular}\n")
+    notes = "\n".join(f"{_escape_latex(note)}\\par" for note in _notes(frame, footnotes))
+    return ("% duodiff summary table (`duodiff tables`: results/tables/summary.tex), to \\input in a paper.\n"
+            "% Needs \\usepackage{booktabs} (TeX Live: texlive-latex-recommended); nothing else.\n"
+            "% A table* (in a one-column document, the same as table) in footnotesize type, never scaled:\n"
+            "% about 450 pt wide with a study's labels, it fits a two-column paper's text width. For a\n"
+            "% narrower text block, \\scriptsize (7 pt) instead. Rewritten by `duodiff tables`: edit a copy.\n"
+            "\\begin{table*}[t]\n\\centering\n\\footnotesize\n\\setlength{\\tabcolsep}{4pt}\n"
             "\\caption{Sample quality and cost: full U-ViT, the shallow U-ViT alone, early exit "
             "(DeeDiff/AdaDiff) and DuoDiff.}\n\\label{tab:duodiff-summary}\n"
-            "\\resizebox{\\linewidth}{!}{%\n" + tabular + "}\n"
-            "\\smallskip\n{\\footnotesize\\raggedright\n" + notes + "\n}\n\\end{table}\n")
+            + tabular
+            + "\n\\smallskip\n\\begingroup\\raggedright\\setlength{\\parskip}{1pt}\n" + notes + "\n\\endgroup\n"
+            "\\end{table*}\n")
 
 
-# The HTML summary is what the Snakemake report shows in the browser (it cannot display Markdown).
+# The HTML summary is what the Snakemake report shows in the browser (it cannot display Markdown),
+# in a pane about 1000 px wide at a 1400 px window: headers and the method column wrap, numbers
+# and settings do not, and the padding is tight, so that the table fits without sideways scrolling.
 HTML_STYLE = """
-body { font-family: system-ui, sans-serif; margin: 1.5em; color: #1a1a1a; }
+body { font-family: system-ui, sans-serif; margin: 1em 1.25em; color: #1a1a1a; }
 h1 { font-size: 1.3em; }
-table { border-collapse: collapse; font-size: 0.9em; }
-thead th { border-top: 2px solid #333; border-bottom: 1px solid #333; padding: 0.35em 0.7em; text-align: right; }
+table { border-collapse: collapse; font-size: 0.85em; }
+thead th { border-top: 2px solid #333; border-bottom: 1px solid #333; padding: 0.35em 0.45em; text-align: right;
+           vertical-align: bottom; }
 thead th:nth-child(-n+2) { text-align: left; }
-tbody td { padding: 0.3em 0.7em; text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+tbody td { padding: 0.3em 0.45em; text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 tbody td:nth-child(-n+2) { text-align: left; }
+tbody td:first-child { white-space: normal; min-width: 9em; }
 tbody tr:last-child td { border-bottom: 2px solid #333; }
-ul { font-size: 0.85em; max-width: 70em; line-height: 1.4; }
+ul { font-size: 0.85em; max-width: 70em; line-height: 1.4; padding-left: 1.25em; }
 """
 
 

@@ -230,7 +230,7 @@ def sample_outputs(set_name, method):
         "grid": report(
             f"{folder}/grid.png",
             caption="../report/grid.rst",
-            category="Samples",
+            category="4. Samples",  # after the plots and tables (report.smk)
             subcategory=method,
             labels={"set": set_name, "method": method},
         ),

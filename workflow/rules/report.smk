@@ -1,7 +1,21 @@
 # The study's tables and plots (`duodiff tables`, `duodiff plots`), flagged for the Snakemake
 # report with the captions in workflow/report/.
+#
+# The report's menu lists categories by name, alphabetically, and a category's items by their
+# first label (by path when they have none), so the names carry the reading order: the main
+# result (the summary table, then FID against GFLOPs) first, then the other plots, the tables, and
+# the samples (common.smk). A category's items keep to ONE label: Snakemake turns a second label
+# with exactly two values into a toggle that merges items.
 
 PLOTS = ["quality_vs_gflops", "quality_vs_time", "exit_heatmap", "fid_vs_tswitch", "training_curves", "sample_grids"]
+MAIN_RESULT = "1. Main result"
+MAIN_PLOT = "quality_vs_gflops"
+REPORT_PLOTS = {
+    name: {"category": MAIN_RESULT, "labels": {"result": "2. FID against GFLOPs"}}
+    if name == MAIN_PLOT
+    else {"category": "2. Plots"}
+    for name in PLOTS
+}
 
 
 rule tables:
@@ -11,12 +25,18 @@ rule tables:
         cmmd=study_files("cmmd"),
         gflops=study_files("gflops"),
     output:
-        fid=report("results/tables/fid.csv", caption="../report/fid_table.rst", category="Tables"),
-        kid=report("results/tables/kid.csv", caption="../report/kid_table.rst", category="Tables"),
-        cmmd=report("results/tables/cmmd.csv", caption="../report/cmmd_table.rst", category="Tables"),
-        gflops=report("results/tables/gflops.csv", caption="../report/gflops_table.rst", category="Tables"),
+        fid=report("results/tables/fid.csv", caption="../report/fid_table.rst", category="3. Tables",
+                   labels={"table": "1. FID and cost (fid.csv)"}),
+        kid=report("results/tables/kid.csv", caption="../report/kid_table.rst", category="3. Tables",
+                   labels={"table": "2. KID (kid.csv)"}),
+        # Listed last: without CLIP weights every row is empty (the summary's notes say why).
+        cmmd=report("results/tables/cmmd.csv", caption="../report/cmmd_table.rst", category="3. Tables",
+                    labels={"table": "4. CMMD (cmmd.csv)"}),
+        gflops=report("results/tables/gflops.csv", caption="../report/gflops_table.rst", category="3. Tables",
+                      labels={"table": "3. GFLOPs (gflops.csv)"}),
         # The report shows html, not Markdown: summary.html is the summary.md table as a page.
-        summary_html=report("results/tables/summary.html", caption="../report/summary.rst", category="Tables"),
+        summary_html=report("results/tables/summary.html", caption="../report/summary.rst", category=MAIN_RESULT,
+                            labels={"result": "1. Summary table"}),
         summary_md="results/tables/summary.md",
         summary_tex="results/tables/summary.tex",
     params:
@@ -49,7 +69,7 @@ rule plots:
         reference=f"results/{config['experiment']}/reference/reference.json",
     output:
         png=[
-            report(f"results/plots/{name}.png", caption=f"../report/{name}.rst", category="Plots")
+            report(f"results/plots/{name}.png", caption=f"../report/{name}.rst", **REPORT_PLOTS[name])
             for name in PLOTS
         ],
         pdf=[f"results/plots/{name}.pdf" for name in PLOTS],
