@@ -71,8 +71,10 @@ def tables(root, sets=None):
                       sets=sets or list(reversed(ORDER)), output_dir=root / "tables")
 
 
-def markdown_rows(text):
-    """The summary table's header and rows as lists of stripped cells."""
+def markdown_rows(text, section=0):
+    """The header and rows of the summary's table (section 0) or of the operating points (section 1)
+    as lists of stripped cells."""
+    text = text.split("## Speed-up at equal quality")[section]
     lines = [line for line in text.splitlines() if line.startswith("|")]
     cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
     return cells[0], cells[2:]  # cells[1] is the alignment row
@@ -87,7 +89,8 @@ def study(tmp_path):
 def test_csvs_hold_the_inputs_in_paper_order_with_speedups(study):
     paths = tables(study)
     assert sorted(p.name for p in paths.values()) == ["cmmd.csv", "fid.csv", "gflops.csv", "kid.csv",
-                                                      "summary.html", "summary.md", "summary.tex"]
+                                                      "operating_points.csv", "scores.csv", "summary.html",
+                                                      "summary.md", "summary.tex"]
     fid = pd.read_csv(study / "tables" / "fid.csv")
     assert fid["set"].tolist() == ORDER
     contract = ["set", "method", "setting", "classifier_type", "threshold", "t_switch", "shallow_depth", "n_samples",
@@ -187,7 +190,8 @@ def test_summary_latex_bolds_the_same_cells_and_escapes_names(study):
 def test_summary_html_bolds_the_same_cells_for_the_report(study):
     tables(study)
     page = (study / "tables" / "summary.html").read_text()
-    assert page.startswith("<!DOCTYPE html>") and page.count("<tr>") == 1 + len(ORDER)
+    summary_table = page.split("<h2>")[0]  # the operating points follow in a table of their own
+    assert page.startswith("<!DOCTYPE html>") and summary_table.count("<tr>") == 1 + len(ORDER)
     # pandas' Styler names cells T_summary_row<r>_col<c> and bolds them with one CSS rule.
     bold = set()
     css = page.split('<style type="text/css">')[1].split("</style>")[0]

@@ -19,7 +19,9 @@ from duodiff.errors import DuodiffError
 COMMANDS = {
     "train": "duodiff.training",
     "sample": "duodiff.sampling",
+    "feature-net": "duodiff.metrics.feature_net",
     "reference": "duodiff.metrics.fid",
+    "real-set": "duodiff.metrics.fid",
     "fid": "duodiff.metrics.fid",
     "cmmd-reference": "duodiff.metrics.cmmd",
     "cmmd": "duodiff.metrics.cmmd",

@@ -34,8 +34,10 @@ from duodiff.tables import INTEGER_COLUMNS, blocks, method_label
 PLOT_NAMES = ["quality_vs_gflops", "quality_vs_time", "exit_heatmap", "fid_vs_tswitch",
               "training_curves", "sample_grids"]
 TABLE_COLUMNS = ["set", "method", "setting", "classifier_type", "threshold", "t_switch", "shallow_depth",
-                 "depth", "sampler", "steps", "seed", "n_samples", "fid", "gflops_per_forward",
-                 "gflops_per_image", "layer_ratio", "images_per_s"]
+                 "depth", "sampler", "steps", "seed", "n_samples", "score_name", "score", "score_ci_low",
+                 "score_ci_high", "gflops_per_forward", "gflops_per_image", "layer_ratio", "images_per_s"]
+FEWER_STEPS_STYLE = dict(color="0.35", marker="D", markersize=5, linewidth=1.3, linestyle="--")
+REAL_COLOR = "tab:green"
 LOSS_BOOKKEEPING = ["step", "loss", "lr", "steps_per_s"]  # loss.csv columns that are not loss parts
 
 # One sequential colour map per family, so every set of a family shares a hue and its setting
@@ -88,7 +90,7 @@ class Palette:
 
 
 def load_table(tables_dir) -> pd.DataFrame:
-    path = Path(tables_dir) / "fid.csv"
+    path = Path(tables_dir) / "scores.csv"
     require(path.is_file(), f"{path} does not exist (run `duodiff tables` first)")
     table = pd.read_csv(path)
     missing = [c for c in TABLE_COLUMNS if c not in table.columns]
@@ -113,6 +115,8 @@ def setting_line(row) -> str:
         return f"threshold {row['threshold']:g}"
     if row["method"] == "duodiff":
         return f"t_switch {row['t_switch']}"
+    if row["method"] == "fewer_steps":
+        return f"{row['steps']} steps"
     return ""
 
 
@@ -156,17 +160,55 @@ def pareto_front(sets: list[str], x: list[float], y: list[float]) -> list[str]:
 # FID against cost
 
 
+def score_label(table: pd.DataFrame) -> str:
+    name = table["score_name"].iloc[0]
+    what = "classifier features" if name != "FID" else "Inception"
+    return f"{name} ({what}; lower is better)"
+
+
+def error_bars(group: pd.DataFrame):
+    """(2, N) distances from each score down to its interval's low end and up to its high end."""
+    score = group["score"].astype(float).to_numpy()
+    return np.vstack([score - group["score_ci_low"].astype(float).to_numpy(),
+                      group["score_ci_high"].astype(float).to_numpy() - score])
+
+
+def draw_floor_and_full_band(ax, table: pd.DataFrame) -> None:
+    """The full model's 95% interval as a grey band (equal quality) and the real-data floor as a
+    green line with its own band: where a method sits between the two is what the plot is about."""
+    full = table[table["method"] == "full"].iloc[0]
+    if not pd.isna(full["score_ci_low"]):
+        ax.axhspan(full["score_ci_low"], full["score_ci_high"], color="0.85", zorder=0, label="full model's 95% CI")
+    real = table[table["method"] == "real"]
+    if len(real):
+        row = real.iloc[0]
+        ax.axhline(row["score"], color=REAL_COLOR, linewidth=1.2, linestyle="-.", label="real data (floor)")
+        if not pd.isna(row["score_ci_low"]):
+            ax.axhspan(row["score_ci_low"], row["score_ci_high"], color=REAL_COLOR, alpha=0.12, zorder=0)
+
+
+def cost_scale(values) -> tuple[float, str]:
+    """GFLOPs shown as MFLOPs when every value is below 1 GFLOP (the embedded models)."""
+    values = pd.to_numeric(pd.Series(values), errors="coerce")
+    return (1e3, "MFLOPs") if values.max() < 1 else (1.0, "GFLOPs")
+
+
 def quality_figure(table: pd.DataFrame, palette: Palette, cost: str, xlabel: str, title: str):
-    """FID against a cost column: one line per early-exit classifier and DuoDiff depth,
-    the full model as a star and the shallow model alone as a square."""
+    """The headline score (with its 95% interval as error bars) against a cost column: one line per
+    early-exit classifier and DuoDiff depth, the fewer-steps baseline as a dashed line, the full
+    model as a star, the shallow model alone as a square, the full model's interval as a band and
+    the real-data floor as a line."""
     fig = Figure(figsize=(6.6, 4.6), layout="constrained")
     ax = fig.subplots()
     points = []  # (set, x, y) of every drawn point, for the Pareto front
     annotations = []
+    real = table[table["method"] == "real"]
+    table = table[table["method"] != "real"]
 
     def draw(group: pd.DataFrame, label: str, **style):
-        xs, ys = group[cost].astype(float).tolist(), group["fid"].astype(float).tolist()
-        ax.plot(xs, ys, label=label, **style)
+        xs, ys = group[cost].astype(float).tolist(), group["score"].astype(float).tolist()
+        bars = error_bars(group)
+        ax.errorbar(xs, ys, yerr=None if np.isnan(bars).all() else bars, label=label, capsize=2, elinewidth=0.8, **style)
         points.extend(zip(group["set"], xs, ys))
         # Settings that land on the same point (e.g. thresholds at which nothing exits early)
         # share one annotation instead of printing over each other.
@@ -176,9 +218,8 @@ def quality_figure(table: pd.DataFrame, palette: Palette, cost: str, xlabel: str
         for (x, y), rows in at.items():
             text = setting_text(rows)
             if text:
-                ax.annotate(text, (x, y), xytext=(4, 4), textcoords="offset points", fontsize=7,
-                            color=style["color"])
-                annotations.append({"sets": [row["set"] for row in rows], "text": text, "x": x, "y": y})
+                annotations.append({"sets": [row["set"] for row in rows], "text": text, "x": x, "y": y,
+                                    "color": style["color"]})
 
     for (method, key), color in palette.family.items():
         if method == "early_exit":
@@ -189,12 +230,17 @@ def quality_figure(table: pd.DataFrame, palette: Palette, cost: str, xlabel: str
             label = f"DuoDiff, {key}-block shallow"
         if len(group):
             draw(group, label, color=color, marker="o", markersize=5, linewidth=1.5)
+    fewer = pd.concat([table[table["method"] == "full"], table[table["method"] == "fewer_steps"]])
+    if (fewer["method"] == "fewer_steps").any():
+        draw(fewer.sort_values("steps"), "full U-ViT, fewer steps", **FEWER_STEPS_STYLE)
     for _, row in table[table["method"] == "shallow"].iterrows():
         draw(table[table["set"] == row["set"]], f"shallow alone ({blocks(row['shallow_depth'])})",
              color=palette.colors[row["set"]], marker=SHALLOW_MARKER, markersize=8, linestyle="none",
              markerfacecolor="white", markeredgewidth=1.8)
     for _, row in table[table["method"] == "full"].iterrows():
         draw(table[table["set"] == row["set"]], f"full U-ViT ({blocks(row['depth'])})", **FULL_STYLE)
+    draw_floor_and_full_band(ax, pd.concat([table, real]))
+    place_labels(ax, annotations)
 
     sets, xs, ys = (list(v) for v in zip(*points))
     front = pareto_front(sets, xs, ys)
@@ -202,13 +248,37 @@ def quality_figure(table: pd.DataFrame, palette: Palette, cost: str, xlabel: str
     ax.plot([where[s][0] for s in front], [where[s][1] for s in front], color="0.5", linestyle=":",
             linewidth=1.2, zorder=0, drawstyle="steps-post", label="Pareto front")
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("FID (lower is better)")
+    ax.set_ylabel(score_label(table))
     ax.set_title(title)
-    ax.legend(loc="best", frameon=False)
-    return fig, {"x": cost, "y": "fid", "series": lines_drawn(ax), "annotations": annotations, "pareto": front}
+    fig.legend(loc="outside right upper", frameon=False)
+    return fig, {"x": cost, "y": "score", "series": lines_drawn(ax), "annotations": annotations, "pareto": front}
+
+
+def place_labels(ax, annotations: list[dict]) -> None:
+    """Setting labels beside their points, nudged apart vertically so none overlap: labels are
+    placed from the top down, each at least one line below the one above it when they share
+    an x range."""
+    if not annotations:
+        return
+    y_low, y_high = ax.get_ylim()
+    line = (y_high - y_low) * 0.045
+    placed: list[tuple[float, float]] = []
+    x_low, x_high = ax.get_xlim()
+    width = (x_high - x_low) * 0.18
+    for item in sorted(annotations, key=lambda a: -a["y"]):
+        y = item["y"]
+        for px, py in placed:
+            if abs(px - item["x"]) < width and abs(py - y) < line:
+                y = py - line
+        placed.append((item["x"], y))
+        item["label_y"] = y
+        ax.annotate(item["text"], (item["x"], item["y"]), xytext=(item["x"], y), textcoords="data", fontsize=7,
+                    color=item["color"], xycoords="data", ha="left", va="bottom",
+                    arrowprops=None if y == item["y"] else dict(arrowstyle="-", color=item["color"], lw=0.5))
 
 
 def sampling_caption(table: pd.DataFrame) -> str:
+    table = table[~table["method"].isin(["real", "fewer_steps"])]
     setups = table[["sampler", "steps"]].drop_duplicates()
     if len(setups) == 1:
         return f"{setups.iloc[0]['sampler']}, {setups.iloc[0]['steps']} steps"
@@ -216,8 +286,9 @@ def sampling_caption(table: pd.DataFrame) -> str:
 
 
 def plot_quality_vs_gflops(table, palette):
-    return quality_figure(table, palette, "gflops_per_forward",
-                          "GFLOPs per network evaluation (mean over steps and samples)",
+    scale, unit = cost_scale(table["gflops_per_image"])
+    table = table.assign(flops_per_image=table["gflops_per_image"].astype(float) * scale)
+    return quality_figure(table, palette, "flops_per_image", f"{unit} per image (all sampling steps)",
                           f"Quality against compute ({sampling_caption(table)})")
 
 
@@ -262,8 +333,9 @@ def exit_fractions(exit_layers, depth: int) -> np.ndarray:
 def exit_summaries(table: pd.DataFrame, samples_root) -> dict[str, np.ndarray]:
     """Every set's exit-layer fractions, read (and checked) once before anything is drawn. Only
     these (depth + 1, steps) summaries are kept: exit_layers.pt can hold millions of entries."""
+    generated = table[table["method"] != "real"]
     return {row["set"]: exit_fractions(load_exit_layers(samples_root, row), int(row["depth"]))
-            for _, row in tqdm(table.iterrows(), total=len(table), desc="exit layers", unit="set", leave=False)}
+            for _, row in tqdm(generated.iterrows(), total=len(generated), desc="exit layers", unit="set", leave=False)}
 
 
 def mean_exit_layer(fractions: np.ndarray) -> np.ndarray:
@@ -294,7 +366,7 @@ def plot_exit_heatmap(table, palette, summaries: dict[str, np.ndarray]):
                               interpolation="nearest", extent=(-0.5, steps - 0.5, -0.5, depth + 0.5))
             ax.plot(np.arange(steps), mean_exit_layer(fractions), color="white", linewidth=1.0, label="_mean")
             ax.set_title(f"{classifier}, threshold {row['threshold']:g}\nlayer ratio {row['layer_ratio']:.2f}, "
-                         f"FID {row['fid']:.1f}", fontsize=8)
+                         f"{row['score_name']} {row['score']:.1f}", fontsize=8)
             if r == bottom_row[c]:  # axis labels only at the outer edges of the grid
                 ax.set_xlabel("sampling step (0 = noisiest)")
             if c == 0:
@@ -312,7 +384,8 @@ def plot_exit_heatmap(table, palette, summaries: dict[str, np.ndarray]):
         top.text(0.5, 0.5, "No early-exit sample sets in this study", ha="center", va="center", color="0.4")
 
     ax = bottom.subplots()
-    for _, row in table.iterrows():  # table order: full, shallow, early exit, DuoDiff
+    # The early-exit sets against the full model: DuoDiff and the shallow model run fixed depths.
+    for _, row in table[table["method"].isin(["full", "early_exit"])].iterrows():
         mean = mean_exit_layer(summaries[row["set"]])
         style = dict(color=palette.colors[row["set"]], linewidth=1.4, drawstyle="steps-mid")
         # Dashed/dotted on top: the fixed-depth references stay visible where other sets coincide.
@@ -325,7 +398,7 @@ def plot_exit_heatmap(table, palette, summaries: dict[str, np.ndarray]):
     ax.set_xlabel("sampling step (0 = noisiest, left; clean image, right)")
     ax.set_ylabel("mean blocks executed")
     ax.set_ylim(bottom=0)
-    ax.set_title("Mean exit layer per sampling step, all sets")
+    ax.set_title("Mean exit layer per sampling step, early-exit sets and the full model")
     # Legend below the panel: beside it, it would widen the figure and push the colour bar away.
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncols=min(3, len(table)), frameon=False, fontsize=7)
     data["mean_exit_layer"] = lines_drawn(ax)
@@ -344,24 +417,27 @@ def plot_fid_vs_tswitch(table, palette):
         duo = table[(table["method"] == "duodiff") & (table["shallow_depth"] == depth)].sort_values("t_switch")
         shallow = table[(table["method"] == "shallow") & (table["shallow_depth"] == depth)]
         # Shallow alone is DuoDiff with t_switch = steps: the shallow model runs every step.
-        xs = duo["t_switch"].astype(float).tolist() + shallow["steps"].astype(float).tolist()
-        ys = duo["fid"].astype(float).tolist() + shallow["fid"].astype(float).tolist()
+        both = pd.concat([duo, shallow.assign(t_switch=shallow["steps"])])
+        xs, ys = both["t_switch"].astype(float).tolist(), both["score"].astype(float).tolist()
         color = palette.family.get(("duodiff", depth), palette.colors.get(next(iter(shallow["set"]), ""), "0.4"))
-        ax.plot(xs, ys, color=color, marker="o", markersize=5, label=f"DuoDiff, {depth}-block shallow")
+        bars = error_bars(both)
+        ax.errorbar(xs, ys, yerr=None if np.isnan(bars).all() else bars, color=color, marker="o", markersize=5,
+                    capsize=2, elinewidth=0.8, label=f"DuoDiff, {depth}-block shallow")
         if len(shallow):
-            ax.plot(shallow["steps"].astype(float), shallow["fid"].astype(float), color=color, marker=SHALLOW_MARKER,
+            ax.plot(shallow["steps"].astype(float), shallow["score"].astype(float), color=color, marker=SHALLOW_MARKER,
                     markersize=9, markerfacecolor="white", markeredgewidth=1.8, linestyle="none",
                     label=f"shallow alone ({blocks(depth)}, t_switch = steps)")
     for _, row in table[table["method"] == "full"].iterrows():
-        ax.axhline(float(row["fid"]), color="black", linestyle="--", linewidth=1.2,
+        ax.axhline(float(row["score"]), color="black", linestyle="--", linewidth=1.2,
                    label=f"full U-ViT ({blocks(row['depth'])})")
         # The full model is DuoDiff with t_switch = 0: a star there anchors the curve's left end.
-        ax.plot([0.0], [float(row["fid"])], label="_full_at_zero", **FULL_STYLE)
-    steps = int(table["steps"].max())
+        ax.plot([0.0], [float(row["score"])], label="_full_at_zero", **FULL_STYLE)
+    draw_floor_and_full_band(ax, table)
+    steps = int(table.loc[table["method"] != "real", "steps"].max())
     ax.set_xlim(-0.03 * steps, 1.03 * steps)  # the whole range: 0 = full model alone, steps = shallow alone
     ax.set_xlabel("t_switch (noisiest sampling steps run by the shallow model)")
-    ax.set_ylabel("FID (lower is better)")
-    ax.set_title(f"DuoDiff: FID against the switch step ({sampling_caption(table)})")
+    ax.set_ylabel(score_label(table))
+    ax.set_title(f"DuoDiff: {table['score_name'].iloc[0]} against the switch step ({sampling_caption(table)})")
     ax.legend(loc="best", frameon=False)
     if not depths:
         ax.text(0.5, 0.5, "no DuoDiff or shallow sample sets in this study", transform=ax.transAxes,
@@ -476,14 +552,16 @@ def sample_grid(samples_root, name: str, n_images: int) -> tuple[np.ndarray, str
 
 def plot_sample_grids(table, samples_root, reference, n_images: int):
     # As many real images as the sample grids hold (a set grid has its first <= n_images samples).
-    n_real = min(n_images, int(table["n_samples"].min()))
+    n_real = min(n_images, int(table.loc[table["method"] != "real", "n_samples"].min()))
     reference_images = image_files(Path(reference) / "images")
-    panels = [("Real images", grid_from_images(reference_images, n_real),
+    panels = [("Real images (reference)", grid_from_images(reference_images, n_real),
                f"{Path(reference) / 'images'} (first {min(n_real, len(reference_images))})", None)]
     for _, row in table.iterrows():
+        if row["method"] == "real":  # the held-out real images: the reference panel shows their kind
+            continue
         grid, source = sample_grid(samples_root, row["set"], n_images)
         setting = setting_line(row)
-        title = f"{method_label(row)}\n{setting + ', ' if setting else ''}FID {row['fid']:.2f}"
+        title = f"{method_label(row)}\n{setting + ', ' if setting else ''}{row['score_name']} {row['score']:.2f}"
         panels.append((title, grid, source, row["set"]))
     n_cols = min(len(panels), 4)
     n_rows = math.ceil(len(panels) / n_cols)
@@ -501,7 +579,7 @@ def plot_sample_grids(table, samples_root, reference, n_images: int):
         data["panels"].append({"set": name, "title": title, "source": source, "shape": list(grid.shape)})
     for ax in axes[len(panels):]:
         ax.set_visible(False)
-    seeds = sorted(table["seed"].dropna().unique().tolist())
+    seeds = sorted(table.loc[table["method"] != "real", "seed"].dropna().unique().tolist())
     same_seed = f"same seed ({seeds[0]}) for every set, so grids start from the same noise" if len(seeds) == 1 \
         else f"seeds differ between sets ({', '.join(map(str, seeds))}): grids are not noise-matched"
     fig.suptitle(f"Samples ({sampling_caption(table)}; {same_seed})")

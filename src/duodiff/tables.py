@@ -28,13 +28,24 @@ from duodiff.io import atomic_path, read_json, write_text
 
 # Sample-set names (docs/architecture.md, "Tables and plots"), one pattern per method.
 SET_NAME_PATTERNS = {
+    "real": re.compile(r"real"),
     "full": re.compile(r"full"),
+    "fewer_steps": re.compile(r"full_steps(\d+)"),
     "shallow": re.compile(r"shallow_d(\d+)"),
     "early_exit": re.compile(r"ee_(.+)_thr(.+)"),
     "duodiff": re.compile(r"duodiff_d(\d+)_ts(\d+)"),
 }
-SET_NAME_FORMS = "full, shallow_d<depth>, ee_<classifier_type>_thr<threshold>, duodiff_d<depth>_ts<t_switch>"
-METHOD_ORDER = ["full", "shallow", "early_exit", "duodiff"]
+SET_NAME_FORMS = ("real, full, full_steps<steps>, shallow_d<depth>, ee_<classifier_type>_thr<threshold>, "
+                  "duodiff_d<depth>_ts<t_switch>")
+METHOD_ORDER = ["real", "full", "fewer_steps", "shallow", "early_exit", "duodiff"]
+# The method a set's stats.json records: fewer-steps sets are the full model sampled with fewer steps.
+STATS_METHOD = {"fewer_steps": "full"}
+# The headline score (metrics.headline): which metric file it is read from and how it is named.
+HEADLINES = {
+    "inception": {"file": "fid", "name": "FID", "kid_name": "KID", "long": "FID (Inception, clean-fid)"},
+    "classifier": {"file": "fd_classifier", "name": "FD", "kid_name": "KD",
+                   "long": "Fréchet distance in the features of the dataset's own classifier"},
+}
 
 # Keys each input file must have (the contract); anything else in them is ignored.
 REQUIRED_KEYS = {
@@ -43,6 +54,9 @@ REQUIRED_KEYS = {
                    "images_per_s", "device", "torch_version"],
     "fid.json": ["fid", "kid", "kid_std", "n_samples", "n_reference", "feature_network",
                  "feature_network_sha256", "notes"],
+    "fd_classifier.json": ["fid", "fid_ci_low", "fid_ci_high", "kid", "kid_ci_low", "kid_ci_high", "n_samples",
+                           "n_reference", "feature_network", "feature_network_sha256", "notes"],
+    "real_stats.json": ["method", "n_samples", "notes"],
     "cmmd.json": ["cmmd", "available", "reason", "n_samples", "embedding_model"],
     "gflops.json": ["gflops_per_forward", "gflops_per_forward_linear_conv", "gflops_per_image",
                     "layer_ratio", "theoretical"],
@@ -55,16 +69,20 @@ ID_COLUMNS = ["set", "method", "setting", "classifier_type", "threshold", "t_swi
 INTEGER_COLUMNS = ["t_switch", "shallow_depth", "depth", "steps", "seed", "n_samples"]
 SPEED_COLUMNS = ["gflops_per_forward", "gflops_per_image", "layer_ratio", "images_per_s",
                  "speedup_measured", "speedup_theoretical"]
+SCORE_COLUMNS = ["score_name", "score", "score_ci_low", "score_ci_high", "score_vs_full"]
 CSV_COLUMNS = {
-    "fid": ID_COLUMNS + ["fid"] + SPEED_COLUMNS + ["feature_network", "n_reference"],
-    "kid": ID_COLUMNS + ["kid", "kid_std", "feature_network", "n_reference"],
+    "scores": ID_COLUMNS + SCORE_COLUMNS + ["kid_headline", "kid_headline_ci_low", "kid_headline_ci_high"]
+    + SPEED_COLUMNS + ["score_n_samples", "score_n_reference", "score_network"],
+    "fid": ID_COLUMNS + ["fid", "fid_ci_low", "fid_ci_high"] + SPEED_COLUMNS + ["feature_network", "n_reference"],
+    "kid": ID_COLUMNS + ["kid", "kid_std", "kid_ci_low", "kid_ci_high", "feature_network", "n_reference"],
     "cmmd": ID_COLUMNS + ["cmmd", "available", "reason", "embedding_model"],
     "gflops": ID_COLUMNS + ["gflops_per_forward", "gflops_per_forward_linear_conv",
                             "gflops_per_image", "layer_ratio", "images_per_s",
                             "speedup_measured", "speedup_theoretical"],
 }
 
-# Summary columns: (column in the data, Markdown header, LaTeX header, which value is best).
+# Summary columns: (column in the data, Markdown header, LaTeX header, which value is best). The
+# headline score's two columns come first, named by the headline (summary_columns).
 SUMMARY_COLUMNS = [
     ("fid", "FID ↓", r"FID$\downarrow$", "min"),
     ("kid", "KID×10³ ↓", r"KID$\times10^3\downarrow$", "min"),
@@ -75,13 +93,31 @@ SUMMARY_COLUMNS = [
     ("speedup_measured", "Speed-up (measured) ↑", r"Speed-up (meas.)$\uparrow$", "max"),
     ("speedup_theoretical", "Speed-up (theoretical) ↑", r"Speed-up (theor.)$\uparrow$", "max"),
 ]
+# Marks on a headline score whose interval does not overlap the full model's (compare_to_full).
+DIFFERS_MARK = {"worse": ("†", r"\textsuperscript{\dag}"), "better": ("‡", r"\textsuperscript{\ddag}")}
+
+
+def summary_columns(frame: pd.DataFrame) -> list[tuple[str, str, str, str | None]]:
+    """SUMMARY_COLUMNS, led by the headline score and its KID when the headline is not Inception."""
+    name = frame["score_name"].iloc[0]
+    # "[95% CI]" only where intervals were computed (metrics.bootstrap_resamples > 0).
+    ci, ci_tex = (" [95% CI]", r" [95\% CI]") if frame["score_ci_low"].notna().any() else ("", "")
+    if name == "FID":
+        return [("score", f"FID{ci} ↓", rf"FID{ci_tex}$\downarrow$", "min")] + SUMMARY_COLUMNS[1:]
+    return [
+        ("score", f"{name}{ci} ↓", rf"{name}{ci_tex}$\downarrow$", "min"),
+        ("kid_headline", f"KD×10³{ci} ↓", rf"KD$\times10^3${ci_tex}$\downarrow$", "min"),
+    ] + SUMMARY_COLUMNS
+
+
 # Least display precision of each summary column; a column of small numbers (the GFLOPs of an
 # 8x8 model) gets more, see `decimals`. Best-value marking compares the displayed (rounded)
 # values, so two numbers that print the same are both bold.
-DECIMALS = {"fid": 2, "kid": 2, "cmmd": 3, "gflops_per_forward": 2, "layer_ratio": 3,
-            "images_per_s": 1, "speedup_measured": 2, "speedup_theoretical": 2}
+DECIMALS = {"score": 2, "kid_headline": 2, "fid": 2, "kid": 2, "cmmd": 3, "gflops_per_forward": 2,
+            "layer_ratio": 3, "images_per_s": 1, "speedup_measured": 2, "speedup_theoretical": 2}
 SIGNIFICANT_DIGITS = 2  # at least this many for the smallest non-zero value of a column
 KID_SCALE = 1e3  # KID is printed x10^3, as is usual in papers
+KID_COLUMNS = ("kid", "kid_headline")
 SUPERSCRIPTS = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
 
 
@@ -104,14 +140,15 @@ def check_sets(sets) -> list[str]:
     return sets
 
 
-def _read(path: Path) -> dict:
+def _read(path: Path, contract: str | None = None) -> dict:
+    """A JSON input, checked against REQUIRED_KEYS[contract] (default: its file name)."""
     require(path.is_file(), f"{path} does not exist")
     try:
         data = read_json(path)
     except ValueError as error:
         raise DuodiffError(f"{path}: not valid JSON: {error}") from None
     require(isinstance(data, dict), f"{path}: expected a JSON object, found {type(data).__name__}")
-    missing = [key for key in REQUIRED_KEYS[path.name] if key not in data]
+    missing = [key for key in REQUIRED_KEYS[contract or path.name] if key not in data]
     require(not missing, f"{path}: missing {', '.join(missing)}")
     return data
 
@@ -124,26 +161,87 @@ def _number(path: Path, data: dict, key: str, positive: bool = False) -> float:
     return float(value)
 
 
-def read_set(samples_root, metrics_root, name: str) -> dict:
+def _interval(path: Path, data: dict, key: str) -> tuple[float, float]:
+    """(low, high) of a score's 95% interval; NaNs when the file has none (bootstrap off, or a
+    file from before intervals existed)."""
+    low, high = data.get(f"{key}_ci_low"), data.get(f"{key}_ci_high")
+    if low is None or high is None:
+        return math.nan, math.nan
+    return _number(path, data, f"{key}_ci_low"), _number(path, data, f"{key}_ci_high")
+
+
+def _scores(metrics_root, name: str, headline: str) -> dict:
+    """The set's Inception FID/KID and its headline score, with their intervals, as columns."""
+    fid_path = Path(metrics_root) / name / "fid.json"
+    fid = _read(fid_path)
+    row = {
+        "fid": _number(fid_path, fid, "fid"),
+        "kid": _number(fid_path, fid, "kid"),
+        "kid_std": _number(fid_path, fid, "kid_std"),
+        "fid_n_samples": fid["n_samples"], "n_reference": fid["n_reference"],
+        "feature_network": fid["feature_network"],
+        "feature_network_sha256": fid["feature_network_sha256"], "fid_notes": list(fid["notes"] or []),
+    }
+    row["fid_ci_low"], row["fid_ci_high"] = _interval(fid_path, fid, "fid")
+    row["kid_ci_low"], row["kid_ci_high"] = _interval(fid_path, fid, "kid")
+    spec = HEADLINES[headline]
+    score_path = Path(metrics_root) / name / f"{spec['file']}.json"
+    score = fid if spec["file"] == "fid" else _read(score_path)
+    row.update({
+        "score_name": spec["name"], "score": _number(score_path, score, "fid"),
+        "kid_headline": _number(score_path, score, "kid"),
+        "score_n_samples": score["n_samples"], "score_n_reference": score["n_reference"],
+        "score_network": score["feature_network"], "score_notes": list(score["notes"] or []),
+    })  # fmt: skip
+    row["score_ci_low"], row["score_ci_high"] = _interval(score_path, score, "fid")
+    row["kid_headline_ci_low"], row["kid_headline_ci_high"] = _interval(score_path, score, "kid")
+    return row
+
+
+def _cmmd(metrics_root, name: str) -> dict:
+    path = Path(metrics_root) / name / "cmmd.json"
+    cmmd = _read(path)
+    value = cmmd["cmmd"] if cmmd["available"] else None
+    if value is not None:
+        value = _number(path, cmmd, "cmmd")
+    reason = cmmd["reason"]
+    if value is None and not reason:
+        reason = "CMMD was not computed"
+    return {
+        "cmmd": value, "available": bool(cmmd["available"]) and value is not None,
+        "reason": None if value is not None else reason,
+        "cmmd_n_samples": cmmd["n_samples"], "embedding_model": cmmd["embedding_model"],
+    }
+
+
+def read_real(samples_root, metrics_root, headline: str) -> dict:
+    """The real-data row: held-out real images scored like a sample set (no sampling, no cost)."""
+    stats_path = Path(samples_root) / "real" / "stats.json"
+    stats = _read(stats_path, "real_stats.json")
+    require(stats["method"] == "real", f"{stats_path}: method is {stats['method']!r}, expected 'real'")
+    return {
+        "set": "real", "method": "real", "setting": "held-out real images",
+        "n_samples": stats["n_samples"], "real_notes": list(stats["notes"] or []),
+        **_scores(metrics_root, "real", headline), **_cmmd(metrics_root, "real"),
+    }  # fmt: skip
+
+
+def read_set(samples_root, metrics_root, name: str, headline: str = "inception") -> dict:
     """One sample set's row: its stats.json and metric files merged into flat columns."""
+    if name == "real":
+        return read_real(samples_root, metrics_root, headline)
     stats_path = Path(samples_root) / name / "stats.json"
-    metric_paths = {key: Path(metrics_root) / name / f"{key}.json" for key in ("fid", "cmmd", "gflops")}
+    gflops_path = Path(metrics_root) / name / "gflops.json"
     stats = _read(stats_path)
-    fid, cmmd, gflops = (_read(metric_paths[key]) for key in ("fid", "cmmd", "gflops"))
+    gflops = _read(gflops_path)
 
     method = method_of_set(name)
-    require(stats["method"] == method,
-            f"{stats_path}: method is {stats['method']!r} but the set name {name!r} says {method!r}")
+    recorded = STATS_METHOD.get(method, method)
+    require(stats["method"] == recorded,
+            f"{stats_path}: method is {stats['method']!r} but the set name {name!r} says {recorded!r}")
     shallow_depth = stats["shallow_depth"]
     if method == "shallow" and shallow_depth is None:
         shallow_depth = stats["depth"]  # a shallow set is one U-ViT: its depth is the shallow depth
-
-    cmmd_value = cmmd["cmmd"] if cmmd["available"] else None
-    if cmmd_value is not None:
-        cmmd_value = _number(metric_paths["cmmd"], cmmd, "cmmd")
-    reason = cmmd["reason"]
-    if cmmd_value is None and not reason:
-        reason = "CMMD was not computed"
 
     return {
         "set": name, "method": method, "setting": stats["setting"],
@@ -154,28 +252,41 @@ def read_set(samples_root, metrics_root, name: str) -> dict:
         "device": stats["device"], "torch_version": stats["torch_version"],
         "timing_clock": stats.get("timing_clock", "wall"),  # sets sampled before it was recorded: wall
         "precision": stats.get("precision", "fp32"),  # sets sampled before --precision existed: fp32
-        "fid": _number(metric_paths["fid"], fid, "fid"),
-        "kid": _number(metric_paths["fid"], fid, "kid"),
-        "kid_std": _number(metric_paths["fid"], fid, "kid_std"),
-        "fid_n_samples": fid["n_samples"], "n_reference": fid["n_reference"],
-        "feature_network": fid["feature_network"],
-        "feature_network_sha256": fid["feature_network_sha256"], "fid_notes": list(fid["notes"] or []),
-        "cmmd": cmmd_value, "available": bool(cmmd["available"]) and cmmd_value is not None,
-        "reason": None if cmmd_value is not None else reason,
-        "cmmd_n_samples": cmmd["n_samples"], "embedding_model": cmmd["embedding_model"],
-        "gflops_per_forward": _number(metric_paths["gflops"], gflops, "gflops_per_forward", positive=True),
-        "gflops_per_forward_linear_conv": _number(metric_paths["gflops"], gflops, "gflops_per_forward_linear_conv", positive=True),
-        "gflops_per_image": _number(metric_paths["gflops"], gflops, "gflops_per_image", positive=True),
-        "layer_ratio": _number(metric_paths["gflops"], gflops, "layer_ratio"),
+        **_scores(metrics_root, name, headline),
+        **_cmmd(metrics_root, name),
+        "gflops_per_forward": _number(gflops_path, gflops, "gflops_per_forward", positive=True),
+        "gflops_per_forward_linear_conv": _number(gflops_path, gflops, "gflops_per_forward_linear_conv", positive=True),
+        "gflops_per_image": _number(gflops_path, gflops, "gflops_per_image", positive=True),
+        "layer_ratio": _number(gflops_path, gflops, "layer_ratio"),
         "gflops_convention": gflops["theoretical"],
         "images_per_s": _number(stats_path, stats, "images_per_s", positive=True),
     }
 
 
+def compare_to_full(score: float, low: float, high: float, full_low: float, full_high: float) -> str:
+    """How a set's headline score stands to the full model's 95% interval:
+    "worse" / "better" when the two intervals do not overlap (the set differs beyond the
+    uncertainty of both), "within" when the score lies inside the full model's interval, else
+    "overlaps" (not distinguishable, but not inside the interval either). "" when either set has
+    no interval."""
+    if any(math.isnan(v) for v in (score, low, high, full_low, full_high)):
+        return ""
+    if low > full_high:
+        return "worse"
+    if high < full_low:
+        return "better"
+    return "within" if full_low <= score <= full_high else "overlaps"
+
+
 def _order_key(row) -> tuple:
-    """Paper order: full, shallow (by depth), early exit (classifier, threshold), DuoDiff (depth, t_switch)."""
+    """Paper order: real data, full, fewer steps (most first), shallow (by depth), early exit
+    (classifier, threshold), DuoDiff (depth, t_switch)."""
     method = row["method"]
     number = lambda v: float("inf") if v is None or pd.isna(v) else float(v)  # noqa: E731
+    if method == "fewer_steps":
+        return (METHOD_ORDER.index(method), "", -number(row["steps"]), 0.0)
+    if method == "real":
+        return (0, "", 0.0, 0.0)
     if method == "early_exit":
         return (METHOD_ORDER.index(method), str(row["classifier_type"]), number(row["threshold"]), 0.0)
     if method == "duodiff":
@@ -183,11 +294,16 @@ def _order_key(row) -> tuple:
     return (METHOD_ORDER.index(method), "", number(row["shallow_depth"]), 0.0)
 
 
-def collect(samples_root, metrics_root, sets) -> pd.DataFrame:
-    """All sets' rows in paper order, with speed-ups relative to `full`."""
+def collect(samples_root, metrics_root, sets, headline: str = "inception") -> pd.DataFrame:
+    """All sets' rows in paper order, with speed-ups relative to `full` and each headline score
+    placed against the full model's interval (score_vs_full, see compare_to_full)."""
     sets = check_sets(sets)
-    rows = sorted((read_set(samples_root, metrics_root, name) for name in sets), key=_order_key)
+    rows = sorted((read_set(samples_root, metrics_root, name, headline) for name in sets), key=_order_key)
     frame = pd.DataFrame(rows)
+    for column in ID_COLUMNS + SPEED_COLUMNS + ["batch_size", "device", "torch_version", "timing_clock",
+                                                "precision", "gflops_per_forward_linear_conv", "gflops_convention"]:
+        if column not in frame:  # a study of the real set alone has no sampling columns
+            frame[column] = None
     for column in INTEGER_COLUMNS:  # nullable integers, so t_switch 300 stays "300", not "300.0"
         frame[column] = frame[column].astype("Int64")
     full = frame.loc[frame["set"] == "full"].iloc[0]
@@ -197,7 +313,61 @@ def collect(samples_root, metrics_root, sets) -> pd.DataFrame:
     frame["layer_ratio"] = frame["layer_ratio"] * frame["depth"] / full["depth"]
     frame["speedup_measured"] = frame["images_per_s"] / full["images_per_s"]
     frame["speedup_theoretical"] = full["gflops_per_image"] / frame["gflops_per_image"]
+    frame["score_vs_full"] = [
+        "" if name == "full" else compare_to_full(score, low, high, full["score_ci_low"], full["score_ci_high"])
+        for name, score, low, high in zip(frame["set"], frame["score"], frame["score_ci_low"], frame["score_ci_high"])
+    ]
     return frame
+
+
+# ---- speed-up at equal quality ---------------------------------------------------------------------
+
+OPERATING_POINT_COLUMNS = ["method", "family", "set", "setting", "score_name", "score", "score_ci_low",
+                           "score_ci_high", "full_score", "full_ci_low", "full_ci_high", "layer_ratio",
+                           "speedup_measured", "speedup_theoretical", "note"]
+
+
+def method_families(frame: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
+    """The methods an operating point is chosen for: (method, family label, its sets) for fewer
+    steps, early exit per classifier type and DuoDiff per shallow depth."""
+    families = []
+    sets = frame[frame["method"] == "fewer_steps"]
+    if len(sets):
+        families.append(("fewer_steps", "fewer steps", sets))
+    for classifier in frame.loc[frame["method"] == "early_exit", "classifier_type"].drop_duplicates():
+        sets = frame[(frame["method"] == "early_exit") & (frame["classifier_type"] == classifier)]
+        families.append(("early_exit", str(classifier), sets))
+    for depth in frame.loc[frame["method"] == "duodiff", "shallow_depth"].drop_duplicates():
+        sets = frame[(frame["method"] == "duodiff") & (frame["shallow_depth"] == depth)]
+        families.append(("duodiff", f"shallow depth {depth}", sets))
+    return families
+
+
+def operating_points(frame: pd.DataFrame) -> pd.DataFrame:
+    """Speed-up at equal quality: per method family, the fastest set (highest theoretical speed-up,
+    i.e. fewest GFLOPs per image; measured speed-up breaks ties) whose headline score is no worse
+    than the upper end of the full model's 95% interval, i.e. inside that interval or below it.
+    A family with no such set gets a row that says so (set and numbers empty)."""
+    full = frame.loc[frame["set"] == "full"].iloc[0]
+    limit = full["score_ci_high"]
+    rows = []
+    for method, family, sets in method_families(frame):
+        base = {"method": method, "family": family, "score_name": full["score_name"], "full_score": full["score"],
+                "full_ci_low": full["score_ci_low"], "full_ci_high": limit}
+        if math.isnan(limit):
+            rows.append({**base, "note": "the full model's score has no interval (metrics.bootstrap_resamples: 0)"})
+            continue
+        good = sets[sets["score"] <= limit]
+        if good.empty:
+            best = sets.loc[sets["score"].idxmin()]
+            rows.append({**base, "note": f"no setting within the full model's interval (best: {best['set']}, "
+                                         f"{full['score_name']} {best['score']:.3g})"})
+            continue
+        pick = good.sort_values(["speedup_theoretical", "speedup_measured"], ascending=False).iloc[0]
+        rows.append({**base, **{k: pick[k] for k in ("set", "setting", "score", "score_ci_low", "score_ci_high",
+                                                     "layer_ratio", "speedup_measured", "speedup_theoretical")},
+                     "note": ""})
+    return pd.DataFrame(rows, columns=OPERATING_POINT_COLUMNS)
 
 
 def decimals(column: str, values) -> int:
@@ -216,8 +386,12 @@ def blocks(n) -> str:
 def method_label(row) -> str:
     """How a set's method reads in tables and legends."""
     method = row["method"]
+    if method == "real":
+        return "Real data (held out)"
     if method == "full":
         return f"U-ViT ({blocks(row['depth'])})"
+    if method == "fewer_steps":
+        return f"U-ViT ({blocks(row['depth'])}), fewer steps"
     if method == "shallow":
         return f"U-ViT shallow ({blocks(row['shallow_depth'])})"
     if method == "early_exit":
@@ -231,17 +405,24 @@ def setting_label(row) -> str:
         return f"threshold = {row['threshold']:g}"
     if row["method"] == "duodiff":
         return f"t_switch = {row['t_switch']:g}"
+    if row["method"] == "fewer_steps":
+        return f"{row['steps']} steps"
+    if row["method"] == "real":
+        return f"{row['n_samples']} images"
     return "–"
 
 
 def best_mask(frame: pd.DataFrame) -> pd.DataFrame:
-    """True where a summary cell holds its column's best value (compared as displayed)."""
-    mask = pd.DataFrame(False, index=frame.index, columns=[c for c, *_ in SUMMARY_COLUMNS])
-    for column, _, _, best in SUMMARY_COLUMNS:
+    """True where a summary cell holds its column's best value (compared as displayed) among the
+    generated sets (the real-data row is the floor, not a contender)."""
+    columns = summary_columns(frame)
+    mask = pd.DataFrame(False, index=frame.index, columns=[c for c, *_ in columns])
+    generated = frame["method"] != "real"
+    for column, _, _, best in columns:
         if best is None:
             continue
-        scale = KID_SCALE if column == "kid" else 1.0
-        values = pd.to_numeric(frame[column], errors="coerce").mul(scale)
+        scale = KID_SCALE if column in KID_COLUMNS else 1.0
+        values = pd.to_numeric(frame[column], errors="coerce").mul(scale).where(generated)
         values = values.round(decimals(column, values))
         if values.notna().any():
             target = values.min() if best == "min" else values.max()
@@ -257,16 +438,35 @@ def _footnotes(frame: pd.DataFrame) -> dict[str, int]:
     return numbers
 
 
+def _fmt(value, digits: int, suffix: str = "") -> str:
+    return "–" if value is None or pd.isna(value) else f"{value:,.{digits}f}{suffix}"
+
+
 def _summary_cells(frame: pd.DataFrame, footnotes: dict[str, int], latex: bool) -> pd.DataFrame:
-    """The summary's cells as text (numbers rounded; n/a with a footnote mark), not yet bolded."""
+    """The summary's cells as text (numbers rounded; n/a with a footnote mark; – where a column
+    does not apply, as the cost of the real-data row), not yet bolded."""
     cells = pd.DataFrame(index=frame.index)
     cells["Method"] = frame.apply(method_label, axis=1)
     cells["Setting"] = frame.apply(setting_label, axis=1)
-    for column, *_ in SUMMARY_COLUMNS:
-        scale = KID_SCALE if column == "kid" else 1.0
+    pm = r" $\pm$ " if latex else " ± "
+    for column, *_ in summary_columns(frame):
+        scale = KID_SCALE if column in KID_COLUMNS else 1.0
         digits = decimals(column, frame[column] * scale)
-        if column == "kid":
-            pm = r" $\pm$ " if latex else " ± "
+        if column == "score":
+            text = []
+            for row in frame.itertuples():
+                cell = _fmt(row.score, digits)
+                if not pd.isna(row.score_ci_low):
+                    cell += f" [{row.score_ci_low:.{digits}f}, {row.score_ci_high:.{digits}f}]"
+                mark = DIFFERS_MARK.get(row.score_vs_full)
+                text.append(cell + (mark[1 if latex else 0] if mark else ""))
+        elif column == "kid_headline":
+            text = [_fmt(v * KID_SCALE, digits) + ("" if pd.isna(lo) else f" [{lo * KID_SCALE:.{digits}f}, {hi * KID_SCALE:.{digits}f}]")
+                    for v, lo, hi in zip(frame["kid_headline"], frame["kid_headline_ci_low"], frame["kid_headline_ci_high"])]
+        elif column == "fid":
+            text = [_fmt(v, digits) + ("" if pd.isna(lo) else f" [{lo:.{digits}f}, {hi:.{digits}f}]")
+                    for v, lo, hi in zip(frame["fid"], frame["fid_ci_low"], frame["fid_ci_high"])]
+        elif column == "kid":
             text = [f"{k * KID_SCALE:.{digits}f}{pm}{s * KID_SCALE:.{digits}f}"
                     for k, s in zip(frame["kid"], frame["kid_std"])]
         elif column == "cmmd":
@@ -275,9 +475,9 @@ def _summary_cells(frame: pd.DataFrame, footnotes: dict[str, int], latex: bool) 
                     for v, r in zip(frame["cmmd"], frame["reason"])]
         elif column.startswith("speedup"):
             times = r"$\times$" if latex else "×"
-            text = [f"{v:.{digits}f}{times}" for v in frame[column]]
+            text = [_fmt(v, digits, times) for v in frame[column]]
         else:
-            text = [f"{v:,.{digits}f}" for v in frame[column]]
+            text = [_fmt(v, digits) for v in frame[column]]
         cells[column] = text
     return cells
 
@@ -291,14 +491,32 @@ def sentence(text) -> str:
 def _notes(frame: pd.DataFrame, footnotes: dict[str, int]) -> list[str]:
     """Conventions and caveats printed under the table (plain text; the LaTeX writer escapes it)."""
     full = frame.loc[frame["set"] == "full"].iloc[0]
-    notes = []
+    real = frame[frame["method"] == "real"]
+    frame = frame[frame["method"] != "real"]  # the notes on sampling and cost are about generated sets
+    notes = [_headline_note(full)]
+    if len(real):
+        row = real.iloc[0]
+        notes.append(f"Real data: {row['n_samples']} real images that are not in the reference, scored against it "
+                     f"like a sample set: the floor no method can beat except by chance"
+                     + (f" ({' '.join(sentence(n) for n in row['real_notes'])})" if row["real_notes"] else "") + ".")
+    marks = frame["score_vs_full"]
+    notes.append(f"† / ‡: the set's 95% interval lies wholly above / below the full model's "
+                 f"({full['score_ci_low']:.4g} to {full['score_ci_high']:.4g}): worse / better beyond the uncertainty "
+                 f"of both; {int((marks == 'worse').sum())} worse, {int((marks == 'better').sum())} better, "
+                 f"{int(marks.isin(['within', 'overlaps']).sum())} indistinguishable."
+                 if not pd.isna(full["score_ci_low"]) else
+                 "No confidence intervals (metrics.bootstrap_resamples: 0): sets cannot be told apart from noise.")
 
     setups = frame[["sampler", "steps", "seed"]].drop_duplicates()
     if len(setups) == 1:
         notes.append(f"Sampling: {full['sampler']} with {full['steps']} steps, seed {full['seed']} for every set.")
-    else:
+    elif (frame["method"] != "fewer_steps").all() or len(frame[frame["method"] != "fewer_steps"][["sampler", "steps", "seed"]].drop_duplicates()) > 1:
         per_set = "; ".join(f"{r.set}: {r.sampler} {r.steps} steps, seed {r.seed}" for r in frame.itertuples())
         notes.append(f"Sampling differs between sets ({per_set}).")
+    else:
+        fewer = ", ".join(str(v) for v in frame.loc[frame["method"] == "fewer_steps", "steps"])
+        notes.append(f"Sampling: {full['sampler']} with {full['steps']} steps, seed {full['seed']} for every set; "
+                     f"the fewer-steps sets run the full model with {fewer} steps from the same noise.")
 
     counts = frame[["n_samples", "fid_n_samples", "n_reference", "cmmd_n_samples"]].drop_duplicates()
     if len(counts) == 1:
@@ -312,7 +530,7 @@ def _notes(frame: pd.DataFrame, footnotes: dict[str, int]) -> list[str]:
     networks = frame[["feature_network", "feature_network_sha256"]].drop_duplicates()
     described = ", ".join(f"{r.feature_network} (sha256 {str(r.feature_network_sha256)[:12]}…)"
                           for r in networks.itertuples())
-    notes.append(f"FID and KID: clean-fid, mode clean, features from {described}"
+    notes.append(f"FID (Inception) and KID: clean-fid, mode clean, features from {described}"
                  + (" — feature networks differ between sets, so their FIDs are not comparable." if len(networks) > 1 else "."))
 
     fid_notes: dict[str, list[str]] = {}
@@ -344,8 +562,21 @@ def _notes(frame: pd.DataFrame, footnotes: dict[str, int]) -> list[str]:
 
     for reason, number in footnotes.items():
         notes.append(f"[{number}] CMMD n/a: {sentence(reason)}")
-    notes.append("Bold: best value per column (lowest FID, KID, CMMD and GFLOPs; highest images/s and speed-ups).")
+    notes.append("Bold: best value per column among the generated sets (lowest scores and GFLOPs; highest "
+                 "images/s and speed-ups).")
     return notes
+
+
+def _headline_note(full) -> str:
+    name = full["score_name"]
+    if name == "FID":
+        what = "FID: clean-fid's Fréchet Inception distance"
+    else:
+        what = (f"{name} / KD: Fréchet distance / KID in the features of a classifier trained on the dataset "
+                f"({full['score_network']}; duodiff feature-net), the headline scores")
+    return (f"{what}, each with its 95% confidence interval (BCa bootstrap over the set's images, the reference "
+            f"fixed), from {full['score_n_samples']} images per set against {full['score_n_reference']} reference "
+            "images. Lower is better.")
 
 
 def summary_markdown(frame: pd.DataFrame) -> str:
@@ -354,13 +585,44 @@ def summary_markdown(frame: pd.DataFrame) -> str:
     mask = best_mask(frame)
     for column in mask.columns:
         cells[column] = [f"**{text}**" if best else text for text, best in zip(cells[column], mask[column])]
-    cells.columns = ["Method", "Setting"] + [md for _, md, _, _ in SUMMARY_COLUMNS]
+    columns = summary_columns(frame)
+    cells.columns = ["Method", "Setting"] + [md for _, md, _, _ in columns]
     # disable_numparse: the cells are already formatted; tabulate would re-format "1.000" as "1".
-    table = cells.to_markdown(index=False, disable_numparse=True, colalign=["left", "left"] + ["right"] * len(SUMMARY_COLUMNS))
+    table = cells.to_markdown(index=False, disable_numparse=True, colalign=["left", "left"] + ["right"] * len(columns))
     notes = "\n".join(f"- {note}" for note in _notes(frame, footnotes))
+    points = operating_point_cells(operating_points(frame))
+    points_table = points.to_markdown(index=False, disable_numparse=True)
     return ("# Results: sample quality and cost per method\n\n"
-            "Full U-ViT, the shallow U-ViT alone, early exit (DeeDiff/AdaDiff) and DuoDiff, one row per "
-            "sample set.\n\n" + table + "\n\n" + notes + "\n")
+            "Full U-ViT, the fewer-steps baseline, the shallow U-ViT alone, early exit (DeeDiff/AdaDiff) and "
+            "DuoDiff, one row per sample set, below the real-data floor.\n\n" + table + "\n\n" + notes + "\n\n"
+            "## Speed-up at equal quality\n\n" + OPERATING_POINTS_TEXT + "\n\n" + points_table + "\n")
+
+
+OPERATING_POINTS_TEXT = (
+    "Per method, the fastest setting (most theoretical speed-up) whose headline score is no worse than the "
+    "upper end of the full model's 95% interval (operating_points.csv)."
+)
+
+
+def operating_point_cells(points: pd.DataFrame) -> pd.DataFrame:
+    """operating_points() as display text: one row per method family."""
+    rows = []
+    for p in points.itertuples():
+        if not isinstance(p.set, str):
+            rows.append({"Method": _family_label(p), "Set": "–", p.score_name + " [95% CI]": "–",
+                         "Layer ratio": "–", "Speed-up (measured)": "–", "Speed-up (theoretical)": "–",
+                         "Note": p.note})
+            continue
+        rows.append({"Method": _family_label(p), "Set": p.set,
+                     p.score_name + " [95% CI]": f"{p.score:.2f} [{p.score_ci_low:.2f}, {p.score_ci_high:.2f}]",
+                     "Layer ratio": f"{p.layer_ratio:.3f}", "Speed-up (measured)": f"{p.speedup_measured:.2f}×",
+                     "Speed-up (theoretical)": f"{p.speedup_theoretical:.2f}×", "Note": p.note or ""})
+    return pd.DataFrame(rows)
+
+
+def _family_label(point) -> str:
+    return {"fewer_steps": "Fewer steps", "early_exit": f"Early exit, {point.family}",
+            "duodiff": f"DuoDiff, {point.family}"}[point.method]
 
 
 # Characters of the notes (free text, some from other files) that LaTeX would fail on or
@@ -400,7 +662,8 @@ def summary_latex(frame: pd.DataFrame) -> str:
     footnotes = _footnotes(frame)
     cells = _summary_cells(frame, footnotes, latex=True)
     mask = best_mask(frame)
-    numbers = [column for column, *_ in SUMMARY_COLUMNS]
+    columns = summary_columns(frame)
+    numbers = [column for column, *_ in columns]
     width = 1 + len(numbers)
     rows, group = [], None
     for index, row in cells.iterrows():
@@ -414,7 +677,7 @@ def summary_latex(frame: pd.DataFrame) -> str:
                 group = row["Method"]
             label = "\\quad " + _escape_latex(row["Setting"])
         rows.append(" & ".join([label, *values]) + " \\\\")
-    header = " & ".join(["Method, setting"] + [_stacked_header(tex) for _, _, tex, _ in SUMMARY_COLUMNS]) + " \\\\"
+    header = " & ".join(["Method, setting"] + [_stacked_header(tex) for _, _, tex, _ in columns]) + " \\\\"
     tabular = ("\\begin{tabular}{@{}l" + "r" * len(numbers) + "@{}}\n\\toprule\n" + header + "\n\\midrule\n"
                + "\n".join(rows) + "\n\\bottomrule\n\\end{tabular}\n")
     notes = "\n".join(f"{_escape_latex(note)}\\par" for note in _notes(frame, footnotes))
@@ -457,14 +720,17 @@ def summary_html(frame: pd.DataFrame) -> str:
     styler = styler.format(escape="html")
     styler = styler.apply(lambda column: ["font-weight: bold" if best else "" for best in mask[column.name]],
                           axis=0, subset=list(mask.columns))
-    styler = styler.relabel_index(["Method", "Setting"] + [md for _, md, _, _ in SUMMARY_COLUMNS], axis=1)
+    styler = styler.relabel_index(["Method", "Setting"] + [md for _, md, _, _ in summary_columns(frame)], axis=1)
     notes = "\n".join(f"<li>{html.escape(note)}</li>" for note in _notes(frame, footnotes))
+    points = operating_point_cells(operating_points(frame)).style.hide(axis="index").format(escape="html")
+    points_html = (f"<h2>Speed-up at equal quality</h2>\n<p>{html.escape(OPERATING_POINTS_TEXT)}</p>\n"
+                   + points.set_uuid("operating_points").to_html())
     return ("<!DOCTYPE html>\n<html>\n<head>\n<meta charset=\"utf-8\">\n"
             "<title>duodiff results: sample quality and cost per method</title>\n"
             f"<style>{HTML_STYLE}</style>\n</head>\n<body>\n"
             "<h1>Results: sample quality and cost per method</h1>\n"
             "<p>Full U-ViT, the shallow U-ViT alone, early exit (DeeDiff/AdaDiff) and DuoDiff, one row per "
-            "sample set.</p>\n" + styler.to_html() + f"\n<ul>\n{notes}\n</ul>\n</body>\n</html>\n")
+            "sample set.</p>\n" + styler.to_html() + f"\n<ul>\n{notes}\n</ul>\n{points_html}\n</body>\n</html>\n")
 
 
 def _write_frame(frame: pd.DataFrame, path: Path) -> None:
@@ -472,15 +738,18 @@ def _write_frame(frame: pd.DataFrame, path: Path) -> None:
         frame.to_csv(tmp, index=False)
 
 
-def run_tables(samples_root, metrics_root, sets, output_dir) -> dict[str, Path]:
-    """Write fid/kid/cmmd/gflops.csv, summary.md, summary.tex and summary.html to output_dir;
-    return their paths."""
-    frame = collect(samples_root, metrics_root, sets)  # reads and checks everything before writing
+def run_tables(samples_root, metrics_root, sets, output_dir, headline: str = "inception") -> dict[str, Path]:
+    """Write scores/fid/kid/cmmd/gflops.csv, operating_points.csv, summary.md, summary.tex and
+    summary.html to output_dir; return their paths."""
+    require(headline in HEADLINES, f"--headline must be one of {', '.join(HEADLINES)}; got {headline!r}")
+    frame = collect(samples_root, metrics_root, sets, headline)  # reads and checks everything before writing
     output_dir = Path(output_dir)
     paths = {}
     for name, columns in CSV_COLUMNS.items():
         paths[f"{name}.csv"] = output_dir / f"{name}.csv"
         _write_frame(frame[columns], paths[f"{name}.csv"])
+    paths["operating_points.csv"] = output_dir / "operating_points.csv"
+    _write_frame(operating_points(frame), paths["operating_points.csv"])
     paths["summary.md"] = output_dir / "summary.md"
     write_text(paths["summary.md"], summary_markdown(frame))
     paths["summary.tex"] = output_dir / "summary.tex"
@@ -499,5 +768,8 @@ def add_cli(subparsers) -> None:
     add_flag(parser, "--metrics-root", required=True, help="results/<dataset>/metrics")
     add_flag(parser, "--sets", nargs="+", required=True, help="sample-set names, e.g. full shallow_d3 ee_attention_probe_thr0.1")
     add_flag(parser, "--output-dir", required=True, help="where the tables go, e.g. results/tables")
+    add_flag(parser, "--headline", default="inception", choices=list(HEADLINES),
+             help="the score the summary, marks and operating points use: inception (fid.json) or classifier "
+                  "(fd_classifier.json)")
     parser.set_defaults(func=lambda args: run_tables(samples_root=args.samples_root, metrics_root=args.metrics_root,
-                                                     sets=args.sets, output_dir=args.output_dir))
+                                                     sets=args.sets, output_dir=args.output_dir, headline=args.headline))

@@ -97,6 +97,8 @@ def run_train(
     load_backbone=None,
     freeze_backbone=False,
     use_unweighted_loss=False,
+    loss_weighting="uniform",
+    min_snr_gamma=5.0,
 ) -> dict:
     """Train, resuming from log_path/checkpoint.pt if present. Returns a summary dict."""
     args = dict(locals())
@@ -182,6 +184,8 @@ def _train(args, cfg, data, device, dist_info, resume, log_path):
     batches = iter(loader)
     lo, hi = rank * local_batch, (rank + 1) * local_batch
     T = diffusion.num_timesteps
+    weights = loss_weights(diffusion, args["loss_weighting"], args["min_snr_gamma"]).to(device)
+    weight_of = weights.__getitem__  # t (B,) -> the per-sample loss weights (B,)
 
     # ---- the loop -----------------------------------------------------------------------------
     interactive = sys.stderr.isatty()
@@ -209,9 +213,10 @@ def _train(args, cfg, data, device, dist_info, resume, log_path):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 output = model(x_t, t, y)
             if kind == "early_exit":
-                loss, parts = early_exit_loss(*output, target, args["use_unweighted_loss"])
+                loss, parts = early_exit_loss(*output, target, args["use_unweighted_loss"], weight_of(t))
             else:
-                loss, parts = F.mse_loss(output.float(), target.float()), {}
+                per_sample = (output.float() - target.float()).square().flatten(1).mean(1)
+                loss, parts = (per_sample * weight_of(t)).mean(), {}
 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -286,19 +291,43 @@ def _train(args, cfg, data, device, dist_info, resume, log_path):
 
 # ---- losses, EMA, schedule ------------------------------------------------------------------------
 
+LOSS_WEIGHTINGS = ("uniform", "min_snr")
 
-def early_exit_loss(outputs, uncertainties, target, use_unweighted_loss=False):
-    """DeeDiff's loss (see the module docstring) -> (total, {part name: value})."""
+
+def loss_weights(diffusion: GaussianDiffusion, weighting: str, gamma: float) -> torch.Tensor:
+    """Per-timestep weights (T,) of the MSE: uniform = DDPM's L_simple (1 everywhere); min_snr =
+    Min-SNR-gamma (Hang et al., ICCV 2023, 2303.09556), which caps the weight that the
+    parametrization implicitly gives the nearly clean timesteps. In terms of the x0 error, the
+    noise MSE weighs timestep t by SNR_t = abar_t / (1 - abar_t), up to 1e4 near t = 0, so a small
+    model spends its capacity on noise it cannot see; min_snr weighs the x0 error by
+    min(SNR_t, gamma) instead: the noise MSE times min(SNR_t, gamma) / SNR_t, the x0 MSE times
+    min(SNR_t, gamma)."""
+    if weighting == "uniform":
+        return torch.ones(diffusion.num_timesteps)
+    abar = diffusion._float64["alphas_cumprod"]
+    snr = abar / (1 - abar)
+    capped = snr.clamp(max=gamma)
+    weights = capped / snr if diffusion.parametrization == "predict_noise" else capped
+    return weights.float()
+
+
+
+def early_exit_loss(outputs, uncertainties, target, use_unweighted_loss=False, weights=None):
+    """DeeDiff's loss (see the module docstring) -> (total, {part name: value}).
+
+    weights (B,): per-sample weights of the image losses (loss_weights: Min-SNR-gamma); the
+    probes' L_u stays unweighted, since its target is the error the probe must predict."""
     target = target.float()
     exits = [g.float() for g in outputs[:-1]]  # g_0 .. g_{depth-1}
     u = uncertainties.float()  # (B, depth)
+    w = torch.ones(target.shape[0], device=target.device) if weights is None else weights.float()
     error = torch.stack([(g - target).square().flatten(1).mean(1) for g in exits], dim=1)  # (B, depth)
     with torch.no_grad():
         u_hat = torch.stack([torch.tanh((g - target).abs()).flatten(1).mean(1) for g in exits], dim=1)
-    loss_simple = (outputs[-1].float() - target).square().mean()
+    loss_simple = ((outputs[-1].float() - target).square().flatten(1).mean(1) * w).mean()
     loss_u = (u - u_hat).square().mean(0).sum()
-    loss_ual = ((1 - u_hat) * error).mean(0).sum()
-    loss_unweighted = error.mean(0).sum()
+    loss_ual = ((1 - u_hat) * error * w[:, None]).mean(0).sum()
+    loss_unweighted = (error * w[:, None]).mean(0).sum()
     total = loss_simple + loss_u + loss_ual
     if use_unweighted_loss:
         total = total + loss_unweighted
@@ -529,6 +558,8 @@ def validate(args: dict, world_size: int) -> dict:
     _number("--beta2", args["beta2"], 0, 1, high_open=True)
     _number("--grad-clip", args["grad_clip"], 0, math.inf, high_open=True)
     _number("--ema-decay", args["ema_decay"], 0, 1, high_open=True)
+    check_choice("--loss-weighting", args["loss_weighting"], LOSS_WEIGHTINGS)
+    _number("--min-snr-gamma", args["min_snr_gamma"], 0, math.inf, low_open=True, high_open=True)
     require(
         args["batch_size"] % world_size == 0,
         f"--batch-size {args['batch_size']} must be divisible by the number of processes ({world_size}); "
@@ -583,6 +614,10 @@ def validate(args: dict, world_size: int) -> dict:
             "n_steps", "batch_size", "lr", "weight_decay", "beta1", "beta2", "warmup_steps", "grad_clip",
             "ema_decay", "use_amp", "seed", "classifier_type", "freeze_backbone", "use_unweighted_loss",
         )},
+        # Settings added later enter only when they differ from the old behaviour, so checkpoints
+        # written before them still resume.
+        **({"loss_weighting": args["loss_weighting"], "min_snr_gamma": args["min_snr_gamma"]}
+           if args["loss_weighting"] != "uniform" else {}),
         "load_backbone": str(args["load_backbone"]) if args["load_backbone"] is not None else None,
     }
     train_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in args.items()}
@@ -660,6 +695,8 @@ def add_cli(subparsers) -> None:
     add_flag(p, "--load-backbone", default=None, help="early exit: a trained U-ViT model.pt for the backbone")
     add_flag(p, "--freeze-backbone", action="store_true", help="early exit: train only the exit heads and probes")
     add_flag(p, "--use-unweighted-loss", action="store_true", help="early exit: add the unweighted per-exit MSE")
+    add_flag(p, "--loss-weighting", default="uniform", help="uniform (DDPM's L_simple) | min_snr (Min-SNR-gamma)")
+    add_flag(p, "--min-snr-gamma", type=float, default=5.0, help="min_snr: the cap on the signal-to-noise ratio")
     p.set_defaults(func=_cli)
 
 

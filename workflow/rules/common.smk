@@ -22,6 +22,9 @@ CLASSIFIER_TYPES = _SCHEMA["properties"]["early_exit"]["properties"]["classifier
 DOWNLOADABLE = ("cifar10", "celeba")
 # Datasets that read files (digits ships with scikit-learn).
 NEEDS_ROOT = ("cifar10", "celeba", "imagenet64", "imagefolder")
+# Datasets with class labels and small native images, on which metrics.headline classifier can
+# train its feature network (duodiff.data.NUM_CLASSES and NATIVE_SIZE).
+LABELLED_SMALL = ("digits", "cifar10")
 # A shallow model replaces the full one for the first t_switch steps on the same images
 # (and the same class labels), so these must agree between the two.
 SHARED_MODEL_KEYS = ("img_size", "patch_size", "in_chans", "num_classes")
@@ -36,12 +39,15 @@ THRESHOLD_PATTERN = r"\d+(\.\d+)?(e-\d+)?"
 wildcard_constraints:
     experiment=r"[A-Za-z0-9][A-Za-z0-9_-]*",
     depth=r"\d+",
+    steps=r"\d+",
     t_switch=r"\d+",
     classifier_type="|".join(CLASSIFIER_TYPES),
     threshold=THRESHOLD_PATTERN,
     set="|".join(
         [
             r"full",
+            r"full_steps\d+",
+            r"real",
             r"shallow_d\d+",
             rf"ee_({'|'.join(CLASSIFIER_TYPES)})_thr{THRESHOLD_PATTERN}",
             r"duodiff_d\d+_ts\d+",
@@ -131,6 +137,20 @@ def check_config(config, dryrun: bool) -> None:
             f"{config['device']}); on the CPU use fp32 or bf16"
         )
 
+    for steps in sampling["fewer_steps"]:
+        if sampling["sampler"] == "ddpm" or not 1 <= steps < sampling["steps"]:
+            raise ValueError(
+                f"invalid config: sampling.fewer_steps {steps} must be in [1, sampling.steps = {sampling['steps']}) "
+                "with the ddim sampler (the full model with fewer steps than the study's sets)"
+            )
+    headline = config["metrics"]["headline"]
+    if headline == "classifier" and (dataset["name"] not in LABELLED_SMALL or (dataset["image_size"] or 0) > 32):
+        raise ValueError(
+            f"invalid config: metrics.headline classifier trains a small classifier on the dataset, which needs class "
+            f"labels and images of at most 32 px (datasets {', '.join(LABELLED_SMALL)}); dataset {dataset['name']} "
+            "does not qualify: use metrics.headline: inception"
+        )
+
     for t_switch in config["duodiff"]["t_switch"]:
         if not 0 <= t_switch <= sampling["steps"]:
             raise ValueError(
@@ -201,6 +221,7 @@ def shallow_config(wildcards) -> str:
 def sample_sets() -> list:
     """Every sample set of the study, in the order of the papers' tables."""
     sets = ["full"]
+    sets += [f"full_steps{steps}" for steps in sorted(config["sampling"]["fewer_steps"], reverse=True)]
     sets += [f"shallow_d{depth}" for depth in shallow_depths()]
     sets += [
         f"ee_{classifier}_thr{threshold_label(threshold)}"
@@ -209,6 +230,11 @@ def sample_sets() -> list:
     ]
     sets += [f"duodiff_d{depth}_ts{t}" for depth in shallow_depths() for t in config["duodiff"]["t_switch"]]
     return sets
+
+
+def scored_sets() -> list:
+    """Every set the tables score: the sample sets and, when reference.n_real > 0, the real images."""
+    return sample_sets() + (["real"] if config["reference"]["n_real"] > 0 else [])
 
 
 def model_dirs() -> list:
@@ -246,11 +272,17 @@ def study_files(kind):
         "exit_layers": "results/{experiment}/samples/{name}/exit_layers.pt",
         "grids": "results/{experiment}/samples/{name}/grid.png",
         "fid": "results/{experiment}/metrics/{name}/fid.json",
+        "fd_classifier": "results/{experiment}/metrics/{name}/fd_classifier.json",
         "cmmd": "results/{experiment}/metrics/{name}/cmmd.json",
         "gflops": "results/{experiment}/metrics/{name}/gflops.json",
         "losses": "results/{experiment}/models/{name}/loss.csv",
     }
-    names = model_dirs() if kind == "losses" else sample_sets()
+    if kind == "fd_classifier" and config["metrics"]["headline"] != "classifier":
+        return []
+    # Scores cover the real images too; sampling cost and exits exist for generated sets only.
+    names = {"losses": model_dirs(), "fid": scored_sets(), "fd_classifier": scored_sets(), "cmmd": scored_sets()}.get(
+        kind, sample_sets()
+    )
     return expand(patterns[kind], experiment=experiment, name=names)
 
 
@@ -300,9 +332,12 @@ def train_flags(stage: str) -> str:
     )
 
 
-def sampling_flags() -> str:
+def sampling_flags(steps=None) -> str:
+    """The `duodiff sample` settings of config `sampling`; `steps` overrides its steps (fewer steps)."""
     sampling = config["sampling"]
     settings = {key: sampling[key] for key in ("sampler", "steps", "eta", "n_samples", "batch_size", "seed", "precision")}
+    if steps is not None:
+        settings["steps"] = steps
     settings["no_ema"] = not sampling["use_ema"]
     settings["device"] = config["device"]
     return cli_flags(settings)
@@ -322,7 +357,25 @@ def reference_flags() -> str:
 
 def fid_flags() -> str:
     metrics = config["metrics"]
-    return cli_flags({**metrics["fid"], "num_workers": metrics["num_workers"], "device": config["device"]})
+    settings = {**metrics["fid"], "bootstrap_resamples": metrics["bootstrap_resamples"]}
+    return cli_flags({**settings, "num_workers": metrics["num_workers"], "device": config["device"]})
+
+
+def fd_classifier_flags() -> str:
+    """`duodiff fid --feature-net`: every image of the set (max_samples is Inception's budget)."""
+    metrics = config["metrics"]
+    settings = {key: value for key, value in metrics["fid"].items() if key != "max_samples"}
+    settings["bootstrap_resamples"] = metrics["bootstrap_resamples"]
+    return cli_flags({**settings, "num_workers": metrics["num_workers"], "device": config["device"]})
+
+
+def feature_net_flags() -> str:
+    return " ".join([dataset_flags(), cli_flags(config["metrics"]["classifier"])])
+
+
+def real_set_flags() -> str:
+    reference = config["reference"]
+    return " ".join([dataset_flags(), cli_flags({"n_reference": reference["n_reference"], "n_images": reference["n_real"]})])
 
 
 def cmmd_flags() -> str:

@@ -1,6 +1,8 @@
 # The real images every sample set is compared with, once per dataset: the images and their
 # Inception features (FID/KID) from `duodiff reference`, their CLIP embeddings (CMMD) from
-# `duodiff cmmd-reference`.
+# `duodiff cmmd-reference`; the real images that are not in the reference, scored like a sample
+# set (the floor), from `duodiff real-set`; and, for metrics.headline classifier, the dataset's
+# own feature network from `duodiff feature-net`.
 
 
 rule reference:
@@ -42,3 +44,42 @@ rule cmmd_reference:
         ENV
     shell:
         "duodiff cmmd-reference --reference {params.folder} --output {output} {params.flags} > {log} 2>&1"
+
+
+rule real_set:
+    output:
+        "results/{experiment}/samples/real/stats.json",
+    params:
+        folder=subpath(output[0], parent=True),
+        flags=real_set_flags(),
+    log:
+        "results/logs/real_set/{experiment}.log",
+    benchmark:
+        "results/benchmarks/real_set/{experiment}.tsv"
+    threads: config["threads"]["score"]
+    resources:
+        **resources("score"),
+    conda:
+        ENV
+    shell:
+        "duodiff real-set {params.flags} --output-folder {params.folder} > {log} 2>&1"
+
+
+rule feature_net:
+    output:
+        model="results/{experiment}/feature_net/model.pt",
+        info="results/{experiment}/feature_net/feature_net.json",
+    params:
+        folder=subpath(output.model, parent=True),
+        flags=feature_net_flags(),
+    log:
+        "results/logs/feature_net/{experiment}.log",
+    benchmark:
+        "results/benchmarks/feature_net/{experiment}.tsv"
+    threads: config["threads"]["score"]
+    resources:
+        **resources("score"),
+    conda:
+        ENV
+    shell:
+        "duodiff feature-net {params.flags} --output-folder {params.folder} > {log} 2>&1"

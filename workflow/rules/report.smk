@@ -21,19 +21,25 @@ REPORT_PLOTS = {
 rule tables:
     input:
         stats=study_files("stats"),
+        real=expand(rules.real_set.output, experiment=config["experiment"]) if config["reference"]["n_real"] else [],
         fid=study_files("fid"),
+        fd_classifier=study_files("fd_classifier"),
         cmmd=study_files("cmmd"),
         gflops=study_files("gflops"),
     output:
+        scores=report("results/tables/scores.csv", caption="../report/scores_table.rst", category="3. Tables",
+                      labels={"table": "1. Headline scores with intervals (scores.csv)"}),
+        operating_points=report("results/tables/operating_points.csv", caption="../report/operating_points.rst",
+                                category="3. Tables", labels={"table": "2. Speed-up at equal quality (operating_points.csv)"}),
         fid=report("results/tables/fid.csv", caption="../report/fid_table.rst", category="3. Tables",
-                   labels={"table": "1. FID and cost (fid.csv)"}),
+                   labels={"table": "3. FID and cost (fid.csv)"}),
         kid=report("results/tables/kid.csv", caption="../report/kid_table.rst", category="3. Tables",
-                   labels={"table": "2. KID (kid.csv)"}),
+                   labels={"table": "4. KID (kid.csv)"}),
         # Listed last: without CLIP weights every row is empty (the summary's notes say why).
         cmmd=report("results/tables/cmmd.csv", caption="../report/cmmd_table.rst", category="3. Tables",
-                    labels={"table": "4. CMMD (cmmd.csv)"}),
+                    labels={"table": "6. CMMD (cmmd.csv)"}),
         gflops=report("results/tables/gflops.csv", caption="../report/gflops_table.rst", category="3. Tables",
-                      labels={"table": "3. GFLOPs (gflops.csv)"}),
+                      labels={"table": "5. GFLOPs (gflops.csv)"}),
         # The report shows html, not Markdown: summary.html is the summary.md table as a page.
         summary_html=report("results/tables/summary.html", caption="../report/summary.rst", category=MAIN_RESULT,
                             labels={"result": "1. Summary table"}),
@@ -43,7 +49,8 @@ rule tables:
         # results/<experiment>/samples/<set>/stats.json -> results/<experiment>/samples
         samples_root=subpath(lambda wildcards, input: input.stats[0], ancestor=2),
         metrics_root=subpath(lambda wildcards, input: input.fid[0], ancestor=2),
-        sets=" ".join(sample_sets()),
+        sets=" ".join(scored_sets()),
+        headline=config["metrics"]["headline"],
         output_dir=subpath(output.fid, parent=True),
     log:
         "results/logs/tables/tables.log",
@@ -56,7 +63,7 @@ rule tables:
         ENV
     shell:
         "duodiff tables --samples-root {params.samples_root} --metrics-root {params.metrics_root} "
-        "--sets {params.sets} --output-dir {params.output_dir} > {log} 2>&1"
+        "--sets {params.sets} --headline {params.headline} --output-dir {params.output_dir} > {log} 2>&1"
 
 
 rule plots:

@@ -27,6 +27,28 @@ rule sample_full:
         "--output-folder {params.folder} > {log} 2>&1"
 
 
+rule sample_fewer_steps:
+    input:
+        model=rules.sample_full.input.model,
+    output:
+        **sample_outputs("full_steps{steps}", "fewer_steps"),
+    params:
+        folder=subpath(output.stats, parent=True),
+        flags=lambda wildcards: sampling_flags(steps=int(wildcards.steps)),
+    log:
+        "results/logs/sample_fewer_steps/{experiment}/full_steps{steps}.log",
+    benchmark:
+        "results/benchmarks/sample_fewer_steps/{experiment}/full_steps{steps}.tsv"
+    threads: config["threads"]["sample"]
+    resources:
+        **resources("sample"),
+    conda:
+        ENV
+    shell:
+        "duodiff sample --method full --checkpoint-path {input.model} {params.flags} "
+        "--output-folder {params.folder} > {log} 2>&1"
+
+
 rule sample_shallow:
     input:
         model="results/{experiment}/models/shallow_d{depth}/model.pt",

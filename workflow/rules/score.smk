@@ -1,5 +1,7 @@
-# Scoring every sample set: FID and KID against the reference features, CMMD against the
-# reference's CLIP embeddings, and the GFLOPs the set's sampling cost (from its exit layers).
+# Scoring every sample set: FID and KID against the reference features, the same in the features
+# of the dataset's own classifier (metrics.headline classifier), CMMD against the reference's CLIP
+# embeddings, and the GFLOPs the set's sampling cost (from its exit layers). The real-data set
+# (rule real_set) is scored like the others.
 
 
 rule fid:
@@ -24,6 +26,31 @@ rule fid:
     shell:
         "duodiff fid --samples {params.samples} --reference {params.reference} --output {output} "
         "{params.flags} > {log} 2>&1"
+
+
+rule fd_classifier:
+    input:
+        stats="results/{experiment}/samples/{set}/stats.json",
+        reference="results/{experiment}/reference/reference.json",
+        feature_net=rules.feature_net.output.model,
+    output:
+        "results/{experiment}/metrics/{set}/fd_classifier.json",
+    params:
+        samples=subpath(input.stats, parent=True),
+        reference=subpath(input.reference, parent=True),
+        flags=fd_classifier_flags(),
+    log:
+        "results/logs/fd_classifier/{experiment}/{set}.log",
+    benchmark:
+        "results/benchmarks/fd_classifier/{experiment}/{set}.tsv"
+    threads: config["threads"]["score"]
+    resources:
+        **resources("score"),
+    conda:
+        ENV
+    shell:
+        "duodiff fid --feature-net {input.feature_net} --samples {params.samples} --reference {params.reference} "
+        "--output {output} {params.flags} > {log} 2>&1"
 
 
 rule cmmd:

@@ -43,6 +43,7 @@ from duodiff.distributed import default_device
 from duodiff.errors import DuodiffError, check_choice, check_positive, require
 from duodiff.io import atomic_path, read_json, write_json
 from duodiff.metrics.feature_cache import cached_features, remove_cache
+from duodiff.metrics.uncertainty import CONFIDENCE, bootstrap_interval, frechet_statistic, kid_statistic
 
 FEATURE_NETWORKS = ("auto", "clean-fid", "fid-helper")
 FEATURE_DIM = 2048
@@ -146,8 +147,9 @@ def image_files(folder) -> list[Path]:
     return sorted(Path(folder).glob("*.png"))
 
 
-def image_features(files, fn, batch_size=50, device="cpu", num_workers=0, description="") -> np.ndarray:
-    """Features (N, 2048) of image files, through clean-fid's own "clean" loader and resizer."""
+def image_features(files, fn, batch_size=50, device="cpu", num_workers=0, description="", resize=None) -> np.ndarray:
+    """Features (N, d) of image files, through clean-fid's own "clean" loader and resizer
+    (`resize`: a custom resizer, clean-fid's custom_fn_resize; the feature network's own size)."""
     from cleanfid.fid import get_files_features
 
     return get_files_features(
@@ -157,17 +159,18 @@ def image_features(files, fn, batch_size=50, device="cpu", num_workers=0, descri
         batch_size=batch_size,
         device=torch.device(device),
         mode=MODE,
+        custom_fn_resize=resize,
         description=description,
         verbose=True,
     )
 
 
-def cached_image_features(files, fn, info, cache, chunk_size, batch_size, device, num_workers, description) -> np.ndarray:
+def cached_image_features(files, fn, info, cache, chunk_size, batch_size, device, num_workers, description, resize=None) -> np.ndarray:
     """image_features, chunk by chunk through the cache folder (feature_cache.py), keyed by the
     network's sha256: the chunks a killed job finished are not computed again."""
     return cached_features(
         files,
-        lambda chunk, label: image_features(chunk, fn, batch_size, device, num_workers, description=label),
+        lambda chunk, label: image_features(chunk, fn, batch_size, device, num_workers, description=label, resize=resize),
         cache, info["feature_network_sha256"], chunk_size, description,
     )  # fmt: skip
 
@@ -194,12 +197,13 @@ def kid_with_std(ref_features, features, num_subsets=100, max_subset_size=1000, 
     return float(np.mean(values)), float(np.std(values))
 
 
-def small_sample_notes(n_samples: int, n_reference: int) -> list[str]:
+def small_sample_notes(n_samples: int, n_reference: int, feature_dim: int = FEATURE_DIM) -> list[str]:
+    """Fréchet distances from fewer images than feature dimensions are biased upward."""
     notes = []
-    if n_samples < FEATURE_DIM:
-        notes.append(f"FID from {n_samples} < {FEATURE_DIM} samples is biased upward; compare only at equal N")
-    if n_reference < FEATURE_DIM:
-        notes.append(f"reference statistics from only {n_reference} < {FEATURE_DIM} real images")
+    if n_samples < feature_dim:
+        notes.append(f"FID from {n_samples} < {feature_dim} samples is biased upward; compare only at equal N")
+    if n_reference < feature_dim:
+        notes.append(f"reference statistics from only {n_reference} < {feature_dim} real images")
     return notes
 
 
@@ -222,8 +226,6 @@ def run_reference(
 ) -> dict:
     """The first n_reference training images -> DIR/images/*.png, DIR/features.npz, DIR/reference.json."""
     from duodiff import data
-    # The samples' own quantisation and PNG writer, so real and generated images take one path.
-    from duodiff.sampling import save_png, to_uint8
 
     check_choice("--dataset", dataset, data.DATASETS)
     require(
@@ -245,29 +247,10 @@ def run_reference(
     fn, info = feature_extractor(feature_network, device)
 
     # reference.json marks a finished reference: remove it first so a half-rewritten folder never
-    # looks complete. The images are written to a temporary folder that replaces images/ at once.
+    # looks complete. The first n images, in dataset order: deterministic, the same for every run.
     output_folder.mkdir(parents=True, exist_ok=True)
     (output_folder / "reference.json").unlink(missing_ok=True)
-    tmp_images = Path(tempfile.mkdtemp(prefix=".tmp-images-", dir=output_folder))
-    try:
-        # The first n images, in dataset order: deterministic, the same for every run.
-        loader = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(real, range(n_reference)), batch_size=batch_size, shuffle=False, num_workers=num_workers
-        )
-        from tqdm import tqdm
-
-        index = 0
-        for images, _ in tqdm(loader, desc="reference images", unit="batch"):
-            for image in to_uint8(images):
-                save_png(image, tmp_images / f"{index:06d}.png")
-                index += 1
-        final_images = output_folder / "images"
-        if final_images.exists():
-            shutil.rmtree(final_images)
-        os.replace(tmp_images, final_images)
-    finally:
-        if tmp_images.exists():
-            shutil.rmtree(tmp_images)
+    final_images = write_dataset_images(real, range(n_reference), output_folder, batch_size, num_workers, "reference images")
 
     files = image_files(final_images)
     cache = output_folder / REFERENCE_CACHE
@@ -293,6 +276,82 @@ def run_reference(
     write_json(output_folder / "reference.json", meta)
     remove_cache(cache)
     return meta
+
+
+def write_dataset_images(real, indices, folder: Path, batch_size: int, num_workers: int, description: str) -> Path:
+    """Dataset images `indices` -> folder/images/000000.png, ... through the samples' own
+    quantisation and PNG writer, so real and generated images take one path to the scores. The
+    images go to a temporary folder that replaces images/ at once."""
+    from tqdm import tqdm
+
+    from duodiff.sampling import save_png, to_uint8
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp_images = Path(tempfile.mkdtemp(prefix=".tmp-images-", dir=folder))
+    try:
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(real, list(indices)), batch_size=batch_size, shuffle=False, num_workers=num_workers
+        )
+        index = 0
+        for images, _ in tqdm(loader, desc=description, unit="batch"):
+            for image in to_uint8(images):
+                save_png(image, tmp_images / f"{index:06d}.png")
+                index += 1
+        final_images = folder / "images"
+        if final_images.exists():
+            shutil.rmtree(final_images)
+        os.replace(tmp_images, final_images)
+    finally:
+        if tmp_images.exists():
+            shutil.rmtree(tmp_images)
+    return final_images
+
+
+# ---------------------------------------------------------------------------------------------
+# duodiff real-set: the floor
+
+
+def run_real_set(
+    *, dataset: str, n_reference: int, n_images: int, output_folder, data_root=None, download: bool = False,
+    image_size: int | None = None, batch_size: int = 50, num_workers: int = 0,
+) -> dict:
+    """Real images that are not in the reference (the n_images after its first n_reference) ->
+    DIR/images/*.png and DIR/stats.json (method "real"): scored against the reference like any
+    sample set, they give the floor every method's score is read against. When the dataset has
+    fewer than n_reference + n_images images, all that are left are used and stats.json says so."""
+    from duodiff import data
+
+    check_choice("--dataset", dataset, data.DATASETS)
+    for name, value in (("--n-reference", n_reference), ("--n-images", n_images)):
+        require(isinstance(value, int) and value >= 2, f"{name} must be an integer >= 2; got {value!r}")
+    check_positive("--batch-size", batch_size)
+    output_folder = Path(output_folder)
+    real = data.load_dataset(dataset, root=data_root, download=download, image_size=image_size, train=True)
+    available = len(real) - n_reference
+    require(
+        available >= 2,
+        f"--dataset {dataset} has {len(real)} training images: none are left for a real-data set after the "
+        f"{n_reference} of the reference (--n-reference); lower reference.n_reference",
+    )
+    count = min(n_images, available)
+    (output_folder / "stats.json").unlink(missing_ok=True)  # stats.json marks a finished set
+    write_dataset_images(real, range(n_reference, n_reference + count), output_folder, batch_size, num_workers, "real images")
+    stats = {
+        "method": "real",
+        "dataset": dataset,
+        "n_samples": count,
+        "n_requested": n_images,
+        "image_size": real.image_size,
+        "channels": real.channels,
+        "selection": f"training images {n_reference} to {n_reference + count - 1} in dataset order (the reference "
+        f"holds the first {n_reference}), unflipped",
+        "notes": [] if count == n_images else [
+            f"real-data row from {count} images, not {n_images}: {dataset} has only {len(real)}, "
+            f"{n_reference} of which are the reference"
+        ],
+    }  # fmt: skip
+    write_json(output_folder / "stats.json", stats)
+    return stats
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,22 +423,92 @@ def run_fid(
     kid_subset_size: int = 1000,
     seed: int = 0,
     chunk_size: int = 1000,
+    feature_net=None,
+    max_samples: int | None = None,
+    bootstrap_resamples: int = 1000,
 ) -> dict:
-    """FID and KID of DIR/images/*.png against a reference folder -> FILE.json."""
+    """FID and KID of DIR/images/*.png against a reference folder -> FILE.json.
+
+    feature_net: a `duodiff feature-net` model.pt; its features replace Inception's on both sides
+    (the reference's images are passed through it here: a few hundred small images take a second).
+    max_samples: score only the first N images of the set. bootstrap_resamples: resamples of the
+    95% confidence intervals of FID and KID (uncertainty.py; 0: none)."""
     check_positive("--batch-size", batch_size)
     check_positive("--kid-subsets", kid_subsets)
     check_positive("--chunk-size", chunk_size)
     require(isinstance(kid_subset_size, int) and kid_subset_size >= 2, f"--kid-subset-size must be >= 2; got {kid_subset_size!r}")
     require(isinstance(num_workers, int) and num_workers >= 0, f"--num-workers must be >= 0; got {num_workers!r}")
+    require(
+        max_samples is None or (isinstance(max_samples, int) and max_samples >= 2),
+        f"--max-samples must be an integer >= 2; got {max_samples!r}",
+    )
+    require(
+        isinstance(bootstrap_resamples, int) and bootstrap_resamples >= 0,
+        f"--bootstrap-resamples must be an integer >= 0; got {bootstrap_resamples!r}",
+    )
     samples = Path(samples)
-    files = image_files(samples / "images")
+    files = image_files(samples / "images")[:max_samples]
     require(
         len(files) >= 2,
         f"--samples {samples}: found {len(files)} PNGs in {samples / 'images'}; FID and KID need at least 2",
     )
     ref_meta, ref_features = load_reference(reference)
     device = device or default_device()
+    cache = Path(output).parent / FID_CACHE
 
+    resize = None  # Inception: clean-fid's own 299 px resize
+    if feature_net is None:
+        fn, info = _inception_for(reference, ref_meta, device)
+    else:
+        from duodiff.metrics import feature_net as classifier
+
+        fn, resize, info = classifier.feature_extractor(str(feature_net), device)
+        _check_feature_net_fits(feature_net, reference, ref_meta)
+        ref_features = cached_image_features(
+            image_files(Path(reference) / "images"), fn, info, cache, chunk_size, batch_size, device, num_workers,
+            "reference features", resize,
+        )  # fmt: skip
+
+    # Statistics in float64 (clean-fid leaves float32 features in float32 for the mean and for
+    # KID's kernel sums, which cancel to a small number: ~1e-4 relative error there).
+    features = cached_image_features(files, fn, info, cache, chunk_size, batch_size, device, num_workers, f"FID {samples.name}", resize)
+    features, ref_features = features.astype(np.float64), ref_features.astype(np.float64)
+    ref_mu, ref_sigma = np.mean(ref_features, axis=0), np.cov(ref_features, rowvar=False)
+    ref_sigma_sqrt = load_reference_sigma_sqrt(reference, ref_sigma) if feature_net is None else psd_sqrt(ref_sigma)
+    fid = frechet_distance(features, ref_mu, ref_sigma, ref_sigma_sqrt)
+    kid, kid_std = kid_with_std(ref_features, features, kid_subsets, kid_subset_size, seed)
+    fid_ci = bootstrap_interval(frechet_statistic(features, ref_mu, ref_sigma, ref_sigma_sqrt), len(features), bootstrap_resamples, seed)
+    kid_ci = bootstrap_interval(kid_statistic(features, ref_features), len(features), bootstrap_resamples, seed)
+    result = {
+        "fid": fid,
+        "fid_ci_low": fid_ci[0],
+        "fid_ci_high": fid_ci[1],
+        "kid": kid,
+        "kid_std": kid_std,
+        "kid_ci_low": kid_ci[0],
+        "kid_ci_high": kid_ci[1],
+        "confidence": CONFIDENCE,
+        "bootstrap_resamples": bootstrap_resamples,
+        "kid_subset_size": min(len(features), len(ref_features), kid_subset_size),
+        "kid_subsets": kid_subsets,
+        "kid_seed": seed,
+        "n_samples": len(features),
+        "n_reference": len(ref_features),
+        "feature_network": info["feature_network"],
+        "feature_network_key": info["feature_network_key"],
+        "feature_network_sha256": info["feature_network_sha256"],
+        "mode": MODE,
+        "notes": small_sample_notes(len(features), len(ref_features), features.shape[1]),
+        "samples": str(samples),
+        "reference": str(reference),
+    }
+    write_json(output, result)
+    remove_cache(cache)
+    return result
+
+
+def _inception_for(reference, ref_meta: dict, device):
+    """The Inception extractor the reference was made with -> (fn, info); refused on a sha256 mismatch."""
     key = ref_meta.get("feature_network_key", "auto")
     try:
         fn, info = feature_extractor(key if key in FEATURE_NETWORKS else "auto", device)
@@ -392,34 +521,20 @@ def run_fid(
             f"({info['feature_network']} at {info['feature_network_path']}, sha256 {info['feature_network_sha256']}); "
             "rebuild the reference with `duodiff reference` so both sides use the same network"
         )
+    return fn, info
 
-    # Statistics in float64 (clean-fid leaves float32 features in float32 for the mean and for
-    # KID's kernel sums, which cancel to a small number: ~1e-4 relative error there).
-    cache = Path(output).parent / FID_CACHE
-    features = cached_image_features(files, fn, info, cache, chunk_size, batch_size, device, num_workers, f"FID {samples.name}")
-    features, ref_features = features.astype(np.float64), ref_features.astype(np.float64)
-    ref_mu, ref_sigma = np.mean(ref_features, axis=0), np.cov(ref_features, rowvar=False)
-    fid = frechet_distance(features, ref_mu, ref_sigma, load_reference_sigma_sqrt(reference, ref_sigma))
-    kid, kid_std = kid_with_std(ref_features, features, kid_subsets, kid_subset_size, seed)
-    result = {
-        "fid": fid,
-        "kid": kid,
-        "kid_std": kid_std,
-        "kid_subset_size": min(len(features), len(ref_features), kid_subset_size),
-        "kid_subsets": kid_subsets,
-        "kid_seed": seed,
-        "n_samples": len(features),
-        "n_reference": len(ref_features),
-        "feature_network": info["feature_network"],
-        "feature_network_sha256": info["feature_network_sha256"],
-        "mode": MODE,
-        "notes": small_sample_notes(len(features), len(ref_features)),
-        "samples": str(samples),
-        "reference": str(reference),
-    }
-    write_json(output, result)
-    remove_cache(cache)
-    return result
+
+def _check_feature_net_fits(feature_net, reference, ref_meta: dict) -> None:
+    """A feature network scores only the dataset (and image size) it was trained on."""
+    from duodiff.metrics.feature_net import INFO_NAME
+
+    net = read_json(Path(feature_net).parent / INFO_NAME)
+    for key in ("dataset", "image_size", "channels"):
+        require(
+            net.get(key) == ref_meta.get(key),
+            f"--feature-net {feature_net} was trained on {key} {net.get(key)!r} but --reference {reference} has "
+            f"{key} {ref_meta.get(key)!r}; train the feature network on the reference's dataset",
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -450,6 +565,22 @@ def add_cli(subparsers):
         num_workers=a.num_workers, feature_network=a.feature_network, chunk_size=a.chunk_size,
     ))  # fmt: skip
 
+    p = subparsers.add_parser("real-set", help="real images not in the reference, scored like a sample set: the floor")
+    add_flag(p, "--dataset", required=True)
+    add_flag(p, "--data-root", default=None)
+    add_flag(p, "--download", action="store_true")
+    add_flag(p, "--image-size", type=int, default=None)
+    add_flag(p, "--n-reference", type=int, required=True, help="the reference's size: these images are skipped")
+    add_flag(p, "--n-images", type=int, required=True, help="real images in the set (at most what is left)")
+    add_flag(p, "--output-folder", required=True, help="DIR: images/*.png and stats.json")
+    add_flag(p, "--batch-size", type=int, default=50)
+    add_flag(p, "--num-workers", type=int, default=0)
+    p.set_defaults(func=lambda a: run_real_set(
+        dataset=a.dataset, n_reference=a.n_reference, n_images=a.n_images, output_folder=a.output_folder,
+        data_root=a.data_root, download=a.download, image_size=a.image_size, batch_size=a.batch_size,
+        num_workers=a.num_workers,
+    ))  # fmt: skip
+
     p = subparsers.add_parser("fid", help="FID and KID (clean-fid) of a sample folder against a reference")
     add_flag(p, "--samples", required=True, help="sample set folder (DIR/images/*.png)")
     add_flag(p, "--reference", required=True, help="folder written by `duodiff reference`")
@@ -461,8 +592,14 @@ def add_cli(subparsers):
     add_flag(p, "--kid-subset-size", type=int, default=1000)
     add_flag(p, "--seed", type=int, default=0, help="seed of the KID subsets")
     add_flag(p, "--chunk-size", type=int, default=1000, help=CHUNK_HELP)
+    add_flag(p, "--feature-net", default=None,
+             help="model.pt of `duodiff feature-net`: its features instead of Inception's, on both sides")
+    add_flag(p, "--max-samples", type=int, default=None, help="score only the first N images of the set")
+    add_flag(p, "--bootstrap-resamples", type=int, default=1000,
+             help="resamples of the 95%% confidence intervals (BCa bootstrap over the set's images; 0: none)")
     p.set_defaults(func=lambda a: run_fid(
         samples=a.samples, reference=a.reference, output=a.output, batch_size=a.batch_size, device=a.device,
         num_workers=a.num_workers, kid_subsets=a.kid_subsets, kid_subset_size=a.kid_subset_size, seed=a.seed,
-        chunk_size=a.chunk_size,
+        chunk_size=a.chunk_size, feature_net=a.feature_net, max_samples=a.max_samples,
+        bootstrap_resamples=a.bootstrap_resamples,
     ))  # fmt: skip
