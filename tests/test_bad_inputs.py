@@ -2,16 +2,26 @@
 
 Each case runs the real CLI in-process and checks: exit status 2, a single line on stderr naming
 the bad value and what is allowed (the substrings below), no traceback, and no output written.
-The workflow's config-level bad inputs (schema and cross-checks) are listed in
-tests/test_workflow.py::BAD_CONFIGS; this file covers the sub-commands.
+Outputs that cannot be written (a file where a folder must be, a read-only file system) are
+checked for every sub-command. The workflow's config-level bad inputs (schema and cross-checks)
+are listed in tests/test_workflow.py::BAD_CONFIGS; this file covers the sub-commands.
 """
 
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
 import pytest
 import torch
 
 from duodiff import cli
 from duodiff.checkpoints import save_model
+from duodiff.io import write_json
 from duodiff.models import build_model
+from duodiff.sampling import save_png
 
 CONFIG = dict(img_size=8, patch_size=2, in_chans=1, embed_dim=16, depth=3, num_heads=2)
 DIFFUSION = dict(num_timesteps=50, beta_start=1e-4, beta_end=0.02, parametrization="predict_noise")
@@ -60,6 +70,25 @@ BAD_INPUTS = [
 ]
 
 
+def fake_reference(folder, dataset, image_size, channels):
+    """A reference folder as `duodiff reference` leaves it (reference.json, features.npz); the
+    features are zeros, as every case here is refused before they are used."""
+    folder.mkdir()
+    np.savez(folder / "features.npz", features=np.zeros((2, 4), dtype=np.float32))
+    meta = {"n": 2, "dataset": dataset, "split": "train", "image_size": image_size, "channels": channels,
+            "mode": "clean", "feature_network_key": "fid-helper", "feature_dim": 4}  # fmt: skip
+    write_json(folder / "reference.json", {k: v for k, v in meta.items() if v is not None})
+    return folder
+
+
+def fake_samples(folder, sizes, channels=1, dataset=None):
+    """A sample set folder: one PNG per entry of `sizes`, and a stats.json naming `dataset`."""
+    for i, size in enumerate(sizes):
+        save_png(torch.full((channels, size, size), 40 * i, dtype=torch.uint8), folder / "images" / f"{i:06d}.png")
+    write_json(folder / "stats.json", {"method": "full", "img_size": sizes[0], "in_chans": channels, "dataset": dataset})
+    return folder
+
+
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bad")
@@ -76,6 +105,11 @@ def paths(tmp_path_factory):
                    state_dict=model.state_dict(), ema_state_dict=None, step=0, train_args={})  # fmt: skip
     files["truncated"].write_bytes(files["full"].read_bytes()[:1000])
     torch.save({"state_dict": {}}, files["foreign"])
+    # A reference and a sample set for the commands that read them.
+    files["ref8"] = fake_reference(tmp / "ref8", "digits", 8, 1)
+    files["s8"] = fake_samples(tmp / "s8", [8, 8, 8], dataset="digits")
+    files["afile"] = tmp / "afile"
+    files["afile"].write_text("not a folder\n")
     return files
 
 
@@ -93,3 +127,73 @@ def test_bad_input_gets_one_clear_line(paths, tmp_path, capsys, line, expected):
     for piece in expected:
         assert piece.format(**fill) in err, (piece, err)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir()), "bad input wrote output"
+
+
+# ---- outputs that cannot be written, for every sub-command ------------------------------------------
+
+# One command line per sub-command, writing to {dest}; every sub-command of duodiff.cli is here.
+OUTPUT_COMMANDS = {
+    "train": "train --model uvit --config-path {cfg} --log-path {dest}",
+    "sample": "sample --checkpoint-path {full} --method full " + SAMPLE + " --output-folder {dest}",
+    "reference": "reference --dataset digits --n-reference 2 --output-folder {dest}",
+    "fid": "fid --samples {s8} --reference {ref8} --output {dest}/fid.json",
+    "cmmd-reference": "cmmd-reference --reference {ref8} --output {dest}/clip.npz",
+    "cmmd": "cmmd --samples {s8} --reference {ref8} --output {dest}/cmmd.json",
+    "flops": "flops --samples {s8} --output {dest}/gflops.json",
+    "tables": "tables --samples-root {tmp} --metrics-root {tmp} --sets full --output-dir {dest}",
+    "plots": "plots --tables-dir {tmp} --samples-root {tmp} --models-root {tmp} --reference {ref8} --output-dir {dest}",
+}
+
+
+def test_every_command_has_its_output_checked():
+    assert sorted(OUTPUT_COMMANDS) == sorted(cli.COMMANDS)
+
+
+@pytest.mark.parametrize("command", OUTPUT_COMMANDS)
+def test_output_under_a_file_gets_one_line(paths, capsys, command):
+    fill = {**{k: str(v) for k, v in paths.items()}, "dest": str(paths["afile"] / "out")}
+    assert cli.main(OUTPUT_COMMANDS[command].format(**fill).split()) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith(f"duodiff {command}: error: --"), err
+    assert f"{paths['afile']} is a file, so no folder can be made inside it" in err
+    assert paths["afile"].read_text() == "not a folder\n"
+
+
+# Runs each command line of argv[1] (JSON) through the CLI in one process; prints [status, stderr].
+RUN_ALL = """
+import contextlib, io, json, sys
+from duodiff import cli
+results = []
+for line in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        results.append([cli.main(line.split()), err.getvalue()])
+print(json.dumps(results))
+"""
+
+
+def test_output_on_a_read_only_file_system_gets_one_line(paths, tmp_path):
+    # A read-only tmpfs mounted in a private user and mount namespace (no root needed, nothing
+    # outside the test sees it); skipped where the kernel does not allow such namespaces.
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    unshare = shutil.which("unshare")
+    if unshare is None or subprocess.run(
+        [unshare, "--user", "--map-root-user", "--mount", "mount", "-t", "tmpfs", "-o", "ro", "none", str(read_only)],
+        capture_output=True,
+    ).returncode != 0:  # fmt: skip
+        pytest.skip("no unprivileged mount namespaces here")
+    fill = {**{k: str(v) for k, v in paths.items()}, "dest": str(read_only / "out")}
+    lines = [OUTPUT_COMMANDS[c].format(**fill) for c in OUTPUT_COMMANDS]
+    mount = 'mount -t tmpfs -o ro none "$0" && exec "$@"'
+    result = subprocess.run(
+        [unshare, "--user", "--map-root-user", "--mount", "sh", "-c", mount, str(read_only),
+         sys.executable, "-c", RUN_ALL, json.dumps(lines)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    for command, (status, err) in zip(OUTPUT_COMMANDS, json.loads(result.stdout.splitlines()[-1])):
+        assert status == 2, (command, err)
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        assert f"cannot write in {read_only} (it is on a read-only file system)" in err, err

@@ -2,7 +2,8 @@
 
 Each stage module owns its sub-command: it defines `add_cli(subparsers)`, which registers the
 sub-command and sets `func` to a thin wrapper around the module's plain `run_*` function. This
-file only collects them and turns DuodiffError into one readable line and exit status 2.
+file only collects them, checks that the command's outputs can be written, and turns DuodiffError
+into one readable line and exit status 2.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import importlib
 import sys
 
 from duodiff.errors import DuodiffError
+from duodiff.io import check_output_path
 
 # Sub-command -> the module that registers it (its `add_cli`), in the order `duodiff --help`
 # lists them. A call imports only its own command's module: every pipeline job starts a fresh
@@ -27,6 +29,10 @@ COMMANDS = {
     "tables": "duodiff.tables",
     "plots": "duodiff.plots",
 }
+
+# The flags that name what a command writes, and whether each is a folder or a file: add_flag
+# records them, and main() checks each can be written before the command starts any work.
+OUTPUT_FLAGS = {"--output": "file", "--output-folder": "folder", "--output-dir": "folder", "--log-path": "folder"}
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -45,7 +51,11 @@ def add_flag(parser: argparse.ArgumentParser, name: str, *aliases: str, **kwargs
         names.append(underscored)
     names.extend(aliases)
     kwargs.setdefault("dest", name.lstrip("-").replace("-", "_"))
-    return parser.add_argument(*names, **kwargs)
+    action = parser.add_argument(*names, **kwargs)
+    if name in OUTPUT_FLAGS:
+        outputs = parser.get_default("_outputs") or []
+        parser.set_defaults(_outputs=[*outputs, (name, action.dest, OUTPUT_FLAGS[name])])
+    return action
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -65,7 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
+    outputs = vars(args).pop("_outputs", [])
     try:
+        for flag, dest, kind in outputs:
+            check_output_path(flag, getattr(args, dest), kind)
         args.func(args)
     except DuodiffError as error:
         print(f"duodiff {args.command}: error: {error}", file=sys.stderr)

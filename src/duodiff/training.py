@@ -664,7 +664,7 @@ def add_cli(subparsers) -> None:
 
 
 def _cli(args) -> None:
-    kwargs = {k: v for k, v in vars(args).items() if k not in ("command", "func")}
+    kwargs = {k: v for k, v in vars(args).items() if k not in ("command", "func") and not k.startswith("_")}
     nproc = kwargs.pop("nproc_per_node")
     _int("--nproc-per-node", nproc, 0)
     world_size = distributed.from_env().world_size
