@@ -2,7 +2,8 @@
 
 Each case runs the real CLI in-process and checks: exit status 2, a single line on stderr naming
 the bad value and what is allowed (the substrings below), no traceback, and no output written.
-Outputs that cannot be written (a file where a folder must be, a read-only file system) are
+Where a refused command finds earlier results in place (NOTHING_LOST), they must survive as they
+were. Outputs that cannot be written (a file where a folder must be, a read-only file system) are
 checked for every sub-command. The workflow's config-level bad inputs (schema and cross-checks)
 are listed in tests/test_workflow.py::BAD_CONFIGS; this file covers the sub-commands.
 """
@@ -60,7 +61,22 @@ BAD_INPUTS = [
     ("sample --checkpoint-path {truncated} --method full " + SAMPLE + " --output-folder {out}", ["truncated.pt", "truncated or corrupt"]),
     ("sample --checkpoint-path {foreign} --method full " + SAMPLE + " --output-folder {out}", ["foreign.pt", "duodiff-model"]),
     ("reference --dataset digits --n-reference 5000 --output-folder {out}", ["--n-reference 5000", "1797"]),
-    ("fid --samples {tmp}/none --reference {tmp}/none --output {out}/fid.json", ["{tmp}/none", "PNG"]),
+    ("fid --samples {tmp}/none --reference {tmp}/none --output {out}/fid.json", ["--samples {tmp}/none", "no such folder"]),
+    ("fid --samples {tmp} --reference {ref8} --output {out}/fid.json", ["--samples {tmp}", "no images/ folder"]),
+    # A set scored only against a reference of its own size, channels and dataset.
+    (
+        "fid --samples {s8} --reference {ref16} --output {out}/fid.json",
+        ["--samples {s8} holds 8x8 images with 1 channel", "--reference {ref16} holds 16x16 images with 1 channel",
+         "--image-size 8"],
+    ),
+    ("fid --samples {s8} --reference {ref8_rgb} --output {out}/fid.json", ["8x8 images with 1 channel", "8x8 images with 3 channels"]),
+    (
+        "fid --samples {s8_cifar10} --reference {ref8_celeba} --output {out}/fid.json",
+        ["--samples {s8_cifar10}", "trained on cifar10", "--reference {ref8_celeba}", "celeba images", "--dataset cifar10"],
+    ),
+    ("fid --samples {mixed} --reference {ref8} --output {out}/fid.json", ["--samples {mixed}", "different shapes", "8x8", "16x16"]),
+    ("fid --samples {s8} --reference {ref_old} --output {out}/fid.json", ["--reference {ref_old}", "lacks dataset, image_size, channels", "duodiff reference"]),
+    ("fid --samples {corrupt} --reference {ref8} --output {out}/fid.json", ["{corrupt}/images/000001.png", "truncated or corrupt"]),
     ("fid --samples {tmp}/none --reference {tmp}/none --output {out}/fid.json --chunk-size 0", ["--chunk-size", "positive", "0"]),
     ("cmmd --samples {tmp}/none --reference {tmp}/none --output {out}/cmmd.json --chunk-size 0", ["--chunk-size", "positive", "0"]),
     ("cmmd --samples {tmp}/none --reference {tmp}/none --output {out}/cmmd.json", ["--samples {tmp}/none", "no images/ folder"]),
@@ -105,9 +121,19 @@ def paths(tmp_path_factory):
                    state_dict=model.state_dict(), ema_state_dict=None, step=0, train_args={})  # fmt: skip
     files["truncated"].write_bytes(files["full"].read_bytes()[:1000])
     torch.save({"state_dict": {}}, files["foreign"])
-    # A reference and a sample set for the commands that read them.
+    # References and sample sets for `duodiff fid`.
     files["ref8"] = fake_reference(tmp / "ref8", "digits", 8, 1)
+    files["ref16"] = fake_reference(tmp / "ref16", "digits", 16, 1)
+    files["ref8_rgb"] = fake_reference(tmp / "ref8_rgb", "cifar10", 8, 3)
+    files["ref8_celeba"] = fake_reference(tmp / "ref8_celeba", "celeba", 8, 3)
+    files["ref_old"] = fake_reference(tmp / "ref_old", None, None, None)  # a reference.json without them
     files["s8"] = fake_samples(tmp / "s8", [8, 8, 8], dataset="digits")
+    files["s8_cifar10"] = fake_samples(tmp / "s8_cifar10", [8, 8, 8], channels=3, dataset="cifar10")
+    files["mixed"] = fake_samples(tmp / "mixed", [8, 8, 16])
+    files["corrupt"] = tmp / "corrupt"
+    shutil.copytree(files["s8"], files["corrupt"])
+    png = files["corrupt"] / "images" / "000001.png"
+    png.write_bytes(png.read_bytes()[:-20])  # cut off in its last chunks, as by a full disk
     files["afile"] = tmp / "afile"
     files["afile"].write_text("not a folder\n")
     return files
@@ -127,6 +153,34 @@ def test_bad_input_gets_one_clear_line(paths, tmp_path, capsys, line, expected):
     for piece in expected:
         assert piece.format(**fill) in err, (piece, err)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir()), "bad input wrote output"
+
+
+# ---- earlier results survive a refused command ---------------------------------------------------
+
+# (command line, files already in place that must come through unchanged): a set scored before,
+# the other images of a set with one corrupt PNG.
+NOTHING_LOST = [
+    ("fid --samples {s8} --reference {ref16} --output {out}/fid.json", ["{out}/fid.json"]),
+    ("fid --samples {corrupt} --reference {ref8} --output {out}/fid.json", ["{out}/fid.json"]),
+]
+
+
+def snapshot(*folders) -> dict:
+    return {p: p.read_bytes() for folder in folders for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("line, existing", NOTHING_LOST, ids=[line.split(" --output")[0][:60] for line, _ in NOTHING_LOST])
+def test_refused_command_keeps_earlier_results(paths, tmp_path, capsys, line, existing):
+    fill = {**{k: str(v) for k, v in paths.items()}, "out": str(tmp_path / "out")}
+    for i, name in enumerate(existing):
+        path = tmp_path / name.format(**fill)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"an earlier result %d" % i)
+    before = snapshot(tmp_path, paths["tmp"])
+    assert cli.main(line.format(**fill).split()) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert snapshot(tmp_path, paths["tmp"]) == before
 
 
 # ---- outputs that cannot be written, for every sub-command ------------------------------------------

@@ -435,6 +435,9 @@ def run_sample(
         "img_size": img_size,
         "in_chans": in_chans,
         "num_classes": num_classes,
+        # What the model was trained on (null for a model.pt without it): `duodiff fid` refuses a
+        # reference of another dataset.
+        "dataset": (main_meta.get("train_args") or {}).get("dataset"),
         "diffusion": diffusion.config(),
         "devices": sorted({parts[b]["device"] for b in range(n_batches)}),
         "device": str(dev),
