@@ -53,8 +53,22 @@ BAD_INPUTS = [
     ("sample --checkpoint-path {full} --method fast " + SAMPLE + " --output-folder {out}", ["--method", "'fast'", "duodiff"]),
     ("sample --checkpoint-path {ee} --method early_exit --threshold 1.5 " + SAMPLE + " --output-folder {out}", ["--threshold", "[0, 1]", "1.5"]),
     (
-        "sample --checkpoint-path {full} --checkpoint-path-late {full} --method duodiff --t-switch 11 " + SAMPLE + " --output-folder {out}",
+        "sample --checkpoint-path {shallow} --checkpoint-path-late {full} --method duodiff --t-switch 11 " + SAMPLE + " --output-folder {out}",
         ["--t-switch", "[0, 10]", "11"],
+    ),
+    # The shallow and full checkpoints swapped, or the same depth twice: refused unless meant.
+    (
+        "sample --checkpoint-path {full} --checkpoint-path-late {shallow} --method duodiff --t-switch 2 " + SAMPLE + " --output-folder {out}",
+        ["--checkpoint-path {full} (3 blocks) must be shallower than --checkpoint-path-late {shallow} (1 block)",
+         "swap the two paths", "--allow-deeper-shallow"],
+    ),
+    (
+        "sample --checkpoint-path {full} --checkpoint-path-late {full} --method duodiff --t-switch 2 " + SAMPLE + " --output-folder {out}",
+        ["(3 blocks) must be shallower than", "(3 blocks)", "--allow-deeper-shallow"],
+    ),
+    (
+        "sample --checkpoint-path {full} --method full --allow-deeper-shallow " + SAMPLE + " --output-folder {out}",
+        ["--allow-deeper-shallow", "--method duodiff only", "--method full"],
     ),
     ("sample --checkpoint-path {full} --method full --sampler euler --steps 10 --n-samples 4 --batch-size 4 --seed 0 --output-folder {out}", ["--sampler", "'euler'", "ddim"]),
     ("sample --checkpoint-path {full} --method full --sampler ddim --steps 10 --n-samples 0 --batch-size 4 --seed 0 --output-folder {out}", ["--n-samples", "0"]),
@@ -110,14 +124,18 @@ def paths(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bad")
     torch.manual_seed(0)
     files = {"tmp": tmp, "cfg": tmp / "model.yaml", "bad_cfg": tmp / "even.yaml", "full": tmp / "full.pt",
-             "ee": tmp / "ee.pt", "truncated": tmp / "truncated.pt", "foreign": tmp / "foreign.pt"}  # fmt: skip
+             "shallow": tmp / "shallow.pt", "ee": tmp / "ee.pt", "truncated": tmp / "truncated.pt",
+             "foreign": tmp / "foreign.pt"}  # fmt: skip
     files["cfg"].write_text("".join(f"{k}: {v}\n" for k, v in CONFIG.items()))
     files["cfg_rgb"] = tmp / "rgb.yaml"
     files["cfg_rgb"].write_text("".join(f"{k}: {v}\n" for k, v in {**CONFIG, "img_size": 32, "in_chans": 3}.items()))
     files["bad_cfg"].write_text("".join(f"{k}: {v}\n" for k, v in {**CONFIG, "depth": 4}.items()))
-    for name, kind, classifier in (("full", "uvit", None), ("ee", "early_exit", "mlp_probe_per_layer")):
-        model = build_model(kind, CONFIG, DIFFUSION["num_timesteps"], classifier)
-        save_model(files[name], kind=kind, model_config=CONFIG, diffusion=DIFFUSION, classifier_type=classifier,
+    for name, kind, classifier, depth in (
+        ("full", "uvit", None, 3), ("shallow", "uvit", None, 1), ("ee", "early_exit", "mlp_probe_per_layer", 3),
+    ):  # fmt: skip
+        config = {**CONFIG, "depth": depth}
+        model = build_model(kind, config, DIFFUSION["num_timesteps"], classifier)
+        save_model(files[name], kind=kind, model_config=config, diffusion=DIFFUSION, classifier_type=classifier,
                    state_dict=model.state_dict(), ema_state_dict=None, step=0, train_args={})  # fmt: skip
     files["truncated"].write_bytes(files["full"].read_bytes()[:1000])
     torch.save({"state_dict": {}}, files["foreign"])
@@ -158,10 +176,15 @@ def test_bad_input_gets_one_clear_line(paths, tmp_path, capsys, line, expected):
 # ---- earlier results survive a refused command ---------------------------------------------------
 
 # (command line, files already in place that must come through unchanged): a set scored before,
-# the other images of a set with one corrupt PNG.
+# a sample set made before, the other images of a set with one corrupt PNG.
 NOTHING_LOST = [
     ("fid --samples {s8} --reference {ref16} --output {out}/fid.json", ["{out}/fid.json"]),
     ("fid --samples {corrupt} --reference {ref8} --output {out}/fid.json", ["{out}/fid.json"]),
+    (
+        "sample --checkpoint-path {full} --checkpoint-path-late {shallow} --method duodiff --t-switch 2 " + SAMPLE
+        + " --output-folder {out}",
+        ["{out}/stats.json", "{out}/images/000000.png", "{out}/parts/batch_00000.pt"],
+    ),
 ]
 
 
@@ -181,6 +204,19 @@ def test_refused_command_keeps_earlier_results(paths, tmp_path, capsys, line, ex
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert snapshot(tmp_path, paths["tmp"]) == before
+
+
+def test_deeper_shallow_model_runs_when_asked_for(paths, tmp_path):
+    line = (
+        "sample --checkpoint-path {full} --checkpoint-path-late {shallow} --method duodiff --t-switch 2 "
+        "--allow-deeper-shallow --sampler ddim --steps 3 --n-samples 2 --batch-size 2 --seed 0 --device cpu "
+        "--no-progress --output-folder {out}"
+    )
+    fill = {**{k: str(v) for k, v in paths.items()}, "out": str(tmp_path / "out")}
+    assert cli.main(line.format(**fill).split()) == 0
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    # --checkpoint-path (3 blocks) ran the first t_switch steps, --checkpoint-path-late (1 block) the rest.
+    assert stats["mean_exit_layer_per_step"] == [3.0, 3.0, 1.0]
 
 
 # ---- outputs that cannot be written, for every sub-command ------------------------------------------
