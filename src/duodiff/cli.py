@@ -2,14 +2,15 @@
 
 Each stage module owns its sub-command: it defines `add_cli(subparsers)`, which registers the
 sub-command and sets `func` to a thin wrapper around the module's plain `run_*` function. This
-file only collects them, checks that the command's outputs can be written, and turns DuodiffError
-into one readable line and exit status 2.
+file only collects them, checks that the command's outputs can be written, and turns errors into
+one readable line and an exit status (EXIT_CODES).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 
 from duodiff.errors import DuodiffError
@@ -33,6 +34,16 @@ COMMANDS = {
 # The flags that name what a command writes, and whether each is a folder or a file: add_flag
 # records them, and main() checks each can be written before the command starts any work.
 OUTPUT_FLAGS = {"--output": "file", "--output-folder": "folder", "--output-dir": "folder", "--log-path": "folder"}
+
+# Exit statuses (docs/architecture.md, "The CLI"): 128 + the signal number for a run stopped by a
+# signal, as shells and Slurm report a process killed by it.
+EXIT_CODES = {
+    0: "success",
+    1: "an unexpected error (a bug): Python's traceback",
+    2: "bad input, an unusable file or a run that cannot go on, explained in one line",
+    128 + signal.SIGINT: "stopped by Ctrl-C (SIGINT)",
+    128 + signal.SIGTERM: "stopped by SIGTERM (Slurm's time limit, preemption, kill); train checkpoints first",
+}
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -63,6 +74,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = OneLineErrorParser(
         prog="duodiff",
         description="Train U-ViT, early-exit and DuoDiff diffusion models; sample and score them.",
+        epilog="exit status: " + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items()),
     )
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrorParser)
     modules = [COMMANDS[command]] if command in COMMANDS else COMMANDS.values()
@@ -82,10 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except DuodiffError as error:
         print(f"duodiff {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        return error.exit_code
     except KeyboardInterrupt:
         print(f"duodiff {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return 128 + signal.SIGINT
     return 0
 
 
