@@ -2,16 +2,27 @@
 
 Each case runs the real CLI in-process and checks: exit status 2, a single line on stderr naming
 the bad value and what is allowed (the substrings below), no traceback, and no output written.
-The workflow's config-level bad inputs (schema and cross-checks) are listed in
-tests/test_workflow.py::BAD_CONFIGS; this file covers the sub-commands.
+Where a refused command finds earlier results in place (NOTHING_LOST), they must survive as they
+were. Outputs that cannot be written (a file where a folder must be, a read-only file system) are
+checked for every sub-command. The workflow's config-level bad inputs (schema and cross-checks)
+are listed in tests/test_workflow.py::BAD_CONFIGS; this file covers the sub-commands.
 """
 
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
 import pytest
 import torch
 
 from duodiff import cli
 from duodiff.checkpoints import save_model
+from duodiff.io import write_json
 from duodiff.models import build_model
+from duodiff.sampling import save_png
 
 CONFIG = dict(img_size=8, patch_size=2, in_chans=1, embed_dim=16, depth=3, num_heads=2)
 DIFFUSION = dict(num_timesteps=50, beta_start=1e-4, beta_end=0.02, parametrization="predict_noise")
@@ -42,15 +53,44 @@ BAD_INPUTS = [
     ("sample --checkpoint-path {full} --method fast " + SAMPLE + " --output-folder {out}", ["--method", "'fast'", "duodiff"]),
     ("sample --checkpoint-path {ee} --method early_exit --threshold 1.5 " + SAMPLE + " --output-folder {out}", ["--threshold", "[0, 1]", "1.5"]),
     (
-        "sample --checkpoint-path {full} --checkpoint-path-late {full} --method duodiff --t-switch 11 " + SAMPLE + " --output-folder {out}",
+        "sample --checkpoint-path {shallow} --checkpoint-path-late {full} --method duodiff --t-switch 11 " + SAMPLE + " --output-folder {out}",
         ["--t-switch", "[0, 10]", "11"],
+    ),
+    # The shallow and full checkpoints swapped, or the same depth twice: refused unless meant.
+    (
+        "sample --checkpoint-path {full} --checkpoint-path-late {shallow} --method duodiff --t-switch 2 " + SAMPLE + " --output-folder {out}",
+        ["--checkpoint-path {full} (3 blocks) must be shallower than --checkpoint-path-late {shallow} (1 block)",
+         "swap the two paths", "--allow-deeper-shallow"],
+    ),
+    (
+        "sample --checkpoint-path {full} --checkpoint-path-late {full} --method duodiff --t-switch 2 " + SAMPLE + " --output-folder {out}",
+        ["(3 blocks) must be shallower than", "(3 blocks)", "--allow-deeper-shallow"],
+    ),
+    (
+        "sample --checkpoint-path {full} --method full --allow-deeper-shallow " + SAMPLE + " --output-folder {out}",
+        ["--allow-deeper-shallow", "--method duodiff only", "--method full"],
     ),
     ("sample --checkpoint-path {full} --method full --sampler euler --steps 10 --n-samples 4 --batch-size 4 --seed 0 --output-folder {out}", ["--sampler", "'euler'", "ddim"]),
     ("sample --checkpoint-path {full} --method full --sampler ddim --steps 10 --n-samples 0 --batch-size 4 --seed 0 --output-folder {out}", ["--n-samples", "0"]),
     ("sample --checkpoint-path {truncated} --method full " + SAMPLE + " --output-folder {out}", ["truncated.pt", "truncated or corrupt"]),
     ("sample --checkpoint-path {foreign} --method full " + SAMPLE + " --output-folder {out}", ["foreign.pt", "duodiff-model"]),
     ("reference --dataset digits --n-reference 5000 --output-folder {out}", ["--n-reference 5000", "1797"]),
-    ("fid --samples {tmp}/none --reference {tmp}/none --output {out}/fid.json", ["{tmp}/none", "PNG"]),
+    ("fid --samples {tmp}/none --reference {tmp}/none --output {out}/fid.json", ["--samples {tmp}/none", "no such folder"]),
+    ("fid --samples {tmp} --reference {ref8} --output {out}/fid.json", ["--samples {tmp}", "no images/ folder"]),
+    # A set scored only against a reference of its own size, channels and dataset.
+    (
+        "fid --samples {s8} --reference {ref16} --output {out}/fid.json",
+        ["--samples {s8} holds 8x8 images with 1 channel", "--reference {ref16} holds 16x16 images with 1 channel",
+         "--image-size 8"],
+    ),
+    ("fid --samples {s8} --reference {ref8_rgb} --output {out}/fid.json", ["8x8 images with 1 channel", "8x8 images with 3 channels"]),
+    (
+        "fid --samples {s8_cifar10} --reference {ref8_celeba} --output {out}/fid.json",
+        ["--samples {s8_cifar10}", "trained on cifar10", "--reference {ref8_celeba}", "celeba images", "--dataset cifar10"],
+    ),
+    ("fid --samples {mixed} --reference {ref8} --output {out}/fid.json", ["--samples {mixed}", "different shapes", "8x8", "16x16"]),
+    ("fid --samples {s8} --reference {ref_old} --output {out}/fid.json", ["--reference {ref_old}", "lacks dataset, image_size, channels", "duodiff reference"]),
+    ("fid --samples {corrupt} --reference {ref8} --output {out}/fid.json", ["{corrupt}/images/000001.png", "truncated or corrupt"]),
     ("fid --samples {tmp}/none --reference {tmp}/none --output {out}/fid.json --chunk-size 0", ["--chunk-size", "positive", "0"]),
     ("cmmd --samples {tmp}/none --reference {tmp}/none --output {out}/cmmd.json --chunk-size 0", ["--chunk-size", "positive", "0"]),
     ("cmmd --samples {tmp}/none --reference {tmp}/none --output {out}/cmmd.json", ["--samples {tmp}/none", "no images/ folder"]),
@@ -60,22 +100,60 @@ BAD_INPUTS = [
 ]
 
 
+def fake_reference(folder, dataset, image_size, channels):
+    """A reference folder as `duodiff reference` leaves it (reference.json, features.npz); the
+    features are zeros, as every case here is refused before they are used."""
+    folder.mkdir()
+    np.savez(folder / "features.npz", features=np.zeros((2, 4), dtype=np.float32))
+    meta = {"n": 2, "dataset": dataset, "split": "train", "image_size": image_size, "channels": channels,
+            "mode": "clean", "feature_network_key": "fid-helper", "feature_dim": 4}  # fmt: skip
+    write_json(folder / "reference.json", {k: v for k, v in meta.items() if v is not None})
+    return folder
+
+
+def fake_samples(folder, sizes, channels=1, dataset=None):
+    """A sample set folder: one PNG per entry of `sizes`, and a stats.json naming `dataset`."""
+    for i, size in enumerate(sizes):
+        save_png(torch.full((channels, size, size), 40 * i, dtype=torch.uint8), folder / "images" / f"{i:06d}.png")
+    write_json(folder / "stats.json", {"method": "full", "img_size": sizes[0], "in_chans": channels, "dataset": dataset})
+    return folder
+
+
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bad")
     torch.manual_seed(0)
     files = {"tmp": tmp, "cfg": tmp / "model.yaml", "bad_cfg": tmp / "even.yaml", "full": tmp / "full.pt",
-             "ee": tmp / "ee.pt", "truncated": tmp / "truncated.pt", "foreign": tmp / "foreign.pt"}  # fmt: skip
+             "shallow": tmp / "shallow.pt", "ee": tmp / "ee.pt", "truncated": tmp / "truncated.pt",
+             "foreign": tmp / "foreign.pt"}  # fmt: skip
     files["cfg"].write_text("".join(f"{k}: {v}\n" for k, v in CONFIG.items()))
     files["cfg_rgb"] = tmp / "rgb.yaml"
     files["cfg_rgb"].write_text("".join(f"{k}: {v}\n" for k, v in {**CONFIG, "img_size": 32, "in_chans": 3}.items()))
     files["bad_cfg"].write_text("".join(f"{k}: {v}\n" for k, v in {**CONFIG, "depth": 4}.items()))
-    for name, kind, classifier in (("full", "uvit", None), ("ee", "early_exit", "mlp_probe_per_layer")):
-        model = build_model(kind, CONFIG, DIFFUSION["num_timesteps"], classifier)
-        save_model(files[name], kind=kind, model_config=CONFIG, diffusion=DIFFUSION, classifier_type=classifier,
+    for name, kind, classifier, depth in (
+        ("full", "uvit", None, 3), ("shallow", "uvit", None, 1), ("ee", "early_exit", "mlp_probe_per_layer", 3),
+    ):  # fmt: skip
+        config = {**CONFIG, "depth": depth}
+        model = build_model(kind, config, DIFFUSION["num_timesteps"], classifier)
+        save_model(files[name], kind=kind, model_config=config, diffusion=DIFFUSION, classifier_type=classifier,
                    state_dict=model.state_dict(), ema_state_dict=None, step=0, train_args={})  # fmt: skip
     files["truncated"].write_bytes(files["full"].read_bytes()[:1000])
     torch.save({"state_dict": {}}, files["foreign"])
+    # References and sample sets for `duodiff fid`.
+    files["ref8"] = fake_reference(tmp / "ref8", "digits", 8, 1)
+    files["ref16"] = fake_reference(tmp / "ref16", "digits", 16, 1)
+    files["ref8_rgb"] = fake_reference(tmp / "ref8_rgb", "cifar10", 8, 3)
+    files["ref8_celeba"] = fake_reference(tmp / "ref8_celeba", "celeba", 8, 3)
+    files["ref_old"] = fake_reference(tmp / "ref_old", None, None, None)  # a reference.json without them
+    files["s8"] = fake_samples(tmp / "s8", [8, 8, 8], dataset="digits")
+    files["s8_cifar10"] = fake_samples(tmp / "s8_cifar10", [8, 8, 8], channels=3, dataset="cifar10")
+    files["mixed"] = fake_samples(tmp / "mixed", [8, 8, 16])
+    files["corrupt"] = tmp / "corrupt"
+    shutil.copytree(files["s8"], files["corrupt"])
+    png = files["corrupt"] / "images" / "000001.png"
+    png.write_bytes(png.read_bytes()[:-20])  # cut off in its last chunks, as by a full disk
+    files["afile"] = tmp / "afile"
+    files["afile"].write_text("not a folder\n")
     return files
 
 
@@ -93,3 +171,119 @@ def test_bad_input_gets_one_clear_line(paths, tmp_path, capsys, line, expected):
     for piece in expected:
         assert piece.format(**fill) in err, (piece, err)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir()), "bad input wrote output"
+
+
+# ---- earlier results survive a refused command ---------------------------------------------------
+
+# (command line, files already in place that must come through unchanged): a set scored before,
+# a sample set made before, the other images of a set with one corrupt PNG.
+NOTHING_LOST = [
+    ("fid --samples {s8} --reference {ref16} --output {out}/fid.json", ["{out}/fid.json"]),
+    ("fid --samples {corrupt} --reference {ref8} --output {out}/fid.json", ["{out}/fid.json"]),
+    (
+        "sample --checkpoint-path {full} --checkpoint-path-late {shallow} --method duodiff --t-switch 2 " + SAMPLE
+        + " --output-folder {out}",
+        ["{out}/stats.json", "{out}/images/000000.png", "{out}/parts/batch_00000.pt"],
+    ),
+]
+
+
+def snapshot(*folders) -> dict:
+    return {p: p.read_bytes() for folder in folders for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("line, existing", NOTHING_LOST, ids=[line.split(" --output")[0][:60] for line, _ in NOTHING_LOST])
+def test_refused_command_keeps_earlier_results(paths, tmp_path, capsys, line, existing):
+    fill = {**{k: str(v) for k, v in paths.items()}, "out": str(tmp_path / "out")}
+    for i, name in enumerate(existing):
+        path = tmp_path / name.format(**fill)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"an earlier result %d" % i)
+    before = snapshot(tmp_path, paths["tmp"])
+    assert cli.main(line.format(**fill).split()) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert snapshot(tmp_path, paths["tmp"]) == before
+
+
+def test_deeper_shallow_model_runs_when_asked_for(paths, tmp_path):
+    line = (
+        "sample --checkpoint-path {full} --checkpoint-path-late {shallow} --method duodiff --t-switch 2 "
+        "--allow-deeper-shallow --sampler ddim --steps 3 --n-samples 2 --batch-size 2 --seed 0 --device cpu "
+        "--no-progress --output-folder {out}"
+    )
+    fill = {**{k: str(v) for k, v in paths.items()}, "out": str(tmp_path / "out")}
+    assert cli.main(line.format(**fill).split()) == 0
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    # --checkpoint-path (3 blocks) ran the first t_switch steps, --checkpoint-path-late (1 block) the rest.
+    assert stats["mean_exit_layer_per_step"] == [3.0, 3.0, 1.0]
+
+
+# ---- outputs that cannot be written, for every sub-command ------------------------------------------
+
+# One command line per sub-command, writing to {dest}; every sub-command of duodiff.cli is here.
+OUTPUT_COMMANDS = {
+    "train": "train --model uvit --config-path {cfg} --log-path {dest}",
+    "sample": "sample --checkpoint-path {full} --method full " + SAMPLE + " --output-folder {dest}",
+    "reference": "reference --dataset digits --n-reference 2 --output-folder {dest}",
+    "fid": "fid --samples {s8} --reference {ref8} --output {dest}/fid.json",
+    "cmmd-reference": "cmmd-reference --reference {ref8} --output {dest}/clip.npz",
+    "cmmd": "cmmd --samples {s8} --reference {ref8} --output {dest}/cmmd.json",
+    "flops": "flops --samples {s8} --output {dest}/gflops.json",
+    "tables": "tables --samples-root {tmp} --metrics-root {tmp} --sets full --output-dir {dest}",
+    "plots": "plots --tables-dir {tmp} --samples-root {tmp} --models-root {tmp} --reference {ref8} --output-dir {dest}",
+}
+
+
+def test_every_command_has_its_output_checked():
+    assert sorted(OUTPUT_COMMANDS) == sorted(cli.COMMANDS)
+
+
+@pytest.mark.parametrize("command", OUTPUT_COMMANDS)
+def test_output_under_a_file_gets_one_line(paths, capsys, command):
+    fill = {**{k: str(v) for k, v in paths.items()}, "dest": str(paths["afile"] / "out")}
+    assert cli.main(OUTPUT_COMMANDS[command].format(**fill).split()) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith(f"duodiff {command}: error: --"), err
+    assert f"{paths['afile']} is a file, so no folder can be made inside it" in err
+    assert paths["afile"].read_text() == "not a folder\n"
+
+
+# Runs each command line of argv[1] (JSON) through the CLI in one process; prints [status, stderr].
+RUN_ALL = """
+import contextlib, io, json, sys
+from duodiff import cli
+results = []
+for line in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        results.append([cli.main(line.split()), err.getvalue()])
+print(json.dumps(results))
+"""
+
+
+def test_output_on_a_read_only_file_system_gets_one_line(paths, tmp_path):
+    # A read-only tmpfs mounted in a private user and mount namespace (no root needed, nothing
+    # outside the test sees it); skipped where the kernel does not allow such namespaces.
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    unshare = shutil.which("unshare")
+    if unshare is None or subprocess.run(
+        [unshare, "--user", "--map-root-user", "--mount", "mount", "-t", "tmpfs", "-o", "ro", "none", str(read_only)],
+        capture_output=True,
+    ).returncode != 0:  # fmt: skip
+        pytest.skip("no unprivileged mount namespaces here")
+    fill = {**{k: str(v) for k, v in paths.items()}, "dest": str(read_only / "out")}
+    lines = [OUTPUT_COMMANDS[c].format(**fill) for c in OUTPUT_COMMANDS]
+    mount = 'mount -t tmpfs -o ro none "$0" && exec "$@"'
+    result = subprocess.run(
+        [unshare, "--user", "--map-root-user", "--mount", "sh", "-c", mount, str(read_only),
+         sys.executable, "-c", RUN_ALL, json.dumps(lines)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    for command, (status, err) in zip(OUTPUT_COMMANDS, json.loads(result.stdout.splitlines()[-1])):
+        assert status == 2, (command, err)
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        assert f"cannot write in {read_only} (it is on a read-only file system)" in err, err

@@ -324,6 +324,25 @@ def test_duodiff_t_switch_validation():
         duodiff_denoiser(CountingModel(3, 0), CountingModel(13, 0), -1)
 
 
+def test_ddim_spacing_when_the_steps_do_not_divide_the_timesteps():
+    # T = 10, 4 steps: t = floor(i * T / steps) for i = 3, 2, 1, 0 = floor(7.5), floor(5.0),
+    # floor(2.5), 0. Rounding the stride first, i * (T // steps) = 2i, would give [6, 4, 2, 0].
+    d = GaussianDiffusion(num_timesteps=10)
+    expected = [7, 5, 2, 0]
+    assert d.timesteps("ddim", 4) == expected
+    # The sampler calls the network at exactly these timesteps, noisiest first ...
+    model = CountingModel(3, 0.0)
+    d.sample(model_denoiser(model), torch.zeros(2, 1, 2, 2), "ddim", 4)
+    assert [call[0] for call in model.calls] == expected
+    # ... and each DDIM step jumps to the next of them: step 7 -> 5 with eta = 0 has
+    # c_x0 = sqrt(abar_5) - sqrt(1 - abar_5) sqrt(abar_7) / sqrt(1 - abar_7), c_xt = sqrt(1 - abar_5) / sqrt(1 - abar_7).
+    _, abar = hand_schedule(T=10)
+    first = d.sampling_plan("ddim", 4)[0]
+    assert first.t == 7
+    assert first.c_x0 == pytest.approx(math.sqrt(abar[5]) - math.sqrt(1 - abar[5]) * math.sqrt(abar[7]) / math.sqrt(1 - abar[7]), rel=1e-9)
+    assert first.c_xt == pytest.approx(math.sqrt(1 - abar[5]) / math.sqrt(1 - abar[7]), rel=1e-9)
+
+
 class FakeEarlyExit(torch.nn.Module):
     """Exit layer = (t + sample index) mod (depth + 1), a rule the test can recompute."""
 

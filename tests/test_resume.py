@@ -108,6 +108,24 @@ def test_stop_and_resume_in_process_is_bit_identical(config, reference, tmp_path
     assert_identical(load(tmp_path / "model.pt"), reference[0])
 
 
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_cli_stopped_by_a_signal_exits_128_plus_its_number(config, tmp_path, monkeypatch, capsys, signum, status):
+    from duodiff import cli
+
+    def stop(out):
+        signal.raise_signal(signum)
+        return out
+
+    stop_at_call(monkeypatch, 3, stop)
+    assert cli.main(cli_flags(config, tmp_path, n_steps=10)) == status
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
+    assert err == (
+        f"duodiff train: error: stopped by {signum.name} after step 3 of 10; checkpoint written to "
+        f"{tmp_path / 'checkpoint.pt'}; rerun the same command to resume"
+    )
+    assert load(tmp_path / "checkpoint.pt")["step"] == 3
+
+
 def test_sigterm_and_sigkill_cli_runs_resume_to_identical_weights(config, reference, tmp_path):
     # Both victims run at once (each start pays the imports); SIGTERM is Slurm's time limit or
     # preemption, SIGKILL a node failure.
@@ -132,8 +150,9 @@ def test_sigterm_and_sigkill_cli_runs_resume_to_identical_weights(config, refere
         _, stderr = process.communicate(timeout=120)
         assert process.returncode != 0
         if signum == signal.SIGTERM:
-            # It finished its step, wrote a checkpoint and said so in one line.
-            assert process.returncode == 2
+            # It finished its step, wrote a checkpoint and said so in one line; 128 + 15, as
+            # shells and Slurm report a process stopped by SIGTERM.
+            assert process.returncode == 143
             assert "stopped by SIGTERM after step" in stderr and "rerun the same command to resume" in stderr
         step = load(log_path / "checkpoint.pt")["step"]
         assert 10 <= step < 60, signum

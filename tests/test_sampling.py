@@ -278,6 +278,8 @@ def test_conditional_model_and_ema_choice(ckpt, tmp_path):
         (dict(method="duodiff", checkpoint_path_late="rgb"), "in_chans is 1 in "),
         (dict(method="duodiff", checkpoint_path_late="t50"), "same diffusion settings"),
         (dict(method="duodiff", checkpoint_path_late="ee"), "needs a uvit model as --checkpoint-path-late"),
+        (dict(method="duodiff", checkpoint_path="full"), "(3 blocks) must be shallower than --checkpoint-path-late"),
+        (dict(allow_deeper_shallow=True), "--allow-deeper-shallow applies to --method duodiff only"),
         (dict(checkpoint_path="missing"), "no such file"),
         (dict(precision="fp8"), "--precision must be one of fp32, tf32, bf16, fp16; got 'fp8'"),
         (dict(precision="tf32"), "--precision tf32 needs --device cuda; on cpu choose fp32 or bf16"),

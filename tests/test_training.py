@@ -105,6 +105,27 @@ def test_loss_decreases_on_digits(config, tmp_path):
     assert last < 0.85 * first and last < 0.8, (first, last)
 
 
+def test_training_draws_every_timestep_from_0_to_T_minus_1_uniformly(config, tmp_path, monkeypatch):
+    # The timesteps the network is trained at, recorded where the training loop calls it.
+    from duodiff.models.uvit import UViT
+
+    seen, forward = [], UViT.forward
+
+    def recording(self, x, t, y=None):
+        seen.append(t.detach().clone())
+        return forward(self, x, t, y)
+
+    monkeypatch.setattr(UViT, "forward", recording)
+    T, n_steps, batch_size = 4, 25, 16
+    quick(config, tmp_path / "run", num_timesteps=T, n_steps=n_steps, batch_size=batch_size)
+    t = torch.cat(seen)
+    assert len(t) == n_steps * batch_size and t.dtype == torch.long
+    assert int(t.min()) == 0 and int(t.max()) == T - 1  # t = 0 and t = T - 1 are both trained
+    # Uniform on {0, ..., T - 1}: 100 expected draws each of 400 (binomial sd 8.7; the run is seeded).
+    counts = torch.bincount(t, minlength=T).tolist()
+    assert len(counts) == T and all(60 <= c <= 140 for c in counts), counts
+
+
 # ---- optimizer, schedule, EMA ---------------------------------------------------------------------
 
 

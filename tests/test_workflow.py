@@ -9,6 +9,7 @@ profiles/ from the repository, so no test touches the checkout's results/ or .sn
 
 from __future__ import annotations
 
+import ast
 import copy
 import csv
 import dataclasses
@@ -264,6 +265,12 @@ def _mismatched_shallow(cfg, workdir):
     cfg["models"]["shallow"] = [str(path)]
 
 
+def _even_full_model(cfg, workdir):
+    path = workdir / "full_depth4.yaml"
+    path.write_text(yaml.safe_dump(load(cfg["models"]["full"]) | {"depth": 4}))
+    cfg["models"]["full"] = "full_depth4.yaml"
+
+
 # (name, edit of the tiny config, text the error must contain). Each is refused before any job.
 BAD_CONFIGS = [
     ("threshold above 1", lambda c, w: c["early_exit"].update(thresholds=[0.1, 1.5]),
@@ -287,7 +294,30 @@ BAD_CONFIGS = [
      "invalid config: sampling.precision: 'fp8' is not one of ['fp32', 'tf32', 'bf16', 'fp16']"),
     ("tf32 on the CPU", lambda c, w: c["sampling"].update(precision="tf32"),
      "invalid config: sampling.precision tf32 needs device: cuda (device is cpu); on the CPU use fp32 or bf16"),
+    ("even model depth", _even_full_model,
+     "invalid config: models.full full_depth4.yaml has depth 4; a U-ViT needs an odd depth (depth // 2 in-blocks, "
+     "1 mid-block, depth // 2 out-blocks), e.g. 3 or 5"),
+    ("shallow and full models swapped",
+     lambda c, w: c["models"].update(full="tests/configs/models/tiny_d1.yaml", shallow=["tests/configs/models/tiny.yaml"]),
+     "invalid config: models.shallow tests/configs/models/tiny.yaml has depth 3, but a DuoDiff shallow model must be "
+     "shallower than models.full tests/configs/models/tiny_d1.yaml (depth 1)"),
+    ("shallow model as deep as the full one", lambda c, w: c["models"].update(shallow=["tests/configs/models/tiny.yaml"]),
+     "invalid config: models.shallow tests/configs/models/tiny.yaml has depth 3, but a DuoDiff shallow model must be "
+     "shallower than models.full tests/configs/models/tiny.yaml (depth 3)"),
+    ("digits models with the cifar10 dataset", lambda c, w: c["dataset"].update(name="cifar10"),
+     "invalid config: models.full tests/configs/models/tiny.yaml has img_size 8, but dataset cifar10 gives 32x32 images "
+     "(dataset.image_size: null = its native size); set dataset.image_size: 8 or use a model config for 32x32 images"),
+    ("dataset without a native size", lambda c, w: c["dataset"].update(name="imagefolder"),
+     "invalid config: dataset.image_size is null, but dataset imagefolder has no native size; set it to the img_size "
+     "of models.full tests/configs/models/tiny.yaml (8)"),
+    ("grayscale models with an RGB dataset", lambda c, w: c["dataset"].update(name="imagefolder", image_size=8),
+     "invalid config: models.full tests/configs/models/tiny.yaml has in_chans 1, but dataset imagefolder has 3 "
+     "channel(s); use a model config with in_chans: 3"),
 ]  # fmt: skip
+# Also refused by a dry run, which plans every job of a config that passes (the issue's even depth
+# planned 79 jobs).
+REFUSED_IN_DRY_RUN = ["even model depth", "shallow and full models swapped", "shallow model as deep as the full one",
+                      "digits models with the cifar10 dataset"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -300,10 +330,20 @@ def bad_config_runs(tmp_path_factory):
         path.write_text(yaml.safe_dump(modified(tiny, lambda c: edit(c, workdir))))
         # A real run, not a dry run: the config must be refused before any job starts.
         args.append(("--configfile", path, "--cores", "1"))
-    # A dataset that needs files, at a root that does not exist.
+    # A dataset that needs files, at a root that does not exist (with models for its 3x32x32 images).
+    for name in ("tiny", "tiny_d1"):
+        model = load(f"tests/configs/models/{name}.yaml") | {"img_size": 32, "in_chans": 3}
+        (workdir / f"{name}_rgb32.yaml").write_text(yaml.safe_dump(model))
+
+    def missing_root(c):
+        c["dataset"].update(name="cifar10", root="no/such/dir")
+        c["models"].update(full="tiny_rgb32.yaml", shallow=["tiny_d1_rgb32.yaml"])
+
     path = workdir / "missing_root.yaml"
-    path.write_text(yaml.safe_dump(modified(tiny, lambda c: c["dataset"].update(name="cifar10", root="no/such/dir"))))
+    path.write_text(yaml.safe_dump(modified(tiny, missing_root)))
     args.append(("--configfile", path, "--cores", "1"))
+    names = [name for name, _, _ in BAD_CONFIGS]
+    args += [("--configfile", workdir / f"bad{names.index(name)}.yaml", "-n") for name in REFUSED_IN_DRY_RUN]
     with ThreadPoolExecutor(max_workers=3) as pool:
         results = list(pool.map(lambda a: snakemake(workdir, *a), args))
     return workdir, results
@@ -319,9 +359,34 @@ def test_bad_config_is_refused_before_any_job_with_a_message_naming_the_key(bad_
     assert not (workdir / "results").exists()
 
 
+@pytest.mark.parametrize("name", REFUSED_IN_DRY_RUN)
+def test_bad_config_is_refused_by_a_dry_run_too(bad_config_runs, name):
+    workdir, results = bad_config_runs
+    index = [n for n, _, _ in BAD_CONFIGS].index(name)
+    result = results[len(BAD_CONFIGS) + 1 + REFUSED_IN_DRY_RUN.index(name)]
+    assert result.returncode != 0
+    assert BAD_CONFIGS[index][2] in result.stdout + result.stderr  # a dry run logs to stdout
+    assert "Building DAG of jobs" not in result.stderr + result.stdout and "Job stats" not in result.stdout
+
+
+def test_dataset_tables_of_the_workflow_match_duodiff_data():
+    # common.smk does not import duodiff (Snakemake may run outside the jobs' environment), so it
+    # keeps its own copy of each dataset's native image size and channel count.
+    from duodiff import data
+
+    lines = (REPO / "workflow" / "rules" / "common.smk").read_text().splitlines()
+
+    def table(name):
+        (line,) = [line for line in lines if line.startswith(f"{name} = ")]
+        return ast.literal_eval(line.split(" = ", 1)[1])
+
+    assert table("DATASET_NATIVE_SIZE") == data.NATIVE_SIZE
+    assert table("DATASET_CHANNELS") == data.CHANNELS
+
+
 def test_missing_data_root_stops_a_real_run(bad_config_runs):
     workdir, results = bad_config_runs
-    result = results[-1]
+    result = results[len(BAD_CONFIGS)]
     assert result.returncode != 0
     assert "invalid config: dataset.root no/such/dir does not exist for dataset cifar10" in result.stderr
     assert not (workdir / "results").exists()

@@ -2,16 +2,19 @@
 
 Each stage module owns its sub-command: it defines `add_cli(subparsers)`, which registers the
 sub-command and sets `func` to a thin wrapper around the module's plain `run_*` function. This
-file only collects them and turns DuodiffError into one readable line and exit status 2.
+file only collects them, checks that the command's outputs can be written, and turns errors into
+one readable line and an exit status (EXIT_CODES).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 
 from duodiff.errors import DuodiffError
+from duodiff.io import check_output_path
 
 # Sub-command -> the module that registers it (its `add_cli`), in the order `duodiff --help`
 # lists them. A call imports only its own command's module: every pipeline job starts a fresh
@@ -28,6 +31,20 @@ COMMANDS = {
     "flops": "duodiff.metrics.flops",
     "tables": "duodiff.tables",
     "plots": "duodiff.plots",
+}
+
+# The flags that name what a command writes, and whether each is a folder or a file: add_flag
+# records them, and main() checks each can be written before the command starts any work.
+OUTPUT_FLAGS = {"--output": "file", "--output-folder": "folder", "--output-dir": "folder", "--log-path": "folder"}
+
+# Exit statuses (docs/architecture.md, "The CLI"): 128 + the signal number for a run stopped by a
+# signal, as shells and Slurm report a process killed by it.
+EXIT_CODES = {
+    0: "success",
+    1: "an unexpected error (a bug): Python's traceback",
+    2: "bad input, an unusable file or a run that cannot go on, explained in one line",
+    128 + signal.SIGINT: "stopped by Ctrl-C (SIGINT)",
+    128 + signal.SIGTERM: "stopped by SIGTERM (Slurm's time limit, preemption, kill); train checkpoints first",
 }
 
 
@@ -47,7 +64,11 @@ def add_flag(parser: argparse.ArgumentParser, name: str, *aliases: str, **kwargs
         names.append(underscored)
     names.extend(aliases)
     kwargs.setdefault("dest", name.lstrip("-").replace("-", "_"))
-    return parser.add_argument(*names, **kwargs)
+    action = parser.add_argument(*names, **kwargs)
+    if name in OUTPUT_FLAGS:
+        outputs = parser.get_default("_outputs") or []
+        parser.set_defaults(_outputs=[*outputs, (name, action.dest, OUTPUT_FLAGS[name])])
+    return action
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -55,6 +76,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = OneLineErrorParser(
         prog="duodiff",
         description="Train U-ViT, early-exit and DuoDiff diffusion models; sample and score them.",
+        epilog="exit status: " + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items()),
     )
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrorParser)
     modules = [COMMANDS[command]] if command in COMMANDS else COMMANDS.values()
@@ -67,14 +89,17 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
+    outputs = vars(args).pop("_outputs", [])
     try:
+        for flag, dest, kind in outputs:
+            check_output_path(flag, getattr(args, dest), kind)
         args.func(args)
     except DuodiffError as error:
         print(f"duodiff {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        return error.exit_code
     except KeyboardInterrupt:
         print(f"duodiff {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return 128 + signal.SIGINT
     return 0
 
 

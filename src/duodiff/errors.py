@@ -9,6 +9,8 @@ callers (the tests, the workflow) can catch it like any exception.
 class DuodiffError(Exception):
     """Bad input or an unusable file, explained in one line."""
 
+    exit_code = 2  # the CLI's exit status (a training run stopped by a signal: 128 + its number)
+
 
 def require(condition: bool, message: str) -> None:
     """Raise DuodiffError(message) unless condition holds."""

@@ -2,7 +2,8 @@
 
 Every writer here writes to a temporary file in the destination folder, flushes it to disk and
 then renames it over the destination (os.replace is atomic on POSIX). A job killed mid-write
-leaves at most a stray `.tmp-*` file, never a truncated result.
+leaves at most a stray `.tmp-*` file, never a truncated result. `check_output_path` refuses, before
+a command starts any work, an output that could not be written at all.
 """
 
 from __future__ import annotations
@@ -14,6 +15,34 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+from duodiff.errors import DuodiffError, require
+
+
+def check_output_path(flag: str, path, kind: str = "folder") -> None:
+    """Refuse, before any work, an output that could not be written: DuodiffError naming `flag`.
+
+    kind "folder": `path` is a folder (made if missing); "file": a file in a folder (made if
+    missing). Nothing is created: the nearest existing folder on the way must be a folder, and one
+    this process may write in (os.access, which also says no on a read-only file system).
+    """
+    path = Path(path)
+    if kind == "folder":
+        require(not path.exists() or path.is_dir(), f"{flag} {path} is a file; it must be a folder")
+        existing = path
+    else:
+        require(not path.is_dir(), f"{flag} {path} is a folder; it must name a file")
+        existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    require(
+        existing.is_dir(),
+        f"{flag} {path}: {existing} is a file, so no folder can be made inside it; choose a path under a folder",
+    )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+        reason = "it is on a read-only file system" if read_only else "no write permission"
+        raise DuodiffError(f"{flag} {path}: cannot write in {existing} ({reason}); choose a writable location")
 
 
 def _umask() -> int:

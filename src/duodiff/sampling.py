@@ -6,7 +6,8 @@ Methods (docs/architecture.md):
 - early_exit  DeeDiff/AdaDiff: per sample and step, the first exit whose predicted uncertainty
             is <= --threshold;
 - duodiff   the shallow U-ViT (--checkpoint-path) for the first --t-switch (noisiest) steps,
-            the full U-ViT (--checkpoint-path-late) for the rest.
+            the full U-ViT (--checkpoint-path-late) for the rest. The first must be the shallower
+            one (two paths swapped are refused) unless --allow-deeper-shallow says it is meant.
 
 The set is written batch by batch: the PNGs of a batch, then its part file (exit layers, wall
 time and the settings). A rerun with the same arguments skips finished batches, so a killed job
@@ -120,7 +121,7 @@ def _model_config(meta: dict) -> dict:
     return validate_model_config(meta["model_config"], source=meta["path"])
 
 
-def _load_models(method, checkpoint_path, checkpoint_path_late, use_ema, device):
+def _load_models(method, checkpoint_path, checkpoint_path_late, use_ema, device, allow_deeper_shallow=False):
     """Load and cross-check the model(s) a method needs; returns (models, diffusion, metas)."""
     from duodiff.checkpoints import load_model
 
@@ -157,15 +158,15 @@ def _load_models(method, checkpoint_path, checkpoint_path_late, use_ema, device)
         f"--method duodiff needs both models trained with the same diffusion settings; {checkpoint_path} has "
         f"{diffusion.config()} but {checkpoint_path_late} has {late_diffusion.config()}",
     )
-    if model.depth > late.depth:
-        # Allowed (DuoDiff only needs two models), but almost surely the two paths are swapped.
-        import warnings
-
-        warnings.warn(
-            f"--checkpoint-path ({model.depth} blocks) is deeper than --checkpoint-path-late ({late.depth} blocks); "
-            "DuoDiff expects the shallow model first",
-            stacklevel=2,
-        )
+    # DuoDiff itself only needs two models, but a shallow model that is not shallower almost
+    # surely means the two paths were swapped: refused unless the user says it is meant.
+    blocks = {depth: f"{depth} block{'s' if depth != 1 else ''}" for depth in (model.depth, late.depth)}
+    require(
+        model.depth < late.depth or allow_deeper_shallow,
+        f"--checkpoint-path {checkpoint_path} ({blocks[model.depth]}) must be shallower than --checkpoint-path-late "
+        f"{checkpoint_path_late} ({blocks[late.depth]}): DuoDiff runs the shallow model first; swap the two paths, "
+        "or pass --allow-deeper-shallow if this order is meant",
+    )
     return {"shallow": model, "full": late}, diffusion, {"shallow": meta, "full": late_meta}
 
 
@@ -243,6 +244,7 @@ def run_sample(
     device=None,
     precision="fp32",
     progress=True,
+    allow_deeper_shallow=False,
 ):
     """Generate `n_samples` images into `output_folder` (see docs/architecture.md, "Sample set folder")."""
     # ---- arguments that need no file --------------------------------------------------------
@@ -285,6 +287,7 @@ def run_sample(
             checkpoint_path_late is None,
             f"--checkpoint-path-late applies to --method duodiff only; got it with --method {method}",
         )
+        require(not allow_deeper_shallow, f"--allow-deeper-shallow applies to --method duodiff only; got it with --method {method}")
     check_choice("--precision", precision, PRECISIONS)
     dev = _check_device(device or default_device())
     require(
@@ -294,7 +297,7 @@ def run_sample(
     folder = Path(output_folder)
 
     # ---- models, and the checks that need them ----------------------------------------------
-    models, diffusion, metas = _load_models(method, checkpoint_path, checkpoint_path_late, use_ema, dev)
+    models, diffusion, metas = _load_models(method, checkpoint_path, checkpoint_path_late, use_ema, dev, allow_deeper_shallow)
     if sampler == "ddpm" and steps is None:
         steps = diffusion.num_timesteps
     diffusion.sampling_plan(sampler, steps, eta)  # validates steps and eta against T
@@ -435,6 +438,9 @@ def run_sample(
         "img_size": img_size,
         "in_chans": in_chans,
         "num_classes": num_classes,
+        # What the model was trained on (null for a model.pt without it): `duodiff fid` refuses a
+        # reference of another dataset.
+        "dataset": (main_meta.get("train_args") or {}).get("dataset"),
         "diffusion": diffusion.config(),
         "devices": sorted({parts[b]["device"] for b in range(n_batches)}),
         "device": str(dev),
@@ -469,6 +475,9 @@ def add_cli(subparsers) -> None:
     )
     add_flag(parser, "--checkpoint-path", required=True, help="model.pt (duodiff: the shallow model)")
     add_flag(parser, "--checkpoint-path-late", default=None, help="duodiff: the full model's model.pt")
+    add_flag(parser, "--allow-deeper-shallow", action="store_true",
+             help="duodiff: run even if --checkpoint-path is not shallower than --checkpoint-path-late "
+             "(refused by default: it usually means the two paths are swapped)")  # fmt: skip
     add_flag(parser, "--method", required=True, choices=METHODS)
     add_flag(parser, "--threshold", type=float, default=None, help="early_exit: exit once uncertainty <= this, in [0, 1]")
     add_flag(parser, "--t-switch", type=int, default=None, help="duodiff: steps done by the shallow model, from the noisiest")
@@ -505,4 +514,5 @@ def _main(args) -> None:
         device=args.device,
         precision=args.precision,
         progress=not args.no_progress,
+        allow_deeper_shallow=args.allow_deeper_shallow,
     )

@@ -63,7 +63,14 @@ EARLY_EXIT_PARTS = ("loss_simple", "loss_u", "loss_ual", "loss_unweighted")
 
 
 class TrainingStopped(DuodiffError):
-    """SIGTERM / Ctrl-C: the state is checkpointed; rerunning the same command resumes."""
+    """SIGTERM / Ctrl-C: the state is checkpointed; rerunning the same command resumes.
+
+    The CLI exits with `exit_code`, 128 + the signal's number (143 for SIGTERM, 130 for SIGINT), as
+    shells and Slurm report a process stopped by that signal."""
+
+    def __init__(self, message: str, signum: int = signal.SIGTERM):
+        super().__init__(message)
+        self.exit_code = 128 + int(signum)
 
 
 def run_train(
@@ -270,7 +277,9 @@ def _train(args, cfg, data, device, dist_info, resume, log_path):
             if stop_now and step < n_steps:
                 raise TrainingStopped(
                     f"stopped by {stop.name or 'a signal to another rank'} after step {step} of {n_steps}; checkpoint written to "
-                    f"{log_path / CHECKPOINT_NAME}; rerun the same command to resume"
+                    f"{log_path / CHECKPOINT_NAME}; rerun the same command to resume",
+                    # A rank stopped by another rank's signal: Slurm and torchrun send SIGTERM.
+                    stop.signum or signal.SIGTERM,
                 )
 
     if start_step == n_steps and dist_info.is_main:
@@ -437,7 +446,7 @@ class StopRequest:
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __enter__(self):
-        self.requested, self.name, self._previous = False, None, {}
+        self.requested, self.name, self.signum, self._previous = False, None, None, {}
         if threading.current_thread() is threading.main_thread():  # signal handlers live there only
             for signum in self.SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._handle)
@@ -446,7 +455,7 @@ class StopRequest:
     def _handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.requested, self.name = True, signal.Signals(signum).name
+        self.requested, self.name, self.signum = True, signal.Signals(signum).name, signum
 
     def __exit__(self, *exc):
         for signum, handler in self._previous.items():
@@ -701,7 +710,7 @@ def add_cli(subparsers) -> None:
 
 
 def _cli(args) -> None:
-    kwargs = {k: v for k, v in vars(args).items() if k not in ("command", "func")}
+    kwargs = {k: v for k, v in vars(args).items() if k not in ("command", "func") and not k.startswith("_")}
     nproc = kwargs.pop("nproc_per_node")
     _int("--nproc-per-node", nproc, 0)
     world_size = distributed.from_env().world_size

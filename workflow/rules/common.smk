@@ -28,6 +28,10 @@ LABELLED_SMALL = ("digits", "cifar10")
 # A shallow model replaces the full one for the first t_switch steps on the same images
 # (and the same class labels), so these must agree between the two.
 SHARED_MODEL_KEYS = ("img_size", "patch_size", "in_chans", "num_classes")
+# duodiff.data.NATIVE_SIZE and CHANNELS (tests/test_workflow.py keeps them in step): each dataset's
+# image size when dataset.image_size is null (None: it has no native size) and its channel count.
+DATASET_NATIVE_SIZE = {"digits": 8, "cifar10": 32, "celeba": 64, "imagenet64": 64, "imagefolder": None}
+DATASET_CHANNELS = {"digits": 1, "cifar10": 3, "celeba": 3, "imagenet64": 3, "imagefolder": 3}
 
 
 # ---- set names ---------------------------------------------------------------------------------
@@ -160,11 +164,35 @@ def check_config(config, dryrun: bool) -> None:
 
     full_path = config["models"]["full"]
     full = read_model_config(full_path)
-    image_size = dataset["image_size"]
-    if image_size is not None and image_size != full.get("img_size"):
+    for key, path in [("models.full", full_path)] + [("models.shallow", path) for path in config["models"]["shallow"]]:
+        depth = read_model_config(path)["depth"]
+        if depth < 1 or depth % 2 != 1:
+            raise ValueError(
+                f"invalid config: {key} {path} has depth {depth}; a U-ViT needs an odd depth (depth // 2 in-blocks, "
+                "1 mid-block, depth // 2 out-blocks), e.g. " + " or ".join(str(d) for d in (depth - 1, depth + 1) if d > 0)
+            )
+    # The images the models are trained on and the FID reference is built from.
+    name, native = dataset["name"], DATASET_NATIVE_SIZE[dataset["name"]]
+    image_size = dataset["image_size"] if dataset["image_size"] is not None else native
+    if image_size is None:
         raise ValueError(
-            f"invalid config: dataset.image_size ({image_size}) differs from the img_size of models.full "
-            f"{full_path} ({full.get('img_size')})"
+            f"invalid config: dataset.image_size is null, but dataset {name} has no native size; set it to the "
+            f"img_size of models.full {full_path} ({full.get('img_size')})"
+        )
+    if image_size != full.get("img_size"):
+        given = (
+            f"dataset.image_size is {image_size}"
+            if dataset["image_size"] is not None
+            else f"dataset {name} gives {native}x{native} images (dataset.image_size: null = its native size)"
+        )
+        raise ValueError(
+            f"invalid config: models.full {full_path} has img_size {full.get('img_size')}, but {given}; set "
+            f"dataset.image_size: {full.get('img_size')} or use a model config for {image_size}x{image_size} images"
+        )
+    if full.get("in_chans") != DATASET_CHANNELS[name]:
+        raise ValueError(
+            f"invalid config: models.full {full_path} has in_chans {full.get('in_chans')}, but dataset {name} has "
+            f"{DATASET_CHANNELS[name]} channel(s); use a model config with in_chans: {DATASET_CHANNELS[name]}"
         )
     depths = {}
     for path in config["models"]["shallow"]:
@@ -176,6 +204,11 @@ def check_config(config, dryrun: bool) -> None:
                     f"{full_path} has {full.get(key)!r}; a DuoDiff shallow model must match the full model's "
                     f"{', '.join(SHARED_MODEL_KEYS)}"
                 )
+        if shallow["depth"] >= full["depth"]:
+            raise ValueError(
+                f"invalid config: models.shallow {path} has depth {shallow['depth']}, but a DuoDiff shallow model "
+                f"must be shallower than models.full {full_path} (depth {full['depth']}); were the two swapped?"
+            )
         if shallow["depth"] in depths:
             raise ValueError(
                 f"invalid config: models.shallow {path} and {depths[shallow['depth']]} both have depth "
@@ -183,7 +216,6 @@ def check_config(config, dryrun: bool) -> None:
             )
         depths[shallow["depth"]] = path
 
-    name = dataset["name"]
     if dataset["download"] and name not in DOWNLOADABLE:
         raise ValueError(
             f"invalid config: dataset.download is true, but {name} cannot be downloaded "

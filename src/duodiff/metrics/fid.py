@@ -412,6 +412,76 @@ def load_reference_sigma_sqrt(folder, ref_sigma) -> np.ndarray:
     return psd_sqrt(ref_sigma)  # a reference written before sigma_sqrt was stored
 
 
+def sample_files(samples) -> list[Path]:
+    """The PNGs of a sample set folder; DuodiffError naming the folder when it has none to score."""
+    samples = Path(samples)
+    require(samples.is_dir(), f"--samples {samples}: no such folder (a sample set folder, as `duodiff sample` writes)")
+    require((samples / "images").is_dir(), f"--samples {samples}: no images/ folder there (expected {samples / 'images'}/*.png)")
+    files = image_files(samples / "images")
+    require(
+        len(files) >= 2,
+        f"--samples {samples}: found {len(files)} PNGs in {samples / 'images'}; FID and KID need at least 2",
+    )
+    return files
+
+
+def check_samples_fit_reference(samples, files, reference, ref_meta) -> None:
+    """Refuse to score a sample set against a reference it cannot be compared with.
+
+    Every PNG must be readable (PIL's verify: complete chunks, correct checksums) and all of one
+    shape, the reference's image size and channel count; a set whose stats.json names the dataset
+    its model was trained on must match the reference's dataset. DuodiffError otherwise, naming
+    the file or the two values."""
+    from PIL import Image
+
+    shapes = {}  # (channels, height, width) -> the first file of that shape
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                shape = (len(image.getbands()), image.height, image.width)
+                image.verify()
+        except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ... on bad files
+            raise DuodiffError(
+                f"--samples {samples}: {path} is not a readable PNG, truncated or corrupt ({type(error).__name__}: "
+                f"{error}); delete it and rerun the `duodiff sample` command of the set, which redoes its batch"
+            ) from None
+        shapes.setdefault(shape, path)
+
+    def described(channels, height, width):
+        return f"{height}x{width} images with {channels} channel{'s' if channels != 1 else ''}"
+
+    if len(shapes) > 1:
+        raise DuodiffError(
+            f"--samples {samples} mixes images of different shapes: "
+            + ", ".join(f"{described(*shape)} ({path.name})" for shape, path in shapes.items())
+        )
+    missing = [key for key in ("dataset", "image_size", "channels") if ref_meta.get(key) is None]
+    require(
+        not missing,
+        f"--reference {reference}: reference.json lacks {', '.join(missing)}, so the sets it can score are unknown; "
+        "rebuild it with `duodiff reference`",
+    )
+    ((channels, height, width),) = shapes
+    ref_size, ref_channels, ref_dataset = ref_meta["image_size"], ref_meta["channels"], ref_meta["dataset"]
+    require(
+        (channels, height, width) == (ref_channels, ref_size, ref_size),
+        f"--samples {samples} holds {described(channels, height, width)} but --reference {reference} holds "
+        f"{described(ref_channels, ref_size, ref_size)} ({ref_dataset}); FID compares sets of one size and channel "
+        f"count: build a reference of the samples' dataset at their size (`duodiff reference --dataset DATASET --image-size {width}`)",
+    )
+    stats_path = samples / "stats.json"
+    if stats_path.is_file():
+        try:
+            dataset = read_json(stats_path).get("dataset")  # null or absent: written before it was recorded
+        except (ValueError, AttributeError) as error:
+            raise DuodiffError(f"--samples {samples}: {stats_path} is not a stats.json ({error}); rerun `duodiff sample`") from None
+        require(
+            dataset is None or dataset == ref_dataset,
+            f"--samples {samples} comes from a model trained on {dataset}, but --reference {reference} holds "
+            f"{ref_dataset} images; score it against a {dataset} reference (`duodiff reference --dataset {dataset}`)",
+        )
+
+
 def run_fid(
     samples,
     reference,
@@ -447,12 +517,9 @@ def run_fid(
         f"--bootstrap-resamples must be an integer >= 0; got {bootstrap_resamples!r}",
     )
     samples = Path(samples)
-    files = image_files(samples / "images")[:max_samples]
-    require(
-        len(files) >= 2,
-        f"--samples {samples}: found {len(files)} PNGs in {samples / 'images'}; FID and KID need at least 2",
-    )
+    files = sample_files(samples)[:max_samples]
     ref_meta, ref_features = load_reference(reference)
+    check_samples_fit_reference(samples, files, reference, ref_meta)
     device = device or default_device()
     cache = Path(output).parent / FID_CACHE
 
