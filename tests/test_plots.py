@@ -109,19 +109,21 @@ def test_quality_vs_gflops_plots_the_table_values(study):
     _, data = study
     quality = data["quality_vs_gflops"]
     attention = ["ee_attention_probe_thr0.05", "ee_attention_probe_thr0.1"]  # by threshold
+    # x: GFLOPs per image (per forward x STEPS), so fewer sampling steps show as less compute too.
+    per_image = lambda sets: [pytest.approx(v * STEPS) for v in column(sets, 8)]  # noqa: E731
     assert series(quality, "early exit, attention_probe") == {
-        "label": "early exit, attention_probe", "x": column(attention, 8), "y": column(attention, 4)}
+        "label": "early exit, attention_probe", "x": per_image(attention), "y": column(attention, 4)}
     assert series(quality, "early exit, mlp_probe_per_layer")["y"] == [30.0]
     duodiff = ["duodiff_d3_ts1", "duodiff_d3_ts3"]  # by t_switch
-    assert series(quality, "DuoDiff, 3-block shallow")["x"] == column(duodiff, 8)
+    assert series(quality, "DuoDiff, 3-block shallow")["x"] == per_image(duodiff)
     assert series(quality, "DuoDiff, 3-block shallow")["y"] == column(duodiff, 4)
-    assert series(quality, "full U-ViT (13 blocks)") | {"label": None} == {"label": None, "x": [22.75], "y": [20.0]}
-    assert series(quality, "shallow alone (3 blocks)")["x"] == [5.25]
+    assert series(quality, "full U-ViT (13 blocks)") | {"label": None} == {"label": None, "x": [22.75 * STEPS], "y": [20.0]}
+    assert series(quality, "shallow alone (3 blocks)")["x"] == [5.25 * STEPS]
     # By hand: only full is beaten on both axes (duodiff ts1: 19.25 GFLOPs, FID 19.5 < 22.75, 20).
     front = ["shallow_d3", "ee_mlp_probe_per_layer_thr0.1", "ee_attention_probe_thr0.1", "duodiff_d3_ts3",
              "ee_attention_probe_thr0.05", "duodiff_d3_ts1"]
     assert quality["pareto"] == front
-    assert series(quality, "Pareto front")["x"] == column(front, 8)
+    assert series(quality, "Pareto front")["x"] == per_image(front)
     assert {tuple(a["sets"]): a["text"] for a in quality["annotations"]} == {
         ("ee_attention_probe_thr0.05",): "τ=0.05", ("ee_attention_probe_thr0.1",): "τ=0.1",
         ("ee_mlp_probe_per_layer_thr0.1",): "τ=0.1", ("duodiff_d3_ts1",): "$t_s$=1", ("duodiff_d3_ts3",): "$t_s$=3"}
@@ -231,7 +233,7 @@ def test_a_study_without_early_exit_still_gets_every_figure(tmp_path):
 def test_bad_inputs_are_refused_before_drawing(tmp_path):
     write_study(tmp_path)
     write_plot_inputs(tmp_path)
-    with pytest.raises(DuodiffError, match=r"tables/fid\.csv does not exist"):
+    with pytest.raises(DuodiffError, match=r"tables/scores\.csv does not exist"):
         plots(tmp_path)
     tables(tmp_path)
     with pytest.raises(DuodiffError, match=r"--smoothing must be in \[0, 1\); got 1.0"):

@@ -298,3 +298,103 @@ def test_throughput_note_names_device_precision_and_clock(tmp_path):
     text = (tmp_path / "tables" / "summary.md").read_text()
     assert "cuda (torch 2.14.1, batch size 5, fp16, timed by the wall clock)" in text
     assert "Sets were timed on different set-ups, so measured speed-ups mix them." in text
+
+
+# ---- the headline score with intervals, the real-data floor, fewer steps, operating points ---------
+
+# name: (method, classifier, threshold, t_switch, steps, FD, FD interval, images/s, GFLOPs/fwd, layer ratio)
+CI_STUDY = {
+    "full": ("full", None, None, None, 40, 100.0, (90.0, 110.0), 10.0, 0.05, 1.0),
+    "full_steps20": ("full", None, None, None, 20, 105.0, (95.0, 115.0), 20.0, 0.05, 1.0),
+    "full_steps10": ("full", None, None, None, 10, 150.0, (135.0, 165.0), 40.0, 0.05, 1.0),
+    "shallow_d3": ("shallow", None, None, None, 40, 180.0, (165.0, 195.0), 23.0, 0.02, 1.0),
+    "ee_attention_probe_thr0.1": ("early_exit", "attention_probe", 0.1, None, 40, 104.0, (94.0, 116.0), 12.0, 0.04, 0.8),
+    "ee_attention_probe_thr0.2": ("early_exit", "attention_probe", 0.2, None, 40, 109.0, (99.0, 121.0), 14.0, 0.035, 0.7),
+    "ee_attention_probe_thr0.3": ("early_exit", "attention_probe", 0.3, None, 40, 140.0, (125.0, 155.0), 16.0, 0.03, 0.6),
+    "ee_mlp_probe_per_layer_thr0.1": ("early_exit", "mlp_probe_per_layer", 0.1, None, 40, 120.0, (108.0, 130.0), 13.0, 0.04, 0.8),
+    "duodiff_d3_ts10": ("duodiff", None, None, 10, 40, 101.0, (91.0, 111.0), 12.0, 0.0425, 0.82),
+    "duodiff_d3_ts20": ("duodiff", None, None, 20, 40, 108.0, (97.0, 119.0), 14.0, 0.035, 0.64),
+    "duodiff_d3_ts30": ("duodiff", None, None, 30, 40, 125.0, (112.0, 138.0), 17.0, 0.0275, 0.46),
+}
+
+
+def write_ci_study(root):
+    """A study whose headline is the classifier FD, with intervals, a real-data set and fewer steps."""
+    for name, (method, classifier, threshold, t_switch, steps, fd, (low, high), ips, gpf, ratio) in CI_STUDY.items():
+        write_json(root / "samples" / name / "stats.json", {
+            "method": method, "setting": name, "threshold": threshold, "t_switch": t_switch,
+            "classifier_type": classifier, "sampler": "ddim", "steps": steps, "n_samples": 1000, "batch_size": 250,
+            "seed": 0, "depth": 3 if method == "shallow" else 7, "shallow_depth": 3 if method == "duodiff" else None,
+            "images_per_s": ips, "device": "cpu", "torch_version": "2.14.1"})
+        write_json(root / "metrics" / name / "gflops.json", {
+            "gflops_per_forward": gpf, "gflops_per_forward_linear_conv": gpf, "gflops_per_image": gpf * steps,
+            "layer_ratio": ratio, "theoretical": "FlopCounterMode"})
+    real = {"real": (70.0, (60.0, 80.0))}
+    for name, values in {**{k: (v[5], v[6]) for k, v in CI_STUDY.items()}, **real}.items():
+        fd, (low, high) = values
+        common = {"n_samples": 1000, "n_reference": 797, "notes": [], "feature_network_sha256": SHA}
+        write_json(root / "metrics" / name / "fd_classifier.json", {
+            "fid": fd, "fid_ci_low": low, "fid_ci_high": high, "kid": fd / 1e4, "kid_ci_low": low / 1e4,
+            "kid_ci_high": high / 1e4, "feature_network": "digits classifier", **common})
+        write_json(root / "metrics" / name / "fid.json", {
+            "fid": 50.0, "kid": 0.01, "kid_std": 0.001, "feature_network": "inception", **common,
+            "n_samples": 100})
+        write_json(root / "metrics" / name / "cmmd.json", {
+            "cmmd": None, "available": False, "reason": CMMD_REASON, "n_samples": 1000, "embedding_model": "x"})
+    write_json(root / "samples" / "real" / "stats.json", {
+        "method": "real", "dataset": "digits", "n_samples": 1000, "notes": []})
+
+
+def test_scores_place_every_set_against_the_full_models_interval(tmp_path):
+    write_ci_study(tmp_path)
+    run_tables(samples_root=tmp_path / "samples", metrics_root=tmp_path / "metrics",
+               sets=list(CI_STUDY) + ["real"], output_dir=tmp_path / "tables", headline="classifier")
+    scores = pd.read_csv(tmp_path / "tables" / "scores.csv").set_index("set")
+    # Real data first, then full, fewer steps (most steps first), shallow, early exit, DuoDiff.
+    assert scores.index.tolist()[:4] == ["real", "full", "full_steps20", "full_steps10"]
+    assert scores.loc["full_steps10", "method"] == "fewer_steps"
+    assert scores.loc["full_steps10", "speedup_theoretical"] == pytest.approx(4.0)  # 40 of the steps / 10
+    assert scores.loc["full_steps10", "speedup_measured"] == pytest.approx(4.0)  # 40 / 10 images/s
+    assert (scores["score_name"] == "FD").all()
+    assert scores.loc["full", ["score", "score_ci_low", "score_ci_high"]].tolist() == [100.0, 90.0, 110.0]
+    # Hand-placed against [90, 110]: intervals apart -> worse; score inside -> within; else overlaps.
+    expected = {"real": "better", "full_steps20": "within", "full_steps10": "worse", "shallow_d3": "worse",
+                "ee_attention_probe_thr0.1": "within", "ee_attention_probe_thr0.2": "within",
+                "ee_attention_probe_thr0.3": "worse", "ee_mlp_probe_per_layer_thr0.1": "overlaps",
+                "duodiff_d3_ts10": "within", "duodiff_d3_ts20": "within", "duodiff_d3_ts30": "worse"}
+    assert scores["score_vs_full"].fillna("").to_dict() == {"full": "", **expected}
+    assert math.isnan(scores.loc["real", "speedup_theoretical"])  # real images cost nothing to compare
+
+
+def test_operating_points_pick_the_fastest_setting_within_the_full_models_interval(tmp_path):
+    write_ci_study(tmp_path)
+    run_tables(samples_root=tmp_path / "samples", metrics_root=tmp_path / "metrics",
+               sets=list(CI_STUDY) + ["real"], output_dir=tmp_path / "tables", headline="classifier")
+    points = pd.read_csv(tmp_path / "tables" / "operating_points.csv")
+    assert points["family"].tolist() == ["fewer steps", "attention_probe", "mlp_probe_per_layer", "shallow depth 3"]
+    picked = dict(zip(points["family"], points["set"]))
+    # Fewer steps: 20 steps (105 <= 110) is within, 10 steps (150) is not.
+    # Attention probe: thr0.2 (109, 0.035 GFLOPs/fwd) beats thr0.1; thr0.3 (140) is out.
+    # DuoDiff: ts20 (108) is the fastest within; ts30 (125) is out.
+    assert picked["fewer steps"] == "full_steps20"
+    assert picked["attention_probe"] == "ee_attention_probe_thr0.2"
+    assert picked["shallow depth 3"] == "duodiff_d3_ts20"
+    row = points.set_index("family").loc["attention_probe"]
+    assert row["speedup_theoretical"] == pytest.approx(0.05 / 0.035)
+    assert (row["score"], row["score_ci_low"], row["score_ci_high"], row["full_ci_high"]) == (109.0, 99.0, 121.0, 110.0)
+    # mlp_probe_per_layer's only set scores 120 > 110: no operating point, and the note says so.
+    mlp = points.set_index("family").loc["mlp_probe_per_layer"]
+    assert pd.isna(mlp["set"]) and "no setting within the full model's interval" in mlp["note"]
+    summary = (tmp_path / "tables" / "summary.md").read_text()
+    header, rows = markdown_rows(summary, section=1)
+    assert [r[0] for r in rows] == ["Fewer steps", "Early exit, attention_probe", "Early exit, mlp_probe_per_layer",
+                                    "DuoDiff, shallow depth 3"]
+    # The summary's headline column carries the interval and the marks of the sets that differ.
+    header, rows = markdown_rows(summary)
+    cells = {row[0] + " / " + row[1]: row[header.index("FD [95% CI] ↓")] for row in rows}
+    assert cells["Real data (held out) / 1000 images"] == "70.00 [60.00, 80.00]‡"
+    assert cells["U-ViT (7 blocks), fewer steps / 10 steps"] == "150.00 [135.00, 165.00]†"
+    assert cells["U-ViT (7 blocks), fewer steps / 20 steps"] == "105.00 [95.00, 115.00]"
+    # The real-data row is the floor, not a contender: the best FD in bold is a generated set's.
+    bold = [key for key, cell in cells.items() if cell.startswith("**")]
+    assert bold == ["U-ViT (7 blocks) / –"]  # 100.00, the lowest generated FD

@@ -79,13 +79,19 @@ def model_depth(path) -> int:
 
 
 def expected_sets(cfg: dict) -> list:
+    """The generated sample sets, in table order (the real-data set is scored too: scored_sets)."""
     depths = [model_depth(p) for p in cfg["models"]["shallow"]]
     return (
         ["full"]
+        + [f"full_steps{n}" for n in sorted(cfg["sampling"].get("fewer_steps", []), reverse=True)]
         + [f"shallow_d{d}" for d in depths]
         + [f"ee_{c}_thr{float(t)!r}" for c in cfg["early_exit"]["classifier_types"] for t in cfg["early_exit"]["thresholds"]]
         + [f"duodiff_d{d}_ts{t}" for d in depths for t in cfg["duodiff"]["t_switch"]]
     )
+
+
+def scored_sets(cfg: dict) -> list:
+    return expected_sets(cfg) + (["real"] if cfg["reference"].get("n_real", 0) else [])
 
 
 def expected_jobs(cfg: dict) -> dict:
@@ -93,24 +99,32 @@ def expected_jobs(cfg: dict) -> dict:
     n_classifiers = len(cfg["early_exit"]["classifier_types"])
     n_thresholds = len(cfg["early_exit"]["thresholds"])
     n_t_switch = len(cfg["duodiff"]["t_switch"])
-    n_sets = 1 + n_shallow + n_classifiers * n_thresholds + n_shallow * n_t_switch
-    return {
+    n_fewer = len(cfg["sampling"].get("fewer_steps", []))
+    n_sets = len(expected_sets(cfg))
+    n_scored = len(scored_sets(cfg))
+    classifier = cfg.get("metrics", {}).get("headline") == "classifier"
+    jobs = {
         "reference": 1,
+        "real_set": int(n_scored > n_sets),
+        "feature_net": int(classifier),
         "cmmd_reference": 1,
         "train_full": 1,
         "train_shallow": n_shallow,
         "train_early_exit": n_classifiers,
         "sample_full": 1,
+        "sample_fewer_steps": n_fewer,
         "sample_shallow": n_shallow,
         "sample_early_exit": n_classifiers * n_thresholds,
         "sample_duodiff": n_shallow * n_t_switch,
-        "fid": n_sets,
-        "cmmd": n_sets,
+        "fid": n_scored,
+        "fd_classifier": n_scored if classifier else 0,
+        "cmmd": n_scored,
         "flops": n_sets,
         "tables": 1,
         "plots": 1,
         "all": 1,
     }
+    return {rule: count for rule, count in jobs.items() if count}
 
 
 # ---- the DAG of every shipped config ------------------------------------------------------------
@@ -454,6 +468,8 @@ def test_dry_run_with_each_profile(dry_runs):
 
 ID_COLUMNS = ["set", "method", "setting", "classifier_type", "threshold", "t_switch", "shallow_depth", "n_samples"]
 TABLE_COLUMNS = {
+    "scores": ["score_name", "score", "score_ci_low", "score_ci_high", "score_vs_full", "speedup_measured",
+               "speedup_theoretical"],
     "fid": ["fid", "gflops_per_forward", "gflops_per_image", "layer_ratio", "images_per_s", "speedup_measured",
             "speedup_theoretical", "feature_network"],
     "kid": ["kid", "kid_std", "feature_network"],
@@ -477,10 +493,31 @@ def test_tiny_study_tables_have_one_row_per_set_and_the_contract_columns(tiny_st
     for table, columns in TABLE_COLUMNS.items():
         with open(tiny_study / "results" / "tables" / f"{table}.csv") as f:
             rows = list(csv.DictReader(f))
-        assert sorted(row["set"] for row in rows) == sorted(sets), table
+        assert sorted(row["set"] for row in rows) == sorted(scored_sets(load(TINY))), table
         assert set(ID_COLUMNS + columns) <= set(rows[0]), table
     for name in ("summary.md", "summary.tex", "summary.html"):
         assert (tiny_study / "results" / "tables" / name).stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_tiny_study_has_the_fewer_steps_baseline_the_floor_and_operating_points(tiny_study):
+    tables = tiny_study / "results" / "tables"
+    with open(tables / "scores.csv") as f:
+        rows = {row["set"]: row for row in csv.DictReader(f)}
+    fewer = rows["full_steps3"]
+    # The full model, 3 of the 6 sampling steps: half the network evaluations, same network.
+    assert (fewer["method"], fewer["steps"], fewer["score_name"]) == ("fewer_steps", "3", "FD")
+    assert float(fewer["speedup_theoretical"]) == pytest.approx(6 / 3)
+    assert float(fewer["layer_ratio"]) == pytest.approx(1.0) and float(fewer["speedup_measured"]) > 0
+    real = rows["real"]
+    assert real["method"] == "real" and real["speedup_theoretical"] == "" and float(real["score"]) >= 0
+    for row in rows.values():  # every headline score carries its interval
+        assert float(row["score_ci_low"]) <= float(row["score_ci_high"]), row["set"]
+    with open(tables / "operating_points.csv") as f:
+        points = list(csv.DictReader(f))
+    assert [p["family"] for p in points] == ["fewer steps", "attention_probe", "shallow depth 1"]
+    info = json.loads((tiny_study / "results" / "tiny" / "feature_net" / "feature_net.json").read_text())
+    assert 0 <= info["heldout_accuracy"] <= 1 and info["n_heldout"] == 359
 
 
 @pytest.mark.slow
@@ -498,8 +535,9 @@ def test_tiny_study_sample_sets_were_made_with_the_configured_settings(tiny_stud
     sampling = cfg["sampling"]
     for name in expected_sets(cfg):
         stats = json.loads((tiny_study / "results" / "tiny" / "samples" / name / "stats.json").read_text())
+        steps = int(name.removeprefix("full_steps")) if name.startswith("full_steps") else sampling["steps"]
         assert (stats["sampler"], stats["steps"], stats["n_samples"], stats["batch_size"], stats["seed"]) == (
-            sampling["sampler"], sampling["steps"], sampling["n_samples"], sampling["batch_size"], sampling["seed"])
+            sampling["sampler"], steps, sampling["n_samples"], sampling["batch_size"], sampling["seed"])
         method = {"full": "full", "shallow": "shallow", "ee": "early_exit", "duodiff": "duodiff"}[name.split("_")[0]]
         assert stats["method"] == method
         if method == "early_exit":
@@ -511,6 +549,7 @@ def test_tiny_study_sample_sets_were_made_with_the_configured_settings(tiny_stud
         for metric in ("fid", "cmmd", "gflops"):
             assert (tiny_study / "results" / "tiny" / "metrics" / name / f"{metric}.json").is_file()
         rule = {"full": "sample_full", "shallow": "sample_shallow", "early_exit": "sample_early_exit", "duodiff": "sample_duodiff"}[method]
+        rule = "sample_fewer_steps" if name.startswith("full_steps") else rule
         assert (tiny_study / "results" / "logs" / rule / "tiny" / f"{name}.log").is_file()
         assert (tiny_study / "results" / "benchmarks" / rule / "tiny" / f"{name}.tsv").is_file()
 
@@ -560,10 +599,10 @@ def test_tiny_study_changing_one_threshold_reruns_only_what_depends_on_it(tiny_s
     def edit(c):
         c["early_exit"]["thresholds"][-1] = 0.3
 
-    # One new sample set per classifier type, its three scores, and the tables and plots.
+    # One new sample set per classifier type, its four scores, and the tables and plots.
     assert changed_jobs(tiny_study, "threshold", edit) == {
-        "sample_early_exit": n_classifiers, "fid": n_classifiers, "cmmd": n_classifiers,
-        "flops": n_classifiers, "tables": 1, "plots": 1, "all": 1,
+        "sample_early_exit": n_classifiers, "fid": n_classifiers, "fd_classifier": n_classifiers,
+        "cmmd": n_classifiers, "flops": n_classifiers, "tables": 1, "plots": 1, "all": 1,
     }  # fmt: skip
 
 
@@ -578,7 +617,7 @@ def test_tiny_study_changing_a_training_setting_reruns_that_model_and_its_sets(t
     n_sets = 1 + n_t_switch
     assert changed_jobs(tiny_study, "shallow_lr", edit) == {
         "train_shallow": 1, "sample_shallow": 1, "sample_duodiff": n_t_switch,
-        "fid": n_sets, "cmmd": n_sets, "flops": n_sets, "tables": 1, "plots": 1, "all": 1,
+        "fid": n_sets, "fd_classifier": n_sets, "cmmd": n_sets, "flops": n_sets, "tables": 1, "plots": 1, "all": 1,
     }  # fmt: skip
 
 
@@ -589,4 +628,7 @@ def test_tiny_study_changing_a_metric_setting_rescores_only(tiny_study):
     def edit(c):
         c.setdefault("metrics", {}).setdefault("fid", {})["kid_subsets"] = 50
 
-    assert changed_jobs(tiny_study, "kid_subsets", edit) == {"fid": n_sets, "tables": 1, "plots": 1, "all": 1}
+    n_scored = len(scored_sets(load(TINY)))
+    # kid_subsets is a metrics.fid key, shared by the Inception and the classifier scores.
+    assert changed_jobs(tiny_study, "kid_subsets", edit) == {
+        "fid": n_scored, "fd_classifier": n_scored, "tables": 1, "plots": 1, "all": 1}

@@ -127,11 +127,16 @@ def panel_title(row) -> str:
 
 def lines_drawn(ax) -> list[dict]:
     """The labelled lines of an axes as drawn: the record saved beside the figure."""
+    from matplotlib.container import ErrorbarContainer
+
+    # errorbar() keeps its label on the container and leaves the data line unlabelled.
+    labelled = {id(c.lines[0]): c.get_label() for c in ax.containers if isinstance(c, ErrorbarContainer)}
     series = []
     for line in ax.get_lines():
-        if line.get_label().startswith("_"):
+        label = labelled.get(id(line), line.get_label())
+        if label.startswith("_"):
             continue
-        series.append({"label": line.get_label(),
+        series.append({"label": label,
                        "x": [float(v) for v in line.get_xdata()],
                        "y": [float(v) for v in line.get_ydata()]})
     return series
@@ -384,8 +389,7 @@ def plot_exit_heatmap(table, palette, summaries: dict[str, np.ndarray]):
         top.text(0.5, 0.5, "No early-exit sample sets in this study", ha="center", va="center", color="0.4")
 
     ax = bottom.subplots()
-    # The early-exit sets against the full model: DuoDiff and the shallow model run fixed depths.
-    for _, row in table[table["method"].isin(["full", "early_exit"])].iterrows():
+    for _, row in table[table["method"] != "real"].iterrows():  # table order: full, shallow, early exit, DuoDiff
         mean = mean_exit_layer(summaries[row["set"]])
         style = dict(color=palette.colors[row["set"]], linewidth=1.4, drawstyle="steps-mid")
         # Dashed/dotted on top: the fixed-depth references stay visible where other sets coincide.
@@ -398,7 +402,7 @@ def plot_exit_heatmap(table, palette, summaries: dict[str, np.ndarray]):
     ax.set_xlabel("sampling step (0 = noisiest, left; clean image, right)")
     ax.set_ylabel("mean blocks executed")
     ax.set_ylim(bottom=0)
-    ax.set_title("Mean exit layer per sampling step, early-exit sets and the full model")
+    ax.set_title("Mean exit layer per sampling step, all sets")
     # Legend below the panel: beside it, it would widen the figure and push the colour bar away.
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncols=min(3, len(table)), frameon=False, fontsize=7)
     data["mean_exit_layer"] = lines_drawn(ax)
@@ -554,7 +558,7 @@ def plot_sample_grids(table, samples_root, reference, n_images: int):
     # As many real images as the sample grids hold (a set grid has its first <= n_images samples).
     n_real = min(n_images, int(table.loc[table["method"] != "real", "n_samples"].min()))
     reference_images = image_files(Path(reference) / "images")
-    panels = [("Real images (reference)", grid_from_images(reference_images, n_real),
+    panels = [("Real images", grid_from_images(reference_images, n_real),
                f"{Path(reference) / 'images'} (first {min(n_real, len(reference_images))})", None)]
     for _, row in table.iterrows():
         if row["method"] == "real":  # the held-out real images: the reference panel shows their kind

@@ -36,6 +36,7 @@ from duodiff.io import read_json, torch_save, write_json
 FORMAT = "duodiff-feature-net-v1"
 MODEL_NAME = "model.pt"
 INFO_NAME = "feature_net.json"
+MAX_IMAGE_SIZE = 32  # a few conv layers on full-resolution images: small images only
 
 
 class ClassifierNet(nn.Module):
@@ -108,17 +109,24 @@ def run_feature_net(
     require(weight_decay >= 0, f"--weight-decay must be >= 0; got {weight_decay!r}")
     require(0 < holdout_fraction < 1, f"--holdout-fraction must be in (0, 1); got {holdout_fraction!r}")
     output_folder = Path(output_folder)
-
-    real = data.load_dataset(dataset, root=data_root, download=download, image_size=image_size, train=True)
+    # Checked before the data is read (a missing CelebA folder is not the first thing to hear).
     require(
-        real.num_classes and real.num_classes > 1,
+        data.NUM_CLASSES.get(dataset) != 0,
         f"--dataset {dataset} has no class labels; a feature network needs a labelled dataset (use the Inception "
         "features for it: metrics.headline: inception)",
     )
+    size = image_size or data.NATIVE_SIZE.get(dataset)
     require(
-        real.image_size <= 32,
-        f"--dataset {dataset} has {real.image_size}px images; this small classifier is for images up to 32px "
-        "(use the Inception features for larger ones)",
+        size is None or size <= MAX_IMAGE_SIZE,
+        f"--dataset {dataset} gives {size}px images; this small classifier is for images up to {MAX_IMAGE_SIZE}px "
+        "(use the Inception features for larger ones: metrics.headline: inception)",
+    )
+
+    real = data.load_dataset(dataset, root=data_root, download=download, image_size=image_size, train=True)
+    require(
+        real.num_classes > 1 and real.image_size <= MAX_IMAGE_SIZE,
+        f"--dataset {dataset}: {real.num_classes} classes of {real.image_size}px images; a feature network needs "
+        f"at least 2 classes and images up to {MAX_IMAGE_SIZE}px",
     )
     images = torch.stack([real[i][0] for i in range(len(real))])
     labels = torch.tensor([real[i][1] for i in range(len(real))])

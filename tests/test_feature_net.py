@@ -1,0 +1,116 @@
+"""The embedded study's feature network (`duodiff feature-net`) and its path through clean-fid."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import duodiff.data
+from duodiff.errors import DuodiffError
+from duodiff.metrics import feature_net, fid
+from duodiff.sampling import save_png, to_uint8
+
+SETTINGS = dict(epochs=4, batch_size=64, lr=1e-3, weight_decay=1e-4, feature_dim=32, holdout_fraction=0.2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fnet")
+    info = feature_net.run_feature_net(dataset="digits", output_folder=folder, **SETTINGS)
+    return folder, info
+
+
+def test_split_is_disjoint_and_covers_the_dataset():
+    train, held = feature_net.split_indices(1797, 0.2, seed=0)
+    assert len(held) == round(1797 * 0.2) and len(train) + len(held) == 1797
+    assert not set(train.tolist()) & set(held.tolist())
+    assert sorted(train.tolist() + held.tolist()) == list(range(1797))
+
+
+def test_training_is_deterministic_and_records_its_heldout_accuracy(trained, tmp_path):
+    folder, info = trained
+    stored = json.loads((folder / "feature_net.json").read_text())
+    assert stored == info
+    assert (stored["n_train"], stored["n_heldout"]) == (1438, 359)
+    # A small CNN on 8x8 digits: 4 epochs are enough for > 90% on images it never saw.
+    assert 0.9 < stored["heldout_accuracy"] <= 1.0
+    again = feature_net.run_feature_net(dataset="digits", output_folder=tmp_path, **SETTINGS)
+    assert again["sha256"] == info["sha256"]  # same seed, same weights, byte for byte
+
+
+def test_accuracy_is_measured_on_the_heldout_images(trained):
+    folder, info = trained
+    model, _ = feature_net.load_feature_net(folder / "model.pt")
+    real = duodiff.data.load_dataset("digits")
+    _, held = feature_net.split_indices(len(real), 0.2, seed=0)
+    images = torch.stack([real[int(i)][0] for i in held])
+    labels = torch.tensor([real[int(i)][1] for i in held])
+    with torch.no_grad():
+        correct = (model(images).argmax(1) == labels).float().mean().item()
+    assert correct == pytest.approx(info["heldout_accuracy"])
+
+
+def test_classifier_fd_and_kid_equal_closed_forms_on_the_networks_own_features(trained, tmp_path, monkeypatch):
+    """Samples and reference go through clean-fid's loader with the network as custom extractor;
+    the scores must equal the Fréchet distance and unbiased KID of features computed by hand
+    (PIL -> [-1, 1] -> model.features), and the interval must hold the score."""
+    folder, _ = trained
+    real = duodiff.data.load_dataset("digits")
+    monkeypatch.setattr(fid, "feature_extractor", lambda *a, **k: pytest.fail("Inception must not load"))
+    reference = tmp_path / "ref"
+    # The reference folder as `duodiff reference` leaves it, without running Inception.
+    fid.write_dataset_images(real, range(40), reference, 16, 0, "reference")
+    (reference / "reference.json").write_text(json.dumps({
+        "n": 40, "dataset": "digits", "image_size": 8, "channels": 1, "feature_dim": 2, "feature_network_key": "x",
+        "feature_network": "x", "feature_network_sha256": "x"}))
+    np.savez(reference / "features.npz", features=np.zeros((40, 2)))
+    samples = tmp_path / "s"
+    (samples / "images").mkdir(parents=True)
+    noise = torch.Generator().manual_seed(0)
+    for i in range(30):  # real digits 100.. with noise: a set that differs from the reference
+        image = (real[100 + i][0] + 0.3 * torch.randn(real[100 + i][0].shape, generator=noise)).clamp(-1, 1)
+        save_png(to_uint8(image[None])[0], samples / "images" / f"{i:06d}.png")
+
+    out = fid.run_fid(samples, reference, tmp_path / "fd.json", batch_size=7, device="cpu",
+                      feature_net=folder / "model.pt", bootstrap_resamples=200)
+
+    model, _ = feature_net.load_feature_net(folder / "model.pt")
+
+    def by_hand(paths):
+        x = torch.stack([torch.from_numpy(np.asarray(Image.open(p), dtype=np.float32)) for p in paths])
+        with torch.no_grad():
+            return model.features((x / 127.5 - 1.0)[:, None]).double().numpy()
+
+    a = by_hand(sorted((samples / "images").iterdir()))
+    b = by_hand(sorted((reference / "images").iterdir()))
+    from scipy import linalg
+
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    expected = np.sum((a.mean(0) - b.mean(0)) ** 2) + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real)
+    assert out["fid"] == pytest.approx(expected, rel=1e-4)
+    assert out["feature_network_key"] == "classifier" and out["n_reference"] == 40 and out["n_samples"] == 30
+    assert out["fid_ci_low"] < out["fid"] < out["fid_ci_high"]
+    assert out["kid_ci_low"] < out["kid_ci_high"]
+
+
+def test_a_feature_net_of_another_dataset_is_refused(trained, tmp_path):
+    folder, _ = trained
+    reference = tmp_path / "ref"
+    reference.mkdir()
+    (reference / "reference.json").write_text(json.dumps({
+        "n": 2, "dataset": "cifar10", "image_size": 32, "channels": 3, "feature_dim": 2}))
+    np.savez(reference / "features.npz", features=np.zeros((2, 2)))
+    samples = tmp_path / "s" / "images"
+    samples.mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(samples / f"{i:06d}.png")
+    with pytest.raises(DuodiffError, match="was trained on dataset 'digits' but --reference .* has dataset 'cifar10'"):
+        fid.run_fid(tmp_path / "s", reference, tmp_path / "o.json", feature_net=folder / "model.pt")
+    assert not (tmp_path / "o.json").exists()
+
+
+def test_a_dataset_without_labels_is_refused(tmp_path):
+    with pytest.raises(DuodiffError, match="celeba has no class labels"):
+        feature_net.run_feature_net(dataset="celeba", output_folder=tmp_path, data_root=tmp_path, **SETTINGS)
