@@ -74,7 +74,7 @@ def test_classifier_fd_and_kid_equal_closed_forms_on_the_networks_own_features(t
         save_png(to_uint8(image[None])[0], samples / "images" / f"{i:06d}.png")
 
     out = fid.run_fid(samples, reference, tmp_path / "fd.json", batch_size=7, device="cpu",
-                      feature_net=folder / "model.pt", bootstrap_resamples=200)
+                      feature_net=folder / "model.pt")
 
     model, _ = feature_net.load_feature_net(folder / "model.pt")
 
@@ -114,3 +114,15 @@ def test_a_feature_net_of_another_dataset_is_refused(trained, tmp_path):
 def test_a_dataset_without_labels_is_refused(tmp_path):
     with pytest.raises(DuodiffError, match="celeba has no class labels"):
         feature_net.run_feature_net(dataset="celeba", output_folder=tmp_path, data_root=tmp_path, **SETTINGS)
+
+
+def test_features_are_scaled_to_unit_rms_on_the_training_images(trained):
+    folder, _ = trained
+    model, info = feature_net.load_feature_net(folder / "model.pt")
+    real = duodiff.data.load_dataset("digits")
+    train, _ = feature_net.split_indices(len(real), 0.2, seed=0)
+    images = torch.stack([real[int(i)][0] for i in train])
+    with torch.no_grad():
+        features = model.features(images)
+    assert float(features.square().mean().sqrt()) == pytest.approx(1.0, rel=1e-5)
+    assert float(model.feature_scale) > 1.0  # raw ReLU activations are larger: they were rescaled

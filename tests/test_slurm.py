@@ -34,7 +34,7 @@ needs_run = pytest.mark.skipif(
     not RUN_DIR, reason="needs DUODIFF_SLURM_RUN_DIR from .ci/slurm/run-pipeline.sh"
 )
 
-TABLES = ["fid.csv", "kid.csv", "cmmd.csv", "gflops.csv"]
+TABLES = ["scores.csv", "fid.csv", "kid.csv", "cmmd.csv", "gflops.csv"]
 # Wall-clock measurements: they differ between any two runs.
 TIMING_COLUMNS = {"images_per_s", "speedup_measured"}
 # Columns of the squeue dump written by run-pipeline.sh, in its order.

@@ -81,6 +81,11 @@ class Palette:
                 self.colors[name] = colormaps[cmap](0.95)
         for name in table.loc[table["method"] == "full", "set"]:
             self.colors[name] = (0.0, 0.0, 0.0, 1.0)
+        fewer = table[table["method"] == "fewer_steps"].sort_values("steps", ascending=False)
+        for name, color in zip(fewer["set"], shades("Greys", len(fewer))):  # fewer steps: lighter
+            self.colors[name] = color
+        for name in table.loc[table["method"] == "real", "set"]:
+            self.colors[name] = REAL_COLOR
 
     def _assign(self, group: pd.DataFrame, setting: str, cmap: str, key: tuple) -> None:
         group = group.sort_values(setting)

@@ -100,7 +100,7 @@ DIFFERS_MARK = {"worse": ("†", r"\textsuperscript{\dag}"), "better": ("‡", r
 def summary_columns(frame: pd.DataFrame) -> list[tuple[str, str, str, str | None]]:
     """SUMMARY_COLUMNS, led by the headline score and its KID when the headline is not Inception."""
     name = frame["score_name"].iloc[0]
-    # "[95% CI]" only where intervals were computed (metrics.bootstrap_resamples > 0).
+    # "[95% CI]" only where intervals were computed (metrics.intervals).
     ci, ci_tex = (" [95% CI]", r" [95\% CI]") if frame["score_ci_low"].notna().any() else ("", "")
     if name == "FID":
         return [("score", f"FID{ci} ↓", rf"FID{ci_tex}$\downarrow$", "min")] + SUMMARY_COLUMNS[1:]
@@ -162,7 +162,7 @@ def _number(path: Path, data: dict, key: str, positive: bool = False) -> float:
 
 
 def _interval(path: Path, data: dict, key: str) -> tuple[float, float]:
-    """(low, high) of a score's 95% interval; NaNs when the file has none (bootstrap off, or a
+    """(low, high) of a score's 95% interval; NaNs when the file has none (intervals off, or a
     file from before intervals existed)."""
     low, high = data.get(f"{key}_ci_low"), data.get(f"{key}_ci_high")
     if low is None or high is None:
@@ -355,7 +355,7 @@ def operating_points(frame: pd.DataFrame) -> pd.DataFrame:
         base = {"method": method, "family": family, "score_name": full["score_name"], "full_score": full["score"],
                 "full_ci_low": full["score_ci_low"], "full_ci_high": limit}
         if math.isnan(limit):
-            rows.append({**base, "note": "the full model's score has no interval (metrics.bootstrap_resamples: 0)"})
+            rows.append({**base, "note": "the full model's score has no interval (metrics.intervals: false)"})
             continue
         good = sets[sets["score"] <= limit]
         if good.empty:
@@ -505,7 +505,7 @@ def _notes(frame: pd.DataFrame, footnotes: dict[str, int]) -> list[str]:
                  f"of both; {int((marks == 'worse').sum())} worse, {int((marks == 'better').sum())} better, "
                  f"{int(marks.isin(['within', 'overlaps']).sum())} indistinguishable."
                  if not pd.isna(full["score_ci_low"]) else
-                 "No confidence intervals (metrics.bootstrap_resamples: 0): sets cannot be told apart from noise.")
+                 "No confidence intervals (metrics.intervals: false): sets cannot be told apart from noise.")
 
     setups = frame[["sampler", "steps", "seed"]].drop_duplicates()
     if len(setups) == 1:
@@ -574,7 +574,7 @@ def _headline_note(full) -> str:
     else:
         what = (f"{name} / KD: Fréchet distance / KID in the features of a classifier trained on the dataset "
                 f"({full['score_network']}; duodiff feature-net), the headline scores")
-    return (f"{what}, each with its 95% confidence interval (BCa bootstrap over the set's images, the reference "
+    return (f"{what}, each with its 95% confidence interval (score ± 1.96 jackknife standard errors over the set's images, the reference "
             f"fixed), from {full['score_n_samples']} images per set against {full['score_n_reference']} reference "
             "images. Lower is better.")
 

@@ -389,7 +389,7 @@ def reference_flags() -> str:
 
 def fid_flags() -> str:
     metrics = config["metrics"]
-    settings = {**metrics["fid"], "bootstrap_resamples": metrics["bootstrap_resamples"]}
+    settings = {**metrics["fid"], "no_intervals": not metrics["intervals"]}
     return cli_flags({**settings, "num_workers": metrics["num_workers"], "device": config["device"]})
 
 
@@ -397,7 +397,7 @@ def fd_classifier_flags() -> str:
     """`duodiff fid --feature-net`: every image of the set (max_samples is Inception's budget)."""
     metrics = config["metrics"]
     settings = {key: value for key, value in metrics["fid"].items() if key != "max_samples"}
-    settings["bootstrap_resamples"] = metrics["bootstrap_resamples"]
+    settings["no_intervals"] = not metrics["intervals"]
     return cli_flags({**settings, "num_workers": metrics["num_workers"], "device": config["device"]})
 
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from duodiff.errors import DuodiffError, check_positive, require
 from duodiff.io import read_json, torch_save, write_json
 
-FORMAT = "duodiff-feature-net-v1"
+FORMAT = "duodiff-feature-net-v2"  # v2: features divided by their training RMS
 MODEL_NAME = "model.pt"
 INFO_NAME = "feature_net.json"
 MAX_IMAGE_SIZE = 32  # a few conv layers on full-resolution images: small images only
@@ -55,6 +55,10 @@ class ClassifierNet(nn.Module):
         )  # fmt: skip
         self.fc = nn.Linear(2 * width * (image_size // 2) ** 2, feature_dim)
         self.classify = nn.Linear(feature_dim, num_classes)
+        # Set once after training (set_feature_scale): the features' root mean square on the
+        # training images, so that features are O(1) like Inception's and KID's cubic kernel
+        # (x.y / d + 1)^3 stays in its intended range instead of reaching 1e7.
+        self.register_buffer("feature_scale", torch.ones(()))
 
     def config(self) -> dict:
         return {
@@ -64,10 +68,17 @@ class ClassifierNet(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] (B, C, H, W) -> (B, feature_dim), the activations FD and KID use."""
+        return self.hidden(x) / self.feature_scale
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.fc(self.conv(x).flatten(1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classify(self.features(x))
+        return self.classify(self.hidden(x))
+
+    @torch.no_grad()
+    def set_feature_scale(self, images: torch.Tensor) -> None:
+        self.feature_scale.fill_(float(self.hidden(images).square().mean().sqrt()))
 
 
 def split_indices(n: int, holdout_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,6 +160,7 @@ def run_feature_net(
                 loss.backward()
                 optimizer.step()
         model.eval()
+        model.set_feature_scale(x_train)
         train_acc = accuracy(model, x_train, y_train)
         held_acc = accuracy(model, images[held_idx], labels[held_idx])
     finally:

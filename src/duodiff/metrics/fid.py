@@ -43,7 +43,7 @@ from duodiff.distributed import default_device
 from duodiff.errors import DuodiffError, check_choice, check_positive, require
 from duodiff.io import atomic_path, read_json, write_json
 from duodiff.metrics.feature_cache import cached_features, remove_cache
-from duodiff.metrics.uncertainty import CONFIDENCE, bootstrap_interval, frechet_statistic, kid_statistic
+from duodiff.metrics.uncertainty import CONFIDENCE, frechet_statistic, jackknife_interval, kid_statistic
 
 FEATURE_NETWORKS = ("auto", "clean-fid", "fid-helper")
 FEATURE_DIM = 2048
@@ -495,14 +495,14 @@ def run_fid(
     chunk_size: int = 1000,
     feature_net=None,
     max_samples: int | None = None,
-    bootstrap_resamples: int = 1000,
+    intervals: bool = True,
 ) -> dict:
     """FID and KID of DIR/images/*.png against a reference folder -> FILE.json.
 
     feature_net: a `duodiff feature-net` model.pt; its features replace Inception's on both sides
     (the reference's images are passed through it here: a few hundred small images take a second).
-    max_samples: score only the first N images of the set. bootstrap_resamples: resamples of the
-    95% confidence intervals of FID and KID (uncertainty.py; 0: none)."""
+    max_samples: score only the first N images of the set. intervals: the 95% confidence
+    intervals of FID and KID (jackknife over the set's images, uncertainty.py)."""
     check_positive("--batch-size", batch_size)
     check_positive("--kid-subsets", kid_subsets)
     check_positive("--chunk-size", chunk_size)
@@ -511,10 +511,6 @@ def run_fid(
     require(
         max_samples is None or (isinstance(max_samples, int) and max_samples >= 2),
         f"--max-samples must be an integer >= 2; got {max_samples!r}",
-    )
-    require(
-        isinstance(bootstrap_resamples, int) and bootstrap_resamples >= 0,
-        f"--bootstrap-resamples must be an integer >= 0; got {bootstrap_resamples!r}",
     )
     samples = Path(samples)
     files = sample_files(samples)[:max_samples]
@@ -544,8 +540,9 @@ def run_fid(
     ref_sigma_sqrt = load_reference_sigma_sqrt(reference, ref_sigma) if feature_net is None else psd_sqrt(ref_sigma)
     fid = frechet_distance(features, ref_mu, ref_sigma, ref_sigma_sqrt)
     kid, kid_std = kid_with_std(ref_features, features, kid_subsets, kid_subset_size, seed)
-    fid_ci = bootstrap_interval(frechet_statistic(features, ref_mu, ref_sigma, ref_sigma_sqrt), len(features), bootstrap_resamples, seed)
-    kid_ci = bootstrap_interval(kid_statistic(features, ref_features), len(features), bootstrap_resamples, seed)
+    no_interval = (float("nan"), float("nan"))
+    fid_ci = jackknife_interval(frechet_statistic(features, ref_mu, ref_sigma, ref_sigma_sqrt), len(features)) if intervals else no_interval
+    kid_ci = jackknife_interval(kid_statistic(features, ref_features), len(features)) if intervals else no_interval
     result = {
         "fid": fid,
         "fid_ci_low": fid_ci[0],
@@ -555,7 +552,7 @@ def run_fid(
         "kid_ci_low": kid_ci[0],
         "kid_ci_high": kid_ci[1],
         "confidence": CONFIDENCE,
-        "bootstrap_resamples": bootstrap_resamples,
+        "interval_method": "jackknife" if intervals else None,
         "kid_subset_size": min(len(features), len(ref_features), kid_subset_size),
         "kid_subsets": kid_subsets,
         "kid_seed": seed,
@@ -662,11 +659,11 @@ def add_cli(subparsers):
     add_flag(p, "--feature-net", default=None,
              help="model.pt of `duodiff feature-net`: its features instead of Inception's, on both sides")
     add_flag(p, "--max-samples", type=int, default=None, help="score only the first N images of the set")
-    add_flag(p, "--bootstrap-resamples", type=int, default=1000,
-             help="resamples of the 95%% confidence intervals (BCa bootstrap over the set's images; 0: none)")
+    add_flag(p, "--no-intervals", action="store_true",
+             help="leave out the 95%% confidence intervals (jackknife over the set's images)")
     p.set_defaults(func=lambda a: run_fid(
         samples=a.samples, reference=a.reference, output=a.output, batch_size=a.batch_size, device=a.device,
         num_workers=a.num_workers, kid_subsets=a.kid_subsets, kid_subset_size=a.kid_subset_size, seed=a.seed,
         chunk_size=a.chunk_size, feature_net=a.feature_net, max_samples=a.max_samples,
-        bootstrap_resamples=a.bootstrap_resamples,
+        intervals=not a.no_intervals,
     ))  # fmt: skip

@@ -1,83 +1,77 @@
-"""Confidence intervals of the scores: a bootstrap over the sample set's images.
+"""Confidence intervals of the scores: the jackknife over the sample set's images.
 
 A score compares a set of N generated images with a fixed reference; drawn again with other
-seeds, the same method would give another N images and another score. The bootstrap estimates
-that spread by resampling the set's images (their cached features) with replacement and
-recomputing the score, the reference held fixed (it is the same for every set, so it cancels in
-the comparisons the study makes).
+seeds, the same method would give another N images and another score. The interval estimates
+that spread from the set itself, the reference held fixed (it is the same for every set, so it
+cancels in the comparisons the study makes): score ± 1.96 se, with se the jackknife standard
+error (Quenouille-Tukey; Efron & Stein 1981) over the n leave-one-image-out scores s_(i):
 
-The interval is the basic (reverse percentile) bootstrap interval, `scipy.stats.bootstrap(
-method="basic")`: [2 s - q_97.5, 2 s - q_2.5] for the score s and the quantiles q of the
-resampled scores. Not the plain percentile interval [q_2.5, q_97.5]: a resample repeats about a
-third of the images, which shrinks the set's apparent diversity and pushes the Fréchet distance
-up, so the percentile interval sits almost wholly above the estimate (measured on 1,000 held-out
-real digits: FD 73.1, percentile interval [64, 107]). The basic interval reflects the resamples'
-spread about the estimate and so removes that shift (there: [39, 82]). Not BCa either: when a
-set's score is mostly the finite-sample bias (a set as close to the reference as real images),
-every resample lies above the estimate, BCa's bias correction is infinite and it returns no
-interval at all.
+    se² = (n - 1) / n · Σ_i (s_(i) - mean(s_(.)))²
+
+Why the jackknife and not the bootstrap: a bootstrap resample repeats about a third of the
+images, which shrinks a set's apparent diversity and pushes the Fréchet distance up, by more
+than the spread it is meant to measure when the set has fewer images than feature dimensions
+(Inception: 100 images, 2048 dimensions). Its intervals then sit beside the score instead of
+around it: percentile intervals above it (1,000 held-out real digits: FD 73.1, percentile
+interval [64, 107]), basic ones below it (Inception FID 42.4 of 100 real digits: [26.3, 34.0]),
+and BCa's bias correction becomes infinite and gives no interval at all. Leaving one image out
+repeats none. Measured on the digits model: four sets of 1,000 samples from four seeds scored FD
+229.6, 224.6, 250.5 and 220.1 (standard deviation 13.5); their jackknife standard errors were
+14.2, 14.7, 15.9 and 12.6.
 
 The statistics take index arrays, so the heavy parts are computed once per set: for FD the
-features times the reference's covariance square root, for KID the kernel matrices.
+features times the reference's covariance square root (or their Gram matrix), for KID the
+kernel matrices.
 """
 
 from __future__ import annotations
 
-import warnings
-from typing import Callable
-
 import numpy as np
 
 CONFIDENCE = 0.95
+Z_95 = 1.959963984540054  # the standard normal's 97.5% quantile
 
 
-def bootstrap_interval(
-    statistic: Callable[[np.ndarray], float], n: int, n_resamples: int, seed: int, confidence: float = CONFIDENCE
-) -> tuple[float, float]:
-    """Basic bootstrap interval of statistic(indices into the set's n images); NaNs when n < 3,
-    without resamples, or when every resample gives the same value (no spread to estimate)."""
-    from scipy import stats
-
-    if n < 3 or n_resamples < 1:
+def jackknife_interval(statistic, n: int) -> tuple[float, float]:
+    """score ± 1.96 jackknife standard errors of statistic(indices into the set's n images);
+    NaNs when n < 3 (one left out leaves too little to score)."""
+    if n < 3:
         return float("nan"), float("nan")
-    with warnings.catch_warnings():
-        # A degenerate distribution (all resamples equal) warns: its interval is reported as NaN.
-        warnings.simplefilter("ignore")
-        result = stats.bootstrap(
-            (np.arange(n),), lambda idx: statistic(np.asarray(idx, dtype=np.int64)), vectorized=False,
-            n_resamples=n_resamples, confidence_level=confidence, method="basic", random_state=seed,
-        )  # fmt: skip
-    low, high = result.confidence_interval
-    if result.standard_error == 0:
-        return float("nan"), float("nan")
-    return float(low), float(high)
+    everything = np.arange(n)
+    value = statistic(everything)
+    left_out = np.array([statistic(np.delete(everything, i)) for i in range(n)])
+    se = np.sqrt((n - 1) / n * np.square(left_out - left_out.mean()).sum())
+    return float(value - Z_95 * se), float(value + Z_95 * se)
 
 
 def frechet_statistic(features: np.ndarray, ref_mu: np.ndarray, ref_sigma: np.ndarray, ref_sigma_sqrt: np.ndarray):
     """indices -> Fréchet distance of features[indices] to the reference (fid.frechet_distance's
-    formula). A resample is its count vector c (how often each image was drawn), so the mean and
-    covariance are weighted sums over the n images, not copies of them:
-    mu = c.X / m, S = (X^T diag(c) X - m mu mu^T) / (m - 1), m = sum c; the trace term is
-    Tr((R S R)^1/2) with R = S_ref^1/2, from the eigenvalues of the d x d matrix R S R."""
+    formula). A subset of the images is its count vector c (how often each image is in it), so the mean and
+    the covariance's trace are weighted sums over the n images: mu = c.X / m, m = sum c. The trace
+    term Tr((R S R)^1/2), R = S_ref^1/2, is the sum of the square roots of the eigenvalues of R S R
+    (d x d, from the weighted Gram X^T diag(c) X) or, with fewer images than dimensions (Inception:
+    100 images, 2048 dimensions), of the subset's centred m x m Gram matrix, which shares its
+    non-zero eigenvalues and is gathered from the n x n Gram matrix computed once."""
     n, d = features.shape
     projected = features @ ref_sigma_sqrt
+    gram = projected @ projected.T if n <= d else None
+    squared_norms = np.square(features).sum(axis=1)
     trace_ref = float(np.trace(ref_sigma))
 
     def fd(idx: np.ndarray) -> float:
         counts = np.bincount(idx, minlength=n).astype(np.float64)
         m = counts.sum()
-        if m <= d:  # fewer images than dimensions: the n x d SVD of the resample is cheaper
-            x, y = features[idx], projected[idx]
-            mu = x.mean(axis=0)
-            a = (y - y.mean(axis=0)) / np.sqrt(m - 1)
-            trace_covmean = np.linalg.svd(a, compute_uv=False).sum()
-            trace_sigma = np.square(x - mu).sum() / (m - 1)
+        mu = counts @ features / m
+        trace_sigma = (counts @ squared_norms - m * np.square(mu).sum()) / (m - 1)
+        if gram is not None:
+            block = gram[np.ix_(idx, idx)]
+            centred = block - block.mean(axis=0) - block.mean(axis=1)[:, None] + block.mean()
+            eigenvalues = np.linalg.eigvalsh(centred / (m - 1))
         else:
-            mu = counts @ features / m
             mu_y = counts @ projected / m
             cov_y = (projected.T @ (counts[:, None] * projected) - m * np.outer(mu_y, mu_y)) / (m - 1)
-            trace_covmean = np.sqrt(np.clip(np.linalg.eigvalsh(cov_y), 0, None)).sum()
-            trace_sigma = (counts @ np.square(features).sum(axis=1) - m * np.square(mu).sum()) / (m - 1)
+            eigenvalues = np.linalg.eigvalsh(cov_y)
+        trace_covmean = np.sqrt(np.clip(eigenvalues, 0, None)).sum()
         return float(np.square(mu - ref_mu).sum() + trace_sigma + trace_ref - 2 * trace_covmean)
 
     return fd
@@ -93,8 +87,8 @@ def kid_statistic(features: np.ndarray, ref_features: np.ndarray):
 
     MMD^2_u = sum_{i != j} k(x_i, x_j) / (m (m - 1)) + sum_{a != b} k(r_a, r_b) / (r (r - 1))
               - 2 sum_{i, a} k(x_i, r_a) / (m r)
-    over the m drawn images i, j (a resample that repeats image i counts the pairs of its copies
-    as i != j pairs, as the bootstrap of a U-statistic does). With the count vector c:
+    over the m images i, j of the subset (an image counted twice makes a pair with itself, as
+    i != j). With the count vector c:
     sum_{i != j} = c^T K c - c.diag(K), and the cross term c.(K_xr 1) / (m r)."""
     n = len(features)
     k_xx = polynomial_kernel(features, features)
