@@ -22,6 +22,13 @@ def trained(tmp_path_factory):
     return folder, info
 
 
+def digits_split(part: int):
+    """(images, labels) of the feature net's training (part 0) or held-out (part 1) digits."""
+    real = duodiff.data.load_dataset("digits")
+    indices = feature_net.split_indices(len(real), SETTINGS["holdout_fraction"], seed=SETTINGS["seed"])[part]
+    return torch.stack([real[int(i)][0] for i in indices]), torch.tensor([real[int(i)][1] for i in indices])
+
+
 def test_split_is_disjoint_and_covers_the_dataset():
     train, held = feature_net.split_indices(1797, 0.2, seed=0)
     assert len(held) == round(1797 * 0.2) and len(train) + len(held) == 1797
@@ -43,10 +50,7 @@ def test_training_is_deterministic_and_records_its_heldout_accuracy(trained, tmp
 def test_accuracy_is_measured_on_the_heldout_images(trained):
     folder, info = trained
     model, _ = feature_net.load_feature_net(folder / "model.pt")
-    real = duodiff.data.load_dataset("digits")
-    _, held = feature_net.split_indices(len(real), 0.2, seed=0)
-    images = torch.stack([real[int(i)][0] for i in held])
-    labels = torch.tensor([real[int(i)][1] for i in held])
+    images, labels = digits_split(1)
     with torch.no_grad():
         correct = (model(images).argmax(1) == labels).float().mean().item()
     assert correct == pytest.approx(info["heldout_accuracy"])
@@ -118,10 +122,8 @@ def test_a_dataset_without_labels_is_refused(tmp_path):
 
 def test_features_are_scaled_to_unit_rms_on_the_training_images(trained):
     folder, _ = trained
-    model, info = feature_net.load_feature_net(folder / "model.pt")
-    real = duodiff.data.load_dataset("digits")
-    train, _ = feature_net.split_indices(len(real), 0.2, seed=0)
-    images = torch.stack([real[int(i)][0] for i in train])
+    model, _ = feature_net.load_feature_net(folder / "model.pt")
+    images, _ = digits_split(0)
     with torch.no_grad():
         features = model.features(images)
     assert float(features.square().mean().sqrt()) == pytest.approx(1.0, rel=1e-5)
