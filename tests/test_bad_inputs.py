@@ -226,6 +226,8 @@ OUTPUT_COMMANDS = {
     "train": "train --model uvit --config-path {cfg} --log-path {dest}",
     "sample": "sample --checkpoint-path {full} --method full " + SAMPLE + " --output-folder {dest}",
     "reference": "reference --dataset digits --n-reference 2 --output-folder {dest}",
+    "feature-net": "feature-net --dataset digits --epochs 1 --output-folder {dest}",
+    "real-set": "real-set --dataset digits --n-reference 2 --n-images 2 --output-folder {dest}",
     "fid": "fid --samples {s8} --reference {ref8} --output {dest}/fid.json",
     "cmmd-reference": "cmmd-reference --reference {ref8} --output {dest}/clip.npz",
     "cmmd": "cmmd --samples {s8} --reference {ref8} --output {dest}/cmmd.json",

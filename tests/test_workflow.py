@@ -241,9 +241,13 @@ def test_every_setting_reaches_its_command(dry_runs):
     assert early["--freeze-backbone"] is True and early["--n-steps"] == str(cfg["train"]["early_exit"]["n_steps"])
     samples = [flags for name, flags in commands if name == "sample"]
     assert len(samples) == len(expected_sets(cfg))
+    # Every set samples with the configured steps, but the fewer-steps sets with their own.
+    steps = sorted(flags["--steps"] for flags in samples)
+    expected_steps = [str(cfg["sampling"]["steps"])] * (len(samples) - len(cfg["sampling"]["fewer_steps"]))
+    assert steps == sorted(expected_steps + [str(n) for n in cfg["sampling"]["fewer_steps"]])
     for flags in samples:
-        assert (flags["--steps"], flags["--n-samples"], flags["--batch-size"], flags["--sampler"]) == (
-            str(cfg["sampling"]["steps"]), str(cfg["sampling"]["n_samples"]), str(cfg["sampling"]["batch_size"]), "ddim")
+        assert (flags["--n-samples"], flags["--batch-size"], flags["--sampler"]) == (
+            str(cfg["sampling"]["n_samples"]), str(cfg["sampling"]["batch_size"]), "ddim")
         assert flags["--precision"] == "fp32"  # the schema default
         assert "--no-ema" not in flags
     duodiff = [f for f in samples if f["--method"] == "duodiff"]
@@ -254,13 +258,22 @@ def test_every_setting_reaches_its_command(dry_runs):
     # CMMD: the reference is embedded by one job, with the same settings as every set's job.
     (embed_reference,) = [flags for name, flags in commands if name == "cmmd-reference"]
     cmmd = [flags for name, flags in commands if name == "cmmd"]
-    assert len(cmmd) == len(expected_sets(cfg))
+    assert len(cmmd) == len(scored_sets(cfg))  # the real-data set is scored too
     for flags in [embed_reference, *cmmd]:
         assert flags["--batch-size"] == str(cfg["metrics"]["cmmd"]["batch_size"]) and "--max-count" not in flags
     assert embed_reference["--output"] == "results/tiny/reference/clip_embeddings.npz"
     assert all(flags["--reference"] == embed_reference["--output"] for flags in cmmd)
     tables = next(flags for name, flags in commands if name == "tables")
-    assert sorted(tables["--sets"].split()) == sorted(expected_sets(cfg))
+    assert sorted(tables["--sets"].split()) == sorted(scored_sets(cfg))
+    assert tables["--headline"] == cfg["metrics"]["headline"]
+    # The headline FD: every image of every scored set through the feature network, with intervals.
+    fd = [flags for name, flags in commands if name == "fid" and "--feature-net" in flags]
+    assert len(fd) == len(scored_sets(cfg)) and all("--max-samples" not in flags for flags in fd)
+    assert all(flags["--feature-net"] == "results/tiny/feature_net/model.pt" for flags in fd)
+    (net,) = [flags for name, flags in commands if name == "feature-net"]
+    assert (net["--epochs"], net["--feature-dim"]) == ("2", "16")
+    (real,) = [flags for name, flags in commands if name == "real-set"]
+    assert (real["--n-reference"], real["--n-images"]) == ("16", "8")
 
 
 # ---- config validation -----------------------------------------------------------------------------

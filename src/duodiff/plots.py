@@ -43,7 +43,8 @@ LOSS_BOOKKEEPING = ["step", "loss", "lr", "steps_per_s"]  # loss.csv columns tha
 # One sequential colour map per family, so every set of a family shares a hue and its setting
 # (threshold, t_switch) picks the shade. Early exit: cool hues (then grey) per classifier; DuoDiff:
 # warm hues per shallow depth.
-EARLY_EXIT_CMAPS = ["Blues", "Greens", "Purples", "Greys", "GnBu", "BuPu"]
+# Greys belong to the full model's fewer-steps sets (the full model itself is black).
+EARLY_EXIT_CMAPS = ["Blues", "Greens", "Purples", "YlGnBu", "GnBu", "BuPu"]
 DUODIFF_CMAPS = ["Reds", "Oranges", "YlOrBr", "RdPu"]
 FULL_STYLE = dict(color="black", marker="*", markersize=15, linestyle="none")
 SHALLOW_MARKER = "s"

@@ -147,14 +147,6 @@ def check_config(config, dryrun: bool) -> None:
                 f"invalid config: sampling.fewer_steps {steps} must be in [1, sampling.steps = {sampling['steps']}) "
                 "with the ddim sampler (the full model with fewer steps than the study's sets)"
             )
-    headline = config["metrics"]["headline"]
-    if headline == "classifier" and (dataset["name"] not in LABELLED_SMALL or (dataset["image_size"] or 0) > 32):
-        raise ValueError(
-            f"invalid config: metrics.headline classifier trains a small classifier on the dataset, which needs class "
-            f"labels and images of at most 32 px (datasets {', '.join(LABELLED_SMALL)}); dataset {dataset['name']} "
-            "does not qualify: use metrics.headline: inception"
-        )
-
     for t_switch in config["duodiff"]["t_switch"]:
         if not 0 <= t_switch <= sampling["steps"]:
             raise ValueError(
@@ -232,6 +224,19 @@ def check_config(config, dryrun: bool) -> None:
                 raise ValueError(f"invalid config: {message}")
             # A dry run only plans: let users inspect the jobs before the data is in place.
             logger.warning(f"Warning: {message}. The real run stops here until it does.")
+
+
+def check_headline(config) -> None:
+    """metrics.headline classifier trains a small classifier on the dataset (rule feature_net)."""
+    dataset = config["dataset"]
+    if config["metrics"]["headline"] == "classifier" and (
+        dataset["name"] not in LABELLED_SMALL or (dataset["image_size"] or 0) > 32
+    ):
+        raise ValueError(
+            f"invalid config: metrics.headline classifier trains a small classifier on the dataset, which needs class "
+            f"labels and images of at most 32 px (datasets {', '.join(LABELLED_SMALL)}); dataset {dataset['name']} "
+            "does not qualify: use metrics.headline: inception"
+        )
 
 
 # ---- what the configured grid asks for ---------------------------------------------------------

@@ -562,7 +562,8 @@ def run_fid(
         "feature_network_key": info["feature_network_key"],
         "feature_network_sha256": info["feature_network_sha256"],
         "mode": MODE,
-        "notes": small_sample_notes(len(features), len(ref_features), features.shape[1]),
+        # Inception's pool is 2048-d (a stand-in network in the tests may be smaller); the classifier's its own.
+        "notes": small_sample_notes(len(features), len(ref_features), FEATURE_DIM if feature_net is None else features.shape[1]),
         "samples": str(samples),
         "reference": str(reference),
     }
