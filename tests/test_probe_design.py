@@ -15,9 +15,9 @@ from duodiff.metrics.flops import model_costs
 from duodiff.models import CLASSIFIER_TYPES, build_model, load_model_config, validate_model_config
 from duodiff.models.early_exit import EarlyExitUViT, SeedAttentionProbe, SeedMLPProbe
 from duodiff.models.uvit import UViT
+from test_early_exit import T, batch  # the same 2-channel 8x8 batches of timesteps in [0, T)
 
 torch.set_num_threads(1)
-T = 50
 D, HIDDEN, DEPTH = 32, 16, 5
 TINY = dict(img_size=8, patch_size=2, in_chans=2, embed_dim=D, depth=DEPTH, num_heads=4, probe_hidden=HIDDEN)
 N_PATCHES = (8 // 2) ** 2
@@ -28,14 +28,6 @@ def make(classifier_type, design="seed", num_classes=0, seed=0):
     torch.manual_seed(seed)
     config = {**TINY, "num_classes": num_classes, "probe_design": design}
     return build_model("early_exit", config, T, classifier_type).double().eval()
-
-
-def batch(n=6, num_classes=0, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 2, 8, 8, generator=g, dtype=torch.float64)
-    t = torch.randint(0, T, (n,), generator=g)
-    y = torch.randint(0, num_classes, (n,), generator=g) if num_classes else None
-    return x, t, y
 
 
 def randomize_probes(model, std):
