@@ -285,6 +285,8 @@ def _order_key(row) -> tuple:
     number = lambda v: float("inf") if v is None or pd.isna(v) else float(v)  # noqa: E731
     if method == "fewer_steps":
         return (METHOD_ORDER.index(method), "", -number(row["steps"]), 0.0)
+    if method == "real":
+        return (0, "", 0.0, 0.0)
     if method == "early_exit":
         return (METHOD_ORDER.index(method), str(row["classifier_type"]), number(row["threshold"]), 0.0)
     if method == "duodiff":
