@@ -20,7 +20,8 @@ repeats none. Measured on the digits model: four sets of 1,000 samples from four
 14.2, 14.7, 15.9 and 12.6.
 
 The statistics take index arrays, so the heavy parts are computed once per set: for FD the
-features times the reference's covariance square root (or their Gram matrix), for KID the
+features times the reference's covariance square root (or their Gram matrix) and their
+second-moment matrix, which a leave-one-out subset changes by one rank-one term, for KID the
 kernel matrices.
 """
 
@@ -49,12 +50,15 @@ def frechet_statistic(features: np.ndarray, ref_mu: np.ndarray, ref_sigma: np.nd
     formula). A subset of the images is its count vector c (how often each image is in it), so the mean and
     the covariance's trace are weighted sums over the n images: mu = c.X / m, m = sum c. The trace
     term Tr((R S R)^1/2), R = S_ref^1/2, is the sum of the square roots of the eigenvalues of R S R
-    (d x d, from the weighted Gram X^T diag(c) X) or, with fewer images than dimensions (Inception:
-    100 images, 2048 dimensions), of the subset's centred m x m Gram matrix, which shares its
-    non-zero eigenvalues and is gathered from the n x n Gram matrix computed once."""
+    (d x d, from the weighted second moment X^T diag(c) X, which is the whole set's plus the rank-one
+    terms of the few images whose count is not 1: one for a jackknife subset) or, with fewer images
+    than dimensions (Inception: 50 images, 2048 dimensions), of the subset's centred m x m Gram
+    matrix, which shares its non-zero eigenvalues and is gathered from the n x n Gram matrix
+    computed once."""
     n, d = features.shape
     projected = features @ ref_sigma_sqrt
     gram = projected @ projected.T if n <= d else None
+    second_moment = projected.T @ projected if gram is None else None
     squared_norms = np.square(features).sum(axis=1)
     trace_ref = float(np.trace(ref_sigma))
 
@@ -69,7 +73,13 @@ def frechet_statistic(features: np.ndarray, ref_mu: np.ndarray, ref_sigma: np.nd
             eigenvalues = np.linalg.eigvalsh(centred / (m - 1))
         else:
             mu_y = counts @ projected / m
-            cov_y = (projected.T @ (counts[:, None] * projected) - m * np.outer(mu_y, mu_y)) / (m - 1)
+            changed = np.flatnonzero(counts != 1)
+            weighted = (
+                second_moment + projected[changed].T @ ((counts[changed] - 1)[:, None] * projected[changed])
+                if len(changed) < d
+                else projected.T @ (counts[:, None] * projected)
+            )
+            cov_y = (weighted - m * np.outer(mu_y, mu_y)) / (m - 1)
             eigenvalues = np.linalg.eigvalsh(cov_y)
         trace_covmean = np.sqrt(np.clip(eigenvalues, 0, None)).sum()
         return float(np.square(mu - ref_mu).sum() + trace_sigma + trace_ref - 2 * trace_covmean)
