@@ -6,6 +6,7 @@ artists) in <name>.json, and the tests compare those with the fixture's numbers,
 fronts, heat-map fractions and smoothed losses worked out by hand.
 """
 
+import itertools
 import json
 
 import numpy as np
@@ -14,7 +15,11 @@ import torch
 from PIL import Image
 
 from duodiff.errors import DuodiffError
-from duodiff.plots import PLOT_NAMES, Palette, grid_from_images, load_table, plot_quality_vs_gflops, run_plots
+from matplotlib import rc_context
+from matplotlib.text import Text
+
+from duodiff.plots import (PLOT_NAMES, STYLE, Palette, grid_from_images, load_table, plot_quality_vs_gflops,
+                           run_plots)
 from test_tables import ORDER, STEPS, STUDY, tables, write_study
 
 # Exit layers (steps=4, n=5) of one early-exit set, and by hand the fraction exiting at each layer.
@@ -126,7 +131,7 @@ def test_quality_vs_gflops_plots_the_table_values(study):
     assert series(quality, "Pareto front")["x"] == per_image(front)
     assert {tuple(a["sets"]): a["text"] for a in quality["annotations"]} == {
         ("ee_attention_probe_thr0.05",): "τ=0.05", ("ee_attention_probe_thr0.1",): "τ=0.1",
-        ("ee_mlp_probe_per_layer_thr0.1",): "τ=0.1", ("duodiff_d3_ts1",): "$t_s$=1", ("duodiff_d3_ts3",): "$t_s$=3"}
+        ("ee_mlp_probe_per_layer_thr0.1",): "τ=0.1", ("duodiff_d3_ts1",): "tₛ=1", ("duodiff_d3_ts3",): "tₛ=3"}
 
 
 def test_settings_on_the_same_point_share_one_annotation(tmp_path):
@@ -139,6 +144,57 @@ def test_settings_on_the_same_point_share_one_annotation(tmp_path):
     assert [(a["sets"], a["text"]) for a in data["annotations"]] == [
         (["ee_attention_probe_thr0.05", "ee_attention_probe_thr0.1"], "τ=0.05, 0.1")]
     assert [t.get_text() for t in figure.axes[0].texts] == ["τ=0.05, 0.1"]
+
+
+# A crowded sweep like the digits study's: four probes whose points at each threshold nearly
+# coincide, DuoDiff among them, and the shallow model far off (it squeezes the rest together).
+PROBES = ["attention_probe", "mlp_probe_per_layer", "mlp_probe_per_timestep", "mlp_probe_per_layer_per_timestep"]
+CROWDED = {
+    "full": STUDY["full"], "shallow_d3": STUDY["shallow_d3"],
+    **{f"ee_{probe}_thr{thr:g}": ("early_exit", probe, thr, None, 20.0 + 10 * thr**2 + 0.1 * i, 0.01, None, 50.0,
+                                  20.0 - 20 * thr + 0.3 * i, 1.0)
+       for i, probe in enumerate(PROBES) for thr in (0.1, 0.2, 0.3)},
+    **{f"duodiff_d3_ts{ts}": ("duodiff", None, None, ts, 20.2 + 0.3 * ts, 0.01, None, 50.0, 22.0 - 2 * ts, 1.0)
+       for ts in (1, 2, 3)},
+}
+
+
+def overlap(a, b):
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+def test_point_labels_of_a_crowded_sweep_never_overlap(tmp_path):
+    write_study(tmp_path, CROWDED)
+    tables(tmp_path, sets=list(CROWDED))
+    table = load_table(tmp_path / "tables")
+    with rc_context(STYLE):
+        fig, data = plot_quality_vs_gflops(table, Palette(table))
+        fig.canvas.draw()
+    ax = fig.axes[0]
+    labels = ax.texts
+    assert len(labels) >= 3
+    boxes = [Text.get_window_extent(label) for label in labels]  # the text's own box, without a leader line
+    for i, j in itertools.combinations(range(len(boxes)), 2):
+        assert not overlap(boxes[i], boxes[j]), (labels[i].get_text(), labels[j].get_text())
+    frame = ax.get_window_extent()
+    for label, box in zip(labels, boxes):
+        assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1, label.get_text()
+        # Beside a point of its setting (within 10 pt: GFLOPs per image, FID), or joined to it by a line.
+        points = ax.transData.transform([(spec[8] * STEPS, spec[4]) for name, spec in CROWDED.items()
+                                         if setting_of(name) == label.get_text()])
+        gaps = [max(box.x0 - x, x - box.x1, box.y0 - y, y - box.y1, 0.0) * 72 / fig.dpi for x, y in points]
+        assert min(gaps) <= 10 or label.arrow_patch is not None, label.get_text()
+    # Every setting of the sweep is named by exactly one label, which reads its setting.
+    named = [name for a in data["annotations"] for name in a["sets"]]
+    assert sorted(named) == sorted(name for name in CROWDED if name.startswith(("ee_", "duodiff_")))
+    for a in data["annotations"]:
+        assert {a["text"]} == {setting_of(name) for name in a["sets"]}
+
+
+def setting_of(name):
+    """A CROWDED set's label text: τ=<threshold> or tₛ=<t_switch>."""
+    spec = CROWDED[name]
+    return f"τ={spec[2]:g}" if spec[0] == "early_exit" else f"tₛ={spec[3]}"
 
 
 def test_quality_vs_time_uses_milliseconds_per_image(study):

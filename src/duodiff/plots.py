@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from tqdm import tqdm
 
 from duodiff.errors import DuodiffError, check_positive, require
 from duodiff.io import atomic_path, write_json
+from duodiff.labels import label_points
 from duodiff.tables import INTEGER_COLUMNS, blocks, method_label
 
 PLOT_NAMES = ["quality_vs_gflops", "quality_vs_time", "exit_heatmap", "fid_vs_tswitch",
@@ -48,11 +50,61 @@ EARLY_EXIT_CMAPS = ["Blues", "Greens", "Purples", "YlGnBu", "GnBu", "BuPu"]
 DUODIFF_CMAPS = ["Reds", "Oranges", "YlOrBr", "RdPu"]
 FULL_STYLE = dict(color="black", marker="*", markersize=15, linestyle="none")
 SHALLOW_MARKER = "s"
+# Every figure is drawn at about the width of a paper's column (3.3 in) and its smallest type is
+# SMALL_FONT, so that placed at column width it still prints at 7.5 * 3.3 / 4 = 6.2 pt.
+FIGURE_WIDTH = 4.0  # inches
+SMALL_FONT = 7.5    # pt: tick labels, legends, point labels, panel titles of image grids
+LABEL_CHARS = 28    # a legend entry or panel title longer than this is wrapped (two legend columns fit)
 STYLE = {
-    "font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8,
+    "font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "xtick.labelsize": SMALL_FONT,
+    "ytick.labelsize": SMALL_FONT, "legend.fontsize": SMALL_FONT, "legend.title_fontsize": SMALL_FONT,
+    "figure.titlesize": 8.5, "figure.labelsize": 8,
     "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.3,
     "figure.dpi": 100, "savefig.bbox": "tight",
 }
+
+
+def new_figure(height: float) -> Figure:
+    """A figure FIGURE_WIDTH wide, with a canvas so that its layout can be measured before it is
+    saved (legends, point labels)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = Figure(figsize=(FIGURE_WIDTH, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def wrap_label(text: str, width: int = LABEL_CHARS) -> str:
+    """Text broken after spaces or underscores into lines of at most `width` characters where it
+    can be (a probe name such as mlp_probe_per_layer_per_timestep has no spaces)."""
+    lines, line = [], ""
+    for piece in re.split(r"(?<=[ _])", text):
+        if line and len(line) + len(piece) > width:
+            lines.append(line.rstrip())
+            line = ""
+        line += piece
+    return "\n".join(lines + [line.rstrip()])
+
+
+def legend_entries(axes) -> tuple[list, list[str]]:
+    """The labelled artists of these axes, each label once, long labels wrapped."""
+    entries: dict[str, object] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    return list(entries.values()), [wrap_label(label) for label in entries]
+
+
+def bottom_legend(fig, axes) -> None:
+    """The legend of these axes below the figure's panels: in two columns where they fit the
+    figure's width, else in one (a legend wider than the figure would widen the saved image and
+    shrink its type)."""
+    handles, labels = legend_entries(axes)
+    legend = fig.legend(handles, labels, loc="outside lower center", ncols=2, frameon=False)
+    fig.canvas.draw()
+    if legend.get_window_extent().width > fig.bbox.width:
+        legend.remove()
+        fig.legend(handles, labels, loc="outside lower center", ncols=1, frameon=False)
 
 
 def shades(cmap_name: str, count: int) -> list:
@@ -112,7 +164,7 @@ def setting_text(rows: list) -> str:
     if rows[0]["method"] == "early_exit":
         return "τ=" + ", ".join(f"{row['threshold']:g}" for row in rows)
     if rows[0]["method"] == "duodiff":
-        return "$t_s$=" + ", ".join(str(row["t_switch"]) for row in rows)
+        return "tₛ=" + ", ".join(str(row["t_switch"]) for row in rows)
     return ""
 
 
@@ -209,7 +261,7 @@ def quality_figure(table: pd.DataFrame, palette: Palette, cost: str, xlabel: str
     early-exit classifier and DuoDiff depth, the fewer-steps baseline as a dashed line, the full
     model as a star, the shallow model alone as a square, the full model's interval as a band and
     the real-data floor as a line."""
-    fig = Figure(figsize=(6.6, 4.6), layout="constrained")
+    fig = new_figure(5.0)
     ax = fig.subplots()
     points = []  # (set, x, y) of every drawn point, for the Pareto front
     annotations = []
@@ -251,7 +303,6 @@ def quality_figure(table: pd.DataFrame, palette: Palette, cost: str, xlabel: str
     for _, row in table[table["method"] == "full"].iterrows():
         draw(table[table["set"] == row["set"]], f"full U-ViT ({blocks(row['depth'])})", **FULL_STYLE)
     draw_floor_and_full_band(ax, pd.concat([table, real]))
-    place_labels(ax, annotations)
 
     sets, xs, ys = (list(v) for v in zip(*points))
     front = pareto_front(sets, xs, ys)
@@ -261,31 +312,9 @@ def quality_figure(table: pd.DataFrame, palette: Palette, cost: str, xlabel: str
     ax.set_xlabel(xlabel)
     ax.set_ylabel(score_label(table))
     ax.set_title(title)
-    fig.legend(loc="outside right upper", frameon=False)
-    return fig, {"x": cost, "y": "score", "series": lines_drawn(ax), "annotations": annotations, "pareto": front}
-
-
-def place_labels(ax, annotations: list[dict]) -> None:
-    """Setting labels beside their points, nudged apart vertically so none overlap: labels are
-    placed from the top down, each at least one line below the one above it when they share
-    an x range."""
-    if not annotations:
-        return
-    y_low, y_high = ax.get_ylim()
-    line = (y_high - y_low) * 0.045
-    placed: list[tuple[float, float]] = []
-    x_low, x_high = ax.get_xlim()
-    width = (x_high - x_low) * 0.18
-    for item in sorted(annotations, key=lambda a: -a["y"]):
-        y = item["y"]
-        for px, py in placed:
-            if abs(px - item["x"]) < width and abs(py - y) < line:
-                y = py - line
-        placed.append((item["x"], y))
-        item["label_y"] = y
-        ax.annotate(item["text"], (item["x"], item["y"]), xytext=(item["x"], y), textcoords="data", fontsize=7,
-                    color=item["color"], xycoords="data", ha="left", va="bottom",
-                    arrowprops=None if y == item["y"] else dict(arrowstyle="-", color=item["color"], lw=0.5))
+    bottom_legend(fig, [ax])
+    labels = label_points(ax, annotations, [(x, y) for _, x, y in points], SMALL_FONT)  # last: needs the final layout
+    return fig, {"x": cost, "y": "score", "series": lines_drawn(ax), "annotations": labels, "pareto": front}
 
 
 def sampling_caption(table: pd.DataFrame) -> str:
