@@ -219,11 +219,20 @@ def test_exit_heatmap_fractions_match_a_hand_count(study):
     # The other early-exit sets hold the same layers in reverse step order.
     np.testing.assert_allclose(heat["heatmaps"]["ee_attention_probe_thr0.1"]["fraction"], expected[:, ::-1])
 
-    means = {s["label"]: s["y"] for s in heat["mean_exit_layer"]}
-    assert means["Early exit, attention_probe, threshold 0.05"] == pytest.approx(EE_MEAN)
-    assert means["DuoDiff (3 + 13 blocks), t_switch 3"] == [3.0, 3.0, 3.0, 13.0]
-    assert means["U-ViT (13 blocks)"] == [13.0] * STEPS
-    assert means["U-ViT shallow (3 blocks)"] == [3.0] * STEPS
+
+
+def test_mean_exit_layer_has_one_panel_per_family_with_its_settings(study):
+    _, data = study
+    panels = {p["title"]: {s["label"]: s["y"] for s in p["series"]} for p in data["mean_exit_layer"]["panels"]}
+    # One panel per classifier type and per DuoDiff shallow depth, each with its own settings and
+    # the full model as a reference (DuoDiff's also the shallow model alone).
+    assert panels == {
+        "Early exit, attention_probe": {"U-ViT (13 blocks)": [13.0] * STEPS, "τ=0.05": pytest.approx(EE_MEAN),
+                                        "τ=0.1": pytest.approx(EE_MEAN[::-1])},
+        "Early exit, mlp_probe_per_layer": {"U-ViT (13 blocks)": [13.0] * STEPS, "τ=0.1": pytest.approx(EE_MEAN[::-1])},
+        "DuoDiff (3 + 13 blocks)": {"U-ViT (13 blocks)": [13.0] * STEPS, "U-ViT shallow (3 blocks)": [3.0] * STEPS,
+                                    "tₛ=1": [3.0, 13.0, 13.0, 13.0], "tₛ=3": [3.0, 3.0, 3.0, 13.0]},
+    }
 
 
 def test_fid_vs_tswitch_puts_shallow_alone_at_t_switch_steps(study):
@@ -282,7 +291,7 @@ def test_a_study_without_early_exit_still_gets_every_figure(tmp_path):
     tables(tmp_path, sets=list(study))
     data = plots(tmp_path)
     assert data["exit_heatmap"]["heatmaps"] == {}
-    assert len(data["exit_heatmap"]["mean_exit_layer"]) == len(study)
+    assert [p["title"] for p in data["mean_exit_layer"]["panels"]] == ["DuoDiff (3 + 13 blocks)"]
     assert all((tmp_path / "plots" / f"{name}.png").is_file() for name in PLOT_NAMES)
 
 

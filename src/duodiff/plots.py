@@ -5,7 +5,8 @@ papers), atomically, under fixed names (docs/architecture.md, "Tables and plots"
 
     quality_vs_gflops   FID against GFLOPs per network evaluation: the Pareto picture
     quality_vs_time     FID against measured milliseconds per image
-    exit_heatmap        where early exit exits: exit layer by sampling step, per set
+    exit_heatmap        where early exit exits: exit layer by sampling step, per early-exit set
+    mean_exit_layer     mean exit layer by sampling step, one panel per method family
     fid_vs_tswitch      DuoDiff's FID against t_switch, per shallow depth
     training_curves     training loss against step for every trained model
     sample_grids        sample grids of every set beside real images
@@ -31,9 +32,9 @@ from tqdm import tqdm
 from duodiff.errors import DuodiffError, check_positive, require
 from duodiff.io import atomic_path, write_json
 from duodiff.labels import label_points
-from duodiff.tables import INTEGER_COLUMNS, blocks, method_label
+from duodiff.tables import INTEGER_COLUMNS, blocks, method_families, method_label
 
-PLOT_NAMES = ["quality_vs_gflops", "quality_vs_time", "exit_heatmap", "fid_vs_tswitch",
+PLOT_NAMES = ["quality_vs_gflops", "quality_vs_time", "exit_heatmap", "mean_exit_layer", "fid_vs_tswitch",
               "training_curves", "sample_grids"]
 TABLE_COLUMNS = ["set", "method", "setting", "classifier_type", "threshold", "t_switch", "shallow_depth",
                  "depth", "sampler", "steps", "seed", "n_samples", "score_name", "score", "score_ci_low",
@@ -382,66 +383,112 @@ def mean_exit_layer(fractions: np.ndarray) -> np.ndarray:
     return (fractions * np.arange(fractions.shape[0])[:, None]).sum(axis=0)
 
 
+def swept_families(table: pd.DataFrame, methods=("early_exit", "duodiff")) -> list[tuple[str, pd.DataFrame]]:
+    """(title, sets in setting order) of every method family with a swept setting: early exit per
+    classifier (thresholds), DuoDiff per shallow depth (t_switch)."""
+    setting = {"early_exit": "threshold", "duodiff": "t_switch"}
+    return [(method_label(sets.iloc[0]), sets.sort_values(setting[method]))
+            for method, _, sets in method_families(table) if method in methods]
+
+
+HEATMAP_COLUMNS = 3  # heat maps per row: a family with more settings wraps onto further rows
+HEATMAP_HEIGHT = 1.0  # inches, one heat map
+
+
+def draw_heatmap(ax, row, fractions: np.ndarray):
+    """One early-exit set's exit-layer fractions by step, with its mean exit layer in white."""
+    depth, steps = int(row["depth"]), int(row["steps"])
+    image = ax.imshow(fractions, origin="lower", aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0,
+                      interpolation="nearest", extent=(-0.5, steps - 0.5, -0.5, depth + 0.5))
+    ax.plot(np.arange(steps), mean_exit_layer(fractions), color="white", linewidth=1.0, label="_mean")
+    ax.set_title(f"τ={row['threshold']:g}, {row['score_name']} {row['score']:.2f}\n"
+                 f"layer ratio {row['layer_ratio']:.2f}", fontsize=SMALL_FONT)
+    ax.xaxis.set_major_locator(MaxNLocator(4, integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(4, integer=True))
+    ax.grid(False)
+    return image
+
+
 def plot_exit_heatmap(table, palette, summaries: dict[str, np.ndarray]):
-    early = table[table["method"] == "early_exit"].sort_values(["classifier_type", "threshold"])
-    classifiers = list(dict.fromkeys(early["classifier_type"]))
-    n_cols = max([int((early["classifier_type"] == c).sum()) for c in classifiers] + [1])
-    n_rows = len(classifiers)
-    fig = Figure(figsize=(max(3.2 * n_cols + 1.0, 7.5), 2.6 * n_rows + 3.6), layout="constrained")
-    # Two sub-figures: the heat maps with their own colour bar on top, the mean-exit panel below.
-    top, bottom = fig.subfigures(2, 1, height_ratios=[2.6 * n_rows + 0.1, 3.5])
-    data = {"heatmaps": {}, "mean_exit_layer": []}
-
-    counts = [int((early["classifier_type"] == c).sum()) for c in classifiers]
-    bottom_row = {c: max(r for r, count in enumerate(counts) if count > c) for c in range(max(counts, default=0))}
-    image, heatmap_axes = None, []
-    for r, classifier in enumerate(classifiers):
-        group = early[early["classifier_type"] == classifier]
-        for c, (_, row) in enumerate(group.iterrows()):
-            ax = top.add_subplot(n_rows, n_cols, r * n_cols + c + 1)
-            heatmap_axes.append(ax)
-            depth, steps = int(row["depth"]), int(row["steps"])
-            fractions = summaries[row["set"]]
-            image = ax.imshow(fractions, origin="lower", aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0,
-                              interpolation="nearest", extent=(-0.5, steps - 0.5, -0.5, depth + 0.5))
-            ax.plot(np.arange(steps), mean_exit_layer(fractions), color="white", linewidth=1.0, label="_mean")
-            ax.set_title(f"{classifier}, threshold {row['threshold']:g}\nlayer ratio {row['layer_ratio']:.2f}, "
-                         f"{row['score_name']} {row['score']:.1f}", fontsize=8)
-            if r == bottom_row[c]:  # axis labels only at the outer edges of the grid
-                ax.set_xlabel("sampling step (0 = noisiest)")
-            if c == 0:
-                ax.set_ylabel("exit layer")
-            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.grid(False)
-            data["heatmaps"][row["set"]] = {
-                "classifier_type": classifier, "threshold": float(row["threshold"]),
-                "fraction": np.asarray(image.get_array()).tolist(),
-            }
-    if image is not None:
-        top.colorbar(image, ax=heatmap_axes, shrink=0.9, label="fraction of samples exiting")
-        top.suptitle("Where early exit exits: exit layer by sampling step (white: mean)")
-    else:
-        top.text(0.5, 0.5, "No early-exit sample sets in this study", ha="center", va="center", color="0.4")
-
-    ax = bottom.subplots()
-    for _, row in table[table["method"] != "real"].iterrows():  # table order: full, shallow, early exit, DuoDiff
-        mean = mean_exit_layer(summaries[row["set"]])
-        style = dict(color=palette.colors[row["set"]], linewidth=1.4, drawstyle="steps-mid")
-        # Dashed/dotted on top: the fixed-depth references stay visible where other sets coincide.
-        if row["method"] == "full":
-            style.update(linestyle="--", zorder=3)
-        elif row["method"] == "shallow":
-            style.update(linestyle=":", zorder=3)
-        label = panel_title(row)
-        ax.plot(np.arange(len(mean)), mean, label=label, **style)
-    ax.set_xlabel("sampling step (0 = noisiest, left; clean image, right)")
-    ax.set_ylabel("mean blocks executed")
-    ax.set_ylim(bottom=0)
-    ax.set_title("Mean exit layer per sampling step, all sets")
-    # Legend below the panel: beside it, it would widen the figure and push the colour bar away.
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncols=min(3, len(table)), frameon=False, fontsize=7)
-    data["mean_exit_layer"] = lines_drawn(ax)
+    """Where early exit exits: one row of heat maps per classifier type (its title above it), one
+    heat map per threshold, one colour bar for all."""
+    families = swept_families(table, methods=("early_exit",))
+    n_cols = min(HEATMAP_COLUMNS, max([len(sets) for _, sets in families] + [1]))
+    rows = [math.ceil(len(sets) / n_cols) for _, sets in families]
+    heights = [r * (HEATMAP_HEIGHT + 0.4) + 0.25 for r in rows] + [0.55]  # heat maps, titles; colour bar
+    fig = new_figure(sum(heights) + 0.3)
+    fig.suptitle("Where early exit exits: exit layer by sampling step\n(colour: fraction of samples; white: mean)")
+    data = {"heatmaps": {}}
+    if not families:
+        fig.text(0.5, 0.5, "No early-exit sample sets in this study", ha="center", va="center", color="0.4")
+        return fig, data
+    parts = fig.subfigures(len(heights), 1, height_ratios=heights)
+    image = None
+    for i, (part, (title, sets), n_rows) in enumerate(zip(parts, families, rows)):
+        part.suptitle(title, fontsize=8, fontweight="bold")
+        axes = part.subplots(n_rows, n_cols, squeeze=False, sharex=True, sharey=True)
+        for ax, (_, row) in zip(axes.flatten(), sets.iterrows()):
+            image = draw_heatmap(ax, row, summaries[row["set"]])
+            data["heatmaps"][row["set"]] = {"classifier_type": row["classifier_type"],
+                                            "threshold": float(row["threshold"]),
+                                            "fraction": np.asarray(image.get_array()).tolist()}
+        for ax in axes.flatten()[len(sets):]:
+            ax.set_visible(False)
+        for ax in axes[:, 0]:
+            ax.set_ylabel("exit layer")
+        if i == len(families) - 1:  # the step axis is labelled once, under the last row
+            for ax in axes[-1]:
+                ax.set_xlabel("sampling step")
+    cax = parts[-1].add_axes((0.2, 0.62, 0.6, 0.14))
+    parts[-1].colorbar(image, cax=cax, orientation="horizontal",
+                       label="fraction of samples exiting (step 0: the noisiest)")
     return fig, data
+
+
+def plot_mean_exit_layer(table, palette, summaries: dict[str, np.ndarray]):
+    """The mean exit layer per sampling step, one panel per method family (early exit per
+    classifier type, DuoDiff per shallow depth), its settings as lines; the full model (dashed)
+    and, for DuoDiff, the shallow model alone (dotted) as references."""
+    families = swept_families(table)
+    n_cols = 2 if len(families) > 1 else 1
+    n_rows = max(1, math.ceil(len(families) / n_cols))
+    fig = new_figure(1.6 * n_rows + 0.7)
+    axes = fig.subplots(n_rows, n_cols, squeeze=False, sharex=True, sharey=True).flatten()
+    fig.suptitle("Mean exit layer per sampling step\n(dashed: full U-ViT; dotted: shallow model alone)")
+    fig.supxlabel("sampling step (0 = noisiest)")
+    fig.supylabel("mean blocks run")
+    data = {"panels": []}
+    for ax, (title, sets) in zip(axes, families):
+        draw_mean_exit_panel(ax, table, palette, summaries, sets)
+        ax.set_title(wrap_label(title), fontsize=8)
+        data["panels"].append({"title": title, "series": lines_drawn(ax)})
+    for ax in axes[len(families):]:
+        ax.set_visible(False)
+    if not families:
+        axes[0].set_visible(True)
+        axes[0].text(0.5, 0.5, "No early-exit or DuoDiff sample sets in this study", ha="center", va="center",
+                     color="0.4", transform=axes[0].transAxes)
+    axes[0].set_ylim(bottom=0)
+    return fig, data
+
+
+def draw_mean_exit_panel(ax, table, palette, summaries, sets: pd.DataFrame) -> None:
+    """One family's settings as mean-exit-layer lines, with a legend of the settings alone."""
+    references = table[table["method"] == "full"]
+    if sets["method"].iloc[0] == "duodiff":
+        depth = sets["shallow_depth"].iloc[0]
+        references = pd.concat([references, table[(table["method"] == "shallow") & (table["shallow_depth"] == depth)]])
+    for _, row in references.iterrows():
+        mean = mean_exit_layer(summaries[row["set"]])
+        ax.plot(np.arange(len(mean)), mean, color=palette.colors[row["set"]], linewidth=1.0, zorder=3,
+                linestyle="--" if row["method"] == "full" else ":", label=method_label(row))
+    settings = []
+    for _, row in sets.iterrows():
+        mean = mean_exit_layer(summaries[row["set"]])
+        (line,) = ax.plot(np.arange(len(mean)), mean, color=palette.colors[row["set"]], linewidth=1.4,
+                          drawstyle="steps-mid", label=setting_text([row]))
+        settings.append(line)
+    ax.legend(handles=settings, loc="best", handlelength=1.2, borderaxespad=0.2, framealpha=0.85, edgecolor="none")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -658,6 +705,7 @@ def run_plots(tables_dir, samples_root, models_root, reference, output_dir, smoo
         "quality_vs_gflops": lambda: plot_quality_vs_gflops(table, palette),
         "quality_vs_time": lambda: plot_quality_vs_time(table, palette),
         "exit_heatmap": lambda: plot_exit_heatmap(table, palette, summaries),
+        "mean_exit_layer": lambda: plot_mean_exit_layer(table, palette, summaries),
         "fid_vs_tswitch": lambda: plot_fid_vs_tswitch(table, palette),
         "training_curves": lambda: plot_training_curves(loss_files, smoothing),
         "sample_grids": lambda: plot_sample_grids(table, samples_root, reference, grid_images),
