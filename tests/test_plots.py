@@ -247,15 +247,23 @@ def test_training_curves_are_smoothed_by_hand_computed_ema(study):
     _, data = study
     curves = data["training_curves"]
     assert curves["smoothing"] == 0.5
-    (overview, ee_terms) = curves["panels"]
-    assert [s["label"] for s in overview["series"]] == ["ee_attention_probe", "full", "shallow_d3"]
-    for s in overview["series"]:
-        assert s["x"] == [10.0, 20.0, 30.0]
-        assert s["y"] == pytest.approx(SMOOTHED)
-    assert ee_terms["title"] == "ee_attention_probe"
-    terms = {s["label"]: s["y"] for s in ee_terms["series"]}
-    assert list(terms) == ["total", "loss_simple", "loss_u"]  # loss_unweighted is all zero: not drawn
-    assert terms["loss_u"] == pytest.approx([v / 4 for v in SMOOTHED])  # the EMA is linear
+    panels = {p["title"]: {s["label"]: s for s in p["series"]} for p in curves["panels"]}
+    for panel in panels.values():
+        for s in panel.values():
+            assert s["x"] == [10.0, 20.0, 30.0]
+    # One kind of loss per panel, each on its own y axis: the U-ViT models' MSE, the early-exit
+    # model's total, then each of its terms (loss_unweighted is all zero: not drawn).
+    assert {title: list(panel) for title, panel in panels.items()} == {
+        "U-ViT models: denoising MSE": ["full", "shallow_d3"],
+        "Early exit: total loss": ["ee_attention_probe"],
+        "loss_simple (final MSE)": ["ee_attention_probe"],
+        "loss_u (uncertainty error)": ["ee_attention_probe"],
+    }
+    assert panels["U-ViT models: denoising MSE"]["full"]["y"] == pytest.approx(SMOOTHED)
+    assert panels["Early exit: total loss"]["ee_attention_probe"]["y"] == pytest.approx(SMOOTHED)
+    # The EMA is linear: the terms (loss / 2, loss / 4) smooth to the smoothed loss / 2 and / 4.
+    assert panels["loss_simple (final MSE)"]["ee_attention_probe"]["y"] == pytest.approx([v / 2 for v in SMOOTHED])
+    assert panels["loss_u (uncertainty error)"]["ee_attention_probe"]["y"] == pytest.approx([v / 4 for v in SMOOTHED])
 
 
 def test_sample_grids_show_real_images_and_every_set(study):

@@ -552,7 +552,20 @@ def loss_parts(log: pd.DataFrame) -> list[str]:
             and (pd.to_numeric(log[c], errors="coerce") > 0).any()]
 
 
-def plot_training_curves(loss_files: list[Path], smoothing: float):
+# One panel per kind of loss: a U-ViT's denoising MSE is not on the scale of an early-exit model's
+# total (a sum over exits), nor its terms on each other's.
+UVIT_LOSS = "U-ViT models: denoising MSE"
+EARLY_EXIT_TOTAL = "Early exit: total loss"
+PART_TITLES = {
+    "loss_simple": "loss_simple (final MSE)",
+    "loss_u": "loss_u (uncertainty error)",
+    "loss_ual": "loss_ual (uncertainty-aware)",
+    "loss_unweighted": "loss_unweighted (exit MSE)",
+}
+LOG_SCALE_RANGE = 3.0  # a panel whose curves span more than this factor gets a log y axis
+
+
+def read_loss_logs(loss_files: list[Path]) -> dict[str, pd.DataFrame]:
     logs = {}
     for path in loss_files:
         log = pd.read_csv(path)
@@ -560,41 +573,65 @@ def plot_training_curves(loss_files: list[Path], smoothing: float):
         require(not missing, f"{path}: missing columns {', '.join(missing)}")
         require(len(log) > 0, f"{path}: has no rows")
         logs[path.parent.name] = log
-    with_parts = [name for name, log in logs.items() if loss_parts(log)]
-    n_panels = 1 + len(with_parts)
-    n_cols = min(n_panels, 3)
-    n_rows = math.ceil(n_panels / n_cols)
-    fig = Figure(figsize=(4.6 * n_cols, 3.4 * n_rows), layout="constrained")
+    return logs
+
+
+def loss_panels(logs: dict[str, pd.DataFrame]) -> list[tuple[str, list[tuple[str, str]]]]:
+    """(title, [(model, column)]) per kind of loss: the U-ViT models' loss, the early-exit models'
+    total (models that log loss terms), then each term."""
+    uvit = [(name, "loss") for name, log in logs.items() if not loss_parts(log)]
+    early = [name for name, log in logs.items() if loss_parts(log)]
+    terms = list(dict.fromkeys(part for name in early for part in loss_parts(logs[name])))
+    panels = [(UVIT_LOSS, uvit)] if uvit else []
+    if early:
+        panels.append((EARLY_EXIT_TOTAL, [(name, "loss") for name in early]))
+    for term in terms:
+        panels.append((PART_TITLES.get(term, term), [(name, term) for name in early if term in loss_parts(logs[name])]))
+    return panels
+
+
+def plot_training_curves(loss_files: list[Path], smoothing: float):
+    logs = read_loss_logs(loss_files)
+    panels = loss_panels(logs)
+    n_cols = 2 if len(panels) > 1 else 1
+    n_rows = math.ceil(len(panels) / n_cols)
+    fig = new_figure(1.55 * n_rows + 1.3)
     axes = fig.subplots(n_rows, n_cols, squeeze=False).flatten()
+    colors = {name: colormaps["tab10"](i % 10) for i, name in enumerate(logs)}  # a model's colour in every panel
     data = {"smoothing": smoothing, "panels": []}
-    colors = colormaps["tab10"]
-
-    def curve(ax, steps, values, color, label):
-        ax.plot(steps, values, color=color, alpha=0.25, linewidth=0.8, label="_raw")
-        ax.plot(steps, ema_smooth(values, smoothing), color=color, linewidth=1.6, label=label)
-
-    ax = axes[0]
-    for i, (name, log) in enumerate(logs.items()):
-        curve(ax, log["step"].to_numpy(), log["loss"].to_numpy(float), colors(i % 10), name)
-    ax.set_title("Training loss (all models)")
-    data["panels"].append({"title": "all models", "series": lines_drawn(ax)})
-    for ax, name in zip(axes[1:], with_parts):
-        log = logs[name]
-        parts = loss_parts(log)
-        curve(ax, log["step"].to_numpy(), log["loss"].to_numpy(float), "black", "total")
-        for j, part in enumerate(parts):
-            curve(ax, log["step"].to_numpy(), log[part].to_numpy(float), colors(j % 10), part)
-        ax.set_title(f"{name}: loss terms")
-        data["panels"].append({"title": name, "series": lines_drawn(ax)})
-    for ax in axes[:n_panels]:
-        ax.set_yscale("log")
+    for ax, (title, curves) in zip(axes, panels):
+        for name, column in curves:
+            log = logs[name]
+            ax.plot(log["step"], log[column].to_numpy(float), color=colors[name], alpha=0.25, linewidth=0.8, label="_raw")
+            ax.plot(log["step"], ema_smooth(log[column], smoothing), color=colors[name], linewidth=1.4, label=name)
+        loss_axis(ax, [logs[name][column] for name, column in curves])
+        ax.set_title(wrap_label(title), fontsize=8)
         ax.set_xlabel("training step")
-        ax.set_ylabel("loss (log scale)")
-        ax.legend(frameon=False)
-    for ax in axes[n_panels:]:
+        data["panels"].append({"title": title, "series": lines_drawn(ax)})
+    for ax in axes[len(panels):]:
         ax.set_visible(False)
-    fig.suptitle(f"Training curves: raw (faint) and smoothed (exponential moving average, weight {smoothing:g})")
+    if panels and panels[0][0] == UVIT_LOSS:  # its models in its own legend, the early-exit ones below
+        axes[0].legend(handlelength=1.2, framealpha=0.85, edgecolor="none")
+    early_axes = [ax for ax, (title, _) in zip(axes, panels) if title != UVIT_LOSS]
+    if early_axes:
+        bottom_legend(fig, early_axes[:1])
+    fig.suptitle(f"Training loss by kind: raw (faint), smoothed (EMA, weight {smoothing:g})")
     return fig, data
+
+
+def loss_axis(ax, values: list[pd.Series]) -> None:
+    """A log y axis where the curves span more than LOG_SCALE_RANGE, ticked 1-2-5 in plain numbers
+    (no 10^x superscripts, which print smaller than the other labels); else linear."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    numbers = pd.concat(values).astype(float)
+    numbers = numbers[numbers > 0]
+    if numbers.empty or numbers.max() <= LOG_SCALE_RANGE * numbers.min():
+        return
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 # ---------------------------------------------------------------------------------------------
