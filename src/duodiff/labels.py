@@ -22,6 +22,8 @@ RINGS = 4         # spots at GAP_PT, then one label height further out each ring
 DIRECTIONS = [(1, 0), (-1, 0), (0, 1), (0, -1), (1, 1), (1, -1), (-1, 1), (-1, -1)]
 MIXED_COLOR = "black"  # a label shared by points of several series
 PAD = 0.15  # the label's white background reaches this many font sizes beyond its text
+BACKGROUND = dict(boxstyle=f"square,pad={PAD}", facecolor="white", edgecolor="none", alpha=0.8)
+LEADER = dict(arrowstyle="-", lw=0.6, alpha=0.6, shrinkA=0, shrinkB=0)
 
 
 def label_points(ax, annotations: list[dict], points: list[tuple[float, float]], fontsize: float) -> list[dict]:
@@ -35,14 +37,12 @@ def label_points(ax, annotations: list[dict], points: list[tuple[float, float]],
     fig.canvas.draw()  # the final layout: where the axes and every point are on the figure
     to_px = fig.dpi / 72.0
     at = ax.transData.transform([(a["x"], a["y"]) for a in annotations])
+    markers = ax.transData.transform(points)
+    placer = Placer(ax, [box_around(xy, MARKER_PT * to_px) for xy in markers], fontsize)
     groups = merge_close(annotations, at, MERGE_PT * to_px)
-    markers = [box_around(xy, MARKER_PT * to_px) for xy in ax.transData.transform(points)]
-    placer = Placer(ax, markers, fontsize)
-    labels = []
     # The most crowded first: they need the spots next to their points most.
-    for group in sorted(groups, key=lambda g: -crowding(at[g], ax.transData.transform(points), 30 * to_px)):
-        labels.append(placer.place([annotations[i] for i in group], at[group]))
-    return labels
+    groups.sort(key=lambda g: -crowding(at[g], markers, 30 * to_px))
+    return [placer.place([annotations[i] for i in group], at[group]) for group in groups]
 
 
 def merge_close(annotations: list[dict], at: np.ndarray, radius: float) -> list[list[int]]:
@@ -116,15 +116,15 @@ class Placer:
         self.taken.append(box)
         self.labels.append(box)
         if leader:  # later labels keep off it where they can, as off any other line
-            self.lines = np.vstack([self.lines, leader_samples(centre, box, self.to_px)])
-            self.line_of = np.append(self.line_of, np.full(len(self.lines) - len(self.line_of), self.line_of.max(initial=0) + 1))
+            samples = leader_samples(centre, box, self.to_px)
+            self.lines = np.vstack([self.lines, samples])
+            self.line_of = np.append(self.line_of, np.full(len(samples), self.line_of.max(initial=0) + 1))
         x, y = self.ax.transData.inverted().transform(centre)
         offset = (box[0] + self.pad - centre[0]) / self.to_px, (box[1] + self.pad - centre[1]) / self.to_px
         self.ax.annotate(
-            text, (x, y), xytext=offset,
-            textcoords="offset points", ha="left", va="bottom", fontsize=self.fontsize, color=color,
-            annotation_clip=False, bbox=dict(boxstyle=f"square,pad={PAD}", facecolor="white", edgecolor="none", alpha=0.8),
-            arrowprops=dict(arrowstyle="-", color=color, lw=0.6, alpha=0.6, shrinkA=0, shrinkB=0) if leader else None,
+            text, (x, y), xytext=offset, textcoords="offset points", ha="left", va="bottom", fontsize=self.fontsize,
+            color=color, annotation_clip=False, bbox=BACKGROUND,
+            arrowprops={**LEADER, "color": color} if leader else None,
         ).set_in_layout(False)
         label_x, label_y = self.ax.transData.inverted().transform((box[0], box[1]))
         return {"sets": [s for m in members for s in m["sets"]], "text": text, "x": float(x), "y": float(y),
