@@ -8,6 +8,8 @@ fronts, heat-map fractions and smoothed losses worked out by hand.
 
 import itertools
 import json
+import re
+import zlib
 
 import numpy as np
 import pytest
@@ -108,6 +110,33 @@ def test_every_figure_is_a_png_and_a_pdf_with_its_data(study):
             assert image.format == "PNG" and min(image.size) > 150
         assert (root / "plots" / f"{name}.pdf").read_bytes()[:5] == b"%PDF-"
         assert json.loads((root / "plots" / f"{name}.json").read_text()) == json.loads(json.dumps(data[name]))
+
+
+COLUMN_WIDTH_PT = 3.3 * 72  # a two-column paper's column
+
+
+def pdf_text_sizes(path):
+    """The size (pt) of every text a matplotlib PDF draws, read from the font operators ("/F1 7.5 Tf")
+    of its content streams, and the page's width (pt)."""
+    raw = path.read_bytes()
+    x0, _, x1, _ = map(float, re.search(rb"/MediaBox\s*\[\s*([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s*\]", raw).groups())
+    sizes = []
+    for stream in re.findall(rb"stream\r?\n(.*?)endstream", raw, re.S):
+        try:
+            content = zlib.decompress(stream)
+        except zlib.error:
+            continue
+        sizes += [float(size) for size in re.findall(rb"/F\d+\s+([\d.]+)\s+Tf", content)]
+    return sizes, x1 - x0
+
+
+def test_every_figure_is_legible_at_a_papers_column_width(study):
+    # Each PDF scaled to a 3.3-inch column: its smallest text must still print at 6 pt or more.
+    root, _ = study
+    for name in PLOT_NAMES:
+        sizes, width = pdf_text_sizes(root / "plots" / f"{name}.pdf")
+        assert len(sizes) > 5, name
+        assert min(sizes) * COLUMN_WIDTH_PT / width >= 6.0, (name, min(sizes), width / 72)
 
 
 def test_quality_vs_gflops_plots_the_table_values(study):
@@ -272,12 +301,15 @@ def test_sample_grids_show_real_images_and_every_set(study):
     assert [p["set"] for p in panels] == [None] + ORDER  # real images first, then the table's order
     # As many real images as each set has samples (5): one row of 8px images enlarged 4x to 32px
     # like grid.png, 2px padding: 2 + 32 + 2 high, 2 + 5 * (32 + 2) wide.
-    assert panels[0]["title"] == "Real images" and panels[0]["shape"] == [36, 172, 3]
+    assert panels[0]["title"] == "real images" and panels[0]["shape"] == [36, 172, 3]
     assert panels[1]["source"] == str(root / "samples" / "full" / "grid.png")
     assert panels[1]["shape"] == list(GRID_PNG_SHAPE)
     assert panels[2]["shape"] == [36, 104, 3]  # 3 images in one row: 2 + 3 * (32 + 2) wide
-    assert panels[6]["title"] == "DuoDiff (3 + 13 blocks)\nt_switch 1, FID 19.50"
-    assert panels[1]["title"] == "U-ViT (13 blocks)\nFID 20.00"
+    # One row per method family, titled with it; each panel titled with its setting and score.
+    assert (panels[6]["row"], panels[6]["title"]) == ("DuoDiff (3 + 13 blocks)", "tₛ=1\nFID 19.50")
+    assert (panels[3]["row"], panels[3]["title"]) == ("Early exit, attention_probe", "τ=0.05\nFID 21.00")
+    assert [p["title"] for p in panels[:3]] == ["real images", "full U-ViT\nFID 20.00", "shallow, 3 blocks\nFID 60.00"]
+    assert {p["row"] for p in panels[:3]} == {"Real images and references"}
 
 
 def test_grid_from_images_places_images_like_make_grid(tmp_path):

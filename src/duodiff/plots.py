@@ -61,7 +61,7 @@ STYLE = {
     "ytick.labelsize": SMALL_FONT, "legend.fontsize": SMALL_FONT, "legend.title_fontsize": SMALL_FONT,
     "figure.titlesize": 8.5, "figure.labelsize": 8,
     "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.3,
-    "figure.dpi": 100, "savefig.bbox": "tight",
+    "figure.dpi": 100, "savefig.bbox": "tight", "savefig.pad_inches": 0.03,  # a thin margin: the width is the figure's
 }
 
 
@@ -167,21 +167,6 @@ def setting_text(rows: list) -> str:
     if rows[0]["method"] == "duodiff":
         return "tₛ=" + ", ".join(str(row["t_switch"]) for row in rows)
     return ""
-
-
-def setting_line(row) -> str:
-    if row["method"] == "early_exit":
-        return f"threshold {row['threshold']:g}"
-    if row["method"] == "duodiff":
-        return f"t_switch {row['t_switch']}"
-    if row["method"] == "fewer_steps":
-        return f"{row['steps']} steps"
-    return ""
-
-
-def panel_title(row) -> str:
-    setting = setting_line(row)
-    return f"{method_label(row)}, {setting}" if setting else method_label(row)
 
 
 def lines_drawn(ax) -> list[dict]:
@@ -496,7 +481,7 @@ def draw_mean_exit_panel(ax, table, palette, summaries, sets: pd.DataFrame) -> N
 
 
 def plot_fid_vs_tswitch(table, palette):
-    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    fig = new_figure(4.0)
     ax = fig.subplots()
     depths = sorted(table.loc[table["method"].isin(["duodiff", "shallow"]), "shallow_depth"].dropna().unique())
     for depth in depths:
@@ -512,7 +497,7 @@ def plot_fid_vs_tswitch(table, palette):
         if len(shallow):
             ax.plot(shallow["steps"].astype(float), shallow["score"].astype(float), color=color, marker=SHALLOW_MARKER,
                     markersize=9, markerfacecolor="white", markeredgewidth=1.8, linestyle="none",
-                    label=f"shallow alone ({blocks(depth)}, t_switch = steps)")
+                    label=f"shallow alone ({blocks(depth)})")
     for _, row in table[table["method"] == "full"].iterrows():
         ax.axhline(float(row["score"]), color="black", linestyle="--", linewidth=1.2,
                    label=f"full U-ViT ({blocks(row['depth'])})")
@@ -521,10 +506,10 @@ def plot_fid_vs_tswitch(table, palette):
     draw_floor_and_full_band(ax, table)
     steps = int(table.loc[table["method"] != "real", "steps"].max())
     ax.set_xlim(-0.03 * steps, 1.03 * steps)  # the whole range: 0 = full model alone, steps = shallow alone
-    ax.set_xlabel("t_switch (noisiest sampling steps run by the shallow model)")
+    ax.set_xlabel(f"t_switch: first steps run by the shallow model\n(0: full model alone; {steps}: shallow alone)")
     ax.set_ylabel(score_label(table))
     ax.set_title(f"DuoDiff: {table['score_name'].iloc[0]} against the switch step ({sampling_caption(table)})")
-    ax.legend(loc="best", frameon=False)
+    bottom_legend(fig, [ax])
     if not depths:
         ax.text(0.5, 0.5, "no DuoDiff or shallow sample sets in this study", transform=ax.transAxes,
                 ha="center", va="center", color="0.4")
@@ -602,7 +587,8 @@ def plot_training_curves(loss_files: list[Path], smoothing: float):
     for ax, (title, curves) in zip(axes, panels):
         for name, column in curves:
             log = logs[name]
-            ax.plot(log["step"], log[column].to_numpy(float), color=colors[name], alpha=0.25, linewidth=0.8, label="_raw")
+            ax.plot(log["step"], log[column].to_numpy(float), color=colors[name], alpha=0.25, linewidth=0.8,
+                    label="_raw")
             ax.plot(log["step"], ema_smooth(log[column], smoothing), color=colors[name], linewidth=1.4, label=name)
         loss_axis(ax, [logs[name][column] for name, column in curves])
         ax.set_title(wrap_label(title), fontsize=8)
@@ -673,39 +659,64 @@ def sample_grid(samples_root, name: str, n_images: int) -> tuple[np.ndarray, str
     return grid_from_images(paths, n_images), f"{folder / 'images'} (first {min(n_images, len(paths))})"
 
 
-def plot_sample_grids(table, samples_root, reference, n_images: int):
+GRID_COLUMNS = 4  # sample grids per row: a family with more settings wraps onto further rows
+
+
+def grid_title(row) -> str:
+    """A sample grid's title: the set within its row of the figure, and its score."""
+    if row["method"] in ("early_exit", "duodiff"):
+        what = setting_text([row])
+    elif row["method"] == "shallow":
+        what = f"shallow, {blocks(row['shallow_depth'])}"
+    else:
+        what = "full U-ViT" if row["method"] == "full" else f"full, {row['steps']} steps"
+    return f"{what}\n{row['score_name']} {row['score']:.2f}"
+
+
+def sample_panels(table, samples_root, reference, n_images: int) -> list[tuple[str, list[tuple]]]:
+    """(row title, [(title, grid, source, set)]): the real images and the references (full model,
+    fewer steps, shallow alone) first, then one row per method family in setting order."""
     # As many real images as the sample grids hold (a set grid has its first <= n_images samples).
     n_real = min(n_images, int(table.loc[table["method"] != "real", "n_samples"].min()))
     reference_images = image_files(Path(reference) / "images")
-    panels = [("Real images", grid_from_images(reference_images, n_real),
-               f"{Path(reference) / 'images'} (first {min(n_real, len(reference_images))})", None)]
-    for _, row in table.iterrows():
-        if row["method"] == "real":  # the held-out real images: the reference panel shows their kind
-            continue
-        grid, source = sample_grid(samples_root, row["set"], n_images)
-        setting = setting_line(row)
-        title = f"{method_label(row)}\n{setting + ', ' if setting else ''}{row['score_name']} {row['score']:.2f}"
-        panels.append((title, grid, source, row["set"]))
-    n_cols = min(len(panels), 4)
-    n_rows = math.ceil(len(panels) / n_cols)
-    # Panel height from the tallest grid's aspect, plus room for a two-line title.
-    aspect = max(grid.shape[0] / grid.shape[1] for _, grid, _, _ in panels)
-    width = 3.4
-    fig = Figure(figsize=(width * n_cols, (width * aspect + 0.6) * n_rows + 0.4), layout="constrained")
-    axes = fig.subplots(n_rows, n_cols, squeeze=False).flatten()
-    data = {"panels": []}
-    for ax, (title, grid, source, name) in zip(axes, panels):
-        ax.imshow(grid, interpolation="nearest")
-        ax.set_anchor("N")  # panels of different heights line up at their titles
-        ax.set_title(title, fontsize=8)
-        ax.set_axis_off()
-        data["panels"].append({"set": name, "title": title, "source": source, "shape": list(grid.shape)})
-    for ax in axes[len(panels):]:
-        ax.set_visible(False)
+    real = ("real images", grid_from_images(reference_images, n_real),
+            f"{Path(reference) / 'images'} (first {min(n_real, len(reference_images))})", None)
+
+    def panels(sets: pd.DataFrame) -> list[tuple]:
+        return [(grid_title(row), *sample_grid(samples_root, row["set"], n_images), row["set"])
+                for _, row in sets.iterrows()]
+
+    references = table[table["method"].isin(["full", "fewer_steps", "shallow"])]
+    return [("Real images and references", [real, *panels(references)])] + [
+        (title, panels(sets)) for title, sets in swept_families(table)]
+
+
+def plot_sample_grids(table, samples_root, reference, n_images: int):
+    groups = sample_panels(table, samples_root, reference, n_images)
+    # As many columns as a family has settings, so that each family is one row where it can be.
+    n_cols = min(GRID_COLUMNS, max([len(panels) for _, panels in groups[1:]] or [len(groups[0][1])]))
+    # Panel height from the tallest grid's aspect, plus room for a two-line title; a row title each.
+    aspect = max(grid.shape[0] / grid.shape[1] for _, panels in groups for _, grid, _, _ in panels)
+    rows = [math.ceil(len(panels) / n_cols) for _, panels in groups]
+    heights = [r * (FIGURE_WIDTH / n_cols * aspect + 0.35) + 0.25 for r in rows]
+    fig = new_figure(sum(heights) + 0.5)
     seeds = sorted(table.loc[table["method"] != "real", "seed"].dropna().unique().tolist())
-    same_seed = f"same seed ({seeds[0]}) for every set, so grids start from the same noise" if len(seeds) == 1 \
+    same_seed = f"same seed ({seeds[0]}) for every set: grids start from the same noise" if len(seeds) == 1 \
         else f"seeds differ between sets ({', '.join(map(str, seeds))}): grids are not noise-matched"
-    fig.suptitle(f"Samples ({sampling_caption(table)}; {same_seed})")
+    fig.suptitle(f"Samples ({sampling_caption(table)})\n{same_seed}")
+    data = {"panels": []}
+    for part, (row_title, panels), n_rows in zip(fig.subfigures(len(groups), 1, height_ratios=heights), groups, rows):
+        part.suptitle(row_title, fontsize=8, fontweight="bold")
+        axes = part.subplots(n_rows, n_cols, squeeze=False).flatten()
+        for ax, (title, grid, source, name) in zip(axes, panels):
+            ax.imshow(grid, interpolation="nearest")
+            ax.set_anchor("N")  # panels of different heights line up at their titles
+            ax.set_title(title, fontsize=SMALL_FONT)
+            ax.set_axis_off()
+            data["panels"].append({"set": name, "row": row_title, "title": title, "source": source,
+                                   "shape": list(grid.shape)})
+        for ax in axes[len(panels):]:
+            ax.set_visible(False)
     return fig, data
 
 
