@@ -8,10 +8,11 @@ papers), atomically, under fixed names (docs/architecture.md, "Tables and plots"
     exit_heatmap        where early exit exits: exit layer by sampling step, per early-exit set
     mean_exit_layer     mean exit layer by sampling step, one panel per method family
     fid_vs_tswitch      DuoDiff's FID against t_switch, per shallow depth
-    training_curves     training loss against step for every trained model
-    sample_grids        sample grids of every set beside real images
+    training_curves     training loss against step, one panel per kind of loss
+    sample_grids        sample grids of every set beside real images, one row per method family
 
-Beside each figure, `<name>.json` holds the data series as drawn (read back from the figure's
+Every figure is drawn about a paper column wide (FIGURE_WIDTH) with SMALL_FONT as its smallest
+type, so that it stays legible at a column's 3.3 inches. Beside each figure, `<name>.json` holds the data series as drawn (read back from the figure's
 artists), so a reader or a test can check a figure against the tables it claims to show.
 """
 
