@@ -6,7 +6,10 @@ artists) in <name>.json, and the tests compare those with the fixture's numbers,
 fronts, heat-map fractions and smoothed losses worked out by hand.
 """
 
+import itertools
 import json
+import re
+import zlib
 
 import numpy as np
 import pytest
@@ -14,7 +17,11 @@ import torch
 from PIL import Image
 
 from duodiff.errors import DuodiffError
-from duodiff.plots import PLOT_NAMES, Palette, grid_from_images, load_table, plot_quality_vs_gflops, run_plots
+from matplotlib import rc_context
+from matplotlib.text import Text
+
+from duodiff.plots import (PLOT_NAMES, STYLE, Palette, grid_from_images, load_table, plot_quality_vs_gflops,
+                           run_plots)
 from test_tables import ORDER, STEPS, STUDY, tables, write_study
 
 # Exit layers (steps=4, n=5) of one early-exit set, and by hand the fraction exiting at each layer.
@@ -105,6 +112,33 @@ def test_every_figure_is_a_png_and_a_pdf_with_its_data(study):
         assert json.loads((root / "plots" / f"{name}.json").read_text()) == json.loads(json.dumps(data[name]))
 
 
+COLUMN_WIDTH_PT = 3.3 * 72  # a two-column paper's column
+
+
+def pdf_text_sizes(path):
+    """The size (pt) of every text a matplotlib PDF draws, read from the font operators ("/F1 7.5 Tf")
+    of its content streams, and the page's width (pt)."""
+    raw = path.read_bytes()
+    x0, _, x1, _ = map(float, re.search(rb"/MediaBox\s*\[\s*([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s*\]", raw).groups())
+    sizes = []
+    for stream in re.findall(rb"stream\r?\n(.*?)endstream", raw, re.S):
+        try:
+            content = zlib.decompress(stream)
+        except zlib.error:
+            continue
+        sizes += [float(size) for size in re.findall(rb"/F\d+\s+([\d.]+)\s+Tf", content)]
+    return sizes, x1 - x0
+
+
+def test_every_figure_is_legible_at_a_papers_column_width(study):
+    # Each PDF scaled to a 3.3-inch column: its smallest text must still print at 6 pt or more.
+    root, _ = study
+    for name in PLOT_NAMES:
+        sizes, width = pdf_text_sizes(root / "plots" / f"{name}.pdf")
+        assert len(sizes) > 5, name
+        assert min(sizes) * COLUMN_WIDTH_PT / width >= 6.0, (name, min(sizes), width / 72)
+
+
 def test_quality_vs_gflops_plots_the_table_values(study):
     _, data = study
     quality = data["quality_vs_gflops"]
@@ -126,7 +160,7 @@ def test_quality_vs_gflops_plots_the_table_values(study):
     assert series(quality, "Pareto front")["x"] == per_image(front)
     assert {tuple(a["sets"]): a["text"] for a in quality["annotations"]} == {
         ("ee_attention_probe_thr0.05",): "τ=0.05", ("ee_attention_probe_thr0.1",): "τ=0.1",
-        ("ee_mlp_probe_per_layer_thr0.1",): "τ=0.1", ("duodiff_d3_ts1",): "$t_s$=1", ("duodiff_d3_ts3",): "$t_s$=3"}
+        ("ee_mlp_probe_per_layer_thr0.1",): "τ=0.1", ("duodiff_d3_ts1",): "tₛ=1", ("duodiff_d3_ts3",): "tₛ=3"}
 
 
 def test_settings_on_the_same_point_share_one_annotation(tmp_path):
@@ -139,6 +173,57 @@ def test_settings_on_the_same_point_share_one_annotation(tmp_path):
     assert [(a["sets"], a["text"]) for a in data["annotations"]] == [
         (["ee_attention_probe_thr0.05", "ee_attention_probe_thr0.1"], "τ=0.05, 0.1")]
     assert [t.get_text() for t in figure.axes[0].texts] == ["τ=0.05, 0.1"]
+
+
+# A crowded sweep like the digits study's: four probes whose points at each threshold nearly
+# coincide, DuoDiff among them, and the shallow model far off (it squeezes the rest together).
+PROBES = ["attention_probe", "mlp_probe_per_layer", "mlp_probe_per_timestep", "mlp_probe_per_layer_per_timestep"]
+CROWDED = {
+    "full": STUDY["full"], "shallow_d3": STUDY["shallow_d3"],
+    **{f"ee_{probe}_thr{thr:g}": ("early_exit", probe, thr, None, 20.0 + 10 * thr**2 + 0.1 * i, 0.01, None, 50.0,
+                                  20.0 - 20 * thr + 0.3 * i, 1.0)
+       for i, probe in enumerate(PROBES) for thr in (0.1, 0.2, 0.3)},
+    **{f"duodiff_d3_ts{ts}": ("duodiff", None, None, ts, 20.2 + 0.3 * ts, 0.01, None, 50.0, 22.0 - 2 * ts, 1.0)
+       for ts in (1, 2, 3)},
+}
+
+
+def overlap(a, b):
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+def test_point_labels_of_a_crowded_sweep_never_overlap(tmp_path):
+    write_study(tmp_path, CROWDED)
+    tables(tmp_path, sets=list(CROWDED))
+    table = load_table(tmp_path / "tables")
+    with rc_context(STYLE):
+        fig, data = plot_quality_vs_gflops(table, Palette(table))
+        fig.canvas.draw()
+    ax = fig.axes[0]
+    labels = ax.texts
+    assert len(labels) >= 3
+    boxes = [Text.get_window_extent(label) for label in labels]  # the text's own box, without a leader line
+    for i, j in itertools.combinations(range(len(boxes)), 2):
+        assert not overlap(boxes[i], boxes[j]), (labels[i].get_text(), labels[j].get_text())
+    frame = ax.get_window_extent()
+    for label, box in zip(labels, boxes):
+        assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1, label.get_text()
+        # Beside a point of its setting (within 10 pt: GFLOPs per image, FID), or joined to it by a line.
+        points = ax.transData.transform([(spec[8] * STEPS, spec[4]) for name, spec in CROWDED.items()
+                                         if setting_of(name) == label.get_text()])
+        gaps = [max(box.x0 - x, x - box.x1, box.y0 - y, y - box.y1, 0.0) * 72 / fig.dpi for x, y in points]
+        assert min(gaps) <= 10 or label.arrow_patch is not None, label.get_text()
+    # Every setting of the sweep is named by exactly one label, which reads its setting.
+    named = [name for a in data["annotations"] for name in a["sets"]]
+    assert sorted(named) == sorted(name for name in CROWDED if name.startswith(("ee_", "duodiff_")))
+    for a in data["annotations"]:
+        assert {a["text"]} == {setting_of(name) for name in a["sets"]}
+
+
+def setting_of(name):
+    """A CROWDED set's label text: τ=<threshold> or tₛ=<t_switch>."""
+    spec = CROWDED[name]
+    return f"τ={spec[2]:g}" if spec[0] == "early_exit" else f"tₛ={spec[3]}"
 
 
 def test_quality_vs_time_uses_milliseconds_per_image(study):
@@ -163,11 +248,20 @@ def test_exit_heatmap_fractions_match_a_hand_count(study):
     # The other early-exit sets hold the same layers in reverse step order.
     np.testing.assert_allclose(heat["heatmaps"]["ee_attention_probe_thr0.1"]["fraction"], expected[:, ::-1])
 
-    means = {s["label"]: s["y"] for s in heat["mean_exit_layer"]}
-    assert means["Early exit, attention_probe, threshold 0.05"] == pytest.approx(EE_MEAN)
-    assert means["DuoDiff (3 + 13 blocks), t_switch 3"] == [3.0, 3.0, 3.0, 13.0]
-    assert means["U-ViT (13 blocks)"] == [13.0] * STEPS
-    assert means["U-ViT shallow (3 blocks)"] == [3.0] * STEPS
+
+
+def test_mean_exit_layer_has_one_panel_per_family_with_its_settings(study):
+    _, data = study
+    panels = {p["title"]: {s["label"]: s["y"] for s in p["series"]} for p in data["mean_exit_layer"]["panels"]}
+    # One panel per classifier type and per DuoDiff shallow depth, each with its own settings and
+    # the full model as a reference (DuoDiff's also the shallow model alone).
+    assert panels == {
+        "Early exit, attention_probe": {"U-ViT (13 blocks)": [13.0] * STEPS, "τ=0.05": pytest.approx(EE_MEAN),
+                                        "τ=0.1": pytest.approx(EE_MEAN[::-1])},
+        "Early exit, mlp_probe_per_layer": {"U-ViT (13 blocks)": [13.0] * STEPS, "τ=0.1": pytest.approx(EE_MEAN[::-1])},
+        "DuoDiff (3 + 13 blocks)": {"U-ViT (13 blocks)": [13.0] * STEPS, "U-ViT shallow (3 blocks)": [3.0] * STEPS,
+                                    "tₛ=1": [3.0, 13.0, 13.0, 13.0], "tₛ=3": [3.0, 3.0, 3.0, 13.0]},
+    }
 
 
 def test_fid_vs_tswitch_puts_shallow_alone_at_t_switch_steps(study):
@@ -182,15 +276,23 @@ def test_training_curves_are_smoothed_by_hand_computed_ema(study):
     _, data = study
     curves = data["training_curves"]
     assert curves["smoothing"] == 0.5
-    (overview, ee_terms) = curves["panels"]
-    assert [s["label"] for s in overview["series"]] == ["ee_attention_probe", "full", "shallow_d3"]
-    for s in overview["series"]:
-        assert s["x"] == [10.0, 20.0, 30.0]
-        assert s["y"] == pytest.approx(SMOOTHED)
-    assert ee_terms["title"] == "ee_attention_probe"
-    terms = {s["label"]: s["y"] for s in ee_terms["series"]}
-    assert list(terms) == ["total", "loss_simple", "loss_u"]  # loss_unweighted is all zero: not drawn
-    assert terms["loss_u"] == pytest.approx([v / 4 for v in SMOOTHED])  # the EMA is linear
+    panels = {p["title"]: {s["label"]: s for s in p["series"]} for p in curves["panels"]}
+    for panel in panels.values():
+        for s in panel.values():
+            assert s["x"] == [10.0, 20.0, 30.0]
+    # One kind of loss per panel, each on its own y axis: the U-ViT models' MSE, the early-exit
+    # model's total, then each of its terms (loss_unweighted is all zero: not drawn).
+    assert {title: list(panel) for title, panel in panels.items()} == {
+        "U-ViT models: denoising MSE": ["full", "shallow_d3"],
+        "Early exit: total loss": ["ee_attention_probe"],
+        "loss_simple (final MSE)": ["ee_attention_probe"],
+        "loss_u (uncertainty error)": ["ee_attention_probe"],
+    }
+    assert panels["U-ViT models: denoising MSE"]["full"]["y"] == pytest.approx(SMOOTHED)
+    assert panels["Early exit: total loss"]["ee_attention_probe"]["y"] == pytest.approx(SMOOTHED)
+    # The EMA is linear: the terms (loss / 2, loss / 4) smooth to the smoothed loss / 2 and / 4.
+    assert panels["loss_simple (final MSE)"]["ee_attention_probe"]["y"] == pytest.approx([v / 2 for v in SMOOTHED])
+    assert panels["loss_u (uncertainty error)"]["ee_attention_probe"]["y"] == pytest.approx([v / 4 for v in SMOOTHED])
 
 
 def test_sample_grids_show_real_images_and_every_set(study):
@@ -199,12 +301,15 @@ def test_sample_grids_show_real_images_and_every_set(study):
     assert [p["set"] for p in panels] == [None] + ORDER  # real images first, then the table's order
     # As many real images as each set has samples (5): one row of 8px images enlarged 4x to 32px
     # like grid.png, 2px padding: 2 + 32 + 2 high, 2 + 5 * (32 + 2) wide.
-    assert panels[0]["title"] == "Real images" and panels[0]["shape"] == [36, 172, 3]
+    assert panels[0]["title"] == "real images" and panels[0]["shape"] == [36, 172, 3]
     assert panels[1]["source"] == str(root / "samples" / "full" / "grid.png")
     assert panels[1]["shape"] == list(GRID_PNG_SHAPE)
     assert panels[2]["shape"] == [36, 104, 3]  # 3 images in one row: 2 + 3 * (32 + 2) wide
-    assert panels[6]["title"] == "DuoDiff (3 + 13 blocks)\nt_switch 1, FID 19.50"
-    assert panels[1]["title"] == "U-ViT (13 blocks)\nFID 20.00"
+    # One row per method family, titled with it; each panel titled with its setting and score.
+    assert (panels[6]["row"], panels[6]["title"]) == ("DuoDiff (3 + 13 blocks)", "tₛ=1\nFID 19.50")
+    assert (panels[3]["row"], panels[3]["title"]) == ("Early exit, attention_probe", "τ=0.05\nFID 21.00")
+    assert [p["title"] for p in panels[:3]] == ["real images", "full U-ViT\nFID 20.00", "shallow, 3 blocks\nFID 60.00"]
+    assert {p["row"] for p in panels[:3]} == {"Real images and references"}
 
 
 def test_grid_from_images_places_images_like_make_grid(tmp_path):
@@ -226,7 +331,7 @@ def test_a_study_without_early_exit_still_gets_every_figure(tmp_path):
     tables(tmp_path, sets=list(study))
     data = plots(tmp_path)
     assert data["exit_heatmap"]["heatmaps"] == {}
-    assert len(data["exit_heatmap"]["mean_exit_layer"]) == len(study)
+    assert [p["title"] for p in data["mean_exit_layer"]["panels"]] == ["DuoDiff (3 + 13 blocks)"]
     assert all((tmp_path / "plots" / f"{name}.png").is_file() for name in PLOT_NAMES)
 
 

@@ -134,11 +134,13 @@ def test_summary_markdown_marks_the_best_value_of_each_column(study):
     def bold(name, col):
         return by_set[name][column[col]].startswith("**")
 
-    # Hand-picked winners: lowest FID 19.5 (duodiff ts1), KID 10.00e-3 (full), CMMD 0.38 (duodiff ts1),
-    # GFLOPs 5.25 (shallow); highest images/s 200 and both speed-ups (shallow: 4.00x, 4.33x).
+    # Hand-picked winners: lowest FID 19.5 (duodiff ts1), KID 10.00e-3 (full), CMMD 0.38 (duodiff ts1).
+    # Cost: only sets with an FID no worse than the full model's 20 (no intervals here) compete, and
+    # never the shallow model alone: full and duodiff ts1, of which ts1 is cheaper (19.25 < 22.75
+    # GFLOPs/fwd, 60 > 50 images/s). The shallow model (5.25 GFLOPs, 200 images/s) is not crowned.
     winners = {"FID ↓": "duodiff_d3_ts1", "KID×10³ ↓": "full", "CMMD ↓": "duodiff_d3_ts1",
-               "GFLOPs/fwd ↓": "shallow_d3", "Images/s ↑": "shallow_d3",
-               "Speed-up (measured) ↑": "shallow_d3", "Speed-up (theoretical) ↑": "shallow_d3"}
+               "GFLOPs/fwd ↓": "duodiff_d3_ts1", "Images/s ↑": "duodiff_d3_ts1",
+               "Speed-up (measured) ↑": "duodiff_d3_ts1", "Speed-up (theoretical) ↑": "duodiff_d3_ts1"}
     for col, winner in winners.items():
         assert [name for name in ORDER if bold(name, col)] == [winner], col
     assert not any(bold(name, "Layer ratio") for name in ORDER)  # no "best" layer ratio
@@ -180,8 +182,8 @@ def test_summary_latex_bolds_the_same_cells_and_escapes_names(study):
     assert all(line.count(" & ") == 8 for line in body if "\\multicolumn" not in line)
     duo = body[first_cells.index("\\quad t\\_switch = 1")]
     assert "\\textbf{19.50}" in duo and "\\textbf{0.380}" in duo
-    shallow = body[1]
-    assert "\\textbf{5.25}" in shallow and "\\textbf{200.0}" in shallow and "\\textbf{4.00$\\times$}" in shallow
+    assert "\\textbf{19.25}" in duo and "\\textbf{60.0}" in duo and "\\textbf{1.20$\\times$}" in duo  # 60 / 50
+    assert "\\textbf" not in body[1]  # the shallow model alone: cheapest, but no cost contender
     assert "n/a\\textsuperscript{1}" in body[4]  # ee_attention_probe_thr0.1
     assert tex.count("\\textbf{") == 7  # one winner per marked column, as in the Markdown
     assert "gflops\\_per\\_forward\\_linear\\_conv" in tex  # notes are escaped too
@@ -199,11 +201,60 @@ def test_summary_html_bolds_the_same_cells_for_the_report(study):
         bold |= {sel.strip().removeprefix("#T_summary_") for sel in selectors.split(",")}
     # Winners as in the Markdown test; columns: Method, Setting, FID, KID, CMMD, GFLOPs, layer ratio,
     # images/s, speed-up measured, speed-up theoretical.
-    shallow, duo_ts1, full = ORDER.index("shallow_d3"), ORDER.index("duodiff_d3_ts1"), ORDER.index("full")
-    assert bold == {f"row{duo_ts1}_col2", f"row{full}_col3", f"row{duo_ts1}_col4", f"row{shallow}_col5",
-                    f"row{shallow}_col7", f"row{shallow}_col8", f"row{shallow}_col9"}
+    duo_ts1, full = ORDER.index("duodiff_d3_ts1"), ORDER.index("full")
+    assert bold == {f"row{duo_ts1}_col2", f"row{full}_col3", f"row{duo_ts1}_col4", f"row{duo_ts1}_col5",
+                    f"row{duo_ts1}_col7", f"row{duo_ts1}_col8", f"row{duo_ts1}_col9"}
     assert "Early exit, attention_probe" in page and "n/a¹" in page
     assert f"[1] CMMD n/a: {CMMD_REASON}" in page
+
+
+def test_cmmd_missing_for_every_set_is_one_note_not_a_column(tmp_path):
+    # No CLIP weights: no set has CMMD. The summaries drop the column and say why once.
+    write_study(tmp_path, {name: spec[:6] + (None,) + spec[7:] for name, spec in STUDY.items()})
+    tables(tmp_path)
+    out = tmp_path / "tables"
+    header, rows = markdown_rows((out / "summary.md").read_text())
+    assert header == ["Method", "Setting", "FID ↓", "KID×10³ ↓", "GFLOPs/fwd ↓", "Layer ratio", "Images/s ↑",
+                      "Speed-up (measured) ↑", "Speed-up (theoretical) ↑"]
+    reason = {"summary.md": CMMD_REASON, "summary.html": CMMD_REASON, "summary.tex": CMMD_REASON.replace("_", "\\_")}
+    for name, text in reason.items():
+        page = (out / name).read_text()
+        assert "n/a" not in page, name
+        assert page.count(text) == 1, name  # one note, not one per set
+        assert "CMMD: not computed for any set" in page, name
+    tex = (out / "summary.tex").read_text()
+    assert "CMMD" not in tex.split("\\midrule")[0]  # not in the LaTeX header either
+    assert "CMMD from" not in (out / "summary.md").read_text()  # no sample count for a score that is not there
+    # The data file keeps one row per set, each saying why.
+    cmmd = pd.read_csv(out / "cmmd.csv")
+    assert cmmd["set"].tolist() == ORDER and not cmmd["available"].any() and (cmmd["reason"] == CMMD_REASON).all()
+
+
+def test_cost_best_is_the_cheapest_set_that_matches_the_full_model(tmp_path):
+    # The shallow model alone made as good as the full model (FD 100 in [90, 110]) and the
+    # cheapest (0.02 GFLOPs/fwd, 23 images/s): still no cost contender, being DuoDiff's first stage.
+    write_ci_study(tmp_path)
+    shallow = tmp_path / "metrics" / "shallow_d3" / "fd_classifier.json"
+    write_json(shallow, {**json.loads(shallow.read_text()), "fid": 100.0, "fid_ci_low": 90.0, "fid_ci_high": 110.0})
+    run_tables(samples_root=tmp_path / "samples", metrics_root=tmp_path / "metrics",
+               sets=list(CI_STUDY) + ["real"], output_dir=tmp_path / "tables", headline="classifier")
+    text = (tmp_path / "tables" / "summary.md").read_text()
+    header, rows = markdown_rows(text)
+    names = ["real"] + list(CI_STUDY)  # the table's order is CI_STUDY's, after the real data
+    bold = {col: [n for n, row in zip(names, rows) if row[header.index(col)].startswith("**")]
+            for col in ("GFLOPs/fwd ↓", "Images/s ↑", "Speed-up (measured) ↑", "Speed-up (theoretical) ↑")}
+    # By hand, contenders are the sets with FD <= 110: full (100), full_steps20 (105), attention
+    # thr0.1 (104) and thr0.2 (109), DuoDiff ts10 (101) and ts20 (108). Cheapest per forward:
+    # thr0.2 and ts20 (0.035 each); fastest: full_steps20 (20 images/s, 2x; 0.05 * 20 steps = 1
+    # GFLOP per image against the full model's 2). The sets below 0.035 (shallow 0.02, ts30
+    # 0.0275, thr0.3 0.03) and full_steps10 (40 images/s) score worse, or are the shallow model.
+    assert bold == {"GFLOPs/fwd ↓": ["ee_attention_probe_thr0.2", "duodiff_d3_ts20"], "Images/s ↑": ["full_steps20"],
+                    "Speed-up (measured) ↑": ["full_steps20"], "Speed-up (theoretical) ↑": ["full_steps20"]}
+    # Quality columns still crown the best score of any generated set, the shallow model's included.
+    assert [n for n, row in zip(names, rows) if row[header.index("FD [95% CI] ↓")].startswith("**")] == [
+        "full", "shallow_d3"]
+    assert "whose FD is at most the upper end of the full model's 95% interval (110)" in text
+    assert "the shallow model alone (DuoDiff's first stage, the cheapest by construction) is never a cost contender" in text
 
 
 def test_equal_values_as_printed_are_all_marked(tmp_path):
@@ -228,11 +279,12 @@ def test_small_numbers_keep_two_significant_digits(tmp_path):
     gflops = dict(zip(ORDER, (row[header.index("GFLOPs/fwd ↓")] for row in rows)))
     # The smallest, 5.25 * 1.1e-4 = 0.0005775, needs 5 decimals for 2 significant digits; the
     # column shares them (full: 22.75 * 1.1e-4 = 0.0025025).
-    assert gflops["shallow_d3"] == "**0.00058**" and gflops["full"] == "0.00250"
+    assert gflops["shallow_d3"] == "0.00058" and gflops["full"] == "0.00250"
+    assert gflops["duodiff_d3_ts1"] == "**0.00212**"  # 19.25 * 1.1e-4, the cheapest cost contender
     # The linear+conv cost in the notes, 0.0025025 * 0.9 = 0.00225225, also to 2 significant digits.
     assert "the full model costs 0.0023 GFLOPs per forward" in text
     # Speed-ups keep their two decimals: 1137.5 / 262.5 = 4.33.
-    assert rows[1][header.index("Speed-up (theoretical) ↑")] == "**4.33×**"
+    assert rows[1][header.index("Speed-up (theoretical) ↑")] == "4.33×"
 
 
 def test_missing_file_is_named_and_nothing_is_written(study):

@@ -31,7 +31,8 @@ BIN = Path(sys.executable).parent  # the environment running the tests also runs
 SNAKEMAKE = BIN / "snakemake"
 SHIPPED_CONFIGS = ["config/config.yaml", "config/cifar10.yaml", "config/celeba64.yaml", "config/imagenet64.yaml"]
 TINY = "tests/configs/tiny.yaml"
-PLOTS = ["quality_vs_gflops", "quality_vs_time", "exit_heatmap", "fid_vs_tswitch", "training_curves", "sample_grids"]
+PLOTS = ["quality_vs_gflops", "quality_vs_time", "exit_heatmap", "mean_exit_layer", "fid_vs_tswitch", "training_curves",
+         "sample_grids"]
 GPU_RULES = ["reference", "train_full", "train_shallow", "train_early_exit", "sample_full", "sample_shallow",
              "sample_early_exit", "sample_duodiff", "fid", "cmmd_reference", "cmmd"]  # fmt: skip
 

@@ -5,12 +5,14 @@ papers), atomically, under fixed names (docs/architecture.md, "Tables and plots"
 
     quality_vs_gflops   FID against GFLOPs per network evaluation: the Pareto picture
     quality_vs_time     FID against measured milliseconds per image
-    exit_heatmap        where early exit exits: exit layer by sampling step, per set
+    exit_heatmap        where early exit exits: exit layer by sampling step, per early-exit set
+    mean_exit_layer     mean exit layer by sampling step, one panel per method family
     fid_vs_tswitch      DuoDiff's FID against t_switch, per shallow depth
-    training_curves     training loss against step for every trained model
-    sample_grids        sample grids of every set beside real images
+    training_curves     training loss against step, one panel per kind of loss
+    sample_grids        sample grids of every set beside real images, one row per method family
 
-Beside each figure, `<name>.json` holds the data series as drawn (read back from the figure's
+Every figure is drawn about a paper column wide (FIGURE_WIDTH) with SMALL_FONT as its smallest
+type, so that it stays legible at a column's 3.3 inches. Beside each figure, `<name>.json` holds the data series as drawn (read back from the figure's
 artists), so a reader or a test can check a figure against the tables it claims to show.
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +32,10 @@ from tqdm import tqdm
 
 from duodiff.errors import DuodiffError, check_positive, require
 from duodiff.io import atomic_path, write_json
-from duodiff.tables import INTEGER_COLUMNS, blocks, method_label
+from duodiff.labels import label_points
+from duodiff.tables import INTEGER_COLUMNS, blocks, method_families, method_label
 
-PLOT_NAMES = ["quality_vs_gflops", "quality_vs_time", "exit_heatmap", "fid_vs_tswitch",
+PLOT_NAMES = ["quality_vs_gflops", "quality_vs_time", "exit_heatmap", "mean_exit_layer", "fid_vs_tswitch",
               "training_curves", "sample_grids"]
 TABLE_COLUMNS = ["set", "method", "setting", "classifier_type", "threshold", "t_switch", "shallow_depth",
                  "depth", "sampler", "steps", "seed", "n_samples", "score_name", "score", "score_ci_low",
@@ -48,11 +52,61 @@ EARLY_EXIT_CMAPS = ["Blues", "Greens", "Purples", "YlGnBu", "GnBu", "BuPu"]
 DUODIFF_CMAPS = ["Reds", "Oranges", "YlOrBr", "RdPu"]
 FULL_STYLE = dict(color="black", marker="*", markersize=15, linestyle="none")
 SHALLOW_MARKER = "s"
+# Every figure is drawn at about the width of a paper's column (3.3 in) and its smallest type is
+# SMALL_FONT, so that placed at column width it still prints at 7.5 * 3.3 / 4 = 6.2 pt.
+FIGURE_WIDTH = 4.0  # inches
+SMALL_FONT = 7.5    # pt: tick labels, legends, point labels, panel titles of image grids
+LABEL_CHARS = 28    # a legend entry or panel title longer than this is wrapped (two legend columns fit)
 STYLE = {
-    "font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8,
+    "font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "xtick.labelsize": SMALL_FONT,
+    "ytick.labelsize": SMALL_FONT, "legend.fontsize": SMALL_FONT, "legend.title_fontsize": SMALL_FONT,
+    "figure.titlesize": 8.5, "figure.labelsize": 8,
     "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.3,
-    "figure.dpi": 100, "savefig.bbox": "tight",
+    "figure.dpi": 100, "savefig.bbox": "tight", "savefig.pad_inches": 0.03,  # a thin margin: the width is the figure's
 }
+
+
+def new_figure(height: float) -> Figure:
+    """A figure FIGURE_WIDTH wide, with a canvas so that its layout can be measured before it is
+    saved (legends, point labels)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = Figure(figsize=(FIGURE_WIDTH, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def wrap_label(text: str, width: int = LABEL_CHARS) -> str:
+    """Text broken after spaces or underscores into lines of at most `width` characters where it
+    can be (a probe name such as mlp_probe_per_layer_per_timestep has no spaces)."""
+    lines, line = [], ""
+    for piece in re.split(r"(?<=[ _])", text):
+        if line and len(line) + len(piece) > width:
+            lines.append(line.rstrip())
+            line = ""
+        line += piece
+    return "\n".join(lines + [line.rstrip()])
+
+
+def legend_entries(axes) -> tuple[list, list[str]]:
+    """The labelled artists of these axes, each label once, long labels wrapped."""
+    entries: dict[str, object] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    return list(entries.values()), [wrap_label(label) for label in entries]
+
+
+def bottom_legend(fig, axes) -> None:
+    """The legend of these axes below the figure's panels: in two columns where they fit the
+    figure's width, else in one (a legend wider than the figure would widen the saved image and
+    shrink its type)."""
+    handles, labels = legend_entries(axes)
+    legend = fig.legend(handles, labels, loc="outside lower center", ncols=2, frameon=False)
+    fig.canvas.draw()
+    if legend.get_window_extent().width > fig.bbox.width:
+        legend.remove()
+        fig.legend(handles, labels, loc="outside lower center", ncols=1, frameon=False)
 
 
 def shades(cmap_name: str, count: int) -> list:
@@ -112,23 +166,8 @@ def setting_text(rows: list) -> str:
     if rows[0]["method"] == "early_exit":
         return "τ=" + ", ".join(f"{row['threshold']:g}" for row in rows)
     if rows[0]["method"] == "duodiff":
-        return "$t_s$=" + ", ".join(str(row["t_switch"]) for row in rows)
+        return "tₛ=" + ", ".join(str(row["t_switch"]) for row in rows)
     return ""
-
-
-def setting_line(row) -> str:
-    if row["method"] == "early_exit":
-        return f"threshold {row['threshold']:g}"
-    if row["method"] == "duodiff":
-        return f"t_switch {row['t_switch']}"
-    if row["method"] == "fewer_steps":
-        return f"{row['steps']} steps"
-    return ""
-
-
-def panel_title(row) -> str:
-    setting = setting_line(row)
-    return f"{method_label(row)}, {setting}" if setting else method_label(row)
 
 
 def lines_drawn(ax) -> list[dict]:
@@ -209,7 +248,7 @@ def quality_figure(table: pd.DataFrame, palette: Palette, cost: str, xlabel: str
     early-exit classifier and DuoDiff depth, the fewer-steps baseline as a dashed line, the full
     model as a star, the shallow model alone as a square, the full model's interval as a band and
     the real-data floor as a line."""
-    fig = Figure(figsize=(6.6, 4.6), layout="constrained")
+    fig = new_figure(5.0)
     ax = fig.subplots()
     points = []  # (set, x, y) of every drawn point, for the Pareto front
     annotations = []
@@ -251,7 +290,6 @@ def quality_figure(table: pd.DataFrame, palette: Palette, cost: str, xlabel: str
     for _, row in table[table["method"] == "full"].iterrows():
         draw(table[table["set"] == row["set"]], f"full U-ViT ({blocks(row['depth'])})", **FULL_STYLE)
     draw_floor_and_full_band(ax, pd.concat([table, real]))
-    place_labels(ax, annotations)
 
     sets, xs, ys = (list(v) for v in zip(*points))
     front = pareto_front(sets, xs, ys)
@@ -261,31 +299,9 @@ def quality_figure(table: pd.DataFrame, palette: Palette, cost: str, xlabel: str
     ax.set_xlabel(xlabel)
     ax.set_ylabel(score_label(table))
     ax.set_title(title)
-    fig.legend(loc="outside right upper", frameon=False)
-    return fig, {"x": cost, "y": "score", "series": lines_drawn(ax), "annotations": annotations, "pareto": front}
-
-
-def place_labels(ax, annotations: list[dict]) -> None:
-    """Setting labels beside their points, nudged apart vertically so none overlap: labels are
-    placed from the top down, each at least one line below the one above it when they share
-    an x range."""
-    if not annotations:
-        return
-    y_low, y_high = ax.get_ylim()
-    line = (y_high - y_low) * 0.045
-    placed: list[tuple[float, float]] = []
-    x_low, x_high = ax.get_xlim()
-    width = (x_high - x_low) * 0.18
-    for item in sorted(annotations, key=lambda a: -a["y"]):
-        y = item["y"]
-        for px, py in placed:
-            if abs(px - item["x"]) < width and abs(py - y) < line:
-                y = py - line
-        placed.append((item["x"], y))
-        item["label_y"] = y
-        ax.annotate(item["text"], (item["x"], item["y"]), xytext=(item["x"], y), textcoords="data", fontsize=7,
-                    color=item["color"], xycoords="data", ha="left", va="bottom",
-                    arrowprops=None if y == item["y"] else dict(arrowstyle="-", color=item["color"], lw=0.5))
+    bottom_legend(fig, [ax])
+    labels = label_points(ax, annotations, [(x, y) for _, x, y in points], SMALL_FONT)  # last: needs the final layout
+    return fig, {"x": cost, "y": "score", "series": lines_drawn(ax), "annotations": labels, "pareto": front}
 
 
 def sampling_caption(table: pd.DataFrame) -> str:
@@ -353,66 +369,112 @@ def mean_exit_layer(fractions: np.ndarray) -> np.ndarray:
     return (fractions * np.arange(fractions.shape[0])[:, None]).sum(axis=0)
 
 
+def swept_families(table: pd.DataFrame, methods=("early_exit", "duodiff")) -> list[tuple[str, pd.DataFrame]]:
+    """(title, sets in setting order) of every method family with a swept setting: early exit per
+    classifier (thresholds), DuoDiff per shallow depth (t_switch)."""
+    setting = {"early_exit": "threshold", "duodiff": "t_switch"}
+    return [(method_label(sets.iloc[0]), sets.sort_values(setting[method]))
+            for method, _, sets in method_families(table) if method in methods]
+
+
+HEATMAP_COLUMNS = 3  # heat maps per row: a family with more settings wraps onto further rows
+HEATMAP_HEIGHT = 1.0  # inches, one heat map
+
+
+def draw_heatmap(ax, row, fractions: np.ndarray):
+    """One early-exit set's exit-layer fractions by step, with its mean exit layer in white."""
+    depth, steps = int(row["depth"]), int(row["steps"])
+    image = ax.imshow(fractions, origin="lower", aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0,
+                      interpolation="nearest", extent=(-0.5, steps - 0.5, -0.5, depth + 0.5))
+    ax.plot(np.arange(steps), mean_exit_layer(fractions), color="white", linewidth=1.0, label="_mean")
+    ax.set_title(f"τ={row['threshold']:g}, {row['score_name']} {row['score']:.2f}\n"
+                 f"layer ratio {row['layer_ratio']:.2f}", fontsize=SMALL_FONT)
+    ax.xaxis.set_major_locator(MaxNLocator(4, integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(4, integer=True))
+    ax.grid(False)
+    return image
+
+
 def plot_exit_heatmap(table, palette, summaries: dict[str, np.ndarray]):
-    early = table[table["method"] == "early_exit"].sort_values(["classifier_type", "threshold"])
-    classifiers = list(dict.fromkeys(early["classifier_type"]))
-    n_cols = max([int((early["classifier_type"] == c).sum()) for c in classifiers] + [1])
-    n_rows = len(classifiers)
-    fig = Figure(figsize=(max(3.2 * n_cols + 1.0, 7.5), 2.6 * n_rows + 3.6), layout="constrained")
-    # Two sub-figures: the heat maps with their own colour bar on top, the mean-exit panel below.
-    top, bottom = fig.subfigures(2, 1, height_ratios=[2.6 * n_rows + 0.1, 3.5])
-    data = {"heatmaps": {}, "mean_exit_layer": []}
-
-    counts = [int((early["classifier_type"] == c).sum()) for c in classifiers]
-    bottom_row = {c: max(r for r, count in enumerate(counts) if count > c) for c in range(max(counts, default=0))}
-    image, heatmap_axes = None, []
-    for r, classifier in enumerate(classifiers):
-        group = early[early["classifier_type"] == classifier]
-        for c, (_, row) in enumerate(group.iterrows()):
-            ax = top.add_subplot(n_rows, n_cols, r * n_cols + c + 1)
-            heatmap_axes.append(ax)
-            depth, steps = int(row["depth"]), int(row["steps"])
-            fractions = summaries[row["set"]]
-            image = ax.imshow(fractions, origin="lower", aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0,
-                              interpolation="nearest", extent=(-0.5, steps - 0.5, -0.5, depth + 0.5))
-            ax.plot(np.arange(steps), mean_exit_layer(fractions), color="white", linewidth=1.0, label="_mean")
-            ax.set_title(f"{classifier}, threshold {row['threshold']:g}\nlayer ratio {row['layer_ratio']:.2f}, "
-                         f"{row['score_name']} {row['score']:.1f}", fontsize=8)
-            if r == bottom_row[c]:  # axis labels only at the outer edges of the grid
-                ax.set_xlabel("sampling step (0 = noisiest)")
-            if c == 0:
-                ax.set_ylabel("exit layer")
-            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.grid(False)
-            data["heatmaps"][row["set"]] = {
-                "classifier_type": classifier, "threshold": float(row["threshold"]),
-                "fraction": np.asarray(image.get_array()).tolist(),
-            }
-    if image is not None:
-        top.colorbar(image, ax=heatmap_axes, shrink=0.9, label="fraction of samples exiting")
-        top.suptitle("Where early exit exits: exit layer by sampling step (white: mean)")
-    else:
-        top.text(0.5, 0.5, "No early-exit sample sets in this study", ha="center", va="center", color="0.4")
-
-    ax = bottom.subplots()
-    for _, row in table[table["method"] != "real"].iterrows():  # table order: full, shallow, early exit, DuoDiff
-        mean = mean_exit_layer(summaries[row["set"]])
-        style = dict(color=palette.colors[row["set"]], linewidth=1.4, drawstyle="steps-mid")
-        # Dashed/dotted on top: the fixed-depth references stay visible where other sets coincide.
-        if row["method"] == "full":
-            style.update(linestyle="--", zorder=3)
-        elif row["method"] == "shallow":
-            style.update(linestyle=":", zorder=3)
-        label = panel_title(row)
-        ax.plot(np.arange(len(mean)), mean, label=label, **style)
-    ax.set_xlabel("sampling step (0 = noisiest, left; clean image, right)")
-    ax.set_ylabel("mean blocks executed")
-    ax.set_ylim(bottom=0)
-    ax.set_title("Mean exit layer per sampling step, all sets")
-    # Legend below the panel: beside it, it would widen the figure and push the colour bar away.
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncols=min(3, len(table)), frameon=False, fontsize=7)
-    data["mean_exit_layer"] = lines_drawn(ax)
+    """Where early exit exits: one row of heat maps per classifier type (its title above it), one
+    heat map per threshold, one colour bar for all."""
+    families = swept_families(table, methods=("early_exit",))
+    n_cols = min(HEATMAP_COLUMNS, max([len(sets) for _, sets in families] + [1]))
+    rows = [math.ceil(len(sets) / n_cols) for _, sets in families]
+    heights = [r * (HEATMAP_HEIGHT + 0.4) + 0.25 for r in rows] + [0.55]  # heat maps, titles; colour bar
+    fig = new_figure(sum(heights) + 0.3)
+    fig.suptitle("Where early exit exits: exit layer by sampling step\n(colour: fraction of samples; white: mean)")
+    data = {"heatmaps": {}}
+    if not families:
+        fig.text(0.5, 0.5, "No early-exit sample sets in this study", ha="center", va="center", color="0.4")
+        return fig, data
+    parts = fig.subfigures(len(heights), 1, height_ratios=heights)
+    image = None
+    for i, (part, (title, sets), n_rows) in enumerate(zip(parts, families, rows)):
+        part.suptitle(title, fontsize=8, fontweight="bold")
+        axes = part.subplots(n_rows, n_cols, squeeze=False, sharex=True, sharey=True)
+        for ax, (_, row) in zip(axes.flatten(), sets.iterrows()):
+            image = draw_heatmap(ax, row, summaries[row["set"]])
+            data["heatmaps"][row["set"]] = {"classifier_type": row["classifier_type"],
+                                            "threshold": float(row["threshold"]),
+                                            "fraction": np.asarray(image.get_array()).tolist()}
+        for ax in axes.flatten()[len(sets):]:
+            ax.set_visible(False)
+        for ax in axes[:, 0]:
+            ax.set_ylabel("exit layer")
+        if i == len(families) - 1:  # the step axis is labelled once, under the last row
+            for ax in axes[-1]:
+                ax.set_xlabel("sampling step")
+    cax = parts[-1].add_axes((0.2, 0.62, 0.6, 0.14))
+    parts[-1].colorbar(image, cax=cax, orientation="horizontal",
+                       label="fraction of samples exiting (step 0: the noisiest)")
     return fig, data
+
+
+def plot_mean_exit_layer(table, palette, summaries: dict[str, np.ndarray]):
+    """The mean exit layer per sampling step, one panel per method family (early exit per
+    classifier type, DuoDiff per shallow depth), its settings as lines; the full model (dashed)
+    and, for DuoDiff, the shallow model alone (dotted) as references."""
+    families = swept_families(table)
+    n_cols = 2 if len(families) > 1 else 1
+    n_rows = max(1, math.ceil(len(families) / n_cols))
+    fig = new_figure(1.6 * n_rows + 0.7)
+    axes = fig.subplots(n_rows, n_cols, squeeze=False, sharex=True, sharey=True).flatten()
+    fig.suptitle("Mean exit layer per sampling step\n(dashed: full U-ViT; dotted: shallow model alone)")
+    fig.supxlabel("sampling step (0 = noisiest)")
+    fig.supylabel("mean blocks run")
+    data = {"panels": []}
+    for ax, (title, sets) in zip(axes, families):
+        draw_mean_exit_panel(ax, table, palette, summaries, sets)
+        ax.set_title(wrap_label(title), fontsize=8)
+        data["panels"].append({"title": title, "series": lines_drawn(ax)})
+    for ax in axes[len(families):]:
+        ax.set_visible(False)
+    if not families:
+        axes[0].set_visible(True)
+        axes[0].text(0.5, 0.5, "No early-exit or DuoDiff sample sets in this study", ha="center", va="center",
+                     color="0.4", transform=axes[0].transAxes)
+    axes[0].set_ylim(bottom=0)
+    return fig, data
+
+
+def draw_mean_exit_panel(ax, table, palette, summaries, sets: pd.DataFrame) -> None:
+    """One family's settings as mean-exit-layer lines, with a legend of the settings alone."""
+    references = table[table["method"] == "full"]
+    if sets["method"].iloc[0] == "duodiff":
+        depth = sets["shallow_depth"].iloc[0]
+        references = pd.concat([references, table[(table["method"] == "shallow") & (table["shallow_depth"] == depth)]])
+    for _, row in references.iterrows():
+        mean = mean_exit_layer(summaries[row["set"]])
+        ax.plot(np.arange(len(mean)), mean, color=palette.colors[row["set"]], linewidth=1.0, zorder=3,
+                linestyle="--" if row["method"] == "full" else ":", label=method_label(row))
+    settings = []
+    for _, row in sets.iterrows():
+        mean = mean_exit_layer(summaries[row["set"]])
+        (line,) = ax.plot(np.arange(len(mean)), mean, color=palette.colors[row["set"]], linewidth=1.4,
+                          drawstyle="steps-mid", label=setting_text([row]))
+        settings.append(line)
+    ax.legend(handles=settings, loc="best", handlelength=1.2, borderaxespad=0.2, framealpha=0.85, edgecolor="none")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,7 +482,7 @@ def plot_exit_heatmap(table, palette, summaries: dict[str, np.ndarray]):
 
 
 def plot_fid_vs_tswitch(table, palette):
-    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    fig = new_figure(4.0)
     ax = fig.subplots()
     depths = sorted(table.loc[table["method"].isin(["duodiff", "shallow"]), "shallow_depth"].dropna().unique())
     for depth in depths:
@@ -436,7 +498,7 @@ def plot_fid_vs_tswitch(table, palette):
         if len(shallow):
             ax.plot(shallow["steps"].astype(float), shallow["score"].astype(float), color=color, marker=SHALLOW_MARKER,
                     markersize=9, markerfacecolor="white", markeredgewidth=1.8, linestyle="none",
-                    label=f"shallow alone ({blocks(depth)}, t_switch = steps)")
+                    label=f"shallow alone ({blocks(depth)})")
     for _, row in table[table["method"] == "full"].iterrows():
         ax.axhline(float(row["score"]), color="black", linestyle="--", linewidth=1.2,
                    label=f"full U-ViT ({blocks(row['depth'])})")
@@ -445,10 +507,10 @@ def plot_fid_vs_tswitch(table, palette):
     draw_floor_and_full_band(ax, table)
     steps = int(table.loc[table["method"] != "real", "steps"].max())
     ax.set_xlim(-0.03 * steps, 1.03 * steps)  # the whole range: 0 = full model alone, steps = shallow alone
-    ax.set_xlabel("t_switch (noisiest sampling steps run by the shallow model)")
+    ax.set_xlabel(f"t_switch: first steps run by the shallow model\n(0: full model alone; {steps}: shallow alone)")
     ax.set_ylabel(score_label(table))
     ax.set_title(f"DuoDiff: {table['score_name'].iloc[0]} against the switch step ({sampling_caption(table)})")
-    ax.legend(loc="best", frameon=False)
+    bottom_legend(fig, [ax])
     if not depths:
         ax.text(0.5, 0.5, "no DuoDiff or shallow sample sets in this study", transform=ax.transAxes,
                 ha="center", va="center", color="0.4")
@@ -476,7 +538,20 @@ def loss_parts(log: pd.DataFrame) -> list[str]:
             and (pd.to_numeric(log[c], errors="coerce") > 0).any()]
 
 
-def plot_training_curves(loss_files: list[Path], smoothing: float):
+# One panel per kind of loss: a U-ViT's denoising MSE is not on the scale of an early-exit model's
+# total (a sum over exits), nor its terms on each other's.
+UVIT_LOSS = "U-ViT models: denoising MSE"
+EARLY_EXIT_TOTAL = "Early exit: total loss"
+PART_TITLES = {
+    "loss_simple": "loss_simple (final MSE)",
+    "loss_u": "loss_u (uncertainty error)",
+    "loss_ual": "loss_ual (uncertainty-aware)",
+    "loss_unweighted": "loss_unweighted (exit MSE)",
+}
+LOG_SCALE_RANGE = 3.0  # a panel whose curves span more than this factor gets a log y axis
+
+
+def read_loss_logs(loss_files: list[Path]) -> dict[str, pd.DataFrame]:
     logs = {}
     for path in loss_files:
         log = pd.read_csv(path)
@@ -484,41 +559,66 @@ def plot_training_curves(loss_files: list[Path], smoothing: float):
         require(not missing, f"{path}: missing columns {', '.join(missing)}")
         require(len(log) > 0, f"{path}: has no rows")
         logs[path.parent.name] = log
-    with_parts = [name for name, log in logs.items() if loss_parts(log)]
-    n_panels = 1 + len(with_parts)
-    n_cols = min(n_panels, 3)
-    n_rows = math.ceil(n_panels / n_cols)
-    fig = Figure(figsize=(4.6 * n_cols, 3.4 * n_rows), layout="constrained")
+    return logs
+
+
+def loss_panels(logs: dict[str, pd.DataFrame]) -> list[tuple[str, list[tuple[str, str]]]]:
+    """(title, [(model, column)]) per kind of loss: the U-ViT models' loss, the early-exit models'
+    total (models that log loss terms), then each term."""
+    uvit = [(name, "loss") for name, log in logs.items() if not loss_parts(log)]
+    early = [name for name, log in logs.items() if loss_parts(log)]
+    terms = list(dict.fromkeys(part for name in early for part in loss_parts(logs[name])))
+    panels = [(UVIT_LOSS, uvit)] if uvit else []
+    if early:
+        panels.append((EARLY_EXIT_TOTAL, [(name, "loss") for name in early]))
+    for term in terms:
+        panels.append((PART_TITLES.get(term, term), [(name, term) for name in early if term in loss_parts(logs[name])]))
+    return panels
+
+
+def plot_training_curves(loss_files: list[Path], smoothing: float):
+    logs = read_loss_logs(loss_files)
+    panels = loss_panels(logs)
+    n_cols = 2 if len(panels) > 1 else 1
+    n_rows = math.ceil(len(panels) / n_cols)
+    fig = new_figure(1.55 * n_rows + 1.3)
     axes = fig.subplots(n_rows, n_cols, squeeze=False).flatten()
+    colors = {name: colormaps["tab10"](i % 10) for i, name in enumerate(logs)}  # a model's colour in every panel
     data = {"smoothing": smoothing, "panels": []}
-    colors = colormaps["tab10"]
-
-    def curve(ax, steps, values, color, label):
-        ax.plot(steps, values, color=color, alpha=0.25, linewidth=0.8, label="_raw")
-        ax.plot(steps, ema_smooth(values, smoothing), color=color, linewidth=1.6, label=label)
-
-    ax = axes[0]
-    for i, (name, log) in enumerate(logs.items()):
-        curve(ax, log["step"].to_numpy(), log["loss"].to_numpy(float), colors(i % 10), name)
-    ax.set_title("Training loss (all models)")
-    data["panels"].append({"title": "all models", "series": lines_drawn(ax)})
-    for ax, name in zip(axes[1:], with_parts):
-        log = logs[name]
-        parts = loss_parts(log)
-        curve(ax, log["step"].to_numpy(), log["loss"].to_numpy(float), "black", "total")
-        for j, part in enumerate(parts):
-            curve(ax, log["step"].to_numpy(), log[part].to_numpy(float), colors(j % 10), part)
-        ax.set_title(f"{name}: loss terms")
-        data["panels"].append({"title": name, "series": lines_drawn(ax)})
-    for ax in axes[:n_panels]:
-        ax.set_yscale("log")
+    for ax, (title, curves) in zip(axes, panels):
+        for name, column in curves:
+            log = logs[name]
+            ax.plot(log["step"], log[column].to_numpy(float), color=colors[name], alpha=0.25, linewidth=0.8,
+                    label="_raw")
+            ax.plot(log["step"], ema_smooth(log[column], smoothing), color=colors[name], linewidth=1.4, label=name)
+        loss_axis(ax, [logs[name][column] for name, column in curves])
+        ax.set_title(wrap_label(title), fontsize=8)
         ax.set_xlabel("training step")
-        ax.set_ylabel("loss (log scale)")
-        ax.legend(frameon=False)
-    for ax in axes[n_panels:]:
+        data["panels"].append({"title": title, "series": lines_drawn(ax)})
+    for ax in axes[len(panels):]:
         ax.set_visible(False)
-    fig.suptitle(f"Training curves: raw (faint) and smoothed (exponential moving average, weight {smoothing:g})")
+    if panels and panels[0][0] == UVIT_LOSS:  # its models in its own legend, the early-exit ones below
+        axes[0].legend(handlelength=1.2, framealpha=0.85, edgecolor="none")
+    early_axes = [ax for ax, (title, _) in zip(axes, panels) if title != UVIT_LOSS]
+    if early_axes:
+        bottom_legend(fig, early_axes[:1])
+    fig.suptitle(f"Training loss by kind: raw (faint), smoothed (EMA, weight {smoothing:g})")
     return fig, data
+
+
+def loss_axis(ax, values: list[pd.Series]) -> None:
+    """A log y axis where the curves span more than LOG_SCALE_RANGE, ticked 1-2-5 in plain numbers
+    (no 10^x superscripts, which print smaller than the other labels); else linear."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    numbers = pd.concat(values).astype(float)
+    numbers = numbers[numbers > 0]
+    if numbers.empty or numbers.max() <= LOG_SCALE_RANGE * numbers.min():
+        return
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -560,39 +660,64 @@ def sample_grid(samples_root, name: str, n_images: int) -> tuple[np.ndarray, str
     return grid_from_images(paths, n_images), f"{folder / 'images'} (first {min(n_images, len(paths))})"
 
 
-def plot_sample_grids(table, samples_root, reference, n_images: int):
+GRID_COLUMNS = 4  # sample grids per row: a family with more settings wraps onto further rows
+
+
+def grid_title(row) -> str:
+    """A sample grid's title: the set within its row of the figure, and its score."""
+    if row["method"] in ("early_exit", "duodiff"):
+        what = setting_text([row])
+    elif row["method"] == "shallow":
+        what = f"shallow, {blocks(row['shallow_depth'])}"
+    else:
+        what = "full U-ViT" if row["method"] == "full" else f"full, {row['steps']} steps"
+    return f"{what}\n{row['score_name']} {row['score']:.2f}"
+
+
+def sample_panels(table, samples_root, reference, n_images: int) -> list[tuple[str, list[tuple]]]:
+    """(row title, [(title, grid, source, set)]): the real images and the references (full model,
+    fewer steps, shallow alone) first, then one row per method family in setting order."""
     # As many real images as the sample grids hold (a set grid has its first <= n_images samples).
     n_real = min(n_images, int(table.loc[table["method"] != "real", "n_samples"].min()))
     reference_images = image_files(Path(reference) / "images")
-    panels = [("Real images", grid_from_images(reference_images, n_real),
-               f"{Path(reference) / 'images'} (first {min(n_real, len(reference_images))})", None)]
-    for _, row in table.iterrows():
-        if row["method"] == "real":  # the held-out real images: the reference panel shows their kind
-            continue
-        grid, source = sample_grid(samples_root, row["set"], n_images)
-        setting = setting_line(row)
-        title = f"{method_label(row)}\n{setting + ', ' if setting else ''}{row['score_name']} {row['score']:.2f}"
-        panels.append((title, grid, source, row["set"]))
-    n_cols = min(len(panels), 4)
-    n_rows = math.ceil(len(panels) / n_cols)
-    # Panel height from the tallest grid's aspect, plus room for a two-line title.
-    aspect = max(grid.shape[0] / grid.shape[1] for _, grid, _, _ in panels)
-    width = 3.4
-    fig = Figure(figsize=(width * n_cols, (width * aspect + 0.6) * n_rows + 0.4), layout="constrained")
-    axes = fig.subplots(n_rows, n_cols, squeeze=False).flatten()
-    data = {"panels": []}
-    for ax, (title, grid, source, name) in zip(axes, panels):
-        ax.imshow(grid, interpolation="nearest")
-        ax.set_anchor("N")  # panels of different heights line up at their titles
-        ax.set_title(title, fontsize=8)
-        ax.set_axis_off()
-        data["panels"].append({"set": name, "title": title, "source": source, "shape": list(grid.shape)})
-    for ax in axes[len(panels):]:
-        ax.set_visible(False)
+    real = ("real images", grid_from_images(reference_images, n_real),
+            f"{Path(reference) / 'images'} (first {min(n_real, len(reference_images))})", None)
+
+    def panels(sets: pd.DataFrame) -> list[tuple]:
+        return [(grid_title(row), *sample_grid(samples_root, row["set"], n_images), row["set"])
+                for _, row in sets.iterrows()]
+
+    references = table[table["method"].isin(["full", "fewer_steps", "shallow"])]
+    return [("Real images and references", [real, *panels(references)])] + [
+        (title, panels(sets)) for title, sets in swept_families(table)]
+
+
+def plot_sample_grids(table, samples_root, reference, n_images: int):
+    groups = sample_panels(table, samples_root, reference, n_images)
+    # As many columns as a family has settings, so that each family is one row where it can be.
+    n_cols = min(GRID_COLUMNS, max([len(panels) for _, panels in groups[1:]] or [len(groups[0][1])]))
+    # Panel height from the tallest grid's aspect, plus room for a two-line title; a row title each.
+    aspect = max(grid.shape[0] / grid.shape[1] for _, panels in groups for _, grid, _, _ in panels)
+    rows = [math.ceil(len(panels) / n_cols) for _, panels in groups]
+    heights = [r * (FIGURE_WIDTH / n_cols * aspect + 0.35) + 0.25 for r in rows]
+    fig = new_figure(sum(heights) + 0.5)
     seeds = sorted(table.loc[table["method"] != "real", "seed"].dropna().unique().tolist())
-    same_seed = f"same seed ({seeds[0]}) for every set, so grids start from the same noise" if len(seeds) == 1 \
+    same_seed = f"same seed ({seeds[0]}) for every set: grids start from the same noise" if len(seeds) == 1 \
         else f"seeds differ between sets ({', '.join(map(str, seeds))}): grids are not noise-matched"
-    fig.suptitle(f"Samples ({sampling_caption(table)}; {same_seed})")
+    fig.suptitle(f"Samples ({sampling_caption(table)})\n{same_seed}")
+    data = {"panels": []}
+    for part, (row_title, panels), n_rows in zip(fig.subfigures(len(groups), 1, height_ratios=heights), groups, rows):
+        part.suptitle(row_title, fontsize=8, fontweight="bold")
+        axes = part.subplots(n_rows, n_cols, squeeze=False).flatten()
+        for ax, (title, grid, source, name) in zip(axes, panels):
+            ax.imshow(grid, interpolation="nearest")
+            ax.set_anchor("N")  # panels of different heights line up at their titles
+            ax.set_title(title, fontsize=SMALL_FONT)
+            ax.set_axis_off()
+            data["panels"].append({"set": name, "row": row_title, "title": title, "source": source,
+                                   "shape": list(grid.shape)})
+        for ax in axes[len(panels):]:
+            ax.set_visible(False)
     return fig, data
 
 
@@ -629,6 +754,7 @@ def run_plots(tables_dir, samples_root, models_root, reference, output_dir, smoo
         "quality_vs_gflops": lambda: plot_quality_vs_gflops(table, palette),
         "quality_vs_time": lambda: plot_quality_vs_time(table, palette),
         "exit_heatmap": lambda: plot_exit_heatmap(table, palette, summaries),
+        "mean_exit_layer": lambda: plot_mean_exit_layer(table, palette, summaries),
         "fid_vs_tswitch": lambda: plot_fid_vs_tswitch(table, palette),
         "training_curves": lambda: plot_training_curves(loss_files, smoothing),
         "sample_grids": lambda: plot_sample_grids(table, samples_root, reference, grid_images),

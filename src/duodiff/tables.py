@@ -4,9 +4,11 @@ Inputs are the files of docs/architecture.md: per sample set `samples/{set}/stat
 `metrics/{set}/{fid,cmmd,gflops}.json`. Outputs (all written atomically, fixed names):
 
     fid.csv, kid.csv, cmmd.csv, gflops.csv   data, full precision, one row per set
-    summary.md, summary.tex, summary.html   the table researchers read: FID, KID, CMMD, GFLOPs,
-                                            layer ratio, throughput and speed-ups, best per
-                                            column in bold, conventions and caveats below it
+    summary.md, summary.tex, summary.html   the table researchers read: FID, KID, CMMD (where any
+                                            set has it; else one note), GFLOPs, layer ratio,
+                                            throughput and speed-ups, best per column in bold
+                                            (cost: among the sets as good as the full model, see
+                                            contenders), conventions and caveats below it
                                             (html: for the Snakemake report, which shows html)
 
 Rows are ordered like the papers' tables: full model, shallow model alone, early exit (by
@@ -97,17 +99,25 @@ SUMMARY_COLUMNS = [
 DIFFERS_MARK = {"worse": ("†", r"\textsuperscript{\dag}"), "better": ("‡", r"\textsuperscript{\ddag}")}
 
 
+def cmmd_computed(frame: pd.DataFrame) -> bool:
+    """Whether any set has a CMMD value; without one (no CLIP weights) the summary has no CMMD
+    column, only a note that says why (_cmmd_notes)."""
+    return bool(frame["cmmd"].notna().any())
+
+
 def summary_columns(frame: pd.DataFrame) -> list[tuple[str, str, str, str | None]]:
-    """SUMMARY_COLUMNS, led by the headline score and its KID when the headline is not Inception."""
+    """SUMMARY_COLUMNS, led by the headline score and its KID when the headline is not Inception;
+    CMMD only where some set has it."""
     name = frame["score_name"].iloc[0]
     # "[95% CI]" only where intervals were computed (metrics.intervals).
     ci, ci_tex = (" [95% CI]", r" [95\% CI]") if frame["score_ci_low"].notna().any() else ("", "")
+    metrics = [c for c in SUMMARY_COLUMNS if c[0] != "cmmd" or cmmd_computed(frame)]
     if name == "FID":
-        return [("score", f"FID{ci} ↓", rf"FID{ci_tex}$\downarrow$", "min")] + SUMMARY_COLUMNS[1:]
+        return [("score", f"FID{ci} ↓", rf"FID{ci_tex}$\downarrow$", "min")] + metrics[1:]
     return [
         ("score", f"{name}{ci} ↓", rf"{name}{ci_tex}$\downarrow$", "min"),
         ("kid_headline", f"KD×10³{ci} ↓", rf"KD$\times10^3${ci_tex}$\downarrow$", "min"),
-    ] + SUMMARY_COLUMNS
+    ] + metrics
 
 
 # Least display precision of each summary column; a column of small numbers (the GFLOPs of an
@@ -118,6 +128,7 @@ DECIMALS = {"score": 2, "kid_headline": 2, "fid": 2, "kid": 2, "cmmd": 3, "gflop
 SIGNIFICANT_DIGITS = 2  # at least this many for the smallest non-zero value of a column
 KID_SCALE = 1e3  # KID is printed x10^3, as is usual in papers
 KID_COLUMNS = ("kid", "kid_headline")
+COST_COLUMNS = ("gflops_per_forward", "images_per_s", "speedup_measured", "speedup_theoretical")
 SUPERSCRIPTS = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
 
 
@@ -412,17 +423,34 @@ def setting_label(row) -> str:
     return "–"
 
 
+def quality_limit(full) -> float:
+    """The worst headline score at which a set still matches the full model: the upper end of the
+    full model's 95% interval, or its score where there is no interval."""
+    return float(full["score"] if pd.isna(full["score_ci_high"]) else full["score_ci_high"])
+
+
+def contenders(frame: pd.DataFrame, column: str) -> pd.Series:
+    """The rows that may hold a summary column's best value. Quality: every generated set (the
+    real-data row is the floor, not a contender). Cost: only the compared methods' sets (not the
+    shallow model alone, DuoDiff's first stage, cheapest by construction) whose headline score
+    matches the full model's (quality_limit): a cheaper set of worse quality is no better trade."""
+    generated = frame["method"] != "real"
+    if column not in COST_COLUMNS:
+        return generated
+    full = frame.loc[frame["set"] == "full"].iloc[0]
+    return generated & (frame["method"] != "shallow") & (frame["score"] <= quality_limit(full))
+
+
 def best_mask(frame: pd.DataFrame) -> pd.DataFrame:
     """True where a summary cell holds its column's best value (compared as displayed) among the
-    generated sets (the real-data row is the floor, not a contender)."""
+    column's contenders."""
     columns = summary_columns(frame)
     mask = pd.DataFrame(False, index=frame.index, columns=[c for c, *_ in columns])
-    generated = frame["method"] != "real"
     for column, _, _, best in columns:
         if best is None:
             continue
         scale = KID_SCALE if column in KID_COLUMNS else 1.0
-        values = pd.to_numeric(frame[column], errors="coerce").mul(scale).where(generated)
+        values = pd.to_numeric(frame[column], errors="coerce").mul(scale).where(contenders(frame, column))
         values = values.round(decimals(column, values))
         if values.notna().any():
             target = values.min() if best == "min" else values.max()
@@ -431,8 +459,11 @@ def best_mask(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def _footnotes(frame: pd.DataFrame) -> dict[str, int]:
-    """Number each distinct reason CMMD is missing (1, 2, ...), in row order."""
+    """Number each distinct reason CMMD is missing (1, 2, ...), in row order; none when no set has
+    CMMD (the column is left out and one note says why)."""
     numbers: dict[str, int] = {}
+    if not cmmd_computed(frame):
+        return numbers
     for reason in frame.loc[frame["cmmd"].isna(), "reason"]:
         numbers.setdefault(str(reason), len(numbers) + 1)
     return numbers
@@ -492,6 +523,7 @@ def _notes(frame: pd.DataFrame, footnotes: dict[str, int]) -> list[str]:
     """Conventions and caveats printed under the table (plain text; the LaTeX writer escapes it)."""
     full = frame.loc[frame["set"] == "full"].iloc[0]
     real = frame[frame["method"] == "real"]
+    cmmd = cmmd_computed(frame)
     frame = frame[frame["method"] != "real"]  # the notes on sampling and cost are about generated sets
     notes = [_headline_note(full)]
     if len(real):
@@ -518,14 +550,7 @@ def _notes(frame: pd.DataFrame, footnotes: dict[str, int]) -> list[str]:
         notes.append(f"Sampling: {full['sampler']} with {full['steps']} steps, seed {full['seed']} for every set; "
                      f"the fewer-steps sets run the full model with {fewer} steps from the same noise.")
 
-    counts = frame[["n_samples", "fid_n_samples", "n_reference", "cmmd_n_samples"]].drop_duplicates()
-    if len(counts) == 1:
-        notes.append(f"Samples: {full['n_samples']} per set; FID and KID from {full['fid_n_samples']} samples "
-                     f"against {full['n_reference']} real images; CMMD from {full['cmmd_n_samples']} samples.")
-    else:
-        per_set = "; ".join(f"{r.set}: {r.n_samples} (FID/KID {r.fid_n_samples} vs {r.n_reference} real, "
-                            f"CMMD {r.cmmd_n_samples})" for r in frame.itertuples())
-        notes.append(f"Samples per set: {per_set}.")
+    notes.append(_samples_note(frame, full, cmmd))
 
     networks = frame[["feature_network", "feature_network_sha256"]].drop_duplicates()
     described = ", ".join(f"{r.feature_network} (sha256 {str(r.feature_network_sha256)[:12]}…)"
@@ -560,11 +585,42 @@ def _notes(frame: pd.DataFrame, footnotes: dict[str, int]) -> list[str]:
                  f"full model's; speed-up (theoretical) = the full model's GFLOPs per image ÷ the set's."
                  + (" Sets were timed on different set-ups, so measured speed-ups mix them." if len(devices) > 1 else ""))
 
-    for reason, number in footnotes.items():
-        notes.append(f"[{number}] CMMD n/a: {sentence(reason)}")
-    notes.append("Bold: best value per column among the generated sets (lowest scores and GFLOPs; highest "
-                 "images/s and speed-ups).")
+    notes.extend(_cmmd_notes(frame, footnotes, cmmd))
+    notes.append(_bold_note(full))
     return notes
+
+
+def _bold_note(full) -> str:
+    """The rule of best_mask, in words."""
+    name, limit = full["score_name"], quality_limit(full)
+    bound = (f"the full model's ({limit:.4g})" if pd.isna(full["score_ci_high"])
+             else f"the upper end of the full model's 95% interval ({limit:.4g})")
+    return ("Bold: the best value of each column. Quality columns: the lowest among the generated sets. Cost "
+            "columns (GFLOPs/fwd, images/s, speed-ups): the best among the sets of the full model, fewer steps, "
+            f"early exit and DuoDiff whose {name} is at most {bound}, so that a cheaper set of worse quality is not "
+            "crowned; the shallow model alone (DuoDiff's first stage, the cheapest by construction) is never a "
+            "cost contender.")
+
+
+def _samples_note(frame: pd.DataFrame, full, cmmd: bool) -> str:
+    """How many samples each score used; CMMD's count only where CMMD was computed."""
+    columns = ["n_samples", "fid_n_samples", "n_reference"] + (["cmmd_n_samples"] if cmmd else [])
+    if len(frame[columns].drop_duplicates()) == 1:
+        return (f"Samples: {full['n_samples']} per set; FID and KID from {full['fid_n_samples']} samples "
+                f"against {full['n_reference']} real images"
+                + (f"; CMMD from {full['cmmd_n_samples']} samples." if cmmd else "."))
+    per_set = "; ".join(f"{r.set}: {r.n_samples} (FID/KID {r.fid_n_samples} vs {r.n_reference} real"
+                        + (f", CMMD {r.cmmd_n_samples})" if cmmd else ")") for r in frame.itertuples())
+    return f"Samples per set: {per_set}."
+
+
+def _cmmd_notes(frame: pd.DataFrame, footnotes: dict[str, int], cmmd: bool) -> list[str]:
+    """The footnotes of the sets without CMMD, or, when no set has it, one note instead of a
+    column of n/a."""
+    if cmmd:
+        return [f"[{number}] CMMD n/a: {sentence(reason)}" for reason, number in footnotes.items()]
+    reasons = " ".join(sentence(reason) for reason in frame["reason"].dropna().astype(str).drop_duplicates())
+    return [f"CMMD: not computed for any set, so the table has no CMMD column. {reasons}".strip()]
 
 
 def _headline_note(full) -> str:
