@@ -15,8 +15,7 @@ module names, so its state_dict keys match the reference checkpoints:
 The model is built from a `UViTConfig` (the model YAML's keys, checked once when the config is
 made, as nanoGPT's GPTConfig); the layers trust it.
 
-Differences from the reference (none change the numbers): no einops (reshape/permute instead),
-attention always through
+Differences from the reference (none change the numbers): attention always through
 `F.scaled_dot_product_attention` (the reference picks flash, xformers or math by a global flag),
 no dropout (the reference's rates are 0), no gradient checkpointing,
 and `normalize_timesteps`, which divides t by T before the embedding as the early-exit seed
@@ -35,6 +34,7 @@ from dataclasses import MISSING, asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 from duodiff.errors import DuodiffError, check_choice, check_int, require
 
@@ -137,13 +137,10 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
 
 def unpatchify(x: torch.Tensor, channels: int) -> torch.Tensor:
     """B (h w) (p1 p2 C) -> B C (h p1) (w p2), the inverse of the reference's patchify."""
-    batch, length, patch_dim = x.shape
-    patch_size = int(round((patch_dim // channels) ** 0.5))
-    h = w = int(round(length**0.5))
-    assert h * w == length and patch_size**2 * channels == patch_dim, (x.shape, channels)
-    x = x.reshape(batch, h, w, patch_size, patch_size, channels)
-    x = x.permute(0, 5, 1, 3, 2, 4)  # B C h p1 w p2
-    return x.reshape(batch, channels, h * patch_size, w * patch_size)
+    patch_size = int(round((x.shape[2] // channels) ** 0.5))
+    h = w = int(round(x.shape[1] ** 0.5))
+    assert h * w == x.shape[1] and patch_size**2 * channels == x.shape[2], (x.shape, channels)
+    return rearrange(x, "B (h w) (p1 p2 C) -> B C (h p1) (w p2)", h=h, p1=patch_size, p2=patch_size)
 
 
 def init_weights(m):
@@ -178,13 +175,10 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):
-        B, L, D = x.shape
-        # 'B L (K H D) -> K B H L D' with K = 3 (q, k, v), as in the reference.
-        qkv = self.qkv(x).reshape(B, L, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        qkv = rearrange(self.qkv(x), "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
         q, k, v = qkv[0], qkv[1], qkv[2]
         x = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(head_dim), as the reference
-        x = x.transpose(1, 2).reshape(B, L, D)
-        return self.proj(x)
+        return self.proj(rearrange(x, "B H L D -> B L (H D)"))
 
 
 class Block(nn.Module):
