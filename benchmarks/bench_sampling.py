@@ -49,7 +49,6 @@ from tqdm.auto import tqdm  # noqa: E402
 from duodiff.diffusion import EarlyExitDenoiser, GaussianDiffusion, duodiff_denoiser, model_denoiser  # noqa: E402
 from duodiff.errors import DuodiffError  # noqa: E402
 from duodiff.models.early_exit import EarlyExitUViT  # noqa: E402
-from duodiff.models.uvit import validate_model_config  # noqa: E402
 
 EE_TARGET, DUODIFF_TARGET, CEILING_TARGET = 0.8, 0.9, 0.5
 
@@ -145,11 +144,10 @@ class Bench:
         self.shallow = common.build("uvit", shallow_cfg, device, seed=1)
         self.depth, self.shallow_depth = self.full.depth, self.shallow.depth
         self.T = self.full.num_timesteps
-        probe_hidden = validate_model_config(full_cfg)["probe_hidden"]
         torch.manual_seed(2)
         # The early-exit models wrap the full model itself: no copy of the backbone's weights.
         self.ee = {
-            ct: EarlyExitUViT(self.full, ct, probe_hidden=probe_hidden, num_timesteps=self.T).to(device).eval()
+            ct: EarlyExitUViT(self.full, ct).to(device).eval()
             for ct in args.classifier_types
         }
         self.controls = {ct: common.ControlledExits(model) for ct, model in self.ee.items()}

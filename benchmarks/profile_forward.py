@@ -24,7 +24,6 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from duodiff.errors import DuodiffError  # noqa: E402
 from duodiff.models.early_exit import EarlyExitUViT  # noqa: E402
-from duodiff.models.uvit import validate_model_config  # noqa: E402
 
 # Operator name -> group. Matmuls are what FLOPs count; the rest is time they do not see.
 GROUPS = {
@@ -78,7 +77,7 @@ def main(argv=None):
     full = common.build("uvit", full_cfg, device)
     ct = common.classifier_types(args.classifier_type)[0]
     torch.manual_seed(2)
-    ee = EarlyExitUViT(full, ct, probe_hidden=validate_model_config(full_cfg)["probe_hidden"]).to(device).eval()
+    ee = EarlyExitUViT(full, ct).to(device).eval()
     controls = common.ControlledExits(ee)
     x = torch.randn(args.batch, full.in_chans, full.img_size, full.img_size, generator=torch.Generator().manual_seed(0)).to(device)
     t = torch.full((args.batch,), full.num_timesteps // 2, dtype=torch.long, device=device)

@@ -6,7 +6,7 @@ import torch
 from duodiff.errors import DuodiffError
 from duodiff.models import CLASSIFIER_TYPES, build_model
 from duodiff.models.early_exit import EarlyExitUViT
-from duodiff.models.uvit import UViT
+from duodiff.models.uvit import UViT, UViTConfig
 
 torch.set_num_threads(1)
 T = 50
@@ -100,7 +100,7 @@ def test_per_timestep_probes_use_each_samples_own_timestep():
 
 def test_per_timestep_bank_with_hidden_layer():
     torch.manual_seed(0)
-    model = EarlyExitUViT(UViT(**TINY, num_timesteps=T), "mlp_probe_per_timestep", 16, T, bank_hidden=3).double()
+    model = EarlyExitUViT(UViT(UViTConfig(**TINY), num_timesteps=T), "mlp_probe_per_timestep", bank_hidden=3).double()
     x, _, _ = batch(n=2)
     t = torch.tensor([9, 21])
     tokens = model.backbone.embed(x, t)
@@ -229,7 +229,7 @@ def test_compaction_skips_the_work_of_exited_samples():
 
 def test_backbone_loads_into_early_exit_model_and_alias():
     torch.manual_seed(5)
-    full = UViT(**TINY, num_timesteps=T)
+    full = UViT(UViTConfig(**TINY), num_timesteps=T)
     model = build_model("deediff_uvit", TINY, T, "attention_probe")
     assert isinstance(model, EarlyExitUViT)
     model.backbone.load_state_dict(full.state_dict())
@@ -246,10 +246,8 @@ def test_bad_settings_are_refused():
     with pytest.raises(DuodiffError, match="threshold must be in \\[0, 1\\]; got 1.5"):
         model.forward_early_exit(x, t, 1.5)
     with pytest.raises(DuodiffError, match="classifier type must be one of attention_probe, mlp_probe_per_layer"):
-        EarlyExitUViT(UViT(**TINY), "linear_probe")
+        EarlyExitUViT(UViT(UViTConfig(**TINY)), "linear_probe")
     with pytest.raises(DuodiffError, match="probe_hidden \\(10\\) must be divisible by the attention probe's heads"):
         build_model("early_exit", {**TINY, "probe_hidden": 10}, T, "attention_probe")
-    with pytest.raises(DuodiffError, match="num_timesteps \\(20\\) differs from the backbone's \\(1000\\)"):
-        EarlyExitUViT(UViT(**TINY), "mlp_probe_per_timestep", 16, 20)
     with pytest.raises(DuodiffError, match="bank_hidden must be a non-negative integer; got -1"):
-        EarlyExitUViT(UViT(**TINY), "mlp_probe_per_timestep", 16, 1000, bank_hidden=-1)
+        EarlyExitUViT(UViT(UViTConfig(**TINY)), "mlp_probe_per_timestep", bank_hidden=-1)

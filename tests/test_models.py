@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from duodiff.errors import DuodiffError
 from duodiff.models import CLASSIFIER_TYPES, build_model, load_model_config
-from duodiff.models.uvit import UViT, timestep_embedding, unpatchify
+from duodiff.models.uvit import UViT, UViTConfig, timestep_embedding, unpatchify
 
 torch.set_num_threads(1)
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "config" / "models"
@@ -56,13 +56,13 @@ def test_parameter_counts_pinned_and_by_formula():
         {**TINY, "num_classes": 7, "mlp_time_embed": True, "qkv_bias": True, "conv": False},
         {**TINY, "mlp_ratio": 2.0},
     ]:
-        assert n_params(UViT(**config)) == hand_count(**config)
+        assert n_params(UViT(UViTConfig(**config))) == hand_count(**config)
 
 
 @pytest.mark.parametrize("num_classes", [0, 10])
 def test_shapes_and_decomposition(num_classes):
     torch.manual_seed(0)
-    model = UViT(**TINY, num_classes=num_classes).eval()
+    model = UViT(UViTConfig(**TINY, num_classes=num_classes)).eval()
     x = torch.randn(3, 2, 8, 8)
     t = torch.tensor([0, 500, 999])
     y = torch.tensor([1, 9, 4]) if num_classes else None
@@ -82,7 +82,7 @@ def test_shapes_and_decomposition(num_classes):
 def test_reference_forward_written_out():
     """The forward pass spelled out as in the reference UViT.forward (in/mid/out blocks, skips)."""
     torch.manual_seed(1)
-    model = UViT(**TINY, num_classes=5, mlp_time_embed=True).eval()
+    model = UViT(UViTConfig(**TINY, num_classes=5, mlp_time_embed=True)).eval()
     x, t, y = torch.randn(2, 2, 8, 8), torch.tensor([10, 700]), torch.tensor([3, 0])
     h = model.patch_embed.proj(x).flatten(2).transpose(1, 2)
     time_token = model.time_embed(timestep_embedding(t, 32)).unsqueeze(1)
@@ -110,8 +110,8 @@ def test_timestep_embedding_closed_form():
 
 def test_normalize_timesteps_divides_by_T():
     torch.manual_seed(2)
-    raw = UViT(**TINY, num_timesteps=1000)
-    normalized = UViT(**TINY, normalize_timesteps=True, num_timesteps=1000)
+    raw = UViT(UViTConfig(**TINY), num_timesteps=1000)
+    normalized = UViT(UViTConfig(**TINY, normalize_timesteps=True), num_timesteps=1000)
     normalized.load_state_dict(raw.state_dict())
     x, t = torch.randn(2, 2, 8, 8), torch.tensor([7, 900])
     torch.testing.assert_close(normalized.embed(x, t), raw.embed(x, t.float() / 1000))
@@ -134,7 +134,7 @@ def test_unpatchify_layout():
 
 def test_attention_matches_torch_multihead_attention():
     torch.manual_seed(3)
-    model = UViT(**TINY, qkv_bias=True)
+    model = UViT(UViTConfig(**TINY, qkv_bias=True))
     attn = model.in_blocks[0].attn
     mha = nn.MultiheadAttention(32, 4, batch_first=True)
     with torch.no_grad():
@@ -148,7 +148,7 @@ def test_attention_matches_torch_multihead_attention():
 
 def test_initialisation_as_reference():
     torch.manual_seed(4)
-    model = UViT(**{**TINY, "embed_dim": 64})
+    model = UViT(UViTConfig(**{**TINY, "embed_dim": 64}))
     linear = model.out_blocks[0].mlp.fc1
     assert linear.bias.abs().max() == 0
     assert abs(linear.weight.std().item() - 0.02) < 0.002
@@ -157,7 +157,7 @@ def test_initialisation_as_reference():
 
 
 def test_class_token_precedes_time_token():
-    model = UViT(**TINY, num_classes=3)
+    model = UViT(UViTConfig(**TINY, num_classes=3))
     x, t, y = torch.randn(2, 2, 8, 8), torch.tensor([1, 2]), torch.tensor([2, 0])
     tokens = model.embed(x, t, y)
     torch.testing.assert_close(tokens[:, 0], model.label_emb.weight[y] + model.pos_embed[0, 0])
@@ -165,7 +165,7 @@ def test_class_token_precedes_time_token():
     with pytest.raises(DuodiffError, match="num_classes=3"):
         model(x, t)
     with pytest.raises(DuodiffError, match="num_classes=0"):
-        UViT(**TINY)(x, t, y)
+        UViT(UViTConfig(**TINY))(x, t, y)
 
 
 @pytest.mark.parametrize(
@@ -185,6 +185,47 @@ def test_class_token_precedes_time_token():
 def test_config_validation(change, message):
     with pytest.raises(DuodiffError, match=message):
         build_model("uvit", {**TINY, **change})
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"depth": 4}, "depth must be odd"),
+        ({"depth": True}, "depth must be a positive integer; got True"),
+        ({"probe_hidden": 0}, "probe_hidden must be a positive integer; got 0"),
+        ({"probe_design": "paper"}, "probe_design must be one of duodiff, seed; got 'paper'"),
+        ({"mlp_ratio": True}, "mlp_ratio must be a positive number; got True"),
+    ],
+)
+def test_config_checks_itself_once_made(change, message):
+    """UViTConfig refuses a bad value when made, directly or from a mapping naming its source."""
+    with pytest.raises(DuodiffError, match=f"^{message}"):
+        UViTConfig(**{**TINY, **change})
+    with pytest.raises(DuodiffError, match=f"^models/x.yaml: {message}"):
+        UViTConfig.from_dict({**TINY, **change}, source="models/x.yaml")
+
+
+def test_config_is_frozen_and_fills_defaults():
+    import dataclasses
+
+    config = UViTConfig.from_dict(TINY)
+    assert config.to_dict() == {
+        **TINY, "mlp_ratio": 4.0, "qkv_bias": False, "mlp_time_embed": False, "num_classes": 0, "conv": True,
+        "normalize_timesteps": False, "probe_hidden": 128, "probe_design": "duodiff",
+    }  # fmt: skip
+    assert UViTConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.depth = 7
+    with pytest.raises(DuodiffError, match="^m.pt: expected a mapping of settings, got list"):
+        UViTConfig.from_dict([TINY], source="m.pt")
+    # A mapping (a YAML, or the dict stored in model.pt) and the config build the same model.
+    torch.manual_seed(0)
+    from_mapping = build_model("uvit", TINY)
+    torch.manual_seed(0)
+    from_config = build_model("uvit", config)
+    assert from_mapping.config == from_config.config == config
+    for (name, a), (_, b) in zip(from_mapping.state_dict().items(), from_config.state_dict().items()):
+        assert torch.equal(a, b), name
 
 
 def test_missing_key_and_bad_kind():

@@ -12,7 +12,7 @@ from duodiff.checkpoints import load_model, save_model
 from duodiff.diffusion import GaussianDiffusion
 from duodiff.errors import DuodiffError
 from duodiff.metrics.flops import model_costs
-from duodiff.models import CLASSIFIER_TYPES, build_model, load_model_config, validate_model_config
+from duodiff.models import CLASSIFIER_TYPES, UViTConfig, build_model, load_model_config
 from duodiff.models.early_exit import EarlyExitUViT, SeedAttentionProbe, SeedMLPProbe
 from duodiff.models.uvit import UViT
 from test_early_exit import T, batch  # the same 2-channel 8x8 batches of timesteps in [0, T)
@@ -258,14 +258,14 @@ def test_seed_early_exit_runs_only_the_blocks_it_needs():
 
 
 def test_probe_design_config_values(tmp_path):
-    assert validate_model_config(TINY)["probe_design"] == "duodiff"  # the default
+    assert UViTConfig(**TINY).probe_design == "duodiff"  # the default
     with pytest.raises(DuodiffError, match="probe_design must be one of duodiff, seed; got 'paper'"):
         build_model("early_exit", {**TINY, "probe_design": "paper"}, T, "attention_probe")
     with pytest.raises(DuodiffError, match="probe_design must be one of duodiff, seed; got 'paper'"):
         build_model("uvit", {**TINY, "probe_design": "paper"}, T)
     with pytest.raises(DuodiffError, match="bank_hidden must be 0; got 3"):
-        EarlyExitUViT(UViT(**TINY, num_timesteps=T), "mlp_probe_per_timestep", num_timesteps=T, bank_hidden=3,
-                      probe_design="seed")  # fmt: skip
+        EarlyExitUViT(UViT(UViTConfig(**TINY, probe_design="seed"), num_timesteps=T), "mlp_probe_per_timestep",
+                      bank_hidden=3)  # fmt: skip
     path = tmp_path / "seed.yaml"
     path.write_text("img_size: 8\npatch_size: 2\nin_chans: 2\nembed_dim: 32\ndepth: 5\nnum_heads: 4\nprobe_design: seed\n")
     model = build_model("early_exit", load_model_config(path), T, "mlp_probe_per_layer")
@@ -309,12 +309,12 @@ def test_checkpoint_keeps_the_probe_design(tmp_path, classifier_type):
 def test_backbone_check_ignores_the_probe_design(tmp_path):
     from duodiff.training import read_backbone
 
-    backbone = UViT(**TINY, num_timesteps=T)
+    backbone = UViT(UViTConfig(**TINY), num_timesteps=T)
     save_model(
         tmp_path / "full.pt", kind="uvit", model_config=dict(TINY), diffusion=GaussianDiffusion(num_timesteps=T).config(),
         state_dict=backbone.state_dict(), ema_state_dict=None, step=1, train_args={},
     )  # fmt: skip
-    full_config = validate_model_config({**TINY, "probe_design": "seed"})
+    full_config = UViTConfig(**TINY, probe_design="seed")
     weights = read_backbone(tmp_path / "full.pt", full_config, GaussianDiffusion(num_timesteps=T), "seed.yaml")
     assert weights.keys() == backbone.state_dict().keys()
 

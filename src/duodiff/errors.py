@@ -32,3 +32,9 @@ def check_range(name: str, value, low, high) -> None:
         value is not None and low <= value <= high,
         f"{name} must be in [{low}, {high}]; got {value!r}",
     )
+
+
+def check_int(name: str, value, minimum: int) -> None:
+    """An int (not a bool) >= minimum."""
+    kind = {0: "a non-negative integer", 1: "a positive integer"}.get(minimum, f"an integer >= {minimum}")
+    require(isinstance(value, int) and not isinstance(value, bool) and value >= minimum, f"{name} must be {kind}; got {value!r}")

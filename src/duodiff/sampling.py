@@ -115,12 +115,6 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _model_config(meta: dict) -> dict:
-    from duodiff.models import validate_model_config
-
-    return validate_model_config(meta["model_config"], source=meta["path"])
-
-
 def _load_models(method, checkpoint_path, checkpoint_path_late, use_ema, device, allow_deeper_shallow=False):
     """Load and cross-check the model(s) a method needs; returns (models, diffusion, metas)."""
     from duodiff.checkpoints import load_model
@@ -146,12 +140,12 @@ def _load_models(method, checkpoint_path, checkpoint_path_late, use_ema, device,
         f"--method duodiff needs a uvit model as --checkpoint-path-late; {checkpoint_path_late} holds a "
         f"{late_meta['kind']!r} model",
     )
-    shallow_config, late_config = _model_config(meta), _model_config(late_meta)
     for key in SHARED_MODEL_KEYS:
+        shallow_value, late_value = getattr(model.config, key), getattr(late.config, key)
         require(
-            shallow_config[key] == late_config[key],
+            shallow_value == late_value,
             f"--method duodiff needs two models of the same image shape and classes; {key} is "
-            f"{shallow_config[key]!r} in {checkpoint_path} but {late_config[key]!r} in {checkpoint_path_late}",
+            f"{shallow_value!r} in {checkpoint_path} but {late_value!r} in {checkpoint_path_late}",
         )
     require(
         diffusion.config() == late_diffusion.config(),
@@ -307,8 +301,8 @@ def run_sample(
             f"--t-switch must be in [0, {steps}] (the number of sampling steps); got {t_switch}",
         )
     main_meta = metas.get("model", metas.get("shallow"))
-    config = _model_config(main_meta)
-    img_size, in_chans, num_classes = config["img_size"], config["in_chans"], config["num_classes"]
+    config = models.get("model", models.get("shallow")).config
+    img_size, in_chans, num_classes = config.img_size, config.in_chans, config.num_classes
     # The deepest model of the set sets the full depth; shallow_depth is the shallow model's depth.
     if method == "duodiff":
         depth, shallow_depth = models["full"].depth, models["shallow"].depth

@@ -126,7 +126,7 @@ def run_train(
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         data = load_training_data(dataset, data_root, download, cfg["image_size"], dist_info, device)
-        check_data_fits(data, cfg["model_config"], config_path)
+        check_data_fits(data, cfg["config"], config_path)
         return _train(args, cfg, data, device, dist_info, resume, log_path)
     finally:
         distributed.cleanup()
@@ -140,11 +140,11 @@ def _train(args, cfg, data, device, dist_info, resume, log_path):
     ema_decay, grad_clip, use_amp = args["ema_decay"], args["grad_clip"], args["use_amp"]
     rank, world_size = dist_info.rank, dist_info.world_size
     local_batch = batch_size // world_size
-    conditional = model_config.get("num_classes", 0) > 0
+    conditional = cfg["config"].num_classes > 0
 
     # ---- model, EMA, optimizer, schedule ------------------------------------------------------
     torch.manual_seed(seed)  # the initial weights (identical on every rank)
-    net = build_model(kind, model_config, num_timesteps=diffusion.num_timesteps, classifier_type=args["classifier_type"])
+    net = build_model(kind, cfg["config"], num_timesteps=diffusion.num_timesteps, classifier_type=args["classifier_type"])
     if cfg["backbone_state"] is not None:
         net.backbone.load_state_dict(cfg["backbone_state"])
     if args["freeze_backbone"]:
@@ -520,13 +520,14 @@ def load_training_data(dataset, data_root, download, image_size, dist_info, devi
     return load_dataset(dataset, root=data_root, download=False, image_size=image_size, train=True)
 
 
-def check_data_fits(data, model_config, config_path) -> None:
+def check_data_fits(data, config, config_path) -> None:
+    """config: the run's UViTConfig."""
     require(
-        model_config["img_size"] == data.image_size and model_config["in_chans"] == data.channels,
+        config.img_size == data.image_size and config.in_chans == data.channels,
         f"--dataset {data.name} gives {data.channels}x{data.image_size}x{data.image_size} images but "
-        f"{config_path} expects in_chans {model_config['in_chans']}, img_size {model_config['img_size']}",
+        f"{config_path} expects in_chans {config.in_chans}, img_size {config.img_size}",
     )
-    num_classes = model_config.get("num_classes", 0)
+    num_classes = config.num_classes
     if num_classes > 0:
         require(
             data.num_classes == num_classes,
@@ -549,7 +550,8 @@ def _number(name, value, low, high, low_open=False, high_open=False):
 
 def validate(args: dict, world_size: int) -> dict:
     """Check every argument (DuodiffError naming the value and what is allowed) and resolve them."""
-    from duodiff.models import CLASSIFIER_TYPES, KIND_ALIASES, MODEL_KINDS, load_model_config, validate_model_config
+    from duodiff.config import load_yaml
+    from duodiff.models import CLASSIFIER_TYPES, KIND_ALIASES, MODEL_KINDS, UViTConfig
 
     check_choice("--model", args["model"], [*MODEL_KINDS, *KIND_ALIASES])
     kind = KIND_ALIASES.get(args["model"], args["model"])
@@ -592,32 +594,32 @@ def validate(args: dict, world_size: int) -> dict:
         for flag in ("freeze_backbone", "use_unweighted_loss"):
             require(not args[flag], f"--{flag.replace('_', '-')} applies to --model early_exit only")
 
-    model_config = load_model_config(args["config_path"])
-    full_config = validate_model_config(model_config, source=str(args["config_path"]))
-    image_size = args["image_size"] if args["image_size"] is not None else full_config["img_size"]
+    model_config = load_yaml(args["config_path"])  # stored in model.pt as the user wrote it
+    config = UViTConfig.from_dict(model_config, source=str(args["config_path"]))
+    image_size = args["image_size"] if args["image_size"] is not None else config.img_size
     _int("--image-size", image_size, 1)
     require(
-        image_size == full_config["img_size"],
-        f"--image-size {image_size} does not match img_size {full_config['img_size']} in {args['config_path']}",
+        image_size == config.img_size,
+        f"--image-size {image_size} does not match img_size {config.img_size} in {args['config_path']}",
     )
     require(
-        CHANNELS[args["dataset"]] == full_config["in_chans"],
+        CHANNELS[args["dataset"]] == config.in_chans,
         f"--dataset {args['dataset']} has {CHANNELS[args['dataset']]} channel(s) but {args['config_path']} "
-        f"has in_chans {full_config['in_chans']}",
+        f"has in_chans {config.in_chans}",
     )
-    if full_config["num_classes"] > 0 and NUM_CLASSES[args["dataset"]] is not None:
+    if config.num_classes > 0 and NUM_CLASSES[args["dataset"]] is not None:
         require(
-            NUM_CLASSES[args["dataset"]] == full_config["num_classes"],
-            f"{args['config_path']} has num_classes {full_config['num_classes']} but --dataset {args['dataset']} "
+            NUM_CLASSES[args["dataset"]] == config.num_classes,
+            f"{args['config_path']} has num_classes {config.num_classes} but --dataset {args['dataset']} "
             f"has {NUM_CLASSES[args['dataset']] or 'no'} class labels",
         )
 
     backbone_state = None
     if args["load_backbone"] is not None:
-        backbone_state = read_backbone(args["load_backbone"], full_config, diffusion, args["config_path"])
+        backbone_state = read_backbone(args["load_backbone"], config, diffusion, args["config_path"])
 
     settings = {
-        "model": kind, "model_config": full_config, "dataset": args["dataset"], "image_size": image_size,
+        "model": kind, "model_config": config.to_dict(), "dataset": args["dataset"], "image_size": image_size,
         "diffusion": diffusion.config(),
         **{k: args[k] for k in (
             "n_steps", "batch_size", "lr", "weight_decay", "beta1", "beta2", "warmup_steps", "grad_clip",
@@ -632,24 +634,25 @@ def validate(args: dict, world_size: int) -> dict:
     train_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in args.items()}
     train_args.update(model=kind, image_size=image_size, device=device, world_size=world_size)
     return {
-        "kind": kind, "model_config": model_config, "diffusion": diffusion, "image_size": image_size,
+        "kind": kind, "model_config": model_config, "config": config, "diffusion": diffusion, "image_size": image_size,
         "device": device, "settings": settings, "train_args": train_args, "backbone_state": backbone_state,
     }
 
 
-def read_backbone(path, full_config, diffusion, config_path) -> dict:
-    """The weights of a trained U-ViT model.pt (EMA if it has them) after checking it fits."""
-    from duodiff.models import EARLY_EXIT_KEYS, MODEL_CONFIG_KEYS, validate_model_config
+def read_backbone(path, config, diffusion, config_path) -> dict:
+    """The weights of a trained U-ViT model.pt (EMA if it has them) after checking it fits the
+    run's UViTConfig `config`."""
+    from duodiff.models import EARLY_EXIT_KEYS, UViTConfig
 
     obj = checkpoints.load_model_file(path)
     require(obj["kind"] == "uvit", f"--load-backbone {path}: expected a U-ViT model (kind uvit), found kind {obj['kind']!r}")
-    theirs = validate_model_config(obj["model_config"], source=str(path))
+    theirs, ours = UViTConfig.from_dict(obj["model_config"], source=str(path)).to_dict(), config.to_dict()
     # The probe settings belong to the early-exit part, not the backbone.
-    differing = [k for k in MODEL_CONFIG_KEYS if k not in EARLY_EXIT_KEYS and theirs[k] != full_config[k]]
+    differing = [k for k in ours if k not in EARLY_EXIT_KEYS and theirs[k] != ours[k]]
     require(
         not differing,
         f"--load-backbone {path} was trained with a different model config than {config_path}: "
-        + ", ".join(f"{k} {theirs[k]!r} vs {full_config[k]!r}" for k in differing),
+        + ", ".join(f"{k} {theirs[k]!r} vs {ours[k]!r}" for k in differing),
     )
     differing = [k for k, v in diffusion.config().items() if obj["diffusion"].get(k) != v]
     require(

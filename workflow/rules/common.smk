@@ -40,6 +40,7 @@ DATASET_CHANNELS = {"digits": 1, "cifar10": 3, "celeba": 3, "imagenet64": 3, "im
 
 THRESHOLD_PATTERN = r"\d+(\.\d+)?(e-\d+)?"
 
+
 wildcard_constraints:
     experiment=r"[A-Za-z0-9][A-Za-z0-9_-]*",
     depth=r"\d+",
@@ -106,7 +107,9 @@ def _schema_description(schema_path):
 @functools.cache
 def read_model_config(path: str) -> dict:
     if not Path(path).is_file():
-        raise ValueError(f"invalid config: model config {path} does not exist (paths are relative to the working directory {Path.cwd()})")
+        raise ValueError(
+            f"invalid config: model config {path} does not exist (paths are relative to the working directory {Path.cwd()})"
+        )
     with open(path) as f:
         model = yaml.safe_load(f)
     if not isinstance(model, dict) or not isinstance(model.get("depth"), int):
@@ -131,9 +134,13 @@ def check_config(config, dryrun: bool) -> None:
                 f"diffusion.num_timesteps = {T} steps; set sampling.steps: {T} or use sampler: ddim"
             )
         if sampling["eta"] != 0:
-            raise ValueError(f"invalid config: sampling.eta is {sampling['eta']}; it applies to the ddim sampler only (use 0 with ddpm)")
+            raise ValueError(
+                f"invalid config: sampling.eta is {sampling['eta']}; it applies to the ddim sampler only (use 0 with ddpm)"
+            )
     elif sampling["steps"] > T:
-        raise ValueError(f"invalid config: sampling.steps ({sampling['steps']}) must be in [1, diffusion.num_timesteps = {T}]")
+        raise ValueError(
+            f"invalid config: sampling.steps ({sampling['steps']}) must be in [1, diffusion.num_timesteps = {T}]"
+        )
     # duodiff.sampling.CUDA_ONLY_PRECISIONS (the workflow does not import duodiff, see above).
     if sampling["precision"] in ("tf32", "fp16") and config["device"] != "cuda":
         raise ValueError(
@@ -161,7 +168,8 @@ def check_config(config, dryrun: bool) -> None:
         if depth < 1 or depth % 2 != 1:
             raise ValueError(
                 f"invalid config: {key} {path} has depth {depth}; a U-ViT needs an odd depth (depth // 2 in-blocks, "
-                "1 mid-block, depth // 2 out-blocks), e.g. " + " or ".join(str(d) for d in (depth - 1, depth + 1) if d > 0)
+                "1 mid-block, depth // 2 out-blocks), e.g. "
+                + " or ".join(str(d) for d in (depth - 1, depth + 1) if d > 0)
             )
     # The images the models are trained on and the FID reference is built from.
     name, native = dataset["name"], DATASET_NATIVE_SIZE[dataset["name"]]
@@ -216,9 +224,8 @@ def check_config(config, dryrun: bool) -> None:
     if name in NEEDS_ROOT and not dataset["download"]:
         root = dataset["root"] or f"data/{name}"  # duodiff.data's default root
         if not Path(root).exists():
-            message = (
-                f"dataset.root {root} does not exist for dataset {name}; put the data there"
-                + (" or set dataset.download: true" if name in DOWNLOADABLE else "")
+            message = f"dataset.root {root} does not exist for dataset {name}; put the data there" + (
+                " or set dataset.download: true" if name in DOWNLOADABLE else ""
             )
             if not dryrun:
                 raise ValueError(f"invalid config: {message}")
@@ -372,7 +379,9 @@ def train_flags(stage: str) -> str:
 def sampling_flags(steps=None) -> str:
     """The `duodiff sample` settings of config `sampling`; `steps` overrides its steps (fewer steps)."""
     sampling = config["sampling"]
-    settings = {key: sampling[key] for key in ("sampler", "steps", "eta", "n_samples", "batch_size", "seed", "precision")}
+    settings = {
+        key: sampling[key] for key in ("sampler", "steps", "eta", "n_samples", "batch_size", "seed", "precision")
+    }
     if steps is not None:
         settings["steps"] = steps
     settings["no_ema"] = not sampling["use_ema"]
@@ -412,7 +421,9 @@ def feature_net_flags() -> str:
 
 def real_set_flags() -> str:
     reference = config["reference"]
-    return " ".join([dataset_flags(), cli_flags({"n_reference": reference["n_reference"], "n_images": reference["n_real"]})])
+    return " ".join(
+        [dataset_flags(), cli_flags({"n_reference": reference["n_reference"], "n_images": reference["n_real"]})]
+    )
 
 
 def cmmd_flags() -> str:

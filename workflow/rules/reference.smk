@@ -9,18 +9,18 @@ rule reference:
     output:
         features="results/{experiment}/reference/features.npz",
         info="results/{experiment}/reference/reference.json",
-    params:
-        folder=subpath(output.features, parent=True),
-        flags=reference_flags(),
     log:
         "results/logs/reference/{experiment}.log",
     benchmark:
         "results/benchmarks/reference/{experiment}.tsv"
+    conda:
+        ENV
     threads: config["threads"]["score"]
     resources:
         **resources("score"),
-    conda:
-        ENV
+    params:
+        folder=subpath(output.features, parent=True),
+        flags=reference_flags(),
     shell:
         "duodiff reference {params.flags} --output-folder {params.folder} > {log} 2>&1"
 
@@ -30,18 +30,18 @@ rule cmmd_reference:
         "results/{experiment}/reference/reference.json",
     output:
         "results/{experiment}/reference/clip_embeddings.npz",
-    params:
-        folder=subpath(input[0], parent=True),
-        flags=cmmd_flags(),
     log:
         "results/logs/cmmd_reference/{experiment}.log",
     benchmark:
         "results/benchmarks/cmmd_reference/{experiment}.tsv"
+    conda:
+        ENV
     threads: config["threads"]["score"]
     resources:
         **resources("score"),
-    conda:
-        ENV
+    params:
+        folder=subpath(input[0], parent=True),
+        flags=cmmd_flags(),
     shell:
         "duodiff cmmd-reference --reference {params.folder} --output {output} {params.flags} > {log} 2>&1"
 
@@ -49,18 +49,18 @@ rule cmmd_reference:
 rule real_set:
     output:
         "results/{experiment}/samples/real/stats.json",
-    params:
-        folder=subpath(output[0], parent=True),
-        flags=real_set_flags(),
     log:
         "results/logs/real_set/{experiment}.log",
     benchmark:
         "results/benchmarks/real_set/{experiment}.tsv"
+    conda:
+        ENV
     threads: config["threads"]["score"]
     resources:
         **resources("score"),
-    conda:
-        ENV
+    params:
+        folder=subpath(output[0], parent=True),
+        flags=real_set_flags(),
     shell:
         "duodiff real-set {params.flags} --output-folder {params.folder} > {log} 2>&1"
 
@@ -69,17 +69,17 @@ rule feature_net:
     output:
         model="results/{experiment}/feature_net/model.pt",
         info="results/{experiment}/feature_net/feature_net.json",
-    params:
-        folder=subpath(output.model, parent=True),
-        flags=feature_net_flags(),
     log:
         "results/logs/feature_net/{experiment}.log",
     benchmark:
         "results/benchmarks/feature_net/{experiment}.tsv"
+    conda:
+        ENV
     threads: config["threads"]["score"]
     resources:
         **resources("score"),
-    conda:
-        ENV
+    params:
+        folder=subpath(output.model, parent=True),
+        flags=feature_net_flags(),
     shell:
         "duodiff feature-net {params.flags} --output-folder {params.folder} > {log} 2>&1"

@@ -12,9 +12,11 @@ PLOTS = ["quality_vs_gflops", "quality_vs_time", "exit_heatmap", "mean_exit_laye
 MAIN_RESULT = "1. Main result"
 MAIN_PLOT = "quality_vs_gflops"
 REPORT_PLOTS = {
-    name: {"category": MAIN_RESULT, "labels": {"result": "2. FID against GFLOPs"}}
-    if name == MAIN_PLOT
-    else {"category": "2. Plots"}
+    name: (
+        {"category": MAIN_RESULT, "labels": {"result": "2. FID against GFLOPs"}}
+        if name == MAIN_PLOT
+        else {"category": "2. Plots"}
+    )
     for name in PLOTS
 }
 
@@ -28,24 +30,61 @@ rule tables:
         cmmd=study_files("cmmd"),
         gflops=study_files("gflops"),
     output:
-        scores=report("results/tables/scores.csv", caption="../report/scores_table.rst", category="3. Tables",
-                      labels={"table": "1. Headline scores with intervals (scores.csv)"}),
-        operating_points=report("results/tables/operating_points.csv", caption="../report/operating_points.rst",
-                                category="3. Tables", labels={"table": "2. Speed-up at equal quality (operating_points.csv)"}),
-        fid=report("results/tables/fid.csv", caption="../report/fid_table.rst", category="3. Tables",
-                   labels={"table": "3. FID and cost (fid.csv)"}),
-        kid=report("results/tables/kid.csv", caption="../report/kid_table.rst", category="3. Tables",
-                   labels={"table": "4. KID (kid.csv)"}),
+        scores=report(
+            "results/tables/scores.csv",
+            caption="../report/scores_table.rst",
+            category="3. Tables",
+            labels={"table": "1. Headline scores with intervals (scores.csv)"},
+        ),
+        operating_points=report(
+            "results/tables/operating_points.csv",
+            caption="../report/operating_points.rst",
+            category="3. Tables",
+            labels={"table": "2. Speed-up at equal quality (operating_points.csv)"},
+        ),
+        fid=report(
+            "results/tables/fid.csv",
+            caption="../report/fid_table.rst",
+            category="3. Tables",
+            labels={"table": "3. FID and cost (fid.csv)"},
+        ),
+        kid=report(
+            "results/tables/kid.csv",
+            caption="../report/kid_table.rst",
+            category="3. Tables",
+            labels={"table": "4. KID (kid.csv)"},
+        ),
         # Listed last: without CLIP weights every row is empty (the summary's notes say why).
-        cmmd=report("results/tables/cmmd.csv", caption="../report/cmmd_table.rst", category="3. Tables",
-                    labels={"table": "6. CMMD (cmmd.csv)"}),
-        gflops=report("results/tables/gflops.csv", caption="../report/gflops_table.rst", category="3. Tables",
-                      labels={"table": "5. GFLOPs (gflops.csv)"}),
+        cmmd=report(
+            "results/tables/cmmd.csv",
+            caption="../report/cmmd_table.rst",
+            category="3. Tables",
+            labels={"table": "6. CMMD (cmmd.csv)"},
+        ),
+        gflops=report(
+            "results/tables/gflops.csv",
+            caption="../report/gflops_table.rst",
+            category="3. Tables",
+            labels={"table": "5. GFLOPs (gflops.csv)"},
+        ),
         # The report shows html, not Markdown: summary.html is the summary.md table as a page.
-        summary_html=report("results/tables/summary.html", caption="../report/summary.rst", category=MAIN_RESULT,
-                            labels={"result": "1. Summary table"}),
+        summary_html=report(
+            "results/tables/summary.html",
+            caption="../report/summary.rst",
+            category=MAIN_RESULT,
+            labels={"result": "1. Summary table"},
+        ),
         summary_md="results/tables/summary.md",
         summary_tex="results/tables/summary.tex",
+    log:
+        "results/logs/tables/tables.log",
+    benchmark:
+        "results/benchmarks/tables/tables.tsv"
+    conda:
+        ENV
+    threads: config["threads"]["report"]
+    resources:
+        **resources("report"),
     params:
         # results/<experiment>/samples/<set>/stats.json -> results/<experiment>/samples
         samples_root=subpath(lambda wildcards, input: input.stats[0], ancestor=2),
@@ -53,15 +92,6 @@ rule tables:
         sets=" ".join(scored_sets()),
         headline=config["metrics"]["headline"],
         output_dir=subpath(output.fid, parent=True),
-    log:
-        "results/logs/tables/tables.log",
-    benchmark:
-        "results/benchmarks/tables/tables.tsv"
-    threads: config["threads"]["report"]
-    resources:
-        **resources("report"),
-    conda:
-        ENV
     shell:
         "duodiff tables --samples-root {params.samples_root} --metrics-root {params.metrics_root} "
         "--sets {params.sets} --headline {params.headline} --output-dir {params.output_dir} > {log} 2>&1"
@@ -82,6 +112,15 @@ rule plots:
         ],
         pdf=[f"results/plots/{name}.pdf" for name in PLOTS],
         data=[f"results/plots/{name}.json" for name in PLOTS],  # the plotted series, as drawn
+    log:
+        "results/logs/plots/plots.log",
+    benchmark:
+        "results/benchmarks/plots/plots.tsv"
+    conda:
+        ENV
+    threads: config["threads"]["report"]
+    resources:
+        **resources("report"),
     params:
         tables_dir=subpath(lambda wildcards, input: input.tables[0], parent=True),
         samples_root=subpath(lambda wildcards, input: input.stats[0], ancestor=2),
@@ -89,15 +128,6 @@ rule plots:
         reference=subpath(input.reference, parent=True),
         output_dir=subpath(lambda wildcards, output: output.png[0], parent=True),
         flags=cli_flags(config["plots"]),
-    log:
-        "results/logs/plots/plots.log",
-    benchmark:
-        "results/benchmarks/plots/plots.tsv"
-    threads: config["threads"]["report"]
-    resources:
-        **resources("report"),
-    conda:
-        ENV
     shell:
         "duodiff plots --tables-dir {params.tables_dir} --samples-root {params.samples_root} "
         "--models-root {params.models_root} --reference {params.reference} --output-dir {params.output_dir} "

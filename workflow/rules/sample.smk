@@ -5,23 +5,24 @@
 # parts/ folders are not declared: Snakemake deletes the declared outputs of a killed job, and
 # the finished batches in parts/ let the rerun resume where it stopped.
 
+
 rule sample_full:
     input:
         model="results/{experiment}/models/full/model.pt",
     output:
         **sample_outputs("full", "full"),
-    params:
-        folder=subpath(output.stats, parent=True),
-        flags=sampling_flags(),
     log:
         "results/logs/sample_full/{experiment}/full.log",
     benchmark:
         "results/benchmarks/sample_full/{experiment}/full.tsv"
+    conda:
+        ENV
     threads: config["threads"]["sample"]
     resources:
         **resources("sample"),
-    conda:
-        ENV
+    params:
+        folder=subpath(output.stats, parent=True),
+        flags=sampling_flags(),
     shell:
         "duodiff sample --method full --checkpoint-path {input.model} {params.flags} "
         "--output-folder {params.folder} > {log} 2>&1"
@@ -32,18 +33,18 @@ rule sample_fewer_steps:
         model=rules.sample_full.input.model,
     output:
         **sample_outputs("full_steps{steps}", "fewer_steps"),
-    params:
-        folder=subpath(output.stats, parent=True),
-        flags=lambda wildcards: sampling_flags(steps=int(wildcards.steps)),
     log:
         "results/logs/sample_fewer_steps/{experiment}/full_steps{steps}.log",
     benchmark:
         "results/benchmarks/sample_fewer_steps/{experiment}/full_steps{steps}.tsv"
+    conda:
+        ENV
     threads: config["threads"]["sample"]
     resources:
         **resources("sample"),
-    conda:
-        ENV
+    params:
+        folder=subpath(output.stats, parent=True),
+        flags=lambda wildcards: sampling_flags(steps=int(wildcards.steps)),
     shell:
         "duodiff sample --method full --checkpoint-path {input.model} {params.flags} "
         "--output-folder {params.folder} > {log} 2>&1"
@@ -54,18 +55,18 @@ rule sample_shallow:
         model="results/{experiment}/models/shallow_d{depth}/model.pt",
     output:
         **sample_outputs("shallow_d{depth}", "shallow"),
-    params:
-        folder=subpath(output.stats, parent=True),
-        flags=sampling_flags(),
     log:
         "results/logs/sample_shallow/{experiment}/shallow_d{depth}.log",
     benchmark:
         "results/benchmarks/sample_shallow/{experiment}/shallow_d{depth}.tsv"
+    conda:
+        ENV
     threads: config["threads"]["sample"]
     resources:
         **resources("sample"),
-    conda:
-        ENV
+    params:
+        folder=subpath(output.stats, parent=True),
+        flags=sampling_flags(),
     shell:
         "duodiff sample --method shallow --checkpoint-path {input.model} {params.flags} "
         "--output-folder {params.folder} > {log} 2>&1"
@@ -76,18 +77,18 @@ rule sample_early_exit:
         model="results/{experiment}/models/ee_{classifier_type}/model.pt",
     output:
         **sample_outputs("ee_{classifier_type}_thr{threshold}", "early_exit"),
-    params:
-        folder=subpath(output.stats, parent=True),
-        flags=sampling_flags(),
     log:
         "results/logs/sample_early_exit/{experiment}/ee_{classifier_type}_thr{threshold}.log",
     benchmark:
         "results/benchmarks/sample_early_exit/{experiment}/ee_{classifier_type}_thr{threshold}.tsv"
+    conda:
+        ENV
     threads: config["threads"]["sample"]
     resources:
         **resources("sample"),
-    conda:
-        ENV
+    params:
+        folder=subpath(output.stats, parent=True),
+        flags=sampling_flags(),
     shell:
         "duodiff sample --method early_exit --checkpoint-path {input.model} --threshold {wildcards.threshold} "
         "{params.flags} --output-folder {params.folder} > {log} 2>&1"
@@ -99,18 +100,18 @@ rule sample_duodiff:
         full="results/{experiment}/models/full/model.pt",
     output:
         **sample_outputs("duodiff_d{depth}_ts{t_switch}", "duodiff"),
-    params:
-        folder=subpath(output.stats, parent=True),
-        flags=sampling_flags(),
     log:
         "results/logs/sample_duodiff/{experiment}/duodiff_d{depth}_ts{t_switch}.log",
     benchmark:
         "results/benchmarks/sample_duodiff/{experiment}/duodiff_d{depth}_ts{t_switch}.tsv"
+    conda:
+        ENV
     threads: config["threads"]["sample"]
     resources:
         **resources("sample"),
-    conda:
-        ENV
+    params:
+        folder=subpath(output.stats, parent=True),
+        flags=sampling_flags(),
     shell:
         "duodiff sample --method duodiff --checkpoint-path {input.shallow} --checkpoint-path-late {input.full} "
         "--t-switch {wildcards.t_switch} {params.flags} --output-folder {params.folder} > {log} 2>&1"

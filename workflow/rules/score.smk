@@ -10,19 +10,19 @@ rule fid:
         reference="results/{experiment}/reference/features.npz",
     output:
         "results/{experiment}/metrics/{set}/fid.json",
-    params:
-        samples=subpath(input.stats, parent=True),
-        reference=subpath(input.reference, parent=True),
-        flags=fid_flags(),
     log:
         "results/logs/fid/{experiment}/{set}.log",
     benchmark:
         "results/benchmarks/fid/{experiment}/{set}.tsv"
+    conda:
+        ENV
     threads: config["threads"]["score"]
     resources:
         **resources("score"),
-    conda:
-        ENV
+    params:
+        samples=subpath(input.stats, parent=True),
+        reference=subpath(input.reference, parent=True),
+        flags=fid_flags(),
     shell:
         "duodiff fid --samples {params.samples} --reference {params.reference} --output {output} "
         "{params.flags} > {log} 2>&1"
@@ -35,19 +35,19 @@ rule fd_classifier:
         feature_net=rules.feature_net.output.model,
     output:
         "results/{experiment}/metrics/{set}/fd_classifier.json",
-    params:
-        samples=subpath(input.stats, parent=True),
-        reference=subpath(input.reference, parent=True),
-        flags=fd_classifier_flags(),
     log:
         "results/logs/fd_classifier/{experiment}/{set}.log",
     benchmark:
         "results/benchmarks/fd_classifier/{experiment}/{set}.tsv"
+    conda:
+        ENV
     threads: config["threads"]["score"]
     resources:
         **resources("score"),
-    conda:
-        ENV
+    params:
+        samples=subpath(input.stats, parent=True),
+        reference=subpath(input.reference, parent=True),
+        flags=fd_classifier_flags(),
     shell:
         "duodiff fid --feature-net {input.feature_net} --samples {params.samples} --reference {params.reference} "
         "--output {output} {params.flags} > {log} 2>&1"
@@ -59,18 +59,18 @@ rule cmmd:
         reference="results/{experiment}/reference/clip_embeddings.npz",
     output:
         "results/{experiment}/metrics/{set}/cmmd.json",
-    params:
-        samples=subpath(input.stats, parent=True),
-        flags=cmmd_flags(),
     log:
         "results/logs/cmmd/{experiment}/{set}.log",
     benchmark:
         "results/benchmarks/cmmd/{experiment}/{set}.tsv"
+    conda:
+        ENV
     threads: config["threads"]["score"]
     resources:
         **resources("score"),
-    conda:
-        ENV
+    params:
+        samples=subpath(input.stats, parent=True),
+        flags=cmmd_flags(),
     shell:
         "duodiff cmmd --samples {params.samples} --reference {input.reference} --output {output} "
         "{params.flags} > {log} 2>&1"
@@ -82,16 +82,16 @@ rule flops:
         exit_layers="results/{experiment}/samples/{set}/exit_layers.pt",
     output:
         "results/{experiment}/metrics/{set}/gflops.json",
-    params:
-        samples=subpath(input.stats, parent=True),
     log:
         "results/logs/flops/{experiment}/{set}.log",
     benchmark:
         "results/benchmarks/flops/{experiment}/{set}.tsv"
+    conda:
+        ENV
     threads: config["threads"]["score"]
     resources:
         **resources("score"),
-    conda:
-        ENV
+    params:
+        samples=subpath(input.stats, parent=True),
     shell:
         "duodiff flops --samples {params.samples} --output {output} > {log} 2>&1"

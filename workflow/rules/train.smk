@@ -20,20 +20,20 @@ rule train_full:
     output:
         model="results/{experiment}/models/full/model.pt",
         loss="results/{experiment}/models/full/loss.csv",
-    params:
-        folder=subpath(output.model, parent=True),
-        flags=train_flags("full"),
     log:
         "results/logs/train_full/{experiment}.log",
     benchmark:
         "results/benchmarks/train_full/{experiment}.tsv"
-    threads: config["threads"]["train"]
     priority: 10
-    resources:
-        gpu=0,  # the Slurm profile's set-resources raises it; one training process per GPU
-        **resources("train"),
     conda:
         ENV
+    threads: config["threads"]["train"]
+    resources:
+        **resources("train"),
+        gpu=0,  # the Slurm profile's set-resources raises it; one training process per GPU
+    params:
+        folder=subpath(output.model, parent=True),
+        flags=train_flags("full"),
     shell:
         "duodiff train --nproc-per-node {resources.gpu} --model uvit --config-path {input.model_config} --log-path {params.folder} "
         "{params.flags} > {log} 2>&1"
@@ -45,19 +45,19 @@ rule train_shallow:
     output:
         model="results/{experiment}/models/shallow_d{depth}/model.pt",
         loss="results/{experiment}/models/shallow_d{depth}/loss.csv",
-    params:
-        folder=subpath(output.model, parent=True),
-        flags=train_flags("shallow"),
     log:
         "results/logs/train_shallow/{experiment}/shallow_d{depth}.log",
     benchmark:
         "results/benchmarks/train_shallow/{experiment}/shallow_d{depth}.tsv"
-    threads: config["threads"]["train"]
-    resources:
-        gpu=0,  # the Slurm profile's set-resources raises it; one training process per GPU
-        **resources("train"),
     conda:
         ENV
+    threads: config["threads"]["train"]
+    resources:
+        **resources("train"),
+        gpu=0,  # the Slurm profile's set-resources raises it; one training process per GPU
+    params:
+        folder=subpath(output.model, parent=True),
+        flags=train_flags("shallow"),
     shell:
         "duodiff train --nproc-per-node {resources.gpu} --model uvit --config-path {input.model_config} --log-path {params.folder} "
         "{params.flags} > {log} 2>&1"
@@ -70,20 +70,20 @@ rule train_early_exit:
     output:
         model="results/{experiment}/models/ee_{classifier_type}/model.pt",
         loss="results/{experiment}/models/ee_{classifier_type}/loss.csv",
-    params:
-        folder=subpath(output.model, parent=True),
-        flags=train_flags("early_exit"),
     log:
         "results/logs/train_early_exit/{experiment}/ee_{classifier_type}.log",
     benchmark:
         "results/benchmarks/train_early_exit/{experiment}/ee_{classifier_type}.tsv"
-    threads: config["threads"]["train"]
     priority: 5
-    resources:
-        gpu=0,  # the Slurm profile's set-resources raises it; one training process per GPU
-        **resources("train"),
     conda:
         ENV
+    threads: config["threads"]["train"]
+    resources:
+        **resources("train"),
+        gpu=0,  # the Slurm profile's set-resources raises it; one training process per GPU
+    params:
+        folder=subpath(output.model, parent=True),
+        flags=train_flags("early_exit"),
     shell:
         "duodiff train --nproc-per-node {resources.gpu} --model early_exit --classifier-type {wildcards.classifier_type} "
         "--load-backbone {input.backbone} --config-path {input.model_config} --log-path {params.folder} "

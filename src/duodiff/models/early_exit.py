@@ -62,8 +62,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from duodiff.errors import DuodiffError, check_choice, check_range
-from duodiff.models.uvit import MODEL_CONFIG_DEFAULTS, PROBE_DESIGNS, UViT, init_weights, unpatchify
+from duodiff.errors import DuodiffError, check_choice, check_int, check_range
+from duodiff.models.uvit import UViT, init_weights, unpatchify
 
 CLASSIFIER_TYPES = (
     "attention_probe",
@@ -243,39 +243,24 @@ class CompactedSkips:
 
 
 class EarlyExitUViT(nn.Module):
-    def __init__(
-        self,
-        backbone: UViT,
-        classifier_type: str,
-        probe_hidden: int = 128,
-        num_timesteps: int = 1000,
-        bank_hidden: int = 0,
-        probe_heads: int = 4,
-        probe_design: str = MODEL_CONFIG_DEFAULTS["probe_design"],
-    ):
+    """The early-exit model around `backbone`; its probe settings (probe_hidden, probe_design) and
+    its T are the backbone's (backbone.config, backbone.num_timesteps)."""
+
+    def __init__(self, backbone: UViT, classifier_type: str, bank_hidden: int = 0, probe_heads: int = 4):
         super().__init__()
         check_choice("classifier type", classifier_type, CLASSIFIER_TYPES)
-        check_choice("probe_design", probe_design, PROBE_DESIGNS)
-        for name, value, allow_zero in [
-            ("probe_hidden", probe_hidden, False),
-            ("num_timesteps", num_timesteps, False),
-            ("bank_hidden", bank_hidden, True),
-            ("probe_heads", probe_heads, False),
-        ]:
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
-                kind = "a non-negative integer" if allow_zero else "a positive integer"
-                raise DuodiffError(f"{name} must be {kind}; got {value!r}")
+        check_int("bank_hidden", bank_hidden, minimum=0)
+        check_int("probe_heads", probe_heads, minimum=1)
+        probe_hidden, probe_design = backbone.config.probe_hidden, backbone.config.probe_design
+        num_timesteps = backbone.num_timesteps
         # The seed's attention probe is one head of the full width: probe_hidden and probe_heads
         # do not apply to it.
         if classifier_type == "attention_probe" and probe_design == "duodiff" and probe_hidden % probe_heads != 0:
             raise DuodiffError(
                 f"probe_hidden ({probe_hidden}) must be divisible by the attention probe's heads ({probe_heads})"
             )
-        if num_timesteps != backbone.num_timesteps:
-            raise DuodiffError(
-                f"num_timesteps ({num_timesteps}) differs from the backbone's ({backbone.num_timesteps})"
-            )
         self.backbone = backbone
+        self.config = backbone.config
         self.classifier_type = classifier_type
         self.probe_design = probe_design
         self.depth = backbone.depth

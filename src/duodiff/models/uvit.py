@@ -12,9 +12,12 @@ module names, so its state_dict keys match the reference checkpoints:
 - final LayerNorm, a linear decoder back to patches, the extra tokens dropped, the patches put
   back into an image and an optional 3x3 convolution.
 
-Differences from the reference (none change the numbers): no einops (reshape/permute instead),
-attention always through `F.scaled_dot_product_attention` (the reference picks flash, xformers
-or math by a global flag), no dropout (the reference's rates are 0), no gradient checkpointing,
+The model is built from a `UViTConfig` (the model YAML's keys, checked once when the config is
+made, as nanoGPT's GPTConfig); the layers trust it.
+
+Differences from the reference (none change the numbers): attention always through
+`F.scaled_dot_product_attention` (the reference picks flash, xformers or math by a global flag),
+no dropout (the reference's rates are 0), no gradient checkpointing,
 and `normalize_timesteps`, which divides t by T before the embedding as the early-exit seed
 repository does with --normalize_timesteps.
 
@@ -26,91 +29,97 @@ For early exit and FLOP counting the forward pass is also available in pieces:
 from __future__ import annotations
 
 import math
+from dataclasses import MISSING, asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
-from duodiff.errors import DuodiffError
+from duodiff.errors import DuodiffError, check_choice, check_int, require
 
 # The designs of the early-exit uncertainty probes (models/early_exit.py): this project's, or the
-# early-stopping-diffusion seed's. Listed here, where model configs are validated, so that checking a
+# early-stopping-diffusion seed's. Listed here, where model configs are checked, so that checking a
 # config does not need the early-exit module.
 PROBE_DESIGNS = ("duodiff", "seed")
 
-# The model-config keys a U-ViT understands and their defaults (None = required). The early-exit
-# keys (EARLY_EXIT_KEYS) belong to the early-exit model and are accepted (and ignored) here so one
-# YAML builds either.
-MODEL_CONFIG_DEFAULTS = {
-    "img_size": None,
-    "patch_size": None,
-    "in_chans": None,
-    "embed_dim": None,
-    "depth": None,
-    "num_heads": None,
-    "mlp_ratio": 4.0,
-    "qkv_bias": False,
-    "mlp_time_embed": False,
-    "num_classes": 0,
-    "conv": True,
-    "normalize_timesteps": False,
-    "probe_hidden": 128,
+
+@dataclass(frozen=True)
+class UViTConfig:
+    """A model config (config/models/*.yaml), checked once when it is made.
+
+    The early-exit keys (EARLY_EXIT_KEYS) belong to the early-exit model; a plain U-ViT ignores
+    them, so one YAML builds either. Made from a YAML or model.pt mapping with `from_dict`.
+    """
+
+    img_size: int
+    patch_size: int
+    in_chans: int
+    embed_dim: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = False
+    mlp_time_embed: bool = False
+    num_classes: int = 0
+    conv: bool = True
+    normalize_timesteps: bool = False
+    probe_hidden: int = 128
     # Model files written before this key existed have no probe_design: they load as "duodiff",
     # the only design there was.
-    "probe_design": "duodiff",
-}
-MODEL_CONFIG_KEYS = tuple(MODEL_CONFIG_DEFAULTS)
+    probe_design: str = "duodiff"
+
+    def __post_init__(self):
+        for key in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "probe_hidden"):
+            check_int(key, getattr(self, key), minimum=1)
+        check_int("num_classes", self.num_classes, minimum=0)
+        check_choice("probe_design", self.probe_design, PROBE_DESIGNS)
+        for key in ("qkv_bias", "mlp_time_embed", "conv", "normalize_timesteps"):
+            require(isinstance(getattr(self, key), bool), f"{key} must be true or false; got {getattr(self, key)!r}")
+        ratio = self.mlp_ratio
+        require(
+            isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and ratio > 0,
+            f"mlp_ratio must be a positive number; got {ratio!r}",
+        )
+        require(
+            self.img_size % self.patch_size == 0,
+            f"img_size ({self.img_size}) must be divisible by patch_size ({self.patch_size})",
+        )
+        require(
+            self.embed_dim % self.num_heads == 0,
+            f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})",
+        )
+        require(
+            self.depth % 2 == 1,
+            f"depth must be odd (depth // 2 in-blocks, 1 mid-block, depth // 2 out-blocks); got {self.depth}",
+        )
+
+    @classmethod
+    def from_dict(cls, config, source: str = "model config") -> UViTConfig:
+        """The config of a mapping (a model YAML, or the one stored in model.pt); DuodiffError
+        prefixed with `source` when a key is unknown or missing or a value is not allowed."""
+        if not isinstance(config, dict):
+            raise DuodiffError(f"{source}: expected a mapping of settings, got {type(config).__name__}")
+        keys = [f.name for f in fields(cls)]
+        unknown = [key for key in config if key not in keys]
+        if unknown:
+            raise DuodiffError(
+                f"{source}: unknown key(s) {', '.join(map(str, unknown))}; allowed keys: {', '.join(keys)}"
+            )
+        missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in config]
+        if missing:
+            raise DuodiffError(f"{source}: missing required key(s) {', '.join(missing)}")
+        try:
+            return cls(**config)
+        except DuodiffError as error:
+            raise DuodiffError(f"{source}: {error}") from None
+
+    def to_dict(self) -> dict:
+        """Every key with its value, defaults included."""
+        return asdict(self)
+
+
 EARLY_EXIT_KEYS = ("probe_hidden", "probe_design")
-
-
-def validate_model_config(config: dict, source: str = "model config") -> dict:
-    """Check a model config dict; return it completed with defaults. Raises DuodiffError."""
-    if not isinstance(config, dict):
-        raise DuodiffError(f"{source}: expected a mapping of settings, got {type(config).__name__}")
-    unknown = [key for key in config if key not in MODEL_CONFIG_DEFAULTS]
-    if unknown:
-        raise DuodiffError(
-            f"{source}: unknown key(s) {', '.join(map(str, unknown))}; allowed keys: {', '.join(MODEL_CONFIG_KEYS)}"
-        )
-    missing = [key for key, default in MODEL_CONFIG_DEFAULTS.items() if default is None and key not in config]
-    if missing:
-        raise DuodiffError(f"{source}: missing required key(s) {', '.join(missing)}")
-    config = {**MODEL_CONFIG_DEFAULTS, **config}
-
-    def positive_int(key, allow_zero=False):
-        value = config[key]
-        ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
-        if not ok:
-            kind = "a non-negative integer" if allow_zero else "a positive integer"
-            raise DuodiffError(f"{source}: {key} must be {kind}; got {value!r}")
-
-    for key in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "probe_hidden"):
-        positive_int(key)
-    positive_int("num_classes", allow_zero=True)
-    if config["probe_design"] not in PROBE_DESIGNS:
-        raise DuodiffError(
-            f"{source}: probe_design must be one of {', '.join(PROBE_DESIGNS)}; got {config['probe_design']!r}"
-        )
-    for key in ("qkv_bias", "mlp_time_embed", "conv", "normalize_timesteps"):
-        if not isinstance(config[key], bool):
-            raise DuodiffError(f"{source}: {key} must be true or false; got {config[key]!r}")
-    ratio = config["mlp_ratio"]
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or ratio <= 0:
-        raise DuodiffError(f"{source}: mlp_ratio must be a positive number; got {ratio!r}")
-    if config["img_size"] % config["patch_size"] != 0:
-        raise DuodiffError(
-            f"{source}: img_size ({config['img_size']}) must be divisible by patch_size ({config['patch_size']})"
-        )
-    if config["embed_dim"] % config["num_heads"] != 0:
-        raise DuodiffError(
-            f"{source}: embed_dim ({config['embed_dim']}) must be divisible by num_heads ({config['num_heads']})"
-        )
-    if config["depth"] % 2 != 1:
-        raise DuodiffError(
-            f"{source}: depth must be odd (depth // 2 in-blocks, 1 mid-block, depth // 2 out-blocks); "
-            f"got {config['depth']}"
-        )
-    return config
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000) -> torch.Tensor:
@@ -128,13 +137,10 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
 
 def unpatchify(x: torch.Tensor, channels: int) -> torch.Tensor:
     """B (h w) (p1 p2 C) -> B C (h p1) (w p2), the inverse of the reference's patchify."""
-    batch, length, patch_dim = x.shape
-    patch_size = int(round((patch_dim // channels) ** 0.5))
-    h = w = int(round(length**0.5))
-    assert h * w == length and patch_size**2 * channels == patch_dim, (x.shape, channels)
-    x = x.reshape(batch, h, w, patch_size, patch_size, channels)
-    x = x.permute(0, 5, 1, 3, 2, 4)  # B C h p1 w p2
-    return x.reshape(batch, channels, h * patch_size, w * patch_size)
+    patch_size = int(round((x.shape[2] // channels) ** 0.5))
+    h = w = int(round(x.shape[1] ** 0.5))
+    assert h * w == x.shape[1] and patch_size**2 * channels == x.shape[2], (x.shape, channels)
+    return rearrange(x, "B (h w) (p1 p2 C) -> B C (h p1) (w p2)", h=h, p1=patch_size, p2=patch_size)
 
 
 def init_weights(m):
@@ -169,13 +175,10 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):
-        B, L, D = x.shape
-        # 'B L (K H D) -> K B H L D' with K = 3 (q, k, v), as in the reference.
-        qkv = self.qkv(x).reshape(B, L, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        qkv = rearrange(self.qkv(x), "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
         q, k, v = qkv[0], qkv[1], qkv[2]
         x = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(head_dim), as the reference
-        x = x.transpose(1, 2).reshape(B, L, D)
-        return self.proj(x)
+        return self.proj(rearrange(x, "B H L D -> B L (H D)"))
 
 
 class Block(nn.Module):
@@ -210,51 +213,27 @@ class PatchEmbed(nn.Module):
 
 
 class UViT(nn.Module):
-    def __init__(
-        self,
-        img_size: int,
-        patch_size: int,
-        in_chans: int,
-        embed_dim: int,
-        depth: int,
-        num_heads: int,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = False,
-        mlp_time_embed: bool = False,
-        num_classes: int = 0,
-        conv: bool = True,
-        normalize_timesteps: bool = False,
-        probe_hidden: int = 128,  # early-exit settings, unused by the plain U-ViT
-        probe_design: str = MODEL_CONFIG_DEFAULTS["probe_design"],
-        num_timesteps: int = 1000,
-    ):
+    def __init__(self, config: UViTConfig, num_timesteps: int = 1000):
         super().__init__()
-        config = validate_model_config(
-            dict(
-                img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, depth=depth,
-                num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, mlp_time_embed=mlp_time_embed,
-                num_classes=num_classes, conv=conv, normalize_timesteps=normalize_timesteps,
-                probe_hidden=probe_hidden, probe_design=probe_design,
-            )
-        )  # fmt: skip
-        if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int) or num_timesteps <= 0:
-            raise DuodiffError(f"num_timesteps must be a positive integer; got {num_timesteps!r}")
+        assert isinstance(config, UViTConfig) and num_timesteps > 0, (config, num_timesteps)
         self.config = config
+        img_size, patch_size, in_chans = config.img_size, config.patch_size, config.in_chans
+        embed_dim, depth, num_classes = config.embed_dim, config.depth, config.num_classes
         self.img_size = img_size
         self.patch_size = patch_size
         self.in_chans = in_chans
         self.embed_dim = embed_dim
         self.depth = depth
         self.num_classes = num_classes
-        self.conv = conv
-        self.normalize_timesteps = normalize_timesteps
+        self.conv = config.conv
+        self.normalize_timesteps = config.normalize_timesteps
         self.num_timesteps = num_timesteps
 
         self.patch_embed = PatchEmbed(patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
         self.num_patches = (img_size // patch_size) ** 2
         self.time_embed = (
             nn.Sequential(nn.Linear(embed_dim, 4 * embed_dim), nn.SiLU(), nn.Linear(4 * embed_dim, embed_dim))
-            if mlp_time_embed
+            if config.mlp_time_embed
             else nn.Identity()
         )
         if num_classes > 0:
@@ -262,7 +241,7 @@ class UViT(nn.Module):
         self.extras = 1 + (num_classes > 0)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.extras + self.num_patches, embed_dim))
 
-        block_args = dict(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias)
+        block_args = dict(dim=embed_dim, num_heads=config.num_heads, mlp_ratio=config.mlp_ratio, qkv_bias=config.qkv_bias)
         self.in_blocks = nn.ModuleList([Block(**block_args) for _ in range(depth // 2)])
         self.mid_block = Block(**block_args)
         self.out_blocks = nn.ModuleList([Block(**block_args, skip=True) for _ in range(depth // 2)])
@@ -270,7 +249,7 @@ class UViT(nn.Module):
         self.norm = nn.LayerNorm(embed_dim)
         self.patch_dim = patch_size**2 * in_chans
         self.decoder_pred = nn.Linear(embed_dim, self.patch_dim, bias=True)
-        self.final_layer = nn.Conv2d(in_chans, in_chans, 3, padding=1) if conv else nn.Identity()
+        self.final_layer = nn.Conv2d(in_chans, in_chans, 3, padding=1) if config.conv else nn.Identity()
 
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.apply(init_weights)
