@@ -7,8 +7,15 @@
 # the samples (common.smk). A category's items keep to ONE label: Snakemake turns a second label
 # with exactly two values into a toggle that merges items.
 
-PLOTS = ["quality_vs_gflops", "quality_vs_time", "exit_heatmap", "mean_exit_layer", "fid_vs_tswitch", "training_curves",
-         "sample_grids"]
+PLOTS = [
+    "quality_vs_gflops",
+    "quality_vs_time",
+    "exit_heatmap",
+    "mean_exit_layer",
+    "fid_vs_tswitch",
+    "training_curves",
+    "sample_grids",
+]
 MAIN_RESULT = "1. Main result"
 MAIN_PLOT = "quality_vs_gflops"
 REPORT_PLOTS = {
