@@ -779,7 +779,7 @@ def add_cli(subparsers) -> None:
     add_flag(parser, "--samples-root", required=True, help="results/<dataset>/samples")
     add_flag(parser, "--models-root", required=True, help="results/<dataset>/models (each model's loss.csv)")
     add_flag(parser, "--reference", required=True, help="results/<dataset>/reference (real images)")
-    add_flag(parser, "--output-dir", required=True, help="where the figures go, e.g. results/plots")
+    add_flag(parser, "--output-dir", required=True, help="where the figures go, e.g. results/digits/plots")
     add_flag(parser, "--smoothing", type=float, default=0.9, help="EMA weight of the smoothed training curves, in [0, 1)")
     add_flag(parser, "--dpi", type=int, default=150, help="resolution of the png figures")
     add_flag(parser, "--grid-images", type=int, default=64, help="images per sample grid when rebuilt from images/")
