@@ -630,22 +630,16 @@ def image_files(folder: Path) -> list[Path]:
 
 
 def grid_from_images(paths: list[Path], n_images: int) -> np.ndarray:
-    """The grid `duodiff sample` writes as grid.png, from the first images: GRID_NROW per row,
-    2 px white padding, images smaller than GRID_MIN_SIZE enlarged by nearest neighbour; so real
-    images and rebuilt grids look like the sample sets' grid.png."""
-    import torch
+    """The grid `duodiff sample` writes as grid.png (duodiff.images.image_grid), from the first
+    images, as (H, W, 3) uint8; so real images and rebuilt grids look like the sample sets' grid.png."""
+    import torch  # here, not at the top: `duodiff plots` needs torch only without grid.png files
     from PIL import Image
-    from torchvision.utils import make_grid
 
-    from duodiff.sampling import GRID_MIN_SIZE, GRID_NROW
+    from duodiff.images import image_grid
 
     images = torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1)
                           for p in paths[:n_images]])
-    size = images.shape[-1]
-    if size < GRID_MIN_SIZE:
-        factor = math.ceil(GRID_MIN_SIZE / size)
-        images = images.repeat_interleave(factor, dim=2).repeat_interleave(factor, dim=3)
-    return make_grid(images, nrow=GRID_NROW, padding=2, pad_value=255).permute(1, 2, 0).numpy()
+    return image_grid(images).permute(1, 2, 0).numpy()
 
 
 def sample_grid(samples_root, name: str, n_images: int) -> tuple[np.ndarray, str]:
