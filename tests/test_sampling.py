@@ -9,8 +9,8 @@ from PIL import Image
 
 from duodiff import sampling
 from duodiff.checkpoints import save_model
-from duodiff.cli import OneLineErrorParser
 from duodiff.errors import DuodiffError
+from duodiff.flags import OneLineErrorParser
 from duodiff.images import save_png, to_uint8
 from duodiff.io import read_json
 from duodiff.models import build_model

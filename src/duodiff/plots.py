@@ -31,6 +31,7 @@ from matplotlib.ticker import MaxNLocator
 from tqdm import tqdm
 
 from duodiff.errors import DuodiffError, check_positive, require
+from duodiff.flags import add_flag
 from duodiff.io import atomic_path, write_json
 from duodiff.labels import label_points
 from duodiff.tables import INTEGER_COLUMNS, blocks, method_families, method_label
@@ -765,8 +766,6 @@ def run_plots(tables_dir, samples_root, models_root, reference, output_dir, smoo
 
 
 def add_cli(subparsers) -> None:
-    from duodiff.cli import add_flag
-
     parser = subparsers.add_parser("plots", help="the study's figures (png + pdf) from the tables and sample sets",
                                    description=__doc__.split("\n\n")[0])
     add_flag(parser, "--tables-dir", required=True, help="folder with fid.csv (from `duodiff tables`)")

@@ -26,6 +26,7 @@ import torch
 
 from duodiff.distributed import default_device
 from duodiff.errors import DuodiffError, check_choice, require
+from duodiff.flags import add_flag
 from duodiff.images import image_grid, load_png, save_png, to_uint8
 from duodiff.io import torch_save, write_json
 
@@ -423,8 +424,6 @@ def _write_grid(folder: Path, count: int) -> None:
 
 
 def add_cli(subparsers) -> None:
-    from duodiff.cli import add_flag
-
     parser = subparsers.add_parser(
         "sample",
         help="generate a sample set (full, shallow, early exit or DuoDiff) and time it",

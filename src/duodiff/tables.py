@@ -26,6 +26,7 @@ from pathlib import Path
 import pandas as pd
 
 from duodiff.errors import DuodiffError, require
+from duodiff.flags import add_flag
 from duodiff.io import atomic_path, read_json, write_text
 
 # Sample-set names (docs/architecture.md, "Tables and plots"), one pattern per method.
@@ -816,8 +817,6 @@ def run_tables(samples_root, metrics_root, sets, output_dir, headline: str = "in
 
 
 def add_cli(subparsers) -> None:
-    from duodiff.cli import add_flag
-
     parser = subparsers.add_parser("tables", help="csv, Markdown and LaTeX tables of every sample set's metrics",
                                    description=__doc__.split("\n\n")[0])
     add_flag(parser, "--samples-root", required=True, help="results/<dataset>/samples")

@@ -41,6 +41,7 @@ import torch
 
 from duodiff.distributed import default_device
 from duodiff.errors import DuodiffError, check_choice, check_positive, require
+from duodiff.flags import add_flag
 from duodiff.images import save_png, to_uint8
 from duodiff.io import atomic_path, read_json, write_json
 from duodiff.metrics.feature_cache import cached_features, remove_cache
@@ -609,8 +610,6 @@ CHUNK_HELP = "images per kept feature chunk: a killed job's rerun recomputes onl
 
 
 def add_cli(subparsers):
-    from duodiff.cli import add_flag
-
     p = subparsers.add_parser("reference", help="real images + their Inception features, once per dataset")
     add_flag(p, "--dataset", required=True)
     add_flag(p, "--data-root", default=None)
