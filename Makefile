@@ -10,11 +10,15 @@ BIN    := $(abspath $(VENV))/bin
 STAMP  := $(VENV)/.installed
 CORES  ?= all
 CONFIG ?= config/config.yaml
+# The config's `experiment:` (no Python needed): each study, its report included, lies under
+# results/<experiment>/, so `make run CONFIG=config/cifar10.yaml` keeps the digits study's files.
+EXPERIMENT ?= $(shell sed -n 's/^experiment:[^A-Za-z0-9]*\([A-Za-z0-9_-]*\).*/\1/p' $(CONFIG) | head -n 1)
+REPORT := results/$(EXPERIMENT)/report.html
 
 # Rules call `duodiff` and `snakemake` from the project's environment.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: run test report dry-run clean-results install
+.PHONY: run test report dry-run clean-results install check-experiment
 
 install: $(STAMP)
 
@@ -24,12 +28,15 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -e ".[test]" -c constraints.txt
 	@touch $@
 
-run: $(STAMP)
+run: check-experiment $(STAMP)
 	$(BIN)/snakemake --profile profiles/default --configfile $(CONFIG) --cores $(CORES)
-	$(BIN)/snakemake --profile profiles/default --configfile $(CONFIG) --report results/report.html
+	$(BIN)/snakemake --profile profiles/default --configfile $(CONFIG) --report $(REPORT)
 
-report: $(STAMP)
-	$(BIN)/snakemake --profile profiles/default --configfile $(CONFIG) --report results/report.html
+report: check-experiment $(STAMP)
+	$(BIN)/snakemake --profile profiles/default --configfile $(CONFIG) --report $(REPORT)
+
+check-experiment:
+	@test -n "$(EXPERIMENT)" || { echo "no 'experiment:' line in $(CONFIG) (or pass EXPERIMENT=name)" >&2; exit 1; }
 
 dry-run: $(STAMP)
 	$(BIN)/snakemake --profile profiles/default --configfile $(CONFIG) --dry-run
@@ -37,5 +44,6 @@ dry-run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# Every experiment's folder (results/report.html: where the report went before one study per folder).
 clean-results:
 	rm -rf results/*/ results/report.html .snakemake

@@ -9,8 +9,8 @@ from PIL import Image
 
 import duodiff.data
 from duodiff.errors import DuodiffError
+from duodiff.images import save_png, to_uint8
 from duodiff.metrics import feature_net, fid
-from duodiff.sampling import save_png, to_uint8
 
 SETTINGS = dict(epochs=4, batch_size=64, lr=1e-3, weight_decay=1e-4, feature_dim=32, holdout_fraction=0.2, seed=0)
 

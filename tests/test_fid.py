@@ -20,8 +20,8 @@ from PIL import Image
 
 import duodiff.data
 from duodiff.errors import DuodiffError
+from duodiff.images import save_png, to_uint8
 from duodiff.metrics import fid
-from duodiff.sampling import save_png, to_uint8
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ NOISE_LEVELS = (0.1, 0.3, 1.0)  # std of the Gaussian noise added to images in [
 def real_sets(tmp_path_factory):
     """A 6-digit reference and 6-image sets scored against it with the real network: the
     reference digits themselves, and the same digits plus seeded noise of growing strength."""
-    from duodiff.sampling import load_png
+    from duodiff.images import load_png
 
     root = tmp_path_factory.mktemp("real")
     meta = fid.run_reference("digits", 6, root / "ref", batch_size=6, device="cpu")

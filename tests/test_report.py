@@ -144,26 +144,26 @@ def build_tiny_report(tmp_path):
              for i, (name, (method, classifier, threshold, t_switch, _)) in enumerate(tiny_sets(config).items())}
     for name in ("config", "tests", "profiles"):
         (tmp_path / name).symlink_to(REPO / name)
-    results, experiment = tmp_path / "results", tmp_path / "results" / config["experiment"]
+    experiment = tmp_path / "results" / config["experiment"]
     write_study(experiment, study)
     # The hand-made exit layers have test_tables.STEPS steps; a t_switch beyond them is clipped.
     write_plot_inputs(experiment, {k: v if v[0] != "duodiff" else v[:3] + (min(v[3], STEPS),) + v[4:]
                                    for k, v in study.items()}, grids=list(study))
     run_tables(samples_root=experiment / "samples", metrics_root=experiment / "metrics", sets=list(study),
-               output_dir=results / "tables")
+               output_dir=experiment / "tables")
     # At the schema's default resolution, so that the figures have the size a real report shows
     # (some are taller than the browser test's window, some wider than its pane).
-    run_plots(tables_dir=results / "tables", samples_root=experiment / "samples", models_root=experiment / "models",
-              reference=experiment / "reference", output_dir=results / "plots", dpi=150)
+    run_plots(tables_dir=experiment / "tables", samples_root=experiment / "samples", models_root=experiment / "models",
+              reference=experiment / "reference", output_dir=experiment / "plots", dpi=150)
 
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     run = subprocess.run([str(bin_dir / "snakemake"), "--snakefile", str(REPO / "workflow" / "Snakefile"),
                           "--directory", str(tmp_path), "--configfile", str(config_path), "--report",
-                          "results/report.html"],
+                          f"results/{config['experiment']}/report.html"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    return results / "report.html"
+    return experiment / "report.html"
 
 
 @pytest.fixture(scope="module")

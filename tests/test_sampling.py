@@ -9,8 +9,9 @@ from PIL import Image
 
 from duodiff import sampling
 from duodiff.checkpoints import save_model
-from duodiff.cli import OneLineErrorParser
 from duodiff.errors import DuodiffError
+from duodiff.flags import OneLineErrorParser
+from duodiff.images import save_png, to_uint8
 from duodiff.io import read_json
 from duodiff.models import build_model
 from duodiff.sampling import run_sample
@@ -73,7 +74,7 @@ def test_png_mapping_matches_torchvision_save_image(tmp_path):
 
     x = torch.tensor([-1.5, -1.0, -0.999, -0.5, 0.0, 0.001, 0.5, 0.99, 1.0, 1.7] + [0.25] * 6).view(1, 4, 4)
     save_image((x + 1) / 2, tmp_path / "ref.png")
-    sampling.save_png(sampling.to_uint8(x), tmp_path / "ours.png")
+    save_png(to_uint8(x), tmp_path / "ours.png")
     ref = np.array(Image.open(tmp_path / "ref.png").convert("L"))
     ours = Image.open(tmp_path / "ours.png")
     assert ours.mode == "L" and np.array_equal(np.array(ours), ref)

@@ -134,11 +134,17 @@ def test_exactly_the_rules_the_profile_gives_a_gpu_got_one():
         assert got_gpu == (job["rule"] in gpu_rules), job
 
 
+def tables_dir(run: str) -> Path:
+    """results/<experiment>/tables of one run's copy: each copy ran one study (one experiment)."""
+    (tables,) = sorted((Path(RUN_DIR) / run / "results").glob("*/tables"))
+    return tables
+
+
 @needs_run
 @pytest.mark.parametrize("table", TABLES)
 def test_slurm_and_local_runs_give_the_same_table(table):
-    slurm = read_table(Path(RUN_DIR) / "slurm" / "results" / "tables" / table)
-    local = read_table(Path(RUN_DIR) / "local" / "results" / "tables" / table)
+    slurm = read_table(tables_dir("slurm") / table)
+    local = read_table(tables_dir("local") / table)
     assert sorted(slurm) == sorted(local), "the two runs made different sample sets"
     columns = next(iter(local.values())).keys()
     assert next(iter(slurm.values())).keys() == columns

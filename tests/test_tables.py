@@ -12,8 +12,8 @@ import re
 import pandas as pd
 import pytest
 
-from duodiff.cli import OneLineErrorParser
 from duodiff.errors import DuodiffError
+from duodiff.flags import OneLineErrorParser
 from duodiff.tables import add_cli, run_tables
 
 SHA = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +32,7 @@ BIN = Path(sys.executable).parent  # the environment running the tests also runs
 SNAKEMAKE = BIN / "snakemake"
 SHIPPED_CONFIGS = ["config/config.yaml", "config/cifar10.yaml", "config/celeba64.yaml", "config/imagenet64.yaml"]
 TINY = "tests/configs/tiny.yaml"
+OTHER_EXPERIMENT = "tiny_other"
 PLOTS = ["quality_vs_gflops", "quality_vs_time", "exit_heatmap", "mean_exit_layer", "fid_vs_tswitch", "training_curves",
          "sample_grids"]
 GPU_RULES = ["reference", "train_full", "train_shallow", "train_early_exit", "sample_full", "sample_shallow",
@@ -137,8 +139,11 @@ def dry_runs(tmp_path_factory):
     side by side (each is mostly Snakemake's start-up)."""
     workdir = make_workdir(tmp_path_factory.mktemp("dry"))
     runs = {config: ("--configfile", config, "-n") for config in SHIPPED_CONFIGS}
-    runs["target"] = ("--configfile", "config/config.yaml", "-n", "results/tables/fid.csv")
+    runs["target"] = ("--configfile", "config/config.yaml", "-n", "results/digits/tables/fid.csv")
     runs["tiny_commands"] = ("--configfile", TINY, "-n", "-p")
+    # The same study under another experiment name, as a user who runs a second config in the same folder.
+    (workdir / "tiny_other.yaml").write_text(yaml.safe_dump(load(TINY) | {"experiment": OTHER_EXPERIMENT}))
+    runs["tiny_other"] = ("--configfile", "tiny_other.yaml", "-n")
     # What profiles/slurm's `set-resources: {train_full: {gpu: 2}}` does to the training commands.
     runs["tiny_two_gpus"] = ("--configfile", TINY, "-n", "-p", "--set-resources", "train_full:gpu=2")
     runs["profile_slurm"] = ("--profile", "profiles/slurm", "--configfile", "config/config.yaml", "-n")
@@ -188,6 +193,45 @@ def test_a_table_target_plans_exactly_what_the_tables_need(dry_runs):
     expected = expected_jobs(load("config/config.yaml"))
     del expected["plots"], expected["all"]
     assert job_counts(result.stdout) == expected
+
+
+def planned_files(output: str) -> set:
+    """Every output, log and benchmark file of a dry run's jobs."""
+    files = set()
+    for line in output.splitlines():
+        key, _, paths = line.strip().partition(": ")
+        if key in ("output", "log", "benchmark") and line.startswith("    "):
+            files.update(path.strip() for path in paths.split(","))
+    return files
+
+
+def test_two_experiments_keep_their_files_apart(dry_runs):
+    # One study per folder: every file a job writes, tables, plots, logs and benchmarks included,
+    # lies under results/<experiment>/, so running a second config beside the first keeps both.
+    _, results = dry_runs
+    files = {}
+    for run, experiment in (("tiny_commands", "tiny"), ("tiny_other", OTHER_EXPERIMENT)):
+        assert results[run].returncode == 0, results[run].stderr
+        files[experiment] = planned_files(results[run].stdout)
+        outside = [path for path in files[experiment] if not path.startswith(f"results/{experiment}/")]
+        assert not outside, outside
+        for name in ("tables/fid.csv", "tables/summary.md", "plots/quality_vs_gflops.png", "logs/tables.log",
+                     "benchmarks/plots.tsv"):  # fmt: skip
+            assert f"results/{experiment}/{name}" in files[experiment], name
+    assert not files["tiny"] & files[OTHER_EXPERIMENT]
+    # The same jobs, each in its own experiment's folder.
+    renamed = {path.replace(f"results/{OTHER_EXPERIMENT}/", "results/tiny/", 1) for path in files[OTHER_EXPERIMENT]}
+    assert renamed == files["tiny"]
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+@pytest.mark.parametrize("config", [*SHIPPED_CONFIGS, TINY])
+def test_make_writes_each_experiments_report_in_its_own_folder(config):
+    # `make run` / `make report` read the experiment name from the config file (-n: print only).
+    result = subprocess.run(["make", "-n", "-s", "report", f"CONFIG={config}"], cwd=REPO, capture_output=True,
+                            text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert f"--configfile {config} --report results/{load(config)['experiment']}/report.html" in result.stdout
 
 
 def planned_commands(output: str) -> list:
@@ -505,17 +549,17 @@ def tiny_study(tmp_path_factory):
 def test_tiny_study_tables_have_one_row_per_set_and_the_contract_columns(tiny_study):
     sets = expected_sets(load(TINY))
     for table, columns in TABLE_COLUMNS.items():
-        with open(tiny_study / "results" / "tables" / f"{table}.csv") as f:
+        with open(tiny_study / "results" / "tiny" / "tables" / f"{table}.csv") as f:
             rows = list(csv.DictReader(f))
         assert sorted(row["set"] for row in rows) == sorted(scored_sets(load(TINY))), table
         assert set(ID_COLUMNS + columns) <= set(rows[0]), table
     for name in ("summary.md", "summary.tex", "summary.html"):
-        assert (tiny_study / "results" / "tables" / name).stat().st_size > 0
+        assert (tiny_study / "results" / "tiny" / "tables" / name).stat().st_size > 0
 
 
 @pytest.mark.slow
 def test_tiny_study_has_the_fewer_steps_baseline_the_floor_and_operating_points(tiny_study):
-    tables = tiny_study / "results" / "tables"
+    tables = tiny_study / "results" / "tiny" / "tables"
     with open(tables / "scores.csv") as f:
         rows = {row["set"]: row for row in csv.DictReader(f)}
     fewer = rows["full_steps3"]
@@ -538,7 +582,7 @@ def test_tiny_study_has_the_fewer_steps_baseline_the_floor_and_operating_points(
 def test_tiny_study_plots_and_grids_exist(tiny_study):
     for name in PLOTS:
         for suffix in (".png", ".pdf"):
-            assert (tiny_study / "results" / "plots" / f"{name}{suffix}").stat().st_size > 0
+            assert (tiny_study / "results" / "tiny" / "plots" / f"{name}{suffix}").stat().st_size > 0
     for name in expected_sets(load(TINY)):
         assert (tiny_study / "results" / "tiny" / "samples" / name / "grid.png").stat().st_size > 0
 
@@ -564,15 +608,15 @@ def test_tiny_study_sample_sets_were_made_with_the_configured_settings(tiny_stud
             assert (tiny_study / "results" / "tiny" / "metrics" / name / f"{metric}.json").is_file()
         rule = {"full": "sample_full", "shallow": "sample_shallow", "early_exit": "sample_early_exit", "duodiff": "sample_duodiff"}[method]
         rule = "sample_fewer_steps" if name.startswith("full_steps") else rule
-        assert (tiny_study / "results" / "logs" / rule / "tiny" / f"{name}.log").is_file()
-        assert (tiny_study / "results" / "benchmarks" / rule / "tiny" / f"{name}.tsv").is_file()
+        assert (tiny_study / "results" / "tiny" / "logs" / rule / f"{name}.log").is_file()
+        assert (tiny_study / "results" / "tiny" / "benchmarks" / rule / f"{name}.tsv").is_file()
 
 
 @pytest.mark.slow
 def test_tiny_study_report_builds(tiny_study):
-    result = snakemake(tiny_study, "--configfile", TINY, "--report", "results/report.html")
+    result = snakemake(tiny_study, "--configfile", TINY, "--report", "results/tiny/report.html")
     assert result.returncode == 0, result.stderr
-    page = (tiny_study / "results" / "report.html").read_text()
+    page = (tiny_study / "results" / "tiny" / "report.html").read_text()
     assert "quality_vs_gflops.png" in page and "fid.csv" in page
 
 

@@ -84,7 +84,7 @@ slurm_ci_log "running $config through profiles/slurm (as profiles/slurm-ci for t
     with_copy_src snakemake --profile profiles/slurm-ci --configfile "$config" --max-threads "$cores"
 ) || {
     slurm_ci_log "the Slurm run failed; Slurm job logs and daemon logs follow"
-    find "$work/slurm/results/logs" "$work/slurm/.snakemake/slurm_logs" -name '*.log' \
+    find "$work"/slurm/results/*/logs "$work/slurm/.snakemake/slurm_logs" -name '*.log' \
         -newer "$work/slurm/profiles/slurm-ci/config.yaml" -print -exec tail -n 30 {} \; >&2 || true
     dump_logs
     exit 1

@@ -1,9 +1,10 @@
 """The `duodiff` command: one sub-command per pipeline stage.
 
 Each stage module owns its sub-command: it defines `add_cli(subparsers)`, which registers the
-sub-command and sets `func` to a thin wrapper around the module's plain `run_*` function. This
-file only collects them, checks that the command's outputs can be written, and turns errors into
-one readable line and an exit status (EXIT_CODES).
+sub-command (with duodiff.flags.add_flag) and sets `func` to a thin wrapper around the module's
+plain `run_*` function. This file only collects them, checks that the command's outputs can be
+written, and turns errors into one readable line and an exit status (EXIT_CODES). It is the entry
+point: no duodiff module imports it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import signal
 import sys
 
 from duodiff.errors import DuodiffError
+from duodiff.flags import OneLineErrorParser
 from duodiff.io import check_output_path
 
 # Sub-command -> the module that registers it (its `add_cli`), in the order `duodiff --help`
@@ -33,10 +35,6 @@ COMMANDS = {
     "plots": "duodiff.plots",
 }
 
-# The flags that name what a command writes, and whether each is a folder or a file: add_flag
-# records them, and main() checks each can be written before the command starts any work.
-OUTPUT_FLAGS = {"--output": "file", "--output-folder": "folder", "--output-dir": "folder", "--log-path": "folder"}
-
 # Exit statuses (docs/architecture.md, "The CLI"): 128 + the signal number for a run stopped by a
 # signal, as shells and Slurm report a process killed by it.
 EXIT_CODES = {
@@ -46,29 +44,6 @@ EXIT_CODES = {
     128 + signal.SIGINT: "stopped by Ctrl-C (SIGINT)",
     128 + signal.SIGTERM: "stopped by SIGTERM (Slurm's time limit, preemption, kill); train checkpoints first",
 }
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse prints usage + error; users asked for one line and exit status 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def add_flag(parser: argparse.ArgumentParser, name: str, *aliases: str, **kwargs):
-    """Add `--some-flag`, also accepting the seeds' `--some_flag` spelling (and extra aliases)."""
-    names = [name]
-    # Only the dashes inside the name: the leading "--" must stay dashes.
-    underscored = "--" + name[2:].replace("-", "_")
-    if underscored != name:
-        names.append(underscored)
-    names.extend(aliases)
-    kwargs.setdefault("dest", name.lstrip("-").replace("-", "_"))
-    action = parser.add_argument(*names, **kwargs)
-    if name in OUTPUT_FLAGS:
-        outputs = parser.get_default("_outputs") or []
-        parser.set_defaults(_outputs=[*outputs, (name, action.dest, OUTPUT_FLAGS[name])])
-    return action
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -89,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
-    outputs = vars(args).pop("_outputs", [])
+    outputs = vars(args).pop("_outputs", [])  # the output flags duodiff.flags.add_flag recorded
     try:
         for flag, dest, kind in outputs:
             check_output_path(flag, getattr(args, dest), kind)

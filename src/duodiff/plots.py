@@ -31,6 +31,7 @@ from matplotlib.ticker import MaxNLocator
 from tqdm import tqdm
 
 from duodiff.errors import DuodiffError, check_positive, require
+from duodiff.flags import add_flag
 from duodiff.io import atomic_path, write_json
 from duodiff.labels import label_points
 from duodiff.tables import INTEGER_COLUMNS, blocks, method_families, method_label
@@ -630,22 +631,16 @@ def image_files(folder: Path) -> list[Path]:
 
 
 def grid_from_images(paths: list[Path], n_images: int) -> np.ndarray:
-    """The grid `duodiff sample` writes as grid.png, from the first images: GRID_NROW per row,
-    2 px white padding, images smaller than GRID_MIN_SIZE enlarged by nearest neighbour; so real
-    images and rebuilt grids look like the sample sets' grid.png."""
-    import torch
+    """The grid `duodiff sample` writes as grid.png (duodiff.images.image_grid), from the first
+    images, as (H, W, 3) uint8; so real images and rebuilt grids look like the sample sets' grid.png."""
+    import torch  # here, not at the top: `duodiff plots` needs torch only without grid.png files
     from PIL import Image
-    from torchvision.utils import make_grid
 
-    from duodiff.sampling import GRID_MIN_SIZE, GRID_NROW
+    from duodiff.images import image_grid
 
     images = torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1)
                           for p in paths[:n_images]])
-    size = images.shape[-1]
-    if size < GRID_MIN_SIZE:
-        factor = math.ceil(GRID_MIN_SIZE / size)
-        images = images.repeat_interleave(factor, dim=2).repeat_interleave(factor, dim=3)
-    return make_grid(images, nrow=GRID_NROW, padding=2, pad_value=255).permute(1, 2, 0).numpy()
+    return image_grid(images).permute(1, 2, 0).numpy()
 
 
 def sample_grid(samples_root, name: str, n_images: int) -> tuple[np.ndarray, str]:
@@ -771,15 +766,13 @@ def run_plots(tables_dir, samples_root, models_root, reference, output_dir, smoo
 
 
 def add_cli(subparsers) -> None:
-    from duodiff.cli import add_flag
-
     parser = subparsers.add_parser("plots", help="the study's figures (png + pdf) from the tables and sample sets",
                                    description=__doc__.split("\n\n")[0])
     add_flag(parser, "--tables-dir", required=True, help="folder with fid.csv (from `duodiff tables`)")
     add_flag(parser, "--samples-root", required=True, help="results/<dataset>/samples")
     add_flag(parser, "--models-root", required=True, help="results/<dataset>/models (each model's loss.csv)")
     add_flag(parser, "--reference", required=True, help="results/<dataset>/reference (real images)")
-    add_flag(parser, "--output-dir", required=True, help="where the figures go, e.g. results/plots")
+    add_flag(parser, "--output-dir", required=True, help="where the figures go, e.g. results/digits/plots")
     add_flag(parser, "--smoothing", type=float, default=0.9, help="EMA weight of the smoothed training curves, in [0, 1)")
     add_flag(parser, "--dpi", type=int, default=150, help="resolution of the png figures")
     add_flag(parser, "--grid-images", type=int, default=64, help="images per sample grid when rebuilt from images/")

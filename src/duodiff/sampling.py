@@ -26,7 +26,9 @@ import torch
 
 from duodiff.distributed import default_device
 from duodiff.errors import DuodiffError, check_choice, require
-from duodiff.io import atomic_path, torch_save, write_json
+from duodiff.flags import add_flag
+from duodiff.images import image_grid, load_png, save_png, to_uint8
+from duodiff.io import torch_save, write_json
 
 METHODS = ("full", "shallow", "early_exit", "duodiff")
 SAMPLERS = ("ddpm", "ddim")
@@ -36,42 +38,13 @@ SAMPLERS = ("ddpm", "ddim")
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 CUDA_ONLY_PRECISIONS = ("tf32", "fp16")
 SEED_STRIDE = 1000003  # batch b of a set with seed s uses seed s * SEED_STRIDE + b
-GRID_SAMPLES = 64
-GRID_NROW = 8
-GRID_MIN_SIZE = 32  # grid.png upscales smaller images (8x8 digits) by nearest neighbour to this size
+GRID_SAMPLES = 64  # grid.png shows the set's first images (duodiff.images.image_grid)
 # Architecture keys two DuoDiff models must share: they denoise the same images.
 SHARED_MODEL_KEYS = ("img_size", "patch_size", "in_chans", "num_classes")
 
 
 def batch_seed(seed: int, batch_index: int) -> int:
     return seed * SEED_STRIDE + batch_index
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] floats -> uint8 in [0, 255], rounding as torchvision.utils.save_image does."""
-    return ((images.float() + 1.0) / 2.0).mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
-
-
-def save_png(image_uint8: torch.Tensor, path: Path) -> None:
-    """One (C, H, W) uint8 image -> PNG (grayscale for 1 channel), written atomically."""
-    from PIL import Image
-
-    array = image_uint8.permute(1, 2, 0).cpu().numpy()
-    image = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)  # uint8: mode L or RGB
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
-
-
-def load_png(path: Path) -> torch.Tensor:
-    """PNG -> (C, H, W) uint8 tensor."""
-    import numpy as np
-    from PIL import Image
-
-    with Image.open(path) as image:
-        array = np.array(image)
-    if array.ndim == 2:
-        array = array[:, :, None]
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
 def image_path(folder: Path, index: int) -> Path:
@@ -445,22 +418,12 @@ def run_sample(
 
 
 def _write_grid(folder: Path, count: int) -> None:
-    """grid.png: the first `count` samples, 8 per row, small images enlarged (nearest) to be visible."""
-    import torch.nn.functional as F
-    from torchvision.utils import make_grid, save_image
-
-    images = torch.stack([load_png(image_path(folder, i)) for i in range(count)]).float() / 255.0
-    size = images.shape[-1]
-    if size < GRID_MIN_SIZE:
-        images = F.interpolate(images, scale_factor=math.ceil(GRID_MIN_SIZE / size), mode="nearest")
-    grid = make_grid(images, nrow=GRID_NROW, padding=2, pad_value=1.0)
-    with atomic_path(folder / "grid.png") as tmp:
-        save_image(grid, tmp, format="png")
+    """grid.png: the first `count` samples (duodiff.images.image_grid)."""
+    images = torch.stack([load_png(image_path(folder, i)) for i in range(count)])
+    save_png(image_grid(images), folder / "grid.png")
 
 
 def add_cli(subparsers) -> None:
-    from duodiff.cli import add_flag
-
     parser = subparsers.add_parser(
         "sample",
         help="generate a sample set (full, shallow, early exit or DuoDiff) and time it",

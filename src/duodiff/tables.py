@@ -26,6 +26,7 @@ from pathlib import Path
 import pandas as pd
 
 from duodiff.errors import DuodiffError, require
+from duodiff.flags import add_flag
 from duodiff.io import atomic_path, read_json, write_text
 
 # Sample-set names (docs/architecture.md, "Tables and plots"), one pattern per method.
@@ -737,7 +738,7 @@ def summary_latex(frame: pd.DataFrame) -> str:
     tabular = ("\\begin{tabular}{@{}l" + "r" * len(numbers) + "@{}}\n\\toprule\n" + header + "\n\\midrule\n"
                + "\n".join(rows) + "\n\\bottomrule\n\\end{tabular}\n")
     notes = "\n".join(f"{_escape_latex(note)}\\par" for note in _notes(frame, footnotes))
-    return ("% duodiff summary table (`duodiff tables`: results/tables/summary.tex), to \\input in a paper.\n"
+    return ("% duodiff summary table (`duodiff tables`: results/<experiment>/tables/summary.tex), to \\input in a paper.\n"
             "% Needs \\usepackage{booktabs} (TeX Live: texlive-latex-recommended); nothing else.\n"
             "% A table* (in a one-column document, the same as table) in footnotesize type, never scaled:\n"
             "% about 450 pt wide with a study's labels, it fits a two-column paper's text width. For a\n"
@@ -816,14 +817,12 @@ def run_tables(samples_root, metrics_root, sets, output_dir, headline: str = "in
 
 
 def add_cli(subparsers) -> None:
-    from duodiff.cli import add_flag
-
     parser = subparsers.add_parser("tables", help="csv, Markdown and LaTeX tables of every sample set's metrics",
                                    description=__doc__.split("\n\n")[0])
     add_flag(parser, "--samples-root", required=True, help="results/<dataset>/samples")
     add_flag(parser, "--metrics-root", required=True, help="results/<dataset>/metrics")
     add_flag(parser, "--sets", nargs="+", required=True, help="sample-set names, e.g. full shallow_d3 ee_attention_probe_thr0.1")
-    add_flag(parser, "--output-dir", required=True, help="where the tables go, e.g. results/tables")
+    add_flag(parser, "--output-dir", required=True, help="where the tables go, e.g. results/digits/tables")
     add_flag(parser, "--headline", default="inception", choices=list(HEADLINES),
              help="the score the summary, marks and operating points use: inception (fid.json) or classifier "
                   "(fd_classifier.json)")

@@ -47,6 +47,7 @@ from duodiff import checkpoints, distributed
 from duodiff.data import CHANNELS, DATASETS, NUM_CLASSES, load_dataset
 from duodiff.diffusion import GaussianDiffusion
 from duodiff.errors import DuodiffError, check_choice, require
+from duodiff.flags import add_flag
 from duodiff.io import write_csv
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -667,8 +668,6 @@ def read_backbone(path, config, diffusion, config_path) -> dict:
 
 
 def add_cli(subparsers) -> None:
-    from duodiff.cli import add_flag
-
     p = subparsers.add_parser(
         "train",
         help="train a U-ViT or an early-exit U-ViT (resumes from --log-path/checkpoint.pt)",

@@ -291,6 +291,14 @@ def model_dirs() -> list:
 
 
 # ---- outputs and inputs the rule files share ------------------------------------------------------
+# One study per folder: everything an experiment computes, its tables, plots, logs, benchmarks
+# and report included, lies under results/<experiment>/, so two experiments never share a file.
+
+
+def study_path(path: str) -> str:
+    """results/<experiment>/<path> of the configured experiment: the study-wide files (tables,
+    plots), which the configured grid of sets defines, exist for that experiment only."""
+    return f"results/{config['experiment']}/{path}"
 
 
 def sample_outputs(set_name, method):

@@ -10,9 +10,9 @@ rule reference:
         features="results/{experiment}/reference/features.npz",
         info="results/{experiment}/reference/reference.json",
     log:
-        "results/logs/reference/{experiment}.log",
+        "results/{experiment}/logs/reference.log",
     benchmark:
-        "results/benchmarks/reference/{experiment}.tsv"
+        "results/{experiment}/benchmarks/reference.tsv"
     conda:
         ENV
     threads: config["threads"]["score"]
@@ -27,13 +27,13 @@ rule reference:
 
 rule cmmd_reference:
     input:
-        "results/{experiment}/reference/reference.json",
+        rules.reference.output.info,
     output:
         "results/{experiment}/reference/clip_embeddings.npz",
     log:
-        "results/logs/cmmd_reference/{experiment}.log",
+        "results/{experiment}/logs/cmmd_reference.log",
     benchmark:
-        "results/benchmarks/cmmd_reference/{experiment}.tsv"
+        "results/{experiment}/benchmarks/cmmd_reference.tsv"
     conda:
         ENV
     threads: config["threads"]["score"]
@@ -50,9 +50,9 @@ rule real_set:
     output:
         "results/{experiment}/samples/real/stats.json",
     log:
-        "results/logs/real_set/{experiment}.log",
+        "results/{experiment}/logs/real_set.log",
     benchmark:
-        "results/benchmarks/real_set/{experiment}.tsv"
+        "results/{experiment}/benchmarks/real_set.tsv"
     conda:
         ENV
     threads: config["threads"]["score"]
@@ -70,9 +70,9 @@ rule feature_net:
         model="results/{experiment}/feature_net/model.pt",
         info="results/{experiment}/feature_net/feature_net.json",
     log:
-        "results/logs/feature_net/{experiment}.log",
+        "results/{experiment}/logs/feature_net.log",
     benchmark:
-        "results/benchmarks/feature_net/{experiment}.tsv"
+        "results/{experiment}/benchmarks/feature_net.tsv"
     conda:
         ENV
     threads: config["threads"]["score"]

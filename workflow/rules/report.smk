@@ -1,5 +1,7 @@
 # The study's tables and plots (`duodiff tables`, `duodiff plots`), flagged for the Snakemake
-# report with the captions in workflow/report/.
+# report with the captions in workflow/report/. They go to results/<experiment>/tables/ and
+# results/<experiment>/plots/ of the configured experiment (study_path, common.smk), so another
+# experiment's study, run in the same folder, keeps its own.
 #
 # The report's menu lists categories by name, alphabetically, and a category's items by their
 # first label (by path when they have none), so the names carry the reading order: the main
@@ -38,55 +40,55 @@ rule tables:
         gflops=study_files("gflops"),
     output:
         scores=report(
-            "results/tables/scores.csv",
+            study_path("tables/scores.csv"),
             caption="../report/scores_table.rst",
             category="3. Tables",
             labels={"table": "1. Headline scores with intervals (scores.csv)"},
         ),
         operating_points=report(
-            "results/tables/operating_points.csv",
+            study_path("tables/operating_points.csv"),
             caption="../report/operating_points.rst",
             category="3. Tables",
             labels={"table": "2. Speed-up at equal quality (operating_points.csv)"},
         ),
         fid=report(
-            "results/tables/fid.csv",
+            study_path("tables/fid.csv"),
             caption="../report/fid_table.rst",
             category="3. Tables",
             labels={"table": "3. FID and cost (fid.csv)"},
         ),
         kid=report(
-            "results/tables/kid.csv",
+            study_path("tables/kid.csv"),
             caption="../report/kid_table.rst",
             category="3. Tables",
             labels={"table": "4. KID (kid.csv)"},
         ),
         # Listed last: without CLIP weights every row is empty (the summary's notes say why).
         cmmd=report(
-            "results/tables/cmmd.csv",
+            study_path("tables/cmmd.csv"),
             caption="../report/cmmd_table.rst",
             category="3. Tables",
             labels={"table": "6. CMMD (cmmd.csv)"},
         ),
         gflops=report(
-            "results/tables/gflops.csv",
+            study_path("tables/gflops.csv"),
             caption="../report/gflops_table.rst",
             category="3. Tables",
             labels={"table": "5. GFLOPs (gflops.csv)"},
         ),
         # The report shows html, not Markdown: summary.html is the summary.md table as a page.
         summary_html=report(
-            "results/tables/summary.html",
+            study_path("tables/summary.html"),
             caption="../report/summary.rst",
             category=MAIN_RESULT,
             labels={"result": "1. Summary table"},
         ),
-        summary_md="results/tables/summary.md",
-        summary_tex="results/tables/summary.tex",
+        summary_md=study_path("tables/summary.md"),
+        summary_tex=study_path("tables/summary.tex"),
     log:
-        "results/logs/tables/tables.log",
+        study_path("logs/tables.log"),
     benchmark:
-        "results/benchmarks/tables/tables.tsv"
+        study_path("benchmarks/tables.tsv")
     conda:
         ENV
     threads: config["threads"]["report"]
@@ -111,18 +113,18 @@ rule plots:
         exit_layers=study_files("exit_layers"),
         grids=study_files("grids"),
         losses=study_files("losses"),
-        reference=f"results/{config['experiment']}/reference/reference.json",
+        reference=expand(rules.reference.output.info, experiment=config["experiment"]),
     output:
         png=[
-            report(f"results/plots/{name}.png", caption=f"../report/{name}.rst", **REPORT_PLOTS[name])
+            report(study_path(f"plots/{name}.png"), caption=f"../report/{name}.rst", **REPORT_PLOTS[name])
             for name in PLOTS
         ],
-        pdf=[f"results/plots/{name}.pdf" for name in PLOTS],
-        data=[f"results/plots/{name}.json" for name in PLOTS],  # the plotted series, as drawn
+        pdf=[study_path(f"plots/{name}.pdf") for name in PLOTS],
+        data=[study_path(f"plots/{name}.json") for name in PLOTS],  # the plotted series, as drawn
     log:
-        "results/logs/plots/plots.log",
+        study_path("logs/plots.log"),
     benchmark:
-        "results/benchmarks/plots/plots.tsv"
+        study_path("benchmarks/plots.tsv")
     conda:
         ENV
     threads: config["threads"]["report"]
@@ -132,7 +134,7 @@ rule plots:
         tables_dir=subpath(lambda wildcards, input: input.tables[0], parent=True),
         samples_root=subpath(lambda wildcards, input: input.stats[0], ancestor=2),
         models_root=subpath(lambda wildcards, input: input.losses[0], ancestor=2),
-        reference=subpath(input.reference, parent=True),
+        reference=subpath(lambda wildcards, input: input.reference[0], parent=True),
         output_dir=subpath(lambda wildcards, output: output.png[0], parent=True),
         flags=cli_flags(config["plots"]),
     shell:

@@ -8,13 +8,13 @@
 
 rule sample_full:
     input:
-        model="results/{experiment}/models/full/model.pt",
+        model=rules.train_full.output.model,
     output:
         **sample_outputs("full", "full"),
     log:
-        "results/logs/sample_full/{experiment}/full.log",
+        "results/{experiment}/logs/sample_full/full.log",
     benchmark:
-        "results/benchmarks/sample_full/{experiment}/full.tsv"
+        "results/{experiment}/benchmarks/sample_full/full.tsv"
     conda:
         ENV
     threads: config["threads"]["sample"]
@@ -34,9 +34,9 @@ rule sample_fewer_steps:
     output:
         **sample_outputs("full_steps{steps}", "fewer_steps"),
     log:
-        "results/logs/sample_fewer_steps/{experiment}/full_steps{steps}.log",
+        "results/{experiment}/logs/sample_fewer_steps/full_steps{steps}.log",
     benchmark:
-        "results/benchmarks/sample_fewer_steps/{experiment}/full_steps{steps}.tsv"
+        "results/{experiment}/benchmarks/sample_fewer_steps/full_steps{steps}.tsv"
     conda:
         ENV
     threads: config["threads"]["sample"]
@@ -52,13 +52,13 @@ rule sample_fewer_steps:
 
 rule sample_shallow:
     input:
-        model="results/{experiment}/models/shallow_d{depth}/model.pt",
+        model=rules.train_shallow.output.model,
     output:
         **sample_outputs("shallow_d{depth}", "shallow"),
     log:
-        "results/logs/sample_shallow/{experiment}/shallow_d{depth}.log",
+        "results/{experiment}/logs/sample_shallow/shallow_d{depth}.log",
     benchmark:
-        "results/benchmarks/sample_shallow/{experiment}/shallow_d{depth}.tsv"
+        "results/{experiment}/benchmarks/sample_shallow/shallow_d{depth}.tsv"
     conda:
         ENV
     threads: config["threads"]["sample"]
@@ -74,13 +74,13 @@ rule sample_shallow:
 
 rule sample_early_exit:
     input:
-        model="results/{experiment}/models/ee_{classifier_type}/model.pt",
+        model=rules.train_early_exit.output.model,
     output:
         **sample_outputs("ee_{classifier_type}_thr{threshold}", "early_exit"),
     log:
-        "results/logs/sample_early_exit/{experiment}/ee_{classifier_type}_thr{threshold}.log",
+        "results/{experiment}/logs/sample_early_exit/ee_{classifier_type}_thr{threshold}.log",
     benchmark:
-        "results/benchmarks/sample_early_exit/{experiment}/ee_{classifier_type}_thr{threshold}.tsv"
+        "results/{experiment}/benchmarks/sample_early_exit/ee_{classifier_type}_thr{threshold}.tsv"
     conda:
         ENV
     threads: config["threads"]["sample"]
@@ -96,14 +96,14 @@ rule sample_early_exit:
 
 rule sample_duodiff:
     input:
-        shallow="results/{experiment}/models/shallow_d{depth}/model.pt",
-        full="results/{experiment}/models/full/model.pt",
+        shallow=rules.train_shallow.output.model,
+        full=rules.train_full.output.model,
     output:
         **sample_outputs("duodiff_d{depth}_ts{t_switch}", "duodiff"),
     log:
-        "results/logs/sample_duodiff/{experiment}/duodiff_d{depth}_ts{t_switch}.log",
+        "results/{experiment}/logs/sample_duodiff/duodiff_d{depth}_ts{t_switch}.log",
     benchmark:
-        "results/benchmarks/sample_duodiff/{experiment}/duodiff_d{depth}_ts{t_switch}.tsv"
+        "results/{experiment}/benchmarks/sample_duodiff/duodiff_d{depth}_ts{t_switch}.tsv"
     conda:
         ENV
     threads: config["threads"]["sample"]

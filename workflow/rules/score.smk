@@ -7,13 +7,13 @@
 rule fid:
     input:
         stats="results/{experiment}/samples/{set}/stats.json",
-        reference="results/{experiment}/reference/features.npz",
+        reference=rules.reference.output.features,
     output:
         "results/{experiment}/metrics/{set}/fid.json",
     log:
-        "results/logs/fid/{experiment}/{set}.log",
+        "results/{experiment}/logs/fid/{set}.log",
     benchmark:
-        "results/benchmarks/fid/{experiment}/{set}.tsv"
+        "results/{experiment}/benchmarks/fid/{set}.tsv"
     conda:
         ENV
     threads: config["threads"]["score"]
@@ -31,14 +31,14 @@ rule fid:
 rule fd_classifier:
     input:
         stats="results/{experiment}/samples/{set}/stats.json",
-        reference="results/{experiment}/reference/reference.json",
+        reference=rules.reference.output.info,
         feature_net=rules.feature_net.output.model,
     output:
         "results/{experiment}/metrics/{set}/fd_classifier.json",
     log:
-        "results/logs/fd_classifier/{experiment}/{set}.log",
+        "results/{experiment}/logs/fd_classifier/{set}.log",
     benchmark:
-        "results/benchmarks/fd_classifier/{experiment}/{set}.tsv"
+        "results/{experiment}/benchmarks/fd_classifier/{set}.tsv"
     conda:
         ENV
     threads: config["threads"]["score"]
@@ -56,13 +56,13 @@ rule fd_classifier:
 rule cmmd:
     input:
         stats="results/{experiment}/samples/{set}/stats.json",
-        reference="results/{experiment}/reference/clip_embeddings.npz",
+        reference=rules.cmmd_reference.output,
     output:
         "results/{experiment}/metrics/{set}/cmmd.json",
     log:
-        "results/logs/cmmd/{experiment}/{set}.log",
+        "results/{experiment}/logs/cmmd/{set}.log",
     benchmark:
-        "results/benchmarks/cmmd/{experiment}/{set}.tsv"
+        "results/{experiment}/benchmarks/cmmd/{set}.tsv"
     conda:
         ENV
     threads: config["threads"]["score"]
@@ -83,9 +83,9 @@ rule flops:
     output:
         "results/{experiment}/metrics/{set}/gflops.json",
     log:
-        "results/logs/flops/{experiment}/{set}.log",
+        "results/{experiment}/logs/flops/{set}.log",
     benchmark:
-        "results/benchmarks/flops/{experiment}/{set}.tsv"
+        "results/{experiment}/benchmarks/flops/{set}.tsv"
     conda:
         ENV
     threads: config["threads"]["score"]

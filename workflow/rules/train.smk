@@ -21,9 +21,9 @@ rule train_full:
         model="results/{experiment}/models/full/model.pt",
         loss="results/{experiment}/models/full/loss.csv",
     log:
-        "results/logs/train_full/{experiment}.log",
+        "results/{experiment}/logs/train_full.log",
     benchmark:
-        "results/benchmarks/train_full/{experiment}.tsv"
+        "results/{experiment}/benchmarks/train_full.tsv"
     priority: 10
     conda:
         ENV
@@ -46,9 +46,9 @@ rule train_shallow:
         model="results/{experiment}/models/shallow_d{depth}/model.pt",
         loss="results/{experiment}/models/shallow_d{depth}/loss.csv",
     log:
-        "results/logs/train_shallow/{experiment}/shallow_d{depth}.log",
+        "results/{experiment}/logs/train_shallow/shallow_d{depth}.log",
     benchmark:
-        "results/benchmarks/train_shallow/{experiment}/shallow_d{depth}.tsv"
+        "results/{experiment}/benchmarks/train_shallow/shallow_d{depth}.tsv"
     conda:
         ENV
     threads: config["threads"]["train"]
@@ -66,14 +66,14 @@ rule train_shallow:
 rule train_early_exit:
     input:
         model_config=config["models"]["full"],
-        backbone="results/{experiment}/models/full/model.pt",
+        backbone=rules.train_full.output.model,
     output:
         model="results/{experiment}/models/ee_{classifier_type}/model.pt",
         loss="results/{experiment}/models/ee_{classifier_type}/loss.csv",
     log:
-        "results/logs/train_early_exit/{experiment}/ee_{classifier_type}.log",
+        "results/{experiment}/logs/train_early_exit/ee_{classifier_type}.log",
     benchmark:
-        "results/benchmarks/train_early_exit/{experiment}/ee_{classifier_type}.tsv"
+        "results/{experiment}/benchmarks/train_early_exit/ee_{classifier_type}.tsv"
     priority: 5
     conda:
         ENV

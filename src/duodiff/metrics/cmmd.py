@@ -38,6 +38,7 @@ import torch
 
 from duodiff.distributed import default_device
 from duodiff.errors import DuodiffError, check_positive, require
+from duodiff.flags import add_flag
 from duodiff.io import atomic_path, write_json
 from duodiff.metrics.feature_cache import cached_features, remove_cache
 
@@ -344,8 +345,6 @@ def run_cmmd(
 
 
 def add_embedding_flags(p) -> None:
-    from duodiff.cli import add_flag
-
     add_flag(p, "--batch-size", "--cmmd_batch_size", "--cmmd-batch-size", type=int, default=32)
     add_flag(p, "--max-count", "--cmmd_max_count", "--cmmd-max-count", type=int, default=None,
              help="use only the first N images (sorted) of each folder")  # fmt: skip
@@ -355,8 +354,6 @@ def add_embedding_flags(p) -> None:
 
 
 def add_cli(subparsers):
-    from duodiff.cli import add_flag
-
     p = subparsers.add_parser("cmmd-reference", help="CLIP embeddings of the reference images, once per dataset (for CMMD)")
     add_flag(p, "--reference", required=True, help="reference folder (REFDIR/images/*.png)")
     add_flag(p, "--output", required=True, help="FILE.npz")

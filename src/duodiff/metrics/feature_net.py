@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from duodiff.errors import DuodiffError, check_positive, require
+from duodiff.flags import add_flag
 from duodiff.io import read_json, torch_save, write_json
 
 FORMAT = "duodiff-feature-net-v2"  # v2: features divided by their training RMS
@@ -244,8 +245,6 @@ def feature_extractor(path: str, device: str = "cpu"):
 
 
 def add_cli(subparsers) -> None:
-    from duodiff.cli import add_flag
-
     p = subparsers.add_parser("feature-net", help="train the dataset's feature network (a small classifier) once")
     add_flag(p, "--dataset", required=True)
     add_flag(p, "--data-root", default=None)

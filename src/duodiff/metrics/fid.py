@@ -41,6 +41,8 @@ import torch
 
 from duodiff.distributed import default_device
 from duodiff.errors import DuodiffError, check_choice, check_positive, require
+from duodiff.flags import add_flag
+from duodiff.images import save_png, to_uint8
 from duodiff.io import atomic_path, read_json, write_json
 from duodiff.metrics.feature_cache import cached_features, remove_cache
 from duodiff.metrics.uncertainty import CONFIDENCE, frechet_statistic, jackknife_interval, kid_statistic
@@ -283,8 +285,6 @@ def write_dataset_images(real, indices, folder: Path, batch_size: int, num_worke
     quantisation and PNG writer, so real and generated images take one path to the scores. The
     images go to a temporary folder that replaces images/ at once."""
     from tqdm import tqdm
-
-    from duodiff.sampling import save_png, to_uint8
 
     folder.mkdir(parents=True, exist_ok=True)
     tmp_images = Path(tempfile.mkdtemp(prefix=".tmp-images-", dir=folder))
@@ -610,8 +610,6 @@ CHUNK_HELP = "images per kept feature chunk: a killed job's rerun recomputes onl
 
 
 def add_cli(subparsers):
-    from duodiff.cli import add_flag
-
     p = subparsers.add_parser("reference", help="real images + their Inception features, once per dataset")
     add_flag(p, "--dataset", required=True)
     add_flag(p, "--data-root", default=None)

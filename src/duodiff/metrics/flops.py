@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from duodiff.errors import DuodiffError, require
+from duodiff.flags import add_flag
 from duodiff.io import read_json, write_json
 
 METHODS = ("full", "shallow", "early_exit", "duodiff")
@@ -274,8 +275,6 @@ def run_flops(samples, output) -> dict:
 
 
 def add_cli(subparsers):
-    from duodiff.cli import add_flag
-
     p = subparsers.add_parser("flops", help="GFLOPs per forward / per image and layer ratio of a sample set")
     add_flag(p, "--samples", required=True, help="sample set folder (reads stats.json and exit_layers.pt)")
     add_flag(p, "--output", required=True, help="FILE.json")

@@ -1,0 +1,61 @@
+"""Images on disk: the one quantisation, PNG writer and reader, and grid every stage uses.
+
+A leaf module: the stages (sampling, metrics, plots) import it, and it imports none of them, only
+duodiff.io's atomic writes. Generated samples (`duodiff sample`) and real images (`duodiff
+reference`, `duodiff real-set`) take this one path to PNG, so both reach the scores alike; the
+sample sets' grid.png and the grids `duodiff plots` rebuilds from images come from `image_grid`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from duodiff.io import atomic_path
+
+GRID_NROW = 8  # images per grid row
+GRID_MIN_SIZE = 32  # grids enlarge smaller images (8x8 digits) by nearest neighbour to at least this size
+GRID_PADDING = 2  # white pixels between grid images
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] floats -> uint8 in [0, 255], rounding as torchvision.utils.save_image does."""
+    return ((images.float() + 1.0) / 2.0).mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
+
+
+def save_png(image_uint8: torch.Tensor, path: Path) -> None:
+    """One (C, H, W) uint8 image -> PNG (grayscale for 1 channel), written atomically."""
+    from PIL import Image
+
+    array = image_uint8.permute(1, 2, 0).cpu().numpy()
+    image = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)  # uint8: mode L or RGB
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
+def load_png(path: Path) -> torch.Tensor:
+    """PNG -> (C, H, W) uint8 tensor."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as image:
+        array = np.array(image)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def image_grid(images: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) uint8 images (C 1 or 3) -> one (3, H', W') uint8 grid: GRID_NROW per row,
+    GRID_PADDING white pixels around each, images smaller than GRID_MIN_SIZE enlarged by nearest
+    neighbour (an integer factor, every pixel repeated), so 8x8 digits stay visible."""
+    from torchvision.utils import make_grid
+
+    size = images.shape[-1]
+    if size < GRID_MIN_SIZE:
+        factor = math.ceil(GRID_MIN_SIZE / size)
+        images = images.repeat_interleave(factor, dim=2).repeat_interleave(factor, dim=3)
+    # make_grid repeats a single channel three times, so the grid is RGB either way.
+    return make_grid(images, nrow=GRID_NROW, padding=GRID_PADDING, pad_value=255)
