@@ -230,6 +230,22 @@ def test_cmmd_missing_for_every_set_is_one_note_not_a_column(tmp_path):
     assert cmmd["set"].tolist() == ORDER and not cmmd["available"].any() and (cmmd["reason"] == CMMD_REASON).all()
 
 
+def test_cmmd_switched_off_reads_no_cmmd_file_and_says_so_once(tmp_path):
+    # metrics.cmmd.enabled: false schedules no CMMD job, so there is no cmmd.json to read.
+    write_study(tmp_path)
+    for name in STUDY:
+        (tmp_path / "metrics" / name / "cmmd.json").unlink()
+    run_tables(samples_root=tmp_path / "samples", metrics_root=tmp_path / "metrics", sets=ORDER,
+               output_dir=tmp_path / "tables", cmmd=False)
+    page = (tmp_path / "tables" / "summary.md").read_text()
+    header, _ = markdown_rows(page)
+    assert "CMMD ↓" not in header and "n/a" not in page
+    assert page.count("metrics.cmmd.enabled: false") == 1
+    cmmd = pd.read_csv(tmp_path / "tables" / "cmmd.csv")
+    assert cmmd["set"].tolist() == ORDER and not cmmd["available"].any()
+    assert cmmd["reason"].str.contains("switched off").all()
+
+
 def test_cost_best_is_the_cheapest_set_that_matches_the_full_model(tmp_path):
     # The shallow model alone made as good as the full model (FD 100 in [90, 110]) and the
     # cheapest (0.02 GFLOPs/fwd, 23 images/s): still no cost contender, being DuoDiff's first stage.

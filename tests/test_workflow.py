@@ -106,11 +106,12 @@ def expected_jobs(cfg: dict) -> dict:
     n_sets = len(expected_sets(cfg))
     n_scored = len(scored_sets(cfg))
     classifier = cfg.get("metrics", {}).get("headline") == "classifier"
+    cmmd = cfg.get("metrics", {}).get("cmmd", {}).get("enabled", True)  # false: no CMMD job at all
     jobs = {
         "reference": 1,
         "real_set": int(n_scored > n_sets),
         "feature_net": int(classifier),
-        "cmmd_reference": 1,
+        "cmmd_reference": int(cmmd),
         "train_full": 1,
         "train_shallow": n_shallow,
         "train_early_exit": n_classifiers,
@@ -121,7 +122,7 @@ def expected_jobs(cfg: dict) -> dict:
         "sample_duodiff": n_shallow * n_t_switch,
         "fid": n_scored,
         "fd_classifier": n_scored if classifier else 0,
-        "cmmd": n_scored,
+        "cmmd": n_scored if cmmd else 0,
         "flops": n_sets,
         "tables": 1,
         "plots": 1,
@@ -490,7 +491,7 @@ def test_slurm_profile_uses_the_plugin_settings_and_resources_it_knows(dry_runs)
     assert plugin_keys and set(plugin_keys) <= plugin_fields
     # set-resources silently ignores a misspelt rule name: every name must be a rule of the DAG.
     _, results = dry_runs
-    rules = set(job_counts(results["config/config.yaml"].stdout))
+    rules = set().union(*(job_counts(results[config].stdout) for config in SHIPPED_CONFIGS))
     assert set(settings["set-resources"]) <= rules
     for rule in GPU_RULES:
         assert settings["set-resources"][rule]["gpu"] == 1, rule

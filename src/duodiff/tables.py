@@ -18,6 +18,8 @@ the `full` set, which must be among the sets.
 
 from __future__ import annotations
 
+import argparse
+
 import html
 import math
 import re
@@ -210,7 +212,12 @@ def _scores(metrics_root, name: str, headline: str) -> dict:
     return row
 
 
-def _cmmd(metrics_root, name: str) -> dict:
+CMMD_OFF = "not computed: CMMD is switched off for this experiment (metrics.cmmd.enabled: false)"
+
+
+def _cmmd(metrics_root, name: str, cmmd: bool) -> dict:
+    if not cmmd:
+        return {"cmmd": None, "available": False, "reason": CMMD_OFF, "cmmd_n_samples": None, "embedding_model": None}
     path = Path(metrics_root) / name / "cmmd.json"
     cmmd = _read(path)
     value = cmmd["cmmd"] if cmmd["available"] else None
@@ -226,7 +233,7 @@ def _cmmd(metrics_root, name: str) -> dict:
     }
 
 
-def read_real(samples_root, metrics_root, headline: str) -> dict:
+def read_real(samples_root, metrics_root, headline: str, cmmd: bool = True) -> dict:
     """The real-data row: held-out real images scored like a sample set (no sampling, no cost)."""
     stats_path = Path(samples_root) / "real" / "stats.json"
     stats = _read(stats_path, "real_stats.json")
@@ -234,14 +241,14 @@ def read_real(samples_root, metrics_root, headline: str) -> dict:
     return {
         "set": "real", "method": "real", "setting": "held-out real images",
         "n_samples": stats["n_samples"], "real_notes": list(stats["notes"] or []),
-        **_scores(metrics_root, "real", headline), **_cmmd(metrics_root, "real"),
+        **_scores(metrics_root, "real", headline), **_cmmd(metrics_root, "real", cmmd),
     }  # fmt: skip
 
 
-def read_set(samples_root, metrics_root, name: str, headline: str = "inception") -> dict:
+def read_set(samples_root, metrics_root, name: str, headline: str = "inception", cmmd: bool = True) -> dict:
     """One sample set's row: its stats.json and metric files merged into flat columns."""
     if name == "real":
-        return read_real(samples_root, metrics_root, headline)
+        return read_real(samples_root, metrics_root, headline, cmmd)
     stats_path = Path(samples_root) / name / "stats.json"
     gflops_path = Path(metrics_root) / name / "gflops.json"
     stats = _read(stats_path)
@@ -265,7 +272,7 @@ def read_set(samples_root, metrics_root, name: str, headline: str = "inception")
         "timing_clock": stats.get("timing_clock", "wall"),  # sets sampled before it was recorded: wall
         "precision": stats.get("precision", "fp32"),  # sets sampled before --precision existed: fp32
         **_scores(metrics_root, name, headline),
-        **_cmmd(metrics_root, name),
+        **_cmmd(metrics_root, name, cmmd),
         "gflops_per_forward": _number(gflops_path, gflops, "gflops_per_forward", positive=True),
         "gflops_per_forward_linear_conv": _number(gflops_path, gflops, "gflops_per_forward_linear_conv", positive=True),
         "gflops_per_image": _number(gflops_path, gflops, "gflops_per_image", positive=True),
@@ -306,11 +313,11 @@ def _order_key(row) -> tuple:
     return (METHOD_ORDER.index(method), "", number(row["shallow_depth"]), 0.0)
 
 
-def collect(samples_root, metrics_root, sets, headline: str = "inception") -> pd.DataFrame:
+def collect(samples_root, metrics_root, sets, headline: str = "inception", cmmd: bool = True) -> pd.DataFrame:
     """All sets' rows in paper order, with speed-ups relative to `full` and each headline score
     placed against the full model's interval (score_vs_full, see compare_to_full)."""
     sets = check_sets(sets)
-    rows = sorted((read_set(samples_root, metrics_root, name, headline) for name in sets), key=_order_key)
+    rows = sorted((read_set(samples_root, metrics_root, name, headline, cmmd) for name in sets), key=_order_key)
     frame = pd.DataFrame(rows)
     for column in ID_COLUMNS + SPEED_COLUMNS + ["batch_size", "device", "torch_version", "timing_clock",
                                                 "precision", "gflops_per_forward_linear_conv", "gflops_convention"]:
@@ -795,11 +802,11 @@ def _write_frame(frame: pd.DataFrame, path: Path) -> None:
         frame.to_csv(tmp, index=False)
 
 
-def run_tables(samples_root, metrics_root, sets, output_dir, headline: str = "inception") -> dict[str, Path]:
+def run_tables(samples_root, metrics_root, sets, output_dir, headline: str = "inception", cmmd: bool = True) -> dict[str, Path]:
     """Write scores/fid/kid/cmmd/gflops.csv, operating_points.csv, summary.md, summary.tex and
     summary.html to output_dir; return their paths."""
     require(headline in HEADLINES, f"--headline must be one of {', '.join(HEADLINES)}; got {headline!r}")
-    frame = collect(samples_root, metrics_root, sets, headline)  # reads and checks everything before writing
+    frame = collect(samples_root, metrics_root, sets, headline, cmmd)  # reads and checks everything before writing
     output_dir = Path(output_dir)
     paths = {}
     for name, columns in CSV_COLUMNS.items():
@@ -826,5 +833,8 @@ def add_cli(subparsers) -> None:
     add_flag(parser, "--headline", default="inception", choices=list(HEADLINES),
              help="the score the summary, marks and operating points use: inception (fid.json) or classifier "
                   "(fd_classifier.json)")
+    add_flag(parser, "--cmmd", action=argparse.BooleanOptionalAction, default=True,
+             help="read each set's cmmd.json (--no-cmmd: CMMD was switched off; the tables say so in one note)")
     parser.set_defaults(func=lambda args: run_tables(samples_root=args.samples_root, metrics_root=args.metrics_root,
-                                                     sets=args.sets, output_dir=args.output_dir, headline=args.headline))
+                                                     sets=args.sets, output_dir=args.output_dir, headline=args.headline,
+                                                     cmmd=args.cmmd))

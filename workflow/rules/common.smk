@@ -331,6 +331,8 @@ def study_files(kind):
     }
     if kind == "fd_classifier" and config["metrics"]["headline"] != "classifier":
         return []
+    if kind == "cmmd" and not config["metrics"]["cmmd"]["enabled"]:
+        return []
     # Scores cover the real images too; sampling cost and exits exist for generated sets only.
     names = {"losses": model_dirs(), "fid": scored_sets(), "fd_classifier": scored_sets(), "cmmd": scored_sets()}.get(
         kind, sample_sets()
@@ -435,7 +437,8 @@ def real_set_flags() -> str:
 
 
 def cmmd_flags() -> str:
-    return cli_flags({**config["metrics"]["cmmd"], "device": config["device"]})
+    settings = {key: value for key, value in config["metrics"]["cmmd"].items() if key != "enabled"}
+    return cli_flags({**settings, "device": config["device"]})
 
 
 def resources(kind: str) -> dict:

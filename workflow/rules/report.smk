@@ -100,10 +100,11 @@ rule tables:
         metrics_root=subpath(lambda wildcards, input: input.fid[0], ancestor=2),
         sets=" ".join(scored_sets()),
         headline=config["metrics"]["headline"],
+        cmmd="--cmmd" if config["metrics"]["cmmd"]["enabled"] else "--no-cmmd",
         output_dir=subpath(output.fid, parent=True),
     shell:
         "duodiff tables --samples-root {params.samples_root} --metrics-root {params.metrics_root} "
-        "--sets {params.sets} --headline {params.headline} --output-dir {params.output_dir} > {log} 2>&1"
+        "--sets {params.sets} --headline {params.headline} {params.cmmd} --output-dir {params.output_dir} > {log} 2>&1"
 
 
 rule plots:
