@@ -46,11 +46,11 @@ REAL_COLOR = "tab:green"
 LOSS_BOOKKEEPING = ["step", "loss", "lr", "steps_per_s"]  # loss.csv columns that are not loss parts
 
 # One sequential colour map per family, so every set of a family shares a hue and its setting
-# (threshold, t_switch) picks the shade. Early exit: cool hues (then grey) per classifier; DuoDiff:
-# warm hues per shallow depth.
-# Greys belong to the full model's fewer-steps sets (the full model itself is black).
-EARLY_EXIT_CMAPS = ["Blues", "Greens", "Purples", "YlGnBu", "GnBu", "BuPu"]
-DUODIFF_CMAPS = ["Reds", "Oranges", "YlOrBr", "RdPu"]
+# (threshold, t_switch) picks the shade. Early exit: blue, purple, brown and teal per classifier;
+# DuoDiff: red, orange, pink per shallow depth. Green belongs to the real-data floor, greys to the
+# full model's fewer-steps sets (the full model itself is black).
+EARLY_EXIT_CMAPS = ["Blues", "Purples", "YlOrBr", "BuGn", "GnBu", "BuPu"]
+DUODIFF_CMAPS = ["Reds", "Oranges", "RdPu"]
 FULL_STYLE = dict(color="black", marker="*", markersize=15, linestyle="none")
 SHALLOW_MARKER = "s"
 # Every figure is drawn at about the width of a paper's column (3.3 in) and its smallest type is
