@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+import duodiff.plots as plots_module
 from duodiff.errors import DuodiffError
 from matplotlib import rc_context
 from matplotlib.text import Text
@@ -272,7 +273,7 @@ def test_fid_vs_tswitch_puts_shallow_alone_at_t_switch_steps(study):
     assert series(data["fid_vs_tswitch"], "full U-ViT (13 blocks)")["y"] == [20.0, 20.0]
 
 
-def test_training_curves_are_smoothed_by_hand_computed_ema(study):
+def test_training_curves_show_each_loss_kind_on_its_own_axis(study):
     _, data = study
     curves = data["training_curves"]
     assert curves["smoothing"] == 0.5
@@ -288,11 +289,26 @@ def test_training_curves_are_smoothed_by_hand_computed_ema(study):
         "loss_simple (final MSE)": ["ee_attention_probe"],
         "loss_u (uncertainty error)": ["ee_attention_probe"],
     }
-    assert panels["U-ViT models: denoising MSE"]["full"]["y"] == pytest.approx(SMOOTHED)
-    assert panels["Early exit: total loss"]["ee_attention_probe"]["y"] == pytest.approx(SMOOTHED)
-    # The EMA is linear: the terms (loss / 2, loss / 4) smooth to the smoothed loss / 2 and / 4.
-    assert panels["loss_simple (final MSE)"]["ee_attention_probe"]["y"] == pytest.approx([v / 2 for v in SMOOTHED])
-    assert panels["loss_u (uncertainty error)"]["ee_attention_probe"]["y"] == pytest.approx([v / 4 for v in SMOOTHED])
+    # Three logged rows (each the mean of its interval) are drawn as logged: an EMA over so few rows
+    # would lag the whole run behind.
+    assert panels["U-ViT models: denoising MSE"]["full"]["y"] == pytest.approx(LOSSES)
+    assert panels["Early exit: total loss"]["ee_attention_probe"]["y"] == pytest.approx(LOSSES)
+    assert panels["loss_simple (final MSE)"]["ee_attention_probe"]["y"] == pytest.approx([v / 2 for v in LOSSES])
+    assert panels["loss_u (uncertainty error)"]["ee_attention_probe"]["y"] == pytest.approx([v / 4 for v in LOSSES])
+
+
+def test_long_training_curves_are_smoothed_by_hand_computed_ema(tmp_path):
+    # A run with enough rows gets the debiased EMA beside its faint interval means: at weight 0.5 the
+    # losses 4, 2, 1, 1, ... smooth to 4, (0.5*4*0.5 + 0.5*2) / 0.75 = 8/3, (2/3*0.75*0.5 + 0.5) / 0.875, ...
+    n = plots_module.MIN_ROWS_TO_SMOOTH
+    losses = LOSSES + [1.0] * (n - len(LOSSES))
+    log = tmp_path / "full" / "loss.csv"
+    log.parent.mkdir()
+    log.write_text("step,loss,lr,steps_per_s\n" + "".join(f"{10 * (i + 1)},{v},0.001,5\n" for i, v in enumerate(losses)))
+    _, data = plots_module.plot_training_curves([log], 0.5)
+    series = {s["label"]: s["y"] for s in data["panels"][0]["series"]}
+    assert series["full"][:3] == pytest.approx(SMOOTHED)
+    assert len(series["full"]) == n
 
 
 def test_sample_grids_show_real_images_and_every_set(study):
