@@ -22,6 +22,7 @@ from duodiff.io import check_output_path
 # lists them. A call imports only its own command's module: every pipeline job starts a fresh
 # `duodiff`, and pandas/matplotlib/clean-fid imports would add seconds to each of them.
 COMMANDS = {
+    "encode": "duodiff.latent",
     "train": "duodiff.training",
     "sample": "duodiff.sampling",
     "feature-net": "duodiff.metrics.feature_net",

@@ -1,0 +1,236 @@
+"""Latent diffusion (Rombach et al. 2022), as U-ViT's ImageNet 256 models: the networks work in the
+4 x 32 x 32 latent space of Stable Diffusion's KL-f8 autoencoder, loaded through diffusers'
+`AutoencoderKL`.
+
+    z = scale_factor * E(x)        (encode, once per dataset: `duodiff encode`)
+    x = D(z / scale_factor)        (decode, once per sample before it is saved)
+
+scale_factor makes the latents' spread about 1 (U-ViT: 0.23010 with its autoencoder_kl.pth,
+Stable Diffusion: 0.18215); it is a config value.
+
+The autoencoder comes from a local diffusers folder (config.json + weights) or from one
+checkpoint file: diffusers' own key names, or the LDM format of U-ViT's autoencoder_kl.pth and of
+Stable Diffusion's checkpoints (keys encoder.down.0.block.0..., optionally under
+first_stage_model.), which needs the architecture as a diffusers config file
+(config/autoencoders/sd-kl-f8.json). Nothing is downloaded.
+
+Departure from U-ViT, with its reason: U-ViT stores the encoder's moments and draws a new latent
+from the posterior at every training step; `duodiff encode` stores the posterior mean. The
+KL-f8 posterior's standard deviation is about 1% of the latents' spread, and a stored latent keeps
+the training data a function of (seed, step) alone, which resumed runs rely on. Horizontal flips,
+U-ViT's augmentation, cannot be applied to latents: like U-ViT's feature extraction, `encode`
+stores the latents of the flipped images beside the others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from duodiff.errors import DuodiffError, require
+from duodiff.flags import add_flag
+from duodiff.io import atomic_path
+
+LDM_PREFIX = "first_stage_model."  # a whole LDM / Stable Diffusion checkpoint keeps the VAE here
+
+
+def load_autoencoder(path, config_path=None):
+    """diffusers' AutoencoderKL from a local folder or a single checkpoint file (see the module
+    docstring), in eval mode with frozen weights."""
+    from diffusers import AutoencoderKL
+
+    path = Path(path)
+    require(path.exists(), f"--autoencoder {path} does not exist (a diffusers folder or a checkpoint file)")
+    if path.is_dir():
+        try:
+            vae = AutoencoderKL.from_pretrained(path, local_files_only=True, low_cpu_mem_usage=False)
+        except (OSError, ValueError, EnvironmentError) as error:
+            raise DuodiffError(f"--autoencoder {path}: not a diffusers AutoencoderKL folder ({error})") from None
+        return vae.eval().requires_grad_(False)
+
+    require(config_path is not None, f"--autoencoder {path} is a single file: --autoencoder-config must name its architecture")
+    with open(config_path) as f:
+        vae = AutoencoderKL.from_config(json.load(f))
+    state = _read_state_dict(path)
+    if any(key.startswith("encoder.down.") for key in state):
+        from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+        state = convert_ldm_vae_checkpoint(state, vae.config)
+    misfit = f"--autoencoder {path} does not fit --autoencoder-config {config_path}"
+    try:
+        missing, unexpected = vae.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # shapes that differ
+        raise DuodiffError(f"{misfit}: {str(error).splitlines()[1].strip()}") from None
+    if missing or unexpected:
+        raise DuodiffError(
+            f"{misfit}: {len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+        )
+    return vae.eval().requires_grad_(False)
+
+
+def _read_state_dict(path: Path) -> dict:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # pickle, zip and format errors all mean the same to the user
+            raise DuodiffError(f"--autoencoder {path}: not a PyTorch checkpoint ({type(error).__name__}: {error})") from None
+    state = state.get("state_dict", state)
+    if any(key.startswith(LDM_PREFIX) for key in state):
+        state = {key[len(LDM_PREFIX) :]: value for key, value in state.items() if key.startswith(LDM_PREFIX)}
+    # LDM checkpoints carry the discriminator of the autoencoder's training loss: not part of the model.
+    return {key: value for key, value in state.items() if not key.startswith("loss.")}
+
+
+class LatentCodec:
+    """Images in [-1, 1] <-> scaled latents, through a frozen AutoencoderKL."""
+
+    def __init__(self, vae, scale_factor: float):
+        self.vae = vae
+        self.scale_factor = float(scale_factor)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.vae.config.latent_channels
+
+    @property
+    def downsampling(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Scaled posterior means (B, latent_channels, H / f, W / f)."""
+        return self.vae.encode(images).latent_dist.mean * self.scale_factor
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] from scaled latents."""
+        return self.vae.decode(latents / self.scale_factor).sample.clamp(-1.0, 1.0)
+
+
+def file_sha256(path) -> str:
+    """Of a file, or of every file in a folder (names and bytes): what the latents were made with."""
+    digest = hashlib.sha256()
+    path = Path(path)
+    for file in sorted(p for p in (path.rglob("*") if path.is_dir() else [path]) if p.is_file()):
+        digest.update(file.relative_to(path).as_posix().encode() if path.is_dir() else b"")
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def run_encode(
+    *, dataset, data_root, download, image_size, autoencoder, autoencoder_config, scale_factor, output,
+    batch_size, chunk_size, device, progress=True,
+):
+    """Encode the training split of `dataset` (and its mirror images where the dataset is flipped
+    in training) into `output`, an .npz with latents (N, C, h, w) float32 and labels (N,).
+
+    Resumable: chunks of `chunk_size` images are kept in `<output>.chunks/` until the .npz is
+    written; a rerun after a kill encodes only the chunks it does not find. The chunks belong to
+    one fingerprint (autoencoder bytes, scale factor, dataset, image size): another one starts over.
+    """
+    from duodiff.data import load_dataset
+
+    data = load_dataset(dataset, root=data_root, download=download, image_size=image_size, train=True)
+    codec = LatentCodec(load_autoencoder(autoencoder, autoencoder_config).to(device), scale_factor)
+    views = (False, True) if data.hflip else (False,)
+    fingerprint = {
+        "autoencoder_sha256": file_sha256(autoencoder),
+        "scale_factor": codec.scale_factor,
+        "dataset": dataset,
+        "image_size": data.image_size,
+        "images": len(data),
+        "views": ["image", "flipped"][: len(views)],
+    }
+    chunks = _chunk_folder(Path(str(output) + ".chunks"), fingerprint)
+    starts = range(0, len(data), chunk_size)
+    iterator = starts
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(starts, desc=f"encode {dataset}", unit="chunk")
+    latents, labels = [], []
+    for start in iterator:
+        indices = range(start, min(start + chunk_size, len(data)))
+        path = chunks / f"{start:09d}.npz"
+        if not path.exists():
+            z, y = _encode_chunk(codec, data, indices, views, batch_size, device)
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                np.savez(f, latents=z, labels=y)
+        with np.load(path) as part:
+            latents.append(part["latents"])
+            labels.append(part["labels"])
+    # Every view of the whole set, in order: all images first, then all flipped ones.
+    latents = np.concatenate([part[v::len(views)] for v in range(len(views)) for part in latents])
+    labels = np.concatenate([part[v::len(views)] for v in range(len(views)) for part in labels])
+    with atomic_path(output) as tmp, open(tmp, "wb") as f:
+        np.savez(f, latents=latents, labels=labels, fingerprint=json.dumps(fingerprint))
+    shutil.rmtree(chunks, ignore_errors=True)
+    return Path(output)
+
+
+def _chunk_folder(folder: Path, fingerprint: dict) -> Path:
+    stamp = folder / "fingerprint.json"
+    if folder.exists() and (not stamp.exists() or json.loads(stamp.read_text()) != fingerprint):
+        shutil.rmtree(folder)  # chunks of another autoencoder or dataset: never mixed in
+    folder.mkdir(parents=True, exist_ok=True)
+    if not stamp.exists():
+        with atomic_path(stamp) as tmp:
+            Path(tmp).write_text(json.dumps(fingerprint, sort_keys=True))
+    return folder
+
+
+def _encode_chunk(codec, data, indices, views, batch_size, device):
+    """Latents of the chunk's images, interleaved by view: (image 0, flipped 0, image 1, ...)."""
+    out, labels = [], []
+    for start in range(0, len(indices), batch_size):
+        items = [data[i] for i in indices[start : start + batch_size]]
+        images = torch.stack([image for image, _ in items]).to(device)
+        per_view = [codec.encode(images.flip(-1) if flipped else images).float().cpu() for flipped in views]
+        out.append(torch.stack(per_view, dim=1).flatten(0, 1))
+        labels.append(torch.tensor([label for _, label in items]).repeat_interleave(len(views)))
+    return torch.cat(out).numpy(), torch.cat(labels).numpy()
+
+
+def load_latents(path) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latents (N, C, h, w) float32, labels (N,) long) as `duodiff encode` wrote them."""
+    path = Path(path)
+    require(path.exists(), f"latents file {path} does not exist: run `duodiff encode` first")
+    with np.load(path) as f:
+        return torch.from_numpy(f["latents"]).float(), torch.from_numpy(f["labels"]).long()
+
+
+def add_cli(subparsers):
+    p = subparsers.add_parser(
+        "encode", help="encode a dataset's training images into autoencoder latents (latent diffusion)"
+    )
+    add_flag(p, "--dataset", required=True, help="dataset name (duodiff.data.DATASETS)")
+    add_flag(p, "--data-root", default=None, help="folder holding the data (default data/<dataset>)")
+    add_flag(p, "--download", action="store_true", help="let torchvision download the dataset")
+    add_flag(p, "--image-size", type=int, default=None, help="resize to this (default: native size)")
+    add_flag(p, "--autoencoder", required=True, help="diffusers AutoencoderKL folder or a checkpoint file")
+    add_flag(p, "--autoencoder-config", default=None, help="diffusers config.json of a single-file autoencoder")
+    add_flag(p, "--scale-factor", type=float, required=True, help="latent scale (U-ViT: 0.23010, SD: 0.18215)")
+    add_flag(p, "--output", required=True, help="the .npz of latents and labels to write")
+    add_flag(p, "--batch-size", type=int, default=64, help="images per encoder call")
+    add_flag(p, "--chunk-size", type=int, default=4096, help="images per resumable chunk")
+    add_flag(p, "--device", default="cpu", help="cpu | cuda")
+    p.set_defaults(func=_cli)
+
+
+def _cli(args):
+    require(args.scale_factor > 0, f"--scale-factor must be > 0; got {args.scale_factor}")
+    for flag in ("batch_size", "chunk_size"):
+        require(getattr(args, flag) >= 1, f"--{flag.replace('_', '-')} must be >= 1; got {getattr(args, flag)}")
+    values = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
+    run_encode(**values)

@@ -1,0 +1,191 @@
+"""The latent path's autoencoder side: loading diffusers' AutoencoderKL from a folder or an
+LDM-format file (U-ViT's autoencoder_kl.pth), and `duodiff encode` (whole, flipped views, resumable).
+A tiny randomly initialised AutoencoderKL stands in for Stable Diffusion's KL-f8."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from duodiff import latent
+from duodiff.data import load_dataset
+from duodiff.errors import DuodiffError
+
+TINY = {
+    "in_channels": 1,
+    "out_channels": 1,
+    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+    "block_out_channels": [8, 16],
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 4,
+    "sample_size": 8,
+}
+
+
+def tiny_vae(channels=1, seed=0):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(**{**TINY, "in_channels": channels, "out_channels": channels}).eval()
+
+
+def to_ldm_names(state: dict, up_blocks: int) -> dict:
+    """diffusers' AutoencoderKL keys -> LDM's (U-ViT's libs/autoencoder.py), written from LDM's
+    module names; attention projections become LDM's 1x1 convolutions."""
+    out = {}
+    for key, value in state.items():
+        new = key.replace("conv_shortcut", "nin_shortcut").replace("conv_norm_out", "norm_out")
+        new = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", new)
+        new = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", new)
+        new = re.sub(r"mid_block\.resnets\.(\d+)\.", lambda m: f"mid.block_{int(m[1]) + 1}.", new)
+        up = re.match(r"decoder\.up_blocks\.(\d+)\.(resnets|upsamplers\.0)\.", new)
+        if up:
+            part = "block." if up[2] == "resnets" else "upsample."
+            new = f"decoder.up.{up_blocks - 1 - int(up[1])}.{part}" + new[up.end() :]
+        if "mid_block.attentions.0." in new:
+            new = new.replace("mid_block.attentions.0.", "mid.attn_1.")
+            for a, b in (("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")):
+                new = new.replace(f".{a}.", f".{b}.")
+            if value.ndim == 2:
+                value = value[:, :, None, None]
+        out[new] = value
+    return out
+
+
+def test_ldm_checkpoint_loads_into_the_same_weights(tmp_path):
+    vae = tiny_vae()
+    ldm = {"first_stage_model." + k: v for k, v in to_ldm_names(vae.state_dict(), up_blocks=2).items()}
+    ldm["loss.discriminator.main.0.weight"] = torch.zeros(3)  # LDM files carry the training loss
+    torch.save({"state_dict": ldm}, tmp_path / "autoencoder_kl.pth")
+    (tmp_path / "tiny.json").write_text(json.dumps(TINY))
+
+    loaded = latent.load_autoencoder(tmp_path / "autoencoder_kl.pth", tmp_path / "tiny.json")
+    want = vae.state_dict()
+    got = loaded.state_dict()
+    assert got.keys() == want.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, msg=key)
+
+
+def test_folder_and_bad_files(tmp_path):
+    vae = tiny_vae()
+    vae.save_pretrained(tmp_path / "ae")
+    loaded = latent.load_autoencoder(tmp_path / "ae")
+    x = torch.rand(2, 1, 8, 8) * 2 - 1
+    torch.testing.assert_close(loaded.encode(x).latent_dist.mean, vae.encode(x).latent_dist.mean)
+
+    (tmp_path / "tiny.json").write_text(json.dumps({**TINY, "block_out_channels": [8, 8]}))
+    torch.save(vae.state_dict(), tmp_path / "diffusers_names.pt")
+    with pytest.raises(DuodiffError, match="does not fit --autoencoder-config"):
+        latent.load_autoencoder(tmp_path / "diffusers_names.pt", tmp_path / "tiny.json")
+    with pytest.raises(DuodiffError, match="needs|must name its architecture"):
+        latent.load_autoencoder(tmp_path / "diffusers_names.pt")
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    with pytest.raises(DuodiffError, match="not a PyTorch checkpoint"):
+        latent.load_autoencoder(tmp_path / "junk.pt", tmp_path / "tiny.json")
+
+
+def test_codec_scales_and_unscales():
+    vae = tiny_vae()
+    codec = latent.LatentCodec(vae, scale_factor=0.25)
+    x = torch.rand(3, 1, 8, 8) * 2 - 1
+    with torch.no_grad():
+        mean = vae.encode(x).latent_dist.mean
+        z = codec.encode(x)
+        torch.testing.assert_close(z, 0.25 * mean)
+        torch.testing.assert_close(codec.decode(z), vae.decode(mean).sample.clamp(-1, 1))
+    assert z.shape == (3, 4, 4, 4) and codec.downsampling == 2 and codec.latent_channels == 4
+
+
+def encode_args(tmp_path, **changes):
+    return {
+        "dataset": "digits", "data_root": None, "download": False, "image_size": None,
+        "autoencoder": tmp_path / "ae", "autoencoder_config": None, "scale_factor": 0.5,
+        "output": tmp_path / "latents.npz", "batch_size": 100, "chunk_size": 500, "device": "cpu",
+        "progress": False, **changes,
+    }  # fmt: skip
+
+
+def test_encode_digits_whole_and_resumable(tmp_path, monkeypatch):
+    vae = tiny_vae()
+    vae.save_pretrained(tmp_path / "ae")
+    images = torch.stack([image for image, _ in load_dataset("digits")])
+    with torch.no_grad():
+        want = 0.5 * vae.encode(images).latent_dist.mean
+
+    # A run killed after two of its four chunks keeps them; the rerun encodes only the other two.
+    real_encode_chunk = latent._encode_chunk
+    calls = []
+
+    def dies_after_two(*args):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(args[2])
+        return real_encode_chunk(*args)
+
+    monkeypatch.setattr(latent, "_encode_chunk", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        latent.run_encode(**encode_args(tmp_path))
+    assert not (tmp_path / "latents.npz").exists()
+    assert len(list((tmp_path / "latents.npz.chunks").glob("*.npz"))) == 2
+
+    calls.clear()
+    monkeypatch.setattr(latent, "_encode_chunk", lambda *args: calls.append(args[2]) or real_encode_chunk(*args))
+    latent.run_encode(**encode_args(tmp_path))
+    assert [r.start for r in calls] == [1000, 1500]
+    z, labels = latent.load_latents(tmp_path / "latents.npz")
+    torch.testing.assert_close(z, want, atol=1e-5, rtol=1e-5)
+    assert labels.tolist() == [int(y) for _, y in load_dataset("digits")]
+    assert not (tmp_path / "latents.npz.chunks").exists()
+
+
+def test_chunks_of_another_fingerprint_are_not_reused(tmp_path, monkeypatch):
+    tiny_vae().save_pretrained(tmp_path / "ae")
+    monkeypatch.setattr(latent, "_encode_chunk", _raise_after_first(latent._encode_chunk))
+    with pytest.raises(KeyboardInterrupt):
+        latent.run_encode(**encode_args(tmp_path))
+    monkeypatch.undo()
+    latent.run_encode(**encode_args(tmp_path, scale_factor=1.0))  # another scale: start over
+    z1, _ = latent.load_latents(tmp_path / "latents.npz")
+    latent.run_encode(**encode_args(tmp_path, output=tmp_path / "clean.npz", scale_factor=1.0))
+    z2, _ = latent.load_latents(tmp_path / "clean.npz")
+    torch.testing.assert_close(z1, z2, rtol=0, atol=0)
+
+
+def _raise_after_first(function):
+    state = {"n": 0}
+
+    def wrapper(*args):
+        if state["n"]:
+            raise KeyboardInterrupt
+        state["n"] += 1
+        return function(*args)
+
+    return wrapper
+
+
+def test_flipped_views_follow_the_images(tmp_path):
+    """A dataset flipped in training (any ImageFolder) gets its mirror images' latents after the
+    images', as U-ViT's feature extraction stores them."""
+    vae = tiny_vae(channels=3)
+    vae.save_pretrained(tmp_path / "ae")
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        (tmp_path / "data" / f"class{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "data" / f"class{i % 2}" / f"{i}.png")
+    args = encode_args(tmp_path, dataset="imagefolder", data_root=tmp_path / "data", image_size=8, chunk_size=2)
+    latent.run_encode(**args)
+    z, labels = latent.load_latents(tmp_path / "latents.npz")
+    data = load_dataset("imagefolder", root=tmp_path / "data", image_size=8)
+    images = torch.stack([image for image, _ in data])
+    with torch.no_grad():
+        want = torch.cat([vae.encode(images).latent_dist.mean, vae.encode(images.flip(-1)).latent_dist.mean]) * 0.5
+    torch.testing.assert_close(z, want, atol=1e-5, rtol=1e-5)
+    assert labels.tolist() == [y for _, y in data] * 2
+    fingerprint = json.loads(str(np.load(tmp_path / "latents.npz")["fingerprint"]))
+    assert fingerprint["views"] == ["image", "flipped"] and fingerprint["images"] == 3
