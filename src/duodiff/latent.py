@@ -141,8 +141,9 @@ def run_encode(
     """
     from duodiff.data import load_dataset
 
-    data = load_dataset(dataset, root=data_root, download=download, image_size=image_size, train=True)
+    # The autoencoder first: a wrong path fails in a second, before an ImageNet folder is scanned.
     codec = LatentCodec(load_autoencoder(autoencoder, autoencoder_config).to(device), scale_factor)
+    data = load_dataset(dataset, root=data_root, download=download, image_size=image_size, train=True)
     views = (False, True) if data.hflip else (False,)
     fingerprint = {
         "autoencoder_sha256": file_sha256(autoencoder),
