@@ -23,6 +23,7 @@ from duodiff.io import check_output_path
 # `duodiff`, and pandas/matplotlib/clean-fid imports would add seconds to each of them.
 COMMANDS = {
     "train": "duodiff.training",
+    "convert": "duodiff.convert",
     "sample": "duodiff.sampling",
     "feature-net": "duodiff.metrics.feature_net",
     "reference": "duodiff.metrics.fid",

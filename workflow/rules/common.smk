@@ -282,9 +282,10 @@ def scored_sets() -> list:
 
 
 def model_dirs() -> list:
-    """Every trained model folder name under results/<experiment>/models."""
+    """Every trained model folder name under results/<experiment>/models (a full model converted
+    from models.full_checkpoint is not trained: it has no loss.csv)."""
     return (
-        ["full"]
+        ([] if config["models"]["full_checkpoint"] else ["full"])
         + [f"shallow_d{depth}" for depth in shallow_depths()]
         + [f"ee_{classifier}" for classifier in config["early_exit"]["classifier_types"]]
     )
