@@ -23,11 +23,13 @@ discrete schedule to the network as it is (normalize_timesteps: false), so the c
 at step k is the U-ViT network at t = k / 999: the map is fixed by the network's input, not
 chosen. It fits a 1,000-step schedule exactly (k = 0..999 <-> t = 0..1), which is why the
 conversion requires num_timesteps 1000. The discrete linear schedule 1e-4 -> 0.02 is the VP-SDE
-sampled with beta_k = beta(k / 999) / 1000 (Song et al. 2011.13456, Appendix B), so its
-abar_k = prod_{i<=k}(1 - beta_i) ~ exp(-sum_{i<=k} beta_i) differs from abar(k / 999) by about one
-half-step of the sum: the two agree closely in the middle and drift apart at the ends (at k = 0
-the discrete step adds noise of std 0.01 where t = 0 adds none). `compare_alpha_bar` measures it;
-`duodiff convert` prints it and stores it in model.pt under "converted_from".
+sampled with beta_k = beta(k / 999) / 1000 (Song et al. 2011.13456, Appendix B), and
+log abar_k = sum_{i<=k} log(1 - beta_i) differs from log abar(k / 999) = -integral in two ways:
+the sum's first term (abar_0 = 1 - 1e-4: noise of std 0.01 where t = 0 has none), which dominates
+sqrt(1 - abar) at small k, and log(1 - beta) ~ -beta - beta^2 / 2, whose second-order terms add up
+to about 0.067 at k = 999, so that sqrt(abar) is 3.4% lower there; in between the two agree closely.
+`compare_alpha_bar` measures it; `duodiff convert` prints it and stores it in model.pt under
+"converted_from".
 """
 
 from __future__ import annotations
@@ -59,7 +61,9 @@ def _torch_load(path: Path):
         # weights_only: a foreign file; U-ViT's hold only tensors, dicts and numbers.
         return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as error:
-        raise DuodiffError(f"{path}: not a readable PyTorch file (truncated, corrupt or not a state dict?): {error}") from None
+        raise DuodiffError(
+            f"{path}: not a readable PyTorch file (truncated, corrupt or not a state dict?): {error}"
+        ) from None
 
 
 def read_uvit_checkpoint(path) -> tuple[dict, int | None, str]:
@@ -68,7 +72,10 @@ def read_uvit_checkpoint(path) -> tuple[dict, int | None, str]:
     path = Path(path)
     step = None
     if path.is_dir():
-        require((path / f"{EMA_KEY}.pth").is_file(), f"{path}: a folder, but no {EMA_KEY}.pth in it (U-ViT's <step>.ckpt folders hold one)")
+        require(
+            (path / f"{EMA_KEY}.pth").is_file(),
+            f"{path}: a folder, but no {EMA_KEY}.pth in it (U-ViT's <step>.ckpt folders hold one)",
+        )
         if (path / STEP_FILE).is_file():
             step = _torch_load(path / STEP_FILE)
         path, where = path / f"{EMA_KEY}.pth", f"{EMA_KEY}.pth of a checkpoint folder"
@@ -79,10 +86,10 @@ def read_uvit_checkpoint(path) -> tuple[dict, int | None, str]:
     if isinstance(obj, dict) and EMA_KEY in obj:
         step = obj.get("step", step)
         obj, where = obj[EMA_KEY], f"'{EMA_KEY}' entry of a dict"
+    keys = f" with keys {', '.join(map(str, list(obj)[:SHOWN_KEYS]))}" if isinstance(obj, dict) else ""
     require(
         isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()),
-        f"{path}: expected U-ViT weights (a state dict of tensors, or a dict with '{EMA_KEY}'); "
-        f"found {type(obj).__name__}" + (f" with keys {', '.join(map(str, list(obj)[:SHOWN_KEYS]))}" if isinstance(obj, dict) else ""),
+        f"{path}: expected U-ViT weights (a state dict of tensors, or a dict with '{EMA_KEY}'); found {type(obj).__name__}{keys}",
     )
     return obj, (int(step) if isinstance(step, (int, torch.Tensor)) else None), where
 
