@@ -15,6 +15,9 @@ METRICS = SCHEMA["properties"]["metrics"]["properties"]
 # Schema block -> the subcommand its keys are passed to.
 BLOCKS = {
     "train": (SCHEMA["$defs"]["training_settings"]["properties"], "train"),
+    # The diffusion block reaches `duodiff train` and, with models.full_checkpoint, `duodiff convert`.
+    "diffusion": (SCHEMA["properties"]["diffusion"]["properties"], "train"),
+    "diffusion (convert)": (SCHEMA["properties"]["diffusion"]["properties"], "convert"),
     "sampling": (SCHEMA["properties"]["sampling"]["properties"], "sample"),
     "metrics.fid": (METRICS["fid"]["properties"], "fid"),
     "metrics.cmmd": (METRICS["cmmd"]["properties"], "cmmd"),

@@ -70,7 +70,7 @@ for leaf in ("duodiff.flags", "duodiff.images"):
     before = set(sys.modules)
     importlib.import_module(leaf)
     report[leaf] = sorted(m for m in set(sys.modules) - before if m.startswith("duodiff."))
-for stage in ("duodiff.training", "duodiff.sampling", "duodiff.metrics.feature_net", "duodiff.metrics.fid",
+for stage in ("duodiff.training", "duodiff.convert", "duodiff.sampling", "duodiff.metrics.feature_net", "duodiff.metrics.fid",
               "duodiff.metrics.cmmd", "duodiff.metrics.flops", "duodiff.tables", "duodiff.plots"):
     importlib.import_module(stage)
 report["cli loaded"] = "duodiff.cli" in sys.modules

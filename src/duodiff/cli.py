@@ -24,6 +24,7 @@ from duodiff.io import check_output_path
 COMMANDS = {
     "encode": "duodiff.latent",
     "train": "duodiff.training",
+    "convert": "duodiff.convert",
     "sample": "duodiff.sampling",
     "feature-net": "duodiff.metrics.feature_net",
     "reference": "duodiff.metrics.fid",

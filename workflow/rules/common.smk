@@ -282,9 +282,10 @@ def scored_sets() -> list:
 
 
 def model_dirs() -> list:
-    """Every trained model folder name under results/<experiment>/models."""
+    """Every trained model folder name under results/<experiment>/models (a full model converted
+    from models.full_checkpoint is not trained: it has no loss.csv)."""
     return (
-        ["full"]
+        ([] if config["models"]["full_checkpoint"] else ["full"])
         + [f"shallow_d{depth}" for depth in shallow_depths()]
         + [f"ee_{classifier}" for classifier in config["early_exit"]["classifier_types"]]
     )
@@ -443,3 +444,27 @@ def cmmd_flags() -> str:
 
 def resources(kind: str) -> dict:
     return config["resources"][kind]
+
+
+# ---- a published U-ViT checkpoint (models.full_checkpoint, rules/convert.smk) -----------------------
+
+
+def check_full_checkpoint(config) -> None:
+    """What a U-ViT checkpoint needs of the config, refused before any job starts (duodiff
+    convert checks the same; the workflow does not import duodiff, see above)."""
+    full_path, diffusion = config["models"]["full"], config["diffusion"]
+    if read_model_config(full_path).get("normalize_timesteps", False):
+        raise ValueError(
+            f"invalid config: models.full_checkpoint is set, but models.full {full_path} has normalize_timesteps: "
+            "true; U-ViT's checkpoints see the raw step (t * 999): use a model file with normalize_timesteps: false"
+        )
+    if diffusion["num_timesteps"] != 1000 or diffusion["parametrization"] != "predict_noise":
+        raise ValueError(
+            f"invalid config: models.full_checkpoint is set, but diffusion has num_timesteps {diffusion['num_timesteps']} "
+            f"and parametrization {diffusion['parametrization']}; U-ViT's checkpoints need 1000 and predict_noise"
+        )
+
+
+def convert_flags() -> str:
+    """The diffusion settings stored in model.pt, and the dataset the model is recorded under."""
+    return " ".join([cli_flags(config["diffusion"]), cli_flags({"dataset": config["dataset"]["name"]})])

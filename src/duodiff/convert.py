@@ -1,0 +1,253 @@
+"""`duodiff convert`: a published U-ViT checkpoint (Bao et al., baofff/U-ViT) -> this project's model.pt.
+
+What U-ViT releases, and what this reads:
+- a plain state dict (`cifar10_uvit_small.pth`, ..., the `nnet_ema` weights the papers evaluate);
+- a dict holding one under 'nnet_ema';
+- a training checkpoint folder `<step>.ckpt/` as U-ViT's TrainState.save writes it
+  (nnet.pth, nnet_ema.pth, step.pth, ...): nnet_ema.pth is read, step.pth gives the step.
+
+Parameter names: our U-ViT (duodiff.models.uvit) keeps libs/uvit.py's module names and layouts
+(patch_embed.proj, time_embed.0/.2, label_emb, pos_embed, in_blocks.<i>, mid_block,
+out_blocks.<i>.skip_linear, norm1/attn.qkv/attn.proj/norm2/mlp.fc1/mlp.fc2, norm, decoder_pred,
+final_layer), so the map is the identity; its dropouts and timm's Mlp.drop hold no parameters.
+Every key and shape is still checked against the model the model YAML builds, and a mismatch is
+one DuodiffError naming the file, the first bad keys and the shapes expected.
+
+Time conditioning. U-ViT's pixel-space models are trained on the continuous VP-SDE of its sde.py,
+VPSDE(beta_min=0.1, beta_max=20) on t in [0, 1], with
+
+    abar(t) = exp(-(beta_min t + (beta_max - beta_min) t^2 / 2))   (cum_alpha: E[x_t|x_0] = sqrt(abar) x_0),
+
+and the network sees `t * 999` (ScoreModel.predict). Our sampler feeds the integer step k of a
+discrete schedule to the network as it is (normalize_timesteps: false), so the converted network
+at step k is the U-ViT network at t = k / 999: the map is fixed by the network's input, not
+chosen. It fits a 1,000-step schedule exactly (k = 0..999 <-> t = 0..1), which is why the
+conversion requires num_timesteps 1000. The discrete linear schedule 1e-4 -> 0.02 is the VP-SDE
+sampled with beta_k = beta(k / 999) / 1000 (Song et al. 2011.13456, Appendix B), and
+log abar_k = sum_{i<=k} log(1 - beta_i) differs from log abar(k / 999) = -integral in two ways:
+the sum's first term (abar_0 = 1 - 1e-4: noise of std 0.01 where t = 0 has none), which dominates
+sqrt(1 - abar) at small k, and log(1 - beta) ~ -beta - beta^2 / 2, whose second-order terms add up
+to about 0.067 at k = 999, so that sqrt(abar) is 3.4% lower there; in between the two agree closely.
+`compare_alpha_bar` measures it; `duodiff convert` prints it and stores it in model.pt under
+"converted_from".
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+from duodiff import checkpoints
+from duodiff.config import load_yaml
+from duodiff.diffusion import GaussianDiffusion
+from duodiff.errors import DuodiffError, check_choice, require
+from duodiff.flags import add_flag
+
+# sde.py's ScoreModel.predict calls the network with t * 999: the network's time input for t = 1.
+UVIT_TIME_SCALE = 999
+# The names U-ViT's TrainState gives its EMA network: the key in a checkpoint dict and the file
+# stem in a checkpoint folder (utils.py: torch.save(val.state_dict(), f'{key}.pth')).
+EMA_KEY = "nnet_ema"
+STEP_FILE = "step.pth"
+SHOWN_KEYS = 5  # bad keys listed in an error message
+
+
+def _torch_load(path: Path):
+    try:
+        # weights_only: a foreign file; U-ViT's hold only tensors, dicts and numbers.
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as error:
+        raise DuodiffError(
+            f"{path}: not a readable PyTorch file (truncated, corrupt or not a state dict?): {error}"
+        ) from None
+
+
+def read_uvit_checkpoint(path) -> tuple[dict, int | None, str]:
+    """(state dict of tensors, training step or None, where in `path` the weights were) of a
+    U-ViT checkpoint file or training checkpoint folder."""
+    path = Path(path)
+    step = None
+    if path.is_dir():
+        require(
+            (path / f"{EMA_KEY}.pth").is_file(),
+            f"{path}: a folder, but no {EMA_KEY}.pth in it (U-ViT's <step>.ckpt folders hold one)",
+        )
+        if (path / STEP_FILE).is_file():
+            step = _torch_load(path / STEP_FILE)
+        path, where = path / f"{EMA_KEY}.pth", f"{EMA_KEY}.pth of a checkpoint folder"
+    else:
+        require(path.is_file(), f"{path}: no such file or folder")
+        where = "plain state dict"
+    obj = _torch_load(path)
+    if isinstance(obj, dict) and EMA_KEY in obj:
+        step = obj.get("step", step)
+        obj, where = obj[EMA_KEY], f"'{EMA_KEY}' entry of a dict"
+    keys = f" with keys {', '.join(map(str, list(obj)[:SHOWN_KEYS]))}" if isinstance(obj, dict) else ""
+    require(
+        isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()),
+        f"{path}: expected U-ViT weights (a state dict of tensors, or a dict with '{EMA_KEY}'); found {type(obj).__name__}{keys}",
+    )
+    return obj, (int(step) if isinstance(step, (int, torch.Tensor)) else None), where
+
+
+def check_state_dict(state: dict, expected: dict, path, config_path) -> None:
+    """Every key of `expected` (name -> tensor) in `state` with its shape, and nothing else;
+    one DuodiffError listing the first missing, unexpected and misshapen keys otherwise."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    misshapen = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if not (missing or unexpected or misshapen):
+        return
+
+    def listed(keys, show):
+        more = f" and {len(keys) - SHOWN_KEYS} more" if len(keys) > SHOWN_KEYS else ""
+        return ", ".join(show(k) for k in keys[:SHOWN_KEYS]) + more
+
+    problems = []
+    if missing:
+        problems.append(f"missing {listed(missing, lambda k: f'{k} {tuple(expected[k].shape)}')}")
+    if unexpected:
+        problems.append(f"unexpected {listed(unexpected, lambda k: f'{k} {tuple(state[k].shape)}')}")
+    if misshapen:
+        problems.append(
+            "wrong shapes " + listed(misshapen, lambda k: f"{k} {tuple(state[k].shape)} (expected {tuple(expected[k].shape)})")
+        )
+    raise DuodiffError(
+        f"{path}: the weights do not fit the U-ViT of {config_path}: {'; '.join(problems)}. "
+        "Is the model YAML the published model's (img_size, patch_size, embed_dim, depth = U-ViT's depth + 1, "
+        "num_classes, mlp_time_embed, qkv_bias, conv)?"
+    )
+
+
+def vp_sde_alpha_bar(t: float, beta_min: float, beta_max: float) -> float:
+    """abar(t) of U-ViT's VPSDE: exp(-integral_0^t beta), beta(s) = beta_min + s (beta_max - beta_min)."""
+    return math.exp(-(beta_min * t + 0.5 * (beta_max - beta_min) * t * t))
+
+
+def compare_alpha_bar(diffusion: GaussianDiffusion, timesteps, beta_min: float, beta_max: float) -> dict:
+    """sqrt(abar) and sqrt(1 - abar) of the discrete schedule at each integer step k against the
+    VP-SDE's at t = k / 999 (the module docstring derives the map). Differences are relative to
+    the discrete values, the ones our sampler uses (never 0: 0 < abar_k < 1)."""
+    abar = diffusion._float64["alphas_cumprod"]  # float64: 1 - abar near k = 0 needs the digits
+    rows = []
+    for k in timesteps:
+        require(0 <= k < diffusion.num_timesteps, f"timestep {k} is outside [0, {diffusion.num_timesteps})")
+        ours, theirs = float(abar[k]), vp_sde_alpha_bar(k / UVIT_TIME_SCALE, beta_min, beta_max)
+        row = {"k": k, "t": k / UVIT_TIME_SCALE, "alpha_bar": ours, "alpha_bar_uvit": theirs}
+        row["rel_diff_sqrt_alpha_bar"] = abs(math.sqrt(ours) - math.sqrt(theirs)) / math.sqrt(ours)
+        row["rel_diff_sqrt_one_minus_alpha_bar"] = abs(math.sqrt(1 - ours) - math.sqrt(1 - theirs)) / math.sqrt(1 - ours)
+        rows.append(row)
+    return {
+        "map": f"t = k / {UVIT_TIME_SCALE}",
+        "sde": {"beta_min": beta_min, "beta_max": beta_max},
+        "timesteps": rows,
+        "max_rel_diff_sqrt_alpha_bar": max(r["rel_diff_sqrt_alpha_bar"] for r in rows),
+        "max_rel_diff_sqrt_one_minus_alpha_bar": max(r["rel_diff_sqrt_one_minus_alpha_bar"] for r in rows),
+    }
+
+
+def _checked_settings(config_path, num_timesteps, parametrization, dataset, compare_timesteps) -> dict:
+    """The model YAML as written, after the checks that make U-ViT's weights mean what they meant."""
+    from duodiff.data import CHANNELS, DATASETS
+    from duodiff.models import UViTConfig
+
+    model_config = load_yaml(config_path)
+    config = UViTConfig.from_dict(model_config, source=str(config_path))
+    require(
+        not config.normalize_timesteps,
+        f"{config_path} has normalize_timesteps: true, but U-ViT's checkpoints see the raw step (t * {UVIT_TIME_SCALE}); "
+        "use a model YAML with normalize_timesteps: false",
+    )
+    require(
+        num_timesteps == UVIT_TIME_SCALE + 1,
+        f"--num-timesteps {num_timesteps}: U-ViT's networks see t * {UVIT_TIME_SCALE} for t in [0, 1], which integer steps "
+        f"0..{UVIT_TIME_SCALE} cover only with --num-timesteps {UVIT_TIME_SCALE + 1}",
+    )
+    require(
+        parametrization == "predict_noise",
+        f"--parametrization {parametrization}: U-ViT's pixel-space checkpoints predict the noise (pred='noise_pred'); "
+        "use predict_noise",
+    )
+    if dataset is not None:
+        check_choice("--dataset", dataset, DATASETS)
+        require(
+            CHANNELS[dataset] == config.in_chans,
+            f"--dataset {dataset} has {CHANNELS[dataset]} channel(s) but {config_path} has in_chans {config.in_chans}",
+        )
+    require(len(compare_timesteps) > 0, "--compare-timesteps must name at least one timestep")
+    return model_config
+
+
+def run_convert(
+    *, checkpoint, config_path, output, num_timesteps, beta_start, beta_end, parametrization, dataset,
+    sde_beta_min, sde_beta_max, compare_timesteps,
+) -> dict:  # fmt: skip
+    """Convert `checkpoint` (U-ViT weights) for the model YAML `config_path` into `output`
+    (model.pt, kind uvit, loaded by sampling and early-exit training as a trained one).
+
+    Returns the ᾱ comparison (compare_alpha_bar), also stored in model.pt."""
+    from duodiff.models import build_model
+
+    model_config = _checked_settings(config_path, num_timesteps, parametrization, dataset, compare_timesteps)
+    diffusion = GaussianDiffusion(num_timesteps, beta_start, beta_end, parametrization)
+    comparison = compare_alpha_bar(diffusion, compare_timesteps, sde_beta_min, sde_beta_max)
+    state, step, where = read_uvit_checkpoint(checkpoint)
+    model = build_model("uvit", model_config, num_timesteps=num_timesteps)
+    check_state_dict(state, model.state_dict(), checkpoint, config_path)
+    model.load_state_dict(state)  # names and shapes checked above; copying into the model's float32 casts
+    weights = model.state_dict()
+    checkpoints.save_model(
+        output, kind="uvit", classifier_type=None, model_config=model_config, diffusion=diffusion.config(),
+        # Only U-ViT's EMA weights are published: they are the model's weights, and no second copy is kept.
+        state_dict=weights, ema_state_dict=None, step=step,
+        # The one training setting known; sampling records it so `duodiff fid` checks the reference's dataset.
+        train_args={"dataset": dataset} if dataset is not None else None,
+        converted_from={"checkpoint": str(checkpoint), "weights": where, "time_conditioning": comparison},
+    )
+    return comparison
+
+
+def _timesteps(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise DuodiffError(f"--compare-timesteps must be integers separated by commas; got {text!r}") from None
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser("convert", help="a published U-ViT checkpoint (libs/uvit.py names, EMA weights) -> model.pt")
+    add_flag(p, "--checkpoint", required=True, help="U-ViT weights: a state dict .pth, a dict with 'nnet_ema', "
+             "or a <step>.ckpt folder with nnet_ema.pth")  # fmt: skip
+    add_flag(p, "--config-path", required=True, help="model YAML of the same architecture (normalize_timesteps: false)")
+    add_flag(p, "--output", required=True, help="model.pt to write")
+    add_flag(p, "--num-timesteps", type=int, default=1000)
+    add_flag(p, "--beta-start", type=float, default=1e-4)
+    add_flag(p, "--beta-end", type=float, default=0.02)
+    add_flag(p, "--parametrization", default="predict_noise", help="U-ViT's pixel models: predict_noise")
+    add_flag(p, "--dataset", default=None, help="the dataset the published model was trained on (recorded for duodiff fid)")
+    add_flag(p, "--sde-beta-min", type=float, default=0.1, help="U-ViT's VPSDE beta_min (sde.py)")
+    add_flag(p, "--sde-beta-max", type=float, default=20.0, help="U-ViT's VPSDE beta_max (sde.py)")
+    add_flag(p, "--compare-timesteps", default="0,1,10,100,250,500,750,999", help="steps k at which ᾱ is compared with "
+             "the VP-SDE's at t = k / 999")  # fmt: skip
+    p.set_defaults(func=_cli)
+
+
+def _cli(args) -> None:
+    kwargs = {k: v for k, v in vars(args).items() if k not in ("command", "func") and not k.startswith("_")}
+    kwargs["compare_timesteps"] = _timesteps(kwargs["compare_timesteps"])
+    comparison = run_convert(**kwargs)
+    print(f"converted {args.checkpoint} -> {args.output}")
+    print(f"time conditioning: discrete schedule at step k vs U-ViT's VP-SDE at {comparison['map']}")
+    for row in comparison["timesteps"]:
+        print(
+            f"  k {row['k']:4d}: sqrt(abar) rel. diff {row['rel_diff_sqrt_alpha_bar']:.3g}, "
+            f"sqrt(1-abar) rel. diff {row['rel_diff_sqrt_one_minus_alpha_bar']:.3g}"
+        )
+    print(
+        f"max relative difference: sqrt(abar) {comparison['max_rel_diff_sqrt_alpha_bar']:.3g}, "
+        f"sqrt(1-abar) {comparison['max_rel_diff_sqrt_one_minus_alpha_bar']:.3g}"
+    )
