@@ -29,14 +29,8 @@ from duodiff.errors import DuodiffError, check_choice, require
 from duodiff.flags import add_flag
 from duodiff.images import image_grid, load_png, save_png, to_uint8
 from duodiff.io import torch_save, write_json
+from duodiff.study import CUDA_ONLY_PRECISIONS, METHODS, PRECISIONS, SAMPLERS, setting_label
 
-METHODS = ("full", "shallow", "early_exit", "duodiff")
-SAMPLERS = ("ddpm", "ddim")
-# Arithmetic of the network evaluations (the sampler's own updates stay float32):
-# fp32 everywhere; tf32 lets CUDA matmuls and convolutions round their inputs to TF32; bf16 and
-# fp16 run them under torch.autocast, as mixed-precision inference usually does.
-PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
-CUDA_ONLY_PRECISIONS = ("tf32", "fp16")
 SEED_STRIDE = 1000003  # batch b of a set with seed s uses seed s * SEED_STRIDE + b
 GRID_SAMPLES = 64  # grid.png shows the set's first images (duodiff.images.image_grid)
 # Architecture keys two DuoDiff models must share: they denoise the same images.
@@ -376,10 +370,9 @@ def run_sample(
     clock = "cpu" if all(parts[b].get("timing_clock") == "cpu" for b in range(n_batches)) else "wall"
     cpu_time_s = sum(parts[b]["cpu_time_s"] for b in range(n_batches)) if clock == "cpu" else None
     timed_s = cpu_time_s if clock == "cpu" else wall_time_s
-    setting = {"early_exit": f"threshold={threshold}", "duodiff": f"t_switch={t_switch}"}.get(method, "-")
     stats = {
         "method": method,
-        "setting": setting,
+        "setting": setting_label({"method": method, "threshold": threshold, "t_switch": t_switch}, style="stats"),
         "threshold": settings["threshold"],
         "t_switch": t_switch,
         "classifier_type": main_meta.get("classifier_type") if method == "early_exit" else None,

@@ -41,8 +41,8 @@ import torch
 from duodiff.errors import DuodiffError, require
 from duodiff.flags import add_flag
 from duodiff.io import read_json, write_json
+from duodiff.study import METHODS
 
-METHODS = ("full", "shallow", "early_exit", "duodiff")
 GIGA = 1e9
 # FlopCounterMode op names that nn.Linear and convolutions lower to.
 LINEAR_OPS = ("aten.mm", "aten.addmm")
