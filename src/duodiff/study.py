@@ -46,7 +46,9 @@ SET_NAME_PATTERNS = {
     "full": re.compile(r"full"),
     "fewer_steps": re.compile(r"full_steps(?P<steps>\d+)"),
     "shallow": re.compile(r"shallow_d(?P<depth>\d+)"),
-    "early_exit": re.compile(rf"ee_(?P<classifier_type>{'|'.join(CLASSIFIER_TYPES)})_thr(?P<threshold>{THRESHOLD_PATTERN})"),
+    "early_exit": re.compile(
+        rf"ee_(?P<classifier_type>{'|'.join(CLASSIFIER_TYPES)})_thr(?P<threshold>{THRESHOLD_PATTERN})"
+    ),
     "duodiff": re.compile(r"duodiff_d(?P<depth>\d+)_ts(?P<t_switch>\d+)"),
 }
 SET_NAME_FORMS = ("real, full, full_steps<steps>, shallow_d<depth>, ee_<classifier_type>_thr<threshold>, "
