@@ -17,6 +17,7 @@ draws everything from its own generator seeded with seed * 1000003 + b.
 
 from __future__ import annotations
 
+import inspect
 import time
 from pathlib import Path
 
@@ -132,25 +133,8 @@ def sampling_steps(diffusion, method, sampler, steps, eta, t_switch) -> int:
 # ---- the set ------------------------------------------------------------------------------------
 
 
-def run_sample(
-    checkpoint_path,
-    method,
-    output_folder,
-    sampler,
-    steps,
-    n_samples,
-    batch_size,
-    seed,
-    threshold=None,
-    t_switch=None,
-    checkpoint_path_late=None,
-    eta=0.0,
-    use_ema=True,
-    device=None,
-    precision="fp32",
-    progress=True,
-    allow_deeper_shallow=False,
-):
+def run_sample(*, checkpoint_path, method, output_folder, sampler, steps, n_samples, batch_size, seed, threshold,
+               t_switch, checkpoint_path_late, eta, use_ema, device, precision, progress, allow_deeper_shallow):
     """Generate `n_samples` images into `output_folder` (see docs/architecture.md, "Sample set folder")."""
     dev = check_sample_args(
         method=method, sampler=sampler, steps=steps, n_samples=n_samples, batch_size=batch_size, seed=seed, eta=eta,
@@ -369,31 +353,14 @@ def add_cli(subparsers) -> None:
     add_flag(parser, "--batch-size", type=int, required=True)
     add_flag(parser, "--seed", type=int, default=0)
     add_flag(parser, "--output-folder", required=True)
-    add_flag(parser, "--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
+    add_flag(parser, "--no-ema", dest="use_ema", action="store_false", help="use the raw weights instead of the EMA weights")
     add_flag(parser, "--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     add_flag(parser, "--precision", default="fp32",
              help="network arithmetic: fp32 | tf32 (CUDA) | bf16 | fp16 (CUDA): autocast")  # fmt: skip
-    add_flag(parser, "--no-progress", action="store_true", help="no progress bars")
+    add_flag(parser, "--no-progress", dest="progress", action="store_false", help="no progress bars")
     parser.set_defaults(func=_main)
 
 
 def _main(args) -> None:
-    run_sample(
-        checkpoint_path=args.checkpoint_path,
-        method=args.method,
-        output_folder=args.output_folder,
-        sampler=args.sampler,
-        steps=args.steps,
-        n_samples=args.n_samples,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        threshold=args.threshold,
-        t_switch=args.t_switch,
-        checkpoint_path_late=args.checkpoint_path_late,
-        eta=args.eta,
-        use_ema=not args.no_ema,
-        device=args.device,
-        precision=args.precision,
-        progress=not args.no_progress,
-        allow_deeper_shallow=args.allow_deeper_shallow,
-    )
+    # Every argument of run_sample is a flag of the same name (the flags hold the defaults).
+    run_sample(**{name: getattr(args, name) for name in inspect.signature(run_sample).parameters})

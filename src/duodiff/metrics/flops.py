@@ -231,7 +231,7 @@ def summarize(per_eval: dict, exit_layers: torch.Tensor, full_depth: int) -> dic
     return out
 
 
-def run_flops(samples, output) -> dict:
+def run_flops(*, samples, output) -> dict:
     """GFLOPs per forward / per image and the layer ratio of a sample set -> FILE.json."""
     samples = Path(samples)
     stats_path, layers_path = samples / "stats.json", samples / "exit_layers.pt"
