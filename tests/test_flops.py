@@ -216,6 +216,19 @@ def test_run_flops_bad_input(tmp_path):
     assert not (tmp_path / "out.json").exists()
 
 
+@pytest.mark.parametrize("t_switch", [3, -1, None, 1.5, True])
+def test_run_flops_refuses_a_duodiff_t_switch_outside_the_sets_steps(tmp_path, t_switch):
+    # Checked once where stats.json is read: exit_layers.pt has 2 steps, so t_switch is in [0, 2].
+    save_tiny(tmp_path / "shallow.pt", "uvit", {**CONFIG, "depth": 3})
+    save_tiny(tmp_path / "full.pt", "uvit", CONFIG)
+    stats = {"method": "duodiff", "checkpoint": str(tmp_path / "shallow.pt"),
+             "checkpoint_late": str(tmp_path / "full.pt"), "t_switch": t_switch}  # fmt: skip
+    write_set(tmp_path / "duo", stats, torch.tensor([[3, 3], [DEPTH, DEPTH]]))
+    with pytest.raises(DuodiffError, match=rf"t_switch must be an integer in \[0, 2\] .*; got {t_switch!r}"):
+        flops.run_flops(**run_args("flops", samples=tmp_path / "duo", output=tmp_path / "out.json"))
+    assert not (tmp_path / "out.json").exists()
+
+
 def test_cli_registers_flops():
     import argparse
 

@@ -117,16 +117,19 @@ def check_sample_args(*, method, sampler, steps, n_samples, batch_size, seed, et
     return dev
 
 
-def sampling_steps(diffusion, method, sampler, steps, eta, t_switch) -> int:
-    """The set's number of sampling steps (ddpm: all of the model's), checked against the model."""
-    if sampler == "ddpm" and steps is None:
-        steps = diffusion.num_timesteps
-    diffusion.sampling_plan(sampler, steps, eta)  # validates steps and eta against T
-    if method == "duodiff":
+def sampling_steps(num_timesteps: int, method, sampler, steps, t_switch) -> int:
+    """The set's number of sampling steps (ddpm: all of the model's), checked against the model's
+    num_timesteps and --t-switch: the rules that need the model file."""
+    T = num_timesteps
+    if sampler == "ddpm":
         require(
-            t_switch <= steps,
-            f"--t-switch must be in [0, {steps}] (the number of sampling steps); got {t_switch}",
+            steps is None or steps == T,
+            f"--steps must be {T} (num_timesteps) for the ddpm sampler, got {steps!r}; use --sampler ddim for fewer steps",
         )
+        steps = T
+    require(steps <= T, f"--steps must be an integer in [1, {T}] for the ddim sampler; got {steps!r}")
+    if method == "duodiff":
+        require(t_switch <= steps, f"--t-switch must be in [0, {steps}] (the number of sampling steps); got {t_switch}")
     return steps
 
 
@@ -143,7 +146,7 @@ def run_sample(*, checkpoint_path, method, output_folder, sampler, steps, n_samp
     )  # fmt: skip
     paths = (checkpoint_path, checkpoint_path_late)
     models, diffusion, metas = load_models(method, *paths, use_ema, dev, allow_deeper_shallow)
-    steps = sampling_steps(diffusion, method, sampler, steps, eta, t_switch)
+    steps = sampling_steps(diffusion.num_timesteps, method, sampler, steps, t_switch)
     settings = {
         "method": method,
         "checkpoint": str(checkpoint_path),
@@ -228,7 +231,7 @@ def sample_batch(folder: Path, batch: tuple, settings: dict, models, diffusion, 
     # method and device starts batch b from the same x_T and labels.
     noise = torch.randn((count, config.in_chans, config.img_size, config.img_size), generator=generator).to(device)
     y = torch.randint(config.num_classes, (count,), generator=generator).to(device) if config.num_classes > 0 else None
-    denoiser = make_denoiser(method, models, settings["threshold"], settings["t_switch"], steps, y)
+    denoiser = make_denoiser(method, models, settings["threshold"], settings["t_switch"], y)
 
     clock = timing_clock(device)
     synchronize(device)

@@ -116,13 +116,14 @@ def check_duodiff_pair(models, diffusions, paths, allow_deeper_shallow: bool) ->
     )
 
 
-def make_denoiser(method, models, threshold, t_switch, steps, y):
+def make_denoiser(method, models, threshold, t_switch, y):
+    """The denoiser of a method; its threshold and t_switch were checked by duodiff.sampling."""
     from duodiff.diffusion import EarlyExitDenoiser, duodiff_denoiser, model_denoiser
 
     if method == "early_exit":
         return EarlyExitDenoiser(models["model"], threshold, y=y)
     if method == "duodiff":
-        return duodiff_denoiser(models["shallow"], models["full"], t_switch, y=y, steps=steps)
+        return duodiff_denoiser(models["shallow"], models["full"], t_switch, y=y)
     return model_denoiser(models["model"], y=y)
 
 
