@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from duodiff.errors import check_choice, require
+from duodiff.study import SAMPLERS
 
 PARAMETRIZATIONS = ("predict_noise", "predict_original")
-SAMPLERS = ("ddpm", "ddim")
 
 
 class GaussianDiffusion:

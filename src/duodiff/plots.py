@@ -34,6 +34,7 @@ from duodiff.errors import DuodiffError, check_positive, require
 from duodiff.flags import add_flag
 from duodiff.io import atomic_path, write_json
 from duodiff.labels import label_points
+from duodiff.study import SWEPT_SETTING, setting_label
 from duodiff.tables import INTEGER_COLUMNS, blocks, method_families, method_label
 
 PLOT_NAMES = ["quality_vs_gflops", "quality_vs_time", "exit_heatmap", "mean_exit_layer", "fid_vs_tswitch",
@@ -162,15 +163,6 @@ def load_table(tables_dir) -> pd.DataFrame:
     return table
 
 
-def setting_text(rows: list) -> str:
-    """Annotation of a point: the early-exit threshold(s) or DuoDiff t_switch(es) drawn there."""
-    if rows[0]["method"] == "early_exit":
-        return "τ=" + ", ".join(f"{row['threshold']:g}" for row in rows)
-    if rows[0]["method"] == "duodiff":
-        return "tₛ=" + ", ".join(str(row["t_switch"]) for row in rows)
-    return ""
-
-
 def lines_drawn(ax) -> list[dict]:
     """The labelled lines of an axes as drawn: the record saved beside the figure."""
     from matplotlib.container import ErrorbarContainer
@@ -273,7 +265,7 @@ def quality_figure(table: pd.DataFrame, palette: Palette, cost: str, xlabel: str
         for (_, row), x, y in zip(group.iterrows(), xs, ys):
             at.setdefault((x, y), []).append(row)
         for (x, y), rows in at.items():
-            text = setting_text(rows)
+            text = setting_label(*rows, style="plot")
             if text:
                 annotations.append({"sets": [row["set"] for row in rows], "text": text, "x": x, "y": y,
                                     "color": style["color"]})
@@ -379,8 +371,7 @@ def mean_exit_layer(fractions: np.ndarray) -> np.ndarray:
 def swept_families(table: pd.DataFrame, methods=("early_exit", "duodiff")) -> list[tuple[str, pd.DataFrame]]:
     """(title, sets in setting order) of every method family with a swept setting: early exit per
     classifier (thresholds), DuoDiff per shallow depth (t_switch)."""
-    setting = {"early_exit": "threshold", "duodiff": "t_switch"}
-    return [(method_label(sets.iloc[0]), sets.sort_values(setting[method]))
+    return [(method_label(sets.iloc[0]), sets.sort_values(SWEPT_SETTING[method]))
             for method, _, sets in method_families(table) if method in methods]
 
 
@@ -394,7 +385,7 @@ def draw_heatmap(ax, row, fractions: np.ndarray):
     image = ax.imshow(fractions, origin="lower", aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0,
                       interpolation="nearest", extent=(-0.5, steps - 0.5, -0.5, depth + 0.5))
     ax.plot(np.arange(steps), mean_exit_layer(fractions), color="white", linewidth=1.0, label="_mean")
-    ax.set_title(f"τ={row['threshold']:g}, {row['score_name']} {row['score']:.2f}\n"
+    ax.set_title(f"{setting_label(row, style='plot')}, {row['score_name']} {row['score']:.2f}\n"
                  f"layer ratio {row['layer_ratio']:.2f}", fontsize=SMALL_FONT)
     ax.xaxis.set_major_locator(MaxNLocator(4, integer=True))
     ax.yaxis.set_major_locator(MaxNLocator(4, integer=True))
@@ -479,7 +470,7 @@ def draw_mean_exit_panel(ax, table, palette, summaries, sets: pd.DataFrame) -> N
     for _, row in sets.iterrows():
         mean = mean_exit_layer(summaries[row["set"]])
         (line,) = ax.plot(np.arange(len(mean)), mean, color=palette.colors[row["set"]], linewidth=1.4,
-                          drawstyle="steps-mid", label=setting_text([row]))
+                          drawstyle="steps-mid", label=setting_label(row, style="plot"))
         settings.append(line)
     ax.legend(handles=settings, loc="best", handlelength=1.2, borderaxespad=0.2, framealpha=0.85, edgecolor="none")
 
@@ -671,7 +662,7 @@ GRID_COLUMNS = 4  # sample grids per row: a family with more settings wraps onto
 def grid_title(row) -> str:
     """A sample grid's title: the set within its row of the figure, and its score."""
     if row["method"] in ("early_exit", "duodiff"):
-        what = setting_text([row])
+        what = setting_label(row, style="plot")
     elif row["method"] == "shallow":
         what = f"shallow, {blocks(row['shallow_depth'])}"
     else:

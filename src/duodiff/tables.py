@@ -22,7 +22,6 @@ import argparse
 
 import html
 import math
-import re
 from pathlib import Path
 
 import pandas as pd
@@ -30,21 +29,8 @@ import pandas as pd
 from duodiff.errors import DuodiffError, require
 from duodiff.flags import add_flag
 from duodiff.io import atomic_path, read_json, write_text
+from duodiff.study import METHOD_ORDER, STATS_METHOD, method_of_set, setting_label
 
-# Sample-set names (docs/architecture.md, "Tables and plots"), one pattern per method.
-SET_NAME_PATTERNS = {
-    "real": re.compile(r"real"),
-    "full": re.compile(r"full"),
-    "fewer_steps": re.compile(r"full_steps(\d+)"),
-    "shallow": re.compile(r"shallow_d(\d+)"),
-    "early_exit": re.compile(r"ee_(.+)_thr(.+)"),
-    "duodiff": re.compile(r"duodiff_d(\d+)_ts(\d+)"),
-}
-SET_NAME_FORMS = ("real, full, full_steps<steps>, shallow_d<depth>, ee_<classifier_type>_thr<threshold>, "
-                  "duodiff_d<depth>_ts<t_switch>")
-METHOD_ORDER = ["real", "full", "fewer_steps", "shallow", "early_exit", "duodiff"]
-# The method a set's stats.json records: fewer-steps sets are the full model sampled with fewer steps.
-STATS_METHOD = {"fewer_steps": "full"}
 # The headline score (metrics.headline): which metric file it is read from and how it is named.
 HEADLINES = {
     "inception": {"file": "fid", "name": "FID", "kid_name": "KID", "long": "FID (Inception, clean-fid)"},
@@ -133,14 +119,6 @@ KID_SCALE = 1e3  # KID is printed x10^3, as is usual in papers
 KID_COLUMNS = ("kid", "kid_headline")
 COST_COLUMNS = ("gflops_per_forward", "images_per_s", "speedup_measured", "speedup_theoretical")
 SUPERSCRIPTS = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
-
-
-def method_of_set(name: str) -> str:
-    """The method a sample-set name belongs to, from its form (see SET_NAME_PATTERNS)."""
-    for method, pattern in SET_NAME_PATTERNS.items():
-        if pattern.fullmatch(name):
-            return method
-    raise DuodiffError(f"sample set name {name!r} has none of the forms {SET_NAME_FORMS}")
 
 
 def check_sets(sets) -> list[str]:
@@ -239,7 +217,7 @@ def read_real(samples_root, metrics_root, headline: str, cmmd: bool = True) -> d
     stats = _read(stats_path, "real_stats.json")
     require(stats["method"] == "real", f"{stats_path}: method is {stats['method']!r}, expected 'real'")
     return {
-        "set": "real", "method": "real", "setting": "held-out real images",
+        "set": "real", "method": "real", "setting": setting_label({"method": "real"}, style="stats"),
         "n_samples": stats["n_samples"], "real_notes": list(stats["notes"] or []),
         **_scores(metrics_root, "real", headline), **_cmmd(metrics_root, "real", cmmd),
     }  # fmt: skip
@@ -416,19 +394,6 @@ def method_label(row) -> str:
     if method == "early_exit":
         return f"Early exit, {row['classifier_type']}"
     return f"DuoDiff ({row['shallow_depth']} + {row['depth']} blocks)"
-
-
-def setting_label(row) -> str:
-    """The swept setting of a set: the threshold (early exit) or t_switch (DuoDiff)."""
-    if row["method"] == "early_exit":
-        return f"threshold = {row['threshold']:g}"
-    if row["method"] == "duodiff":
-        return f"t_switch = {row['t_switch']:g}"
-    if row["method"] == "fewer_steps":
-        return f"{row['steps']} steps"
-    if row["method"] == "real":
-        return f"{row['n_samples']} images"
-    return "–"
 
 
 def quality_limit(full) -> float:

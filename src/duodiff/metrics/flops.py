@@ -38,11 +38,11 @@ from pathlib import Path
 
 import torch
 
-from duodiff.errors import DuodiffError, require
+from duodiff.errors import require
 from duodiff.flags import add_flag
 from duodiff.io import read_json, write_json
+from duodiff.study import METHODS
 
-METHODS = ("full", "shallow", "early_exit", "duodiff")
 GIGA = 1e9
 # FlopCounterMode op names that nn.Linear and convolutions lower to.
 LINEAR_OPS = ("aten.mm", "aten.addmm")
@@ -197,11 +197,7 @@ def set_costs(method: str, exit_layers: torch.Tensor, costs: dict, costs_late: d
             per_eval[k] = table[exit_layers.long()]
         return per_eval, depth
     if method == "duodiff":
-        require(costs_late is not None, "duodiff set: needs the full (late) model too")
-        require(
-            isinstance(t_switch, int) and 0 <= t_switch <= steps,
-            f"duodiff set: t_switch must be an integer in [0, {steps}]; got {t_switch!r}",
-        )
+        assert costs_late is not None and 0 <= t_switch <= steps, "read_set checks a duodiff set's t_switch"
         shallow_depth, depth = len(costs["blocks"]), len(costs_late["blocks"])
         expected = torch.full((steps, n), depth, dtype=torch.long)
         expected[:t_switch] = shallow_depth
@@ -214,7 +210,7 @@ def set_costs(method: str, exit_layers: torch.Tensor, costs: dict, costs_late: d
             per_eval[k] = torch.full((steps, n), float(full[k]), dtype=torch.float64)
             per_eval[k][:t_switch] = float(shallow[k])
         return per_eval, depth
-    raise DuodiffError(f"stats.json method must be one of {', '.join(METHODS)}; got {method!r}")
+    raise AssertionError(f"read_set checks the method; got {method!r}")
 
 
 def summarize(per_eval: dict, exit_layers: torch.Tensor, full_depth: int) -> dict:
@@ -231,16 +227,15 @@ def summarize(per_eval: dict, exit_layers: torch.Tensor, full_depth: int) -> dic
     return out
 
 
-def run_flops(samples, output) -> dict:
-    """GFLOPs per forward / per image and the layer ratio of a sample set -> FILE.json."""
+def read_set(samples) -> tuple[dict, torch.Tensor]:
+    """stats.json and exit_layers.pt of a finished sample set, checked once, before any counting."""
     samples = Path(samples)
     stats_path, layers_path = samples / "stats.json", samples / "exit_layers.pt"
     require(stats_path.is_file(), f"--samples {samples}: no stats.json there (an unfinished sample set?)")
     require(layers_path.is_file(), f"--samples {samples}: no exit_layers.pt there")
     stats = read_json(stats_path)
     method = stats.get("method")
-    if method not in METHODS:
-        raise DuodiffError(f"{stats_path}: method must be one of {', '.join(METHODS)}; got {method!r}")
+    require(method in METHODS, f"{stats_path}: method must be one of {', '.join(METHODS)}; got {method!r}")
     exit_layers = torch.load(layers_path, map_location="cpu", weights_only=True)
     require(
         isinstance(exit_layers, torch.Tensor) and exit_layers.ndim == 2 and exit_layers.numel() > 0,
@@ -249,7 +244,19 @@ def run_flops(samples, output) -> dict:
     for key in ("checkpoint",) + (("checkpoint_late",) if method == "duodiff" else ()):
         require(stats.get(key), f"{stats_path}: {key} is missing")
         require(Path(stats[key]).is_file(), f"{stats_path}: {key} {stats[key]} does not exist")
+    if method == "duodiff":
+        t_switch, steps = stats.get("t_switch"), exit_layers.shape[0]
+        require(
+            isinstance(t_switch, int) and not isinstance(t_switch, bool) and 0 <= t_switch <= steps,
+            f"{stats_path}: t_switch must be an integer in [0, {steps}] (the steps of exit_layers.pt); got {t_switch!r}",
+        )
+    return stats, exit_layers
 
+
+def run_flops(*, samples, output) -> dict:
+    """GFLOPs per forward / per image and the layer ratio of a sample set -> FILE.json."""
+    stats, exit_layers = read_set(samples)
+    method, stats_path = stats["method"], Path(samples) / "stats.json"
     costs, meta = checkpoint_costs(stats["checkpoint"])
     costs_late = checkpoint_costs(stats["checkpoint_late"])[0] if method == "duodiff" else None
     if method == "early_exit":

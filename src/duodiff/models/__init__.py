@@ -5,15 +5,8 @@ from __future__ import annotations
 from duodiff.config import load_yaml
 from duodiff.errors import check_choice, check_int
 from duodiff.models.uvit import EARLY_EXIT_KEYS, PROBE_DESIGNS, UViT, UViTConfig
+from duodiff.study import CLASSIFIER_TYPES
 
-# Kept in step with early_exit.CLASSIFIER_TYPES (tested); listed here so importing the registry
-# does not need the early-exit module.
-CLASSIFIER_TYPES = (
-    "attention_probe",
-    "mlp_probe_per_layer",
-    "mlp_probe_per_timestep",
-    "mlp_probe_per_layer_per_timestep",
-)
 # 'deediff_uvit' is the early-stopping-diffusion seed's name for the early-exit model.
 MODEL_KINDS = ("uvit", "early_exit")
 KIND_ALIASES = {"deediff_uvit": "early_exit"}

@@ -64,13 +64,7 @@ import torch.nn.functional as F
 
 from duodiff.errors import DuodiffError, check_choice, check_int, check_range
 from duodiff.models.uvit import UViT, init_weights, unpatchify
-
-CLASSIFIER_TYPES = (
-    "attention_probe",
-    "mlp_probe_per_layer",
-    "mlp_probe_per_timestep",
-    "mlp_probe_per_layer_per_timestep",
-)
+from duodiff.study import CLASSIFIER_TYPES
 
 
 def pool_tokens(tokens: torch.Tensor) -> torch.Tensor:

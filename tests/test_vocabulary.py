@@ -1,0 +1,193 @@
+"""One study vocabulary: duodiff.study, and the workflow's own copy of it kept in step.
+
+The workflow must not import the package (workflow/rules/common.smk), so it has its own copy: the
+schema's enums and the set names its rules build. The tests compare the schema with duodiff.study,
+and what the workflow plans for the shipped configs (and for one of edge values) with what
+duodiff.study parses and builds. The workflow's side is taken from `snakemake -n -p`, as users run
+it: the `duodiff sample` and `duodiff tables` command lines it would run.
+"""
+
+from __future__ import annotations
+
+import ast
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import yaml
+from test_workflow import SHIPPED_CONFIGS, TINY, make_workdir, planned_commands, snakemake
+
+from duodiff.errors import DuodiffError
+from duodiff.study import (
+    CLASSIFIER_TYPES,
+    METHODS,
+    PRECISIONS,
+    SAMPLERS,
+    STATS_METHOD,
+    parse_set_name,
+    set_name,
+    setting_label,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEMA_PATH = REPO / "workflow" / "schemas" / "config.schema.yaml"
+SCHEMA = yaml.safe_load(SCHEMA_PATH.read_text())
+# A tiny study whose names are edge cases: every classifier type, thresholds whose shortest float
+# text is exponent notation, an integer or a rounding artefact, t_switch at both ends, one step.
+EDGES = "edges.yaml"
+EDGE_VALUES = {
+    "experiment": "edges",
+    "early_exit": {"classifier_types": SCHEMA["properties"]["early_exit"]["properties"]["classifier_types"]["items"]["enum"],
+                   "thresholds": [1e-05, 0.05, 1, 0.1 + 0.2]},
+    "duodiff": {"t_switch": [0, 6]},
+}  # fmt: skip
+CONFIGS = SHIPPED_CONFIGS + [EDGES]
+
+
+def load_config(workdir: Path, path: str) -> dict:
+    """A config as the workflow sees it: the file, with the schema's defaults filled in."""
+    from snakemake.utils import validate
+
+    config = yaml.safe_load((workdir / path).read_text())
+    validate(config, str(SCHEMA_PATH))
+    return config
+
+
+@pytest.fixture(scope="module")
+def plans(tmp_path_factory):
+    """{config: (the config with its defaults, [(sub-command, flags)] of `snakemake -n -p`)}."""
+    workdir = make_workdir(tmp_path_factory.mktemp("vocabulary"))
+    tiny = yaml.safe_load((REPO / TINY).read_text())
+    tiny["sampling"]["fewer_steps"] = [1, 5]
+    (workdir / EDGES).write_text(yaml.safe_dump({**tiny, **EDGE_VALUES}))
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        runs = dict(zip(CONFIGS, pool.map(lambda c: snakemake(workdir, "--configfile", c, "-n", "-p"), CONFIGS)))
+    plans = {}
+    for config, result in runs.items():
+        assert result.returncode == 0, result.stderr
+        plans[config] = (load_config(workdir, config), planned_commands(result.stdout))
+    return plans
+
+
+# ---- the schema's enums --------------------------------------------------------------------------
+
+
+def test_the_schema_allows_the_packages_samplers_precisions_and_classifier_types():
+    sampling = SCHEMA["properties"]["sampling"]["properties"]
+    classifiers = SCHEMA["properties"]["early_exit"]["properties"]["classifier_types"]["items"]
+    assert tuple(sampling["sampler"]["enum"]) == SAMPLERS
+    assert tuple(sampling["precision"]["enum"]) == PRECISIONS
+    assert tuple(classifiers["enum"]) == CLASSIFIER_TYPES
+
+
+# ---- set names: what the workflow plans and what duodiff.study parses and builds ------------------
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_every_set_the_workflow_samples_parses_into_the_method_and_settings_it_runs(plans, config):
+    _, commands = plans[config]
+    samples = [flags for name, flags in commands if name == "sample"]
+    assert samples
+    for flags in samples:
+        name = Path(flags["--output-folder"]).name
+        method, fields = parse_set_name(name)
+        assert flags["--method"] in METHODS and flags["--method"] == STATS_METHOD.get(method, method), name
+        assert flags["--sampler"] in SAMPLERS and flags["--precision"] in PRECISIONS, name
+        if method == "early_exit":
+            assert float(flags["--threshold"]) == float(fields["threshold"]), name
+        if method == "duodiff":
+            assert flags["--t-switch"] == fields["t_switch"], name
+        if method == "fewer_steps":
+            assert flags["--steps"] == fields["steps"], name
+        # duodiff.study builds the workflow's name back from the fields it parsed.
+        assert set_name(method, **fields) == name
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_the_sets_study_names_for_a_config_are_the_sets_the_workflow_tabulates(plans, config):
+    # The grid of the config, named by duodiff.study, against the --sets `duodiff tables` gets.
+    cfg, commands = plans[config]
+    depths = [yaml.safe_load((REPO / path).read_text())["depth"] for path in cfg["models"]["shallow"]]
+    built = (
+        [set_name("full")]
+        + [set_name("fewer_steps", steps=n) for n in cfg["sampling"]["fewer_steps"]]
+        + [set_name("shallow", depth=d) for d in depths]
+        + [set_name("early_exit", classifier_type=c, threshold=t)
+           for c in cfg["early_exit"]["classifier_types"] for t in cfg["early_exit"]["thresholds"]]
+        + [set_name("duodiff", depth=d, t_switch=t) for d in depths for t in cfg["duodiff"]["t_switch"]]
+        + ([set_name("real")] if cfg["reference"]["n_real"] > 0 else [])
+    )  # fmt: skip
+    (tables,) = [flags for name, flags in commands if name == "tables"]
+    assert sorted(tables["--sets"].split()) == sorted(built)
+    sampled = {Path(flags["--output-folder"]).name for name, flags in commands if name in ("sample", "real-set")}
+    assert sampled == set(built)
+
+
+def test_edge_thresholds_are_named_by_their_shortest_float_text(plans):
+    _, commands = plans[EDGES]
+    names = {Path(flags["--output-folder"]).name for name, flags in commands if name == "sample"}
+    for text in ("1e-05", "0.05", "1.0", "0.30000000000000004"):
+        assert f"ee_mlp_probe_per_layer_per_timestep_thr{text}" in names
+    assert {"duodiff_d1_ts0", "duodiff_d1_ts6", "full_steps1", "full_steps5"} <= names
+
+
+# ---- duodiff.study on its own ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, parsed",
+    [
+        ("real", ("real", {})),
+        ("full", ("full", {})),
+        ("full_steps20", ("fewer_steps", {"steps": "20"})),
+        ("shallow_d3", ("shallow", {"depth": "3"})),
+        ("ee_mlp_probe_per_layer_thr0.1", ("early_exit", {"classifier_type": "mlp_probe_per_layer", "threshold": "0.1"})),
+        ("ee_mlp_probe_per_layer_per_timestep_thr1e-05",
+         ("early_exit", {"classifier_type": "mlp_probe_per_layer_per_timestep", "threshold": "1e-05"})),
+        ("duodiff_d3_ts10", ("duodiff", {"depth": "3", "t_switch": "10"})),
+    ],
+)  # fmt: skip
+def test_set_names_parse_into_method_and_fields(name, parsed):
+    assert parse_set_name(name) == parsed
+
+
+@pytest.mark.parametrize("name", ["shallow", "full_steps", "duodiff_d3", "ee_mlp_thr0.1", "ee_attention_probe_thrx",
+                                  "duodiff_d3_ts-1", "Full", "full "])
+def test_names_of_no_known_form_are_refused_with_the_forms(name):
+    with pytest.raises(DuodiffError, match=r"has none of the forms real, full, full_steps<steps>"):
+        parse_set_name(name)
+
+
+def test_set_names_are_built_with_the_shortest_threshold_text():
+    assert set_name("early_exit", classifier_type="attention_probe", threshold=1) == "ee_attention_probe_thr1.0"
+    assert set_name("early_exit", classifier_type="attention_probe", threshold=0.05) == "ee_attention_probe_thr0.05"
+    assert set_name("duodiff", depth=3, t_switch=0) == "duodiff_d3_ts0"
+    assert set_name("fewer_steps", steps=10) == "full_steps10"
+
+
+@pytest.mark.parametrize(
+    "rows, style, label",
+    [
+        ([{"method": "early_exit", "threshold": 0.05}], "stats", "threshold=0.05"),
+        ([{"method": "early_exit", "threshold": 0.05}], "table", "threshold = 0.05"),
+        ([{"method": "early_exit", "threshold": 0.05}, {"method": "early_exit", "threshold": 0.1}], "plot", "τ=0.05, 0.1"),
+        ([{"method": "duodiff", "t_switch": 300}], "stats", "t_switch=300"),
+        ([{"method": "duodiff", "t_switch": 300}], "table", "t_switch = 300"),
+        ([{"method": "duodiff", "t_switch": 300}], "plot", "tₛ=300"),
+        ([{"method": "fewer_steps", "steps": 20}], "table", "20 steps"),
+        ([{"method": "real", "n_samples": 1000}], "table", "1000 images"),
+        ([{"method": "real"}], "stats", "held-out real images"),
+        ([{"method": "full"}], "stats", "-"),
+        ([{"method": "shallow"}], "table", "–"),
+        ([{"method": "full"}], "plot", ""),
+    ],
+)  # fmt: skip
+def test_setting_labels_in_each_style(rows, style, label):
+    assert setting_label(*rows, style=style) == label
+
+
+def test_the_vocabulary_is_a_leaf():
+    tree = ast.parse((REPO / "src" / "duodiff" / "study.py").read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert {name for name in imported if name.startswith("duodiff")} <= {"duodiff.errors"}
