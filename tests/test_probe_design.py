@@ -307,7 +307,7 @@ def test_checkpoint_keeps_the_probe_design(tmp_path, classifier_type):
 
 
 def test_backbone_check_ignores_the_probe_design(tmp_path):
-    from duodiff.training import read_backbone
+    from duodiff.training_checks import read_backbone
 
     backbone = UViT(UViTConfig(**TINY), num_timesteps=T)
     save_model(

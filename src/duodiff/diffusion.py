@@ -23,6 +23,7 @@ from duodiff.errors import check_choice, require
 
 PARAMETRIZATIONS = ("predict_noise", "predict_original")
 SAMPLERS = ("ddpm", "ddim")
+LOSS_WEIGHTINGS = ("uniform", "min_snr")
 
 
 class GaussianDiffusion:
@@ -95,6 +96,22 @@ class GaussianDiffusion:
     def target(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """What the network is trained to output: the noise or the clean image."""
         return noise if self.parametrization == "predict_noise" else x0
+
+    def loss_weights(self, weighting: str, gamma: float) -> torch.Tensor:
+        """Per-timestep weights (T,) of the MSE: uniform = DDPM's L_simple (1 everywhere); min_snr =
+        Min-SNR-gamma (Hang et al., ICCV 2023, 2303.09556), which caps the weight that the
+        parametrization implicitly gives the nearly clean timesteps. In terms of the x0 error, the
+        noise MSE weighs timestep t by SNR_t = abar_t / (1 - abar_t), up to 1e4 near t = 0, so a small
+        model spends its capacity on noise it cannot see; min_snr weighs the x0 error by
+        min(SNR_t, gamma) instead: the noise MSE times min(SNR_t, gamma) / SNR_t, the x0 MSE times
+        min(SNR_t, gamma)."""
+        if weighting == "uniform":
+            return torch.ones(self.num_timesteps)
+        abar = self._float64["alphas_cumprod"]
+        snr = abar / (1 - abar)
+        capped = snr.clamp(max=gamma)
+        weights = capped / snr if self.parametrization == "predict_noise" else capped
+        return weights.float()
 
     def training_loss(self, model_output: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Plain (unweighted) MSE to the target, averaged over all elements (DDPM's L_simple)."""
