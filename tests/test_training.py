@@ -14,7 +14,8 @@ import yaml
 from duodiff import cli
 from duodiff.errors import DuodiffError
 from duodiff.determinism import StepBatchSampler
-from duodiff.training import early_exit_loss, ema_update, run_train, warmup_cosine
+from duodiff.models.early_exit import early_exit_loss
+from duodiff.training import ema_update, run_train, warmup_cosine
 
 TINY = {
     "img_size": 8, "patch_size": 2, "in_chans": 1, "embed_dim": 32, "depth": 3, "num_heads": 2,

@@ -5,16 +5,9 @@ The recipe is U-ViT's (Bao et al., configs/cifar10_uvit_small.py): AdamW with lr
 FIDs), batch 128; the learning-rate shape (linear warm-up, then cosine decay to 0 at n_steps) and
 gradient clipping at 1.0 are the early-exit seed repository's.
 
-Losses, with target = the noise (predict_noise) or the clean image (predict_original):
-  uvit        MSE(model(x_t, t), target)                                  (DDPM's L_simple)
-  early_exit  outputs g_0..g_depth (g_depth: the backbone's own head), uncertainties u_0..u_{depth-1}
-              L_simple = MSE(g_depth, target)
-              û_i      = mean_pixels tanh|g_i - target|     (detached: the probes' fixed target)
-              L_u      = sum_i mean_b (u_i - û_i)^2
-              L_UAL    = sum_i mean_b (1 - û_i) mean_pixels (g_i - target)^2
-              total    = L_simple + L_u + L_UAL  [+ sum_i mean_b mean_pixels (g_i - target)^2]
-  (DeeDiff, Tang et al. 2309.17074; all terms are batch means so the scale does not grow with the
-  batch size, unlike the seed's sum-reduced L_u.)
+Each model computes its own loss (UViT.loss: DDPM's L_simple; EarlyExitUViT.loss: DeeDiff's),
+with target = the noise (predict_noise) or the clean image (predict_original) and per-sample
+weights from --loss-weighting (GaussianDiffusion.loss_weights).
 
 The parts live beside it: the check pass of the arguments in training_checks.py, the per-(seed,
 step) random draws that make a resumed run bit-identical in determinism.py, stopping on SIGTERM
@@ -45,6 +38,7 @@ from duodiff.errors import DuodiffError, require
 from duodiff.flags import add_flag, cli_flags
 from duodiff.io import write_csv
 from duodiff.models import build_model
+from duodiff.models.early_exit import LOSS_PARTS
 from duodiff.process import StopRequest, TrainingStopped
 from duodiff.training_checks import (
     TrainPlan,
@@ -58,7 +52,6 @@ from duodiff.training_checks import (
 CHECKPOINT_NAME = "checkpoint.pt"
 MODEL_NAME = "model.pt"
 LOSS_NAME = "loss.csv"
-EARLY_EXIT_PARTS = ("loss_simple", "loss_u", "loss_ual", "loss_unweighted")
 
 
 def run_train(
@@ -236,11 +229,7 @@ def train_step(run: Run, plan: TrainPlan, args, x0, y, weights, hflip, rows: sli
     target = diffusion.target(x0, noise)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args["use_amp"]):
         output = run.model(x_t, t, y)
-    if plan.kind == "early_exit":
-        loss, parts = early_exit_loss(*output, target, args["use_unweighted_loss"], weights[t])
-    else:
-        per_sample = (output.float() - target.float()).square().flatten(1).mean(1)
-        loss, parts = (per_sample * weights[t]).mean(), {}
+    loss, parts = run.net.loss(output, target, weights[t], args["use_unweighted_loss"])
 
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -335,30 +324,6 @@ def finish(run: Run, plan: TrainPlan, args, log_path: Path, dist_info, start_ste
 # ---- losses, EMA, schedule, files ---------------------------------------------------------------
 
 
-def early_exit_loss(outputs, uncertainties, target, use_unweighted_loss=False, weights=None):
-    """DeeDiff's loss (see the module docstring) -> (total, {part name: value}).
-
-    weights (B,): per-sample weights of the image losses (loss_weights: Min-SNR-gamma); the
-    probes' L_u stays unweighted, since its target is the error the probe must predict."""
-    target = target.float()
-    exits = [g.float() for g in outputs[:-1]]  # g_0 .. g_{depth-1}
-    u = uncertainties.float()  # (B, depth)
-    w = torch.ones(target.shape[0], device=target.device) if weights is None else weights.float()
-    error = torch.stack([(g - target).square().flatten(1).mean(1) for g in exits], dim=1)  # (B, depth)
-    with torch.no_grad():
-        u_hat = torch.stack([torch.tanh((g - target).abs()).flatten(1).mean(1) for g in exits], dim=1)
-    loss_simple = ((outputs[-1].float() - target).square().flatten(1).mean(1) * w).mean()
-    loss_u = (u - u_hat).square().mean(0).sum()
-    loss_ual = ((1 - u_hat) * error * w[:, None]).mean(0).sum()
-    loss_unweighted = (error * w[:, None]).mean(0).sum()
-    total = loss_simple + loss_u + loss_ual
-    if use_unweighted_loss:
-        total = total + loss_unweighted
-    parts = dict(zip(EARLY_EXIT_PARTS, (loss_simple, loss_u, loss_ual, loss_unweighted)))
-    return total, parts
-
-
-
 @torch.no_grad()
 def ema_update(ema, model, decay):
     """ema <- decay * ema + (1 - decay) * model, as U-ViT's `ema()` (buffers are copied).
@@ -390,7 +355,7 @@ def cpu_state(module) -> dict:
 
 
 def write_loss_csv(path, history, kind):
-    names = ["step", "loss", "lr", "steps_per_s", *(EARLY_EXIT_PARTS if kind == "early_exit" else ())]
+    names = ["step", "loss", "lr", "steps_per_s", *(LOSS_PARTS if kind == "early_exit" else ())]
     write_csv(path, history, fieldnames=names)
 
 

@@ -54,6 +54,19 @@ get their head output and leave the batch (tokens and t are indexed once per exi
 tensor; each long-skip tensor is indexed once, when its out-block uses it, see CompactedSkips; the
 label y is already inside the tokens as the class token), so samples that exit at layer k cost
 about k / depth of the full model, and the loop stops when no sample is left.
+
+The training loss (`EarlyExitUViT.loss`, `early_exit_loss`), with target = the noise
+(predict_noise) or the clean image (predict_original), outputs g_0..g_depth (g_depth: the
+backbone's own head) and uncertainties u_0..u_{depth-1}:
+
+    L_simple = MSE(g_depth, target)
+    û_i      = mean_pixels tanh|g_i - target|     (detached: the probes' fixed target)
+    L_u      = sum_i mean_b (u_i - û_i)^2
+    L_UAL    = sum_i mean_b (1 - û_i) mean_pixels (g_i - target)^2
+    total    = L_simple + L_u + L_UAL  [+ sum_i mean_b mean_pixels (g_i - target)^2]
+
+(DeeDiff, Tang et al. 2309.17074; all terms are batch means so the scale does not grow with the
+batch size, unlike the seed's sum-reduced L_u.)
 """
 
 from __future__ import annotations
@@ -71,6 +84,32 @@ CLASSIFIER_TYPES = (
     "mlp_probe_per_timestep",
     "mlp_probe_per_layer_per_timestep",
 )
+
+# The parts of the early-exit loss, as loss.csv names its columns.
+LOSS_PARTS = ("loss_simple", "loss_u", "loss_ual", "loss_unweighted")
+
+
+def early_exit_loss(outputs, uncertainties, target, use_unweighted_loss=False, weights=None):
+    """DeeDiff's loss (the module docstring) -> (total, {part name: value}).
+
+    weights (B,): per-sample weights of the image losses (GaussianDiffusion.loss_weights: Min-SNR-gamma); the
+    probes' L_u stays unweighted, since its target is the error the probe must predict."""
+    target = target.float()
+    exits = [g.float() for g in outputs[:-1]]  # g_0 .. g_{depth-1}
+    u = uncertainties.float()  # (B, depth)
+    w = torch.ones(target.shape[0], device=target.device) if weights is None else weights.float()
+    error = torch.stack([(g - target).square().flatten(1).mean(1) for g in exits], dim=1)  # (B, depth)
+    with torch.no_grad():
+        u_hat = torch.stack([torch.tanh((g - target).abs()).flatten(1).mean(1) for g in exits], dim=1)
+    loss_simple = ((outputs[-1].float() - target).square().flatten(1).mean(1) * w).mean()
+    loss_u = (u - u_hat).square().mean(0).sum()
+    loss_ual = ((1 - u_hat) * error * w[:, None]).mean(0).sum()
+    loss_unweighted = (error * w[:, None]).mean(0).sum()
+    total = loss_simple + loss_u + loss_ual
+    if use_unweighted_loss:
+        total = total + loss_unweighted
+    parts = dict(zip(LOSS_PARTS, (loss_simple, loss_u, loss_ual, loss_unweighted)))
+    return total, parts
 
 
 def pool_tokens(tokens: torch.Tensor) -> torch.Tensor:
@@ -317,6 +356,11 @@ class EarlyExitUViT(nn.Module):
     def exit_head(self, i: int, tokens: torch.Tensor) -> torch.Tensor:
         """Image predicted at exit i (exit depth is the backbone's own head)."""
         return self.backbone.head(tokens) if i == self.depth else self.exit_heads[i](tokens)
+
+    def loss(self, output, target, weights, use_unweighted_loss=False):
+        """DeeDiff's loss of `output` = forward(...) (the module docstring) -> (total, {part: value});
+        weights (B,): the per-sample weights of the image losses."""
+        return early_exit_loss(*output, target, use_unweighted_loss, weights)
 
     def forward(self, x, t, y=None):
         """Run every exit -> (outputs: depth + 1 images, uncertainties (B, depth))."""

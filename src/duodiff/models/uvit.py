@@ -303,6 +303,13 @@ class UViT(nn.Module):
         x = unpatchify(x, self.in_chans)
         return self.final_layer(x)
 
+    @staticmethod
+    def loss(output, target, weights, use_unweighted_loss=False):
+        """DDPM's L_simple: MSE(output, target) per sample, times its weight (B,), averaged over the
+        batch -> (loss, {}: no parts). use_unweighted_loss belongs to the early-exit loss."""
+        per_sample = (output.float() - target.float()).square().flatten(1).mean(1)
+        return (per_sample * weights).mean(), {}
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         x = self.embed(x, t, y)
         skips = []
