@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from conftest import TINY
 
 from duodiff.errors import DuodiffError
 from duodiff.models import CLASSIFIER_TYPES, build_model, load_model_config
@@ -18,7 +19,6 @@ CIFAR10 = dict(
     img_size=32, patch_size=2, in_chans=3, embed_dim=512, depth=13, num_heads=8,
     mlp_time_embed=False, qkv_bias=False, conv=True, num_classes=0,
 )  # fmt: skip
-TINY = dict(img_size=8, patch_size=2, in_chans=2, embed_dim=32, depth=5, num_heads=4)
 
 
 def hand_count(img_size, patch_size, in_chans, embed_dim, depth, num_classes=0, mlp_ratio=4, qkv_bias=False,

@@ -55,40 +55,15 @@ LOSS_NAME = "loss.csv"
 
 
 def run_train(
-    model="uvit",
-    config_path=None,
-    log_path=None,
-    dataset="digits",
-    data_root=None,
-    download=False,
-    image_size=None,
-    num_timesteps=1000,
-    beta_start=1e-4,
-    beta_end=0.02,
-    parametrization="predict_noise",
-    n_steps=500_000,
-    batch_size=128,
-    lr=2e-4,
-    weight_decay=0.03,
-    beta1=0.99,
-    beta2=0.999,
-    warmup_steps=5000,
-    grad_clip=1.0,
-    ema_decay=0.9999,
-    use_amp=False,
-    seed=0,
-    log_every_n_steps=100,
-    save_every_n_steps=5000,
-    num_workers=0,
-    device=None,
-    classifier_type=None,
-    load_backbone=None,
-    freeze_backbone=False,
-    use_unweighted_loss=False,
-    loss_weighting="uniform",
-    min_snr_gamma=5.0,
+    *, model, config_path, log_path, dataset, data_root, download, image_size, num_timesteps, beta_start, beta_end,
+    parametrization, n_steps, batch_size, lr, weight_decay, beta1, beta2, warmup_steps, grad_clip, ema_decay,
+    use_amp, seed, log_every_n_steps, save_every_n_steps, num_workers, device, classifier_type, load_backbone,
+    freeze_backbone, use_unweighted_loss, loss_weighting, min_snr_gamma,
 ) -> dict:
-    """Train, resuming from log_path/checkpoint.pt if present. Returns a summary dict."""
+    """Train, resuming from log_path/checkpoint.pt if present. Returns a summary dict.
+
+    Every argument is a `duodiff train` flag of the same name, and has its default there (and in
+    the workflow's schema for the pipeline); none here."""
     args = dict(locals())
     dist_info = distributed.from_env()
     plan = check_train_args(args, dist_info.world_size)  # raises DuodiffError before any work
