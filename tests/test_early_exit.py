@@ -2,12 +2,13 @@
 
 import pytest
 import torch
-from conftest import TINY_EARLY_EXIT, T, tiny_batch
+from conftest import TINY_DIGITS, TINY_EARLY_EXIT, T, tiny_batch, train_kwargs, write_model_yaml
 
 from duodiff.errors import DuodiffError
 from duodiff.models import CLASSIFIER_TYPES, build_model
 from duodiff.models.early_exit import EarlyExitUViT
 from duodiff.models.uvit import UViT, UViTConfig
+from duodiff.training_checks import check_train_args
 
 torch.set_num_threads(1)
 
@@ -231,14 +232,13 @@ def test_backbone_loads_into_early_exit_model_and_alias():
     restored.load_state_dict(model.state_dict())
 
 
-def test_bad_settings_are_refused():
-    model = make("mlp_probe_per_layer")
-    x, t, _ = tiny_batch(n=2)
-    with pytest.raises(DuodiffError, match="threshold must be in \\[0, 1\\]; got 1.5"):
-        model.forward_early_exit(x, t, 1.5)
-    with pytest.raises(DuodiffError, match="classifier type must be one of attention_probe, mlp_probe_per_layer"):
-        EarlyExitUViT(UViT(UViTConfig(**TINY_EARLY_EXIT)), "linear_probe")
-    with pytest.raises(DuodiffError, match="probe_hidden \\(10\\) must be divisible by the attention probe's heads"):
-        build_model("early_exit", {**TINY_EARLY_EXIT, "probe_hidden": 10}, T, "attention_probe")
-    with pytest.raises(DuodiffError, match="bank_hidden must be a non-negative integer; got -1"):
-        EarlyExitUViT(UViT(UViTConfig(**TINY_EARLY_EXIT)), "mlp_probe_per_timestep", bank_hidden=-1)
+def test_bad_settings_are_refused_at_the_edge(tmp_path):
+    # The model trusts its callers: `duodiff sample` checks the threshold (tests/test_bad_inputs.py),
+    # `duodiff train` the classifier type (ibid.) and, here, probe_hidden against the probe's heads.
+    config = write_model_yaml(tmp_path / "m.yaml", TINY_DIGITS, probe_hidden=10)
+    args = train_kwargs(config, tmp_path / "run", model="early_exit", classifier_type="attention_probe")
+    with pytest.raises(DuodiffError, match="m.yaml: probe_hidden \\(10\\) must be divisible by the attention probe's heads \\(4\\)"):
+        check_train_args(args, 1)
+    # The seed's single full-width head has no such constraint.
+    seed = write_model_yaml(tmp_path / "seed.yaml", TINY_DIGITS, probe_hidden=10, probe_design="seed")
+    check_train_args({**args, "config_path": seed}, 1)

@@ -263,9 +263,6 @@ def test_probe_design_config_values(tmp_path):
         build_model("early_exit", {**TINY, "probe_design": "paper"}, T, "attention_probe")
     with pytest.raises(DuodiffError, match="probe_design must be one of duodiff, seed; got 'paper'"):
         build_model("uvit", {**TINY, "probe_design": "paper"}, T)
-    with pytest.raises(DuodiffError, match="bank_hidden must be 0; got 3"):
-        EarlyExitUViT(UViT(UViTConfig(**TINY, probe_design="seed"), num_timesteps=T), "mlp_probe_per_timestep",
-                      bank_hidden=3)  # fmt: skip
     path = tmp_path / "seed.yaml"
     path.write_text("img_size: 8\npatch_size: 2\nin_chans: 2\nembed_dim: 32\ndepth: 5\nnum_heads: 4\nprobe_design: seed\n")
     model = build_model("early_exit", load_model_config(path), T, "mlp_probe_per_layer")

@@ -143,7 +143,7 @@ class GaussianDiffusion:
         ddpm visits all T timesteps. ddim visits `steps` timesteps i * T // steps (the DDIM paper's
         uniform skip, exactly `steps` distinct values even when T is not a multiple of steps).
         """
-        check_choice("--sampler", sampler, SAMPLERS)
+        assert sampler in SAMPLERS, sampler  # run_sample checked it; steps need T, so they are checked here
         T = self.num_timesteps
         if sampler == "ddpm":
             require(
@@ -171,11 +171,7 @@ class GaussianDiffusion:
         from the (clipped) x0_hat keeps the update consistent after clipping, as in ADM's
         ddim_sample; with eta = 1 and all T steps DDIM then equals DDPM exactly.
         """
-        require(
-            isinstance(eta, (int, float)) and eta >= 0,
-            f"--eta must be a number >= 0; got {eta!r}",
-        )
-        require(sampler != "ddpm" or eta == 0, f"--eta applies to the ddim sampler only; got --eta {eta} with --sampler ddpm")
+        assert eta >= 0 and (sampler != "ddpm" or eta == 0), (sampler, eta)  # run_sample checked them
         ts = self.timesteps(sampler, steps)
         ac = self._float64["alphas_cumprod"]
         plan = []
@@ -288,12 +284,7 @@ class DuoDiffDenoiser:
     """DuoDiff (2410.09633): the shallow network for the first t_switch (noisiest) steps, then the full one."""
 
     def __init__(self, shallow, full, t_switch: int, y=None, steps: int | None = None):
-        require(
-            isinstance(t_switch, int) and not isinstance(t_switch, bool) and t_switch >= 0,
-            f"--t-switch must be an integer >= 0; got {t_switch!r}",
-        )
-        if steps is not None:
-            require(t_switch <= steps, f"--t-switch must be in [0, {steps}] (the number of sampling steps); got {t_switch}")
+        assert 0 <= t_switch <= (steps if steps is not None else t_switch), (t_switch, steps)  # run_sample checked it
         self.shallow = shallow
         self.full = full
         self.t_switch = t_switch
@@ -304,7 +295,7 @@ class DuoDiffDenoiser:
         return model(x, t, self.y)
 
     def executed_depth(self, steps: int, batch_size: int) -> torch.Tensor:
-        require(self.t_switch <= steps, f"--t-switch must be in [0, {steps}] (the number of sampling steps); got {self.t_switch}")
+        assert self.t_switch <= steps, (self.t_switch, steps)
         depth = torch.full((steps, batch_size), self.full.depth, dtype=torch.long)
         depth[: self.t_switch] = self.shallow.depth
         return depth
@@ -318,20 +309,14 @@ class EarlyExitDenoiser:
     """
 
     def __init__(self, model, threshold: float, y=None):
-        require(
-            isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and 0.0 <= threshold <= 1.0,
-            f"--threshold must be in [0, 1]; got {threshold!r}",
-        )
+        assert 0.0 <= threshold <= 1.0, threshold  # run_sample checked it
         self.model = model
         self.threshold = float(threshold)
         self.y = y
         self._exits: list[torch.Tensor] = []
 
     def __call__(self, x, t, step_index):
-        require(
-            step_index == len(self._exits),
-            f"EarlyExitDenoiser got step {step_index} after {len(self._exits)} recorded steps; use one per sampling run",
-        )
+        assert step_index == len(self._exits), "an EarlyExitDenoiser records one sampling run"
         output, exit_layer = self.model.forward_early_exit(x, t, self.threshold, self.y)
         self._exits.append(exit_layer)
         return output
@@ -344,10 +329,7 @@ class EarlyExitDenoiser:
 
     def executed_depth(self, steps: int, batch_size: int) -> torch.Tensor:
         layers = self.exit_layers
-        require(
-            tuple(layers.shape) == (steps, batch_size),
-            f"early exit recorded {tuple(layers.shape)} exit layers, expected ({steps}, {batch_size})",
-        )
+        assert tuple(layers.shape) == (steps, batch_size), (tuple(layers.shape), steps, batch_size)
         return layers
 
 

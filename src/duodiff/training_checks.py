@@ -21,6 +21,7 @@ from duodiff.data import CHANNELS, DATASETS, NUM_CLASSES
 from duodiff.diffusion import LOSS_WEIGHTINGS, GaussianDiffusion
 from duodiff.errors import DuodiffError, check_choice, require
 from duodiff.models import CLASSIFIER_TYPES, EARLY_EXIT_KEYS, KIND_ALIASES, MODEL_KINDS, UViTConfig
+from duodiff.models.early_exit import PROBE_HEADS
 
 # The arguments a resumed run must share with its checkpoint: what it computes. The others say
 # where things are and how often the run reports.
@@ -76,6 +77,12 @@ def check_train_args(args: dict, world_size: int) -> TrainPlan:
     model_config = load_yaml(args["config_path"])  # stored in model.pt as the user wrote it
     config = UViTConfig.from_dict(model_config, source=str(args["config_path"]))
     image_size = _check_image_and_dataset(args, config)
+    if kind == "early_exit" and args["classifier_type"] == "attention_probe" and config.probe_design == "duodiff":
+        require(
+            config.probe_hidden % PROBE_HEADS == 0,
+            f"{args['config_path']}: probe_hidden ({config.probe_hidden}) must be divisible by the attention probe's "
+            f"heads ({PROBE_HEADS})",
+        )
     backbone_state = None
     if args["load_backbone"] is not None:
         backbone_state = read_backbone(args["load_backbone"], config, diffusion, args["config_path"])

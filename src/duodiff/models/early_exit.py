@@ -75,7 +75,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from duodiff.errors import DuodiffError, check_choice, check_int, check_range
 from duodiff.models.uvit import UViT, init_weights, unpatchify
 
 CLASSIFIER_TYPES = (
@@ -85,6 +84,8 @@ CLASSIFIER_TYPES = (
     "mlp_probe_per_layer_per_timestep",
 )
 
+# The heads of the (duodiff design's) attention probe: probe_hidden must be a multiple of it.
+PROBE_HEADS = 4
 # The parts of the early-exit loss, as loss.csv names its columns.
 LOSS_PARTS = ("loss_simple", "loss_u", "loss_ual", "loss_unweighted")
 
@@ -220,8 +221,7 @@ class TimestepProbeBank(nn.Module):
         super().__init__()
         self.hidden = hidden
         self.per_token = per_token
-        if per_token and hidden != 0:
-            raise DuodiffError(f"the seed's per-timestep probes are linear: bank_hidden must be 0; got {hidden}")
+        assert not (per_token and hidden), "the seed's per-timestep probes are linear (bank_hidden 0)"
         if hidden == 0:
             self.weight = nn.Parameter(torch.empty(banks, num_timesteps, embed_dim))
             self.bias = nn.Parameter(torch.zeros(banks, num_timesteps))
@@ -285,19 +285,14 @@ class EarlyExitUViT(nn.Module):
     """The early-exit model around `backbone`; its probe settings (probe_hidden, probe_design) and
     its T are the backbone's (backbone.config, backbone.num_timesteps)."""
 
-    def __init__(self, backbone: UViT, classifier_type: str, bank_hidden: int = 0, probe_heads: int = 4):
+    def __init__(self, backbone: UViT, classifier_type: str, bank_hidden: int = 0, probe_heads: int = PROBE_HEADS):
         super().__init__()
-        check_choice("classifier type", classifier_type, CLASSIFIER_TYPES)
-        check_int("bank_hidden", bank_hidden, minimum=0)
-        check_int("probe_heads", probe_heads, minimum=1)
         probe_hidden, probe_design = backbone.config.probe_hidden, backbone.config.probe_design
         num_timesteps = backbone.num_timesteps
-        # The seed's attention probe is one head of the full width: probe_hidden and probe_heads
-        # do not apply to it.
-        if classifier_type == "attention_probe" and probe_design == "duodiff" and probe_hidden % probe_heads != 0:
-            raise DuodiffError(
-                f"probe_hidden ({probe_hidden}) must be divisible by the attention probe's heads ({probe_heads})"
-            )
+        # Checked by `duodiff train`'s check pass (training_checks); the seed's attention probe
+        # is one head of the full width, so probe_hidden and probe_heads do not apply to it.
+        assert classifier_type in CLASSIFIER_TYPES and bank_hidden >= 0 and probe_heads >= 1, (classifier_type, bank_hidden)
+        assert classifier_type != "attention_probe" or probe_design != "duodiff" or probe_hidden % probe_heads == 0
         self.backbone = backbone
         self.config = backbone.config
         self.classifier_type = classifier_type
@@ -377,7 +372,6 @@ class EarlyExitUViT(nn.Module):
     @staticmethod
     def select_exit(outputs, uncertainties, threshold):
         """Reference rule: per sample the first exit with u <= threshold, else the last one."""
-        check_range("threshold", threshold, 0, 1)
         B = uncertainties.shape[0]
         below = uncertainties <= threshold
         below = torch.cat([below, torch.ones_like(below[:, :1])], dim=1)
@@ -386,8 +380,9 @@ class EarlyExitUViT(nn.Module):
         return output, exit_layer
 
     def forward_early_exit(self, x, t, threshold, y=None):
-        """-> (output (B, C, H, W), exit_layer LongTensor (B,)), computing only what is used."""
-        check_range("threshold", threshold, 0, 1)
+        """-> (output (B, C, H, W), exit_layer LongTensor (B,)), computing only what is used.
+
+        threshold: in [0, 1], as `duodiff sample` checked it."""
         B = x.shape[0]
         tokens = self.backbone.embed(x, t, y)
         skips = CompactedSkips()
