@@ -62,3 +62,16 @@ def save_tiny_model(path, model, kind, config, diffusion, classifier_type=None, 
         state_dict=model.state_dict(), ema_state_dict=ema, step=step, train_args={},
     )  # fmt: skip
     return path
+
+
+def select_exit(outputs, uncertainties, threshold):
+    """The exit rule written plainly, the reference for EarlyExitUViT.forward_early_exit: per sample
+    the first exit with u <= threshold, else the last one -> (output, exit_layer)."""
+    import torch
+
+    B = uncertainties.shape[0]
+    below = uncertainties <= threshold
+    below = torch.cat([below, torch.ones_like(below[:, :1])], dim=1)
+    exit_layer = below.int().argmax(dim=1)  # argmax returns the first maximal index
+    output = torch.stack(outputs, dim=1)[torch.arange(B, device=exit_layer.device), exit_layer]
+    return output, exit_layer

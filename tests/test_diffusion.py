@@ -17,8 +17,10 @@ from duodiff.diffusion import (
     GaussianDiffusion,
     duodiff_denoiser,
     model_denoiser,
+    x0_and_eps,
 )
 from duodiff.errors import DuodiffError
+from duodiff.models.uvit import UViT
 
 torch.set_num_threads(1)
 
@@ -84,7 +86,10 @@ def test_posterior_mean_and_variance_equal_bayes_rule():
     x0 = torch.tensor([[[[0.7, -0.2]]]]).repeat(3, 1, 1, 1)
     xt = torch.tensor([[[[1.3, 0.4]]]]).repeat(3, 1, 1, 1)
     ts = [1, 300, 999]
-    mean, var, _ = d.q_posterior(x0, xt, torch.tensor(ts))
+    # The DDPM sampler's step from t is x_{t-1} = c_x0 x0 + c_xt x_t + sigma z: its mean and variance.
+    plan = {step.t: step for step in d.sampling_plan("ddpm")}
+    mean = torch.stack([plan[t].c_x0 * x0[row] + plan[t].c_xt * xt[row] for row, t in enumerate(ts)])
+    var = torch.tensor([plan[t].sigma ** 2 for t in ts])
     for row, t in enumerate(ts):
         alpha = 1 - betas[t]
         precision = alpha / betas[t] + 1 / (1 - abar[t - 1])
@@ -115,11 +120,15 @@ def test_targets_loss_and_parametrization_inverse():
     x0_d = GaussianDiffusion(parametrization="predict_original")
     assert torch.equal(eps_d.target(x0, noise), noise) and torch.equal(x0_d.target(x0, noise), x0)
     out = torch.randn(4, 2, 3, 3, generator=g)
-    assert eps_d.training_loss(out, x0, noise).item() == pytest.approx(((out - noise) ** 2).mean().item(), rel=1e-6)
-    assert x0_d.training_loss(out, x0, noise).item() == pytest.approx(((out - x0) ** 2).mean().item(), rel=1e-6)
+    # The training loss (UViT.loss) with uniform weights is DDPM's L_simple: the MSE to the target.
+    ones = torch.ones(4)
+    assert UViT.loss(out, eps_d.target(x0, noise), ones)[0].item() == pytest.approx(((out - noise) ** 2).mean().item(), rel=1e-6)
+    assert UViT.loss(out, x0_d.target(x0, noise), ones)[0].item() == pytest.approx(((out - x0) ** 2).mean().item(), rel=1e-6)
     xt = eps_d.q_sample(x0, t, noise)
+    recip = eps_d.sqrt_recip_alphas_cumprod[t].view(-1, 1, 1, 1)
+    recipm1 = eps_d.sqrt_recipm1_alphas_cumprod[t].view(-1, 1, 1, 1)
     for d, output in ((eps_d, noise), (x0_d, x0)):
-        x0_hat, eps_hat = d.predict_x0_and_eps(xt, t, output)
+        x0_hat, eps_hat = x0_and_eps(d.parametrization, xt, output, recip, recipm1)
         torch.testing.assert_close(x0_hat, x0, atol=2e-3, rtol=1e-3)  # t=999 divides by sqrt(abar) ~ 6e-3
         torch.testing.assert_close(eps_hat, noise, atol=1e-3, rtol=1e-3)
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import TINY_DIGITS, TINY_EARLY_EXIT, T, tiny_batch, train_kwargs, write_model_yaml
+from conftest import TINY_DIGITS, TINY_EARLY_EXIT, T, select_exit, tiny_batch, train_kwargs, write_model_yaml
 
 from duodiff.errors import DuodiffError
 from duodiff.models import CLASSIFIER_TYPES, build_model
@@ -133,11 +133,11 @@ def test_mlp_and_attention_probes_written_out():
 def test_select_exit_reference_rule():
     outputs = [torch.full((3, 1, 2, 2), float(k)) for k in range(4)]
     u = torch.tensor([[0.9, 0.2, 0.1], [0.9, 0.8, 0.7], [0.05, 0.9, 0.0]])
-    output, exit_layer = EarlyExitUViT.select_exit(outputs, u, 0.2)
+    output, exit_layer = select_exit(outputs, u, 0.2)
     assert exit_layer.tolist() == [1, 3, 0]
     assert output[:, 0, 0, 0].tolist() == [1.0, 3.0, 0.0]
-    assert EarlyExitUViT.select_exit(outputs, u, 1.0)[1].tolist() == [0, 0, 0]
-    assert EarlyExitUViT.select_exit(outputs, u, 0.0)[1].tolist() == [3, 3, 2]
+    assert select_exit(outputs, u, 1.0)[1].tolist() == [0, 0, 0]
+    assert select_exit(outputs, u, 0.0)[1].tolist() == [3, 3, 2]
 
 
 @pytest.mark.parametrize("classifier_type", CLASSIFIER_TYPES)
@@ -150,7 +150,7 @@ def test_compacted_early_exit_equals_reference(classifier_type, num_classes):
         outputs, u = model(x, t, y)
         mixed, exits_seen = False, set()
         for threshold in [0.0, *thresholds_between(u), 1.0]:
-            expected, expected_exit = EarlyExitUViT.select_exit(outputs, u, threshold)
+            expected, expected_exit = select_exit(outputs, u, threshold)
             output, exit_layer = model.forward_early_exit(x, t, threshold, y)
             assert exit_layer.dtype == torch.long
             assert exit_layer.tolist() == expected_exit.tolist(), threshold

@@ -7,7 +7,7 @@ probe outputs as plain tensor arithmetic, the exit rule through `select_exit` on
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_EARLY_EXIT, T, save_tiny_model, tiny_batch
+from conftest import TINY_EARLY_EXIT, T, save_tiny_model, select_exit, tiny_batch
 
 from duodiff.checkpoints import load_model
 from duodiff.diffusion import GaussianDiffusion
@@ -230,7 +230,7 @@ def test_seed_forward_early_exit_equals_select_exit(classifier_type, num_classes
         thresholds = [0.0, *thresholds_between(u), 1.0]
         assert len(thresholds) >= 5
         for threshold in thresholds:
-            expected, expected_exit = EarlyExitUViT.select_exit(outputs, u, threshold)
+            expected, expected_exit = select_exit(outputs, u, threshold)
             output, exit_layer = model.forward_early_exit(x, t, threshold, y)
             assert exit_layer.tolist() == expected_exit.tolist(), threshold
             torch.testing.assert_close(output, expected)

@@ -17,7 +17,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from duodiff.errors import check_choice, require
 
@@ -113,28 +112,6 @@ class GaussianDiffusion:
         weights = capped / snr if self.parametrization == "predict_noise" else capped
         return weights.float()
 
-    def training_loss(self, model_output: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """Plain (unweighted) MSE to the target, averaged over all elements (DDPM's L_simple)."""
-        return F.mse_loss(model_output.float(), self.target(x0, noise).float())
-
-    def predict_x0_and_eps(self, x_t: torch.Tensor, t: torch.Tensor, model_output: torch.Tensor):
-        """Turn a network output into (x0 prediction, noise prediction) for x_t at timesteps t."""
-        recip = self._extract("sqrt_recip_alphas_cumprod", t, x_t.ndim)
-        recipm1 = self._extract("sqrt_recipm1_alphas_cumprod", t, x_t.ndim)
-        return _x0_and_eps(self.parametrization, x_t, model_output, recip, recipm1)
-
-    def q_posterior(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
-        """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
-        mean = (
-            self._extract("posterior_mean_coef1", t, x_t.ndim) * x0
-            + self._extract("posterior_mean_coef2", t, x_t.ndim) * x_t
-        )
-        return (
-            mean,
-            self._extract("posterior_variance", t, x_t.ndim),
-            self._extract("posterior_log_variance_clipped", t, x_t.ndim),
-        )
-
     # ---- sampling -----------------------------------------------------------------------------
 
     def timesteps(self, sampler: str, steps: int | None = None) -> list[int]:
@@ -221,7 +198,7 @@ class GaussianDiffusion:
         for i, step in iterator:
             t = torch.full((batch,), step.t, device=x.device, dtype=torch.long)
             output = denoise(x, t, i)
-            x0, _ = _x0_and_eps(self.parametrization, x, output, step.sqrt_recip_ac, step.sqrt_recipm1_ac)
+            x0, _ = x0_and_eps(self.parametrization, x, output, step.sqrt_recip_ac, step.sqrt_recipm1_ac)
             if clip_denoised:
                 x0 = x0.clamp(-1.0, 1.0)
             x = step.c_x0 * x0 + step.c_xt * x
@@ -240,7 +217,7 @@ class SamplingStep:
     sigma: float
 
 
-def _x0_and_eps(parametrization, x_t, output, sqrt_recip_ac, sqrt_recipm1_ac):
+def x0_and_eps(parametrization, x_t, output, sqrt_recip_ac, sqrt_recipm1_ac):
     """x_t = sqrt(abar) x0 + sqrt(1 - abar) eps  <=>  x0 = x_t / sqrt(abar) - sqrt(1/abar - 1) eps."""
     if parametrization == "predict_noise":
         eps = output

@@ -329,10 +329,6 @@ class EarlyExitUViT(nn.Module):
         if isinstance(self.probes, nn.ModuleList) and not seed:
             self.probes.apply(init_weights)
 
-    @property
-    def num_extras(self) -> int:
-        return self.backbone.num_extras
-
     def freeze_backbone(self):
         """Train only the new heads and probes (the seed's --freeze_backbone)."""
         for param in self.backbone.parameters():
@@ -368,16 +364,6 @@ class EarlyExitUViT(nn.Module):
             tokens = self.backbone.run_block(i, tokens, skips)
         outputs.append(self.backbone.head(tokens))
         return outputs, torch.stack(uncertainties, dim=1)
-
-    @staticmethod
-    def select_exit(outputs, uncertainties, threshold):
-        """Reference rule: per sample the first exit with u <= threshold, else the last one."""
-        B = uncertainties.shape[0]
-        below = uncertainties <= threshold
-        below = torch.cat([below, torch.ones_like(below[:, :1])], dim=1)
-        exit_layer = below.int().argmax(dim=1)  # argmax returns the first maximal index
-        output = torch.stack(outputs, dim=1)[torch.arange(B, device=exit_layer.device), exit_layer]
-        return output, exit_layer
 
     def forward_early_exit(self, x, t, threshold, y=None):
         """-> (output (B, C, H, W), exit_layer LongTensor (B,)), computing only what is used.
