@@ -74,6 +74,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 from duodiff.models.uvit import UViT, init_weights, unpatchify
 
@@ -166,11 +167,9 @@ class AttentionProbe(nn.Module):
         nn.init.trunc_normal_(self.query, std=0.02)
 
     def forward(self, tokens):
-        B, N, _ = tokens.shape
-        kv = self.kv(self.norm(tokens)).reshape(B, N, 2, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        query = self.query.expand(B, -1, -1, -1).to(kv.dtype)
-        pooled = F.scaled_dot_product_attention(query, kv[0], kv[1])  # (B, heads, 1, head_dim)
-        pooled = pooled.reshape(B, -1)
+        keys, values = rearrange(self.kv(self.norm(tokens)), "B N (K H D) -> K B H N D", K=2, H=self.num_heads)
+        query = self.query.expand(tokens.shape[0], -1, -1, -1).to(keys.dtype)  # (B, H, 1 query, D)
+        pooled = rearrange(F.scaled_dot_product_attention(query, keys, values), "B H Q D -> B (H Q D)")
         return torch.sigmoid(self.fc2(self.act(self.fc1(pooled)))).squeeze(-1)
 
 
