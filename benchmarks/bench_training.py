@@ -87,7 +87,7 @@ def run_case(case: dict) -> dict:
     from duodiff.diffusion import GaussianDiffusion
     from duodiff.models import build_model
     from duodiff.models.early_exit import early_exit_loss
-    from duodiff.training import ema_update
+    from duodiff.optim import ema_update
 
     device = torch.device(case["device"])
     common.set_threads(case["threads"])

@@ -14,7 +14,7 @@ from duodiff.diffusion import GaussianDiffusion
 from duodiff.errors import DuodiffError
 from duodiff.metrics.flops import model_costs
 from duodiff.models import CLASSIFIER_TYPES, UViTConfig, build_model, load_model_config
-from duodiff.models.early_exit import EarlyExitUViT, SeedAttentionProbe, SeedMLPProbe
+from duodiff.models.early_exit import SeedAttentionProbe, SeedMLPProbe
 from duodiff.models.uvit import UViT
 
 torch.set_num_threads(1)

@@ -16,7 +16,8 @@ from duodiff import cli
 from duodiff.determinism import StepBatchSampler
 from duodiff.errors import DuodiffError
 from duodiff.models.early_exit import early_exit_loss
-from duodiff.training import ema_update, run_train, warmup_cosine
+from duodiff.optim import ema_update, warmup_cosine
+from duodiff.training import run_train
 
 
 @pytest.fixture
