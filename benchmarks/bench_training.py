@@ -9,7 +9,7 @@ Each case runs in a fresh Python process, so its peak memory is its own:
 - CUDA: torch.cuda.max_memory_allocated during the steps.
 
 The step is the one `duodiff train` runs (duodiff/training.py): q_sample, forward, the MSE or
-DeeDiff loss (training.early_exit_loss), backward, gradient clipping, AdamW, EMA update. Early
+DeeDiff loss (models/early_exit.py, early_exit_loss), backward, gradient clipping, AdamW, EMA update. Early
 exit trains heads and probes on a frozen backbone, as the study does (--no-freeze-backbone to
 train everything).
 
@@ -86,7 +86,8 @@ def run_case(case: dict) -> dict:
 
     from duodiff.diffusion import GaussianDiffusion
     from duodiff.models import build_model
-    from duodiff.training import early_exit_loss, ema_update
+    from duodiff.models.early_exit import early_exit_loss
+    from duodiff.optim import ema_update
 
     device = torch.device(case["device"])
     common.set_threads(case["threads"])

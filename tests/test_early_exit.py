@@ -2,28 +2,20 @@
 
 import pytest
 import torch
+from conftest import TINY_DIGITS, TINY_EARLY_EXIT, T, select_exit, tiny_batch, train_kwargs, write_model_yaml
 
 from duodiff.errors import DuodiffError
 from duodiff.models import CLASSIFIER_TYPES, build_model
 from duodiff.models.early_exit import EarlyExitUViT
 from duodiff.models.uvit import UViT, UViTConfig
+from duodiff.training_checks import check_train_args
 
 torch.set_num_threads(1)
-T = 50
-TINY = dict(img_size=8, patch_size=2, in_chans=2, embed_dim=32, depth=5, num_heads=4, probe_hidden=16)
 
 
 def make(classifier_type, num_classes=0, seed=0):
     torch.manual_seed(seed)
-    return build_model("early_exit", {**TINY, "num_classes": num_classes}, T, classifier_type).double().eval()
-
-
-def batch(n=6, num_classes=0, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 2, 8, 8, generator=g, dtype=torch.float64)
-    t = torch.randint(0, T, (n,), generator=g)
-    y = torch.randint(0, num_classes, (n,), generator=g) if num_classes else None
-    return x, t, y
+    return build_model("early_exit", {**TINY_EARLY_EXIT, "num_classes": num_classes}, T, classifier_type).double().eval()
 
 
 def randomize_probes(model, std=0.5):
@@ -52,7 +44,7 @@ def hand_pool(tokens):
 @pytest.mark.parametrize("num_classes", [0, 3])
 def test_forward_shapes_and_last_exit_is_backbone(classifier_type, num_classes):
     model = make(classifier_type, num_classes)
-    x, t, y = batch(num_classes=num_classes)
+    x, t, y = tiny_batch(num_classes=num_classes)
     outputs, u = model(x, t, y)
     assert len(outputs) == model.depth + 1 == 6
     assert all(o.shape == x.shape for o in outputs)
@@ -68,7 +60,7 @@ def test_backward_reaches_heads_and_probes(classifier_type, freeze):
     model = make(classifier_type).train()
     if freeze:
         model.freeze_backbone()
-    x, t, _ = batch()
+    x, t, _ = tiny_batch()
     outputs, u = model(x, t)
     (sum(o.square().mean() for o in outputs) + u.sum()).backward()
     for name, param in model.named_parameters():
@@ -82,7 +74,7 @@ def test_backward_reaches_heads_and_probes(classifier_type, freeze):
 def test_per_timestep_probes_use_each_samples_own_timestep():
     for classifier_type in ["mlp_probe_per_timestep", "mlp_probe_per_layer_per_timestep"]:
         model = make(classifier_type)
-        x, _, _ = batch(n=2)
+        x, _, _ = tiny_batch(n=2)
         t = torch.tensor([4, 37])
         _, u = model(x, t)
         for b in range(2):
@@ -100,8 +92,8 @@ def test_per_timestep_probes_use_each_samples_own_timestep():
 
 def test_per_timestep_bank_with_hidden_layer():
     torch.manual_seed(0)
-    model = EarlyExitUViT(UViT(UViTConfig(**TINY), num_timesteps=T), "mlp_probe_per_timestep", bank_hidden=3).double()
-    x, _, _ = batch(n=2)
+    model = EarlyExitUViT(UViT(UViTConfig(**TINY_EARLY_EXIT), num_timesteps=T), "mlp_probe_per_timestep", bank_hidden=3).double()
+    x, _, _ = tiny_batch(n=2)
     t = torch.tensor([9, 21])
     tokens = model.backbone.embed(x, t)
     bank = model.probes
@@ -114,7 +106,7 @@ def test_per_timestep_bank_with_hidden_layer():
 
 
 def test_mlp_and_attention_probes_written_out():
-    x, t, _ = batch(n=3)
+    x, t, _ = tiny_batch(n=3)
     model = make("mlp_probe_per_layer")
     tokens = model.backbone.embed(x, t)
     p = model.probes[0]
@@ -141,11 +133,11 @@ def test_mlp_and_attention_probes_written_out():
 def test_select_exit_reference_rule():
     outputs = [torch.full((3, 1, 2, 2), float(k)) for k in range(4)]
     u = torch.tensor([[0.9, 0.2, 0.1], [0.9, 0.8, 0.7], [0.05, 0.9, 0.0]])
-    output, exit_layer = EarlyExitUViT.select_exit(outputs, u, 0.2)
+    output, exit_layer = select_exit(outputs, u, 0.2)
     assert exit_layer.tolist() == [1, 3, 0]
     assert output[:, 0, 0, 0].tolist() == [1.0, 3.0, 0.0]
-    assert EarlyExitUViT.select_exit(outputs, u, 1.0)[1].tolist() == [0, 0, 0]
-    assert EarlyExitUViT.select_exit(outputs, u, 0.0)[1].tolist() == [3, 3, 2]
+    assert select_exit(outputs, u, 1.0)[1].tolist() == [0, 0, 0]
+    assert select_exit(outputs, u, 0.0)[1].tolist() == [3, 3, 2]
 
 
 @pytest.mark.parametrize("classifier_type", CLASSIFIER_TYPES)
@@ -153,12 +145,12 @@ def test_select_exit_reference_rule():
 def test_compacted_early_exit_equals_reference(classifier_type, num_classes):
     model = make(classifier_type, num_classes)
     randomize_probes(model)
-    x, t, y = batch(n=12, num_classes=num_classes)
+    x, t, y = tiny_batch(n=12, num_classes=num_classes)
     with torch.no_grad():
         outputs, u = model(x, t, y)
         mixed, exits_seen = False, set()
         for threshold in [0.0, *thresholds_between(u), 1.0]:
-            expected, expected_exit = EarlyExitUViT.select_exit(outputs, u, threshold)
+            expected, expected_exit = select_exit(outputs, u, threshold)
             output, exit_layer = model.forward_early_exit(x, t, threshold, y)
             assert exit_layer.dtype == torch.long
             assert exit_layer.tolist() == expected_exit.tolist(), threshold
@@ -197,7 +189,7 @@ def test_compaction_skips_the_work_of_exited_samples():
         for b in range(len(t)):
             for i in range(model.depth):
                 model.probes.bias[i, t[b]] = 6.0 if i < targets[b] else -6.0
-    x = batch(n=len(t))[0]
+    x = tiny_batch(n=len(t))[0]
     with torch.no_grad():
         output, exit_layer = model.forward_early_exit(x, t, 0.5)
     assert exit_layer.tolist() == targets.tolist()
@@ -229,25 +221,24 @@ def test_compaction_skips_the_work_of_exited_samples():
 
 def test_backbone_loads_into_early_exit_model_and_alias():
     torch.manual_seed(5)
-    full = UViT(UViTConfig(**TINY), num_timesteps=T)
-    model = build_model("deediff_uvit", TINY, T, "attention_probe")
+    full = UViT(UViTConfig(**TINY_EARLY_EXIT), num_timesteps=T)
+    model = build_model("deediff_uvit", TINY_EARLY_EXIT, T, "attention_probe")
     assert isinstance(model, EarlyExitUViT)
     model.backbone.load_state_dict(full.state_dict())
-    x, t, _ = batch(n=2)
+    x, t, _ = tiny_batch(n=2)
     with torch.no_grad():
         torch.testing.assert_close(model(x.float(), t)[0][-1], full(x.float(), t))
-    restored = build_model("early_exit", TINY, T, "attention_probe")
+    restored = build_model("early_exit", TINY_EARLY_EXIT, T, "attention_probe")
     restored.load_state_dict(model.state_dict())
 
 
-def test_bad_settings_are_refused():
-    model = make("mlp_probe_per_layer")
-    x, t, _ = batch(n=2)
-    with pytest.raises(DuodiffError, match="threshold must be in \\[0, 1\\]; got 1.5"):
-        model.forward_early_exit(x, t, 1.5)
-    with pytest.raises(DuodiffError, match="classifier type must be one of attention_probe, mlp_probe_per_layer"):
-        EarlyExitUViT(UViT(UViTConfig(**TINY)), "linear_probe")
-    with pytest.raises(DuodiffError, match="probe_hidden \\(10\\) must be divisible by the attention probe's heads"):
-        build_model("early_exit", {**TINY, "probe_hidden": 10}, T, "attention_probe")
-    with pytest.raises(DuodiffError, match="bank_hidden must be a non-negative integer; got -1"):
-        EarlyExitUViT(UViT(UViTConfig(**TINY)), "mlp_probe_per_timestep", bank_hidden=-1)
+def test_bad_settings_are_refused_at_the_edge(tmp_path):
+    # The model trusts its callers: `duodiff sample` checks the threshold (tests/test_bad_inputs.py),
+    # `duodiff train` the classifier type (ibid.) and, here, probe_hidden against the probe's heads.
+    config = write_model_yaml(tmp_path / "m.yaml", TINY_DIGITS, probe_hidden=10)
+    args = train_kwargs(config, tmp_path / "run", model="early_exit", classifier_type="attention_probe")
+    with pytest.raises(DuodiffError, match="m.yaml: probe_hidden \\(10\\) must be divisible by the attention probe's heads \\(4\\)"):
+        check_train_args(args, 1)
+    # The seed's single full-width head has no such constraint.
+    seed = write_model_yaml(tmp_path / "seed.yaml", TINY_DIGITS, probe_hidden=10, probe_design="seed")
+    check_train_args({**args, "config_path": seed}, 1)

@@ -6,10 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from conftest import TINY, train_kwargs
 
 from duodiff.errors import DuodiffError
 from duodiff.models import CLASSIFIER_TYPES, build_model, load_model_config
 from duodiff.models.uvit import UViT, UViTConfig, timestep_embedding, unpatchify
+from duodiff.training_checks import check_train_args
 
 torch.set_num_threads(1)
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "config" / "models"
@@ -18,7 +20,6 @@ CIFAR10 = dict(
     img_size=32, patch_size=2, in_chans=3, embed_dim=512, depth=13, num_heads=8,
     mlp_time_embed=False, qkv_bias=False, conv=True, num_classes=0,
 )  # fmt: skip
-TINY = dict(img_size=8, patch_size=2, in_chans=2, embed_dim=32, depth=5, num_heads=4)
 
 
 def hand_count(img_size, patch_size, in_chans, embed_dim, depth, num_classes=0, mlp_ratio=4, qkv_bias=False,
@@ -228,15 +229,17 @@ def test_config_is_frozen_and_fills_defaults():
         assert torch.equal(a, b), name
 
 
-def test_missing_key_and_bad_kind():
+def test_missing_key_and_bad_kind(tmp_path):
     config = dict(TINY)
     del config["depth"]
     with pytest.raises(DuodiffError, match="missing required key\\(s\\) depth"):
         build_model("uvit", config)
-    with pytest.raises(DuodiffError, match="model kind must be one of uvit, early_exit, deediff_uvit; got 'dit'"):
-        build_model("dit", TINY)
-    with pytest.raises(DuodiffError, match="classifier type must be one of attention_probe"):
-        build_model("early_exit", TINY, classifier_type="linear")
+    # The model kind and the classifier type are checked once, by `duodiff train`'s check pass
+    # (the edge); build_model trusts them.
+    with pytest.raises(DuodiffError, match="--model must be one of uvit, early_exit, deediff_uvit; got 'dit'"):
+        check_train_args(train_kwargs("unread.yaml", tmp_path / "run", model="dit"), 1)
+    with pytest.raises(DuodiffError, match="--classifier-type must be one of attention_probe"):
+        check_train_args(train_kwargs("unread.yaml", tmp_path / "run", model="early_exit", classifier_type="linear"), 1)
 
 
 def test_shipped_model_configs(tmp_path):

@@ -7,19 +7,19 @@ probe outputs as plain tensor arithmetic, the exit rule through `select_exit` on
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_EARLY_EXIT, T, save_tiny_model, select_exit, tiny_batch
 
-from duodiff.checkpoints import load_model, save_model
+from duodiff.checkpoints import load_model
 from duodiff.diffusion import GaussianDiffusion
 from duodiff.errors import DuodiffError
 from duodiff.metrics.flops import model_costs
 from duodiff.models import CLASSIFIER_TYPES, UViTConfig, build_model, load_model_config
-from duodiff.models.early_exit import EarlyExitUViT, SeedAttentionProbe, SeedMLPProbe
+from duodiff.models.early_exit import SeedAttentionProbe, SeedMLPProbe
 from duodiff.models.uvit import UViT
-from test_early_exit import T, batch  # the same 2-channel 8x8 batches of timesteps in [0, T)
 
 torch.set_num_threads(1)
-D, HIDDEN, DEPTH = 32, 16, 5
-TINY = dict(img_size=8, patch_size=2, in_chans=2, embed_dim=D, depth=DEPTH, num_heads=4, probe_hidden=HIDDEN)
+TINY = TINY_EARLY_EXIT
+D, HIDDEN, DEPTH = TINY["embed_dim"], TINY["probe_hidden"], TINY["depth"]
 N_PATCHES = (8 // 2) ** 2
 DESIGNS = ("duodiff", "seed")
 
@@ -57,7 +57,7 @@ def tokens_at_exit(model, i, x, t, y=None):
 @pytest.mark.parametrize("num_classes", [0, 3])
 def test_every_probe_output_shape(design, classifier_type, num_classes):
     model = make(classifier_type, design, num_classes)
-    x, t, y = batch(n=5, num_classes=num_classes)
+    x, t, y = tiny_batch(n=5, num_classes=num_classes)
     outputs, u = model(x, t, y)
     assert len(outputs) == DEPTH + 1 and all(o.shape == x.shape for o in outputs)
     assert u.shape == (5, DEPTH)
@@ -116,7 +116,7 @@ def hand_seed_attention(probe, tokens, time_index):
 def test_seed_attention_probe_written_out_and_unbounded(num_classes):
     model = make("attention_probe", "seed", num_classes)
     randomize_probes(model, std=0.3)
-    x, t, y = batch(n=12, num_classes=num_classes)
+    x, t, y = tiny_batch(n=12, num_classes=num_classes)
     _, u = model(x, t, y)
     time_index = num_classes > 0  # [class], time, patches
     for i in (0, 2):
@@ -128,7 +128,7 @@ def test_seed_attention_probe_written_out_and_unbounded(num_classes):
 
 @pytest.mark.parametrize("num_classes", [0, 3])
 def test_seed_attention_probe_ignores_only_the_time_token(num_classes):
-    x, t, y = batch(n=4, num_classes=num_classes)
+    x, t, y = tiny_batch(n=4, num_classes=num_classes)
     other_t = (t + 17) % T
     for design in DESIGNS:
         model = make("attention_probe", design, num_classes)
@@ -162,7 +162,7 @@ def test_seed_attention_probe_ignores_only_the_time_token(num_classes):
 def test_seed_mlp_probe_is_mean_of_per_token_sigmoids(num_classes):
     model = make("mlp_probe_per_layer", "seed", num_classes)
     randomize_probes(model, std=0.5)
-    x, t, y = batch(n=5, num_classes=num_classes)
+    x, t, y = tiny_batch(n=5, num_classes=num_classes)
     _, u = model(x, t, y)
     for i in range(DEPTH):
         tokens = tokens_at_exit(model, i, x, t, y)
@@ -180,7 +180,7 @@ def test_seed_mlp_probe_is_mean_of_per_token_sigmoids(num_classes):
 def test_seed_timestep_banks_use_each_samples_own_timestep(classifier_type):
     model = make(classifier_type, "seed")
     randomize_probes(model, std=0.5)
-    x, _, _ = batch(n=3)
+    x, _, _ = tiny_batch(n=3)
     t = torch.tensor([4, 37, 4])
     _, u = model(x, t)
     for i in range(DEPTH):
@@ -223,14 +223,14 @@ def thresholds_between(u):
 def test_seed_forward_early_exit_equals_select_exit(classifier_type, num_classes):
     model = make(classifier_type, "seed", num_classes)
     randomize_probes(model, std=0.3 if classifier_type == "attention_probe" else 1.0)
-    x, t, y = batch(n=12, num_classes=num_classes)
+    x, t, y = tiny_batch(n=12, num_classes=num_classes)
     with torch.no_grad():
         outputs, u = model(x, t, y)
         exits_seen = set()
         thresholds = [0.0, *thresholds_between(u), 1.0]
         assert len(thresholds) >= 5
         for threshold in thresholds:
-            expected, expected_exit = EarlyExitUViT.select_exit(outputs, u, threshold)
+            expected, expected_exit = select_exit(outputs, u, threshold)
             output, exit_layer = model.forward_early_exit(x, t, threshold, y)
             assert exit_layer.tolist() == expected_exit.tolist(), threshold
             torch.testing.assert_close(output, expected)
@@ -248,7 +248,7 @@ def test_seed_early_exit_runs_only_the_blocks_it_needs():
         for i, probe in enumerate(model.probes):
             probe.fc.weight.zero_()
             probe.fc.bias.fill_(-6.0 if i == 2 else 6.0)
-        x, t, _ = batch(n=4)
+        x, t, _ = tiny_batch(n=4)
         output, exit_layer = model.forward_early_exit(x, t, 0.5)
     assert exit_layer.tolist() == [2] * 4
     assert runs == [1, 1, 0, 0, 0]
@@ -263,9 +263,6 @@ def test_probe_design_config_values(tmp_path):
         build_model("early_exit", {**TINY, "probe_design": "paper"}, T, "attention_probe")
     with pytest.raises(DuodiffError, match="probe_design must be one of duodiff, seed; got 'paper'"):
         build_model("uvit", {**TINY, "probe_design": "paper"}, T)
-    with pytest.raises(DuodiffError, match="bank_hidden must be 0; got 3"):
-        EarlyExitUViT(UViT(UViTConfig(**TINY, probe_design="seed"), num_timesteps=T), "mlp_probe_per_timestep",
-                      bank_hidden=3)  # fmt: skip
     path = tmp_path / "seed.yaml"
     path.write_text("img_size: 8\npatch_size: 2\nin_chans: 2\nembed_dim: 32\ndepth: 5\nnum_heads: 4\nprobe_design: seed\n")
     model = build_model("early_exit", load_model_config(path), T, "mlp_probe_per_layer")
@@ -277,10 +274,7 @@ def test_probe_design_config_values(tmp_path):
 
 
 def save(path, config, classifier_type, model):
-    save_model(
-        path, kind="early_exit", model_config=config, diffusion=GaussianDiffusion(num_timesteps=T).config(),
-        classifier_type=classifier_type, state_dict=model.state_dict(), ema_state_dict=None, step=1, train_args={},
-    )  # fmt: skip
+    save_tiny_model(path, model, "early_exit", config, GaussianDiffusion(num_timesteps=T).config(), classifier_type)
 
 
 @pytest.mark.parametrize("classifier_type", CLASSIFIER_TYPES)
@@ -290,7 +284,7 @@ def test_checkpoint_keeps_the_probe_design(tmp_path, classifier_type):
     save(tmp_path / "seed.pt", config, classifier_type, model)
     loaded, _, meta = load_model(tmp_path / "seed.pt")
     assert loaded.probe_design == "seed" and meta["model_config"]["probe_design"] == "seed"
-    x, t, _ = batch(n=3)
+    x, t, _ = tiny_batch(n=3)
     torch.testing.assert_close(loaded(x.float(), t)[1], model(x.float(), t)[1])
 
     # A model file from before the key existed loads as this project's design.
@@ -307,13 +301,10 @@ def test_checkpoint_keeps_the_probe_design(tmp_path, classifier_type):
 
 
 def test_backbone_check_ignores_the_probe_design(tmp_path):
-    from duodiff.training import read_backbone
+    from duodiff.training_checks import read_backbone
 
     backbone = UViT(UViTConfig(**TINY), num_timesteps=T)
-    save_model(
-        tmp_path / "full.pt", kind="uvit", model_config=dict(TINY), diffusion=GaussianDiffusion(num_timesteps=T).config(),
-        state_dict=backbone.state_dict(), ema_state_dict=None, step=1, train_args={},
-    )  # fmt: skip
+    save_tiny_model(tmp_path / "full.pt", backbone, "uvit", dict(TINY), GaussianDiffusion(num_timesteps=T).config())
     full_config = UViTConfig(**TINY, probe_design="seed")
     weights = read_backbone(tmp_path / "full.pt", full_config, GaussianDiffusion(num_timesteps=T), "seed.yaml")
     assert weights.keys() == backbone.state_dict().keys()

@@ -10,16 +10,12 @@ import time
 
 import pytest
 import torch
-import yaml
+from conftest import TINY_DIGITS, train_kwargs, write_model_yaml
 
 from duodiff.diffusion import GaussianDiffusion
 from duodiff.errors import DuodiffError
 from duodiff.training import TrainingStopped, run_train
 
-TINY = {
-    "img_size": 8, "patch_size": 2, "in_chans": 1, "embed_dim": 32, "depth": 3, "num_heads": 2,
-    "mlp_ratio": 2.0, "normalize_timesteps": False, "probe_hidden": 16,
-}  # fmt: skip
 SETTINGS = dict(
     dataset="digits", n_steps=60, batch_size=8, lr=1e-3, warmup_steps=5, ema_decay=0.9,
     log_every_n_steps=5, save_every_n_steps=10, seed=7, device="cpu",
@@ -60,16 +56,14 @@ def assert_identical(model_a, model_b):
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory):
-    path = tmp_path_factory.mktemp("config") / "tiny.yaml"
-    path.write_text(yaml.safe_dump(TINY))
-    return path
+    return write_model_yaml(tmp_path_factory.mktemp("config") / "tiny.yaml")
 
 
 @pytest.fixture(scope="module")
 def reference(config, tmp_path_factory):
     """The uninterrupted run."""
     log_path = tmp_path_factory.mktemp("reference")
-    run_train(config_path=config, log_path=log_path, **SETTINGS)
+    run_train(**train_kwargs(config, log_path, **SETTINGS))
     return load(log_path / "model.pt"), losses(log_path / "loss.csv")
 
 
@@ -93,18 +87,18 @@ def test_stop_and_resume_in_process_is_bit_identical(config, reference, tmp_path
 
     stop_at_call(monkeypatch, 23, sigterm)
     with pytest.raises(TrainingStopped, match=r"SIGTERM after step 23 of 60.*rerun the same command"):
-        run_train(config_path=config, log_path=tmp_path, **SETTINGS)
+        run_train(**train_kwargs(config, tmp_path, **SETTINGS))
     monkeypatch.undo()
     assert load(tmp_path / "checkpoint.pt")["step"] == 23
     assert not (tmp_path / "model.pt").exists()
     assert losses(tmp_path / "loss.csv") == reference[1][:4]  # rows 5..20 were logged before the stop
 
-    summary = run_train(config_path=config, log_path=tmp_path, **SETTINGS)
+    summary = run_train(**train_kwargs(config, tmp_path, **SETTINGS))
     assert summary["resumed_from"] == 23
     assert_identical(load(tmp_path / "model.pt"), reference[0])
     assert losses(tmp_path / "loss.csv") == reference[1]  # the whole log, not just the resumed part
     # Rerunning a finished run changes nothing.
-    assert run_train(config_path=config, log_path=tmp_path, **SETTINGS)["step"] == 60
+    assert run_train(**train_kwargs(config, tmp_path, **SETTINGS))["step"] == 60
     assert_identical(load(tmp_path / "model.pt"), reference[0])
 
 
@@ -158,7 +152,7 @@ def test_sigterm_and_sigkill_cli_runs_resume_to_identical_weights(config, refere
         assert 10 <= step < 60, signum
         assert not (log_path / "model.pt").exists()
 
-        summary = run_train(config_path=config, log_path=log_path, **SETTINGS)  # the same command again
+        summary = run_train(**train_kwargs(config, log_path, **SETTINGS))  # the same command again
         assert summary["resumed_from"] == step
         assert_identical(load(log_path / "model.pt"), reference[0])
         assert losses(log_path / "loss.csv") == reference[1]
@@ -167,7 +161,7 @@ def test_sigterm_and_sigkill_cli_runs_resume_to_identical_weights(config, refere
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(config, tmp_path, monkeypatch):
     stop_at_call(monkeypatch, 14, lambda out: torch.full_like(out, float("nan")))
     with pytest.raises(DuodiffError) as error:
-        run_train(config_path=config, log_path=tmp_path, **{**SETTINGS, "save_every_n_steps": 5})
+        run_train(**train_kwargs(config, tmp_path, **{**SETTINGS, "save_every_n_steps": 5}))
     message = str(error.value)
     assert "loss became nan at step 14" in message and "checkpoint.pt (step 10) is kept" in message
     assert load(tmp_path / "checkpoint.pt")["step"] == 10
@@ -175,22 +169,21 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(config, tmp_path, mon
 
 
 def test_checkpoint_with_other_settings_is_refused(config, tmp_path):
-    run_train(config_path=config, log_path=tmp_path, **{**SETTINGS, "n_steps": 10})
+    run_train(**train_kwargs(config, tmp_path, **{**SETTINGS, "n_steps": 10}))
     with pytest.raises(DuodiffError, match=r"--lr 0.001 \(this run: 0.002\)"):
-        run_train(config_path=config, log_path=tmp_path, **{**SETTINGS, "n_steps": 10, "lr": 2e-3})
-    deeper = tmp_path / "deeper.yaml"
-    deeper.write_text(yaml.safe_dump({**TINY, "depth": 5}))
+        run_train(**train_kwargs(config, tmp_path, **{**SETTINGS, "n_steps": 10, "lr": 2e-3}))
+    deeper = write_model_yaml(tmp_path / "deeper.yaml", TINY_DIGITS, depth=5)
     with pytest.raises(DuodiffError, match=r"different model config \(depth: 3 -> 5\)"):
-        run_train(config_path=deeper, log_path=tmp_path, **{**SETTINGS, "n_steps": 10})
+        run_train(**train_kwargs(deeper, tmp_path, **{**SETTINGS, "n_steps": 10}))
     # Reporting settings may change between a run and its resumption.
-    run_train(config_path=config, log_path=tmp_path, **{**SETTINGS, "n_steps": 10, "log_every_n_steps": 2})
+    run_train(**train_kwargs(config, tmp_path, **{**SETTINGS, "n_steps": 10, "log_every_n_steps": 2}))
 
 
 def test_truncated_checkpoint_is_refused_naming_the_file(config, tmp_path):
-    run_train(config_path=config, log_path=tmp_path, **{**SETTINGS, "n_steps": 5, "save_every_n_steps": 5})
+    run_train(**train_kwargs(config, tmp_path, **{**SETTINGS, "n_steps": 5, "save_every_n_steps": 5}))
     checkpoint = tmp_path / "checkpoint.pt"
     data = checkpoint.read_bytes()
     checkpoint.write_bytes(data[: len(data) // 2])
     with pytest.raises(DuodiffError) as error:
-        run_train(config_path=config, log_path=tmp_path, **{**SETTINGS, "n_steps": 5, "save_every_n_steps": 5})
+        run_train(**train_kwargs(config, tmp_path, **{**SETTINGS, "n_steps": 5, "save_every_n_steps": 5}))
     assert str(checkpoint) in str(error.value) and "truncated" in str(error.value)

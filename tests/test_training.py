@@ -10,35 +10,28 @@ import sys
 import pytest
 import torch
 import yaml
+from conftest import TINY_DIGITS, train_kwargs, write_model_yaml
 
 from duodiff import cli
+from duodiff.determinism import StepBatchSampler
 from duodiff.errors import DuodiffError
-from duodiff.training import StepBatchSampler, early_exit_loss, ema_update, run_train, warmup_cosine
-
-TINY = {
-    "img_size": 8, "patch_size": 2, "in_chans": 1, "embed_dim": 32, "depth": 3, "num_heads": 2,
-    "mlp_ratio": 2.0, "normalize_timesteps": False, "probe_hidden": 16,
-}  # fmt: skip
-
-
-def write_config(path, **overrides):
-    path.write_text(yaml.safe_dump({**TINY, **overrides}))
-    return path
+from duodiff.models.early_exit import early_exit_loss
+from duodiff.optim import ema_update, warmup_cosine
+from duodiff.training import run_train
 
 
 @pytest.fixture
-def config(tmp_path):
-    return write_config(tmp_path / "tiny.yaml")
+def config(tiny_yaml):
+    return tiny_yaml
 
 
 def quick(config, log_path, **kwargs):
     """A short digits run with settings that learn fast at this size."""
     settings = dict(
-        config_path=config, log_path=log_path, dataset="digits", n_steps=10, batch_size=16, lr=1e-3,
-        warmup_steps=2, ema_decay=0.99, log_every_n_steps=5, save_every_n_steps=5, device="cpu", seed=3,
+        dataset="digits", n_steps=10, batch_size=16, lr=1e-3, warmup_steps=2, ema_decay=0.99,
+        log_every_n_steps=5, save_every_n_steps=5, device="cpu", seed=3,
     )  # fmt: skip
-    settings.update(kwargs)
-    return run_train(**settings)
+    return run_train(**{**train_kwargs(config, log_path, **settings), **kwargs})
 
 
 def read_csv(path):
@@ -208,7 +201,7 @@ def test_frozen_backbone_is_unchanged_and_heads_train(config, tmp_path):
     torch.manual_seed(3)
     from duodiff.models import build_model
 
-    fresh = build_model("early_exit", TINY, classifier_type="mlp_probe_per_layer").state_dict()
+    fresh = build_model("early_exit", TINY_DIGITS, classifier_type="mlp_probe_per_layer").state_dict()
     heads = [k for k in fresh if k.startswith(("exit_heads.", "probes."))]
     assert heads and any(not torch.equal(fresh[k], ee["state_dict"][k]) for k in heads)
     rows = read_csv(tmp_path / "ee" / "loss.csv")
@@ -222,13 +215,13 @@ def test_unfrozen_early_exit_from_scratch_trains_everything(config, tmp_path):
     torch.manual_seed(3)
     from duodiff.models import build_model
 
-    fresh = build_model("early_exit", TINY, classifier_type="attention_probe").state_dict()
+    fresh = build_model("early_exit", TINY_DIGITS, classifier_type="attention_probe").state_dict()
     assert not torch.equal(fresh["backbone.patch_embed.proj.weight"], ee["state_dict"]["backbone.patch_embed.proj.weight"])
 
 
 def test_load_backbone_config_mismatch_is_refused(config, tmp_path):
     quick(config, tmp_path / "full", n_steps=1)
-    other = write_config(tmp_path / "deeper.yaml", depth=5)
+    other = write_model_yaml(tmp_path / "deeper.yaml", depth=5)
     with pytest.raises(DuodiffError, match=r"depth 3 vs 5"):
         quick(other, tmp_path / "ee", model="early_exit", classifier_type="attention_probe", load_backbone=tmp_path / "full" / "model.pt")
     with pytest.raises(DuodiffError, match=r"--parametrization 'predict_noise' vs 'predict_original'"):
@@ -351,12 +344,12 @@ def test_class_conditional_rgb_imagefolder_with_flips_and_amp(tmp_path):
         for i in range(3):
             pixels = torch.randint(0, 256, (8, 8, 3), generator=torch.Generator().manual_seed(i), dtype=torch.uint8)
             Image.fromarray(pixels.numpy()).save(tmp_path / "images" / label / f"{i}.png")
-    rgb = write_config(tmp_path / "rgb.yaml", in_chans=3, num_classes=2)
+    rgb = write_model_yaml(tmp_path / "rgb.yaml", in_chans=3, num_classes=2)
     quick(rgb, tmp_path / "run", dataset="imagefolder", data_root=tmp_path / "images", n_steps=3, use_amp=True)
     saved = load(tmp_path / "run" / "model.pt")
     assert saved["model_config"]["num_classes"] == 2 and saved["train_args"]["use_amp"] is True
     assert "label_emb.weight" in saved["state_dict"]
     assert all(float(r["loss"]) > 0 for r in read_csv(tmp_path / "run" / "loss.csv"))
-    wrong = write_config(tmp_path / "wrong.yaml", in_chans=3, num_classes=5)
+    wrong = write_model_yaml(tmp_path / "wrong.yaml", in_chans=3, num_classes=5)
     with pytest.raises(DuodiffError, match="num_classes 5 but --dataset imagefolder has 2 class labels"):
         quick(wrong, tmp_path / "wrong", dataset="imagefolder", data_root=tmp_path / "images")

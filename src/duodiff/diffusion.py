@@ -17,12 +17,12 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from duodiff.errors import check_choice, require
 from duodiff.study import SAMPLERS
 
 PARAMETRIZATIONS = ("predict_noise", "predict_original")
+LOSS_WEIGHTINGS = ("uniform", "min_snr")
 
 
 class GaussianDiffusion:
@@ -96,27 +96,21 @@ class GaussianDiffusion:
         """What the network is trained to output: the noise or the clean image."""
         return noise if self.parametrization == "predict_noise" else x0
 
-    def training_loss(self, model_output: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """Plain (unweighted) MSE to the target, averaged over all elements (DDPM's L_simple)."""
-        return F.mse_loss(model_output.float(), self.target(x0, noise).float())
-
-    def predict_x0_and_eps(self, x_t: torch.Tensor, t: torch.Tensor, model_output: torch.Tensor):
-        """Turn a network output into (x0 prediction, noise prediction) for x_t at timesteps t."""
-        recip = self._extract("sqrt_recip_alphas_cumprod", t, x_t.ndim)
-        recipm1 = self._extract("sqrt_recipm1_alphas_cumprod", t, x_t.ndim)
-        return _x0_and_eps(self.parametrization, x_t, model_output, recip, recipm1)
-
-    def q_posterior(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
-        """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
-        mean = (
-            self._extract("posterior_mean_coef1", t, x_t.ndim) * x0
-            + self._extract("posterior_mean_coef2", t, x_t.ndim) * x_t
-        )
-        return (
-            mean,
-            self._extract("posterior_variance", t, x_t.ndim),
-            self._extract("posterior_log_variance_clipped", t, x_t.ndim),
-        )
+    def loss_weights(self, weighting: str, gamma: float) -> torch.Tensor:
+        """Per-timestep weights (T,) of the MSE: uniform = DDPM's L_simple (1 everywhere); min_snr =
+        Min-SNR-gamma (Hang et al., ICCV 2023, 2303.09556), which caps the weight that the
+        parametrization implicitly gives the nearly clean timesteps. In terms of the x0 error, the
+        noise MSE weighs timestep t by SNR_t = abar_t / (1 - abar_t), up to 1e4 near t = 0, so a small
+        model spends its capacity on noise it cannot see; min_snr weighs the x0 error by
+        min(SNR_t, gamma) instead: the noise MSE times min(SNR_t, gamma) / SNR_t, the x0 MSE times
+        min(SNR_t, gamma)."""
+        if weighting == "uniform":
+            return torch.ones(self.num_timesteps)
+        abar = self._float64["alphas_cumprod"]
+        snr = abar / (1 - abar)
+        capped = snr.clamp(max=gamma)
+        weights = capped / snr if self.parametrization == "predict_noise" else capped
+        return weights.float()
 
     # ---- sampling -----------------------------------------------------------------------------
 
@@ -126,7 +120,7 @@ class GaussianDiffusion:
         ddpm visits all T timesteps. ddim visits `steps` timesteps i * T // steps (the DDIM paper's
         uniform skip, exactly `steps` distinct values even when T is not a multiple of steps).
         """
-        check_choice("--sampler", sampler, SAMPLERS)
+        assert sampler in SAMPLERS, sampler  # run_sample checked it; steps need T, so they are checked here
         T = self.num_timesteps
         if sampler == "ddpm":
             require(
@@ -154,11 +148,7 @@ class GaussianDiffusion:
         from the (clipped) x0_hat keeps the update consistent after clipping, as in ADM's
         ddim_sample; with eta = 1 and all T steps DDIM then equals DDPM exactly.
         """
-        require(
-            isinstance(eta, (int, float)) and eta >= 0,
-            f"--eta must be a number >= 0; got {eta!r}",
-        )
-        require(sampler != "ddpm" or eta == 0, f"--eta applies to the ddim sampler only; got --eta {eta} with --sampler ddpm")
+        assert eta >= 0 and (sampler != "ddpm" or eta == 0), (sampler, eta)  # run_sample checked them
         ts = self.timesteps(sampler, steps)
         ac = self._float64["alphas_cumprod"]
         plan = []
@@ -208,7 +198,7 @@ class GaussianDiffusion:
         for i, step in iterator:
             t = torch.full((batch,), step.t, device=x.device, dtype=torch.long)
             output = denoise(x, t, i)
-            x0, _ = _x0_and_eps(self.parametrization, x, output, step.sqrt_recip_ac, step.sqrt_recipm1_ac)
+            x0, _ = x0_and_eps(self.parametrization, x, output, step.sqrt_recip_ac, step.sqrt_recipm1_ac)
             if clip_denoised:
                 x0 = x0.clamp(-1.0, 1.0)
             x = step.c_x0 * x0 + step.c_xt * x
@@ -227,7 +217,7 @@ class SamplingStep:
     sigma: float
 
 
-def _x0_and_eps(parametrization, x_t, output, sqrt_recip_ac, sqrt_recipm1_ac):
+def x0_and_eps(parametrization, x_t, output, sqrt_recip_ac, sqrt_recipm1_ac):
     """x_t = sqrt(abar) x0 + sqrt(1 - abar) eps  <=>  x0 = x_t / sqrt(abar) - sqrt(1/abar - 1) eps."""
     if parametrization == "predict_noise":
         eps = output
@@ -271,12 +261,7 @@ class DuoDiffDenoiser:
     """DuoDiff (2410.09633): the shallow network for the first t_switch (noisiest) steps, then the full one."""
 
     def __init__(self, shallow, full, t_switch: int, y=None, steps: int | None = None):
-        require(
-            isinstance(t_switch, int) and not isinstance(t_switch, bool) and t_switch >= 0,
-            f"--t-switch must be an integer >= 0; got {t_switch!r}",
-        )
-        if steps is not None:
-            require(t_switch <= steps, f"--t-switch must be in [0, {steps}] (the number of sampling steps); got {t_switch}")
+        assert 0 <= t_switch <= (steps if steps is not None else t_switch), (t_switch, steps)  # run_sample checked it
         self.shallow = shallow
         self.full = full
         self.t_switch = t_switch
@@ -287,7 +272,7 @@ class DuoDiffDenoiser:
         return model(x, t, self.y)
 
     def executed_depth(self, steps: int, batch_size: int) -> torch.Tensor:
-        require(self.t_switch <= steps, f"--t-switch must be in [0, {steps}] (the number of sampling steps); got {self.t_switch}")
+        assert self.t_switch <= steps, (self.t_switch, steps)
         depth = torch.full((steps, batch_size), self.full.depth, dtype=torch.long)
         depth[: self.t_switch] = self.shallow.depth
         return depth
@@ -301,20 +286,14 @@ class EarlyExitDenoiser:
     """
 
     def __init__(self, model, threshold: float, y=None):
-        require(
-            isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and 0.0 <= threshold <= 1.0,
-            f"--threshold must be in [0, 1]; got {threshold!r}",
-        )
+        assert 0.0 <= threshold <= 1.0, threshold  # run_sample checked it
         self.model = model
         self.threshold = float(threshold)
         self.y = y
         self._exits: list[torch.Tensor] = []
 
     def __call__(self, x, t, step_index):
-        require(
-            step_index == len(self._exits),
-            f"EarlyExitDenoiser got step {step_index} after {len(self._exits)} recorded steps; use one per sampling run",
-        )
+        assert step_index == len(self._exits), "an EarlyExitDenoiser records one sampling run"
         output, exit_layer = self.model.forward_early_exit(x, t, self.threshold, self.y)
         self._exits.append(exit_layer)
         return output
@@ -327,10 +306,7 @@ class EarlyExitDenoiser:
 
     def executed_depth(self, steps: int, batch_size: int) -> torch.Tensor:
         layers = self.exit_layers
-        require(
-            tuple(layers.shape) == (steps, batch_size),
-            f"early exit recorded {tuple(layers.shape)} exit layers, expected ({steps}, {batch_size})",
-        )
+        assert tuple(layers.shape) == (steps, batch_size), (tuple(layers.shape), steps, batch_size)
         return layers
 
 

@@ -8,7 +8,6 @@ same either way. CPU uses the gloo backend, CUDA uses nccl with one GPU per proc
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -74,19 +73,3 @@ def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
 
-
-def relaunch_under_torchrun(nproc_per_node: int, argv: list[str]) -> None:
-    """Replace this process with `torchrun --standalone --nproc_per_node N python -m duodiff.cli ARGV`.
-
-    Used by `duodiff train --nproc-per-node N`, so a pipeline rule (or a user) asks for N training
-    processes with one flag. exec rather than a child process: Slurm's SIGTERM then reaches
-    torchrun itself, which forwards it to every rank, and each rank checkpoints before exiting.
-    --standalone runs its own rendezvous on a free port, so several such jobs can share a node.
-    """
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_node}",
-        "-m", "duodiff.cli", *argv,
-    ]  # fmt: skip
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execv(sys.executable, command)

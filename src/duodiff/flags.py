@@ -36,3 +36,17 @@ def add_flag(parser: argparse.ArgumentParser, name: str, *aliases: str, **kwargs
         outputs = parser.get_default("_outputs") or []
         parser.set_defaults(_outputs=[*outputs, (name, action.dest, OUTPUT_FLAGS[name])])
     return action
+
+
+def cli_flags(settings: dict) -> list[str]:
+    """Parsed arguments written back as flags: {'n_steps': 10, 'use_amp': True, 'root': None} ->
+    ['--n-steps', '10', '--use-amp']. True booleans become switches; False and None are left out
+    (the flags' defaults). The workflow's common.smk has its own copy, as it must not import duodiff."""
+    flags = []
+    for key, value in settings.items():
+        if value is None or value is False:
+            continue
+        flags.append(f"--{key.replace('_', '-')}")
+        if value is not True:
+            flags.append(str(value))  # str(float) round-trips exactly
+    return flags

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from duodiff.config import load_yaml
-from duodiff.errors import check_choice, check_int
 from duodiff.models.uvit import EARLY_EXIT_KEYS, PROBE_DESIGNS, UViT, UViTConfig
 from duodiff.study import CLASSIFIER_TYPES
 
@@ -40,17 +39,17 @@ def build_model(
 ):
     """kind 'uvit' -> UViT; 'early_exit' (alias 'deediff_uvit') -> EarlyExitUViT around a fresh UViT.
 
-    model_config: a UViTConfig, or a mapping as in a model YAML or model.pt (checked here).
+    model_config: a UViTConfig, or a mapping as in a model YAML or model.pt (UViTConfig.from_dict
+    checks it). kind, num_timesteps and classifier_type are trusted: `duodiff train`'s check pass
+    and GaussianDiffusion checked them, and model.pt holds what they passed.
     """
-    check_choice("model kind", kind, [*MODEL_KINDS, *KIND_ALIASES])
     kind = KIND_ALIASES.get(kind, kind)
+    assert kind in MODEL_KINDS, kind
     config = model_config if isinstance(model_config, UViTConfig) else UViTConfig.from_dict(model_config)
-    check_int("num_timesteps", num_timesteps, minimum=1)
     if kind == "uvit":
         # classifier_type is ignored here, as the seed's train.py ignores --classifier_type for uvit.
         return UViT(config, num_timesteps=num_timesteps)
 
-    check_choice("classifier type", classifier_type, CLASSIFIER_TYPES)
     from duodiff.models.early_exit import EarlyExitUViT
 
     return EarlyExitUViT(UViT(config, num_timesteps=num_timesteps), classifier_type=classifier_type)

@@ -54,6 +54,19 @@ get their head output and leave the batch (tokens and t are indexed once per exi
 tensor; each long-skip tensor is indexed once, when its out-block uses it, see CompactedSkips; the
 label y is already inside the tokens as the class token), so samples that exit at layer k cost
 about k / depth of the full model, and the loop stops when no sample is left.
+
+The training loss (`EarlyExitUViT.loss`, `early_exit_loss`), with target = the noise
+(predict_noise) or the clean image (predict_original), outputs g_0..g_depth (g_depth: the
+backbone's own head) and uncertainties u_0..u_{depth-1}:
+
+    L_simple = MSE(g_depth, target)
+    û_i      = mean_pixels tanh|g_i - target|     (detached: the probes' fixed target)
+    L_u      = sum_i mean_b (u_i - û_i)^2
+    L_UAL    = sum_i mean_b (1 - û_i) mean_pixels (g_i - target)^2
+    total    = L_simple + L_u + L_UAL  [+ sum_i mean_b mean_pixels (g_i - target)^2]
+
+(DeeDiff, Tang et al. 2309.17074; all terms are batch means so the scale does not grow with the
+batch size, unlike the seed's sum-reduced L_u.)
 """
 
 from __future__ import annotations
@@ -61,10 +74,38 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
-from duodiff.errors import DuodiffError, check_choice, check_int, check_range
 from duodiff.models.uvit import UViT, init_weights, unpatchify
 from duodiff.study import CLASSIFIER_TYPES
+
+# The heads of the (duodiff design's) attention probe: probe_hidden must be a multiple of it.
+PROBE_HEADS = 4
+# The parts of the early-exit loss, as loss.csv names its columns.
+LOSS_PARTS = ("loss_simple", "loss_u", "loss_ual", "loss_unweighted")
+
+
+def early_exit_loss(outputs, uncertainties, target, use_unweighted_loss=False, weights=None):
+    """DeeDiff's loss (the module docstring) -> (total, {part name: value}).
+
+    weights (B,): per-sample weights of the image losses (GaussianDiffusion.loss_weights: Min-SNR-gamma); the
+    probes' L_u stays unweighted, since its target is the error the probe must predict."""
+    target = target.float()
+    exits = [g.float() for g in outputs[:-1]]  # g_0 .. g_{depth-1}
+    u = uncertainties.float()  # (B, depth)
+    w = torch.ones(target.shape[0], device=target.device) if weights is None else weights.float()
+    error = torch.stack([(g - target).square().flatten(1).mean(1) for g in exits], dim=1)  # (B, depth)
+    with torch.no_grad():
+        u_hat = torch.stack([torch.tanh((g - target).abs()).flatten(1).mean(1) for g in exits], dim=1)
+    loss_simple = ((outputs[-1].float() - target).square().flatten(1).mean(1) * w).mean()
+    loss_u = (u - u_hat).square().mean(0).sum()
+    loss_ual = ((1 - u_hat) * error * w[:, None]).mean(0).sum()
+    loss_unweighted = (error * w[:, None]).mean(0).sum()
+    total = loss_simple + loss_u + loss_ual
+    if use_unweighted_loss:
+        total = total + loss_unweighted
+    parts = dict(zip(LOSS_PARTS, (loss_simple, loss_u, loss_ual, loss_unweighted)))
+    return total, parts
 
 
 def pool_tokens(tokens: torch.Tensor) -> torch.Tensor:
@@ -120,11 +161,9 @@ class AttentionProbe(nn.Module):
         nn.init.trunc_normal_(self.query, std=0.02)
 
     def forward(self, tokens):
-        B, N, _ = tokens.shape
-        kv = self.kv(self.norm(tokens)).reshape(B, N, 2, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        query = self.query.expand(B, -1, -1, -1).to(kv.dtype)
-        pooled = F.scaled_dot_product_attention(query, kv[0], kv[1])  # (B, heads, 1, head_dim)
-        pooled = pooled.reshape(B, -1)
+        keys, values = rearrange(self.kv(self.norm(tokens)), "B N (K H D) -> K B H N D", K=2, H=self.num_heads)
+        query = self.query.expand(tokens.shape[0], -1, -1, -1).to(keys.dtype)  # (B, H, 1 query, D)
+        pooled = rearrange(F.scaled_dot_product_attention(query, keys, values), "B H Q D -> B (H Q D)")
         return torch.sigmoid(self.fc2(self.act(self.fc1(pooled)))).squeeze(-1)
 
 
@@ -175,8 +214,7 @@ class TimestepProbeBank(nn.Module):
         super().__init__()
         self.hidden = hidden
         self.per_token = per_token
-        if per_token and hidden != 0:
-            raise DuodiffError(f"the seed's per-timestep probes are linear: bank_hidden must be 0; got {hidden}")
+        assert not (per_token and hidden), "the seed's per-timestep probes are linear (bank_hidden 0)"
         if hidden == 0:
             self.weight = nn.Parameter(torch.empty(banks, num_timesteps, embed_dim))
             self.bias = nn.Parameter(torch.zeros(banks, num_timesteps))
@@ -240,19 +278,14 @@ class EarlyExitUViT(nn.Module):
     """The early-exit model around `backbone`; its probe settings (probe_hidden, probe_design) and
     its T are the backbone's (backbone.config, backbone.num_timesteps)."""
 
-    def __init__(self, backbone: UViT, classifier_type: str, bank_hidden: int = 0, probe_heads: int = 4):
+    def __init__(self, backbone: UViT, classifier_type: str, bank_hidden: int = 0, probe_heads: int = PROBE_HEADS):
         super().__init__()
-        check_choice("classifier type", classifier_type, CLASSIFIER_TYPES)
-        check_int("bank_hidden", bank_hidden, minimum=0)
-        check_int("probe_heads", probe_heads, minimum=1)
         probe_hidden, probe_design = backbone.config.probe_hidden, backbone.config.probe_design
         num_timesteps = backbone.num_timesteps
-        # The seed's attention probe is one head of the full width: probe_hidden and probe_heads
-        # do not apply to it.
-        if classifier_type == "attention_probe" and probe_design == "duodiff" and probe_hidden % probe_heads != 0:
-            raise DuodiffError(
-                f"probe_hidden ({probe_hidden}) must be divisible by the attention probe's heads ({probe_heads})"
-            )
+        # Checked by `duodiff train`'s check pass (training_checks); the seed's attention probe
+        # is one head of the full width, so probe_hidden and probe_heads do not apply to it.
+        assert classifier_type in CLASSIFIER_TYPES and bank_hidden >= 0 and probe_heads >= 1, (classifier_type, bank_hidden)
+        assert classifier_type != "attention_probe" or probe_design != "duodiff" or probe_hidden % probe_heads == 0
         self.backbone = backbone
         self.config = backbone.config
         self.classifier_type = classifier_type
@@ -289,10 +322,6 @@ class EarlyExitUViT(nn.Module):
         if isinstance(self.probes, nn.ModuleList) and not seed:
             self.probes.apply(init_weights)
 
-    @property
-    def num_extras(self) -> int:
-        return self.backbone.num_extras
-
     def freeze_backbone(self):
         """Train only the new heads and probes (the seed's --freeze_backbone)."""
         for param in self.backbone.parameters():
@@ -312,6 +341,11 @@ class EarlyExitUViT(nn.Module):
         """Image predicted at exit i (exit depth is the backbone's own head)."""
         return self.backbone.head(tokens) if i == self.depth else self.exit_heads[i](tokens)
 
+    def loss(self, output, target, weights, use_unweighted_loss=False):
+        """DeeDiff's loss of `output` = forward(...) (the module docstring) -> (total, {part: value});
+        weights (B,): the per-sample weights of the image losses."""
+        return early_exit_loss(*output, target, use_unweighted_loss, weights)
+
     def forward(self, x, t, y=None):
         """Run every exit -> (outputs: depth + 1 images, uncertainties (B, depth))."""
         tokens = self.backbone.embed(x, t, y)
@@ -324,20 +358,10 @@ class EarlyExitUViT(nn.Module):
         outputs.append(self.backbone.head(tokens))
         return outputs, torch.stack(uncertainties, dim=1)
 
-    @staticmethod
-    def select_exit(outputs, uncertainties, threshold):
-        """Reference rule: per sample the first exit with u <= threshold, else the last one."""
-        check_range("threshold", threshold, 0, 1)
-        B = uncertainties.shape[0]
-        below = uncertainties <= threshold
-        below = torch.cat([below, torch.ones_like(below[:, :1])], dim=1)
-        exit_layer = below.int().argmax(dim=1)  # argmax returns the first maximal index
-        output = torch.stack(outputs, dim=1)[torch.arange(B, device=exit_layer.device), exit_layer]
-        return output, exit_layer
-
     def forward_early_exit(self, x, t, threshold, y=None):
-        """-> (output (B, C, H, W), exit_layer LongTensor (B,)), computing only what is used."""
-        check_range("threshold", threshold, 0, 1)
+        """-> (output (B, C, H, W), exit_layer LongTensor (B,)), computing only what is used.
+
+        threshold: in [0, 1], as `duodiff sample` checked it."""
         B = x.shape[0]
         tokens = self.backbone.embed(x, t, y)
         skips = CompactedSkips()

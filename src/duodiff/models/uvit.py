@@ -238,8 +238,9 @@ class UViT(nn.Module):
         )
         if num_classes > 0:
             self.label_emb = nn.Embedding(num_classes, embed_dim)
-        self.extras = 1 + (num_classes > 0)
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.extras + self.num_patches, embed_dim))
+        # Tokens before the patches: the time token and, when class-conditional, the class token.
+        self.num_extras = 1 + (num_classes > 0)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_extras + self.num_patches, embed_dim))
 
         block_args = dict(dim=embed_dim, num_heads=config.num_heads, mlp_ratio=config.mlp_ratio, qkv_bias=config.qkv_bias)
         self.in_blocks = nn.ModuleList([Block(**block_args) for _ in range(depth // 2)])
@@ -253,11 +254,6 @@ class UViT(nn.Module):
 
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.apply(init_weights)
-
-    @property
-    def num_extras(self) -> int:
-        """Tokens before the patches: the time token and, when class-conditional, the class token."""
-        return self.extras
 
     def block(self, i: int) -> Block:
         """The i-th block in execution order (in-blocks, mid-block, out-blocks)."""
@@ -299,9 +295,16 @@ class UViT(nn.Module):
         """Tokens -> image: final norm, decoder, drop the extra tokens, unpatchify, 3x3 conv."""
         x = self.norm(x)
         x = self.decoder_pred(x)
-        x = x[:, self.extras :, :]
+        x = x[:, self.num_extras :, :]
         x = unpatchify(x, self.in_chans)
         return self.final_layer(x)
+
+    @staticmethod
+    def loss(output, target, weights, use_unweighted_loss=False):
+        """DDPM's L_simple: MSE(output, target) per sample, times its weight (B,), averaged over the
+        batch -> (loss, {}: no parts). use_unweighted_loss belongs to the early-exit loss."""
+        per_sample = (output.float() - target.float()).square().flatten(1).mean(1)
+        return (per_sample * weights).mean(), {}
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         x = self.embed(x, t, y)

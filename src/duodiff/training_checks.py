@@ -1,0 +1,227 @@
+"""The check pass of `duodiff train`: every argument checked once, at the edge, before any work.
+
+`check_train_args` is called once per process, by run_train (and by the CLI before it relaunches
+itself under torchrun); it raises DuodiffError naming the bad value and what is allowed, and
+resolves the arguments into a TrainPlan. The layers below it (build_model, the models, the
+diffusion) trust what it passed on. The checks that need a file or the data (a resumed
+checkpoint's settings, the dataset's shape) are here too, called where those are read.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from duodiff import checkpoints, distributed
+from duodiff.config import load_yaml
+from duodiff.data import CHANNELS, DATASETS, NUM_CLASSES
+from duodiff.diffusion import LOSS_WEIGHTINGS, GaussianDiffusion
+from duodiff.errors import DuodiffError, check_choice, require
+from duodiff.models import CLASSIFIER_TYPES, EARLY_EXIT_KEYS, KIND_ALIASES, MODEL_KINDS, UViTConfig
+from duodiff.models.early_exit import PROBE_HEADS
+
+# The arguments a resumed run must share with its checkpoint: what it computes. The others say
+# where things are and how often the run reports.
+COMPUTING_ARGS = (
+    "n_steps", "batch_size", "lr", "weight_decay", "beta1", "beta2", "warmup_steps", "grad_clip",
+    "ema_decay", "use_amp", "seed", "classifier_type", "freeze_backbone", "use_unweighted_loss",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """The checked and resolved arguments: everything a run needs besides the data."""
+
+    kind: str  # uvit | early_exit (aliases resolved)
+    model_config: dict  # the model YAML as the user wrote it (stored in model.pt)
+    config: UViTConfig
+    diffusion: GaussianDiffusion
+    image_size: int
+    device: str  # cpu | cuda
+    settings: dict  # what a resumed checkpoint must match
+    train_args: dict  # every argument, as model.pt and checkpoint.pt record them
+    backbone_state: dict | None  # --load-backbone's weights
+
+
+def check_integer(name, value, minimum):
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+    require(ok, f"{name} must be an integer >= {minimum}; got {value!r}")
+
+
+def check_number(name, value, low, high, low_open=False, high_open=False):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    require(ok, f"{name} must be a number in {interval}; got {value!r}")
+
+
+def check_train_args(args: dict, world_size: int) -> TrainPlan:
+    """Check every argument of run_train (DuodiffError naming the value and what is allowed) and
+    resolve them; world_size: the number of training processes."""
+    check_choice("--model", args["model"], [*MODEL_KINDS, *KIND_ALIASES])
+    kind = KIND_ALIASES.get(args["model"], args["model"])
+    require(args["config_path"] is not None, "--config-path is required (a model YAML such as config/models/digits.yaml)")
+    require(args["log_path"] is not None, "--log-path is required (the folder for model.pt, loss.csv, checkpoint.pt)")
+    require(not Path(args["log_path"]).is_file(), f"--log-path {args['log_path']} is a file; it must be a folder")
+    check_choice("--dataset", args["dataset"], DATASETS)
+    _check_optimization(args, world_size)
+    device = args["device"] or distributed.default_device()
+    check_choice("--device", device, ("cpu", "cuda"))
+    require(device == "cpu" or torch.cuda.is_available(), "--device cuda: no CUDA device is available; use --device cpu")
+    diffusion = GaussianDiffusion(args["num_timesteps"], args["beta_start"], args["beta_end"], args["parametrization"])
+    _check_early_exit_flags(args, kind)
+
+    model_config = load_yaml(args["config_path"])  # stored in model.pt as the user wrote it
+    config = UViTConfig.from_dict(model_config, source=str(args["config_path"]))
+    image_size = _check_image_and_dataset(args, config)
+    if kind == "early_exit" and args["classifier_type"] == "attention_probe" and config.probe_design == "duodiff":
+        require(
+            config.probe_hidden % PROBE_HEADS == 0,
+            f"{args['config_path']}: probe_hidden ({config.probe_hidden}) must be divisible by the attention probe's "
+            f"heads ({PROBE_HEADS})",
+        )
+    backbone_state = None
+    if args["load_backbone"] is not None:
+        backbone_state = read_backbone(args["load_backbone"], config, diffusion, args["config_path"])
+
+    settings = {
+        "model": kind, "model_config": config.to_dict(), "dataset": args["dataset"], "image_size": image_size,
+        "diffusion": diffusion.config(), **{k: args[k] for k in COMPUTING_ARGS},
+        # Settings added later enter only when they differ from the old behaviour, so checkpoints
+        # written before them still resume.
+        **({"loss_weighting": args["loss_weighting"], "min_snr_gamma": args["min_snr_gamma"]}
+           if args["loss_weighting"] != "uniform" else {}),
+        "load_backbone": str(args["load_backbone"]) if args["load_backbone"] is not None else None,
+    }  # fmt: skip
+    train_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in args.items()}
+    train_args.update(model=kind, image_size=image_size, device=device, world_size=world_size)
+    return TrainPlan(kind, model_config, config, diffusion, image_size, device, settings, train_args, backbone_state)
+
+
+def _check_optimization(args: dict, world_size: int) -> None:
+    """Step counts, optimizer, EMA and loss weighting; the global batch splits evenly across ranks."""
+    for name in ("n_steps", "batch_size", "log_every_n_steps", "save_every_n_steps"):
+        check_integer(f"--{name.replace('_', '-')}", args[name], 1)
+    for name in ("warmup_steps", "num_workers", "seed"):
+        check_integer(f"--{name.replace('_', '-')}", args[name], 0)
+    check_number("--lr", args["lr"], 0, math.inf, low_open=True, high_open=True)
+    check_number("--weight-decay", args["weight_decay"], 0, math.inf, high_open=True)
+    check_number("--beta1", args["beta1"], 0, 1, high_open=True)
+    check_number("--beta2", args["beta2"], 0, 1, high_open=True)
+    check_number("--grad-clip", args["grad_clip"], 0, math.inf, high_open=True)
+    check_number("--ema-decay", args["ema_decay"], 0, 1, high_open=True)
+    check_choice("--loss-weighting", args["loss_weighting"], LOSS_WEIGHTINGS)
+    check_number("--min-snr-gamma", args["min_snr_gamma"], 0, math.inf, low_open=True, high_open=True)
+    require(
+        args["batch_size"] % world_size == 0,
+        f"--batch-size {args['batch_size']} must be divisible by the number of processes ({world_size}); "
+        "it is the global batch, split evenly across ranks",
+    )
+
+
+def _check_early_exit_flags(args: dict, kind: str) -> None:
+    if kind == "early_exit":
+        require(
+            args["classifier_type"] is not None,
+            f"--model {args['model']} needs --classifier-type (one of {', '.join(CLASSIFIER_TYPES)})",
+        )
+        check_choice("--classifier-type", args["classifier_type"], CLASSIFIER_TYPES)
+        require(not args["freeze_backbone"] or args["load_backbone"], "--freeze-backbone needs --load-backbone (a trained U-ViT model.pt)")
+        return
+    for flag in ("classifier_type", "load_backbone"):
+        require(args[flag] is None, f"--{flag.replace('_', '-')} applies to --model early_exit only")
+    for flag in ("freeze_backbone", "use_unweighted_loss"):
+        require(not args[flag], f"--{flag.replace('_', '-')} applies to --model early_exit only")
+
+
+def _check_image_and_dataset(args: dict, config: UViTConfig) -> int:
+    """The image size (default: the config's img_size), which the dataset's channels and class
+    count must fit -> the image size."""
+    image_size = args["image_size"] if args["image_size"] is not None else config.img_size
+    check_integer("--image-size", image_size, 1)
+    require(
+        image_size == config.img_size,
+        f"--image-size {image_size} does not match img_size {config.img_size} in {args['config_path']}",
+    )
+    dataset, config_path = args["dataset"], args["config_path"]
+    require(
+        CHANNELS[dataset] == config.in_chans,
+        f"--dataset {dataset} has {CHANNELS[dataset]} channel(s) but {config_path} has in_chans {config.in_chans}",
+    )
+    if config.num_classes > 0 and NUM_CLASSES[dataset] is not None:
+        require(
+            NUM_CLASSES[dataset] == config.num_classes,
+            f"{config_path} has num_classes {config.num_classes} but --dataset {dataset} "
+            f"has {NUM_CLASSES[dataset] or 'no'} class labels",
+        )
+    return image_size
+
+
+def check_processes(kwargs: dict, nproc: int) -> None:
+    """What must hold before N training processes start: the usual arguments, and one GPU each."""
+    check_train_args(dict(kwargs), nproc)
+    device = kwargs["device"] or distributed.default_device()
+    if device == "cuda":
+        available = torch.cuda.device_count()
+        require(nproc <= available, f"--nproc-per-node {nproc} needs {nproc} GPUs, but {available} are visible")
+
+
+def read_backbone(path, config, diffusion, config_path) -> dict:
+    """The weights of a trained U-ViT model.pt (EMA if it has them) after checking it fits the
+    run's UViTConfig `config`."""
+    obj = checkpoints.load_model_file(path)
+    require(obj["kind"] == "uvit", f"--load-backbone {path}: expected a U-ViT model (kind uvit), found kind {obj['kind']!r}")
+    theirs, ours = UViTConfig.from_dict(obj["model_config"], source=str(path)).to_dict(), config.to_dict()
+    # The probe settings belong to the early-exit part, not the backbone.
+    differing = [k for k in ours if k not in EARLY_EXIT_KEYS and theirs[k] != ours[k]]
+    require(
+        not differing,
+        f"--load-backbone {path} was trained with a different model config than {config_path}: "
+        + ", ".join(f"{k} {theirs[k]!r} vs {ours[k]!r}" for k in differing),
+    )
+    differing = [k for k, v in diffusion.config().items() if obj["diffusion"].get(k) != v]
+    require(
+        not differing,
+        f"--load-backbone {path} was trained with different diffusion settings: "
+        + ", ".join(f"--{k.replace('_', '-')} {obj['diffusion'].get(k)!r} vs {diffusion.config()[k]!r}" for k in differing),
+    )
+    return obj["ema_state_dict"] if obj["ema_state_dict"] is not None else obj["state_dict"]
+
+
+def check_same_settings(checkpoint: dict, settings: dict, path) -> None:
+    """A checkpoint resumes only under the settings that made it (TrainPlan.settings)."""
+    old = checkpoint.get("settings")
+    require(isinstance(old, dict), f"{path}: checkpoint has no training settings; remove it or choose another --log-path")
+    for key, value in settings.items():
+        if old.get(key) == value:
+            continue
+        if key == "model_config":
+            keys = sorted(set(old.get(key) or {}) | set(value))
+            diff = [f"{k}: {old[key].get(k)!r} -> {value.get(k)!r}" for k in keys if old[key].get(k) != value.get(k)]
+            what = f"a different model config ({', '.join(diff)})"
+        else:
+            what = f"--{key.replace('_', '-')} {old.get(key)!r} (this run: {value!r})"
+        raise DuodiffError(
+            f"{path} was made with {what}; rerun with the checkpoint's settings to resume it, "
+            "or choose another --log-path to start afresh"
+        )
+
+
+def check_data_fits(data, config, config_path) -> None:
+    """The loaded training data against the run's UViTConfig `config` (imagefolder: its shape
+    and class count are known only once read)."""
+    require(
+        config.img_size == data.image_size and config.in_chans == data.channels,
+        f"--dataset {data.name} gives {data.channels}x{data.image_size}x{data.image_size} images but "
+        f"{config_path} expects in_chans {config.in_chans}, img_size {config.img_size}",
+    )
+    num_classes = config.num_classes
+    if num_classes > 0:
+        require(
+            data.num_classes == num_classes,
+            f"{config_path} has num_classes {num_classes} but --dataset {data.name} has "
+            f"{data.num_classes or 'no'} class labels",
+        )
