@@ -46,7 +46,7 @@ import common  # noqa: E402  (before torch: sets THP_MEM_ALLOC_ENABLE)
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from duodiff.diffusion import EarlyExitDenoiser, GaussianDiffusion, duodiff_denoiser, model_denoiser  # noqa: E402
+from duodiff.diffusion import EarlyExitDenoiser, GaussianDiffusion, DuoDiffDenoiser, ModelDenoiser  # noqa: E402
 from duodiff.errors import DuodiffError  # noqa: E402
 from duodiff.models.early_exit import EarlyExitUViT  # noqa: E402
 
@@ -286,12 +286,12 @@ class Bench:
 
         x_T, _ = self.inputs(batch, seed=1)
         cases, flops, exits = {}, {}, {}
-        cases["full"] = lambda: diffusion.sample(model_denoiser(self.full), x_T, "ddim", steps)
-        cases["shallow"] = lambda: diffusion.sample(model_denoiser(self.shallow), x_T, "ddim", steps)
+        cases["full"] = lambda: diffusion.sample(ModelDenoiser(self.full), x_T, "ddim", steps)
+        cases["shallow"] = lambda: diffusion.sample(ModelDenoiser(self.shallow), x_T, "ddim", steps)
         flops["full"], flops["shallow"] = steps * batch * self.flops_full, steps * batch * self.flops_shallow
         for ts in switches:
             label = f"duodiff t_switch={ts}/{steps}"
-            cases[label] = lambda ts=ts: diffusion.sample(duodiff_denoiser(self.shallow, self.full, ts, steps=steps), x_T, "ddim", steps)
+            cases[label] = lambda ts=ts: diffusion.sample(DuoDiffDenoiser(self.shallow, self.full, ts, steps=steps), x_T, "ddim", steps)
             flops[label] = batch * (ts * self.flops_shallow + (steps - ts) * self.flops_full)
         plan = common.spread_plan(batch, *self.spread)
         for ct, model in [(primary, self.ee[primary])]:

@@ -21,7 +21,7 @@ from duodiff.convert import run_convert
 from duodiff.diffusion import GaussianDiffusion
 from duodiff.errors import DuodiffError
 from duodiff.models import UViTConfig
-from duodiff.training import read_backbone
+from duodiff.training_checks import read_backbone
 from test_workflow import REPO, TINY, job_counts, load, make_workdir, planned_commands, snakemake
 
 torch.set_num_threads(1)

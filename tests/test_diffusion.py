@@ -15,8 +15,8 @@ import torch
 from duodiff.diffusion import (
     EarlyExitDenoiser,
     GaussianDiffusion,
-    duodiff_denoiser,
-    model_denoiser,
+    DuoDiffDenoiser,
+    ModelDenoiser,
     x0_and_eps,
 )
 from duodiff.errors import DuodiffError
@@ -303,7 +303,7 @@ def test_duodiff_switches_model_at_t_switch():
     y = torch.tensor([1, 2, 3])
     for t_switch in (0, 4, 10):
         shallow, full = CountingModel(3, 0.1), CountingModel(13, -0.2)
-        den = duodiff_denoiser(shallow, full, t_switch, y=y, steps=steps)
+        den = DuoDiffDenoiser(shallow, full, t_switch, y=y, steps=steps)
         d.sample(den, noise, "ddim", steps)
         assert [c[0] for c in shallow.calls] == ts[:t_switch]
         assert [c[0] for c in full.calls] == ts[t_switch:]
@@ -318,10 +318,10 @@ def test_duodiff_edge_cases_equal_single_models():
     noise = torch.randn(3, 1, 2, 2, generator=torch.Generator().manual_seed(0))
     shallow, full = CountingModel(3, 0.1), CountingModel(13, -0.2)
     run = lambda den: d.sample(den, noise, "ddim", 10, eta=0.3, generator=torch.Generator().manual_seed(9))
-    assert torch.equal(run(duodiff_denoiser(shallow, full, 0)), run(model_denoiser(full)))
-    assert torch.equal(run(duodiff_denoiser(shallow, full, 10)), run(model_denoiser(shallow)))
-    assert not torch.equal(run(duodiff_denoiser(shallow, full, 5)), run(model_denoiser(full)))
-    assert model_denoiser(full).executed_depth(10, 3).eq(13).all()
+    assert torch.equal(run(DuoDiffDenoiser(shallow, full, 0)), run(ModelDenoiser(full)))
+    assert torch.equal(run(DuoDiffDenoiser(shallow, full, 10)), run(ModelDenoiser(shallow)))
+    assert not torch.equal(run(DuoDiffDenoiser(shallow, full, 5)), run(ModelDenoiser(full)))
+    assert ModelDenoiser(full).executed_depth(10, 3).eq(13).all()
 
 
 def test_ddim_spacing_when_the_steps_do_not_divide_the_timesteps():
@@ -332,7 +332,7 @@ def test_ddim_spacing_when_the_steps_do_not_divide_the_timesteps():
     assert d.timesteps("ddim", 4) == expected
     # The sampler calls the network at exactly these timesteps, noisiest first ...
     model = CountingModel(3, 0.0)
-    d.sample(model_denoiser(model), torch.zeros(2, 1, 2, 2), "ddim", 4)
+    d.sample(ModelDenoiser(model), torch.zeros(2, 1, 2, 2), "ddim", 4)
     assert [call[0] for call in model.calls] == expected
     # ... and each DDIM step jumps to the next of them: step 7 -> 5 with eta = 0 has
     # c_x0 = sqrt(abar_5) - sqrt(1 - abar_5) sqrt(abar_7) / sqrt(1 - abar_7), c_xt = sqrt(1 - abar_5) / sqrt(1 - abar_7).

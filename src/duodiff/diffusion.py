@@ -308,12 +308,3 @@ class EarlyExitDenoiser:
         layers = self.exit_layers
         assert tuple(layers.shape) == (steps, batch_size), (tuple(layers.shape), steps, batch_size)
         return layers
-
-
-def model_denoiser(model, y=None) -> ModelDenoiser:
-    return ModelDenoiser(model, y)
-
-
-def duodiff_denoiser(shallow, full, t_switch: int, y=None, steps: int | None = None) -> DuoDiffDenoiser:
-    return DuoDiffDenoiser(shallow, full, t_switch, y, steps)
-

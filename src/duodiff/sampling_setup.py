@@ -118,13 +118,13 @@ def check_duodiff_pair(models, diffusions, paths, allow_deeper_shallow: bool) ->
 
 def make_denoiser(method, models, threshold, t_switch, y):
     """The denoiser of a method; its threshold and t_switch were checked by duodiff.sampling."""
-    from duodiff.diffusion import EarlyExitDenoiser, duodiff_denoiser, model_denoiser
+    from duodiff.diffusion import DuoDiffDenoiser, EarlyExitDenoiser, ModelDenoiser
 
     if method == "early_exit":
         return EarlyExitDenoiser(models["model"], threshold, y=y)
     if method == "duodiff":
-        return duodiff_denoiser(models["shallow"], models["full"], t_switch, y=y)
-    return model_denoiser(models["model"], y=y)
+        return DuoDiffDenoiser(models["shallow"], models["full"], t_switch, y=y)
+    return ModelDenoiser(models["model"], y=y)
 
 
 def warm_up(method, models, threshold, shape, num_classes, device, precision):
