@@ -56,6 +56,11 @@ BAD_INPUTS = [
         "sample --checkpoint-path {shallow} --checkpoint-path-late {full} --method duodiff --t-switch 11 " + SAMPLE + " --output-folder {out}",
         ["--t-switch", "[0, 10]", "11"],
     ),
+    (
+        "sample --checkpoint-path {shallow} --checkpoint-path-late {full} --method duodiff --t-switch -1 " + SAMPLE + " --output-folder {out}",
+        ["--t-switch", "non-negative integer", "-1"],
+    ),
+    ("sample --checkpoint-path {full} --method full --eta -1 " + SAMPLE + " --output-folder {out}", ["--eta", ">= 0", "-1"]),
     # The shallow and full checkpoints swapped, or the same depth twice: refused unless meant.
     (
         "sample --checkpoint-path {full} --checkpoint-path-late {shallow} --method duodiff --t-switch 2 " + SAMPLE + " --output-folder {out}",
@@ -223,7 +228,9 @@ def test_deeper_shallow_model_runs_when_asked_for(paths, tmp_path):
 
 # One command line per sub-command, writing to {dest}; every sub-command of duodiff.cli is here.
 OUTPUT_COMMANDS = {
+    "encode": "encode --dataset digits --autoencoder {tmp} --scale-factor 0.2 --output {dest}/latents.npz",
     "train": "train --model uvit --config-path {cfg} --log-path {dest}",
+    "convert": "convert --checkpoint {full} --config-path {cfg} --output {dest}/model.pt",
     "sample": "sample --checkpoint-path {full} --method full " + SAMPLE + " --output-folder {dest}",
     "reference": "reference --dataset digits --n-reference 2 --output-folder {dest}",
     "feature-net": "feature-net --dataset digits --epochs 1 --output-folder {dest}",
