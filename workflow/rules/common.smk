@@ -281,15 +281,6 @@ def scored_sets() -> list:
     return sample_sets() + (["real"] if config["reference"]["n_real"] > 0 else [])
 
 
-def model_dirs() -> list:
-    """Every trained model folder name under results/<experiment>/models."""
-    return (
-        ["full"]
-        + [f"shallow_d{depth}" for depth in shallow_depths()]
-        + [f"ee_{classifier}" for classifier in config["early_exit"]["classifier_types"]]
-    )
-
-
 # ---- outputs and inputs the rule files share ------------------------------------------------------
 # One study per folder: everything an experiment computes, its tables, plots, logs, benchmarks
 # and report included, lies under results/<experiment>/, so two experiments never share a file.
@@ -301,43 +292,58 @@ def study_path(path: str) -> str:
     return f"results/{config['experiment']}/{path}"
 
 
+SET_FILES = {"stats": "stats.json", "grid": "grid.png", "exit_layers": "exit_layers.pt"}
+
+
+def set_file(kind: str, set_name: str = "{set}") -> str:
+    """A file of a sample set's folder (docs/architecture.md): what the sample rules (and
+    real_set: stats.json) write, and what the scores, tables and plots read. stats.json is written
+    last, so it also stands for the set's undeclared images/."""
+    return f"results/{{experiment}}/samples/{set_name}/{SET_FILES[kind]}"
+
+
 def sample_outputs(set_name, method):
-    folder = f"results/{{experiment}}/samples/{set_name}"
-    return {
-        "stats": f"{folder}/stats.json",
-        "grid": report(
-            f"{folder}/grid.png",
-            caption="../report/grid.rst",
-            category="4. Samples",  # after the plots and tables (report.smk)
-            subcategory=method,
-            labels={"set": set_name, "method": method},
-        ),
-        "exit_layers": f"{folder}/exit_layers.pt",
-    }
+    outputs = {kind: set_file(kind, set_name) for kind in SET_FILES}
+    outputs["grid"] = report(
+        outputs["grid"],
+        caption="../report/grid.rst",
+        category="4. Samples",  # after the plots and tables (report.smk)
+        subcategory=method,
+        labels={"set": set_name, "method": method},
+    )
+    return outputs
 
 
 def study_files(kind):
-    """The per-set (or per-model) files of the configured study that the tables and plots read."""
+    """The per-set (or per-model) files of the configured study that the tables and plots read:
+    the outputs of the rules that write them, for every set (or model) of the configured grid."""
     experiment = config["experiment"]
-    patterns = {
-        "stats": "results/{experiment}/samples/{name}/stats.json",
-        "exit_layers": "results/{experiment}/samples/{name}/exit_layers.pt",
-        "grids": "results/{experiment}/samples/{name}/grid.png",
-        "fid": "results/{experiment}/metrics/{name}/fid.json",
-        "fd_classifier": "results/{experiment}/metrics/{name}/fd_classifier.json",
-        "cmmd": "results/{experiment}/metrics/{name}/cmmd.json",
-        "gflops": "results/{experiment}/metrics/{name}/gflops.json",
-        "losses": "results/{experiment}/models/{name}/loss.csv",
-    }
+    if kind == "losses":  # one per trained model
+        return (
+            expand(rules.train_full.output.loss, experiment=experiment)
+            + expand(rules.train_shallow.output.loss, experiment=experiment, depth=list(shallow_depths()))
+            + expand(
+                rules.train_early_exit.output.loss,
+                experiment=experiment,
+                classifier_type=config["early_exit"]["classifier_types"],
+            )
+        )
     if kind == "fd_classifier" and config["metrics"]["headline"] != "classifier":
         return []
     if kind == "cmmd" and not config["metrics"]["cmmd"]["enabled"]:
         return []
+    patterns = {
+        "stats": set_file("stats"),
+        "exit_layers": set_file("exit_layers"),
+        "grids": set_file("grid"),
+        "fid": rules.fid.output,
+        "fd_classifier": rules.fd_classifier.output,
+        "cmmd": rules.cmmd.output,
+        "gflops": rules.flops.output,
+    }
     # Scores cover the real images too; sampling cost and exits exist for generated sets only.
-    names = {"losses": model_dirs(), "fid": scored_sets(), "fd_classifier": scored_sets(), "cmmd": scored_sets()}.get(
-        kind, sample_sets()
-    )
-    return expand(patterns[kind], experiment=experiment, name=names)
+    sets = scored_sets() if kind in ("fid", "fd_classifier", "cmmd") else sample_sets()
+    return expand(patterns[kind], experiment=experiment, set=sets)
 
 
 # ---- flags ----------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ rule cmmd_reference:
 # variants of it (the command is written once, with the sub-command as a param).
 use rule reference as real_set with:
     output:
-        "results/{experiment}/samples/real/stats.json",
+        set_file("stats", "real"),
     log:
         "results/{experiment}/logs/real_set.log",
     benchmark:

@@ -9,7 +9,7 @@
 # command, so it is written once with the sub-command (`command`) and the reference as params.
 rule fid:
     input:
-        stats="results/{experiment}/samples/{set}/stats.json",
+        stats=set_file("stats"),
         reference=rules.reference.output.features,
     output:
         "results/{experiment}/metrics/{set}/fid.json",
@@ -34,7 +34,7 @@ rule fid:
 
 use rule fid as fd_classifier with:
     input:
-        stats="results/{experiment}/samples/{set}/stats.json",
+        stats=set_file("stats"),
         reference=rules.reference.output.info,
         feature_net=rules.feature_net.output.model,
     output:
@@ -51,7 +51,7 @@ use rule fid as fd_classifier with:
 
 use rule fid as cmmd with:
     input:
-        stats="results/{experiment}/samples/{set}/stats.json",
+        stats=set_file("stats"),
         reference=rules.cmmd_reference.output,
     output:
         "results/{experiment}/metrics/{set}/cmmd.json",
@@ -68,8 +68,8 @@ use rule fid as cmmd with:
 # Counting, not comparing: no reference, so a rule of its own.
 rule flops:
     input:
-        stats="results/{experiment}/samples/{set}/stats.json",
-        exit_layers="results/{experiment}/samples/{set}/exit_layers.pt",
+        stats=set_file("stats"),
+        exit_layers=set_file("exit_layers"),
     output:
         "results/{experiment}/metrics/{set}/gflops.json",
     log:
