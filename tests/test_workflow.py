@@ -443,11 +443,11 @@ def test_bad_config_is_refused_by_a_dry_run_too(bad_config_runs, name):
 
 
 def test_dataset_tables_of_the_workflow_match_duodiff_data():
-    # common.smk does not import duodiff (Snakemake may run outside the jobs' environment), so it
-    # keeps its own copy of each dataset's native image size and channel count.
+    # The workflow does not import duodiff (Snakemake may run outside the jobs' environment), so
+    # validation.smk keeps its own copy of each dataset's native image size and channel count.
     from duodiff import data
 
-    lines = (REPO / "workflow" / "rules" / "common.smk").read_text().splitlines()
+    lines = (REPO / "workflow" / "rules" / "validation.smk").read_text().splitlines()
 
     def table(name):
         (line,) = [line for line in lines if line.startswith(f"{name} = ")]
