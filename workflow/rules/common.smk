@@ -6,6 +6,8 @@
 # Nothing here imports duodiff: on a cluster Snakemake itself may run outside the environment
 # the jobs use (envs/duodiff.yaml), so the workflow reads the model YAMLs with plain PyYAML (validation.smk).
 
+import re
+
 ENV = "../../envs/duodiff.yaml"
 
 # The classifier types the schema allows: one list, read from the schema (validation.smk), so the
@@ -13,30 +15,39 @@ ENV = "../../envs/duodiff.yaml"
 CLASSIFIER_TYPES = SCHEMA["properties"]["early_exit"]["properties"]["classifier_types"]["items"]["enum"]
 
 # ---- set names ---------------------------------------------------------------------------------
-# Sample-set names (docs/architecture.md): full, full_steps<steps>, real, shallow_d<depth>,
-# ee_<classifier>_thr<threshold>, duodiff_d<depth>_ts<t_switch>. The patterns make every name
-# parse one way only.
+# Sample-set names (docs/architecture.md), each written in the wildcards of the rule that makes it,
+# sample_<method> (sample.smk); and `real`, the held-out real images (rule real_set). The patterns
+# make every name parse one way only.
 
-THRESHOLD_PATTERN = r"\d+(\.\d+)?(e-\d+)?"
+WILDCARD_PATTERNS = {
+    "experiment": r"[A-Za-z0-9][A-Za-z0-9_-]*",
+    "depth": r"\d+",
+    "steps": r"\d+",
+    "t_switch": r"\d+",
+    "classifier_type": "|".join(CLASSIFIER_TYPES),
+    "threshold": r"\d+(\.\d+)?(e-\d+)?",
+}
+SET_NAMES = {
+    "full": "full",
+    "fewer_steps": "full_steps{steps}",
+    "shallow": "shallow_d{depth}",
+    "early_exit": "ee_{classifier_type}_thr{threshold}",
+    "duodiff": "duodiff_d{depth}_ts{t_switch}",
+}
+
+
+def set_name_regex(name: str, named: bool = True) -> str:
+    """'shallow_d{depth}' -> 'shallow_d(?P<depth>\\d+)' (named=False: without the group names)."""
+    return re.sub(
+        r"\{(\w+)\}",
+        lambda m: f"(?P<{m[1]}>{WILDCARD_PATTERNS[m[1]]})" if named else f"(?:{WILDCARD_PATTERNS[m[1]]})",
+        name,
+    )
 
 
 wildcard_constraints:
-    experiment=r"[A-Za-z0-9][A-Za-z0-9_-]*",
-    depth=r"\d+",
-    steps=r"\d+",
-    t_switch=r"\d+",
-    classifier_type="|".join(CLASSIFIER_TYPES),
-    threshold=THRESHOLD_PATTERN,
-    set="|".join(
-        [
-            r"full",
-            r"full_steps\d+",
-            r"real",
-            r"shallow_d\d+",
-            rf"ee_({'|'.join(CLASSIFIER_TYPES)})_thr{THRESHOLD_PATTERN}",
-            r"duodiff_d\d+_ts\d+",
-        ]
-    ),
+    **WILDCARD_PATTERNS,
+    set="|".join([set_name_regex(name, named=False) for name in SET_NAMES.values()] + ["real"]),
 
 
 def threshold_label(value) -> str:
@@ -63,15 +74,20 @@ def shallow_config(wildcards) -> str:
 
 def sample_sets() -> list:
     """Every sample set of the study, in the order of the papers' tables."""
-    sets = ["full"]
-    sets += [f"full_steps{steps}" for steps in sorted(config["sampling"]["fewer_steps"], reverse=True)]
-    sets += [f"shallow_d{depth}" for depth in shallow_depths()]
+    names, sampling, early_exit = SET_NAMES, config["sampling"], config["early_exit"]
+    sets = [names["full"]]
+    sets += [names["fewer_steps"].format(steps=steps) for steps in sorted(sampling["fewer_steps"], reverse=True)]
+    sets += [names["shallow"].format(depth=depth) for depth in shallow_depths()]
     sets += [
-        f"ee_{classifier}_thr{threshold_label(threshold)}"
-        for classifier in config["early_exit"]["classifier_types"]
-        for threshold in config["early_exit"]["thresholds"]
+        names["early_exit"].format(classifier_type=classifier, threshold=threshold_label(threshold))
+        for classifier in early_exit["classifier_types"]
+        for threshold in early_exit["thresholds"]
     ]
-    sets += [f"duodiff_d{depth}_ts{t}" for depth in shallow_depths() for t in config["duodiff"]["t_switch"]]
+    sets += [
+        names["duodiff"].format(depth=depth, t_switch=t)
+        for depth in shallow_depths()
+        for t in config["duodiff"]["t_switch"]
+    ]
     return sets
 
 
@@ -101,16 +117,29 @@ def set_file(kind: str, set_name: str = "{set}") -> str:
     return f"results/{{experiment}}/samples/{set_name}/{SET_FILES[kind]}"
 
 
-def sample_outputs(set_name, method):
-    outputs = {kind: set_file(kind, set_name) for kind in SET_FILES}
+def sample_outputs(method):
+    """The declared files of rule sample_<method>'s sets, the grid flagged for the report."""
+    outputs = {kind: set_file(kind, SET_NAMES[method]) for kind in SET_FILES}
     outputs["grid"] = report(
         outputs["grid"],
         caption="../report/grid.rst",
         category="4. Samples",  # after the plots and tables (report.smk)
         subcategory=method,
-        labels={"set": set_name, "method": method},
+        labels={"set": SET_NAMES[method], "method": method},
     )
     return outputs
+
+
+def sample_models(wildcards) -> dict:
+    """The model file(s) a sample set was drawn from, by its name: the inputs of the rule that made
+    it (sample_<method>). `duodiff flops` reads them again, through the paths in stats.json."""
+    for method, name in SET_NAMES.items():
+        match = re.fullmatch(set_name_regex(name), wildcards.set)
+        if match:
+            values = {"experiment": wildcards.experiment, **match.groupdict()}
+            inputs = getattr(rules, f"sample_{method}").input
+            return {key: expand(path, **values) for key, path in inputs.items()}
+    raise ValueError(f"set {wildcards.set} was not drawn from a model (sample sets: {', '.join(SET_NAMES.values())})")
 
 
 def study_files(kind):

@@ -16,7 +16,7 @@ rule sample_full:
     input:
         model=rules.train_full.output.model,
     output:
-        **sample_outputs("full", "full"),
+        **sample_outputs("full"),
     log:
         "results/{experiment}/logs/sample_full/full.log",
     benchmark:
@@ -38,7 +38,7 @@ rule sample_full:
 
 use rule sample_full as sample_fewer_steps with:
     output:
-        **sample_outputs("full_steps{steps}", "fewer_steps"),
+        **sample_outputs("fewer_steps"),
     log:
         "results/{experiment}/logs/sample_fewer_steps/full_steps{steps}.log",
     benchmark:
@@ -51,7 +51,7 @@ use rule sample_full as sample_shallow with:
     input:
         model=rules.train_shallow.output.model,
     output:
-        **sample_outputs("shallow_d{depth}", "shallow"),
+        **sample_outputs("shallow"),
     log:
         "results/{experiment}/logs/sample_shallow/shallow_d{depth}.log",
     benchmark:
@@ -64,7 +64,7 @@ use rule sample_full as sample_early_exit with:
     input:
         model=rules.train_early_exit.output.model,
     output:
-        **sample_outputs("ee_{classifier_type}_thr{threshold}", "early_exit"),
+        **sample_outputs("early_exit"),
     log:
         "results/{experiment}/logs/sample_early_exit/ee_{classifier_type}_thr{threshold}.log",
     benchmark:
@@ -79,7 +79,7 @@ use rule sample_full as sample_duodiff with:
         shallow=rules.train_shallow.output.model,
         full=rules.train_full.output.model,
     output:
-        **sample_outputs("duodiff_d{depth}_ts{t_switch}", "duodiff"),
+        **sample_outputs("duodiff"),
     log:
         "results/{experiment}/logs/sample_duodiff/duodiff_d{depth}_ts{t_switch}.log",
     benchmark:

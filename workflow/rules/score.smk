@@ -11,6 +11,7 @@ rule fid:
     input:
         stats=set_file("stats"),
         reference=rules.reference.output.features,
+        reference_info=rules.reference.output.info,
     output:
         "results/{experiment}/metrics/{set}/fid.json",
     log:
@@ -35,8 +36,12 @@ rule fid:
 use rule fid as fd_classifier with:
     input:
         stats=set_file("stats"),
+        # `duodiff fid --feature-net` reads the whole reference folder: its images (reference.json,
+        # written last, stands for them), features.npz, and the network's feature_net.json.
         reference=rules.reference.output.info,
+        reference_features=rules.reference.output.features,
         feature_net=rules.feature_net.output.model,
+        feature_net_info=rules.feature_net.output.info,
     output:
         "results/{experiment}/metrics/{set}/fd_classifier.json",
     log:
@@ -68,6 +73,7 @@ use rule fid as cmmd with:
 # Counting, not comparing: no reference, so a rule of its own.
 rule flops:
     input:
+        unpack(sample_models),  # the checkpoint(s) stats.json names: their networks are counted
         stats=set_file("stats"),
         exit_layers=set_file("exit_layers"),
     output:
