@@ -4,7 +4,8 @@
 # in flags.smk.
 #
 # Nothing here imports duodiff: on a cluster Snakemake itself may run outside the environment
-# the jobs use (envs/duodiff.yaml), so the workflow reads the model YAMLs with plain PyYAML (validation.smk).
+# the jobs use (envs/duodiff.yaml), so the workflow reads the model YAMLs with plain PyYAML
+# (validation.smk).
 
 import re
 
