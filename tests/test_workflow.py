@@ -322,6 +322,55 @@ def test_every_setting_reaches_its_command(dry_runs):
     assert (real["--n-reference"], real["--n-images"]) == ("16", "8")
 
 
+def planned_jobs(output: str, rule: str) -> list:
+    """The jobs of `rule` in a dry run's output, each as {"input": set of paths, "wildcards": {...}}."""
+    jobs, job = [], None
+    for line in output.splitlines():
+        if re.fullmatch(r"(local)?rule \w+:", line):
+            job = {"input": set(), "wildcards": {}} if line.split()[-1] == f"{rule}:" else None
+            if job is not None:
+                jobs.append(job)
+        elif job is not None and line.startswith("    input: "):
+            job["input"] = {path.strip() for path in line.removeprefix("    input: ").split(",")}
+        elif job is not None and line.startswith("    wildcards: "):
+            job["wildcards"] = dict(item.split("=", 1) for item in line.removeprefix("    wildcards: ").split(", "))
+    return jobs
+
+
+def test_every_file_a_job_reads_is_its_input(dry_runs):
+    # So Snakemake orders the jobs right and reruns a job whose files changed: `duodiff flops`
+    # builds the networks from the checkpoints that stats.json names, `duodiff fid` reads the whole
+    # reference folder (and with --feature-net the network's feature_net.json beside it), and
+    # `duodiff plots` checks the real-data set's folder like every set's.
+    _, results = dry_runs
+    output = results["tiny_commands"].stdout
+    cfg, root = load(TINY), "results/tiny"
+    full = f"{root}/models/full/model.pt"
+
+    def models(name):  # from the set name's grammar (docs/architecture.md)
+        if name == "full" or name.startswith("full_steps"):
+            return {full}
+        if name.startswith("shallow_d"):
+            return {f"{root}/models/{name}/model.pt"}
+        if name.startswith("ee_"):
+            return {f"{root}/models/{name[:name.rindex('_thr')]}/model.pt"}
+        depth = name.split("_")[1]  # duodiff_d<depth>_ts<t_switch>: the shallow model, then the full one
+        return {f"{root}/models/shallow_{depth}/model.pt", full}
+
+    flops = planned_jobs(output, "flops")
+    assert sorted(job["wildcards"]["set"] for job in flops) == sorted(expected_sets(cfg))
+    for job in flops:
+        name = job["wildcards"]["set"]
+        assert {path for path in job["input"] if path.endswith("model.pt")} == models(name), name
+    reference = {f"{root}/reference/features.npz", f"{root}/reference/reference.json"}
+    for job in planned_jobs(output, "fid"):
+        assert reference <= job["input"]
+    for job in planned_jobs(output, "fd_classifier"):
+        assert reference | {f"{root}/feature_net/model.pt", f"{root}/feature_net/feature_net.json"} <= job["input"]
+    (plots,) = planned_jobs(output, "plots")
+    assert f"{root}/samples/real/stats.json" in plots["input"]
+
+
 # ---- config validation -----------------------------------------------------------------------------
 
 
@@ -443,11 +492,11 @@ def test_bad_config_is_refused_by_a_dry_run_too(bad_config_runs, name):
 
 
 def test_dataset_tables_of_the_workflow_match_duodiff_data():
-    # common.smk does not import duodiff (Snakemake may run outside the jobs' environment), so it
-    # keeps its own copy of each dataset's native image size and channel count.
+    # The workflow does not import duodiff (Snakemake may run outside the jobs' environment), so
+    # validation.smk keeps its own copy of each dataset's native image size and channel count.
     from duodiff import data
 
-    lines = (REPO / "workflow" / "rules" / "common.smk").read_text().splitlines()
+    lines = (REPO / "workflow" / "rules" / "validation.smk").read_text().splitlines()
 
     def table(name):
         (line,) = [line for line in lines if line.startswith(f"{name} = ")]

@@ -74,14 +74,19 @@ def test_catalog_settings_match_the_repository():
     # The flags are the ones the README's run command uses, and conda deployment has its env.
     readme = (REPO / "README.md").read_text()
     assert f"--configfile {values['--configfile']}" in readme and f"--profile {values['--profile']}" in readme
-    # conda: true means every job can run under --sdm conda: each rule that runs a command names an env.
-    n_rules = 0
+    # conda: true means every job can run under --sdm conda: each rule that runs a command names an
+    # env, and each `use rule` variant inherits the env of its base rule.
+    rules, variants = set(), {}
     for path in (REPO / "workflow" / "rules").glob("*.smk"):
         lines = path.read_text().splitlines()
-        rules = [line for line in lines if re.match(r"(local)?rule \w+:", line)]
-        assert len(rules) == sum(line.strip() == "conda:" for line in lines), path.name
-        n_rules += len(rules)
-    assert n_rules >= 10
+        names = [match[2] for line in lines if (match := re.match(r"(local)?rule (\w+):", line))]
+        assert len(names) == sum(line.strip() == "conda:" for line in lines), path.name
+        rules.update(names)
+        variants.update(
+            {match[2]: match[1] for line in lines if (match := re.match(r"use rule (\w+) as (\w+) with:", line))}
+        )
+    assert set(variants.values()) <= rules
+    assert len(rules) + len(variants) >= 10
     assert (REPO / "envs" / "duodiff.yaml").is_file()
 
 

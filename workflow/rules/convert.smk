@@ -3,10 +3,10 @@
 # set. convert_full makes the model.pt train_full would; the ruleorder makes Snakemake choose it,
 # so the early-exit trainings and the sample jobs (whose input is rules.train_full.output.model)
 # build on the converted model, and train_full is never planned (nothing asks for models/full's
-# loss.csv then: common.smk's model_dirs leaves it out).
+# loss.csv then: common.smk's study_files leaves it out).
 
 
-check_full_checkpoint(config)  # common.smk
+check_full_checkpoint(config)  # validation.smk
 
 
 ruleorder: convert_full > train_full

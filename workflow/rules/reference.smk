@@ -19,10 +19,11 @@ rule reference:
     resources:
         **resources("score"),
     params:
-        folder=subpath(output.features, parent=True),
+        command="reference",
         flags=reference_flags(),
+        folder=subpath(output.features, parent=True),
     shell:
-        "duodiff reference {params.flags} --output-folder {params.folder} > {log} 2>&1"
+        "duodiff {params.command} {params.flags} --output-folder {params.folder} > {log} 2>&1"
 
 
 rule cmmd_reference:
@@ -46,26 +47,22 @@ rule cmmd_reference:
         "duodiff cmmd-reference --reference {params.folder} --output {output} {params.flags} > {log} 2>&1"
 
 
-rule real_set:
+# The real-data set and the feature network read the dataset as the reference does: `use rule`
+# variants of it (the command is written once, with the sub-command as a param).
+use rule reference as real_set with:
     output:
-        "results/{experiment}/samples/real/stats.json",
+        set_file("stats", "real"),
     log:
         "results/{experiment}/logs/real_set.log",
     benchmark:
         "results/{experiment}/benchmarks/real_set.tsv"
-    conda:
-        ENV
-    threads: config["threads"]["score"]
-    resources:
-        **resources("score"),
     params:
-        folder=subpath(output[0], parent=True),
+        command="real-set",
         flags=real_set_flags(),
-    shell:
-        "duodiff real-set {params.flags} --output-folder {params.folder} > {log} 2>&1"
+        folder=subpath(output[0], parent=True),
 
 
-rule feature_net:
+use rule reference as feature_net with:
     output:
         model="results/{experiment}/feature_net/model.pt",
         info="results/{experiment}/feature_net/feature_net.json",
@@ -73,13 +70,7 @@ rule feature_net:
         "results/{experiment}/logs/feature_net.log",
     benchmark:
         "results/{experiment}/benchmarks/feature_net.tsv"
-    conda:
-        ENV
-    threads: config["threads"]["score"]
-    resources:
-        **resources("score"),
     params:
-        folder=subpath(output.model, parent=True),
+        command="feature-net",
         flags=feature_net_flags(),
-    shell:
-        "duodiff feature-net {params.flags} --output-folder {params.folder} > {log} 2>&1"
+        folder=subpath(output.model, parent=True),

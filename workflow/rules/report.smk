@@ -115,6 +115,8 @@ rule plots:
         grids=study_files("grids"),
         losses=study_files("losses"),
         reference=expand(rules.reference.output.info, experiment=config["experiment"]),
+        # The table's real-data row: its folder must hold images like every set's.
+        real=expand(rules.real_set.output, experiment=config["experiment"]) if config["reference"]["n_real"] else [],
     output:
         png=[
             report(study_path(f"plots/{name}.png"), caption=f"../report/{name}.rst", **REPORT_PLOTS[name])

@@ -4,13 +4,19 @@
 # Declared outputs are stats.json (written last), grid.png and exit_layers.pt. The images/ and
 # parts/ folders are not declared: Snakemake deletes the declared outputs of a killed job, and
 # the finished batches in parts/ let the rerun resume where it stopped.
+#
+# One family: sample_full is the base, and every other set is a `use rule` variant of it that
+# states its model(s), its set name and its params. `use rule` cannot change the command, so the
+# command is written once with the method's parts as params: `method`, `checkpoints` (the model
+# paths: derived from the inputs, they stay out of the params rerun trigger, which the inputs'
+# own trigger covers) and `flags`, which starts with the set's own setting (threshold, t_switch).
 
 
 rule sample_full:
     input:
         model=rules.train_full.output.model,
     output:
-        **sample_outputs("full", "full"),
+        **sample_outputs("full"),
     log:
         "results/{experiment}/logs/sample_full/full.log",
     benchmark:
@@ -21,97 +27,65 @@ rule sample_full:
     resources:
         **resources("sample"),
     params:
-        folder=subpath(output.stats, parent=True),
+        method="full",
+        checkpoints=lambda wildcards, input: f"--checkpoint-path {input.model}",
         flags=sampling_flags(),
+        folder=subpath(output.stats, parent=True),
     shell:
-        "duodiff sample --method full --checkpoint-path {input.model} {params.flags} "
+        "duodiff sample --method {params.method} {params.checkpoints} {params.flags} "
         "--output-folder {params.folder} > {log} 2>&1"
 
 
-rule sample_fewer_steps:
-    input:
-        model=rules.sample_full.input.model,
+use rule sample_full as sample_fewer_steps with:
     output:
-        **sample_outputs("full_steps{steps}", "fewer_steps"),
+        **sample_outputs("fewer_steps"),
     log:
         "results/{experiment}/logs/sample_fewer_steps/full_steps{steps}.log",
     benchmark:
         "results/{experiment}/benchmarks/sample_fewer_steps/full_steps{steps}.tsv"
-    conda:
-        ENV
-    threads: config["threads"]["sample"]
-    resources:
-        **resources("sample"),
     params:
-        folder=subpath(output.stats, parent=True),
         flags=lambda wildcards: sampling_flags(steps=int(wildcards.steps)),
-    shell:
-        "duodiff sample --method full --checkpoint-path {input.model} {params.flags} "
-        "--output-folder {params.folder} > {log} 2>&1"
 
 
-rule sample_shallow:
+use rule sample_full as sample_shallow with:
     input:
         model=rules.train_shallow.output.model,
     output:
-        **sample_outputs("shallow_d{depth}", "shallow"),
+        **sample_outputs("shallow"),
     log:
         "results/{experiment}/logs/sample_shallow/shallow_d{depth}.log",
     benchmark:
         "results/{experiment}/benchmarks/sample_shallow/shallow_d{depth}.tsv"
-    conda:
-        ENV
-    threads: config["threads"]["sample"]
-    resources:
-        **resources("sample"),
     params:
-        folder=subpath(output.stats, parent=True),
-        flags=sampling_flags(),
-    shell:
-        "duodiff sample --method shallow --checkpoint-path {input.model} {params.flags} "
-        "--output-folder {params.folder} > {log} 2>&1"
+        method="shallow",
 
 
-rule sample_early_exit:
+use rule sample_full as sample_early_exit with:
     input:
         model=rules.train_early_exit.output.model,
     output:
-        **sample_outputs("ee_{classifier_type}_thr{threshold}", "early_exit"),
+        **sample_outputs("early_exit"),
     log:
         "results/{experiment}/logs/sample_early_exit/ee_{classifier_type}_thr{threshold}.log",
     benchmark:
         "results/{experiment}/benchmarks/sample_early_exit/ee_{classifier_type}_thr{threshold}.tsv"
-    conda:
-        ENV
-    threads: config["threads"]["sample"]
-    resources:
-        **resources("sample"),
     params:
-        folder=subpath(output.stats, parent=True),
-        flags=sampling_flags(),
-    shell:
-        "duodiff sample --method early_exit --checkpoint-path {input.model} --threshold {wildcards.threshold} "
-        "{params.flags} --output-folder {params.folder} > {log} 2>&1"
+        method="early_exit",
+        flags=lambda wildcards: f"--threshold {wildcards.threshold} {sampling_flags()}",
 
 
-rule sample_duodiff:
+use rule sample_full as sample_duodiff with:
     input:
         shallow=rules.train_shallow.output.model,
         full=rules.train_full.output.model,
     output:
-        **sample_outputs("duodiff_d{depth}_ts{t_switch}", "duodiff"),
+        **sample_outputs("duodiff"),
     log:
         "results/{experiment}/logs/sample_duodiff/duodiff_d{depth}_ts{t_switch}.log",
     benchmark:
         "results/{experiment}/benchmarks/sample_duodiff/duodiff_d{depth}_ts{t_switch}.tsv"
-    conda:
-        ENV
-    threads: config["threads"]["sample"]
-    resources:
-        **resources("sample"),
     params:
-        folder=subpath(output.stats, parent=True),
-        flags=sampling_flags(),
-    shell:
-        "duodiff sample --method duodiff --checkpoint-path {input.shallow} --checkpoint-path-late {input.full} "
-        "--t-switch {wildcards.t_switch} {params.flags} --output-folder {params.folder} > {log} 2>&1"
+        method="duodiff",
+        # The shallow model denoises the first t_switch steps, the full one the rest.
+        checkpoints=lambda wildcards, input: f"--checkpoint-path {input.shallow} --checkpoint-path-late {input.full}",
+        flags=lambda wildcards: f"--t-switch {wildcards.t_switch} {sampling_flags()}",

@@ -4,10 +4,14 @@
 # (rule real_set) is scored like the others.
 
 
+# The three scores against the reference are one family: fid is the base, fd_classifier and cmmd
+# are `use rule` variants that state their inputs, outputs and params. `use rule` cannot change the
+# command, so it is written once with the sub-command (`command`) and the reference as params.
 rule fid:
     input:
-        stats="results/{experiment}/samples/{set}/stats.json",
+        stats=set_file("stats"),
         reference=rules.reference.output.features,
+        reference_info=rules.reference.output.info,
     output:
         "results/{experiment}/metrics/{set}/fid.json",
     log:
@@ -20,42 +24,39 @@ rule fid:
     resources:
         **resources("score"),
     params:
+        command="fid",
         samples=subpath(input.stats, parent=True),
         reference=subpath(input.reference, parent=True),
         flags=fid_flags(),
     shell:
-        "duodiff fid --samples {params.samples} --reference {params.reference} --output {output} "
+        "duodiff {params.command} --samples {params.samples} --reference {params.reference} --output {output} "
         "{params.flags} > {log} 2>&1"
 
 
-rule fd_classifier:
+use rule fid as fd_classifier with:
     input:
-        stats="results/{experiment}/samples/{set}/stats.json",
+        stats=set_file("stats"),
+        # `duodiff fid --feature-net` reads the whole reference folder: its images (reference.json,
+        # written last, stands for them), features.npz, and the network's feature_net.json.
         reference=rules.reference.output.info,
+        reference_features=rules.reference.output.features,
         feature_net=rules.feature_net.output.model,
+        feature_net_info=rules.feature_net.output.info,
     output:
         "results/{experiment}/metrics/{set}/fd_classifier.json",
     log:
         "results/{experiment}/logs/fd_classifier/{set}.log",
     benchmark:
         "results/{experiment}/benchmarks/fd_classifier/{set}.tsv"
-    conda:
-        ENV
-    threads: config["threads"]["score"]
-    resources:
-        **resources("score"),
     params:
-        samples=subpath(input.stats, parent=True),
-        reference=subpath(input.reference, parent=True),
+        # `duodiff fid` in the feature network's features instead of Inception's.
+        command=lambda wildcards, input: f"fid --feature-net {input.feature_net}",
         flags=fd_classifier_flags(),
-    shell:
-        "duodiff fid --feature-net {input.feature_net} --samples {params.samples} --reference {params.reference} "
-        "--output {output} {params.flags} > {log} 2>&1"
 
 
-rule cmmd:
+use rule fid as cmmd with:
     input:
-        stats="results/{experiment}/samples/{set}/stats.json",
+        stats=set_file("stats"),
         reference=rules.cmmd_reference.output,
     output:
         "results/{experiment}/metrics/{set}/cmmd.json",
@@ -63,23 +64,18 @@ rule cmmd:
         "results/{experiment}/logs/cmmd/{set}.log",
     benchmark:
         "results/{experiment}/benchmarks/cmmd/{set}.tsv"
-    conda:
-        ENV
-    threads: config["threads"]["score"]
-    resources:
-        **resources("score"),
     params:
-        samples=subpath(input.stats, parent=True),
+        command="cmmd",
+        reference=lambda wildcards, input: input.reference,  # the embeddings file itself
         flags=cmmd_flags(),
-    shell:
-        "duodiff cmmd --samples {params.samples} --reference {input.reference} --output {output} "
-        "{params.flags} > {log} 2>&1"
 
 
+# Counting, not comparing: no reference, so a rule of its own.
 rule flops:
     input:
-        stats="results/{experiment}/samples/{set}/stats.json",
-        exit_layers="results/{experiment}/samples/{set}/exit_layers.pt",
+        unpack(sample_models),  # the checkpoint(s) stats.json names: their networks are counted
+        stats=set_file("stats"),
+        exit_layers=set_file("exit_layers"),
     output:
         "results/{experiment}/metrics/{set}/gflops.json",
     log:

@@ -39,7 +39,9 @@ rule train_full:
         "{params.flags} > {log} 2>&1"
 
 
-rule train_shallow:
+# The shallow U-ViT trains exactly like the full one: the same command, environment, threads and
+# resources; it states only its files, its settings (train.shallow) and its priority.
+use rule train_full as train_shallow with:
     input:
         model_config=shallow_config,
     output:
@@ -49,20 +51,14 @@ rule train_shallow:
         "results/{experiment}/logs/train_shallow/shallow_d{depth}.log",
     benchmark:
         "results/{experiment}/benchmarks/train_shallow/shallow_d{depth}.tsv"
-    conda:
-        ENV
-    threads: config["threads"]["train"]
-    resources:
-        **resources("train"),
-        gpu=0,  # the Slurm profile's set-resources raises it; one training process per GPU
+    priority: 0  # off the critical path: no other training waits for a shallow model
     params:
-        folder=subpath(output.model, parent=True),
         flags=train_flags("shallow"),
-    shell:
-        "duodiff train --nproc-per-node {resources.gpu} --model uvit --config-path {input.model_config} --log-path {params.folder} "
-        "{params.flags} > {log} 2>&1"
 
 
+# A rule of its own, not a `use rule` variant: `use rule` cannot change the command, and a generic
+# command would change train_full's text, which the `code` rerun trigger (profiles/) would answer
+# by retraining every finished full model.
 rule train_early_exit:
     input:
         model_config=config["models"]["full"],

@@ -1,0 +1,108 @@
+# The translation of config blocks into `duodiff` flags: each rule's params (the `flags` of the
+# rule files). A changed setting changes the flags, so the params rerun trigger reruns the jobs
+# that use it, and only those.
+
+import shlex
+
+
+def cli_flags(settings: dict) -> str:
+    """{'n_steps': 10, 'use_amp': True, 'root': None} -> '--n-steps 10 --use-amp'.
+
+    Config keys are named like the `duodiff` flags, so each setting reaches the command under
+    its own name; true booleans become switches, false ones and None are left out. Flags come
+    sorted by name: the string is a rule's params, and the same settings written in another
+    order in the YAML must not look like a change (that would retrain everything)."""
+    parts = []
+    for key, value in sorted(settings.items()):
+        flag = f"--{key.replace('_', '-')}"
+        if value is None or value is False:
+            continue
+        if value is True:
+            parts.append(flag)
+        else:
+            parts.append(f"{flag} {shlex.quote(str(value))}")
+    return " ".join(parts)
+
+
+def dataset_flags() -> str:
+    dataset = config["dataset"]
+    return cli_flags(
+        {
+            "dataset": dataset["name"],
+            "data_root": dataset["root"],
+            "download": dataset["download"],
+            "image_size": dataset["image_size"],
+        }
+    )
+
+
+def train_flags(stage: str) -> str:
+    """Every `duodiff train` setting of train.<stage>, plus dataset, diffusion and device."""
+    return " ".join(
+        [
+            dataset_flags(),
+            cli_flags(config["diffusion"]),
+            cli_flags(config["train"][stage]),
+            cli_flags({"device": config["device"]}),
+        ]
+    )
+
+
+def sampling_flags(steps=None) -> str:
+    """The `duodiff sample` settings of config `sampling`; `steps` overrides its steps (fewer steps)."""
+    sampling = config["sampling"]
+    settings = {
+        key: sampling[key] for key in ("sampler", "steps", "eta", "n_samples", "batch_size", "seed", "precision")
+    }
+    if steps is not None:
+        settings["steps"] = steps
+    settings["no_ema"] = not sampling["use_ema"]
+    settings["device"] = config["device"]
+    return cli_flags(settings)
+
+
+def reference_flags() -> str:
+    metrics = config["metrics"]
+    settings = {
+        "n_reference": config["reference"]["n_reference"],
+        "batch_size": metrics["fid"]["batch_size"],
+        "feature_network": metrics["feature_network"],
+        "num_workers": metrics["num_workers"],
+        "device": config["device"],
+    }
+    return " ".join([dataset_flags(), cli_flags(settings)])
+
+
+def fid_flags() -> str:
+    metrics = config["metrics"]
+    settings = {**metrics["fid"], "no_intervals": not metrics["intervals"]}
+    return cli_flags({**settings, "num_workers": metrics["num_workers"], "device": config["device"]})
+
+
+def fd_classifier_flags() -> str:
+    """`duodiff fid --feature-net`: every image of the set (max_samples is Inception's budget)."""
+    metrics = config["metrics"]
+    settings = {key: value for key, value in metrics["fid"].items() if key != "max_samples"}
+    settings["no_intervals"] = not metrics["intervals"]
+    return cli_flags({**settings, "num_workers": metrics["num_workers"], "device": config["device"]})
+
+
+def feature_net_flags() -> str:
+    return " ".join([dataset_flags(), cli_flags(config["metrics"]["classifier"])])
+
+
+def real_set_flags() -> str:
+    reference = config["reference"]
+    return " ".join(
+        [dataset_flags(), cli_flags({"n_reference": reference["n_reference"], "n_images": reference["n_real"]})]
+    )
+
+
+def cmmd_flags() -> str:
+    settings = {key: value for key, value in config["metrics"]["cmmd"].items() if key != "enabled"}
+    return cli_flags({**settings, "device": config["device"]})
+
+
+def convert_flags() -> str:
+    """The diffusion settings stored in model.pt, and the dataset the model is recorded under."""
+    return " ".join([cli_flags(config["diffusion"]), cli_flags({"dataset": config["dataset"]["name"]})])

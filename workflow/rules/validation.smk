@@ -1,0 +1,248 @@
+# The config checks, which the Snakefile runs before it defines the rules. The schema's error
+# becomes one line naming the key (schema_error_message); then come the checks across keys and
+# files that JSON schema cannot express (check_config, check_headline). Each raises ValueError
+# with one message.
+#
+# Nothing here imports duodiff (see common.smk): the dataset tables below are copies of
+# duodiff.data's, which tests/test_workflow.py keeps in step.
+
+import functools
+from pathlib import Path
+
+import yaml
+
+with open(Path(workflow.basedir, "schemas", "config.schema.yaml")) as _f:
+    SCHEMA = yaml.safe_load(_f)
+
+# Datasets torchvision can download; the others must already be in dataset.root.
+DOWNLOADABLE = ("cifar10", "celeba")
+# Datasets that read files (digits ships with scikit-learn).
+NEEDS_ROOT = ("cifar10", "celeba", "imagenet64", "imagefolder")
+# Datasets with class labels and small native images, on which metrics.headline classifier can
+# train its feature network (duodiff.data.NUM_CLASSES and NATIVE_SIZE).
+LABELLED_SMALL = ("digits", "cifar10")
+# A shallow model replaces the full one for the first t_switch steps on the same images
+# (and the same class labels), so these must agree between the two.
+SHARED_MODEL_KEYS = ("img_size", "patch_size", "in_chans", "num_classes")
+# duodiff.data.NATIVE_SIZE and CHANNELS (tests/test_workflow.py keeps them in step): each dataset's
+# image size when dataset.image_size is null (None: it has no native size) and its channel count.
+DATASET_NATIVE_SIZE = {"digits": 8, "cifar10": 32, "celeba": 64, "imagenet64": 64, "imagefolder": None}
+DATASET_CHANNELS = {"digits": 1, "cifar10": 3, "celeba": 3, "imagenet64": 3, "imagefolder": 3}
+
+
+# ---- schema errors -----------------------------------------------------------------------------
+
+
+def schema_error_message(error) -> str:
+    """One line from snakemake.utils.validate's WorkflowError: the config key, what is wrong
+    with it (jsonschema names the allowed values or the bound) and the key's description."""
+    import jsonschema
+
+    # validate() raises its WorkflowError while handling jsonschema's ValidationError.
+    cause = error.__cause__ or error.__context__
+    if not isinstance(cause, jsonschema.exceptions.ValidationError):
+        return str(error)
+    key = ""
+    for part in cause.absolute_path:
+        key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
+    description = _schema_description(cause.absolute_schema_path)
+    message = f"invalid config: {key or 'top level'}: {cause.message}"
+    if description:
+        message += f" ({' '.join(description.split())})"
+    return message
+
+
+def _schema_description(schema_path):
+    """The description of the innermost schema on `schema_path` that has one. jsonschema's paths
+    step over "$ref" (the referenced schema's keywords appear as if written in place)."""
+    node, description = SCHEMA, None
+    for part in schema_path:
+        while isinstance(node, dict) and part not in node and "$ref" in node:
+            node = functools.reduce(lambda n, name: n[name], node["$ref"].removeprefix("#/").split("/"), SCHEMA)
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            break
+        if isinstance(node, dict) and "description" in node:
+            description = node["description"]
+    return description
+
+
+# ---- checks across keys and files ------------------------------------------------------------------
+
+
+@functools.cache
+def read_model_config(path: str) -> dict:
+    if not Path(path).is_file():
+        raise ValueError(
+            f"invalid config: model config {path} does not exist (paths are relative to the working directory {Path.cwd()})"
+        )
+    with open(path) as f:
+        model = yaml.safe_load(f)
+    if not isinstance(model, dict) or not isinstance(model.get("depth"), int):
+        raise ValueError(f"invalid config: model config {path} must be a mapping with an integer 'depth'")
+    return model
+
+
+def check_config(config, dryrun: bool) -> None:
+    """Checks across keys and files, after the schema, in this order: the sampling grid, the
+    models against each other and the dataset, then where the data comes from."""
+    _check_sampling(config)
+    full_path = config["models"]["full"]
+    full = read_model_config(full_path)
+    _check_depths(config)
+    _check_full_model_fits_dataset(config["dataset"], full_path, full)
+    _check_shallow_models(config["models"]["shallow"], full_path, full)
+    _check_data_source(config["dataset"], dryrun)
+
+
+def _check_sampling(config) -> None:
+    sampling, diffusion = config["sampling"], config["diffusion"]
+    T = diffusion["num_timesteps"]
+    if diffusion["beta_start"] >= diffusion["beta_end"]:
+        raise ValueError(
+            f"invalid config: diffusion.beta_start ({diffusion['beta_start']}) must be smaller than "
+            f"diffusion.beta_end ({diffusion['beta_end']})"
+        )
+    if sampling["sampler"] == "ddpm":
+        if sampling["steps"] != T:
+            raise ValueError(
+                f"invalid config: sampling.steps is {sampling['steps']}, but the ddpm sampler visits all "
+                f"diffusion.num_timesteps = {T} steps; set sampling.steps: {T} or use sampler: ddim"
+            )
+        if sampling["eta"] != 0:
+            raise ValueError(
+                f"invalid config: sampling.eta is {sampling['eta']}; it applies to the ddim sampler only (use 0 with ddpm)"
+            )
+    elif sampling["steps"] > T:
+        raise ValueError(
+            f"invalid config: sampling.steps ({sampling['steps']}) must be in [1, diffusion.num_timesteps = {T}]"
+        )
+    # duodiff.sampling.CUDA_ONLY_PRECISIONS (the workflow does not import duodiff, see above).
+    if sampling["precision"] in ("tf32", "fp16") and config["device"] != "cuda":
+        raise ValueError(
+            f"invalid config: sampling.precision {sampling['precision']} needs device: cuda (device is "
+            f"{config['device']}); on the CPU use fp32 or bf16"
+        )
+    for steps in sampling["fewer_steps"]:
+        if sampling["sampler"] == "ddpm" or not 1 <= steps < sampling["steps"]:
+            raise ValueError(
+                f"invalid config: sampling.fewer_steps {steps} must be in [1, sampling.steps = {sampling['steps']}) "
+                "with the ddim sampler (the full model with fewer steps than the study's sets)"
+            )
+    for t_switch in config["duodiff"]["t_switch"]:
+        if not 0 <= t_switch <= sampling["steps"]:
+            raise ValueError(
+                f"invalid config: duodiff.t_switch {t_switch} must be in [0, sampling.steps = {sampling['steps']}] "
+                "(the number of noisiest sampling steps done by the shallow model)"
+            )
+
+
+def _check_depths(config) -> None:
+    models = config["models"]
+    for key, path in [("models.full", models["full"])] + [("models.shallow", path) for path in models["shallow"]]:
+        depth = read_model_config(path)["depth"]
+        if depth < 1 or depth % 2 != 1:
+            raise ValueError(
+                f"invalid config: {key} {path} has depth {depth}; a U-ViT needs an odd depth (depth // 2 in-blocks, "
+                "1 mid-block, depth // 2 out-blocks), e.g. "
+                + " or ".join(str(d) for d in (depth - 1, depth + 1) if d > 0)
+            )
+
+
+def _check_full_model_fits_dataset(dataset, full_path, full) -> None:
+    """The images the models are trained on and the FID reference is built from."""
+    name, native = dataset["name"], DATASET_NATIVE_SIZE[dataset["name"]]
+    image_size = dataset["image_size"] if dataset["image_size"] is not None else native
+    if image_size is None:
+        raise ValueError(
+            f"invalid config: dataset.image_size is null, but dataset {name} has no native size; set it to the "
+            f"img_size of models.full {full_path} ({full.get('img_size')})"
+        )
+    if image_size != full.get("img_size"):
+        given = (
+            f"dataset.image_size is {image_size}"
+            if dataset["image_size"] is not None
+            else f"dataset {name} gives {native}x{native} images (dataset.image_size: null = its native size)"
+        )
+        raise ValueError(
+            f"invalid config: models.full {full_path} has img_size {full.get('img_size')}, but {given}; set "
+            f"dataset.image_size: {full.get('img_size')} or use a model config for {image_size}x{image_size} images"
+        )
+    if full.get("in_chans") != DATASET_CHANNELS[name]:
+        raise ValueError(
+            f"invalid config: models.full {full_path} has in_chans {full.get('in_chans')}, but dataset {name} has "
+            f"{DATASET_CHANNELS[name]} channel(s); use a model config with in_chans: {DATASET_CHANNELS[name]}"
+        )
+
+
+def _check_shallow_models(shallow_paths, full_path, full) -> None:
+    depths = {}
+    for path in shallow_paths:
+        shallow = read_model_config(path)
+        for key in SHARED_MODEL_KEYS:
+            if shallow.get(key) != full.get(key):
+                raise ValueError(
+                    f"invalid config: models.shallow {path} has {key} {shallow.get(key)!r} but models.full "
+                    f"{full_path} has {full.get(key)!r}; a DuoDiff shallow model must match the full model's "
+                    f"{', '.join(SHARED_MODEL_KEYS)}"
+                )
+        if shallow["depth"] >= full["depth"]:
+            raise ValueError(
+                f"invalid config: models.shallow {path} has depth {shallow['depth']}, but a DuoDiff shallow model "
+                f"must be shallower than models.full {full_path} (depth {full['depth']}); were the two swapped?"
+            )
+        if shallow["depth"] in depths:
+            raise ValueError(
+                f"invalid config: models.shallow {path} and {depths[shallow['depth']]} both have depth "
+                f"{shallow['depth']}; sample sets are named by depth (shallow_d<depth>), so depths must differ"
+            )
+        depths[shallow["depth"]] = path
+
+
+def _check_data_source(dataset, dryrun: bool) -> None:
+    name = dataset["name"]
+    if dataset["download"] and name not in DOWNLOADABLE:
+        raise ValueError(
+            f"invalid config: dataset.download is true, but {name} cannot be downloaded "
+            f"(only {', '.join(DOWNLOADABLE)}); put the images in dataset.root"
+        )
+    if name in NEEDS_ROOT and not dataset["download"]:
+        root = dataset["root"] or f"data/{name}"  # duodiff.data's default root
+        if not Path(root).exists():
+            message = f"dataset.root {root} does not exist for dataset {name}; put the data there" + (
+                " or set dataset.download: true" if name in DOWNLOADABLE else ""
+            )
+            if not dryrun:
+                raise ValueError(f"invalid config: {message}")
+            # A dry run only plans: let users inspect the jobs before the data is in place.
+            logger.warning(f"Warning: {message}. The real run stops here until it does.")
+
+
+def check_headline(config) -> None:
+    """metrics.headline classifier trains a small classifier on the dataset (rule feature_net)."""
+    dataset = config["dataset"]
+    if config["metrics"]["headline"] == "classifier" and (
+        dataset["name"] not in LABELLED_SMALL or (dataset["image_size"] or 0) > 32
+    ):
+        raise ValueError(
+            f"invalid config: metrics.headline classifier trains a small classifier on the dataset, which needs class "
+            f"labels and images of at most 32 px (datasets {', '.join(LABELLED_SMALL)}); dataset {dataset['name']} "
+            "does not qualify: use metrics.headline: inception"
+        )
+
+
+def check_full_checkpoint(config) -> None:
+    """What a U-ViT checkpoint needs of the config, refused before any job starts (duodiff
+    convert checks the same; the workflow does not import duodiff, see above)."""
+    full_path, diffusion = config["models"]["full"], config["diffusion"]
+    if read_model_config(full_path).get("normalize_timesteps", False):
+        raise ValueError(
+            f"invalid config: models.full_checkpoint is set, but models.full {full_path} has normalize_timesteps: "
+            "true; U-ViT's checkpoints see the raw step (t * 999): use a model file with normalize_timesteps: false"
+        )
+    if diffusion["num_timesteps"] != 1000 or diffusion["parametrization"] != "predict_noise":
+        raise ValueError(
+            f"invalid config: models.full_checkpoint is set, but diffusion has num_timesteps {diffusion['num_timesteps']} "
+            f"and parametrization {diffusion['parametrization']}; U-ViT's checkpoints need 1000 and predict_noise"
+        )
