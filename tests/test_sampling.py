@@ -133,28 +133,31 @@ def test_throughput_clock_follows_the_thread_count(ckpt, tmp_path, threads, cloc
     assert stats["wall_time_s"] == pytest.approx(sum(part["wall_time_s"] for part in parts))
 
 
-def test_duodiff_edge_cases_reproduce_single_model_sets(ckpt, tmp_path):
-    sample(ckpt, tmp_path / "full")
-    sample(ckpt, tmp_path / "shallow", "shallow")
+@pytest.mark.parametrize("sampler", ["ddim", "dpm_solver"])
+def test_duodiff_edge_cases_reproduce_single_model_sets(ckpt, tmp_path, sampler):
+    sample(ckpt, tmp_path / "full", sampler=sampler)
+    sample(ckpt, tmp_path / "shallow", "shallow", sampler=sampler)
     full, shallow = images(tmp_path / "full")[1], images(tmp_path / "shallow")[1]
-    sample(ckpt, tmp_path / "ts0", "duodiff", t_switch=0)
-    sample(ckpt, tmp_path / "tsall", "duodiff", t_switch=STEPS)
-    sample(ckpt, tmp_path / "ts3", "duodiff", t_switch=3)
+    sample(ckpt, tmp_path / "ts0", "duodiff", t_switch=0, sampler=sampler)
+    sample(ckpt, tmp_path / "tsall", "duodiff", t_switch=STEPS, sampler=sampler)
+    sample(ckpt, tmp_path / "ts3", "duodiff", t_switch=3, sampler=sampler)
     assert np.array_equal(images(tmp_path / "ts0")[1], full)
     assert np.array_equal(images(tmp_path / "tsall")[1], shallow)
     mixed = images(tmp_path / "ts3")[1]
     assert not np.array_equal(mixed, full) and not np.array_equal(mixed, shallow)
 
 
-def test_early_exit_thresholds_bound_the_exits(ckpt, tmp_path):
+@pytest.mark.parametrize("sampler", ["ddim", "dpm_solver"])
+def test_early_exit_thresholds_bound_the_exits(ckpt, tmp_path, sampler):
     # Uncertainties lie in [0, 1]: threshold 1 exits everything at exit 0 (no block runs);
     # threshold 0 (random probes never output exactly 0) runs the whole backbone, which must give
     # the backbone's own samples.
-    stats = sample(ckpt, tmp_path / "t1", "early_exit", threshold=1.0)
+    stats = sample(ckpt, tmp_path / "t1", "early_exit", threshold=1.0, sampler=sampler)
     assert torch.load(tmp_path / "t1" / "exit_layers.pt").eq(0).all() and stats["layer_ratio"] == 0.0
-    stats = sample(ckpt, tmp_path / "t0", "early_exit", threshold=0.0)
+    stats = sample(ckpt, tmp_path / "t0", "early_exit", threshold=0.0, sampler=sampler)
     assert torch.load(tmp_path / "t0" / "exit_layers.pt").eq(3).all() and stats["layer_ratio"] == 1.0
-    sample(ckpt, tmp_path / "backbone", "full", checkpoint_path=ckpt["ee_backbone"])
+    assert torch.load(tmp_path / "t0" / "exit_layers.pt").shape[0] == STEPS
+    sample(ckpt, tmp_path / "backbone", "full", checkpoint_path=ckpt["ee_backbone"], sampler=sampler)
     assert np.array_equal(images(tmp_path / "t0")[1], images(tmp_path / "backbone")[1])
 
 
@@ -261,7 +264,7 @@ def test_conditional_model_and_ema_choice(ckpt, tmp_path):
     "kwargs, message",
     [
         (dict(method="fast"), "--method must be one of full, shallow, early_exit, duodiff; got 'fast'"),
-        (dict(sampler="euler"), "--sampler must be one of ddpm, ddim; got 'euler'"),
+        (dict(sampler="euler"), "--sampler must be one of ddpm, ddim, dpm_solver; got 'euler'"),
         (dict(n_samples=0), "--n-samples must be a positive integer; got 0"),
         (dict(batch_size=-2), "--batch-size must be a positive integer; got -2"),
         (dict(steps=0), "--steps must be a positive integer; got 0"),

@@ -118,7 +118,8 @@ class GaussianDiffusion:
         """The timesteps a sampler visits, noisiest first, ending at 0.
 
         ddpm visits all T timesteps. ddim visits `steps` timesteps i * T // steps (the DDIM paper's
-        uniform skip, exactly `steps` distinct values even when T is not a multiple of steps).
+        uniform skip, exactly `steps` distinct values even when T is not a multiple of steps), and
+        so does dpm_solver, so that a number of steps means the same network evaluations.
         """
         assert sampler in SAMPLERS, sampler  # run_sample checked it; steps need T, so they are checked here
         T = self.num_timesteps
@@ -131,7 +132,7 @@ class GaussianDiffusion:
             return list(range(T - 1, -1, -1))
         require(
             isinstance(steps, int) and 1 <= steps <= T,
-            f"--steps must be an integer in [1, {T}] for the ddim sampler; got {steps!r}",
+            f"--steps must be an integer in [1, {T}] for the {sampler} sampler; got {steps!r}",
         )
         return [i * T // steps for i in range(steps - 1, -1, -1)]
 
@@ -187,6 +188,11 @@ class GaussianDiffusion:
         device). The x0 prediction is clipped to [-1, 1] at every step (`clip_denoised`, DDPM/ADM
         default). Call under torch.inference_mode(); the loop itself never waits on the device.
         """
+        if sampler == "dpm_solver":  # diffusers' scheduler runs the multistep update (dpm_solver.py)
+            from duodiff.dpm_solver import dpm_solver_sample
+
+            timesteps = self.timesteps(sampler, steps)
+            return dpm_solver_sample(self, denoise, noise, timesteps, clip_denoised=clip_denoised, progress=progress)
         plan = self.sampling_plan(sampler, steps, eta)
         x = noise
         batch = x.shape[0]

@@ -79,13 +79,13 @@ def check_sample_args(*, method, sampler, steps, n_samples, batch_size, seed, et
         steps is None or (isinstance(steps, int) and not isinstance(steps, bool) and steps > 0),
         f"--steps must be a positive integer; got {steps!r}",
     )
-    require(sampler == "ddpm" or steps is not None, "--steps is required for --sampler ddim")
+    require(sampler == "ddpm" or steps is not None, f"--steps is required for --sampler {sampler}")
     require(
         isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**63 // SEED_STRIDE - 1,
         f"--seed must be a non-negative integer below {2**63 // SEED_STRIDE - 1}; got {seed!r}",
     )
     require(isinstance(eta, (int, float)) and eta >= 0, f"--eta must be a number >= 0; got {eta!r}")
-    require(sampler == "ddim" or eta == 0, f"--eta applies to the ddim sampler only; got --eta {eta} with --sampler ddpm")
+    require(sampler == "ddim" or eta == 0, f"--eta applies to the ddim sampler only; got --eta {eta} with --sampler {sampler}")
     if method == "early_exit":
         require(threshold is not None, "--method early_exit needs --threshold (a number in [0, 1])")
         require(
@@ -127,7 +127,7 @@ def sampling_steps(num_timesteps: int, method, sampler, steps, t_switch) -> int:
             f"--steps must be {T} (num_timesteps) for the ddpm sampler, got {steps!r}; use --sampler ddim for fewer steps",
         )
         steps = T
-    require(steps <= T, f"--steps must be an integer in [1, {T}] for the ddim sampler; got {steps!r}")
+    require(steps <= T, f"--steps must be an integer in [1, {T}] for the {sampler} sampler; got {steps!r}")
     if method == "duodiff":
         require(t_switch <= steps, f"--t-switch must be in [0, {steps}] (the number of sampling steps); got {t_switch}")
     return steps
@@ -350,7 +350,7 @@ def add_cli(subparsers) -> None:
     add_flag(parser, "--threshold", type=float, default=None, help="early_exit: exit once uncertainty <= this, in [0, 1]")
     add_flag(parser, "--t-switch", type=int, default=None, help="duodiff: steps done by the shallow model, from the noisiest")
     add_flag(parser, "--sampler", default="ddim", choices=SAMPLERS)
-    add_flag(parser, "--steps", type=int, default=None, help="sampling steps (ddim: required; ddpm: num_timesteps)")
+    add_flag(parser, "--steps", type=int, default=None, help="sampling steps (ddim, dpm_solver: required; ddpm: num_timesteps)")
     add_flag(parser, "--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like noise")
     add_flag(parser, "--n-samples", type=int, required=True)
     add_flag(parser, "--batch-size", type=int, required=True)

@@ -23,7 +23,8 @@ STATS_METHOD = {"fewer_steps": "full"}
 # The setting each swept method varies from set to set.
 SWEPT_SETTING = {"early_exit": "threshold", "duodiff": "t_switch"}
 
-SAMPLERS = ("ddpm", "ddim")
+# ddpm: every timestep; ddim and dpm_solver (DPM-Solver++ 2M, U-ViT's ImageNet sampler): `steps` of them.
+SAMPLERS = ("ddpm", "ddim", "dpm_solver")
 # Arithmetic of the network evaluations (the sampler's own updates stay float32):
 # fp32 everywhere; tf32 lets CUDA matmuls and convolutions round their inputs to TF32; bf16 and
 # fp16 run them under torch.autocast, as mixed-precision inference usually does.

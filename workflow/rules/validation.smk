@@ -110,15 +110,16 @@ def _check_sampling(config) -> None:
                 f"invalid config: sampling.steps is {sampling['steps']}, but the ddpm sampler visits all "
                 f"diffusion.num_timesteps = {T} steps; set sampling.steps: {T} or use sampler: ddim"
             )
-        if sampling["eta"] != 0:
-            raise ValueError(
-                f"invalid config: sampling.eta is {sampling['eta']}; it applies to the ddim sampler only (use 0 with ddpm)"
-            )
     elif sampling["steps"] > T:
         raise ValueError(
             f"invalid config: sampling.steps ({sampling['steps']}) must be in [1, diffusion.num_timesteps = {T}]"
         )
-    # duodiff.sampling.CUDA_ONLY_PRECISIONS (the workflow does not import duodiff, see above).
+    if sampling["sampler"] != "ddim" and sampling["eta"] != 0:
+        raise ValueError(
+            f"invalid config: sampling.eta is {sampling['eta']}; it applies to the ddim sampler only "
+            f"(use 0 with {sampling['sampler']})"
+        )
+    # duodiff.study.CUDA_ONLY_PRECISIONS (the workflow does not import duodiff, see above).
     if sampling["precision"] in ("tf32", "fp16") and config["device"] != "cuda":
         raise ValueError(
             f"invalid config: sampling.precision {sampling['precision']} needs device: cuda (device is "
@@ -128,7 +129,7 @@ def _check_sampling(config) -> None:
         if sampling["sampler"] == "ddpm" or not 1 <= steps < sampling["steps"]:
             raise ValueError(
                 f"invalid config: sampling.fewer_steps {steps} must be in [1, sampling.steps = {sampling['steps']}) "
-                "with the ddim sampler (the full model with fewer steps than the study's sets)"
+                "with the ddim or dpm_solver sampler (the full model with fewer steps than the study's sets)"
             )
     for t_switch in config["duodiff"]["t_switch"]:
         if not 0 <= t_switch <= sampling["steps"]:
