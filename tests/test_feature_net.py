@@ -10,7 +10,8 @@ from PIL import Image
 import duodiff.data
 from duodiff.errors import DuodiffError
 from duodiff.images import save_png, to_uint8
-from duodiff.metrics import feature_net, fid
+from duodiff.metrics import feature_net, fid, inception
+from duodiff.metrics import reference as reference_stage
 
 SETTINGS = dict(epochs=4, batch_size=64, lr=1e-3, weight_decay=1e-4, feature_dim=32, holdout_fraction=0.2, seed=0)
 
@@ -62,10 +63,10 @@ def test_classifier_fd_and_kid_equal_closed_forms_on_the_networks_own_features(t
     (PIL -> [-1, 1] -> model.features), and the interval must hold the score."""
     folder, _ = trained
     real = duodiff.data.load_dataset("digits")
-    monkeypatch.setattr(fid, "feature_extractor", lambda *a, **k: pytest.fail("Inception must not load"))
+    monkeypatch.setattr(inception, "feature_extractor", lambda *a, **k: pytest.fail("Inception must not load"))
     reference = tmp_path / "ref"
     # The reference folder as `duodiff reference` leaves it, without running Inception.
-    fid.write_dataset_images(real, range(40), reference, 16, 0, "reference")
+    reference_stage.write_dataset_images(real, range(40), reference, 16, 0, "reference")
     (reference / "reference.json").write_text(json.dumps({
         "n": 40, "dataset": "digits", "image_size": 8, "channels": 1, "feature_dim": 2, "feature_network_key": "x",
         "feature_network": "x", "feature_network_sha256": "x"}))

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from duodiff.metrics import fid
+from duodiff.metrics import distances
 from duodiff.metrics.uncertainty import Z_95, frechet_statistic, jackknife_interval, kid_statistic, polynomial_kernel
 
 
@@ -43,7 +43,7 @@ def test_frechet_statistic_equals_the_full_formula_on_any_resample(n, d):
     ref = rng.normal(size=(60, d))
     features = rng.normal(0.3, 1.2, size=(n, d))
     mu, sigma = ref.mean(0), np.cov(ref, rowvar=False)
-    stat = frechet_statistic(features, mu, sigma, fid.psd_sqrt(sigma))
+    stat = frechet_statistic(features, mu, sigma, distances.psd_sqrt(sigma))
     leave_one_out = np.delete(np.arange(n), 7)  # the jackknife's subsets: a small update of the whole set
     for idx in (np.arange(n), leave_one_out, rng.integers(0, n, n), np.array([0, 0, 1, 2, 2, 2, 3])):
         x = features[idx]

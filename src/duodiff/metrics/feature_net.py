@@ -113,7 +113,7 @@ def run_feature_net(
     from tqdm import tqdm
 
     from duodiff import data
-    from duodiff.metrics.fid import file_sha256
+    from duodiff.metrics.inception import file_sha256
 
     for name, value in (("--epochs", epochs), ("--batch-size", batch_size), ("--feature-dim", feature_dim)):
         require(isinstance(value, int) and value > 0, f"{name} must be a positive integer; got {value!r}")
@@ -214,7 +214,7 @@ def feature_extractor(path: str, device: str = "cpu"):
     """-> (fn, resize, info) for clean-fid: fn maps clean-fid's (B, 3, H, W) float batch in
     [0, 255] to (B, feature_dim); resize keeps the native size (clean-fid's resizer would make
     299 px); info names the network and its sha256 like the Inception extractor's."""
-    from duodiff.metrics.fid import file_sha256
+    from duodiff.metrics.inception import file_sha256
 
     model, meta = load_feature_net(path)
     model = model.to(device)
