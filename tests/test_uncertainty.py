@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from duodiff.metrics import distances
-from duodiff.metrics.uncertainty import Z_95, frechet_statistic, jackknife_interval, kid_statistic, polynomial_kernel
+from duodiff.metrics.uncertainty import (Z_95, frechet_statistic, jackknife_interval, kid_kernels, kid_statistic,
+                                         polynomial_kernel)
 
 
 def test_jackknife_interval_of_a_mean_is_the_textbook_interval():
@@ -62,7 +63,7 @@ def test_kid_statistic_by_hand_with_an_image_counted_twice():
     # k(2,0)=1, k(2,1)=27: (1 + 8 + 1 + 8 + 1 + 27) / 6 = 46 / 6.
     features = np.array([[1.0], [2.0]])
     ref = np.array([[0.0], [1.0]])
-    stat = kid_statistic(features, ref)
+    stat = kid_statistic(kid_kernels(features, ref))
     expected = 124 / 6 + 1 - 2 * 46 / 6
     assert stat(np.array([0, 0, 1])) == pytest.approx(expected)
     assert polynomial_kernel(features, ref).tolist() == [[1.0, 8.0], [1.0, 27.0]]

@@ -27,11 +27,11 @@ from duodiff.errors import DuodiffError, check_positive, require
 from duodiff.flags import add_flag
 from duodiff.io import read_json, write_json
 from duodiff.metrics import inception, reference as reference_stage
-from duodiff.metrics.distances import frechet_distance, kid_with_std, psd_sqrt
+from duodiff.metrics.distances import KID_PRECOMPUTE_MAX, frechet_distance, kid_with_std, psd_sqrt
 from duodiff.metrics.feature_cache import remove_cache
 from duodiff.metrics.inception import FEATURE_DIM, FEATURE_NETWORKS, MODE, cached_image_features, image_files
 from duodiff.metrics.reference import CHUNK_HELP, load_reference, load_reference_sigma_sqrt
-from duodiff.metrics.uncertainty import CONFIDENCE, frechet_statistic, jackknife_interval, kid_statistic
+from duodiff.metrics.uncertainty import CONFIDENCE, frechet_statistic, jackknife_interval, kid_kernels, kid_statistic
 
 FID_CACHE = ".fid-features-cache"  # beside fid.json until it is written (feature_cache.py)
 
@@ -173,10 +173,13 @@ def run_fid(
     ref_mu, ref_sigma = np.mean(ref_features, axis=0), np.cov(ref_features, rowvar=False)
     ref_sigma_sqrt = load_reference_sigma_sqrt(reference, ref_sigma) if feature_net is None else psd_sqrt(ref_sigma)
     fid = frechet_distance(features, ref_mu, ref_sigma, ref_sigma_sqrt)
-    kid, kid_std = kid_with_std(ref_features, features, kid_subsets, kid_subset_size, seed)
+    # KID's kernel matrices once, for KID over subsets and for its interval.
+    fits = len(features) * len(ref_features) <= KID_PRECOMPUTE_MAX
+    kernels = kid_kernels(features, ref_features) if fits or intervals else None
+    kid, kid_std = kid_with_std(ref_features, features, kid_subsets, kid_subset_size, seed, kernels)
     no_interval = (float("nan"), float("nan"))
     fid_ci = jackknife_interval(frechet_statistic(features, ref_mu, ref_sigma, ref_sigma_sqrt), len(features)) if intervals else no_interval
-    kid_ci = jackknife_interval(kid_statistic(features, ref_features), len(features)) if intervals else no_interval
+    kid_ci = jackknife_interval(kid_statistic(kernels), len(features)) if intervals else no_interval
     result = {
         "fid": fid,
         "fid_ci_low": fid_ci[0],
