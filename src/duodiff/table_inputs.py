@@ -9,6 +9,7 @@ Every problem is a DuodiffError naming the file and the key.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 from duodiff.errors import DuodiffError, require
@@ -22,6 +23,18 @@ HEADLINES = {
     "classifier": {"file": "fd_classifier", "name": "FD", "kid_name": "KD",
                    "long": "Fréchet distance in the features of the dataset's own classifier"},
 }
+
+
+@dataclass(frozen=True)
+class TableSettings:
+    """What one run of `duodiff tables` reads: the two results folders, the headline score
+    (a key of HEADLINES) and whether CMMD was computed. Built once, by run_tables, from its flags."""
+
+    samples_root: Path
+    metrics_root: Path
+    headline: str
+    cmmd: bool
+
 
 # Keys each input file must have (the contract); anything else in them is ignored.
 REQUIRED_KEYS = {
@@ -69,9 +82,9 @@ def _interval(path: Path, data: dict, key: str) -> tuple[float, float]:
     return _number(path, data, f"{key}_ci_low"), _number(path, data, f"{key}_ci_high")
 
 
-def _scores(metrics_root, name: str, headline: str) -> dict:
+def _scores(settings: TableSettings, name: str) -> dict:
     """The set's Inception FID/KID and its headline score, with their intervals, as columns."""
-    fid_path = Path(metrics_root) / name / "fid.json"
+    fid_path = settings.metrics_root / name / "fid.json"
     fid = _read(fid_path)
     row = {
         "fid": _number(fid_path, fid, "fid"),
@@ -83,8 +96,8 @@ def _scores(metrics_root, name: str, headline: str) -> dict:
     }
     row["fid_ci_low"], row["fid_ci_high"] = _interval(fid_path, fid, "fid")
     row["kid_ci_low"], row["kid_ci_high"] = _interval(fid_path, fid, "kid")
-    spec = HEADLINES[headline]
-    score_path = Path(metrics_root) / name / f"{spec['file']}.json"
+    spec = HEADLINES[settings.headline]
+    score_path = settings.metrics_root / name / f"{spec['file']}.json"
     score = fid if spec["file"] == "fid" else _read(score_path)
     row.update({
         "score_name": spec["name"], "score": _number(score_path, score, "fid"),
@@ -100,10 +113,10 @@ def _scores(metrics_root, name: str, headline: str) -> dict:
 CMMD_OFF = "not computed: CMMD is switched off for this experiment (metrics.cmmd.enabled: false)"
 
 
-def _cmmd(metrics_root, name: str, cmmd: bool) -> dict:
-    if not cmmd:
+def _cmmd(settings: TableSettings, name: str) -> dict:
+    if not settings.cmmd:
         return {"cmmd": None, "available": False, "reason": CMMD_OFF, "cmmd_n_samples": None, "embedding_model": None}
-    path = Path(metrics_root) / name / "cmmd.json"
+    path = settings.metrics_root / name / "cmmd.json"
     cmmd = _read(path)
     value = cmmd["cmmd"] if cmmd["available"] else None
     if value is not None:
@@ -118,23 +131,23 @@ def _cmmd(metrics_root, name: str, cmmd: bool) -> dict:
     }
 
 
-def read_real(samples_root, metrics_root, headline: str, cmmd: bool) -> dict:
+def read_real(settings: TableSettings) -> dict:
     """The real-data row: held-out real images scored like a sample set (no sampling, no cost)."""
-    stats_path = Path(samples_root) / "real" / "stats.json"
+    stats_path = settings.samples_root / "real" / "stats.json"
     stats = _read(stats_path, "real_stats.json")
     require(stats["method"] == "real", f"{stats_path}: method is {stats['method']!r}, expected 'real'")
     return {
         "set": "real", "method": "real", "setting": "held-out real images",
         "n_samples": stats["n_samples"], "real_notes": list(stats["notes"] or []),
-        **_scores(metrics_root, "real", headline), **_cmmd(metrics_root, "real", cmmd),
+        **_scores(settings, "real"), **_cmmd(settings, "real"),
     }  # fmt: skip
 
 
-def read_set(samples_root, metrics_root, name: str, method: str, headline: str, cmmd: bool) -> dict:
+def read_set(settings: TableSettings, name: str, method: str) -> dict:
     """One generated sample set's row (its method from its name): its stats.json and metric files
     merged into flat columns."""
-    stats_path = Path(samples_root) / name / "stats.json"
-    gflops_path = Path(metrics_root) / name / "gflops.json"
+    stats_path = settings.samples_root / name / "stats.json"
+    gflops_path = settings.metrics_root / name / "gflops.json"
     stats = _read(stats_path)
     gflops = _read(gflops_path)
 
@@ -154,8 +167,8 @@ def read_set(samples_root, metrics_root, name: str, method: str, headline: str, 
         "device": stats["device"], "torch_version": stats["torch_version"],
         "timing_clock": stats.get("timing_clock", "wall"),  # sets sampled before it was recorded: wall
         "precision": stats.get("precision", "fp32"),  # sets sampled before --precision existed: fp32
-        **_scores(metrics_root, name, headline),
-        **_cmmd(metrics_root, name, cmmd),
+        **_scores(settings, name),
+        **_cmmd(settings, name),
         "gflops_per_forward": _number(gflops_path, gflops, "gflops_per_forward", positive=True),
         "gflops_per_forward_linear_conv": _number(gflops_path, gflops, "gflops_per_forward_linear_conv", positive=True),
         "gflops_per_image": _number(gflops_path, gflops, "gflops_per_image", positive=True),

@@ -34,7 +34,7 @@ from duodiff.flags import add_flag
 from duodiff.io import atomic_path, write_text
 from duodiff.operating_points import add_comparisons, operating_points
 from duodiff.summary_formats import summary_html, summary_latex, summary_markdown
-from duodiff.table_inputs import HEADLINES, read_real, read_set
+from duodiff.table_inputs import HEADLINES, TableSettings, read_real, read_set
 
 # Sample-set names (docs/architecture.md, "Tables and plots"), one pattern per method.
 SET_NAME_PATTERNS = {
@@ -137,18 +137,16 @@ def _order_key(row) -> tuple:
     return (METHOD_ORDER.index(method), "", number(row["shallow_depth"]), 0.0)
 
 
-def _read_row(samples_root, metrics_root, name: str, headline: str, cmmd: bool) -> dict:
+def _read_row(settings: TableSettings, name: str) -> dict:
     method = method_of_set(name)
-    if method == "real":
-        return read_real(samples_root, metrics_root, headline, cmmd)
-    return read_set(samples_root, metrics_root, name, method, headline, cmmd)
+    return read_real(settings) if method == "real" else read_set(settings, name, method)
 
 
-def collect(samples_root, metrics_root, sets: list[str], headline: str, cmmd: bool) -> pd.DataFrame:
+def collect(settings: TableSettings, sets: list[str]) -> pd.DataFrame:
     """All sets' rows in paper order (sets as check_sets passed them), with their labels, speed-ups
     relative to `full` and each headline score placed against the full model's interval
     (score_vs_full, see operating_points.compare_to_full)."""
-    rows = sorted((_read_row(samples_root, metrics_root, name, headline, cmmd) for name in sets), key=_order_key)
+    rows = sorted((_read_row(settings, name) for name in sets), key=_order_key)
     frame = pd.DataFrame(rows)
     for column in ID_COLUMNS + SPEED_COLUMNS + ["batch_size", "device", "torch_version", "timing_clock",
                                                 "precision", "gflops_per_forward_linear_conv", "gflops_convention"]:
@@ -173,7 +171,8 @@ def run_tables(samples_root, metrics_root, sets, output_dir, headline: str = "in
     summary.html to output_dir; return their paths."""
     require(headline in HEADLINES, f"--headline must be one of {', '.join(HEADLINES)}; got {headline!r}")
     sets = check_sets(sets)
-    frame = collect(samples_root, metrics_root, sets, headline, cmmd)  # reads and checks everything before writing
+    settings = TableSettings(samples_root=Path(samples_root), metrics_root=Path(metrics_root), headline=headline, cmmd=cmmd)
+    frame = collect(settings, sets)  # reads and checks everything before writing
     output_dir = Path(output_dir)
     paths = {}
     for name, columns in CSV_COLUMNS.items():
