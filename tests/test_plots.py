@@ -25,6 +25,7 @@ from duodiff.plot_samples import grid_from_images
 from duodiff.plot_style import STYLE, Palette
 from duodiff.plots import PLOT_NAMES, load_table, plot_quality_vs_gflops, run_plots
 from test_tables import ORDER, STEPS, STUDY, tables, write_study
+from _defaults import cli_args
 
 # Exit layers (steps=4, n=5) of one early-exit set, and by hand the fraction exiting at each layer.
 EE_LAYERS = [[0, 0, 1, 13, 13],
@@ -81,8 +82,9 @@ def write_plot_inputs(root, study=STUDY, grids=("full",)):
 
 
 def plots(root, **kwargs):
-    return run_plots(tables_dir=root / "tables", samples_root=root / "samples", models_root=root / "models",
-                     reference=root / "reference", output_dir=root / "plots", **{"smoothing": 0.5, "dpi": 60, **kwargs})
+    return run_plots(**cli_args("plots", tables_dir=root / "tables", samples_root=root / "samples",
+                                models_root=root / "models", reference=root / "reference", output_dir=root / "plots",
+                                **{"smoothing": 0.5, "dpi": 60, **kwargs}))
 
 
 @pytest.fixture(scope="module")

@@ -225,8 +225,8 @@ def save_figure(fig: Figure, data: dict, output_dir: Path, name: str, dpi: int) 
     write_json(output_dir / f"{name}.json", data)
 
 
-def run_plots(tables_dir, samples_root, models_root, reference, output_dir, smoothing: float = 0.9,
-              dpi: int = 150, grid_images: int = 64) -> dict[str, dict]:
+def run_plots(*, tables_dir, samples_root, models_root, reference, output_dir, smoothing: float, dpi: int,
+              grid_images: int) -> dict[str, dict]:
     """Draw every figure into output_dir (png, pdf and the data as json); return the data per figure."""
     # Check every input before drawing anything.
     require(0.0 <= smoothing < 1.0, f"--smoothing must be in [0, 1); got {smoothing!r}")

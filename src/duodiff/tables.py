@@ -166,7 +166,7 @@ def _write_frame(frame: pd.DataFrame, path: Path) -> None:
         frame.to_csv(tmp, index=False)
 
 
-def run_tables(samples_root, metrics_root, sets, output_dir, headline: str = "inception", cmmd: bool = True) -> dict[str, Path]:
+def run_tables(*, samples_root, metrics_root, sets, output_dir, headline: str, cmmd: bool) -> dict[str, Path]:
     """Write scores/fid/kid/cmmd/gflops.csv, operating_points.csv, summary.md, summary.tex and
     summary.html to output_dir; return their paths."""
     require(headline in HEADLINES, f"--headline must be one of {', '.join(HEADLINES)}; got {headline!r}")

@@ -236,14 +236,8 @@ def load_reference_embeddings(path) -> tuple[dict, np.ndarray]:
     return info, embeddings
 
 
-def run_cmmd_reference(
-    reference,
-    output,
-    batch_size: int = 32,
-    max_count: int | None = None,
-    device: str | None = None,
-    chunk_size: int = 1000,
-) -> dict:
+def run_cmmd_reference(*, reference, output, batch_size: int, max_count: int | None, device: str | None,
+                       chunk_size: int) -> dict:
     """CLIP embeddings of REFDIR/images, once per dataset -> FILE.npz (`embeddings`, and `info`:
     a JSON string with available, reason, n_reference, max_count, embedding_model).
     When CLIP is unavailable the file holds the reason and no embeddings, and the exit status is 0."""
@@ -274,34 +268,29 @@ def run_cmmd_reference(
     return info
 
 
-def run_cmmd(
-    samples,
-    reference,
-    output,
-    batch_size: int = 32,
-    max_count: int | None = None,
-    device: str | None = None,
-    sigma: float = SIGMA,
-    scale: float = SCALE,
-    chunk_size: int = 1000,
-) -> dict:
+def reference_side(reference: Path, max_count: int | None) -> tuple[dict | None, np.ndarray | None, list[Path]]:
+    """-> (info, embeddings, []) of an .npz of `duodiff cmmd-reference` (checked against
+    --max-count), or (None, None, image files) of a reference folder, embedded with the samples."""
+    if reference.suffix != ".npz":
+        return None, None, folder_images("--reference", reference, max_count)
+    require(reference.is_file(), f"--reference {reference}: no such file; write it with `duodiff cmmd-reference`")
+    ref_info, ref_embeddings = load_reference_embeddings(reference)
+    require(
+        ref_info.get("max_count") == max_count,
+        f"--max-count {max_count} differs from the {ref_info.get('max_count')} that {reference} was embedded with",
+    )
+    return ref_info, ref_embeddings, []
+
+
+def run_cmmd(*, samples, reference, output, batch_size: int, max_count: int | None, device: str | None,
+             chunk_size: int) -> dict:
     """CMMD of DIR/images against the reference -> FILE.json (cmmd null + reason when CLIP is
-    unavailable). reference: the .npz of `duodiff cmmd-reference`, or a folder REFDIR/images."""
+    unavailable). reference: the .npz of `duodiff cmmd-reference`, or a folder REFDIR/images.
+    The kernel is the reference implementation's (SIGMA, SCALE)."""
     check_flags(batch_size, max_count, chunk_size)
-    check_positive("--sigma", sigma)
     samples, reference = Path(samples), Path(reference)
     x_files = folder_images("--samples", samples, max_count)
-    if reference.suffix == ".npz":
-        require(reference.is_file(), f"--reference {reference}: no such file; write it with `duodiff cmmd-reference`")
-        ref_info, ref_embeddings = load_reference_embeddings(reference)
-        require(
-            ref_info.get("max_count") == max_count,
-            f"--max-count {max_count} differs from the {ref_info.get('max_count')} that {reference} was embedded with",
-        )
-        n_reference = ref_info["n_reference"]
-    else:
-        ref_info, y_files = None, folder_images("--reference", reference, max_count)
-        n_reference = len(y_files)
+    ref_info, ref_embeddings, y_files = reference_side(reference, max_count)
     device = device or default_device()
 
     result = {
@@ -309,10 +298,10 @@ def run_cmmd(
         "available": False,
         "reason": None,
         "n_samples": len(x_files),
-        "n_reference": n_reference,
+        "n_reference": len(y_files) if ref_info is None else ref_info["n_reference"],
         "embedding_model": embedding_model_name(),
-        "sigma": sigma,
-        "scale": scale,
+        "sigma": SIGMA,
+        "scale": SCALE,
         "estimator": "biased MMD^2 (V-statistic), as google-research/cmmd",
     }
     cache = Path(output).parent / CMMD_CACHE
@@ -334,11 +323,8 @@ def run_cmmd(
             x_embeddings = embed_files(x_files, embed, description, cache, batch_size, chunk_size)
             if ref_info is None:
                 ref_embeddings = embed_files(y_files, embed, description, cache, batch_size, chunk_size)
-            result.update(
-                cmmd=mmd(torch.from_numpy(x_embeddings), torch.from_numpy(ref_embeddings), sigma=sigma, scale=scale),
-                available=True,
-                embedding_model=description,
-            )
+            result.update(cmmd=mmd(torch.from_numpy(x_embeddings), torch.from_numpy(ref_embeddings)),
+                          available=True, embedding_model=description)
     write_json(output, result)
     remove_cache(cache)
     return result

@@ -29,7 +29,7 @@ from duodiff.io import read_json, write_json
 from duodiff.metrics import inception, reference as reference_stage
 from duodiff.metrics.distances import KID_PRECOMPUTE_MAX, frechet_distance, kid_with_std, psd_sqrt
 from duodiff.metrics.feature_cache import remove_cache
-from duodiff.metrics.inception import FEATURE_DIM, FEATURE_NETWORKS, MODE, cached_image_features, image_files
+from duodiff.metrics.inception import FEATURE_DIM, FEATURE_NETWORKS, MODE, FeatureRun, cached_image_features, image_files
 from duodiff.metrics.reference import CHUNK_HELP, load_reference, load_reference_sigma_sqrt
 from duodiff.metrics.uncertainty import CONFIDENCE, frechet_statistic, jackknife_interval, kid_kernels, kid_statistic
 
@@ -116,32 +116,19 @@ def check_samples_fit_reference(samples, files, reference, ref_meta) -> None:
         )
 
 
-def run_fid(
-    samples,
-    reference,
-    output,
-    batch_size: int = 50,
-    device: str | None = None,
-    num_workers: int = 0,
-    kid_subsets: int = 100,
-    kid_subset_size: int = 1000,
-    seed: int = 0,
-    chunk_size: int = 1000,
-    feature_net=None,
-    max_samples: int | None = None,
-    intervals: bool = True,
-) -> dict:
+def run_fid(*, samples, reference, output, batch_size: int, device: str | None, num_workers: int, kid_subsets: int,
+            kid_subset_size: int, seed: int, chunk_size: int, feature_net, max_samples: int | None,
+            intervals: bool) -> dict:
     """FID and KID of DIR/images/*.png against a reference folder -> FILE.json.
 
     feature_net: a `duodiff feature-net` model.pt; its features replace Inception's on both sides
     (the reference's images are passed through it here: a few hundred small images take a second).
     max_samples: score only the first N images of the set. intervals: the 95% confidence
     intervals of FID and KID (jackknife over the set's images, uncertainty.py)."""
-    check_positive("--batch-size", batch_size)
+    run = FeatureRun(batch_size=batch_size, device=device or default_device(), num_workers=num_workers,
+                     chunk_size=chunk_size, cache=Path(output).parent / FID_CACHE)
     check_positive("--kid-subsets", kid_subsets)
-    check_positive("--chunk-size", chunk_size)
     require(isinstance(kid_subset_size, int) and kid_subset_size >= 2, f"--kid-subset-size must be >= 2; got {kid_subset_size!r}")
-    require(isinstance(num_workers, int) and num_workers >= 0, f"--num-workers must be >= 0; got {num_workers!r}")
     require(
         max_samples is None or (isinstance(max_samples, int) and max_samples >= 2),
         f"--max-samples must be an integer >= 2; got {max_samples!r}",
@@ -150,37 +137,55 @@ def run_fid(
     files = sample_files(samples)[:max_samples]
     ref_meta, ref_features = load_reference(reference)
     check_samples_fit_reference(samples, files, reference, ref_meta)
-    device = device or default_device()
-    cache = Path(output).parent / FID_CACHE
 
     resize = None  # Inception: clean-fid's own 299 px resize
     if feature_net is None:
-        fn, info = _inception_for(reference, ref_meta, device)
+        fn, info = _inception_for(reference, ref_meta, run.device)
     else:
         from duodiff.metrics import feature_net as classifier
 
-        fn, resize, info = classifier.feature_extractor(str(feature_net), device)
+        fn, resize, info = classifier.feature_extractor(str(feature_net), run.device)
         _check_feature_net_fits(feature_net, reference, ref_meta)
-        ref_features = cached_image_features(
-            image_files(Path(reference) / "images"), fn, info, cache, chunk_size, batch_size, device, num_workers,
-            "reference features", resize,
-        )  # fmt: skip
-
+        ref_features = cached_image_features(image_files(Path(reference) / "images"), fn, info, run,
+                                             "reference features", resize)
+    features = cached_image_features(files, fn, info, run, f"FID {samples.name}", resize)
     # Statistics in float64 (clean-fid leaves float32 features in float32 for the mean and for
     # KID's kernel sums, which cancel to a small number: ~1e-4 relative error there).
-    features = cached_image_features(files, fn, info, cache, chunk_size, batch_size, device, num_workers, f"FID {samples.name}", resize)
     features, ref_features = features.astype(np.float64), ref_features.astype(np.float64)
-    ref_mu, ref_sigma = np.mean(ref_features, axis=0), np.cov(ref_features, rowvar=False)
+    ref_sigma = np.cov(ref_features, rowvar=False)
     ref_sigma_sqrt = load_reference_sigma_sqrt(reference, ref_sigma) if feature_net is None else psd_sqrt(ref_sigma)
+    result = {
+        **scores(features, ref_features, ref_sigma, ref_sigma_sqrt, kid_subsets=kid_subsets,
+                 kid_subset_size=kid_subset_size, seed=seed, intervals=intervals),
+        "n_samples": len(features),
+        "n_reference": len(ref_features),
+        **{key: info[key] for key in ("feature_network", "feature_network_key", "feature_network_sha256")},
+        "mode": MODE,
+        # Inception's pool is 2048-d (a stand-in network in the tests may be smaller); the classifier's its own.
+        "notes": small_sample_notes(len(features), len(ref_features), FEATURE_DIM if feature_net is None else features.shape[1]),
+        "samples": str(samples),
+        "reference": str(reference),
+    }
+    write_json(output, result)
+    remove_cache(run.cache)
+    return result
+
+
+def scores(features: np.ndarray, ref_features: np.ndarray, ref_sigma: np.ndarray, ref_sigma_sqrt: np.ndarray, *,
+           kid_subsets: int, kid_subset_size: int, seed: int, intervals: bool) -> dict:
+    """fid.json's scores of float64 features against the reference's: FID, KID (the mean and
+    spread over its subsets) and, with intervals, their 95% intervals (else NaN)."""
+    ref_mu = np.mean(ref_features, axis=0)
     fid = frechet_distance(features, ref_mu, ref_sigma, ref_sigma_sqrt)
     # KID's kernel matrices once, for KID over subsets and for its interval.
     fits = len(features) * len(ref_features) <= KID_PRECOMPUTE_MAX
     kernels = kid_kernels(features, ref_features) if fits or intervals else None
     kid, kid_std = kid_with_std(ref_features, features, kid_subsets, kid_subset_size, seed, kernels)
-    no_interval = (float("nan"), float("nan"))
-    fid_ci = jackknife_interval(frechet_statistic(features, ref_mu, ref_sigma, ref_sigma_sqrt), len(features)) if intervals else no_interval
-    kid_ci = jackknife_interval(kid_statistic(kernels), len(features)) if intervals else no_interval
-    result = {
+    fid_ci = kid_ci = (float("nan"), float("nan"))
+    if intervals:
+        fid_ci = jackknife_interval(frechet_statistic(features, ref_mu, ref_sigma, ref_sigma_sqrt), len(features))
+        kid_ci = jackknife_interval(kid_statistic(kernels), len(features))
+    return {
         "fid": fid,
         "fid_ci_low": fid_ci[0],
         "fid_ci_high": fid_ci[1],
@@ -193,20 +198,7 @@ def run_fid(
         "kid_subset_size": min(len(features), len(ref_features), kid_subset_size),
         "kid_subsets": kid_subsets,
         "kid_seed": seed,
-        "n_samples": len(features),
-        "n_reference": len(ref_features),
-        "feature_network": info["feature_network"],
-        "feature_network_key": info["feature_network_key"],
-        "feature_network_sha256": info["feature_network_sha256"],
-        "mode": MODE,
-        # Inception's pool is 2048-d (a stand-in network in the tests may be smaller); the classifier's its own.
-        "notes": small_sample_notes(len(features), len(ref_features), FEATURE_DIM if feature_net is None else features.shape[1]),
-        "samples": str(samples),
-        "reference": str(reference),
     }
-    write_json(output, result)
-    remove_cache(cache)
-    return result
 
 
 def _inception_for(reference, ref_meta: dict, device):
@@ -255,11 +247,11 @@ def add_cli(subparsers):
     add_flag(p, "--feature-net", default=None,
              help="model.pt of `duodiff feature-net`: its features instead of Inception's, on both sides")
     add_flag(p, "--max-samples", type=int, default=None, help="score only the first N images of the set")
-    add_flag(p, "--no-intervals", action="store_true",
+    add_flag(p, "--no-intervals", dest="intervals", action="store_false",
              help="leave out the 95%% confidence intervals (jackknife over the set's images)")
     p.set_defaults(func=lambda a: run_fid(
         samples=a.samples, reference=a.reference, output=a.output, batch_size=a.batch_size, device=a.device,
         num_workers=a.num_workers, kid_subsets=a.kid_subsets, kid_subset_size=a.kid_subset_size, seed=a.seed,
         chunk_size=a.chunk_size, feature_net=a.feature_net, max_samples=a.max_samples,
-        intervals=not a.no_intervals,
+        intervals=a.intervals,
     ))  # fmt: skip

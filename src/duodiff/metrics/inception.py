@@ -18,12 +18,13 @@ import functools
 import hashlib
 import importlib.util
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from duodiff.errors import DuodiffError
+from duodiff.errors import DuodiffError, check_positive, require
 from duodiff.metrics.feature_cache import cached_features
 
 FEATURE_NETWORKS = ("auto", "clean-fid", "fid-helper")
@@ -119,7 +120,26 @@ def image_files(folder) -> list[Path]:
     return sorted(Path(folder).glob("*.png"))
 
 
-def image_features(files, fn, batch_size=50, device="cpu", num_workers=0, description="", resize=None) -> np.ndarray:
+@dataclass(frozen=True)
+class FeatureRun:
+    """How one job computes features: its batch size, device and DataLoader workers, and the
+    chunks of `chunk_size` images it keeps in `cache` until its output is written
+    (feature_cache.py). Built once from the command's flags, which it checks."""
+
+    batch_size: int
+    device: str
+    num_workers: int
+    chunk_size: int
+    cache: Path
+
+    def __post_init__(self):
+        check_positive("--batch-size", self.batch_size)
+        check_positive("--chunk-size", self.chunk_size)
+        require(isinstance(self.num_workers, int) and self.num_workers >= 0,
+                f"--num-workers must be >= 0; got {self.num_workers!r}")
+
+
+def image_features(files, fn, batch_size: int, device: str, num_workers: int, description: str, resize) -> np.ndarray:
     """Features (N, d) of image files, through clean-fid's own "clean" loader and resizer
     (`resize`: a custom resizer, clean-fid's custom_fn_resize; the feature network's own size)."""
     from cleanfid.fid import get_files_features
@@ -137,11 +157,12 @@ def image_features(files, fn, batch_size=50, device="cpu", num_workers=0, descri
     )
 
 
-def cached_image_features(files, fn, info, cache, chunk_size, batch_size, device, num_workers, description, resize=None) -> np.ndarray:
-    """image_features, chunk by chunk through the cache folder (feature_cache.py), keyed by the
-    network's sha256: the chunks a killed job finished are not computed again."""
+def cached_image_features(files, fn, info: dict, run: FeatureRun, description: str, resize=None) -> np.ndarray:
+    """image_features, chunk by chunk through the run's cache folder (feature_cache.py), keyed by
+    the network's sha256: the chunks a killed job finished are not computed again. `resize`: as
+    image_features (None: clean-fid's 299 px)."""
     return cached_features(
         files,
-        lambda chunk, label: image_features(chunk, fn, batch_size, device, num_workers, description=label, resize=resize),
-        cache, info["feature_network_sha256"], chunk_size, description,
+        lambda chunk, label: image_features(chunk, fn, run.batch_size, run.device, run.num_workers, label, resize),
+        run.cache, info["feature_network_sha256"], run.chunk_size, description,
     )  # fmt: skip

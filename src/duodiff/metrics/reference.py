@@ -24,26 +24,15 @@ from duodiff.io import atomic_path, read_json, write_json
 from duodiff.metrics import inception
 from duodiff.metrics.distances import psd_sqrt
 from duodiff.metrics.feature_cache import remove_cache
-from duodiff.metrics.inception import FEATURE_NETWORKS, MODE, cached_image_features, image_files
+from duodiff.metrics.inception import FEATURE_NETWORKS, MODE, FeatureRun, cached_image_features, image_files
 
 # Where a job keeps the feature chunks it has finished until its output is written
 # (feature_cache.py): inside the reference folder, beside a set's fid.json.
 REFERENCE_CACHE = ".features-cache"
 
 
-def run_reference(
-    dataset: str,
-    n_reference: int,
-    output_folder,
-    data_root=None,
-    download: bool = False,
-    image_size: int | None = None,
-    batch_size: int = 50,
-    device: str | None = None,
-    num_workers: int = 0,
-    feature_network: str = "auto",
-    chunk_size: int = 1000,
-) -> dict:
+def run_reference(*, dataset: str, n_reference: int, output_folder, data_root, download: bool, image_size: int | None,
+                  batch_size: int, device: str | None, num_workers: int, feature_network: str, chunk_size: int) -> dict:
     """The first n_reference training images -> DIR/images/*.png, DIR/features.npz, DIR/reference.json."""
     from duodiff import data
 
@@ -52,35 +41,25 @@ def run_reference(
         isinstance(n_reference, int) and n_reference >= 2,
         f"--n-reference must be an integer >= 2 (a covariance needs two images); got {n_reference!r}",
     )
-    check_positive("--batch-size", batch_size)
-    check_positive("--chunk-size", chunk_size)
-    require(isinstance(num_workers, int) and num_workers >= 0, f"--num-workers must be >= 0; got {num_workers!r}")
-    check_choice("--feature-network", feature_network, FEATURE_NETWORKS)
-    device = device or default_device()
     output_folder = Path(output_folder)
+    run = FeatureRun(batch_size=batch_size, device=device or default_device(), num_workers=num_workers,
+                     chunk_size=chunk_size, cache=output_folder / REFERENCE_CACHE)
+    check_choice("--feature-network", feature_network, FEATURE_NETWORKS)
 
     real = data.load_dataset(dataset, root=data_root, download=download, image_size=image_size, train=True)
     require(
         len(real) >= n_reference,
         f"--n-reference {n_reference} is more than the {len(real)} training images of --dataset {dataset}",
     )
-    fn, info = inception.feature_extractor(feature_network, device)
+    fn, info = inception.feature_extractor(feature_network, run.device)
 
     # reference.json marks a finished reference: remove it first so a half-rewritten folder never
     # looks complete. The first n images, in dataset order: deterministic, the same for every run.
     output_folder.mkdir(parents=True, exist_ok=True)
     (output_folder / "reference.json").unlink(missing_ok=True)
     final_images = write_dataset_images(real, range(n_reference), output_folder, batch_size, num_workers, "reference images")
-
-    files = image_files(final_images)
-    cache = output_folder / REFERENCE_CACHE
-    features = cached_image_features(files, fn, info, cache, chunk_size, batch_size, device, num_workers, "reference features")
-    mu = np.mean(features, axis=0, dtype=np.float64)
-    sigma = np.cov(features, rowvar=False)
-    sigma_sqrt = psd_sqrt(sigma)  # once per dataset; every `duodiff fid` reuses it
-    with atomic_path(output_folder / "features.npz") as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, features=features, mu=mu, sigma=sigma, sigma_sqrt=sigma_sqrt)
+    features = cached_image_features(image_files(final_images), fn, info, run, "reference features")
+    write_statistics(output_folder / "features.npz", features)
     meta = {
         "n": n_reference,
         "dataset": dataset,
@@ -94,8 +73,19 @@ def run_reference(
         "feature_dim": int(features.shape[1]),
     }
     write_json(output_folder / "reference.json", meta)
-    remove_cache(cache)
+    remove_cache(run.cache)
     return meta
+
+
+def write_statistics(path: Path, features: np.ndarray) -> None:
+    """features.npz: the reference's features, their mean, covariance and the covariance's square
+    root, computed once per dataset for every `duodiff fid` to reuse."""
+    mu = np.mean(features, axis=0, dtype=np.float64)
+    sigma = np.cov(features, rowvar=False)
+    sigma_sqrt = psd_sqrt(sigma)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, features=features, mu=mu, sigma=sigma, sigma_sqrt=sigma_sqrt)
 
 
 def write_dataset_images(real, indices, folder: Path, batch_size: int, num_workers: int, description: str) -> Path:
@@ -125,10 +115,8 @@ def write_dataset_images(real, indices, folder: Path, batch_size: int, num_worke
     return final_images
 
 
-def run_real_set(
-    *, dataset: str, n_reference: int, n_images: int, output_folder, data_root=None, download: bool = False,
-    image_size: int | None = None, batch_size: int = 50, num_workers: int = 0,
-) -> dict:
+def run_real_set(*, dataset: str, n_reference: int, n_images: int, output_folder, data_root, download: bool,
+                 image_size: int | None, batch_size: int, num_workers: int) -> dict:
     """Real images that are not in the reference (the n_images after its first n_reference) ->
     DIR/images/*.png and DIR/stats.json (method "real"): scored against the reference like any
     sample set, they give the floor every method's score is read against. When the dataset has
