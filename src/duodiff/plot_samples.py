@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from duodiff.errors import require
 from duodiff.plot_style import FIGURE_WIDTH, SMALL_FONT, new_figure, sampling_caption, swept_families
 from duodiff.tables import blocks
 
@@ -39,7 +38,7 @@ def sample_grid(samples_root, name: str, n_images: int) -> tuple[np.ndarray, str
     if (folder / "grid.png").is_file():
         return np.asarray(Image.open(folder / "grid.png").convert("RGB")), str(folder / "grid.png")
     paths = image_files(folder / "images")
-    require(len(paths) > 0, f"{folder} has neither grid.png nor images/*.png")
+    assert paths, f"{folder}: run_plots checks that every set has grid.png or images"
     return grid_from_images(paths, n_images), f"{folder / 'images'} (first {min(n_images, len(paths))})"
 
 

@@ -263,14 +263,21 @@ def run_plots(*, tables_dir, samples_root, models_root, reference, output_dir, s
     return results
 
 
+# The folders `duodiff plots` reads and writes, all required.
+FOLDER_FLAGS = {
+    "--tables-dir": "folder with fid.csv (from `duodiff tables`)",
+    "--samples-root": "results/<dataset>/samples",
+    "--models-root": "results/<dataset>/models (each model's loss.csv)",
+    "--reference": "results/<dataset>/reference (real images)",
+    "--output-dir": "where the figures go, e.g. results/digits/plots",
+}
+
+
 def add_cli(subparsers) -> None:
     parser = subparsers.add_parser("plots", help="the study's figures (png + pdf) from the tables and sample sets",
                                    description=__doc__.split("\n\n")[0])
-    add_flag(parser, "--tables-dir", required=True, help="folder with fid.csv (from `duodiff tables`)")
-    add_flag(parser, "--samples-root", required=True, help="results/<dataset>/samples")
-    add_flag(parser, "--models-root", required=True, help="results/<dataset>/models (each model's loss.csv)")
-    add_flag(parser, "--reference", required=True, help="results/<dataset>/reference (real images)")
-    add_flag(parser, "--output-dir", required=True, help="where the figures go, e.g. results/digits/plots")
+    for flag, what in FOLDER_FLAGS.items():
+        add_flag(parser, flag, required=True, help=what)
     add_flag(parser, "--smoothing", type=float, default=0.9, help="EMA weight of the smoothed training curves, in [0, 1)")
     add_flag(parser, "--dpi", type=int, default=150, help="resolution of the png figures")
     add_flag(parser, "--grid-images", type=int, default=64, help="images per sample grid when rebuilt from images/")

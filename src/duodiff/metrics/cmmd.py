@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from duodiff.distributed import default_device
-from duodiff.errors import DuodiffError, check_positive, require
+from duodiff.errors import DuodiffError, check_int, check_positive, require
 from duodiff.flags import add_flag
 from duodiff.io import atomic_path, write_json
 from duodiff.metrics.feature_cache import cached_features, remove_cache
@@ -66,7 +66,8 @@ def mmd(x_emb: torch.Tensor, y_emb: torch.Tensor, sigma: float = SIGMA, scale: f
     """scale * (mean K_xx + mean K_yy - 2 mean K_xy), Gaussian RBF kernel, float64, diagonals in."""
     x = torch.as_tensor(x_emb, dtype=torch.float64)
     y = torch.as_tensor(y_emb, dtype=torch.float64)
-    require(x.ndim == 2 and y.ndim == 2 and x.shape[1] == y.shape[1], f"embeddings must be (n, d) and (m, d); got {tuple(x.shape)} and {tuple(y.shape)}")
+    # run_cmmd hands embeddings of one model (checked against the reference file's).
+    assert x.ndim == 2 and y.ndim == 2 and x.shape[1] == y.shape[1], (tuple(x.shape), tuple(y.shape))
     gamma = 1.0 / (2.0 * sigma**2)
 
     def mean_kernel(a, b):
@@ -193,7 +194,8 @@ def image_list(folder, max_count: int | None) -> list[Path]:
 
 def check_flags(batch_size, max_count, chunk_size) -> None:
     check_positive("--batch-size", batch_size)
-    require(max_count is None or (isinstance(max_count, int) and max_count > 0), f"--max-count must be a positive integer; got {max_count!r}")
+    if max_count is not None:
+        check_int("--max-count", max_count, 1)
     check_positive("--chunk-size", chunk_size)
 
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from duodiff.errors import DuodiffError, check_positive, require
+from duodiff.errors import DuodiffError, check_int, check_positive, require
 from duodiff.flags import add_flag
 from duodiff.io import read_json, torch_save, write_json
 
@@ -101,7 +101,7 @@ def _check_settings(dataset: str, image_size: int | None, *, epochs: int, batch_
     from duodiff import data
 
     for name, value in (("--epochs", epochs), ("--batch-size", batch_size), ("--feature-dim", feature_dim)):
-        require(isinstance(value, int) and value > 0, f"{name} must be a positive integer; got {value!r}")
+        check_int(name, value, 1)
     check_positive("--lr", lr)
     require(weight_decay >= 0, f"--weight-decay must be >= 0; got {weight_decay!r}")
     require(0 < holdout_fraction < 1, f"--holdout-fraction must be in (0, 1); got {holdout_fraction!r}")
@@ -246,11 +246,8 @@ def feature_extractor(path: str, device: str = "cpu"):
             return model.features(x.to(device))
 
     def resize(image: np.ndarray) -> np.ndarray:
-        size = meta["image_size"]
-        if image.shape[0] != size or image.shape[1] != size:
-            raise DuodiffError(
-                f"the feature network was trained on {size}x{size} images, got {image.shape[1]}x{image.shape[0]}"
-            )
+        # run_fid checked the samples' and the reference's size against the network's.
+        assert image.shape[:2] == (meta["image_size"], meta["image_size"]), image.shape
         return image.astype(np.float32)
 
     info = {

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from duodiff.distributed import default_device
-from duodiff.errors import DuodiffError, check_positive, require
+from duodiff.errors import DuodiffError, check_int, check_positive, require
 from duodiff.flags import add_flag
 from duodiff.io import read_json, write_json
 from duodiff.metrics import inception, reference as reference_stage
@@ -128,11 +128,9 @@ def run_fid(*, samples, reference, output, batch_size: int, device: str | None, 
     run = FeatureRun(batch_size=batch_size, device=device or default_device(), num_workers=num_workers,
                      chunk_size=chunk_size, cache=Path(output).parent / FID_CACHE)
     check_positive("--kid-subsets", kid_subsets)
-    require(isinstance(kid_subset_size, int) and kid_subset_size >= 2, f"--kid-subset-size must be >= 2; got {kid_subset_size!r}")
-    require(
-        max_samples is None or (isinstance(max_samples, int) and max_samples >= 2),
-        f"--max-samples must be an integer >= 2; got {max_samples!r}",
-    )
+    check_int("--kid-subset-size", kid_subset_size, 2)
+    if max_samples is not None:
+        check_int("--max-samples", max_samples, 2)
     samples = Path(samples)
     files = sample_files(samples)[:max_samples]
     ref_meta, ref_features = load_reference(reference)

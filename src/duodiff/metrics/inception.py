@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from duodiff.errors import DuodiffError, check_positive, require
+from duodiff.errors import DuodiffError, check_int, check_positive
 from duodiff.metrics.feature_cache import cached_features
 
 FEATURE_NETWORKS = ("auto", "clean-fid", "fid-helper")
@@ -135,8 +135,7 @@ class FeatureRun:
     def __post_init__(self):
         check_positive("--batch-size", self.batch_size)
         check_positive("--chunk-size", self.chunk_size)
-        require(isinstance(self.num_workers, int) and self.num_workers >= 0,
-                f"--num-workers must be >= 0; got {self.num_workers!r}")
+        check_int("--num-workers", self.num_workers, 0)
 
 
 def image_features(files, fn, batch_size: int, device: str, num_workers: int, description: str, resize) -> np.ndarray:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from duodiff.distributed import default_device
-from duodiff.errors import check_choice, check_positive, require
+from duodiff.errors import check_choice, check_int, check_positive, require
 from duodiff.flags import add_flag
 from duodiff.images import save_png, to_uint8
 from duodiff.io import atomic_path, read_json, write_json
@@ -124,8 +124,8 @@ def run_real_set(*, dataset: str, n_reference: int, n_images: int, output_folder
     from duodiff import data
 
     check_choice("--dataset", dataset, data.DATASETS)
-    for name, value in (("--n-reference", n_reference), ("--n-images", n_images)):
-        require(isinstance(value, int) and value >= 2, f"{name} must be an integer >= 2; got {value!r}")
+    check_int("--n-reference", n_reference, 2)
+    check_int("--n-images", n_images, 2)
     check_positive("--batch-size", batch_size)
     output_folder = Path(output_folder)
     real = data.load_dataset(dataset, root=data_root, download=download, image_size=image_size, train=True)
