@@ -8,6 +8,7 @@ import math
 
 import pandas as pd
 
+
 def compare_to_full(score: float, low: float, high: float, full_low: float, full_high: float) -> str:
     """How a set's headline score stands to the full model's 95% interval:
     "worse" / "better" when the two intervals do not overlap (the set differs beyond the
@@ -21,7 +22,6 @@ def compare_to_full(score: float, low: float, high: float, full_low: float, full
     if high < full_low:
         return "better"
     return "within" if full_low <= score <= full_high else "overlaps"
-
 
 
 def add_comparisons(frame: pd.DataFrame) -> pd.DataFrame:

@@ -71,6 +71,7 @@ def decimals(column: str, values) -> int:
         return DECIMALS[column]
     return max(DECIMALS[column], SIGNIFICANT_DIGITS - 1 - math.floor(math.log10(values.min())))
 
+
 def contenders(frame: pd.DataFrame, column: str) -> pd.Series:
     """The rows that may hold a summary column's best value. Quality: every generated set (the
     real-data row is the floor, not a contender). Cost: only the compared methods' sets (not the

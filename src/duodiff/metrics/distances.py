@@ -41,6 +41,7 @@ def frechet_distance(features: np.ndarray, ref_mu: np.ndarray, ref_sigma: np.nda
     trace_sigma = np.square(centered).sum() / (n - 1)
     return float(np.square(mu - ref_mu).sum() + trace_sigma + np.trace(ref_sigma) - 2 * trace_covmean)
 
+
 def kid_with_std(ref_features, features, num_subsets: int, max_subset_size: int, seed: int,
                  kernels: KidKernels | None) -> tuple[float, float]:
     """clean-fid's KID and the standard deviation over its subsets.
