@@ -13,6 +13,7 @@ from PIL import Image
 
 from duodiff.errors import DuodiffError
 from duodiff.metrics import cmmd
+from _defaults import cli_args
 
 
 def test_mmd_hand_computed_sigma_10():
@@ -64,7 +65,8 @@ def test_run_cmmd_with_fake_embedder(tmp_path, monkeypatch):
     write_pngs(tmp_path / "s" / "images", [(255, 0, 0), (250, 10, 0), (0, 255, 0)])
     write_pngs(tmp_path / "r" / "images", [(0, 0, 255), (0, 255, 0)])
     monkeypatch.setattr(cmmd, "clip_embedder", lambda *a, **k: (fake_embedder, "fake mean-RGB"))
-    out = cmmd.run_cmmd(tmp_path / "s", tmp_path / "r", tmp_path / "cmmd.json", batch_size=2)
+    out = cmmd.run_cmmd(**cli_args("cmmd", samples=tmp_path / "s", reference=tmp_path / "r",
+                                   output=tmp_path / "cmmd.json", batch_size=2))
     stored = json.loads((tmp_path / "cmmd.json").read_text())
     assert stored == json.loads(json.dumps(out))
     assert stored["available"] is True and stored["reason"] is None
@@ -88,7 +90,8 @@ def test_run_cmmd_with_fake_embedder(tmp_path, monkeypatch):
     assert stored["cmmd"] == pytest.approx(expected, rel=1e-9)
 
     # --max-count: the first N (sorted) of each folder.
-    out = cmmd.run_cmmd(tmp_path / "s", tmp_path / "r", tmp_path / "cmmd2.json", max_count=1)
+    out = cmmd.run_cmmd(**cli_args("cmmd", samples=tmp_path / "s", reference=tmp_path / "r",
+                                   output=tmp_path / "cmmd2.json", max_count=1))
     assert out["n_samples"] == 1 and out["n_reference"] == 1
     assert out["cmmd"] == pytest.approx(1000 * (2 - 2 * k(x[0], y[0])), rel=1e-9)
 
@@ -109,7 +112,8 @@ def test_reference_embedded_once_gives_the_same_cmmd_for_every_set(tmp_path, mon
     calls = []
     monkeypatch.setattr(cmmd, "clip_embedder", lambda *a, **k: (counting_embedder(calls), "fake mean-RGB"))
 
-    info = cmmd.run_cmmd_reference(tmp_path / "ref", tmp_path / "ref" / "clip.npz", batch_size=2)
+    info = cmmd.run_cmmd_reference(**cli_args("cmmd-reference", reference=tmp_path / "ref",
+                                              output=tmp_path / "ref" / "clip.npz", batch_size=2))
     assert info["available"] is True and info["n_reference"] == 3 and info["embedding_model"] == "fake mean-RGB"
     assert calls == [["000000.png", "000001.png", "000002.png"]]
     assert not (tmp_path / "ref" / cmmd.REFERENCE_CACHE).exists()
@@ -118,9 +122,11 @@ def test_reference_embedded_once_gives_the_same_cmmd_for_every_set(tmp_path, mon
 
     for name in sets:
         calls.clear()
-        from_file = cmmd.run_cmmd(tmp_path / name, tmp_path / "ref" / "clip.npz", tmp_path / f"{name}.json")
+        from_file = cmmd.run_cmmd(**cli_args("cmmd", samples=tmp_path / name, reference=tmp_path / "ref" / "clip.npz",
+                                             output=tmp_path / f"{name}.json"))
         assert calls == [[f"{i:06d}.png" for i in range(len(sets[name]))]]  # only the samples
-        from_folder = cmmd.run_cmmd(tmp_path / name, tmp_path / "ref", tmp_path / f"{name}_folder.json")
+        from_folder = cmmd.run_cmmd(**cli_args("cmmd", samples=tmp_path / name, reference=tmp_path / "ref",
+                                               output=tmp_path / f"{name}_folder.json"))
         assert from_file["available"] and from_file["n_reference"] == 3
         assert from_file["cmmd"] == pytest.approx(from_folder["cmmd"], rel=1e-6)  # float32 storage
 
@@ -129,35 +135,43 @@ def test_reference_embeddings_must_match_max_count_and_model(tmp_path, monkeypat
     write_pngs(tmp_path / "s" / "images", [(255, 0, 0), (0, 255, 0)])
     write_pngs(tmp_path / "ref" / "images", [(0, 0, 255), (0, 255, 0)])
     monkeypatch.setattr(cmmd, "clip_embedder", lambda *a, **k: (fake_embedder, "fake mean-RGB"))
-    cmmd.run_cmmd_reference(tmp_path / "ref", tmp_path / "clip.npz", max_count=1)
+    cmmd.run_cmmd_reference(**cli_args("cmmd-reference", reference=tmp_path / "ref", output=tmp_path / "clip.npz",
+                                       max_count=1))
     with pytest.raises(DuodiffError, match=r"--max-count None differs from the 1 that .*clip.npz was embedded with"):
-        cmmd.run_cmmd(tmp_path / "s", tmp_path / "clip.npz", tmp_path / "o.json")
-    assert cmmd.run_cmmd(tmp_path / "s", tmp_path / "clip.npz", tmp_path / "o.json", max_count=1)["n_reference"] == 1
+        cmmd.run_cmmd(**cli_args("cmmd", samples=tmp_path / "s", reference=tmp_path / "clip.npz",
+                                 output=tmp_path / "o.json"))
+    assert cmmd.run_cmmd(**cli_args("cmmd", samples=tmp_path / "s", reference=tmp_path / "clip.npz",
+                                    output=tmp_path / "o.json", max_count=1))["n_reference"] == 1
 
     monkeypatch.setattr(cmmd, "clip_embedder", lambda *a, **k: (fake_embedder, "another model"))
     with pytest.raises(DuodiffError, match="was embedded with fake mean-RGB, not another model; rebuild it"):
-        cmmd.run_cmmd(tmp_path / "s", tmp_path / "clip.npz", tmp_path / "o2.json", max_count=1)
+        cmmd.run_cmmd(**cli_args("cmmd", samples=tmp_path / "s", reference=tmp_path / "clip.npz",
+                                 output=tmp_path / "o2.json", max_count=1))
     assert not (tmp_path / "o2.json").exists()
 
     (tmp_path / "other.npz").write_bytes(b"not a numpy file")
     with pytest.raises(DuodiffError, match="not an embeddings file of `duodiff cmmd-reference`"):
-        cmmd.run_cmmd(tmp_path / "s", tmp_path / "other.npz", tmp_path / "o3.json")
+        cmmd.run_cmmd(**cli_args("cmmd", samples=tmp_path / "s", reference=tmp_path / "other.npz",
+                                 output=tmp_path / "o3.json"))
     with pytest.raises(DuodiffError, match="no such file; write it with `duodiff cmmd-reference`"):
-        cmmd.run_cmmd(tmp_path / "s", tmp_path / "missing.npz", tmp_path / "o3.json")
+        cmmd.run_cmmd(**cli_args("cmmd", samples=tmp_path / "s", reference=tmp_path / "missing.npz",
+                                 output=tmp_path / "o3.json"))
 
 
 def test_unavailable_reference_makes_every_set_unavailable_without_loading_clip(tmp_path, monkeypatch, no_cached_clip):
     write_pngs(tmp_path / "s" / "images", [(1, 2, 3)])
     write_pngs(tmp_path / "ref" / "images", [(4, 5, 6)])
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    info = cmmd.run_cmmd_reference(tmp_path / "ref", tmp_path / "clip.npz")
+    info = cmmd.run_cmmd_reference(**cli_args("cmmd-reference", reference=tmp_path / "ref",
+                                              output=tmp_path / "clip.npz"))
     assert info["available"] is False and "HF_HUB_OFFLINE" in info["reason"]
 
     def must_not_load(*args, **kwargs):
         raise AssertionError("CLIP was loaded although the reference says it is unavailable")
 
     monkeypatch.setattr(cmmd, "load_embedder", must_not_load)
-    out = cmmd.run_cmmd(tmp_path / "s", tmp_path / "clip.npz", tmp_path / "cmmd.json")
+    out = cmmd.run_cmmd(**cli_args("cmmd", samples=tmp_path / "s", reference=tmp_path / "clip.npz",
+                                   output=tmp_path / "cmmd.json"))
     assert out["cmmd"] is None and out["available"] is False and out["reason"] == info["reason"]
     assert json.loads((tmp_path / "cmmd.json").read_text())["reason"] == info["reason"]
 
@@ -202,7 +216,8 @@ def test_unavailable_when_hub_unreachable(tmp_path, monkeypatch, no_cached_clip)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setattr(cmmd, "hub_reachable", lambda *a, **k: False)
-    out = cmmd.run_cmmd(tmp_path / "s", tmp_path / "r", tmp_path / "cmmd.json")
+    out = cmmd.run_cmmd(**cli_args("cmmd", samples=tmp_path / "s", reference=tmp_path / "r",
+                                   output=tmp_path / "cmmd.json"))
     assert out["available"] is False and "unreachable" in out["reason"]
 
 
@@ -225,11 +240,14 @@ def test_unavailable_when_loading_fails(tmp_path, monkeypatch):
 def test_bad_input(tmp_path):
     write_pngs(tmp_path / "s" / "images", [(1, 2, 3)])
     with pytest.raises(DuodiffError, match="--batch-size"):
-        cmmd.run_cmmd(tmp_path / "s", tmp_path / "s", tmp_path / "o.json", batch_size=0)
+        cmmd.run_cmmd(**cli_args("cmmd", samples=tmp_path / "s", reference=tmp_path / "s", output=tmp_path / "o.json",
+                                 batch_size=0))
     with pytest.raises(DuodiffError, match="--reference"):
-        cmmd.run_cmmd(tmp_path / "s", tmp_path / "nowhere", tmp_path / "o.json")
+        cmmd.run_cmmd(**cli_args("cmmd", samples=tmp_path / "s", reference=tmp_path / "nowhere",
+                                 output=tmp_path / "o.json"))
     with pytest.raises(DuodiffError, match="--max-count"):
-        cmmd.run_cmmd(tmp_path / "s", tmp_path / "s", tmp_path / "o.json", max_count=-3)
+        cmmd.run_cmmd(**cli_args("cmmd", samples=tmp_path / "s", reference=tmp_path / "s", output=tmp_path / "o.json",
+                                 max_count=-3))
     assert not (tmp_path / "o.json").exists()
 
 
@@ -246,18 +264,20 @@ def test_a_killed_cmmd_job_resumes_from_its_finished_chunks(tmp_path, monkeypatc
         return fake_embedder(paths, batch_size)
 
     monkeypatch.setattr(cmmd, "clip_embedder", lambda *a, **k: (recording_embedder, "fake mean-RGB"))
-    whole = cmmd.run_cmmd(tmp_path / "s", tmp_path / "r", tmp_path / "whole.json", chunk_size=2)
+    whole = cmmd.run_cmmd(**cli_args("cmmd", samples=tmp_path / "s", reference=tmp_path / "r",
+                                     output=tmp_path / "whole.json", chunk_size=2))
     assert len(calls) == 3 + 2  # samples in chunks of 2, 2, 1; reference in 2, 2
 
     calls.clear()
     die_after[0] = 3
     output = tmp_path / "metrics" / "cmmd.json"
     with pytest.raises(KeyboardInterrupt):
-        cmmd.run_cmmd(tmp_path / "s", tmp_path / "r", output, chunk_size=2)
+        cmmd.run_cmmd(**cli_args("cmmd", samples=tmp_path / "s", reference=tmp_path / "r", output=output, chunk_size=2))
     assert not output.exists() and len(list((tmp_path / "metrics" / cmmd.CMMD_CACHE).glob("*.npy"))) == 3
     calls.clear()
     die_after[0] = None
-    resumed = cmmd.run_cmmd(tmp_path / "s", tmp_path / "r", output, chunk_size=2)
+    resumed = cmmd.run_cmmd(**cli_args("cmmd", samples=tmp_path / "s", reference=tmp_path / "r", output=output,
+                                       chunk_size=2))
     names = [p.name for p in sorted((tmp_path / "r" / "images").iterdir())]
     assert calls == [names[0:2], names[2:4]]  # the sample chunks were kept; only the reference is left
     assert resumed["cmmd"] == whole["cmmd"]

@@ -10,7 +10,9 @@ from PIL import Image
 import duodiff.data
 from duodiff.errors import DuodiffError
 from duodiff.images import save_png, to_uint8
-from duodiff.metrics import feature_net, fid
+from duodiff.metrics import feature_net, fid, inception
+from duodiff.metrics import reference as reference_stage
+from _defaults import cli_args
 
 SETTINGS = dict(epochs=4, batch_size=64, lr=1e-3, weight_decay=1e-4, feature_dim=32, holdout_fraction=0.2, seed=0)
 
@@ -18,7 +20,7 @@ SETTINGS = dict(epochs=4, batch_size=64, lr=1e-3, weight_decay=1e-4, feature_dim
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     folder = tmp_path_factory.mktemp("fnet")
-    info = feature_net.run_feature_net(dataset="digits", output_folder=folder, **SETTINGS)
+    info = feature_net.run_feature_net(**cli_args("feature-net", dataset="digits", output_folder=folder, **SETTINGS))
     return folder, info
 
 
@@ -43,7 +45,7 @@ def test_training_is_deterministic_and_records_its_heldout_accuracy(trained, tmp
     assert (stored["n_train"], stored["n_heldout"]) == (1438, 359)
     # A small CNN on 8x8 digits: 4 epochs are enough for > 90% on images it never saw.
     assert 0.9 < stored["heldout_accuracy"] <= 1.0
-    again = feature_net.run_feature_net(dataset="digits", output_folder=tmp_path, **SETTINGS)
+    again = feature_net.run_feature_net(**cli_args("feature-net", dataset="digits", output_folder=tmp_path, **SETTINGS))
     assert again["sha256"] == info["sha256"]  # same seed, same weights, byte for byte
 
 
@@ -62,10 +64,10 @@ def test_classifier_fd_and_kid_equal_closed_forms_on_the_networks_own_features(t
     (PIL -> [-1, 1] -> model.features), and the interval must hold the score."""
     folder, _ = trained
     real = duodiff.data.load_dataset("digits")
-    monkeypatch.setattr(fid, "feature_extractor", lambda *a, **k: pytest.fail("Inception must not load"))
+    monkeypatch.setattr(inception, "feature_extractor", lambda *a, **k: pytest.fail("Inception must not load"))
     reference = tmp_path / "ref"
     # The reference folder as `duodiff reference` leaves it, without running Inception.
-    fid.write_dataset_images(real, range(40), reference, 16, 0, "reference")
+    reference_stage.write_dataset_images(real, range(40), reference, 16, 0, "reference")
     (reference / "reference.json").write_text(json.dumps({
         "n": 40, "dataset": "digits", "image_size": 8, "channels": 1, "feature_dim": 2, "feature_network_key": "x",
         "feature_network": "x", "feature_network_sha256": "x"}))
@@ -77,8 +79,8 @@ def test_classifier_fd_and_kid_equal_closed_forms_on_the_networks_own_features(t
         image = (real[100 + i][0] + 0.3 * torch.randn(real[100 + i][0].shape, generator=noise)).clamp(-1, 1)
         save_png(to_uint8(image[None])[0], samples / "images" / f"{i:06d}.png")
 
-    out = fid.run_fid(samples, reference, tmp_path / "fd.json", batch_size=7, device="cpu",
-                      feature_net=folder / "model.pt")
+    out = fid.run_fid(**cli_args("fid", samples=samples, reference=reference, output=tmp_path / "fd.json", batch_size=7,
+                                 device="cpu", feature_net=folder / "model.pt"))
 
     model, _ = feature_net.load_feature_net(folder / "model.pt")
 
@@ -111,13 +113,15 @@ def test_a_feature_net_of_another_dataset_is_refused(trained, tmp_path):
     for i in range(2):
         Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(samples / f"{i:06d}.png")
     with pytest.raises(DuodiffError, match="was trained on dataset 'digits' but --reference .* has dataset 'cifar10'"):
-        fid.run_fid(tmp_path / "s", reference, tmp_path / "o.json", feature_net=folder / "model.pt")
+        fid.run_fid(**cli_args("fid", samples=tmp_path / "s", reference=reference, output=tmp_path / "o.json",
+                               feature_net=folder / "model.pt"))
     assert not (tmp_path / "o.json").exists()
 
 
 def test_a_dataset_without_labels_is_refused(tmp_path):
     with pytest.raises(DuodiffError, match="celeba has no class labels"):
-        feature_net.run_feature_net(dataset="celeba", output_folder=tmp_path, data_root=tmp_path, **SETTINGS)
+        feature_net.run_feature_net(**cli_args("feature-net", dataset="celeba", output_folder=tmp_path,
+                                               data_root=tmp_path, **SETTINGS))
 
 
 def test_features_are_scaled_to_unit_rms_on_the_training_images(trained):

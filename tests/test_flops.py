@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _defaults import run_args
+from _defaults import cli_args
 
 from duodiff.checkpoints import save_model
 from duodiff.errors import DuodiffError
@@ -182,7 +182,7 @@ def test_run_flops_early_exit_and_duodiff(tmp_path, ee_costs):
     write_set(
         tmp_path / "ee", {"method": "early_exit", "checkpoint": str(tmp_path / "ee.pt"), "depth": DEPTH}, exit_layers
     )
-    out = flops.run_flops(**run_args("flops", samples=tmp_path / "ee", output=tmp_path / "ee.json"))
+    out = flops.run_flops(**cli_args("flops", samples=tmp_path / "ee", output=tmp_path / "ee.json"))
     stored = json.loads((tmp_path / "ee.json").read_text())
     assert stored == json.loads(json.dumps(out))
     for key in ("gflops_per_forward", "gflops_per_forward_linear_conv", "gflops_per_image", "layer_ratio", "lut_gflops", "theoretical"):
@@ -197,7 +197,7 @@ def test_run_flops_early_exit_and_duodiff(tmp_path, ee_costs):
     stats = {"method": "duodiff", "checkpoint": str(tmp_path / "shallow.pt"),
              "checkpoint_late": str(tmp_path / "full.pt"), "t_switch": 1, "depth": DEPTH, "shallow_depth": 3}  # fmt: skip
     write_set(tmp_path / "duo", stats, torch.tensor([[3, 3, 3], [DEPTH] * 3]))
-    out = flops.run_flops(**run_args("flops", samples=tmp_path / "duo", output=tmp_path / "duo.json"))
+    out = flops.run_flops(**cli_args("flops", samples=tmp_path / "duo", output=tmp_path / "duo.json"))
     shallow = flops.network_cost(flops.model_costs("uvit", {**CONFIG, "depth": 3}, T))
     assert out["gflops_per_forward"] == pytest.approx((shallow["total"] + FULL_TOTAL) / 2 / 1e9)
     assert out["gflops_per_forward_linear_conv"] == pytest.approx((shallow["linear_conv"] + FULL_LINEAR_CONV) / 2 / 1e9)
@@ -206,13 +206,13 @@ def test_run_flops_early_exit_and_duodiff(tmp_path, ee_costs):
 
 def test_run_flops_bad_input(tmp_path):
     with pytest.raises(DuodiffError, match="stats.json"):
-        flops.run_flops(**run_args("flops", samples=tmp_path / "nowhere", output=tmp_path / "out.json"))
+        flops.run_flops(**cli_args("flops", samples=tmp_path / "nowhere", output=tmp_path / "out.json"))
     write_set(tmp_path / "s", {"method": "sideways", "checkpoint": "x.pt"}, torch.zeros(2, 2, dtype=torch.long))
     with pytest.raises(DuodiffError, match="method must be one of"):
-        flops.run_flops(**run_args("flops", samples=tmp_path / "s", output=tmp_path / "out.json"))
+        flops.run_flops(**cli_args("flops", samples=tmp_path / "s", output=tmp_path / "out.json"))
     write_set(tmp_path / "m", {"method": "full", "checkpoint": str(tmp_path / "missing.pt")}, torch.zeros(2, 2, dtype=torch.long))
     with pytest.raises(DuodiffError, match="does not exist"):
-        flops.run_flops(**run_args("flops", samples=tmp_path / "m", output=tmp_path / "out.json"))
+        flops.run_flops(**cli_args("flops", samples=tmp_path / "m", output=tmp_path / "out.json"))
     assert not (tmp_path / "out.json").exists()
 
 
@@ -225,7 +225,7 @@ def test_run_flops_refuses_a_duodiff_t_switch_outside_the_sets_steps(tmp_path, t
              "checkpoint_late": str(tmp_path / "full.pt"), "t_switch": t_switch}  # fmt: skip
     write_set(tmp_path / "duo", stats, torch.tensor([[3, 3], [DEPTH, DEPTH]]))
     with pytest.raises(DuodiffError, match=rf"t_switch must be an integer in \[0, 2\] .*; got {t_switch!r}"):
-        flops.run_flops(**run_args("flops", samples=tmp_path / "duo", output=tmp_path / "out.json"))
+        flops.run_flops(**cli_args("flops", samples=tmp_path / "duo", output=tmp_path / "out.json"))
     assert not (tmp_path / "out.json").exists()
 
 

@@ -16,14 +16,16 @@ import pytest
 import torch
 from PIL import Image
 
-import duodiff.plots as plots_module
+import duodiff.plot_training as plot_training
 from duodiff.errors import DuodiffError
 from matplotlib import rc_context
 from matplotlib.text import Text
 
-from duodiff.plots import (PLOT_NAMES, STYLE, Palette, grid_from_images, load_table, plot_quality_vs_gflops,
-                           run_plots)
+from duodiff.plot_samples import grid_from_images
+from duodiff.plot_style import STYLE, Palette
+from duodiff.plots import PLOT_NAMES, load_table, plot_quality_vs_gflops, run_plots
 from test_tables import ORDER, STEPS, STUDY, tables, write_study
+from _defaults import cli_args
 
 # Exit layers (steps=4, n=5) of one early-exit set, and by hand the fraction exiting at each layer.
 EE_LAYERS = [[0, 0, 1, 13, 13],
@@ -80,8 +82,9 @@ def write_plot_inputs(root, study=STUDY, grids=("full",)):
 
 
 def plots(root, **kwargs):
-    return run_plots(tables_dir=root / "tables", samples_root=root / "samples", models_root=root / "models",
-                     reference=root / "reference", output_dir=root / "plots", **{"smoothing": 0.5, "dpi": 60, **kwargs})
+    return run_plots(**cli_args("plots", tables_dir=root / "tables", samples_root=root / "samples",
+                                models_root=root / "models", reference=root / "reference", output_dir=root / "plots",
+                                **{"smoothing": 0.5, "dpi": 60, **kwargs}))
 
 
 @pytest.fixture(scope="module")
@@ -300,12 +303,12 @@ def test_training_curves_show_each_loss_kind_on_its_own_axis(study):
 def test_long_training_curves_are_smoothed_by_hand_computed_ema(tmp_path):
     # A run with enough rows gets the debiased EMA beside its faint interval means: at weight 0.5 the
     # losses 4, 2, 1, 1, ... smooth to 4, (0.5*4*0.5 + 0.5*2) / 0.75 = 8/3, (2/3*0.75*0.5 + 0.5) / 0.875, ...
-    n = plots_module.MIN_ROWS_TO_SMOOTH
+    n = plot_training.MIN_ROWS_TO_SMOOTH
     losses = LOSSES + [1.0] * (n - len(LOSSES))
     log = tmp_path / "full" / "loss.csv"
     log.parent.mkdir()
     log.write_text("step,loss,lr,steps_per_s\n" + "".join(f"{10 * (i + 1)},{v},0.001,5\n" for i, v in enumerate(losses)))
-    _, data = plots_module.plot_training_curves([log], 0.5)
+    _, data = plot_training.plot_training_curves([log], 0.5)
     series = {s["label"]: s["y"] for s in data["panels"][0]["series"]}
     assert series["full"][:3] == pytest.approx(SMOOTHED)
     assert len(series["full"]) == n

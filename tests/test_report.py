@@ -27,6 +27,7 @@ from docutils.core import publish_parts
 from jinja2 import Environment, StrictUndefined
 from snakemake.iocontainers import Namedlist
 from snakemake.utils import validate
+from _defaults import cli_args
 
 REPO = Path(__file__).resolve().parents[1]
 REPORT = REPO / "workflow" / "report"
@@ -149,12 +150,13 @@ def build_tiny_report(tmp_path):
     # The hand-made exit layers have test_tables.STEPS steps; a t_switch beyond them is clipped.
     write_plot_inputs(experiment, {k: v if v[0] != "duodiff" else v[:3] + (min(v[3], STEPS),) + v[4:]
                                    for k, v in study.items()}, grids=list(study))
-    run_tables(samples_root=experiment / "samples", metrics_root=experiment / "metrics", sets=list(study),
-               output_dir=experiment / "tables")
+    run_tables(**cli_args("tables", samples_root=experiment / "samples", metrics_root=experiment / "metrics",
+                          sets=list(study), output_dir=experiment / "tables"))
     # At the schema's default resolution, so that the figures have the size a real report shows
     # (some are taller than the browser test's window, some wider than its pane).
-    run_plots(tables_dir=experiment / "tables", samples_root=experiment / "samples", models_root=experiment / "models",
-              reference=experiment / "reference", output_dir=experiment / "plots", dpi=150)
+    run_plots(**cli_args("plots", tables_dir=experiment / "tables", samples_root=experiment / "samples",
+                         models_root=experiment / "models", reference=experiment / "reference",
+                         output_dir=experiment / "plots", dpi=150))
 
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}

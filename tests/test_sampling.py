@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from _defaults import run_args
+from _defaults import cli_args
 from PIL import Image
 
 from duodiff import sampling
@@ -52,7 +52,7 @@ def ckpt(tmp_path_factory):
 
 
 def sample(ckpt, out, method="full", **kwargs):
-    args = run_args(
+    args = cli_args(
         "sample",
         checkpoint_path=ckpt[{"full": "full", "shallow": "shallow", "early_exit": "ee", "duodiff": "shallow"}.get(method, "full")],
         method=method, output_folder=out, sampler="ddim", steps=STEPS, n_samples=10, batch_size=4, seed=0,

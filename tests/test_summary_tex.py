@@ -17,6 +17,7 @@ import pytest
 from duodiff.metrics.fid import small_sample_notes
 from duodiff.tables import run_tables
 from test_tables import ORDER, write_study
+from _defaults import cli_args
 
 PAPER = r"""\documentclass[twocolumn]{article}
 %(packages)s
@@ -42,8 +43,8 @@ def test_summary_tex_compiles_as_it_is_in_a_two_column_paper(tools, tmp_path):
     for name in ORDER:
         path = tmp_path / "metrics" / name / "fid.json"
         path.write_text(json.dumps({**json.loads(path.read_text()), "notes": notes}))
-    paths = run_tables(samples_root=tmp_path / "samples", metrics_root=tmp_path / "metrics", sets=ORDER,
-                       output_dir=tmp_path / "paper")
+    paths = run_tables(**cli_args("tables", samples_root=tmp_path / "samples", metrics_root=tmp_path / "metrics",
+                                  sets=ORDER, output_dir=tmp_path / "paper"))
     tex = paths["summary.tex"].read_text()
 
     # The packages it needs are the ones its header names: the paper loads those and no others.

@@ -15,6 +15,7 @@ import pytest
 from duodiff.errors import DuodiffError
 from duodiff.flags import OneLineErrorParser
 from duodiff.tables import add_cli, run_tables
+from _defaults import cli_args
 
 SHA = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
 FID_NOTE = "FID from 5 samples is strongly biased upwards; compare sets only at equal sample counts."
@@ -67,8 +68,8 @@ def write_study(root, study=STUDY, n_samples=5):
 
 
 def tables(root, sets=None):
-    return run_tables(samples_root=root / "samples", metrics_root=root / "metrics",
-                      sets=sets or list(reversed(ORDER)), output_dir=root / "tables")
+    return run_tables(**cli_args("tables", samples_root=root / "samples", metrics_root=root / "metrics",
+                                 sets=sets or list(reversed(ORDER)), output_dir=root / "tables"))
 
 
 def markdown_rows(text, section=0):
@@ -235,8 +236,8 @@ def test_cmmd_switched_off_reads_no_cmmd_file_and_says_so_once(tmp_path):
     write_study(tmp_path)
     for name in STUDY:
         (tmp_path / "metrics" / name / "cmmd.json").unlink()
-    run_tables(samples_root=tmp_path / "samples", metrics_root=tmp_path / "metrics", sets=ORDER,
-               output_dir=tmp_path / "tables", cmmd=False)
+    run_tables(**cli_args("tables", samples_root=tmp_path / "samples", metrics_root=tmp_path / "metrics", sets=ORDER,
+                          output_dir=tmp_path / "tables", cmmd=False))
     page = (tmp_path / "tables" / "summary.md").read_text()
     header, _ = markdown_rows(page)
     assert "CMMD ↓" not in header and "n/a" not in page
@@ -252,8 +253,8 @@ def test_cost_best_is_the_cheapest_set_that_matches_the_full_model(tmp_path):
     write_ci_study(tmp_path)
     shallow = tmp_path / "metrics" / "shallow_d3" / "fd_classifier.json"
     write_json(shallow, {**json.loads(shallow.read_text()), "fid": 100.0, "fid_ci_low": 90.0, "fid_ci_high": 110.0})
-    run_tables(samples_root=tmp_path / "samples", metrics_root=tmp_path / "metrics",
-               sets=list(CI_STUDY) + ["real"], output_dir=tmp_path / "tables", headline="classifier")
+    run_tables(**cli_args("tables", samples_root=tmp_path / "samples", metrics_root=tmp_path / "metrics",
+                          sets=list(CI_STUDY) + ["real"], output_dir=tmp_path / "tables", headline="classifier"))
     text = (tmp_path / "tables" / "summary.md").read_text()
     header, rows = markdown_rows(text)
     names = ["real"] + list(CI_STUDY)  # the table's order is CI_STUDY's, after the real data
@@ -318,8 +319,8 @@ def test_missing_file_is_named_and_nothing_is_written(study):
 ])
 def test_bad_set_lists_are_refused(study, sets, message):
     with pytest.raises(DuodiffError, match=message):
-        run_tables(samples_root=study / "samples", metrics_root=study / "metrics", sets=sets,
-                   output_dir=study / "tables")
+        run_tables(**cli_args("tables", samples_root=study / "samples", metrics_root=study / "metrics", sets=sets,
+                              output_dir=study / "tables"))
     assert not (study / "tables").exists()
 
 
@@ -415,8 +416,8 @@ def write_ci_study(root):
 
 def test_scores_place_every_set_against_the_full_models_interval(tmp_path):
     write_ci_study(tmp_path)
-    run_tables(samples_root=tmp_path / "samples", metrics_root=tmp_path / "metrics",
-               sets=list(CI_STUDY) + ["real"], output_dir=tmp_path / "tables", headline="classifier")
+    run_tables(**cli_args("tables", samples_root=tmp_path / "samples", metrics_root=tmp_path / "metrics",
+                          sets=list(CI_STUDY) + ["real"], output_dir=tmp_path / "tables", headline="classifier"))
     scores = pd.read_csv(tmp_path / "tables" / "scores.csv").set_index("set")
     # Real data first, then full, fewer steps (most steps first), shallow, early exit, DuoDiff.
     assert scores.index.tolist()[:4] == ["real", "full", "full_steps20", "full_steps10"]
@@ -436,8 +437,8 @@ def test_scores_place_every_set_against_the_full_models_interval(tmp_path):
 
 def test_operating_points_pick_the_fastest_setting_within_the_full_models_interval(tmp_path):
     write_ci_study(tmp_path)
-    run_tables(samples_root=tmp_path / "samples", metrics_root=tmp_path / "metrics",
-               sets=list(CI_STUDY) + ["real"], output_dir=tmp_path / "tables", headline="classifier")
+    run_tables(**cli_args("tables", samples_root=tmp_path / "samples", metrics_root=tmp_path / "metrics",
+                          sets=list(CI_STUDY) + ["real"], output_dir=tmp_path / "tables", headline="classifier"))
     points = pd.read_csv(tmp_path / "tables" / "operating_points.csv")
     assert points["family"].tolist() == ["fewer steps", "attention_probe", "mlp_probe_per_layer", "shallow depth 3"]
     picked = dict(zip(points["family"], points["set"]))

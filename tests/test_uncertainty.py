@@ -6,8 +6,9 @@ import math
 import numpy as np
 import pytest
 
-from duodiff.metrics import fid
-from duodiff.metrics.uncertainty import Z_95, frechet_statistic, jackknife_interval, kid_statistic, polynomial_kernel
+from duodiff.metrics import distances
+from duodiff.metrics.uncertainty import (Z_95, frechet_statistic, jackknife_interval, kid_kernels, kid_statistic,
+                                         polynomial_kernel)
 
 
 def test_jackknife_interval_of_a_mean_is_the_textbook_interval():
@@ -43,7 +44,7 @@ def test_frechet_statistic_equals_the_full_formula_on_any_resample(n, d):
     ref = rng.normal(size=(60, d))
     features = rng.normal(0.3, 1.2, size=(n, d))
     mu, sigma = ref.mean(0), np.cov(ref, rowvar=False)
-    stat = frechet_statistic(features, mu, sigma, fid.psd_sqrt(sigma))
+    stat = frechet_statistic(features, mu, sigma, distances.psd_sqrt(sigma))
     leave_one_out = np.delete(np.arange(n), 7)  # the jackknife's subsets: a small update of the whole set
     for idx in (np.arange(n), leave_one_out, rng.integers(0, n, n), np.array([0, 0, 1, 2, 2, 2, 3])):
         x = features[idx]
@@ -62,7 +63,7 @@ def test_kid_statistic_by_hand_with_an_image_counted_twice():
     # k(2,0)=1, k(2,1)=27: (1 + 8 + 1 + 8 + 1 + 27) / 6 = 46 / 6.
     features = np.array([[1.0], [2.0]])
     ref = np.array([[0.0], [1.0]])
-    stat = kid_statistic(features, ref)
+    stat = kid_statistic(kid_kernels(features, ref))
     expected = 124 / 6 + 1 - 2 * 46 / 6
     assert stat(np.array([0, 0, 1])) == pytest.approx(expected)
     assert polynomial_kernel(features, ref).tolist() == [[1.0, 8.0], [1.0, 27.0]]

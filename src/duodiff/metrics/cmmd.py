@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from duodiff.distributed import default_device
-from duodiff.errors import DuodiffError, check_positive, require
+from duodiff.errors import DuodiffError, check_int, check_positive, require
 from duodiff.flags import add_flag
 from duodiff.io import atomic_path, write_json
 from duodiff.metrics.feature_cache import cached_features, remove_cache
@@ -66,7 +66,8 @@ def mmd(x_emb: torch.Tensor, y_emb: torch.Tensor, sigma: float = SIGMA, scale: f
     """scale * (mean K_xx + mean K_yy - 2 mean K_xy), Gaussian RBF kernel, float64, diagonals in."""
     x = torch.as_tensor(x_emb, dtype=torch.float64)
     y = torch.as_tensor(y_emb, dtype=torch.float64)
-    require(x.ndim == 2 and y.ndim == 2 and x.shape[1] == y.shape[1], f"embeddings must be (n, d) and (m, d); got {tuple(x.shape)} and {tuple(y.shape)}")
+    # run_cmmd hands embeddings of one model (checked against the reference file's).
+    assert x.ndim == 2 and y.ndim == 2 and x.shape[1] == y.shape[1], (tuple(x.shape), tuple(y.shape))
     gamma = 1.0 / (2.0 * sigma**2)
 
     def mean_kernel(a, b):
@@ -193,7 +194,8 @@ def image_list(folder, max_count: int | None) -> list[Path]:
 
 def check_flags(batch_size, max_count, chunk_size) -> None:
     check_positive("--batch-size", batch_size)
-    require(max_count is None or (isinstance(max_count, int) and max_count > 0), f"--max-count must be a positive integer; got {max_count!r}")
+    if max_count is not None:
+        check_int("--max-count", max_count, 1)
     check_positive("--chunk-size", chunk_size)
 
 
@@ -236,14 +238,8 @@ def load_reference_embeddings(path) -> tuple[dict, np.ndarray]:
     return info, embeddings
 
 
-def run_cmmd_reference(
-    reference,
-    output,
-    batch_size: int = 32,
-    max_count: int | None = None,
-    device: str | None = None,
-    chunk_size: int = 1000,
-) -> dict:
+def run_cmmd_reference(*, reference, output, batch_size: int, max_count: int | None, device: str | None,
+                       chunk_size: int) -> dict:
     """CLIP embeddings of REFDIR/images, once per dataset -> FILE.npz (`embeddings`, and `info`:
     a JSON string with available, reason, n_reference, max_count, embedding_model).
     When CLIP is unavailable the file holds the reason and no embeddings, and the exit status is 0."""
@@ -274,34 +270,29 @@ def run_cmmd_reference(
     return info
 
 
-def run_cmmd(
-    samples,
-    reference,
-    output,
-    batch_size: int = 32,
-    max_count: int | None = None,
-    device: str | None = None,
-    sigma: float = SIGMA,
-    scale: float = SCALE,
-    chunk_size: int = 1000,
-) -> dict:
+def reference_side(reference: Path, max_count: int | None) -> tuple[dict | None, np.ndarray | None, list[Path]]:
+    """-> (info, embeddings, []) of an .npz of `duodiff cmmd-reference` (checked against
+    --max-count), or (None, None, image files) of a reference folder, embedded with the samples."""
+    if reference.suffix != ".npz":
+        return None, None, folder_images("--reference", reference, max_count)
+    require(reference.is_file(), f"--reference {reference}: no such file; write it with `duodiff cmmd-reference`")
+    ref_info, ref_embeddings = load_reference_embeddings(reference)
+    require(
+        ref_info.get("max_count") == max_count,
+        f"--max-count {max_count} differs from the {ref_info.get('max_count')} that {reference} was embedded with",
+    )
+    return ref_info, ref_embeddings, []
+
+
+def run_cmmd(*, samples, reference, output, batch_size: int, max_count: int | None, device: str | None,
+             chunk_size: int) -> dict:
     """CMMD of DIR/images against the reference -> FILE.json (cmmd null + reason when CLIP is
-    unavailable). reference: the .npz of `duodiff cmmd-reference`, or a folder REFDIR/images."""
+    unavailable). reference: the .npz of `duodiff cmmd-reference`, or a folder REFDIR/images.
+    The kernel is the reference implementation's (SIGMA, SCALE)."""
     check_flags(batch_size, max_count, chunk_size)
-    check_positive("--sigma", sigma)
     samples, reference = Path(samples), Path(reference)
     x_files = folder_images("--samples", samples, max_count)
-    if reference.suffix == ".npz":
-        require(reference.is_file(), f"--reference {reference}: no such file; write it with `duodiff cmmd-reference`")
-        ref_info, ref_embeddings = load_reference_embeddings(reference)
-        require(
-            ref_info.get("max_count") == max_count,
-            f"--max-count {max_count} differs from the {ref_info.get('max_count')} that {reference} was embedded with",
-        )
-        n_reference = ref_info["n_reference"]
-    else:
-        ref_info, y_files = None, folder_images("--reference", reference, max_count)
-        n_reference = len(y_files)
+    ref_info, ref_embeddings, y_files = reference_side(reference, max_count)
     device = device or default_device()
 
     result = {
@@ -309,10 +300,10 @@ def run_cmmd(
         "available": False,
         "reason": None,
         "n_samples": len(x_files),
-        "n_reference": n_reference,
+        "n_reference": len(y_files) if ref_info is None else ref_info["n_reference"],
         "embedding_model": embedding_model_name(),
-        "sigma": sigma,
-        "scale": scale,
+        "sigma": SIGMA,
+        "scale": SCALE,
         "estimator": "biased MMD^2 (V-statistic), as google-research/cmmd",
     }
     cache = Path(output).parent / CMMD_CACHE
@@ -334,11 +325,8 @@ def run_cmmd(
             x_embeddings = embed_files(x_files, embed, description, cache, batch_size, chunk_size)
             if ref_info is None:
                 ref_embeddings = embed_files(y_files, embed, description, cache, batch_size, chunk_size)
-            result.update(
-                cmmd=mmd(torch.from_numpy(x_embeddings), torch.from_numpy(ref_embeddings), sigma=sigma, scale=scale),
-                available=True,
-                embedding_model=description,
-            )
+            result.update(cmmd=mmd(torch.from_numpy(x_embeddings), torch.from_numpy(ref_embeddings)),
+                          available=True, embedding_model=description)
     write_json(output, result)
     remove_cache(cache)
     return result

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from duodiff.errors import DuodiffError, check_positive, require
+from duodiff.errors import DuodiffError, check_int, check_positive, require
 from duodiff.flags import add_flag
 from duodiff.io import read_json, torch_save, write_json
 
@@ -94,34 +94,17 @@ def accuracy(model: ClassifierNet, images: torch.Tensor, labels: torch.Tensor) -
         return float((model(images).argmax(1) == labels).float().mean())
 
 
-def run_feature_net(
-    *,
-    dataset: str,
-    output_folder,
-    data_root=None,
-    download: bool = False,
-    image_size: int | None = None,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    weight_decay: float,
-    feature_dim: int,
-    holdout_fraction: float,
-    seed: int,
-) -> dict:
-    """Train the classifier on the dataset -> DIR/model.pt, DIR/feature_net.json (held-out accuracy)."""
-    from tqdm import tqdm
-
+def _check_settings(dataset: str, image_size: int | None, *, epochs: int, batch_size: int, lr: float,
+                    weight_decay: float, feature_dim: int, holdout_fraction: float) -> None:
+    """The flags of `duodiff feature-net`, checked before the data is read (a missing CelebA folder
+    is not the first thing to hear)."""
     from duodiff import data
-    from duodiff.metrics.fid import file_sha256
 
     for name, value in (("--epochs", epochs), ("--batch-size", batch_size), ("--feature-dim", feature_dim)):
-        require(isinstance(value, int) and value > 0, f"{name} must be a positive integer; got {value!r}")
+        check_int(name, value, 1)
     check_positive("--lr", lr)
     require(weight_decay >= 0, f"--weight-decay must be >= 0; got {weight_decay!r}")
     require(0 < holdout_fraction < 1, f"--holdout-fraction must be in (0, 1); got {holdout_fraction!r}")
-    output_folder = Path(output_folder)
-    # Checked before the data is read (a missing CelebA folder is not the first thing to hear).
     require(
         data.NUM_CLASSES.get(dataset) != 0,
         f"--dataset {dataset} has no class labels; a feature network needs a labelled dataset (use the Inception "
@@ -134,17 +117,16 @@ def run_feature_net(
         "(use the Inception features for larger ones: metrics.headline: inception)",
     )
 
-    real = data.load_dataset(dataset, root=data_root, download=download, image_size=image_size, train=True)
-    require(
-        real.num_classes > 1 and real.image_size <= MAX_IMAGE_SIZE,
-        f"--dataset {dataset}: {real.num_classes} classes of {real.image_size}px images; a feature network needs "
-        f"at least 2 classes and images up to {MAX_IMAGE_SIZE}px",
-    )
-    images = torch.stack([real[i][0] for i in range(len(real))])
-    labels = torch.tensor([real[i][1] for i in range(len(real))])
-    train_idx, held_idx = split_indices(len(real), holdout_fraction, seed)
 
-    # Deterministic: same seed, same weights, whatever the machine's thread count.
+def train_classifier(real, images: torch.Tensor, labels: torch.Tensor, split: tuple[torch.Tensor, torch.Tensor], *,
+                     feature_dim: int, epochs: int, batch_size: int, lr: float, weight_decay: float,
+                     seed: int) -> tuple[ClassifierNet, float, float]:
+    """A ClassifierNet for the dataset `real`, trained by AdamW on the cross-entropy of the images
+    split[0], its feature scale set from them, in eval mode -> (model, train accuracy, held-out
+    accuracy on split[1]). Deterministic: same seed, same weights, whatever the machine's thread count."""
+    from tqdm import tqdm
+
+    train_idx, held_idx = split
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -162,10 +144,47 @@ def run_feature_net(
                 optimizer.step()
         model.eval()
         model.set_feature_scale(x_train)
-        train_acc = accuracy(model, x_train, y_train)
-        held_acc = accuracy(model, images[held_idx], labels[held_idx])
+        return model, accuracy(model, x_train, y_train), accuracy(model, images[held_idx], labels[held_idx])
     finally:
         torch.set_num_threads(threads)
+
+
+def run_feature_net(
+    *,
+    dataset: str,
+    output_folder,
+    data_root,
+    download: bool,
+    image_size: int | None,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    feature_dim: int,
+    holdout_fraction: float,
+    seed: int,
+) -> dict:
+    """Train the classifier on the dataset -> DIR/model.pt, DIR/feature_net.json (held-out accuracy)."""
+    from duodiff import data
+    from duodiff.metrics.inception import file_sha256
+
+    _check_settings(dataset, image_size, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                    feature_dim=feature_dim, holdout_fraction=holdout_fraction)
+    output_folder = Path(output_folder)
+    real = data.load_dataset(dataset, root=data_root, download=download, image_size=image_size, train=True)
+    require(
+        real.num_classes > 1 and real.image_size <= MAX_IMAGE_SIZE,
+        f"--dataset {dataset}: {real.num_classes} classes of {real.image_size}px images; a feature network needs "
+        f"at least 2 classes and images up to {MAX_IMAGE_SIZE}px",
+    )
+    images = torch.stack([real[i][0] for i in range(len(real))])
+    labels = torch.tensor([real[i][1] for i in range(len(real))])
+    train_idx, held_idx = split_indices(len(real), holdout_fraction, seed)
+
+    model, train_acc, held_acc = train_classifier(
+        real, images, labels, (train_idx, held_idx), feature_dim=feature_dim, epochs=epochs, batch_size=batch_size,
+        lr=lr, weight_decay=weight_decay, seed=seed,
+    )  # fmt: skip
 
     model_path = output_folder / MODEL_NAME
     torch_save({"format": FORMAT, "config": model.config(), "state_dict": model.state_dict()}, model_path)
@@ -214,7 +233,7 @@ def feature_extractor(path: str, device: str = "cpu"):
     """-> (fn, resize, info) for clean-fid: fn maps clean-fid's (B, 3, H, W) float batch in
     [0, 255] to (B, feature_dim); resize keeps the native size (clean-fid's resizer would make
     299 px); info names the network and its sha256 like the Inception extractor's."""
-    from duodiff.metrics.fid import file_sha256
+    from duodiff.metrics.inception import file_sha256
 
     model, meta = load_feature_net(path)
     model = model.to(device)
@@ -227,11 +246,8 @@ def feature_extractor(path: str, device: str = "cpu"):
             return model.features(x.to(device))
 
     def resize(image: np.ndarray) -> np.ndarray:
-        size = meta["image_size"]
-        if image.shape[0] != size or image.shape[1] != size:
-            raise DuodiffError(
-                f"the feature network was trained on {size}x{size} images, got {image.shape[1]}x{image.shape[0]}"
-            )
+        # run_fid checked the samples' and the reference's size against the network's.
+        assert image.shape[:2] == (meta["image_size"], meta["image_size"]), image.shape
         return image.astype(np.float32)
 
     info = {

@@ -27,6 +27,8 @@ kernel matrices.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 CONFIDENCE = 0.95
@@ -92,7 +94,25 @@ def polynomial_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return (x @ y.T / x.shape[1] + 1) ** 3
 
 
-def kid_statistic(features: np.ndarray, ref_features: np.ndarray):
+class KidKernels(NamedTuple):
+    """KID's three kernel matrices between a set's features (x) and the reference's (r), computed
+    once per set (kid_kernels) and shared by KID over subsets (distances.kid_with_std) and its
+    interval (kid_statistic)."""
+
+    xx: np.ndarray  # (n, n)
+    rr: np.ndarray  # (r, r)
+    xr: np.ndarray  # (n, r)
+
+
+def kid_kernels(features: np.ndarray, ref_features: np.ndarray) -> KidKernels:
+    return KidKernels(
+        xx=polynomial_kernel(features, features),
+        rr=polynomial_kernel(ref_features, ref_features),
+        xr=polynomial_kernel(features, ref_features),
+    )
+
+
+def kid_statistic(kernels: KidKernels):
     """indices -> unbiased MMD^2 of features[indices] and the whole reference, the cubic kernel.
 
     MMD^2_u = sum_{i != j} k(x_i, x_j) / (m (m - 1)) + sum_{a != b} k(r_a, r_b) / (r (r - 1))
@@ -100,18 +120,15 @@ def kid_statistic(features: np.ndarray, ref_features: np.ndarray):
     over the m images i, j of the subset (an image counted twice makes a pair with itself, as
     i != j). With the count vector c:
     sum_{i != j} = c^T K c - c.diag(K), and the cross term c.(K_xr 1) / (m r)."""
-    n = len(features)
-    k_xx = polynomial_kernel(features, features)
-    diagonal = np.diag(k_xx).copy()
-    k_rr = polynomial_kernel(ref_features, ref_features)
-    r = len(ref_features)
-    rr = (k_rr.sum() - np.trace(k_rr)) / (r * (r - 1))
-    k_xr_mean = polynomial_kernel(features, ref_features).mean(axis=1)
+    n, r = len(kernels.xx), len(kernels.rr)
+    diagonal = np.diag(kernels.xx).copy()
+    rr = (kernels.rr.sum() - np.trace(kernels.rr)) / (r * (r - 1))
+    k_xr_mean = kernels.xr.mean(axis=1)
 
     def kid(idx: np.ndarray) -> float:
         counts = np.bincount(idx, minlength=n).astype(np.float64)
         m = counts.sum()
-        xx = (counts @ k_xx @ counts - counts @ diagonal) / (m * (m - 1))
+        xx = (counts @ kernels.xx @ counts - counts @ diagonal) / (m * (m - 1))
         return float(xx + rr - 2 * (counts @ k_xr_mean) / m)
 
     return kid

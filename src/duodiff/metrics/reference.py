@@ -1,0 +1,221 @@
+"""The real images every score is read against, written once per dataset.
+
+`duodiff reference` writes the first n training images (as PNGs, so they go through the very same
+PNG -> clean-fid path as the samples), their Inception features and mu/sigma; `duodiff real-set`
+writes the real images after them, scored like a sample set: the floor no method can beat except
+by chance. `load_reference` reads a reference back for `duodiff fid`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from duodiff.distributed import default_device
+from duodiff.errors import check_choice, check_int, check_positive, require
+from duodiff.flags import add_flag
+from duodiff.images import save_png, to_uint8
+from duodiff.io import atomic_path, read_json, write_json
+from duodiff.metrics import inception
+from duodiff.metrics.distances import psd_sqrt
+from duodiff.metrics.feature_cache import remove_cache
+from duodiff.metrics.inception import FEATURE_NETWORKS, MODE, FeatureRun, cached_image_features, image_files
+
+# Where a job keeps the feature chunks it has finished until its output is written
+# (feature_cache.py): inside the reference folder, beside a set's fid.json.
+REFERENCE_CACHE = ".features-cache"
+
+
+def run_reference(*, dataset: str, n_reference: int, output_folder, data_root, download: bool, image_size: int | None,
+                  batch_size: int, device: str | None, num_workers: int, feature_network: str, chunk_size: int) -> dict:
+    """The first n_reference training images -> DIR/images/*.png, DIR/features.npz, DIR/reference.json."""
+    from duodiff import data
+
+    check_choice("--dataset", dataset, data.DATASETS)
+    require(
+        isinstance(n_reference, int) and n_reference >= 2,
+        f"--n-reference must be an integer >= 2 (a covariance needs two images); got {n_reference!r}",
+    )
+    output_folder = Path(output_folder)
+    run = FeatureRun(batch_size=batch_size, device=device or default_device(), num_workers=num_workers,
+                     chunk_size=chunk_size, cache=output_folder / REFERENCE_CACHE)
+    check_choice("--feature-network", feature_network, FEATURE_NETWORKS)
+
+    real = data.load_dataset(dataset, root=data_root, download=download, image_size=image_size, train=True)
+    require(
+        len(real) >= n_reference,
+        f"--n-reference {n_reference} is more than the {len(real)} training images of --dataset {dataset}",
+    )
+    fn, info = inception.feature_extractor(feature_network, run.device)
+
+    # reference.json marks a finished reference: remove it first so a half-rewritten folder never
+    # looks complete. The first n images, in dataset order: deterministic, the same for every run.
+    output_folder.mkdir(parents=True, exist_ok=True)
+    (output_folder / "reference.json").unlink(missing_ok=True)
+    final_images = write_dataset_images(real, range(n_reference), output_folder, batch_size, num_workers, "reference images")
+    features = cached_image_features(image_files(final_images), fn, info, run, "reference features")
+    write_statistics(output_folder / "features.npz", features)
+    meta = {
+        "n": n_reference,
+        "dataset": dataset,
+        "split": "train",
+        "image_size": real.image_size,
+        "channels": real.channels,
+        "data_root": None if data_root is None else str(data_root),
+        "selection": f"the first {n_reference} training images in dataset order, unflipped",
+        "mode": MODE,
+        **{k: info[k] for k in ("feature_network", "feature_network_key", "feature_network_sha256")},
+        "feature_dim": int(features.shape[1]),
+    }
+    write_json(output_folder / "reference.json", meta)
+    remove_cache(run.cache)
+    return meta
+
+
+def write_statistics(path: Path, features: np.ndarray) -> None:
+    """features.npz: the reference's features, their mean, covariance and the covariance's square
+    root, computed once per dataset for every `duodiff fid` to reuse."""
+    mu = np.mean(features, axis=0, dtype=np.float64)
+    sigma = np.cov(features, rowvar=False)
+    sigma_sqrt = psd_sqrt(sigma)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, features=features, mu=mu, sigma=sigma, sigma_sqrt=sigma_sqrt)
+
+
+def write_dataset_images(real, indices, folder: Path, batch_size: int, num_workers: int, description: str) -> Path:
+    """Dataset images `indices` -> folder/images/000000.png, ... through the samples' own
+    quantisation and PNG writer, so real and generated images take one path to the scores. The
+    images go to a temporary folder that replaces images/ at once."""
+    from tqdm import tqdm
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp_images = Path(tempfile.mkdtemp(prefix=".tmp-images-", dir=folder))
+    try:
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(real, list(indices)), batch_size=batch_size, shuffle=False, num_workers=num_workers
+        )
+        index = 0
+        for images, _ in tqdm(loader, desc=description, unit="batch"):
+            for image in to_uint8(images):
+                save_png(image, tmp_images / f"{index:06d}.png")
+                index += 1
+        final_images = folder / "images"
+        if final_images.exists():
+            shutil.rmtree(final_images)
+        os.replace(tmp_images, final_images)
+    finally:
+        if tmp_images.exists():
+            shutil.rmtree(tmp_images)
+    return final_images
+
+
+def run_real_set(*, dataset: str, n_reference: int, n_images: int, output_folder, data_root, download: bool,
+                 image_size: int | None, batch_size: int, num_workers: int) -> dict:
+    """Real images that are not in the reference (the n_images after its first n_reference) ->
+    DIR/images/*.png and DIR/stats.json (method "real"): scored against the reference like any
+    sample set, they give the floor every method's score is read against. When the dataset has
+    fewer than n_reference + n_images images, all that are left are used and stats.json says so."""
+    from duodiff import data
+
+    check_choice("--dataset", dataset, data.DATASETS)
+    check_int("--n-reference", n_reference, 2)
+    check_int("--n-images", n_images, 2)
+    check_positive("--batch-size", batch_size)
+    output_folder = Path(output_folder)
+    real = data.load_dataset(dataset, root=data_root, download=download, image_size=image_size, train=True)
+    available = len(real) - n_reference
+    require(
+        available >= 2,
+        f"--dataset {dataset} has {len(real)} training images: none are left for a real-data set after the "
+        f"{n_reference} of the reference (--n-reference); lower reference.n_reference",
+    )
+    count = min(n_images, available)
+    (output_folder / "stats.json").unlink(missing_ok=True)  # stats.json marks a finished set
+    write_dataset_images(real, range(n_reference, n_reference + count), output_folder, batch_size, num_workers, "real images")
+    stats = {
+        "method": "real",
+        "dataset": dataset,
+        "n_samples": count,
+        "n_requested": n_images,
+        "image_size": real.image_size,
+        "channels": real.channels,
+        "selection": f"training images {n_reference} to {n_reference + count - 1} in dataset order (the reference "
+        f"holds the first {n_reference}), unflipped",
+        "notes": [] if count == n_images else [
+            f"real-data row from {count} images, not {n_images}: {dataset} has only {len(real)}, "
+            f"{n_reference} of which are the reference"
+        ],
+    }  # fmt: skip
+    write_json(output_folder / "stats.json", stats)
+    return stats
+
+
+def load_reference(folder) -> tuple[dict, np.ndarray]:
+    """-> (reference.json, features (n, 2048)); DuodiffError when unfinished or inconsistent."""
+    folder = Path(folder)
+    meta_path, features_path = folder / "reference.json", folder / "features.npz"
+    require(
+        meta_path.is_file() and features_path.is_file(),
+        f"--reference {folder}: no reference.json / features.npz there; build it with `duodiff reference`",
+    )
+    meta = read_json(meta_path)
+    with np.load(features_path) as stored:
+        features = stored["features"]
+    require(
+        features.ndim == 2 and list(features.shape) == [meta.get("n"), meta.get("feature_dim")],
+        f"--reference {folder}: features.npz holds {features.shape}, reference.json says "
+        f"n={meta.get('n')}, feature_dim={meta.get('feature_dim')}; rebuild it",
+    )
+    return meta, features
+
+
+def load_reference_sigma_sqrt(folder, ref_sigma) -> np.ndarray:
+    with np.load(Path(folder) / "features.npz") as stored:
+        if "sigma_sqrt" in stored:
+            return stored["sigma_sqrt"].astype(np.float64)
+    return psd_sqrt(ref_sigma)  # a reference written before sigma_sqrt was stored
+
+CHUNK_HELP = "images per kept feature chunk: a killed job's rerun recomputes only the unfinished chunks"
+
+
+def add_cli(subparsers):
+    """`duodiff reference` and `duodiff real-set` (registered by duodiff.metrics.fid's add_cli)."""
+    p = subparsers.add_parser("reference", help="real images + their Inception features, once per dataset")
+    add_flag(p, "--dataset", required=True)
+    add_flag(p, "--data-root", default=None)
+    add_flag(p, "--download", action="store_true")
+    add_flag(p, "--image-size", type=int, default=None)
+    add_flag(p, "--n-reference", type=int, required=True)
+    add_flag(p, "--output-folder", required=True)
+    add_flag(p, "--batch-size", type=int, default=50)
+    add_flag(p, "--device", default=None, help="cpu or cuda (default: cuda when available)")
+    add_flag(p, "--num-workers", type=int, default=0, help="DataLoader workers for decoding and resizing")
+    add_flag(p, "--feature-network", default="auto", help="auto | clean-fid | fid-helper (auto: clean-fid's file if present)")
+    add_flag(p, "--chunk-size", type=int, default=1000, help=CHUNK_HELP)
+    p.set_defaults(func=lambda a: run_reference(
+        dataset=a.dataset, n_reference=a.n_reference, output_folder=a.output_folder, data_root=a.data_root,
+        download=a.download, image_size=a.image_size, batch_size=a.batch_size, device=a.device,
+        num_workers=a.num_workers, feature_network=a.feature_network, chunk_size=a.chunk_size,
+    ))  # fmt: skip
+
+    p = subparsers.add_parser("real-set", help="real images not in the reference, scored like a sample set: the floor")
+    add_flag(p, "--dataset", required=True)
+    add_flag(p, "--data-root", default=None)
+    add_flag(p, "--download", action="store_true")
+    add_flag(p, "--image-size", type=int, default=None)
+    add_flag(p, "--n-reference", type=int, required=True, help="the reference's size: these images are skipped")
+    add_flag(p, "--n-images", type=int, required=True, help="real images in the set (at most what is left)")
+    add_flag(p, "--output-folder", required=True, help="DIR: images/*.png and stats.json")
+    add_flag(p, "--batch-size", type=int, default=50)
+    add_flag(p, "--num-workers", type=int, default=0)
+    p.set_defaults(func=lambda a: run_real_set(
+        dataset=a.dataset, n_reference=a.n_reference, n_images=a.n_images, output_folder=a.output_folder,
+        data_root=a.data_root, download=a.download, image_size=a.image_size, batch_size=a.batch_size,
+        num_workers=a.num_workers,
+    ))  # fmt: skip

@@ -1,0 +1,177 @@
+"""The summary table's cells: which columns it has, how each number is rounded and printed, and
+which cells are bold (the best of their column among its contenders). Shared by the Markdown,
+LaTeX and HTML summaries (summary_formats.py), so the three always show the same cells.
+
+The method and setting labels come with the frame (collect adds method_label, setting_label and
+has_setting from the study's vocabulary).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from duodiff.operating_points import quality_limit
+
+# Summary columns: (column in the data, Markdown header, LaTeX header, which value is best). The
+# headline score's two columns come first, named by the headline (summary_columns).
+SUMMARY_COLUMNS = [
+    ("fid", "FID ↓", r"FID$\downarrow$", "min"),
+    ("kid", "KID×10³ ↓", r"KID$\times10^3\downarrow$", "min"),
+    ("cmmd", "CMMD ↓", r"CMMD$\downarrow$", "min"),
+    ("gflops_per_forward", "GFLOPs/fwd ↓", r"GFLOPs/fwd$\downarrow$", "min"),
+    ("layer_ratio", "Layer ratio", "Layer ratio", None),
+    ("images_per_s", "Images/s ↑", r"Images/s$\uparrow$", "max"),
+    ("speedup_measured", "Speed-up (measured) ↑", r"Speed-up (meas.)$\uparrow$", "max"),
+    ("speedup_theoretical", "Speed-up (theoretical) ↑", r"Speed-up (theor.)$\uparrow$", "max"),
+]
+# Marks on a headline score whose interval does not overlap the full model's (compare_to_full).
+DIFFERS_MARK = {"worse": ("†", r"\textsuperscript{\dag}"), "better": ("‡", r"\textsuperscript{\ddag}")}
+
+
+def cmmd_computed(frame: pd.DataFrame) -> bool:
+    """Whether any set has a CMMD value; without one (no CLIP weights) the summary has no CMMD
+    column, only a note that says why (_cmmd_notes)."""
+    return bool(frame["cmmd"].notna().any())
+
+
+def summary_columns(frame: pd.DataFrame) -> list[tuple[str, str, str, str | None]]:
+    """SUMMARY_COLUMNS, led by the headline score and its KID when the headline is not Inception;
+    CMMD only where some set has it."""
+    name = frame["score_name"].iloc[0]
+    # "[95% CI]" only where intervals were computed (metrics.intervals).
+    ci, ci_tex = (" [95% CI]", r" [95\% CI]") if frame["score_ci_low"].notna().any() else ("", "")
+    metrics = [c for c in SUMMARY_COLUMNS if c[0] != "cmmd" or cmmd_computed(frame)]
+    if name == "FID":
+        return [("score", f"FID{ci} ↓", rf"FID{ci_tex}$\downarrow$", "min")] + metrics[1:]
+    return [
+        ("score", f"{name}{ci} ↓", rf"{name}{ci_tex}$\downarrow$", "min"),
+        ("kid_headline", f"KD×10³{ci} ↓", rf"KD$\times10^3${ci_tex}$\downarrow$", "min"),
+    ] + metrics
+
+
+# Least display precision of each summary column; a column of small numbers (the GFLOPs of an
+# 8x8 model) gets more, see `decimals`. Best-value marking compares the displayed (rounded)
+# values, so two numbers that print the same are both bold.
+DECIMALS = {"score": 2, "kid_headline": 2, "fid": 2, "kid": 2, "cmmd": 3, "gflops_per_forward": 2,
+            "layer_ratio": 3, "images_per_s": 1, "speedup_measured": 2, "speedup_theoretical": 2}
+SIGNIFICANT_DIGITS = 2  # at least this many for the smallest non-zero value of a column
+KID_SCALE = 1e3  # KID is printed x10^3, as is usual in papers
+KID_COLUMNS = ("kid", "kid_headline")
+COST_COLUMNS = ("gflops_per_forward", "images_per_s", "speedup_measured", "speedup_theoretical")
+SUPERSCRIPTS = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+def decimals(column: str, values) -> int:
+    """Decimals that show every value of a summary column with SIGNIFICANT_DIGITS digits."""
+    values = pd.to_numeric(pd.Series(values), errors="coerce").abs()
+    values = values[values > 0]
+    if values.empty:
+        return DECIMALS[column]
+    return max(DECIMALS[column], SIGNIFICANT_DIGITS - 1 - math.floor(math.log10(values.min())))
+
+
+def contenders(frame: pd.DataFrame, column: str) -> pd.Series:
+    """The rows that may hold a summary column's best value. Quality: every generated set (the
+    real-data row is the floor, not a contender). Cost: only the compared methods' sets (not the
+    shallow model alone, DuoDiff's first stage, cheapest by construction) whose headline score
+    matches the full model's (quality_limit): a cheaper set of worse quality is no better trade."""
+    generated = frame["method"] != "real"
+    if column not in COST_COLUMNS:
+        return generated
+    full = frame.loc[frame["set"] == "full"].iloc[0]
+    return generated & (frame["method"] != "shallow") & (frame["score"] <= quality_limit(full))
+
+
+def best_mask(frame: pd.DataFrame) -> pd.DataFrame:
+    """True where a summary cell holds its column's best value (compared as displayed) among the
+    column's contenders."""
+    columns = summary_columns(frame)
+    mask = pd.DataFrame(False, index=frame.index, columns=[c for c, *_ in columns])
+    for column, _, _, best in columns:
+        if best is None:
+            continue
+        scale = KID_SCALE if column in KID_COLUMNS else 1.0
+        values = pd.to_numeric(frame[column], errors="coerce").mul(scale).where(contenders(frame, column))
+        values = values.round(decimals(column, values))
+        if values.notna().any():
+            target = values.min() if best == "min" else values.max()
+            mask[column] = values == target
+    return mask
+
+
+def footnotes(frame: pd.DataFrame) -> dict[str, int]:
+    """Number each distinct reason CMMD is missing (1, 2, ...), in row order; none when no set has
+    CMMD (the column is left out and one note says why)."""
+    numbers: dict[str, int] = {}
+    if not cmmd_computed(frame):
+        return numbers
+    for reason in frame.loc[frame["cmmd"].isna(), "reason"]:
+        numbers.setdefault(str(reason), len(numbers) + 1)
+    return numbers
+
+
+def _fmt(value, digits: int, suffix: str = "") -> str:
+    return "–" if value is None or pd.isna(value) else f"{value:,.{digits}f}{suffix}"
+
+
+def summary_cells(frame: pd.DataFrame, footnotes: dict[str, int], latex: bool) -> pd.DataFrame:
+    """The summary's cells as text (numbers rounded; n/a with a footnote mark; – where a column
+    does not apply, as the cost of the real-data row), not yet bolded."""
+    cells = pd.DataFrame(index=frame.index)
+    cells["Method"] = frame["method_label"]
+    cells["Setting"] = frame["setting_label"]
+    pm = r" $\pm$ " if latex else " ± "
+    for column, *_ in summary_columns(frame):
+        scale = KID_SCALE if column in KID_COLUMNS else 1.0
+        digits = decimals(column, frame[column] * scale)
+        if column == "score":
+            text = []
+            for row in frame.itertuples():
+                cell = _fmt(row.score, digits)
+                if not pd.isna(row.score_ci_low):
+                    cell += f" [{row.score_ci_low:.{digits}f}, {row.score_ci_high:.{digits}f}]"
+                mark = DIFFERS_MARK.get(row.score_vs_full)
+                text.append(cell + (mark[1 if latex else 0] if mark else ""))
+        elif column == "kid_headline":
+            text = [_fmt(v * KID_SCALE, digits) + ("" if pd.isna(lo) else f" [{lo * KID_SCALE:.{digits}f}, {hi * KID_SCALE:.{digits}f}]")
+                    for v, lo, hi in zip(frame["kid_headline"], frame["kid_headline_ci_low"], frame["kid_headline_ci_high"])]
+        elif column == "fid":
+            text = [_fmt(v, digits) + ("" if pd.isna(lo) else f" [{lo:.{digits}f}, {hi:.{digits}f}]")
+                    for v, lo, hi in zip(frame["fid"], frame["fid_ci_low"], frame["fid_ci_high"])]
+        elif column == "kid":
+            text = [f"{k * KID_SCALE:.{digits}f}{pm}{s * KID_SCALE:.{digits}f}"
+                    for k, s in zip(frame["kid"], frame["kid_std"])]
+        elif column == "cmmd":
+            mark = (lambda n: f"\\textsuperscript{{{n}}}") if latex else (lambda n: str(n).translate(SUPERSCRIPTS))
+            text = [f"n/a{mark(footnotes[str(r)])}" if pd.isna(v) else f"{v:.{digits}f}"
+                    for v, r in zip(frame["cmmd"], frame["reason"])]
+        elif column.startswith("speedup"):
+            times = r"$\times$" if latex else "×"
+            text = [_fmt(v, digits, times) for v in frame[column]]
+        else:
+            text = [_fmt(v, digits) for v in frame[column]]
+        cells[column] = text
+    return cells
+
+
+def operating_point_cells(points: pd.DataFrame) -> pd.DataFrame:
+    """operating_points() as display text: one row per method family."""
+    rows = []
+    for p in points.itertuples():
+        if not isinstance(p.set, str):
+            rows.append({"Method": _family_label(p), "Set": "–", p.score_name + " [95% CI]": "–",
+                         "Layer ratio": "–", "Speed-up (measured)": "–", "Speed-up (theoretical)": "–",
+                         "Note": p.note})
+            continue
+        rows.append({"Method": _family_label(p), "Set": p.set,
+                     p.score_name + " [95% CI]": f"{p.score:.2f} [{p.score_ci_low:.2f}, {p.score_ci_high:.2f}]",
+                     "Layer ratio": f"{p.layer_ratio:.3f}", "Speed-up (measured)": f"{p.speedup_measured:.2f}×",
+                     "Speed-up (theoretical)": f"{p.speedup_theoretical:.2f}×", "Note": p.note or ""})
+    return pd.DataFrame(rows)
+
+
+def _family_label(point) -> str:
+    return {"fewer_steps": "Fewer steps", "early_exit": f"Early exit, {point.family}",
+            "duodiff": f"DuoDiff, {point.family}"}[point.method]

@@ -1,0 +1,145 @@
+"""The summary as the three documents `duodiff tables` writes: summary.md (for people),
+summary.tex (to \input in a paper) and summary.html (for the Snakemake report, which shows html).
+All three show the cells of summary_cells.py and the notes of summary_notes.py, then the
+operating points ("Speed-up at equal quality")."""
+
+from __future__ import annotations
+
+import html
+
+import pandas as pd
+
+from duodiff.operating_points import operating_points
+from duodiff.summary_cells import best_mask, footnotes, operating_point_cells, summary_cells, summary_columns
+from duodiff.summary_notes import notes
+
+OPERATING_POINTS_TEXT = (
+    "Per method, the fastest setting (most theoretical speed-up) whose headline score is no worse than the "
+    "upper end of the full model's 95% interval (operating_points.csv)."
+)
+
+
+def summary_markdown(frame: pd.DataFrame) -> str:
+    numbered = footnotes(frame)
+    cells = summary_cells(frame, numbered, latex=False)
+    mask = best_mask(frame)
+    for column in mask.columns:
+        cells[column] = [f"**{text}**" if best else text for text, best in zip(cells[column], mask[column])]
+    columns = summary_columns(frame)
+    cells.columns = ["Method", "Setting"] + [md for _, md, _, _ in columns]
+    # disable_numparse: the cells are already formatted; tabulate would re-format "1.000" as "1".
+    table = cells.to_markdown(index=False, disable_numparse=True, colalign=["left", "left"] + ["right"] * len(columns))
+    note_text = "\n".join(f"- {note}" for note in notes(frame, numbered))
+    points = operating_point_cells(operating_points(frame))
+    points_table = points.to_markdown(index=False, disable_numparse=True)
+    return ("# Results: sample quality and cost per method\n\n"
+            "Full U-ViT, the fewer-steps baseline, the shallow U-ViT alone, early exit (DeeDiff/AdaDiff) and "
+            "DuoDiff, one row per sample set, below the real-data floor.\n\n" + table + "\n\n" + note_text + "\n\n"
+            "## Speed-up at equal quality\n\n" + OPERATING_POINTS_TEXT + "\n\n" + points_table + "\n")
+
+# Characters of the notes (free text, some from other files) that LaTeX would fail on or
+# mis-typeset: specials, and "<", ">", "|", which the default OT1 encoding prints as other glyphs
+# ("100 < 2048" as "100 ¡ 2048"). Non-ASCII letters pass: LaTeX reads UTF-8.
+LATEX_TEXT = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+              "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+              "<": r"\textless{}", ">": r"\textgreater{}", "|": r"\textbar{}",
+              "÷": r"$\div$", "×": r"$\times$", "±": r"$\pm$", "≤": r"$\leq$", "≥": r"$\geq$", "≈": r"$\approx$",
+              "→": r"$\rightarrow$", "↑": r"$\uparrow$", "↓": r"$\downarrow$", "µ": r"$\mu$",
+              "²": r"\textsuperscript{2}", "³": r"\textsuperscript{3}",
+              "…": r"\ldots{}", "—": "---", "–": "--"}
+
+
+def _escape_latex(text: str) -> str:
+    return "".join(LATEX_TEXT.get(char, char) for char in text)
+
+
+def _stacked_header(tex: str) -> str:
+    """A header over two lines at its first space outside math ("Layer ratio", "Speed-up
+    (meas.)$\\uparrow$"), bottom-aligned, so that headers are no wider than their numbers."""
+    head, space, tail = tex.partition(" ")
+    if not space or head.count("$") % 2:
+        return tex
+    return f"\\shortstack[r]{{{head}\\\\{tail}}}"
+
+
+def summary_latex(frame: pd.DataFrame) -> str:
+    r"""summary.tex: the summary as a booktabs table* with its notes below, to \input in a paper.
+
+    Readable as it is: \footnotesize type (8 pt in a 10 pt document), never scaled to fit. To fit
+    the text width of a two-column paper (table*; in a one-column document table* is a plain
+    table), rows are grouped the papers' way: a method with swept settings (early exit, DuoDiff)
+    gets a heading row and one indented row per setting, so the first column is only as wide as
+    a setting; long headers take two lines. The notes follow in the same size. Needs booktabs.
+    """
+    numbered = footnotes(frame)
+    cells = summary_cells(frame, numbered, latex=True)
+    mask = best_mask(frame)
+    columns = summary_columns(frame)
+    numbers = [column for column, *_ in columns]
+    width = 1 + len(numbers)
+    rows, group = [], None
+    for index, row in cells.iterrows():
+        # Numeric cells already hold LaTeX ($\pm$, \textsuperscript); method and setting are free text.
+        values = [f"\\textbf{{{row[c]}}}" if mask.at[index, c] else row[c] for c in numbers]
+        if not frame.at[index, "has_setting"]:  # no swept setting: one row, its method
+            label, group = _escape_latex(row["Method"]), None
+        else:
+            if row["Method"] != group:
+                rows.append(f"\\multicolumn{{{width}}}{{@{{}}l}}{{{_escape_latex(row['Method'])}}} \\\\")
+                group = row["Method"]
+            label = "\\quad " + _escape_latex(row["Setting"])
+        rows.append(" & ".join([label, *values]) + " \\\\")
+    header = " & ".join(["Method, setting"] + [_stacked_header(tex) for _, _, tex, _ in columns]) + " \\\\"
+    tabular = ("\\begin{tabular}{@{}l" + "r" * len(numbers) + "@{}}\n\\toprule\n" + header + "\n\\midrule\n"
+               + "\n".join(rows) + "\n\\bottomrule\n\\end{tabular}\n")
+    note_text = "\n".join(f"{_escape_latex(note)}\\par" for note in notes(frame, numbered))
+    return ("% duodiff summary table (`duodiff tables`: results/<experiment>/tables/summary.tex), to \\input in a paper.\n"
+            "% Needs \\usepackage{booktabs} (TeX Live: texlive-latex-recommended); nothing else.\n"
+            "% A table* (in a one-column document, the same as table) in footnotesize type, never scaled:\n"
+            "% about 450 pt wide with a study's labels, it fits a two-column paper's text width. For a\n"
+            "% narrower text block, \\scriptsize (7 pt) instead. Rewritten by `duodiff tables`: edit a copy.\n"
+            "\\begin{table*}[t]\n\\centering\n\\footnotesize\n\\setlength{\\tabcolsep}{4pt}\n"
+            "\\caption{Sample quality and cost: full U-ViT, the shallow U-ViT alone, early exit "
+            "(DeeDiff/AdaDiff) and DuoDiff.}\n\\label{tab:duodiff-summary}\n"
+            + tabular
+            + "\n\\smallskip\n\\begingroup\\raggedright\\setlength{\\parskip}{1pt}\n" + note_text + "\n\\endgroup\n"
+            "\\end{table*}\n")
+
+
+# The HTML summary is what the Snakemake report shows in the browser (it cannot display Markdown),
+# in a pane about 1000 px wide at a 1400 px window: headers and the method column wrap, numbers
+# and settings do not, and the padding is tight, so that the table fits without sideways scrolling.
+HTML_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 1em 1.25em; color: #1a1a1a; }
+h1 { font-size: 1.3em; }
+table { border-collapse: collapse; font-size: 0.85em; }
+thead th { border-top: 2px solid #333; border-bottom: 1px solid #333; padding: 0.35em 0.45em; text-align: right;
+           vertical-align: bottom; }
+thead th:nth-child(-n+2) { text-align: left; }
+tbody td { padding: 0.3em 0.45em; text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+tbody td:nth-child(-n+2) { text-align: left; }
+tbody td:first-child { white-space: normal; min-width: 9em; }
+tbody tr:last-child td { border-bottom: 2px solid #333; }
+ul { font-size: 0.85em; max-width: 70em; line-height: 1.4; padding-left: 1.25em; }
+"""
+
+
+def summary_html(frame: pd.DataFrame) -> str:
+    numbered = footnotes(frame)
+    cells = summary_cells(frame, numbered, latex=False)
+    mask = best_mask(frame)
+    styler = cells.style.set_uuid("summary").hide(axis="index")
+    styler = styler.format(escape="html")
+    styler = styler.apply(lambda column: ["font-weight: bold" if best else "" for best in mask[column.name]],
+                          axis=0, subset=list(mask.columns))
+    styler = styler.relabel_index(["Method", "Setting"] + [md for _, md, _, _ in summary_columns(frame)], axis=1)
+    note_text = "\n".join(f"<li>{html.escape(note)}</li>" for note in notes(frame, numbered))
+    points = operating_point_cells(operating_points(frame)).style.hide(axis="index").format(escape="html")
+    points_html = (f"<h2>Speed-up at equal quality</h2>\n<p>{html.escape(OPERATING_POINTS_TEXT)}</p>\n"
+                   + points.set_uuid("operating_points").to_html())
+    return ("<!DOCTYPE html>\n<html>\n<head>\n<meta charset=\"utf-8\">\n"
+            "<title>duodiff results: sample quality and cost per method</title>\n"
+            f"<style>{HTML_STYLE}</style>\n</head>\n<body>\n"
+            "<h1>Results: sample quality and cost per method</h1>\n"
+            "<p>Full U-ViT, the shallow U-ViT alone, early exit (DeeDiff/AdaDiff) and DuoDiff, one row per "
+            "sample set.</p>\n" + styler.to_html() + f"\n<ul>\n{note_text}\n</ul>\n{points_html}\n</body>\n</html>\n")

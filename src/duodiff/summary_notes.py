@@ -1,0 +1,144 @@
+"""The notes under the summary table: conventions (what each column means, how it was measured)
+and caveats (sets sampled or timed differently, missing CMMD, small-sample FID), in plain text;
+the LaTeX writer escapes them, the HTML writer quotes them."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from duodiff.operating_points import quality_limit
+from duodiff.summary_cells import cmmd_computed, decimals
+
+
+def sentence(text) -> str:
+    """Notes from other files, ended with exactly one full stop."""
+    text = str(text).strip()
+    return text if text.endswith((".", "!", "?")) else text + "."
+
+
+def notes(frame: pd.DataFrame, footnotes: dict[str, int]) -> list[str]:
+    """Conventions and caveats printed under the table (plain text; the LaTeX writer escapes it)."""
+    full = frame.loc[frame["set"] == "full"].iloc[0]
+    real = frame[frame["method"] == "real"]
+    cmmd = cmmd_computed(frame)
+    frame = frame[frame["method"] != "real"]  # the notes on sampling and cost are about generated sets
+    lines = [_headline_note(full)]
+    if len(real):
+        row = real.iloc[0]
+        lines.append(f"Real data: {row['n_samples']} real images that are not in the reference, scored against it "
+                     f"like a sample set: the floor no method can beat except by chance"
+                     + (f" ({' '.join(sentence(n) for n in row['real_notes'])})" if row["real_notes"] else "") + ".")
+    lines.append(_marks_note(frame, full))
+    lines.append(_sampling_note(frame, full))
+    lines.append(_samples_note(frame, full, cmmd))
+    lines.extend(_network_notes(frame))
+    lines.extend(_cost_notes(frame, full))
+    lines.extend(_cmmd_notes(frame, footnotes, cmmd))
+    lines.append(_bold_note(full))
+    return lines
+
+
+def _marks_note(frame: pd.DataFrame, full) -> str:
+    marks = frame["score_vs_full"]
+    return (f"† / ‡: the set's 95% interval lies wholly above / below the full model's "
+            f"({full['score_ci_low']:.4g} to {full['score_ci_high']:.4g}): worse / better beyond the uncertainty "
+            f"of both; {int((marks == 'worse').sum())} worse, {int((marks == 'better').sum())} better, "
+            f"{int(marks.isin(['within', 'overlaps']).sum())} indistinguishable."
+            if not pd.isna(full["score_ci_low"]) else
+            "No confidence intervals (metrics.intervals: false): sets cannot be told apart from noise.")
+
+
+def _sampling_note(frame: pd.DataFrame, full) -> str:
+    setups = frame[["sampler", "steps", "seed"]].drop_duplicates()
+    if len(setups) == 1:
+        return f"Sampling: {full['sampler']} with {full['steps']} steps, seed {full['seed']} for every set."
+    if (frame["method"] != "fewer_steps").all() or len(frame[frame["method"] != "fewer_steps"][["sampler", "steps", "seed"]].drop_duplicates()) > 1:
+        per_set = "; ".join(f"{r.set}: {r.sampler} {r.steps} steps, seed {r.seed}" for r in frame.itertuples())
+        return f"Sampling differs between sets ({per_set})."
+    fewer = ", ".join(str(v) for v in frame.loc[frame["method"] == "fewer_steps", "steps"])
+    return (f"Sampling: {full['sampler']} with {full['steps']} steps, seed {full['seed']} for every set; "
+            f"the fewer-steps sets run the full model with {fewer} steps from the same noise.")
+
+
+def _network_notes(frame: pd.DataFrame) -> list[str]:
+    """The feature networks behind FID/KID, and each caveat fid.json carries, with its sets."""
+    networks = frame[["feature_network", "feature_network_sha256"]].drop_duplicates()
+    described = ", ".join(f"{r.feature_network} (sha256 {str(r.feature_network_sha256)[:12]}…)"
+                          for r in networks.itertuples())
+    lines = [f"FID (Inception) and KID: clean-fid, mode clean, features from {described}"
+             + (" — feature networks differ between sets, so their FIDs are not comparable." if len(networks) > 1 else ".")]
+    fid_notes: dict[str, list[str]] = {}
+    for row in frame.itertuples():
+        for text in row.fid_notes:
+            fid_notes.setdefault(str(text), []).append(row.set)
+    for text, sets in fid_notes.items():
+        where = "all sets" if len(sets) == len(frame) else ", ".join(sets)
+        lines.append(f"FID caveat ({where}): {sentence(text)}")
+    return lines
+
+
+def _cost_notes(frame: pd.DataFrame, full) -> list[str]:
+    """What GFLOPs/fwd, the layer ratio and images/s count, and where they were measured."""
+    conventions = frame["gflops_convention"].drop_duplicates()
+    linear_conv = full["gflops_per_forward_linear_conv"]
+    lines = ["GFLOPs/fwd: mean over sampling steps and samples of one network evaluation. "
+             + " ".join(sentence(c) for c in conventions)
+             + " Counting linear and conv layers only (the DeeDiff and DuoDiff papers' convention) the full "
+             f"model costs {linear_conv:.{decimals('gflops_per_forward', [linear_conv])}f} GFLOPs per forward "
+             "(gflops.csv: gflops_per_forward_linear_conv).",
+             f"Layer ratio: transformer blocks executed per network evaluation, averaged over steps and "
+             f"samples, as a fraction of the full model's {full['depth']} (1 = full model)."]
+    devices = frame[["device", "torch_version", "batch_size", "precision", "timing_clock"]].drop_duplicates()
+    clocks = {"cpu": "timed by the CPU time of the single-threaded sampling process, which other jobs running side "
+                     "by side do not slow down", "wall": "timed by the wall clock"}
+    measured = ", ".join(f"{r.device} (torch {r.torch_version}, batch size {r.batch_size}, {r.precision}, "
+                         f"{clocks[r.timing_clock]})" for r in devices.itertuples())
+    lines.append(f"Images/s: measured sampling throughput on {measured}. Speed-up (measured) = images/s ÷ the "
+                 f"full model's; speed-up (theoretical) = the full model's GFLOPs per image ÷ the set's."
+                 + (" Sets were timed on different set-ups, so measured speed-ups mix them." if len(devices) > 1 else ""))
+    return lines
+
+
+def _bold_note(full) -> str:
+    """The rule of best_mask, in words."""
+    name, limit = full["score_name"], quality_limit(full)
+    bound = (f"the full model's ({limit:.4g})" if pd.isna(full["score_ci_high"])
+             else f"the upper end of the full model's 95% interval ({limit:.4g})")
+    return ("Bold: the best value of each column. Quality columns: the lowest among the generated sets. Cost "
+            "columns (GFLOPs/fwd, images/s, speed-ups): the best among the sets of the full model, fewer steps, "
+            f"early exit and DuoDiff whose {name} is at most {bound}, so that a cheaper set of worse quality is not "
+            "crowned; the shallow model alone (DuoDiff's first stage, the cheapest by construction) is never a "
+            "cost contender.")
+
+
+def _samples_note(frame: pd.DataFrame, full, cmmd: bool) -> str:
+    """How many samples each score used; CMMD's count only where CMMD was computed."""
+    columns = ["n_samples", "fid_n_samples", "n_reference"] + (["cmmd_n_samples"] if cmmd else [])
+    if len(frame[columns].drop_duplicates()) == 1:
+        return (f"Samples: {full['n_samples']} per set; FID and KID from {full['fid_n_samples']} samples "
+                f"against {full['n_reference']} real images"
+                + (f"; CMMD from {full['cmmd_n_samples']} samples." if cmmd else "."))
+    per_set = "; ".join(f"{r.set}: {r.n_samples} (FID/KID {r.fid_n_samples} vs {r.n_reference} real"
+                        + (f", CMMD {r.cmmd_n_samples})" if cmmd else ")") for r in frame.itertuples())
+    return f"Samples per set: {per_set}."
+
+
+def _cmmd_notes(frame: pd.DataFrame, footnotes: dict[str, int], cmmd: bool) -> list[str]:
+    """The footnotes of the sets without CMMD, or, when no set has it, one note instead of a
+    column of n/a."""
+    if cmmd:
+        return [f"[{number}] CMMD n/a: {sentence(reason)}" for reason, number in footnotes.items()]
+    reasons = " ".join(sentence(reason) for reason in frame["reason"].dropna().astype(str).drop_duplicates())
+    return [f"CMMD: not computed for any set, so the table has no CMMD column. {reasons}".strip()]
+
+
+def _headline_note(full) -> str:
+    name = full["score_name"]
+    if name == "FID":
+        what = "FID: clean-fid's Fréchet Inception distance"
+    else:
+        what = (f"{name} / KD: Fréchet distance / KID in the features of a classifier trained on the dataset "
+                f"({full['score_network']}; duodiff feature-net), the headline scores")
+    return (f"{what}, each with its 95% confidence interval (score ± 1.96 jackknife standard errors over the set's images, the reference "
+            f"fixed), from {full['score_n_samples']} images per set against {full['score_n_reference']} reference "
+            "images. Lower is better.")

@@ -1,0 +1,178 @@
+"""The inputs of `duodiff tables`: one sample set's files read, checked against their contract and
+merged into one flat row.
+
+Per set: `samples/{set}/stats.json` and `metrics/{set}/{fid,cmmd,gflops}.json` (and the headline's
+file when it is not fid.json); the real-data set has its own stats.json contract (real_stats.json).
+Every problem is a DuodiffError naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from duodiff.errors import DuodiffError, require
+from duodiff.io import read_json
+from duodiff.study import STATS_METHOD, setting_label
+
+# The method a set's stats.json records: fewer-steps sets are the full model sampled with fewer steps.
+# The headline score (metrics.headline): which metric file it is read from and how it is named.
+HEADLINES = {
+    "inception": {"file": "fid", "name": "FID", "kid_name": "KID", "long": "FID (Inception, clean-fid)"},
+    "classifier": {"file": "fd_classifier", "name": "FD", "kid_name": "KD",
+                   "long": "Fréchet distance in the features of the dataset's own classifier"},
+}
+
+
+@dataclass(frozen=True)
+class TableSettings:
+    """What one run of `duodiff tables` reads: the two results folders, the headline score
+    (a key of HEADLINES) and whether CMMD was computed. Built once, by run_tables, from its flags."""
+
+    samples_root: Path
+    metrics_root: Path
+    headline: str
+    cmmd: bool
+
+
+# Keys each input file must have (the contract); anything else in them is ignored.
+REQUIRED_KEYS = {
+    "stats.json": ["method", "setting", "threshold", "t_switch", "classifier_type", "sampler",
+                   "steps", "n_samples", "batch_size", "seed", "depth", "shallow_depth",
+                   "images_per_s", "device", "torch_version"],
+    "fid.json": ["fid", "kid", "kid_std", "n_samples", "n_reference", "feature_network",
+                 "feature_network_sha256", "notes"],
+    "fd_classifier.json": ["fid", "fid_ci_low", "fid_ci_high", "kid", "kid_ci_low", "kid_ci_high", "n_samples",
+                           "n_reference", "feature_network", "feature_network_sha256", "notes"],
+    "real_stats.json": ["method", "n_samples", "notes"],
+    "cmmd.json": ["cmmd", "available", "reason", "n_samples", "embedding_model"],
+    "gflops.json": ["gflops_per_forward", "gflops_per_forward_linear_conv", "gflops_per_image",
+                    "layer_ratio", "theoretical"],
+}
+
+
+def _read(path: Path, contract: str | None = None) -> dict:
+    """A JSON input, checked against REQUIRED_KEYS[contract] (default: its file name)."""
+    require(path.is_file(), f"{path} does not exist")
+    try:
+        data = read_json(path)
+    except ValueError as error:
+        raise DuodiffError(f"{path}: not valid JSON: {error}") from None
+    require(isinstance(data, dict), f"{path}: expected a JSON object, found {type(data).__name__}")
+    missing = [key for key in REQUIRED_KEYS[contract or path.name] if key not in data]
+    require(not missing, f"{path}: missing {', '.join(missing)}")
+    return data
+
+
+def _number(path: Path, data: dict, key: str, positive: bool = False) -> float:
+    value = data[key]
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    require(ok and (value > 0 or not positive),
+            f"{path}: {key} must be a {'positive' if positive else 'finite'} number; got {value!r}")
+    return float(value)
+
+
+def _interval(path: Path, data: dict, key: str) -> tuple[float, float]:
+    """(low, high) of a score's 95% interval; NaNs when the file has none (intervals off, or a
+    file from before intervals existed)."""
+    low, high = data.get(f"{key}_ci_low"), data.get(f"{key}_ci_high")
+    if low is None or high is None:
+        return math.nan, math.nan
+    return _number(path, data, f"{key}_ci_low"), _number(path, data, f"{key}_ci_high")
+
+
+def _scores(settings: TableSettings, name: str) -> dict:
+    """The set's Inception FID/KID and its headline score, with their intervals, as columns."""
+    fid_path = settings.metrics_root / name / "fid.json"
+    fid = _read(fid_path)
+    row = {
+        "fid": _number(fid_path, fid, "fid"),
+        "kid": _number(fid_path, fid, "kid"),
+        "kid_std": _number(fid_path, fid, "kid_std"),
+        "fid_n_samples": fid["n_samples"], "n_reference": fid["n_reference"],
+        "feature_network": fid["feature_network"],
+        "feature_network_sha256": fid["feature_network_sha256"], "fid_notes": list(fid["notes"] or []),
+    }
+    row["fid_ci_low"], row["fid_ci_high"] = _interval(fid_path, fid, "fid")
+    row["kid_ci_low"], row["kid_ci_high"] = _interval(fid_path, fid, "kid")
+    spec = HEADLINES[settings.headline]
+    score_path = settings.metrics_root / name / f"{spec['file']}.json"
+    score = fid if spec["file"] == "fid" else _read(score_path)
+    row.update({
+        "score_name": spec["name"], "score": _number(score_path, score, "fid"),
+        "kid_headline": _number(score_path, score, "kid"),
+        "score_n_samples": score["n_samples"], "score_n_reference": score["n_reference"],
+        "score_network": score["feature_network"], "score_notes": list(score["notes"] or []),
+    })  # fmt: skip
+    row["score_ci_low"], row["score_ci_high"] = _interval(score_path, score, "fid")
+    row["kid_headline_ci_low"], row["kid_headline_ci_high"] = _interval(score_path, score, "kid")
+    return row
+
+
+CMMD_OFF = "not computed: CMMD is switched off for this experiment (metrics.cmmd.enabled: false)"
+
+
+def _cmmd(settings: TableSettings, name: str) -> dict:
+    if not settings.cmmd:
+        return {"cmmd": None, "available": False, "reason": CMMD_OFF, "cmmd_n_samples": None, "embedding_model": None}
+    path = settings.metrics_root / name / "cmmd.json"
+    cmmd = _read(path)
+    value = cmmd["cmmd"] if cmmd["available"] else None
+    if value is not None:
+        value = _number(path, cmmd, "cmmd")
+    reason = cmmd["reason"]
+    if value is None and not reason:
+        reason = "CMMD was not computed"
+    return {
+        "cmmd": value, "available": bool(cmmd["available"]) and value is not None,
+        "reason": None if value is not None else reason,
+        "cmmd_n_samples": cmmd["n_samples"], "embedding_model": cmmd["embedding_model"],
+    }
+
+
+def read_real(settings: TableSettings) -> dict:
+    """The real-data row: held-out real images scored like a sample set (no sampling, no cost)."""
+    stats_path = settings.samples_root / "real" / "stats.json"
+    stats = _read(stats_path, "real_stats.json")
+    require(stats["method"] == "real", f"{stats_path}: method is {stats['method']!r}, expected 'real'")
+    return {
+        "set": "real", "method": "real", "setting": setting_label({"method": "real"}, style="stats"),
+        "n_samples": stats["n_samples"], "real_notes": list(stats["notes"] or []),
+        **_scores(settings, "real"), **_cmmd(settings, "real"),
+    }  # fmt: skip
+
+
+def read_set(settings: TableSettings, name: str, method: str) -> dict:
+    """One generated sample set's row (its method from its name): its stats.json and metric files
+    merged into flat columns."""
+    stats_path = settings.samples_root / name / "stats.json"
+    gflops_path = settings.metrics_root / name / "gflops.json"
+    stats = _read(stats_path)
+    gflops = _read(gflops_path)
+
+    recorded = STATS_METHOD.get(method, method)
+    require(stats["method"] == recorded,
+            f"{stats_path}: method is {stats['method']!r} but the set name {name!r} says {recorded!r}")
+    shallow_depth = stats["shallow_depth"]
+    if method == "shallow" and shallow_depth is None:
+        shallow_depth = stats["depth"]  # a shallow set is one U-ViT: its depth is the shallow depth
+
+    return {
+        "set": name, "method": method, "setting": stats["setting"],
+        "classifier_type": stats["classifier_type"], "threshold": stats["threshold"],
+        "t_switch": stats["t_switch"], "shallow_depth": shallow_depth, "depth": stats["depth"],
+        "sampler": stats["sampler"], "steps": stats["steps"], "seed": stats["seed"],
+        "n_samples": stats["n_samples"], "batch_size": stats["batch_size"],
+        "device": stats["device"], "torch_version": stats["torch_version"],
+        "timing_clock": stats.get("timing_clock", "wall"),  # sets sampled before it was recorded: wall
+        "precision": stats.get("precision", "fp32"),  # sets sampled before --precision existed: fp32
+        **_scores(settings, name),
+        **_cmmd(settings, name),
+        "gflops_per_forward": _number(gflops_path, gflops, "gflops_per_forward", positive=True),
+        "gflops_per_forward_linear_conv": _number(gflops_path, gflops, "gflops_per_forward_linear_conv", positive=True),
+        "gflops_per_image": _number(gflops_path, gflops, "gflops_per_image", positive=True),
+        "layer_ratio": _number(gflops_path, gflops, "layer_ratio"),
+        "gflops_convention": gflops["theoretical"],
+        "images_per_s": _number(stats_path, stats, "images_per_s", positive=True),
+    }
