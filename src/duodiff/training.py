@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from duodiff import checkpoints, distributed, process
 from duodiff.data import DATASETS, load_dataset
-from duodiff.determinism import StepBatchSampler, get_rng_states, set_rng_states, step_draws
+from duodiff.determinism import StepBatchSampler, get_rng_states, label_dropout_mask, set_rng_states, step_draws
 from duodiff.errors import DuodiffError, require
 from duodiff.flags import add_flag, cli_flags
 from duodiff.io import write_csv
@@ -59,7 +59,7 @@ def run_train(
     *, model, config_path, log_path, dataset, data_root, download, image_size, num_timesteps, beta_start, beta_end,
     parametrization, n_steps, batch_size, lr, weight_decay, beta1, beta2, warmup_steps, grad_clip, ema_decay,
     use_amp, seed, log_every_n_steps, save_every_n_steps, num_workers, device, classifier_type, load_backbone,
-    freeze_backbone, use_unweighted_loss, loss_weighting, min_snr_gamma,
+    freeze_backbone, use_unweighted_loss, loss_weighting, min_snr_gamma, label_dropout,
 ) -> dict:
     """Train, resuming from log_path/checkpoint.pt if present. Returns a summary dict.
 
@@ -81,7 +81,7 @@ def run_train(
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         data = load_training_data(dataset, data_root, download, plan.image_size, dist_info, device)
-        check_data_fits(data, plan.config, config_path)
+        check_data_fits(data, plan.config, config_path, label_dropout)
         return _train(args, plan, data, device, dist_info, resume, log_path)
     finally:
         distributed.cleanup()
@@ -196,6 +196,8 @@ def train_step(run: Run, plan: TrainPlan, args, x0, y, weights, hflip, rows: sli
     diffusion = plan.diffusion
     x0 = x0.to(device, non_blocking=True)
     y = y.to(device) if plan.config.num_classes > 0 else None
+    if args["label_dropout"] > 0:
+        y = drop_labels(y, args, plan.config.num_classes - 1, run.step, rows, device)
     t, noise, flip = step_draws(
         args["seed"], run.step, diffusion.num_timesteps, args["batch_size"], x0.shape[1:], hflip, rows, device
     )
@@ -218,6 +220,14 @@ def train_step(run: Run, plan: TrainPlan, args, x0, y, weights, hflip, rows: sli
         ema_update(run.ema, run.net, args["ema_decay"])
     run.step += 1
     return loss, parts, lr_now
+
+
+def drop_labels(y, args, null: int, step, rows: slice, device):
+    """Classifier-free guidance's label dropout: each label of the step's global batch becomes the
+    null class (the last class token) with probability --label-dropout, drawn per (seed, step) so
+    a resumed run drops the same labels (duodiff.determinism.label_dropout_mask)."""
+    dropped = label_dropout_mask(args["seed"], step, args["batch_size"], args["label_dropout"], rows, device)
+    return torch.where(dropped, torch.full_like(y, null), y)
 
 
 def reduce_stats(loss, parts: dict, stop_requested: bool, world_size: int):
@@ -370,6 +380,8 @@ def add_cli(subparsers) -> None:
     add_flag(p, "--use-unweighted-loss", action="store_true", help="early exit: add the unweighted per-exit MSE")
     add_flag(p, "--loss-weighting", default="uniform", help="uniform (DDPM's L_simple) | min_snr (Min-SNR-gamma)")
     add_flag(p, "--min-snr-gamma", type=float, default=5.0, help="min_snr: the cap on the signal-to-noise ratio")
+    add_flag(p, "--label-dropout", type=float, default=0.0, help="classifier-free guidance: the probability of "
+             "replacing a label by the null class (the last class token; num_classes = classes + 1); 0: none")
     p.set_defaults(func=_cli)
 
 
