@@ -194,6 +194,8 @@ def check_same_settings(checkpoint: dict, settings: dict, path) -> None:
     """A checkpoint resumes only under the settings that made it (TrainPlan.settings)."""
     old = checkpoint.get("settings")
     require(isinstance(old, dict), f"{path}: checkpoint has no training settings; remove it or choose another --log-path")
+    if "label_dropout" in old and "label_dropout" not in settings:
+        settings = {**settings, "label_dropout": 0.0}  # entered only when set: a run without it differs too
     for key, value in settings.items():
         if old.get(key) == value:
             continue
