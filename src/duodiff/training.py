@@ -33,9 +33,10 @@ from tqdm import tqdm
 
 from duodiff import checkpoints, distributed, process
 from duodiff.data import DATASETS, load_dataset
-from duodiff.determinism import StepBatchSampler, get_rng_states, label_dropout_mask, set_rng_states, step_draws
+from duodiff.determinism import StepBatchSampler, get_rng_states, set_rng_states, step_draws
 from duodiff.errors import DuodiffError, require
 from duodiff.flags import add_flag, cli_flags
+from duodiff.guidance import drop_labels
 from duodiff.io import write_csv
 from duodiff.models import build_model
 from duodiff.models.early_exit import LOSS_PARTS
@@ -197,7 +198,8 @@ def train_step(run: Run, plan: TrainPlan, args, x0, y, weights, hflip, rows: sli
     x0 = x0.to(device, non_blocking=True)
     y = y.to(device) if plan.config.num_classes > 0 else None
     if args["label_dropout"] > 0:
-        y = drop_labels(y, args, plan.config.num_classes - 1, run.step, rows, device)
+        null = plan.config.num_classes - 1
+        y = drop_labels(y, null, args["label_dropout"], args["seed"], run.step, args["batch_size"], rows)
     t, noise, flip = step_draws(
         args["seed"], run.step, diffusion.num_timesteps, args["batch_size"], x0.shape[1:], hflip, rows, device
     )
@@ -220,14 +222,6 @@ def train_step(run: Run, plan: TrainPlan, args, x0, y, weights, hflip, rows: sli
         ema_update(run.ema, run.net, args["ema_decay"])
     run.step += 1
     return loss, parts, lr_now
-
-
-def drop_labels(y, args, null: int, step, rows: slice, device):
-    """Classifier-free guidance's label dropout: each label of the step's global batch becomes the
-    null class (the last class token) with probability --label-dropout, drawn per (seed, step) so
-    a resumed run drops the same labels (duodiff.determinism.label_dropout_mask)."""
-    dropped = label_dropout_mask(args["seed"], step, args["batch_size"], args["label_dropout"], rows, device)
-    return torch.where(dropped, torch.full_like(y, null), y)
 
 
 def reduce_stats(loss, parts: dict, stop_requested: bool, world_size: int):
