@@ -8,6 +8,7 @@ Methods (docs/architecture.md):
 - duodiff   the shallow U-ViT (--checkpoint-path) for the first --t-switch (noisiest) steps,
             the full U-ViT (--checkpoint-path-late) for the rest. The first must be the shallower
             one (two paths swapped are refused) unless --allow-deeper-shallow says it is meant.
+With --guidance-scale S != 0 each method also runs the unconditional branch (duodiff.guidance).
 
 The set is written batch by batch: the PNGs of a batch, then its part file (exit layers, wall
 time and the settings). A rerun with the same arguments skips finished batches, so a killed job
