@@ -759,3 +759,33 @@ def test_tiny_study_changing_a_metric_setting_rescores_only(tiny_study):
     # kid_subsets is a metrics.fid key, shared by the Inception and the classifier scores.
     assert changed_jobs(tiny_study, "kid_subsets", edit) == {
         "fid": n_scored, "fd_classifier": n_scored, "tables": 1, "plots": 1, "all": 1}
+
+
+def test_a_guided_study_passes_label_dropout_and_the_guidance_scale_to_every_job(tmp_path):
+    workdir = make_workdir(tmp_path / "work")
+
+    def guided(c):
+        _label_dropout_in_one_training(c, workdir)
+        for stage in ("full", "shallow", "early_exit"):
+            c["train"][stage]["label_dropout"] = 0.15
+        c["sampling"]["guidance_scale"] = 0.4
+
+    (workdir / "guided.yaml").write_text(yaml.safe_dump(modified(load(TINY), guided)))
+    for configfile, dropout, scale in (("guided.yaml", "0.15", "0.4"), (TINY, None, None)):
+        result = snakemake(workdir, "--configfile", configfile, "-n", "-p")
+        assert result.returncode == 0, result.stderr
+        commands = planned_commands(result.stdout)
+        trains = [flags for name, flags in commands if name == "train"]
+        samples = [flags for name, flags in commands if name == "sample"]
+        assert trains and samples
+        # Unguided studies keep their command lines as they were (no flag at its default 0).
+        assert all(flags.get("--label-dropout") == dropout for flags in trains)
+        assert all(flags.get("--guidance-scale") == scale for flags in samples)
+    # Started from a published checkpoint, train.full.label_dropout is the published model's: recorded.
+    (workdir / "uvit.pth").write_bytes(b"")  # a dry run reads no input
+    published = modified(load(workdir / "guided.yaml"), lambda c: c["models"].update(full_checkpoint="uvit.pth"))
+    (workdir / "published.yaml").write_text(yaml.safe_dump(published))
+    result = snakemake(workdir, "--configfile", "published.yaml", "-n", "-p")
+    assert result.returncode == 0, result.stderr
+    (convert,) = [flags for name, flags in planned_commands(result.stdout) if name == "convert"]
+    assert convert["--label-dropout"] == "0.15" and convert["--dataset"] == "digits"
