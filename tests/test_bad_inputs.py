@@ -50,6 +50,12 @@ BAD_INPUTS = [
         ["--batch-size 7", "divisible by the number of processes (2)"],
     ),
     ("train --model uvit --config-path {cfg} --log-path {out} --nproc-per-node -1", ["--nproc-per-node", ">= 0", "-1"]),
+    ("train --model uvit --config-path {cfg} --log-path {out} --label-dropout 0.2",
+     ["--label-dropout 0.2 needs a class-conditional model", "num_classes 0"]),
+    ("train --model uvit --config-path {cfg} --log-path {out} --label-dropout 1", ["--label-dropout", "[0, 1)", "1.0"]),
+    # Guidance needs the null class that label dropout trains: an unconditional model has none.
+    ("sample --checkpoint-path {full} --method full --guidance-scale 0.4 " + SAMPLE + " --output-folder {out}",
+     ["--guidance-scale 0.4 needs a class-conditional model trained with --label-dropout > 0", "{full} has num_classes 0"]),
     ("sample --checkpoint-path {full} --method fast " + SAMPLE + " --output-folder {out}", ["--method", "'fast'", "duodiff"]),
     ("sample --checkpoint-path {ee} --method early_exit --threshold 1.5 " + SAMPLE + " --output-folder {out}", ["--threshold", "[0, 1]", "1.5"]),
     (

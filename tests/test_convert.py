@@ -22,6 +22,7 @@ from duodiff.diffusion import GaussianDiffusion
 from duodiff.errors import DuodiffError
 from duodiff.models import UViTConfig
 from duodiff.training_checks import read_backbone
+from _defaults import run_args
 from test_workflow import REPO, TINY, job_counts, load, make_workdir, planned_commands, snakemake
 
 torch.set_num_threads(1)
@@ -30,7 +31,7 @@ UNCONDITIONAL = dict(img_size=8, patch_size=2, in_chans=3, embed_dim=32, depth=5
 CONDITIONAL = dict(UNCONDITIONAL, num_classes=5, mlp_time_embed=True, qkv_bias=True, conv=False, mlp_ratio=2.0)
 DEFAULTS = dict(
     num_timesteps=1000, beta_start=1e-4, beta_end=0.02, parametrization="predict_noise", dataset=None,
-    sde_beta_min=0.1, sde_beta_max=20.0, compare_timesteps=[0, 1, 10, 100, 250, 500, 750, 999],
+    sde_beta_min=0.1, sde_beta_max=20.0, compare_timesteps=[0, 1, 10, 100, 250, 500, 750, 999], label_dropout=0.0,
 )  # fmt: skip
 
 
@@ -146,6 +147,30 @@ def test_converted_model_gives_the_reference_forward(tmp_path, config):
     y = torch.tensor([4, 0, 2]) if config.get("num_classes") else None
     with torch.no_grad():
         torch.testing.assert_close(model(x, t, y), uvit_forward(weights, config, x, t.float(), y), rtol=1e-4, atol=1e-5)
+
+
+def test_a_published_null_class_is_recorded_for_guided_sampling(tmp_path):
+    """U-ViT's ImageNet 256 checkpoint has num_classes 1001 = 1000 classes + the null class (p_uncond
+    0.15): converted with --label-dropout, model.pt records it as training with label dropout does,
+    and guided sampling finds the null class (the last label). Here: CIFAR-10's 10 classes + 1."""
+    from duodiff.guidance import null_label
+    from duodiff.sampling import run_sample
+
+    config = {**CONDITIONAL, "num_classes": 11}
+    torch.save(uvit_weights(config, seed=5), tmp_path / "uvit.pth")
+    config_path = model_yaml(tmp_path, config)
+    convert(tmp_path / "uvit.pth", config_path, tmp_path / "guided.pt", dataset="cifar10", label_dropout=0.15)
+    model, _, meta = load_model(tmp_path / "guided.pt")
+    assert meta["train_args"] == {"dataset": "cifar10", "label_dropout": 0.15} and null_label(11, meta) == 10
+    stats = run_sample(**run_args("sample", checkpoint_path=tmp_path / "guided.pt", method="full", output_folder=tmp_path / "s",
+                                  steps=2, n_samples=2, batch_size=2, progress=False, guidance_scale=0.4))  # fmt: skip
+    assert (stats["guidance_scale"], stats["branches"]) == (0.4, 2)
+    # Without --label-dropout the extra class token has nobody to mean it: refused, naming the flag.
+    with pytest.raises(DuodiffError, match=r"num_classes 11, one more than --dataset cifar10's 10 classes: .*--label-dropout > 0"):
+        convert(tmp_path / "uvit.pth", config_path, tmp_path / "plain.pt", dataset="cifar10")
+    with pytest.raises(DuodiffError, match=r"--label-dropout 0.15 needs a class-conditional model"):
+        convert(tmp_path / "uvit.pth", model_yaml(tmp_path, UNCONDITIONAL, "u.yaml"), tmp_path / "u.pt", label_dropout=0.15)
+    assert not (tmp_path / "plain.pt").exists() and not (tmp_path / "u.pt").exists()
 
 
 def test_the_ema_weights_are_read_from_a_training_dict_and_a_checkpoint_folder(tmp_path):

@@ -86,3 +86,186 @@ def test_guided_sampling_runs_every_step_with_both_branches():
     x, _, y = inputs(batch=3)
     out = diffusion.sample(GuidedDenoiser(Recording(net, guided_labels(y, NULL)), 0.4), x, sampler="ddim", steps=5)
     assert out.shape == x.shape and calls == [(6, i) for i in range(5)]
+
+
+# ---- end to end: `duodiff sample --guidance-scale` on tiny class-conditional models -------------
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from _defaults import run_args  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from duodiff import sampling  # noqa: E402
+from duodiff.checkpoints import save_model  # noqa: E402
+from duodiff.errors import DuodiffError  # noqa: E402
+from duodiff.images import to_uint8  # noqa: E402
+from duodiff.metrics import flops  # noqa: E402
+
+CLASSES = 3  # real classes; the models below have CLASSES + 1 class tokens, the last the null class
+COND = dict(img_size=8, patch_size=4, in_chans=1, embed_dim=16, depth=3, num_heads=2, normalize_timesteps=True,
+            probe_hidden=8, num_classes=CLASSES + 1)  # fmt: skip
+DIFFUSION = dict(num_timesteps=100, beta_start=1e-4, beta_end=0.02, parametrization="predict_noise")
+STEPS, N, BATCH, SCALE = 5, 6, 4, 1.5
+
+
+def save_tiny(path, kind, config, train_args, classifier_type=None, seed=0):
+    torch.manual_seed(seed)
+    net = build_model(kind, config, DIFFUSION["num_timesteps"], classifier_type).eval()
+    with torch.no_grad():  # labels that matter: out_c and out_u far apart, so the formula shows in the images
+        for name, weight in net.named_parameters():
+            if name.endswith("label_emb.weight"):
+                weight.normal_(0, 3.0)
+    save_model(path, kind=kind, model_config=config, diffusion=DIFFUSION, classifier_type=classifier_type,
+               state_dict=net.state_dict(), ema_state_dict=None, step=1, train_args=train_args)  # fmt: skip
+    return net
+
+
+@pytest.fixture(scope="module")
+def guided_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("guided")
+    dropout = {"label_dropout": 0.15}
+    nets = {
+        "full": save_tiny(root / "full.pt", "uvit", COND, dropout),
+        "shallow": save_tiny(root / "shallow.pt", "uvit", {**COND, "depth": 1}, dropout, seed=1),
+        "ee": save_tiny(root / "ee.pt", "early_exit", COND, dropout, "mlp_probe_per_layer", seed=2),
+        "no_null": save_tiny(root / "no_null.pt", "uvit", {**COND, "num_classes": CLASSES}, {}),
+        "uncond": save_tiny(root / "uncond.pt", "uvit", {**COND, "num_classes": 0}, {}),
+    }
+    return {name: root / f"{name}.pt" for name in nets}, nets
+
+
+def guided_sample(paths, out, method, scale=SCALE, **changes):
+    args = run_args(
+        "sample", checkpoint_path=paths["ee" if method == "early_exit" else "shallow" if method == "duodiff" else "full"],
+        method=method, output_folder=out, sampler="ddim", steps=STEPS, n_samples=N, batch_size=BATCH, seed=3,
+        progress=False, guidance_scale=scale,
+    )  # fmt: skip
+    if method == "duodiff":
+        args.update(checkpoint_path_late=paths["full"], t_switch=2)
+    if method == "early_exit":
+        args.update(threshold=0.3)
+    return sampling.run_sample(**{**args, **changes})
+
+
+def pixels(folder):
+    return np.stack([np.array(Image.open(f)) for f in sorted((folder / "images").iterdir())]).astype(int)
+
+
+@pytest.fixture
+def float_samples(monkeypatch):
+    """The set's samples before they become PNGs (sampling.to_uint8's inputs), batch by batch."""
+    seen = []
+
+    def recording(x):
+        seen.append(x.detach().clone())
+        return to_uint8(x)
+
+    monkeypatch.setattr(sampling, "to_uint8", recording)
+    return seen
+
+
+def by_hand(eps_of, seed=3, scale=SCALE):
+    """The set's images from U-ViT's formula written out, batch by batch, with the set's noise and labels
+    (drawn as run_sample documents: noise, then labels from the real classes, from batch b's seed)."""
+    diffusion = GaussianDiffusion(**DIFFUSION)
+    samples = []
+    for b, start in enumerate(range(0, N, BATCH)):
+        count = min(BATCH, N - start)
+        g = torch.Generator().manual_seed(sampling.batch_seed(seed, b))
+        noise = torch.randn((count, 1, 8, 8), generator=g)
+        y = torch.randint(CLASSES, (count,), generator=g)
+        null = torch.full_like(y, CLASSES)
+
+        def guided(x, t, step, y=y, null=null):
+            return (1 + scale) * eps_of(step, x, t, y) - scale * eps_of(step, x, t, null)
+
+        with torch.no_grad():
+            samples.append(diffusion.sample(guided, noise, "ddim", STEPS, eta=0.0, generator=g))
+    return torch.cat(samples)
+
+
+@pytest.mark.parametrize("method", ["full", "shallow", "duodiff"])
+def test_guided_sets_are_the_formula_and_count_both_branches(guided_models, tmp_path, float_samples, method):
+    paths, nets = guided_models
+    stats = guided_sample(paths, tmp_path / method, method, **({"checkpoint_path": paths["shallow"]} if method == "shallow" else {}))
+    net = {"full": nets["full"], "shallow": nets["shallow"]}.get(method)
+    if method == "duodiff":
+        def eps_of(step, x, t, y):
+            return (nets["shallow"] if step < 2 else nets["full"])(x, t, y)
+    else:
+        def eps_of(step, x, t, y):
+            return net(x, t, y)
+    # One batch of 2B against two calls of B: the same samples up to float rounding (about 1e-7),
+    # which half the scale would not give (random tiny networks barely heed the label: about 1e-4).
+    got = torch.cat(float_samples)
+    torch.testing.assert_close(got, by_hand(eps_of), atol=2e-6, rtol=0)
+    assert (got - by_hand(eps_of, scale=0.5 * SCALE)).abs().max() > 5e-5
+    assert np.array_equal(pixels(tmp_path / method), to_uint8(got).squeeze(1).numpy())
+    exit_layers = torch.load(tmp_path / method / "exit_layers.pt")
+    depths = {"full": [3] * STEPS, "shallow": [1] * STEPS, "duodiff": [1, 1, 3, 3, 3]}[method]
+    assert exit_layers.tolist() == [[d] * (2 * N) for d in depths]  # (steps, 2n): both branches
+    assert (stats["guidance_scale"], stats["branches"], stats["n_samples"]) == (SCALE, 2, N)
+    assert stats["layer_ratio"] == pytest.approx(sum(depths) / STEPS / (1 if method == "shallow" else 3))
+
+
+def test_guided_early_exit_each_branch_exits_by_its_own_rule(guided_models, tmp_path):
+    paths, nets = guided_models
+    ee = nets["ee"]
+    stats = guided_sample(paths, tmp_path / "ee", "early_exit")
+    exit_layers = torch.load(tmp_path / "ee" / "exit_layers.pt")
+    assert exit_layers.shape == (STEPS, 2 * N) and stats["branches"] == 2
+    # Replay batch 0 by hand, each branch alone through the per-sample exit rule.
+    g = torch.Generator().manual_seed(sampling.batch_seed(3, 0))
+    x = torch.randn((BATCH, 1, 8, 8), generator=g)
+    y = torch.randint(CLASSES, (BATCH,), generator=g)
+    diffusion = GaussianDiffusion(**DIFFUSION)
+    exits = []
+
+    def guided(x, t, step):
+        cond, exit_c = ee.forward_early_exit(x, t, 0.3, y)
+        uncond, exit_u = ee.forward_early_exit(x, t, 0.3, torch.full_like(y, CLASSES))
+        exits.append((exit_c, exit_u))
+        return (1 + SCALE) * cond - SCALE * uncond
+
+    with torch.no_grad():
+        diffusion.sample(guided, x, "ddim", STEPS, eta=0.0, generator=g)
+    # Columns 0..N-1: the conditional branches of the set's samples; N..2N-1: their unconditional twins.
+    assert exit_layers[:, :BATCH].tolist() == [c.tolist() for c, _ in exits]
+    assert exit_layers[:, N : N + BATCH].tolist() == [u.tolist() for _, u in exits]
+    assert stats["layer_ratio"] == pytest.approx(exit_layers.double().mean().item() / 3)
+    # GFLOPs per image: both branches' evaluations, each at its own exit.
+    out = flops.run_flops(**run_args("flops", samples=tmp_path / "ee", output=tmp_path / "ee.json"))
+    lut = [entry["total"] for entry in flops.exit_lut(flops.model_costs("early_exit", COND, 100, "mlp_probe_per_layer"))]
+    per_image = sum(lut[k] for k in exit_layers.flatten().tolist()) / N
+    assert out["gflops_per_image"] == pytest.approx(per_image / 1e9, rel=1e-12)
+    assert (out["n_samples"], out["branches"], out["guidance_scale"]) == (N, 2, SCALE)
+
+
+def test_sample_labels_never_take_the_null_class(guided_models, tmp_path, monkeypatch):
+    paths, _ = guided_models
+    seen = []
+    make = sampling.make_denoiser
+
+    def recording(method, models, threshold, t_switch, y, *rest):
+        seen.append(y.clone())
+        return make(method, models, threshold, t_switch, y, *rest)
+
+    monkeypatch.setattr(sampling, "make_denoiser", recording)
+    for name, scale in (("full", 0.0), ("full", SCALE), ("no_null", 0.0)):
+        seen.clear()
+        guided_sample(paths, tmp_path / f"{name}{scale}", "full", scale, checkpoint_path=paths[name], n_samples=60,
+                      batch_size=30, steps=1)  # fmt: skip
+        labels = torch.cat(seen)
+        # With a null class (label CLASSES) the labels are the real classes only, guided or not;
+        # a model without one draws from all its num_classes = CLASSES labels, as before.
+        assert labels.min() == 0 and labels.max() == CLASSES - 1 and len(labels.unique()) == CLASSES
+
+
+def test_guidance_is_refused_for_models_without_a_null_class(guided_models, tmp_path):
+    paths, _ = guided_models
+    for name, num_classes in (("no_null", CLASSES), ("uncond", 0)):
+        with pytest.raises(DuodiffError, match=rf"--guidance-scale {SCALE} needs .*--label-dropout > 0.*num_classes {num_classes} and label_dropout 0"):
+            guided_sample(paths, tmp_path / name, "full", checkpoint_path=paths[name])
+        assert not (tmp_path / name).exists()
+    with pytest.raises(DuodiffError, match="--guidance-scale must be a finite number"):
+        guided_sample(paths, tmp_path / "nan", "full", float("nan"))

@@ -187,3 +187,37 @@ def test_truncated_checkpoint_is_refused_naming_the_file(config, tmp_path):
     with pytest.raises(DuodiffError) as error:
         run_train(**train_kwargs(config, tmp_path, **{**SETTINGS, "n_steps": 5, "save_every_n_steps": 5}))
     assert str(checkpoint) in str(error.value) and "truncated" in str(error.value)
+
+
+def test_stop_and_resume_with_label_dropout_is_bit_identical(tmp_path, monkeypatch):
+    """The dropped labels are drawn per (seed, step): a resumed run drops the same ones."""
+    cond = write_model_yaml(tmp_path / "cond.yaml", num_classes=11)  # digits' 10 classes + the null class
+    settings = {**SETTINGS, "n_steps": 30, "label_dropout": 0.3}
+    run_train(**train_kwargs(cond, tmp_path / "whole", **settings))
+
+    def sigterm(out):
+        signal.raise_signal(signal.SIGTERM)
+        return out
+
+    stop_at_call(monkeypatch, 13, sigterm)
+    with pytest.raises(TrainingStopped, match="after step 13 of 30"):
+        run_train(**train_kwargs(cond, tmp_path / "resumed", **settings))
+    monkeypatch.undo()
+    # The checkpoint remembers the dropout: resuming with another is refused (with none, the null
+    # class is refused first).
+    with pytest.raises(DuodiffError, match=r"--label-dropout 0.3 \(this run: 0.1\)"):
+        run_train(**train_kwargs(cond, tmp_path / "resumed", **{**settings, "label_dropout": 0.1}))
+    with pytest.raises(DuodiffError, match="one more than --dataset digits's 10 classes"):
+        run_train(**train_kwargs(cond, tmp_path / "resumed", **{**settings, "label_dropout": 0.0}))
+    assert run_train(**train_kwargs(cond, tmp_path / "resumed", **settings))["resumed_from"] == 13
+    assert_identical(load(tmp_path / "resumed" / "model.pt"), load(tmp_path / "whole" / "model.pt"))
+    assert losses(tmp_path / "resumed" / "loss.csv") == losses(tmp_path / "whole" / "loss.csv")
+
+
+def test_a_checkpoint_with_label_dropout_does_not_resume_without_it():
+    # Reached when the class count is known only once the data is read (imagefolder).
+    from duodiff.training_checks import check_same_settings
+
+    with pytest.raises(DuodiffError, match=r"was made with --label-dropout 0.3 \(this run: 0.0\)"):
+        check_same_settings({"settings": {"seed": 1, "label_dropout": 0.3}}, {"seed": 1}, "c.pt")
+    check_same_settings({"settings": {"seed": 1}}, {"seed": 1}, "c.pt")  # older checkpoints: no dropout

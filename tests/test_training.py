@@ -353,3 +353,96 @@ def test_class_conditional_rgb_imagefolder_with_flips_and_amp(tmp_path):
     wrong = write_model_yaml(tmp_path / "wrong.yaml", in_chans=3, num_classes=5)
     with pytest.raises(DuodiffError, match="num_classes 5 but --dataset imagefolder has 2 class labels"):
         quick(wrong, tmp_path / "wrong", dataset="imagefolder", data_root=tmp_path / "images")
+
+
+# ---- label dropout (classifier-free guidance) ------------------------------------------------------
+
+
+def test_label_dropout_replaces_labels_by_the_null_class_at_its_rate(tmp_path, monkeypatch):
+    """Digits' labels 0..9 and the null class 10: the labels the network sees are the batch's own,
+    except those the step's Bernoulli(p) draws drop, which become 10; about p of them in all."""
+    from duodiff import training
+    from duodiff.determinism import derive_seed
+    from duodiff.models.uvit import UViT
+
+    seen = []  # (labels the loader gave, labels the network got), per step
+    drop, forward = training.drop_labels, UViT.forward
+    monkeypatch.setattr(training, "drop_labels", lambda y, *a: seen.append([y.clone()]) or drop(y, *a))
+    monkeypatch.setattr(UViT, "forward", lambda self, x, t, y=None: seen[-1].append(y.clone()) or forward(self, x, t, y))
+    p, steps, batch, seed = 0.25, 12, 32, 5
+    cond = write_model_yaml(tmp_path / "cond.yaml", num_classes=11)
+    quick(cond, tmp_path / "run", n_steps=steps, batch_size=batch, seed=seed, label_dropout=p)
+    assert len(seen) == steps
+    dropped_total = 0
+    for step, (given, got) in enumerate(seen):
+        assert given.max() <= 9  # the null class is never a dataset label
+        # The step's own draws, by hand from the generator determinism.py documents: (seed, step).
+        g = torch.Generator().manual_seed(derive_seed(seed, "label_dropout", step))
+        dropped = torch.rand(batch, generator=g) < p
+        assert torch.equal(got, torch.where(dropped, 10, given)), step
+        dropped_total += int(dropped.sum())
+    n = steps * batch  # 384 labels: Binomial(384, 0.25) has mean 96 and sd 8.5
+    assert abs(dropped_total - n * p) < 4 * math.sqrt(n * p * (1 - p))
+    saved = load(tmp_path / "run" / "model.pt")
+    assert saved["train_args"]["label_dropout"] == p and saved["model_config"]["num_classes"] == 11
+
+
+def test_label_dropout_leaves_the_other_draws_alone(tmp_path, monkeypatch):
+    """--label-dropout 0 is the run without it, bit for bit; p > 0 draws from a stream of its own,
+    so the batches, timesteps and noise stay those of the run without dropout."""
+    from duodiff import training
+
+    draws, step_draws = [], training.step_draws
+    monkeypatch.setattr(training, "step_draws", lambda *a: draws.append(step_draws(*a)) or draws[-1])
+    cond = write_model_yaml(tmp_path / "cond.yaml", num_classes=10)
+    quick(cond, tmp_path / "a", n_steps=3)
+    quick(cond, tmp_path / "b", n_steps=3, label_dropout=0.0)
+    a, b = load(tmp_path / "a" / "model.pt"), load(tmp_path / "b" / "model.pt")
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    quick(write_model_yaml(tmp_path / "null.yaml", num_classes=11), tmp_path / "c", n_steps=3, label_dropout=0.5)
+    for without, with_dropout in zip(draws[:3], draws[6:]):
+        assert all(torch.equal(u, v) for u, v in zip(without[:2], with_dropout[:2]))  # timesteps, noise
+
+
+@pytest.mark.parametrize(
+    "num_classes, label_dropout, message",
+    [
+        (0, 0.1, "--label-dropout 0.1 needs a class-conditional model (a null class to drop labels to); {cfg} has num_classes 0"),
+        (10, 0.1, "{cfg} has num_classes 10, but --label-dropout 0.1 needs --dataset digits's 10 classes + the null class: num_classes 11"),
+        (11, 0.0, "{cfg} has num_classes 11, one more than --dataset digits's 10 classes: a null class for guidance is trained with --label-dropout > 0"),
+        (10, 1.0, "--label-dropout must be a number in [0, 1); got 1.0"),
+        (10, -0.1, "--label-dropout must be a number in [0, 1); got -0.1"),
+    ],
+)
+def test_label_dropout_needs_the_null_class(tmp_path, num_classes, label_dropout, message):
+    cfg = write_model_yaml(tmp_path / "m.yaml", num_classes=num_classes)
+    with pytest.raises(DuodiffError) as error:
+        quick(cfg, tmp_path / "run", label_dropout=label_dropout)
+    assert str(error.value).startswith(message.format(cfg=cfg))
+    assert not (tmp_path / "run").exists()
+
+
+def test_label_dropout_checks_an_imagefolders_classes_once_read(tmp_path):
+    from PIL import Image
+
+    for label in ("cats", "dogs"):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        Image.fromarray(torch.zeros(8, 8, 3, dtype=torch.uint8).numpy()).save(tmp_path / "images" / label / "0.png")
+    folder = dict(dataset="imagefolder", data_root=tmp_path / "images", n_steps=2, batch_size=2)
+    quick(write_model_yaml(tmp_path / "ok.yaml", in_chans=3, num_classes=3), tmp_path / "ok", label_dropout=0.2, **folder)
+    two = write_model_yaml(tmp_path / "two.yaml", in_chans=3, num_classes=2)
+    with pytest.raises(DuodiffError, match=r"num_classes 2, but --label-dropout 0.2 needs --dataset imagefolder's 2 classes \+ the null class: num_classes 3"):
+        quick(two, tmp_path / "two", label_dropout=0.2, **folder)
+
+
+def test_early_exit_heads_on_a_guided_backbone_see_dropped_labels(tmp_path, monkeypatch):
+    """The exits serve the unconditional branch too: on a backbone with a null class the early-exit
+    run drops labels like the backbone's (without dropout its num_classes does not fit digits)."""
+    cond = write_model_yaml(tmp_path / "cond.yaml", num_classes=11)
+    quick(cond, tmp_path / "full", n_steps=2, label_dropout=0.2)
+    early_exit = dict(model="early_exit", classifier_type="mlp_probe_per_layer", load_backbone=tmp_path / "full" / "model.pt",
+                      freeze_backbone=True, n_steps=4)  # fmt: skip
+    with pytest.raises(DuodiffError, match="one more than --dataset digits's 10 classes"):
+        quick(cond, tmp_path / "ee0", **early_exit)
+    quick(cond, tmp_path / "ee", label_dropout=0.2, **early_exit)
+    assert load(tmp_path / "ee" / "model.pt")["train_args"]["label_dropout"] == 0.2

@@ -387,6 +387,15 @@ def _mismatched_shallow(cfg, workdir):
     cfg["models"]["shallow"] = [str(path)]
 
 
+def _label_dropout_in_one_training(cfg, workdir):
+    # Class-conditional models with the null class (digits' 10 classes + 1), dropout for the full model only.
+    for key, path in (("full", cfg["models"]["full"]), ("shallow", cfg["models"]["shallow"][0])):
+        model = workdir / f"cond_{key}.yaml"
+        model.write_text(yaml.safe_dump(load(path) | {"num_classes": 11}))
+        cfg["models"][key] = model.name if key == "full" else [model.name]
+    cfg["train"]["full"]["label_dropout"] = 0.1
+
+
 def _even_full_model(cfg, workdir):
     path = workdir / "full_depth4.yaml"
     path.write_text(yaml.safe_dump(load(cfg["models"]["full"]) | {"depth": 4}))
@@ -432,6 +441,16 @@ BAD_CONFIGS = [
     ("dataset without a native size", lambda c, w: c["dataset"].update(name="imagefolder"),
      "invalid config: dataset.image_size is null, but dataset imagefolder has no native size; set it to the img_size "
      "of models.full tests/configs/models/tiny.yaml (8)"),
+    ("guidance without a null class", lambda c, w: c["sampling"].update(guidance_scale=0.4),
+     "invalid config: sampling.guidance_scale is 0.4, which needs class-conditional models with a null class: "
+     "models.full tests/configs/models/tiny.yaml has num_classes 0 and train.full.label_dropout 0.0"),
+    ("label dropout on an unconditional model",
+     lambda c, w: [c["train"][stage].update(label_dropout=0.1) for stage in ("full", "shallow", "early_exit")],
+     "invalid config: train.*.label_dropout is set (full 0.1, shallow 0.1, early_exit 0.1), but models.full "
+     "tests/configs/models/tiny.yaml has num_classes 0: label dropout needs a class-conditional model"),
+    ("label dropout in one training only", _label_dropout_in_one_training,
+     "invalid config: train.full, train.shallow and train.early_exit must all drop labels or none (label_dropout "
+     "full 0.1, shallow 0.0, early_exit 0.0): they share the null class"),
     ("grayscale models with an RGB dataset", lambda c, w: c["dataset"].update(name="imagefolder", image_size=8),
      "invalid config: models.full tests/configs/models/tiny.yaml has in_chans 1, but dataset imagefolder has 3 "
      "channel(s); use a model config with in_chans: 3"),
@@ -740,3 +759,33 @@ def test_tiny_study_changing_a_metric_setting_rescores_only(tiny_study):
     # kid_subsets is a metrics.fid key, shared by the Inception and the classifier scores.
     assert changed_jobs(tiny_study, "kid_subsets", edit) == {
         "fid": n_scored, "fd_classifier": n_scored, "tables": 1, "plots": 1, "all": 1}
+
+
+def test_a_guided_study_passes_label_dropout_and_the_guidance_scale_to_every_job(tmp_path):
+    workdir = make_workdir(tmp_path / "work")
+
+    def guided(c):
+        _label_dropout_in_one_training(c, workdir)
+        for stage in ("full", "shallow", "early_exit"):
+            c["train"][stage]["label_dropout"] = 0.15
+        c["sampling"]["guidance_scale"] = 0.4
+
+    (workdir / "guided.yaml").write_text(yaml.safe_dump(modified(load(TINY), guided)))
+    for configfile, dropout, scale in (("guided.yaml", "0.15", "0.4"), (TINY, None, None)):
+        result = snakemake(workdir, "--configfile", configfile, "-n", "-p")
+        assert result.returncode == 0, result.stderr
+        commands = planned_commands(result.stdout)
+        trains = [flags for name, flags in commands if name == "train"]
+        samples = [flags for name, flags in commands if name == "sample"]
+        assert trains and samples
+        # Unguided studies keep their command lines as they were (no flag at its default 0).
+        assert all(flags.get("--label-dropout") == dropout for flags in trains)
+        assert all(flags.get("--guidance-scale") == scale for flags in samples)
+    # Started from a published checkpoint, train.full.label_dropout is the published model's: recorded.
+    (workdir / "uvit.pth").write_bytes(b"")  # a dry run reads no input
+    published = modified(load(workdir / "guided.yaml"), lambda c: c["models"].update(full_checkpoint="uvit.pth"))
+    (workdir / "published.yaml").write_text(yaml.safe_dump(published))
+    result = snakemake(workdir, "--configfile", "published.yaml", "-n", "-p")
+    assert result.returncode == 0, result.stderr
+    (convert,) = [flags for name, flags in planned_commands(result.stdout) if name == "convert"]
+    assert convert["--label-dropout"] == "0.15" and convert["--dataset"] == "digits"

@@ -150,9 +150,10 @@ def compare_alpha_bar(diffusion: GaussianDiffusion, timesteps, beta_min: float, 
     }
 
 
-def _checked_settings(config_path, num_timesteps, parametrization, dataset, compare_timesteps) -> dict:
+def _checked_settings(config_path, num_timesteps, parametrization, dataset, compare_timesteps, label_dropout) -> dict:
     """The model YAML as written, after the checks that make U-ViT's weights mean what they meant."""
-    from duodiff.data import CHANNELS, DATASETS
+    from duodiff.data import CHANNELS, DATASETS, NUM_CLASSES
+    from duodiff.guidance import check_class_count, check_label_dropout
     from duodiff.models import UViTConfig
 
     model_config = load_yaml(config_path)
@@ -178,13 +179,18 @@ def _checked_settings(config_path, num_timesteps, parametrization, dataset, comp
             CHANNELS[dataset] == config.in_chans,
             f"--dataset {dataset} has {CHANNELS[dataset]} channel(s) but {config_path} has in_chans {config.in_chans}",
         )
+    # A published model with a null class (U-ViT's ImageNet 256: num_classes 1001, p_uncond 0.15)
+    # records it as training with label dropout does, so guided sampling finds it.
+    check_label_dropout(label_dropout, config.num_classes, config_path)
+    if dataset is not None and NUM_CLASSES[dataset] is not None:
+        check_class_count(config.num_classes, NUM_CLASSES[dataset], label_dropout, config_path, dataset)
     require(len(compare_timesteps) > 0, "--compare-timesteps must name at least one timestep")
     return model_config
 
 
 def run_convert(
     *, checkpoint, config_path, output, num_timesteps, beta_start, beta_end, parametrization, dataset,
-    sde_beta_min, sde_beta_max, compare_timesteps,
+    sde_beta_min, sde_beta_max, compare_timesteps, label_dropout,
 ) -> dict:  # fmt: skip
     """Convert `checkpoint` (U-ViT weights) for the model YAML `config_path` into `output`
     (model.pt, kind uvit, loaded by sampling and early-exit training as a trained one).
@@ -192,7 +198,7 @@ def run_convert(
     Returns the ᾱ comparison (compare_alpha_bar), also stored in model.pt."""
     from duodiff.models import build_model
 
-    model_config = _checked_settings(config_path, num_timesteps, parametrization, dataset, compare_timesteps)
+    model_config = _checked_settings(config_path, num_timesteps, parametrization, dataset, compare_timesteps, label_dropout)
     diffusion = GaussianDiffusion(num_timesteps, beta_start, beta_end, parametrization)
     comparison = compare_alpha_bar(diffusion, compare_timesteps, sde_beta_min, sde_beta_max)
     state, step, where = read_uvit_checkpoint(checkpoint)
@@ -204,8 +210,9 @@ def run_convert(
         output, kind="uvit", classifier_type=None, model_config=model_config, diffusion=diffusion.config(),
         # Only U-ViT's EMA weights are published: they are the model's weights, and no second copy is kept.
         state_dict=weights, ema_state_dict=None, step=step,
-        # The one training setting known; sampling records it so `duodiff fid` checks the reference's dataset.
-        train_args={"dataset": dataset} if dataset is not None else None,
+        # The training settings known: the dataset (sampling records it so `duodiff fid` checks the
+        # reference's), and the label dropout that gave the model its null class.
+        train_args={k: v for k, v in (("dataset", dataset), ("label_dropout", label_dropout)) if v} or None,
         converted_from={"checkpoint": str(checkpoint), "weights": where, "time_conditioning": comparison},
     )
     return comparison
@@ -229,6 +236,9 @@ def add_cli(subparsers) -> None:
     add_flag(p, "--beta-end", type=float, default=0.02)
     add_flag(p, "--parametrization", default="predict_noise", help="U-ViT's pixel models: predict_noise")
     add_flag(p, "--dataset", default=None, help="the dataset the published model was trained on (recorded for duodiff fid)")
+    add_flag(p, "--label-dropout", type=float, default=0.0, help="the label dropout (p_uncond) the published model "
+             "was trained with; > 0 records its null class (the last class token) for guided sampling "
+             "(U-ViT's ImageNet 256: 0.15)")  # fmt: skip
     add_flag(p, "--sde-beta-min", type=float, default=0.1, help="U-ViT's VPSDE beta_min (sde.py)")
     add_flag(p, "--sde-beta-max", type=float, default=20.0, help="U-ViT's VPSDE beta_max (sde.py)")
     add_flag(p, "--compare-timesteps", default="0,1,10,100,250,500,750,999", help="steps k at which ᾱ is compared with "

@@ -40,6 +40,15 @@ def step_draws(seed, step, num_timesteps, batch_size, image_shape, hflip, rows: 
     return t, noise, flip
 
 
+def label_dropout_mask(seed, step, batch_size, p, rows: slice, device) -> torch.Tensor:
+    """Which labels of this rank's `rows` become the null class at `step` (classifier-free
+    guidance's label dropout): a Bernoulli(p) draw per sample of the global batch, from a
+    generator of its own seeded by (seed, step), so every rank agrees, a resumed run redraws
+    them, and the other draws of the step stay what they were without dropout."""
+    g = torch.Generator(device).manual_seed(derive_seed(seed, "label_dropout", step))
+    return (torch.rand(batch_size, generator=g, device=device) < p)[rows]
+
+
 class StepBatchSampler(Sampler):
     """For step = start..n_steps-1: this rank's slice of the step's global batch indices.
 

@@ -14,11 +14,115 @@ sample: the unconditional branch, which has less to say, may exit earlier than i
 twin. (The alternative, one exit for the pair, would make each pair wait for its slower branch.)
 Compute and FLOPs count both branches: `executed_depth` gives the blocks run for every branch,
 (steps, 2B).
+
+The null class. Training with `--label-dropout P` replaces each label by the null class
+num_classes - 1 with probability P (U-ViT: p_uncond 0.15 with num_classes 1001 for ImageNet 256),
+so such a model has num_classes = the dataset's classes + 1, and its model.pt records
+train_args.label_dropout > 0: that is how sampling knows the null class exists (`null_label`).
+A converted U-ViT checkpoint records the same (`duodiff convert --label-dropout`). Early-exit
+heads trained on a guided backbone see the dropped labels too (the same flag, checked by the
+class count): the unconditional branch exits through them. Sample labels are drawn from the real
+classes only, never the null class.
+
+A guided sample set's exit_layers.pt is (steps, 2n): the conditional branch of sample i in column
+i, its unconditional branch in column n + i (`branch_major`). Every column is one network
+evaluation, so the layer ratio (the mean over columns / the full depth) is the executed compute
+relative to the full model guided the same way, and the exit heat map counts both branches.
+stats.json says `guidance_scale` and `branches` (network evaluations per sample and step).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+from duodiff.determinism import label_dropout_mask
+from duodiff.errors import require
+
+
+def check_label_dropout(label_dropout, num_classes: int, config_path, flag: str = "--label-dropout") -> None:
+    """P in [0, 1), and P > 0 only for a class-conditional model (it needs a null class)."""
+    ok = isinstance(label_dropout, (int, float)) and not isinstance(label_dropout, bool) and math.isfinite(label_dropout)
+    require(ok and 0 <= label_dropout < 1, f"{flag} must be a number in [0, 1); got {label_dropout!r}")
+    require(
+        label_dropout == 0 or num_classes > 0,
+        f"{flag} {label_dropout} needs a class-conditional model (a null class to drop labels to); "
+        f"{config_path} has num_classes {num_classes}",
+    )
+
+
+def check_class_count(num_classes: int, data_classes: int, label_dropout, config_path, dataset) -> None:
+    """A class-conditional model has one class token per class of the dataset, plus the null class
+    (the last) when trained with label dropout."""
+    if num_classes == 0:
+        return
+    if data_classes > 0 and label_dropout > 0:
+        require(
+            num_classes == data_classes + 1,
+            f"{config_path} has num_classes {num_classes}, but --label-dropout {label_dropout} needs --dataset "
+            f"{dataset}'s {data_classes} classes + the null class: num_classes {data_classes + 1}",
+        )
+        return
+    require(
+        not (data_classes > 0 and num_classes == data_classes + 1),
+        f"{config_path} has num_classes {num_classes}, one more than --dataset {dataset}'s {data_classes} classes: "
+        "a null class for guidance is trained with --label-dropout > 0 (U-ViT: 0.15); without it use "
+        f"num_classes {data_classes}",
+    )
+    require(
+        data_classes == num_classes,
+        f"{config_path} has num_classes {num_classes} but --dataset {dataset} has {data_classes or 'no'} class labels",
+    )
+
+
+def drop_labels(y, null: int, label_dropout: float, seed: int, step: int, batch_size: int, rows: slice):
+    """Training's label dropout: each label of the step's global batch becomes the null class with
+    probability label_dropout, drawn per (seed, step) so a resumed run drops the same labels
+    (duodiff.determinism.label_dropout_mask); `y` holds this rank's `rows` of it."""
+    dropped = label_dropout_mask(seed, step, batch_size, label_dropout, rows, y.device)
+    return torch.where(dropped, torch.full_like(y, null), y)
+
+
+def null_label(num_classes: int, meta: dict) -> int | None:
+    """The null class of a model file (its metadata `meta`): num_classes - 1 when it was trained,
+    or published, with label dropout; None when it has none."""
+    label_dropout = (meta.get("train_args") or {}).get("label_dropout") or 0
+    return num_classes - 1 if num_classes > 0 and label_dropout > 0 else None
+
+
+def label_classes(num_classes: int, null: int | None) -> int:
+    """How many classes sample labels are drawn from: every class token but the null class."""
+    return num_classes - 1 if null is not None else num_classes
+
+
+def check_guidance_scale(scale) -> None:
+    ok = isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale)
+    require(ok, f"--guidance-scale must be a finite number (0: no guidance; U-ViT's ImageNet 256: 0.4); got {scale!r}")
+
+
+def set_null_label(scale: float, models: dict, metas: dict) -> int | None:
+    """The null label of a sample set's model(s) (None: they have none), refusing guidance for
+    models without one. DuoDiff's two models share num_classes (checked by load_models)."""
+    nulls = {role: null_label(models[role].config.num_classes, metas[role]) for role in models}
+    for role, null in nulls.items():
+        require(
+            scale == 0 or null is not None,
+            f"--guidance-scale {scale} needs a class-conditional model trained with --label-dropout > 0 (a null "
+            f"class); {metas[role]['path']} has num_classes {models[role].config.num_classes} and "
+            f"label_dropout {(metas[role].get('train_args') or {}).get('label_dropout') or 0}",
+        )
+    # Labels never take the null class of any model of the set (equal num_classes: the same label).
+    return next((null for null in nulls.values() if null is not None), None)
+
+
+def branch_major(part_layers: list, branches: int) -> torch.Tensor:
+    """A set's exit layers from its batches' (steps, branches * b) ones -> (steps, branches * n):
+    every batch's first branch (conditional) first, then every batch's second (unconditional)."""
+    if branches == 1:
+        return torch.cat(part_layers, dim=1)
+    chunks = [layers.chunk(branches, dim=1) for layers in part_layers]
+    return torch.cat([c[branch] for branch in range(branches) for c in chunks], dim=1)
 
 
 def guided_labels(y: torch.Tensor, null_label: int) -> torch.Tensor:

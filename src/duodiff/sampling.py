@@ -8,6 +8,7 @@ Methods (docs/architecture.md):
 - duodiff   the shallow U-ViT (--checkpoint-path) for the first --t-switch (noisiest) steps,
             the full U-ViT (--checkpoint-path-late) for the rest. The first must be the shallower
             one (two paths swapped are refused) unless --allow-deeper-shallow says it is meant.
+With --guidance-scale S != 0 each method also runs the unconditional branch (duodiff.guidance).
 
 The set is written batch by batch: the PNGs of a batch, then its part file (exit layers, wall
 time and the settings). A rerun with the same arguments skips finished batches, so a killed job
@@ -26,6 +27,7 @@ import torch
 from duodiff.distributed import default_device
 from duodiff.errors import DuodiffError, check_choice, require
 from duodiff.flags import add_flag
+from duodiff.guidance import branch_major, check_guidance_scale, label_classes, set_null_label
 from duodiff.images import image_grid, load_png, save_png, to_uint8
 from duodiff.io import torch_save, write_json
 from duodiff.sampling_setup import (
@@ -57,6 +59,11 @@ def part_path(folder: Path, batch_index: int) -> Path:
     return folder / "parts" / f"batch_{batch_index:05d}.pt"
 
 
+def branches(settings: dict) -> int:
+    """Network evaluations per sample and step: 2 with guidance (duodiff.guidance), else 1."""
+    return 2 if settings["guidance_scale"] != 0 else 1
+
+
 def main_value(by_role: dict):
     """The set's main model (or its metadata): the only one, or DuoDiff's shallow model."""
     return by_role.get("model", by_role.get("shallow"))
@@ -66,7 +73,7 @@ def main_value(by_role: dict):
 
 
 def check_sample_args(*, method, sampler, steps, n_samples, batch_size, seed, eta, threshold, t_switch,
-                      checkpoint_path_late, allow_deeper_shallow, precision, device) -> torch.device:
+                      checkpoint_path_late, allow_deeper_shallow, precision, device, guidance_scale) -> torch.device:
     """Every rule on the arguments that needs no file, once, before any work; -> the device."""
     check_choice("--method", method, METHODS)
     check_choice("--sampler", sampler, SAMPLERS)
@@ -109,6 +116,7 @@ def check_sample_args(*, method, sampler, steps, n_samples, batch_size, seed, et
         )
         require(not allow_deeper_shallow, f"--allow-deeper-shallow applies to --method duodiff only; got it with --method {method}")
     check_choice("--precision", precision, PRECISIONS)
+    check_guidance_scale(guidance_scale)
     dev = check_device(device or default_device())
     require(
         dev.type == "cuda" or precision not in CUDA_ONLY_PRECISIONS,
@@ -137,16 +145,18 @@ def sampling_steps(num_timesteps: int, method, sampler, steps, t_switch) -> int:
 
 
 def run_sample(*, checkpoint_path, method, output_folder, sampler, steps, n_samples, batch_size, seed, threshold,
-               t_switch, checkpoint_path_late, eta, use_ema, device, precision, progress, allow_deeper_shallow):
+               t_switch, checkpoint_path_late, eta, use_ema, device, precision, progress, allow_deeper_shallow,
+               guidance_scale):
     """Generate `n_samples` images into `output_folder` (see docs/architecture.md, "Sample set folder")."""
     dev = check_sample_args(
         method=method, sampler=sampler, steps=steps, n_samples=n_samples, batch_size=batch_size, seed=seed, eta=eta,
         threshold=threshold, t_switch=t_switch, checkpoint_path_late=checkpoint_path_late,
-        allow_deeper_shallow=allow_deeper_shallow, precision=precision, device=device,
+        allow_deeper_shallow=allow_deeper_shallow, precision=precision, device=device, guidance_scale=guidance_scale,
     )  # fmt: skip
     paths = (checkpoint_path, checkpoint_path_late)
     models, diffusion, metas = load_models(method, *paths, use_ema, dev, allow_deeper_shallow)
     steps = sampling_steps(diffusion.num_timesteps, method, sampler, steps, t_switch)
+    null = set_null_label(guidance_scale, models, metas)
     settings = {
         "method": method,
         "checkpoint": str(checkpoint_path),
@@ -158,6 +168,7 @@ def run_sample(*, checkpoint_path, method, output_folder, sampler, steps, n_samp
         "t_switch": t_switch,
         **dict(zip(RUN_KEYS, (sampler, steps, float(eta), n_samples, batch_size, seed))),
         "precision": precision,
+        "guidance_scale": float(guidance_scale),
     }
     folder = Path(output_folder)
     starts = range(0, n_samples, batch_size)
@@ -173,7 +184,7 @@ def run_sample(*, checkpoint_path, method, output_folder, sampler, steps, n_samp
         model.eval()
     if todo:
         config = main_value(models).config
-        shape = (min(batch_size, n_samples), config.in_chans, config.img_size, config.img_size)
+        shape = (branches(settings) * min(batch_size, n_samples), config.in_chans, config.img_size, config.img_size)
         warm_up(method, models, settings["threshold"], shape, config.num_classes, dev, precision)
 
     from tqdm.auto import tqdm
@@ -181,7 +192,7 @@ def run_sample(*, checkpoint_path, method, output_folder, sampler, steps, n_samp
     bar = tqdm(total=len(batches), initial=len(batches) - len(todo), desc=f"sample {method}", unit="batch",
                disable=not progress)  # fmt: skip
     for batch in todo:
-        parts[batch[0]] = sample_batch(folder, batch, settings, models, diffusion, dev, progress)
+        parts[batch[0]] = sample_batch(folder, batch, settings, models, diffusion, dev, progress, null)
         bar.update(1)
     bar.close()
     return finish_set(folder, settings, [parts[b] for b, _, _ in batches], models, metas, diffusion, dev)
@@ -193,8 +204,9 @@ def read_part(path: Path, settings: dict) -> dict:
     except Exception as error:  # a part is written atomically; anything unreadable is foreign
         raise DuodiffError(f"{path}: unreadable part file ({error}); delete the output folder and rerun") from None
     found = part.get("settings") if isinstance(part, dict) else None
-    if isinstance(found, dict) and "precision" not in found:
-        found = {**found, "precision": "fp32"}  # parts written before --precision existed: fp32
+    if isinstance(found, dict):
+        # Parts written before --precision / --guidance-scale existed: fp32, unguided.
+        found = {"precision": "fp32", "guidance_scale": 0.0, **found}
     if found != settings:
         changed = (
             sorted(k for k in set(settings) | set(found) if settings.get(k) != found.get(k))
@@ -221,8 +233,9 @@ def finished_parts(folder: Path, settings: dict) -> dict:
     return parts
 
 
-def sample_batch(folder: Path, batch: tuple, settings: dict, models, diffusion, device, progress) -> dict:
-    """Sample one batch (index, first image, count), write its PNGs, then its part file."""
+def sample_batch(folder: Path, batch: tuple, settings: dict, models, diffusion, device, progress, null) -> dict:
+    """Sample one batch (index, first image, count), write its PNGs, then its part file; `null`:
+    the models' null class (None: none), never a sample label."""
     b, start, count = batch
     method, steps = settings["method"], settings["steps"]
     config = main_value(models).config
@@ -230,8 +243,9 @@ def sample_batch(folder: Path, batch: tuple, settings: dict, models, diffusion, 
     # Drawn on the CPU in a fixed order (noise, labels, then the sampler's noise), so every
     # method and device starts batch b from the same x_T and labels.
     noise = torch.randn((count, config.in_chans, config.img_size, config.img_size), generator=generator).to(device)
-    y = torch.randint(config.num_classes, (count,), generator=generator).to(device) if config.num_classes > 0 else None
-    denoiser = make_denoiser(method, models, settings["threshold"], settings["t_switch"], y)
+    classes = label_classes(config.num_classes, null)
+    y = torch.randint(classes, (count,), generator=generator).to(device) if config.num_classes > 0 else None
+    denoiser = make_denoiser(method, models, settings["threshold"], settings["t_switch"], y, settings["guidance_scale"], null)
 
     clock = timing_clock(device)
     synchronize(device)
@@ -268,7 +282,7 @@ def sample_batch(folder: Path, batch: tuple, settings: dict, models, diffusion, 
 
 def finish_set(folder: Path, settings: dict, parts: list, models, metas, diffusion, device) -> dict:
     """exit_layers.pt, grid.png and, last, stats.json: its presence marks a finished set."""
-    exit_layers = torch.cat([part["exit_layers"] for part in parts], dim=1)
+    exit_layers = branch_major([part["exit_layers"] for part in parts], branches(settings))
     torch_save(exit_layers, folder / "exit_layers.pt")
     write_grid(folder, min(GRID_SAMPLES, settings["n_samples"]))
     stats = set_stats(settings, parts, exit_layers, models, metas, diffusion, device)
@@ -316,10 +330,12 @@ def set_stats(settings: dict, parts: list, exit_layers, models, metas, diffusion
         **{key: settings[key] for key in RUN_KEYS},
         "depth": depth,
         "shallow_depth": shallow_depth,
-        **{key: settings[key] for key in ("checkpoint", "checkpoint_late", "use_ema", "precision")},
+        **{key: settings[key] for key in ("checkpoint", "checkpoint_late", "use_ema", "precision", "guidance_scale")},
+        "branches": branches(settings),
         **throughput(parts, settings["n_samples"]),
         "mean_exit_layer_per_step": exit_layers.double().mean(dim=1).tolist(),
-        # Executed transformer blocks relative to always running the deepest model of the set.
+        # Executed transformer blocks relative to always running the deepest model of the set (with
+        # guidance: over both branches, each column of exit_layers one network evaluation).
         "layer_ratio": exit_layers.double().mean().item() / depth,
         "img_size": config.img_size,
         "in_chans": config.in_chans,
@@ -360,6 +376,8 @@ def add_cli(subparsers) -> None:
     add_flag(parser, "--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     add_flag(parser, "--precision", default="fp32",
              help="network arithmetic: fp32 | tf32 (CUDA) | bf16 | fp16 (CUDA): autocast")  # fmt: skip
+    add_flag(parser, "--guidance-scale", type=float, default=0.0,
+             help="classifier-free guidance: out_c + S (out_c - out_u) with the null class; 0: none (U-ViT ImageNet 256: 0.4)")
     add_flag(parser, "--no-progress", dest="progress", action="store_false", help="no progress bars")
     parser.set_defaults(func=_main)
 

@@ -116,8 +116,14 @@ def check_duodiff_pair(models, diffusions, paths, allow_deeper_shallow: bool) ->
     )
 
 
-def make_denoiser(method, models, threshold, t_switch, y):
-    """The denoiser of a method; its threshold and t_switch were checked by duodiff.sampling."""
+def make_denoiser(method, models, threshold, t_switch, y, guidance_scale=0.0, null=None):
+    """The denoiser of a method; its threshold and t_switch were checked by duodiff.sampling.
+    A guidance scale != 0 runs it on both branches, y and the null label (duodiff.guidance)."""
+    if guidance_scale != 0:
+        from duodiff.guidance import GuidedDenoiser, guided_labels
+
+        inner = make_denoiser(method, models, threshold, t_switch, guided_labels(y, null))
+        return GuidedDenoiser(inner, guidance_scale)
     from duodiff.diffusion import DuoDiffDenoiser, EarlyExitDenoiser, ModelDenoiser
 
     if method == "early_exit":

@@ -36,6 +36,7 @@ from duodiff.data import DATASETS, load_dataset
 from duodiff.determinism import StepBatchSampler, get_rng_states, set_rng_states, step_draws
 from duodiff.errors import DuodiffError, require
 from duodiff.flags import add_flag, cli_flags
+from duodiff.guidance import drop_labels
 from duodiff.io import write_csv
 from duodiff.models import build_model
 from duodiff.models.early_exit import LOSS_PARTS
@@ -59,7 +60,7 @@ def run_train(
     *, model, config_path, log_path, dataset, data_root, download, image_size, num_timesteps, beta_start, beta_end,
     parametrization, n_steps, batch_size, lr, weight_decay, beta1, beta2, warmup_steps, grad_clip, ema_decay,
     use_amp, seed, log_every_n_steps, save_every_n_steps, num_workers, device, classifier_type, load_backbone,
-    freeze_backbone, use_unweighted_loss, loss_weighting, min_snr_gamma,
+    freeze_backbone, use_unweighted_loss, loss_weighting, min_snr_gamma, label_dropout,
 ) -> dict:
     """Train, resuming from log_path/checkpoint.pt if present. Returns a summary dict.
 
@@ -81,7 +82,7 @@ def run_train(
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         data = load_training_data(dataset, data_root, download, plan.image_size, dist_info, device)
-        check_data_fits(data, plan.config, config_path)
+        check_data_fits(data, plan.config, config_path, label_dropout)
         return _train(args, plan, data, device, dist_info, resume, log_path)
     finally:
         distributed.cleanup()
@@ -196,6 +197,9 @@ def train_step(run: Run, plan: TrainPlan, args, x0, y, weights, hflip, rows: sli
     diffusion = plan.diffusion
     x0 = x0.to(device, non_blocking=True)
     y = y.to(device) if plan.config.num_classes > 0 else None
+    if args["label_dropout"] > 0:
+        null = plan.config.num_classes - 1
+        y = drop_labels(y, null, args["label_dropout"], args["seed"], run.step, args["batch_size"], rows)
     t, noise, flip = step_draws(
         args["seed"], run.step, diffusion.num_timesteps, args["batch_size"], x0.shape[1:], hflip, rows, device
     )
@@ -370,6 +374,8 @@ def add_cli(subparsers) -> None:
     add_flag(p, "--use-unweighted-loss", action="store_true", help="early exit: add the unweighted per-exit MSE")
     add_flag(p, "--loss-weighting", default="uniform", help="uniform (DDPM's L_simple) | min_snr (Min-SNR-gamma)")
     add_flag(p, "--min-snr-gamma", type=float, default=5.0, help="min_snr: the cap on the signal-to-noise ratio")
+    add_flag(p, "--label-dropout", type=float, default=0.0, help="classifier-free guidance: the probability of "
+             "replacing a label by the null class (the last class token; num_classes = classes + 1); 0: none")
     p.set_defaults(func=_cli)
 
 

@@ -20,6 +20,7 @@ from duodiff.config import load_yaml
 from duodiff.data import CHANNELS, DATASETS, NUM_CLASSES
 from duodiff.diffusion import LOSS_WEIGHTINGS, GaussianDiffusion
 from duodiff.errors import DuodiffError, check_choice, require
+from duodiff.guidance import check_class_count, check_label_dropout
 from duodiff.models import CLASSIFIER_TYPES, EARLY_EXIT_KEYS, KIND_ALIASES, MODEL_KINDS, UViTConfig
 from duodiff.models.early_exit import PROBE_HEADS
 
@@ -94,6 +95,7 @@ def check_train_args(args: dict, world_size: int) -> TrainPlan:
         # written before them still resume.
         **({"loss_weighting": args["loss_weighting"], "min_snr_gamma": args["min_snr_gamma"]}
            if args["loss_weighting"] != "uniform" else {}),
+        **({"label_dropout": args["label_dropout"]} if args["label_dropout"] != 0 else {}),
         "load_backbone": str(args["load_backbone"]) if args["load_backbone"] is not None else None,
     }  # fmt: skip
     train_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in args.items()}
@@ -151,12 +153,9 @@ def _check_image_and_dataset(args: dict, config: UViTConfig) -> int:
         CHANNELS[dataset] == config.in_chans,
         f"--dataset {dataset} has {CHANNELS[dataset]} channel(s) but {config_path} has in_chans {config.in_chans}",
     )
-    if config.num_classes > 0 and NUM_CLASSES[dataset] is not None:
-        require(
-            NUM_CLASSES[dataset] == config.num_classes,
-            f"{config_path} has num_classes {config.num_classes} but --dataset {dataset} "
-            f"has {NUM_CLASSES[dataset] or 'no'} class labels",
-        )
+    check_label_dropout(args["label_dropout"], config.num_classes, config_path)
+    if NUM_CLASSES[dataset] is not None:
+        check_class_count(config.num_classes, NUM_CLASSES[dataset], args["label_dropout"], config_path, dataset)
     return image_size
 
 
@@ -195,6 +194,8 @@ def check_same_settings(checkpoint: dict, settings: dict, path) -> None:
     """A checkpoint resumes only under the settings that made it (TrainPlan.settings)."""
     old = checkpoint.get("settings")
     require(isinstance(old, dict), f"{path}: checkpoint has no training settings; remove it or choose another --log-path")
+    if "label_dropout" in old and "label_dropout" not in settings:
+        settings = {**settings, "label_dropout": 0.0}  # entered only when set: a run without it differs too
     for key, value in settings.items():
         if old.get(key) == value:
             continue
@@ -210,18 +211,12 @@ def check_same_settings(checkpoint: dict, settings: dict, path) -> None:
         )
 
 
-def check_data_fits(data, config, config_path) -> None:
+def check_data_fits(data, config, config_path, label_dropout=0.0) -> None:
     """The loaded training data against the run's UViTConfig `config` (imagefolder: its shape
-    and class count are known only once read)."""
+    and class count are known only once read; with label dropout, num_classes counts the null class)."""
     require(
         config.img_size == data.image_size and config.in_chans == data.channels,
         f"--dataset {data.name} gives {data.channels}x{data.image_size}x{data.image_size} images but "
         f"{config_path} expects in_chans {config.in_chans}, img_size {config.img_size}",
     )
-    num_classes = config.num_classes
-    if num_classes > 0:
-        require(
-            data.num_classes == num_classes,
-            f"{config_path} has num_classes {num_classes} but --dataset {data.name} has "
-            f"{data.num_classes or 'no'} class labels",
-        )
+    check_class_count(config.num_classes, data.num_classes, label_dropout, config_path, data.name)

@@ -36,13 +36,19 @@ def dataset_flags() -> str:
     )
 
 
+def unless_zero(settings: dict, *keys) -> dict:
+    """`settings` without `keys` whose value is 0, the command's default and the behaviour before
+    these keys existed: jobs run before them keep their params (no rerun)."""
+    return {key: value for key, value in settings.items() if not (key in keys and value == 0)}
+
+
 def train_flags(stage: str) -> str:
     """Every `duodiff train` setting of train.<stage>, plus dataset, diffusion and device."""
     return " ".join(
         [
             dataset_flags(),
             cli_flags(config["diffusion"]),
-            cli_flags(config["train"][stage]),
+            cli_flags(unless_zero(config["train"][stage], "label_dropout")),
             cli_flags({"device": config["device"]}),
         ]
     )
@@ -58,7 +64,8 @@ def sampling_flags(steps=None) -> str:
         settings["steps"] = steps
     settings["no_ema"] = not sampling["use_ema"]
     settings["device"] = config["device"]
-    return cli_flags(settings)
+    settings["guidance_scale"] = sampling["guidance_scale"]
+    return cli_flags(unless_zero(settings, "guidance_scale"))
 
 
 def reference_flags() -> str:
@@ -104,5 +111,7 @@ def cmmd_flags() -> str:
 
 
 def convert_flags() -> str:
-    """The diffusion settings stored in model.pt, and the dataset the model is recorded under."""
-    return " ".join([cli_flags(config["diffusion"]), cli_flags({"dataset": config["dataset"]["name"]})])
+    """The diffusion settings stored in model.pt, the dataset the model is recorded under and the
+    label dropout it was published with (train.full.label_dropout: its null class, for guidance)."""
+    recorded = {"dataset": config["dataset"]["name"], "label_dropout": config["train"]["full"].get("label_dropout", 0)}
+    return " ".join([cli_flags(config["diffusion"]), cli_flags(unless_zero(recorded, "label_dropout"))])

@@ -93,6 +93,7 @@ def check_config(config, dryrun: bool) -> None:
     _check_depths(config)
     _check_full_model_fits_dataset(config["dataset"], full_path, full)
     _check_shallow_models(config["models"]["shallow"], full_path, full)
+    _check_guidance(config, full_path, full)
     _check_data_source(config["dataset"], dryrun)
 
 
@@ -199,6 +200,33 @@ def _check_shallow_models(shallow_paths, full_path, full) -> None:
                 f"{shallow['depth']}; sample sets are named by depth (shallow_d<depth>), so depths must differ"
             )
         depths[shallow["depth"]] = path
+
+
+def _check_guidance(config, full_path, full) -> None:
+    """Label dropout gives the models their null class (the last class token), guidance needs it.
+    The shallow models share the full model's num_classes and the early-exit models its backbone,
+    so the three trainings drop labels or not together: the exit heads serve the unconditional
+    branch too."""
+    dropout = {stage: config["train"][stage]["label_dropout"] for stage in ("full", "shallow", "early_exit")}
+    num_classes = full.get("num_classes", 0)
+    if any(p > 0 for p in dropout.values()) and num_classes == 0:
+        raise ValueError(
+            f"invalid config: train.*.label_dropout is set ({', '.join(f'{k} {v}' for k, v in dropout.items())}), but "
+            f"models.full {full_path} has num_classes 0: label dropout needs a class-conditional model"
+        )
+    if len({p > 0 for p in dropout.values()}) > 1:
+        raise ValueError(
+            f"invalid config: train.full, train.shallow and train.early_exit must all drop labels or none "
+            f"(label_dropout {', '.join(f'{k} {v}' for k, v in dropout.items())}): they share the null class"
+        )
+    scale = config["sampling"]["guidance_scale"]
+    if scale != 0 and (num_classes == 0 or dropout["full"] == 0):
+        raise ValueError(
+            f"invalid config: sampling.guidance_scale is {scale}, which needs class-conditional models with a null "
+            f"class: models.full {full_path} has num_classes {num_classes} and train.full.label_dropout "
+            f"{dropout['full']}; set train.*.label_dropout > 0 (with models.full_checkpoint: the published model's, "
+            "U-ViT's ImageNet 256 0.15) and num_classes = the dataset's classes + 1"
+        )
 
 
 def _check_data_source(dataset, dryrun: bool) -> None:

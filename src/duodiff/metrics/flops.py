@@ -26,8 +26,13 @@ Per sample set (DIR/stats.json, DIR/exit_layers.pt of shape (steps, n)):
 - gflops_per_forward: the mean over steps and samples of the executed network's cost
   (full / shallow: constant; duodiff: shallow for the first t_switch steps, full after;
   early exit: LUT[exit layer]);
-- gflops_per_image: the sum over the sampling steps (steps x gflops_per_forward);
+- gflops_per_image: the sum over the sampling steps (steps x gflops_per_forward) and, with
+  classifier-free guidance, over the sample's two branches (each step runs the network twice);
 - layer_ratio: the mean executed depth (exit_layers) / the full depth.
+
+A guided set (stats.json: branches 2) has exit_layers (steps, 2n), one column per network
+evaluation (duodiff.guidance): gflops_per_forward stays the mean cost of one evaluation, each
+branch at its own depth under early exit, and gflops_per_image counts both.
 """
 
 from __future__ import annotations
@@ -213,15 +218,17 @@ def set_costs(method: str, exit_layers: torch.Tensor, costs: dict, costs_late: d
     raise AssertionError(f"read_set checks the method; got {method!r}")
 
 
-def summarize(per_eval: dict, exit_layers: torch.Tensor, full_depth: int) -> dict:
-    """Mean over steps and samples (per forward), sum over steps (per image), layer ratio."""
-    steps = exit_layers.shape[0]
+def summarize(per_eval: dict, exit_layers: torch.Tensor, full_depth: int, branches: int = 1) -> dict:
+    """Mean over steps and evaluations (per forward), sum over steps and a sample's `branches`
+    (per image; branch b of sample i is column b * n + i), layer ratio."""
+    steps, columns = exit_layers.shape
     out = {}
     for k, suffix in (("total", ""), ("linear_conv", "_linear_conv")):
         per_forward = float(per_eval[k].mean()) / GIGA
         out[f"gflops_per_forward{suffix}"] = per_forward
         # Every sample runs every step, so the sum over steps is steps x the mean per step.
-        out[f"gflops_per_image{suffix}"] = float(per_eval[k].sum(dim=0).mean()) / GIGA
+        per_image = per_eval[k].sum(dim=0).reshape(branches, columns // branches).sum(dim=0)
+        out[f"gflops_per_image{suffix}"] = float(per_image.mean()) / GIGA
     out["layer_ratio"] = float(exit_layers.double().mean()) / full_depth
     out["steps"] = steps
     return out
@@ -244,6 +251,12 @@ def read_set(samples) -> tuple[dict, torch.Tensor]:
     for key in ("checkpoint",) + (("checkpoint_late",) if method == "duodiff" else ()):
         require(stats.get(key), f"{stats_path}: {key} is missing")
         require(Path(stats[key]).is_file(), f"{stats_path}: {key} {stats[key]} does not exist")
+    branches, columns = stats.get("branches", 1), exit_layers.shape[1]
+    require(
+        branches in (1, 2) and columns % branches == 0 and stats.get("n_samples", columns // branches) * branches == columns,
+        f"{layers_path}: {columns} columns do not hold branches {branches!r} (stats.json) x n_samples "
+        f"{stats.get('n_samples')} network evaluations per step",
+    )
     if method == "duodiff":
         t_switch, steps = stats.get("t_switch"), exit_layers.shape[0]
         require(
@@ -262,13 +275,16 @@ def run_flops(*, samples, output) -> dict:
     if method == "early_exit":
         require(meta["kind"] == "early_exit", f"{stats_path}: an early_exit set needs an early-exit checkpoint; {stats['checkpoint']} is {meta['kind']!r}")
     per_eval, full_depth = set_costs(method, exit_layers, costs, costs_late, stats.get("t_switch"))
+    branches = stats.get("branches", 1)  # sets sampled before guidance existed: 1
 
     full = network_cost(costs_late if method == "duodiff" else costs)
     lut = exit_lut(costs) if method == "early_exit" else None
     result = {
         "method": method,
-        **summarize(per_eval, exit_layers, full_depth),
-        "n_samples": exit_layers.shape[1],
+        **summarize(per_eval, exit_layers, full_depth, branches),
+        "n_samples": exit_layers.shape[1] // branches,
+        "guidance_scale": stats.get("guidance_scale", 0.0),
+        "branches": branches,
         "full_depth": full_depth,
         "gflops_full_network": full["total"] / GIGA,
         "gflops_full_network_linear_conv": full["linear_conv"] / GIGA,
