@@ -22,7 +22,7 @@ from duodiff.diffusion import GaussianDiffusion
 from duodiff.errors import DuodiffError
 from duodiff.models import UViTConfig
 from duodiff.training_checks import read_backbone
-from _defaults import run_args
+from _defaults import cli_args
 from test_workflow import REPO, TINY, job_counts, load, make_workdir, planned_commands, snakemake
 
 torch.set_num_threads(1)
@@ -162,7 +162,7 @@ def test_a_published_null_class_is_recorded_for_guided_sampling(tmp_path):
     convert(tmp_path / "uvit.pth", config_path, tmp_path / "guided.pt", dataset="cifar10", label_dropout=0.15)
     model, _, meta = load_model(tmp_path / "guided.pt")
     assert meta["train_args"] == {"dataset": "cifar10", "label_dropout": 0.15} and null_label(11, meta) == 10
-    stats = run_sample(**run_args("sample", checkpoint_path=tmp_path / "guided.pt", method="full", output_folder=tmp_path / "s",
+    stats = run_sample(**cli_args("sample", checkpoint_path=tmp_path / "guided.pt", method="full", output_folder=tmp_path / "s",
                                   steps=2, n_samples=2, batch_size=2, progress=False, guidance_scale=0.4))  # fmt: skip
     assert (stats["guidance_scale"], stats["branches"]) == (0.4, 2)
     # Without --label-dropout the extra class token has nobody to mean it: refused, naming the flag.

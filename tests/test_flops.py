@@ -253,8 +253,8 @@ def test_guided_full_set_is_twice_the_unguided_by_hand(tmp_path):
     stats, steps, n = {"method": "full", "checkpoint": str(tmp_path / "full.pt")}, 4, 3
     write_set(tmp_path / "plain", {**stats, "n_samples": n}, torch.full((steps, n), DEPTH))
     guided_set(tmp_path / "guided", stats, torch.full((steps, 2 * n), DEPTH), n)
-    plain = flops.run_flops(**run_args("flops", samples=tmp_path / "plain", output=tmp_path / "plain.json"))
-    guided = flops.run_flops(**run_args("flops", samples=tmp_path / "guided", output=tmp_path / "guided.json"))
+    plain = flops.run_flops(**cli_args("flops", samples=tmp_path / "plain", output=tmp_path / "plain.json"))
+    guided = flops.run_flops(**cli_args("flops", samples=tmp_path / "guided", output=tmp_path / "guided.json"))
     assert plain["gflops_per_image"] == pytest.approx(steps * FULL_TOTAL / 1e9, rel=1e-12)
     assert guided["gflops_per_image"] == pytest.approx(2 * steps * FULL_TOTAL / 1e9, rel=1e-12)
     assert guided["gflops_per_image_linear_conv"] == pytest.approx(2 * steps * FULL_LINEAR_CONV / 1e9, rel=1e-12)
@@ -272,7 +272,7 @@ def test_guided_duodiff_set_by_hand(tmp_path):
              "checkpoint_late": str(tmp_path / "full.pt"), "t_switch": t_switch}  # fmt: skip
     exit_layers = torch.tensor([[3] * 2 * n] * t_switch + [[DEPTH] * 2 * n] * (steps - t_switch))
     guided_set(tmp_path / "duo", stats, exit_layers, n)
-    out = flops.run_flops(**run_args("flops", samples=tmp_path / "duo", output=tmp_path / "duo.json"))
+    out = flops.run_flops(**cli_args("flops", samples=tmp_path / "duo", output=tmp_path / "duo.json"))
     # Both branches of a sample: t_switch steps of the shallow model, then the full one.
     assert out["gflops_per_image"] == pytest.approx(2 * (t_switch * SHALLOW_TOTAL + (steps - t_switch) * FULL_TOTAL) / 1e9, rel=1e-12)
     assert out["gflops_per_forward"] == pytest.approx((2 * SHALLOW_TOTAL + 3 * FULL_TOTAL) / 5 / 1e9, rel=1e-12)
@@ -284,7 +284,7 @@ def test_guided_early_exit_set_counts_each_branch_at_its_own_exit(tmp_path, ee_c
     # n = 2 samples: columns 0, 1 their conditional branches, 2, 3 their unconditional ones.
     exit_layers = torch.tensor([[5, 1, 2, 0], [3, 5, 4, 4]])
     guided_set(tmp_path / "ee", {"method": "early_exit", "checkpoint": str(tmp_path / "ee.pt")}, exit_layers, 2)
-    out = flops.run_flops(**run_args("flops", samples=tmp_path / "ee", output=tmp_path / "ee.json"))
+    out = flops.run_flops(**cli_args("flops", samples=tmp_path / "ee", output=tmp_path / "ee.json"))
     lut = [e["total"] for e in flops.exit_lut(ee_costs)]
     sample_0 = lut[5] + lut[3] + lut[2] + lut[4]  # conditional exits 5, 3; unconditional 2, 4
     sample_1 = lut[1] + lut[5] + lut[0] + lut[4]
@@ -296,4 +296,4 @@ def test_guided_set_with_the_wrong_number_of_columns_is_refused(tmp_path):
     save_tiny(tmp_path / "full.pt", "uvit", CONFIG)
     guided_set(tmp_path / "bad", {"method": "full", "checkpoint": str(tmp_path / "full.pt")}, torch.full((2, 3), DEPTH), 3)
     with pytest.raises(DuodiffError, match=r"3 columns do not hold branches 2 \(stats.json\) x n_samples 3"):
-        flops.run_flops(**run_args("flops", samples=tmp_path / "bad", output=tmp_path / "out.json"))
+        flops.run_flops(**cli_args("flops", samples=tmp_path / "bad", output=tmp_path / "out.json"))

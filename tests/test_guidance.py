@@ -92,7 +92,7 @@ def test_guided_sampling_runs_every_step_with_both_branches():
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from _defaults import run_args  # noqa: E402
+from _defaults import cli_args  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from duodiff import sampling  # noqa: E402
@@ -135,7 +135,7 @@ def guided_models(tmp_path_factory):
 
 
 def guided_sample(paths, out, method, scale=SCALE, **changes):
-    args = run_args(
+    args = cli_args(
         "sample", checkpoint_path=paths["ee" if method == "early_exit" else "shallow" if method == "duodiff" else "full"],
         method=method, output_folder=out, sampler="ddim", steps=STEPS, n_samples=N, batch_size=BATCH, seed=3,
         progress=False, guidance_scale=scale,
@@ -234,7 +234,7 @@ def test_guided_early_exit_each_branch_exits_by_its_own_rule(guided_models, tmp_
     assert exit_layers[:, N : N + BATCH].tolist() == [u.tolist() for _, u in exits]
     assert stats["layer_ratio"] == pytest.approx(exit_layers.double().mean().item() / 3)
     # GFLOPs per image: both branches' evaluations, each at its own exit.
-    out = flops.run_flops(**run_args("flops", samples=tmp_path / "ee", output=tmp_path / "ee.json"))
+    out = flops.run_flops(**cli_args("flops", samples=tmp_path / "ee", output=tmp_path / "ee.json"))
     lut = [entry["total"] for entry in flops.exit_lut(flops.model_costs("early_exit", COND, 100, "mlp_probe_per_layer"))]
     per_image = sum(lut[k] for k in exit_layers.flatten().tolist()) / N
     assert out["gflops_per_image"] == pytest.approx(per_image / 1e9, rel=1e-12)
