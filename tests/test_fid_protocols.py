@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torchvision
@@ -188,3 +189,55 @@ def test_unreadable_statistics_file_is_refused(tmp_path):
         reference.read_statistics(path)
     with pytest.raises(DuodiffError, match="no such file"):
         reference.read_statistics(tmp_path / "missing.npz")
+
+
+def rewrite_fid_json(root, names, **changes):
+    for name in names:
+        path = root / "metrics" / name / "fid.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def test_tables_name_the_mode_and_leave_out_kid_against_statistics(tmp_path):
+    from test_tables import ORDER, markdown_rows, tables, write_study
+
+    write_study(tmp_path)
+    rewrite_fid_json(tmp_path, ORDER, mode="legacy_pytorch", reference_source="statistics", kid=None, kid_std=None,
+                     kid_ci_low=None, kid_ci_high=None, n_reference=None, notes=[fid.STATISTICS_NOTE])
+    tables(tmp_path)
+    out = tmp_path / "tables"
+    page = (out / "summary.md").read_text()
+    header, rows = markdown_rows(page)
+    assert "KID×10³ ↓" not in header and "nan" not in page
+    assert "FID (Inception; no KID): clean-fid, mode legacy_pytorch (pytorch-fid's" in page
+    assert "FID caveat (all sets): reference from published statistics (mu, sigma) without its features: no KID" in page
+    frame = pd.read_csv(out / "fid.csv")
+    assert (frame["fid_mode"] == "legacy_pytorch").all() and (frame["reference_source"] == "statistics").all()
+    assert pd.read_csv(out / "kid.csv")["kid"].isna().all()
+    for name in ("summary.tex", "summary.html"):
+        assert "nan" not in (out / name).read_text().lower().replace("nanmean", ""), name
+
+
+def test_tables_refuse_mixed_modes_with_one_message(tmp_path):
+    from test_tables import ORDER, tables, write_study
+
+    write_study(tmp_path)
+    rewrite_fid_json(tmp_path, ORDER[:2], mode="legacy_pytorch")
+    with pytest.raises(DuodiffError, match=r"FID modes are mixed, so the scores cannot share a table: mode legacy_pytorch: "
+                                           r"full, shallow_d3; mode clean: ee_attention_probe_thr0.05, "):
+        tables(tmp_path)
+    assert not (tmp_path / "tables").exists()
+
+
+def test_tables_refuse_a_real_set_made_for_another_mode(tmp_path):
+    import shutil
+
+    from test_tables import ORDER, tables, write_study
+
+    write_study(tmp_path)
+    shutil.copytree(tmp_path / "metrics" / "full", tmp_path / "metrics" / "real")
+    (tmp_path / "samples" / "real").mkdir()
+    (tmp_path / "samples" / "real" / "stats.json").write_text(json.dumps(
+        {"method": "real", "n_samples": 5, "notes": [], "mode": "legacy_pytorch"}))
+    with pytest.raises(DuodiffError, match="real-data set was made for FID mode legacy_pytorch but scored against a "
+                                           "mode clean reference"):
+        tables(tmp_path, ["real"] + ORDER)
