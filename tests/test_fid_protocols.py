@@ -241,3 +241,58 @@ def test_tables_refuse_a_real_set_made_for_another_mode(tmp_path):
     with pytest.raises(DuodiffError, match="real-data set was made for FID mode legacy_pytorch but scored against a "
                                            "mode clean reference"):
         tables(tmp_path, ["real"] + ORDER)
+
+
+def workflow_run(tmp_path, edit, *args):
+    """snakemake on the tiny config with `edit` applied (test_workflow's helpers)."""
+    import yaml
+
+    from test_workflow import TINY, load, make_workdir, modified, snakemake
+
+    workdir = make_workdir(tmp_path)
+    path = workdir / "protocol.yaml"
+    path.write_text(yaml.safe_dump(modified(load(TINY), edit)))
+    return workdir, snakemake(workdir, "--configfile", path, *args)
+
+
+def uvit_protocol(cfg, stats):
+    cfg["reference"]["statistics"] = str(stats)
+    cfg["metrics"].update(headline="inception", cmmd={"enabled": False})
+    cfg["metrics"]["fid"].update(mode="legacy_pytorch", legacy_weights="weights/pt_inception.pth")
+
+
+def test_workflow_passes_the_statistics_file_and_mode_to_every_fid_command(tmp_path):
+    from test_workflow import planned_commands
+
+    stats = write_stats(tmp_path / "fid_stats.npz", np.zeros(2048), np.eye(2048))
+    _, result = workflow_run(tmp_path, lambda c: uvit_protocol(c, stats), "-n", "-p")
+    assert result.returncode == 0, result.stderr
+    commands = planned_commands(result.stdout)
+    (reference_flags,) = [flags for command, flags in commands if command == "reference"]
+    assert reference_flags["--statistics"] == str(stats) and reference_flags["--mode"] == "legacy_pytorch"
+    assert reference_flags["--legacy-weights"] == "weights/pt_inception.pth"
+    fids = [flags for command, flags in commands if command == "fid"]
+    assert fids and all(f["--mode"] == "legacy_pytorch" and f["--legacy-weights"] == "weights/pt_inception.pth"
+                        and "--feature-net" not in f for f in fids)
+    (real_flags,) = [flags for command, flags in commands if command == "real-set"]
+    assert real_flags["--mode"] == "legacy_pytorch"
+    assert not [command for command, _ in commands if command in ("cmmd-reference", "feature-net")]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c["metrics"].update(cmmd={"enabled": False}),  # the tiny config's headline: classifier
+     "holds only mu and sigma, but metrics.headline classifier scores the reference's images"),
+    (lambda c: c["metrics"].update(headline="inception"),  # CMMD on
+     "holds no images, which CMMD's reference embeds: set metrics.cmmd.enabled: false"),
+    (lambda c: c["metrics"]["fid"].update(mode="legacy"), "metrics.fid.mode: 'legacy' is not one of ['clean', 'legacy_pytorch']"),
+])
+def test_workflow_refuses_a_statistics_reference_it_cannot_use(tmp_path, edit, message):
+    stats = write_stats(tmp_path / "fid_stats.npz", np.zeros(2048), np.eye(2048))
+
+    def both(c):
+        c["reference"]["statistics"] = str(stats)
+        edit(c)
+
+    workdir, result = workflow_run(tmp_path, both, "--cores", "1")
+    assert result.returncode != 0 and message in result.stderr
+    assert not (workdir / "results").exists()
