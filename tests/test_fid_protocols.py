@@ -296,3 +296,21 @@ def test_workflow_refuses_a_statistics_reference_it_cannot_use(tmp_path, edit, m
     workdir, result = workflow_run(tmp_path, both, "--cores", "1")
     assert result.returncode != 0 and message in result.stderr
     assert not (workdir / "results").exists()
+
+
+def test_fid_in_legacy_mode_without_weights_stops_before_reading_images(tmp_path, monkeypatch, fake_network):
+    monkeypatch.setattr(duodiff.data, "load_dataset", lambda name, **kw: FakeData(3, seed=5))
+    reference.run_reference(**cli_args("reference", dataset="cifar10", n_reference=3, output_folder=tmp_path / "ref"))
+    meta = json.loads((tmp_path / "ref" / "reference.json").read_text())
+    (tmp_path / "ref" / "reference.json").write_text(json.dumps({**meta, "mode": "legacy_pytorch"}))
+    make_samples(tmp_path / "s", 3, seed=6)
+
+    def no_images(*args, **kwargs):
+        raise AssertionError("an image was read before the weights were checked")
+
+    monkeypatch.setattr(fid, "check_samples_fit_reference", no_images)
+    monkeypatch.setattr(inception, "image_features", no_images)
+    with pytest.raises(DuodiffError, match=f"{inception.LEGACY_WEIGHTS_FILE}, not found at {tmp_path / 'none.pth'}"):
+        fid.run_fid(**cli_args("fid", samples=tmp_path / "s", reference=tmp_path / "ref", output=tmp_path / "fid.json",
+                               mode="legacy_pytorch", legacy_weights=tmp_path / "none.pth"))
+    assert not (tmp_path / "fid.json").exists()

@@ -1,5 +1,6 @@
 """FID and KID through clean-fid (Parmar et al., "On Aliased Resizing and Surprising Subtleties in
-GAN Evaluation", CVPR 2022), "clean" mode.
+GAN Evaluation", CVPR 2022), "clean" mode by default; "legacy_pytorch" (pytorch-fid's network and
+bilinear resize, the papers' protocol: inception.py) when metrics.fid.mode says so.
 
 Every number is clean-fid's own: images are read with PIL and converted to RGB (8x8 grayscale
 digits become three equal channels), resized to 299x299 with PIL bicubic in float (no
@@ -125,8 +126,7 @@ def run_fid(*, samples, reference, output, batch_size: int, device: str | None, 
     (the reference's images are passed through it here: a few hundred small images take a second).
     max_samples: score only the first N images of the set. intervals: the 95% confidence
     intervals of FID and KID (jackknife over the set's images, uncertainty.py). mode: the FID
-    protocol (inception.MODES), which must be the reference's. A statistics reference (mu, sigma
-    only) gives FID and its interval, no KID: fid.json says so in its notes."""
+    protocol, the reference's. A statistics reference gives no KID (fid.json's notes say so)."""
     run = FeatureRun(batch_size=batch_size, device=device or default_device(), num_workers=num_workers,
                      chunk_size=chunk_size, cache=Path(output).parent / FID_CACHE, mode=mode)
     check_positive("--kid-subsets", kid_subsets)
@@ -136,8 +136,8 @@ def run_fid(*, samples, reference, output, batch_size: int, device: str | None, 
     samples = Path(samples)
     files = sample_files(samples)[:max_samples]
     ref_meta, ref_features = load_reference(reference)
+    _check_mode_fits(mode, reference, ref_meta, feature_net, legacy_weights)  # before any image is read
     check_samples_fit_reference(samples, files, reference, ref_meta)
-    _check_mode_fits(mode, reference, ref_meta, feature_net)
 
     resize = None  # Inception: clean-fid's own 299 px resize
     if feature_net is None:
@@ -152,7 +152,6 @@ def run_fid(*, samples, reference, output, batch_size: int, device: str | None, 
     features = cached_image_features(files, fn, info, run, f"FID {samples.name}", resize).astype(np.float64)
     if ref_features is None:
         scored = statistics_scores(features, reference, intervals=intervals)
-        n_reference, notes = None, [STATISTICS_NOTE]
     else:
         # Statistics in float64 (clean-fid leaves float32 features in float32 for the mean and for
         # KID's kernel sums, which cancel to a small number: ~1e-4 relative error there).
@@ -161,7 +160,7 @@ def run_fid(*, samples, reference, output, batch_size: int, device: str | None, 
         ref_sigma_sqrt = load_reference_sigma_sqrt(reference, ref_sigma) if feature_net is None else psd_sqrt(ref_sigma)
         scored = scores(features, ref_features, ref_sigma, ref_sigma_sqrt, kid_subsets=kid_subsets,
                         kid_subset_size=kid_subset_size, seed=seed, intervals=intervals)
-        n_reference, notes = len(ref_features), []
+    n_reference = None if ref_features is None else len(ref_features)
     result = {
         **scored,
         "n_samples": len(features),
@@ -170,8 +169,8 @@ def run_fid(*, samples, reference, output, batch_size: int, device: str | None, 
         "mode": mode,
         "reference_source": ref_meta.get("source", "images"),
         # Inception's pool is 2048-d (a stand-in network in the tests may be smaller); the classifier's its own.
-        "notes": notes + small_sample_notes(len(features), n_reference or FEATURE_DIM,
-                                            FEATURE_DIM if feature_net is None else features.shape[1]),
+        "notes": ([STATISTICS_NOTE] if ref_features is None else [])
+        + small_sample_notes(len(features), n_reference or FEATURE_DIM, FEATURE_DIM if feature_net is None else features.shape[1]),
         "samples": str(samples),
         "reference": str(reference),
     }
@@ -234,8 +233,9 @@ def statistics_scores(features: np.ndarray, reference, *, intervals: bool) -> di
     }  # fmt: skip
 
 
-def _check_mode_fits(mode: str, reference, ref_meta: dict, feature_net) -> None:
-    """One protocol on both sides; a statistics reference has no images for the classifier."""
+def _check_mode_fits(mode: str, reference, ref_meta: dict, feature_net, legacy_weights) -> None:
+    """One protocol on both sides, whose weights are here; a statistics reference has no images
+    for the classifier."""
     check_choice("--mode", mode, inception.MODES)
     ref_mode = ref_meta.get("mode", MODE)
     require(
@@ -248,6 +248,8 @@ def _check_mode_fits(mode: str, reference, ref_meta: dict, feature_net) -> None:
         f"--feature-net {feature_net} needs the reference's images, but --reference {reference} holds only published "
         "statistics (mu, sigma); build the reference from the dataset's images (reference.statistics: null)",
     )
+    if mode == "legacy_pytorch" and feature_net is None:
+        inception.check_legacy_weights(legacy_weights)
 
 
 def _inception_for(reference, ref_meta: dict, device, mode: str, legacy_weights):

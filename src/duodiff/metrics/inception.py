@@ -86,6 +86,16 @@ def available_networks() -> dict:
     return found
 
 
+def network_info(key: str, path: Path) -> dict:
+    """What every output records of the network that made its features."""
+    return {
+        "feature_network": NETWORK_NAMES[key],
+        "feature_network_key": key,
+        "feature_network_path": str(path),
+        "feature_network_sha256": file_sha256(str(path)),
+    }
+
+
 @functools.lru_cache(maxsize=None)
 def feature_extractor(prefer: str = "auto", device: str = "cpu"):
     """-> (fn, info). fn: float tensor (B, 3, 299, 299) in [0, 255] (what clean-fid's "clean"
@@ -120,13 +130,7 @@ def feature_extractor(prefer: str = "auto", device: str = "cpu"):
             # clean-fid's InceptionV3W: x - 128, / 128, then the layers (fid-helper's forward).
             return model((x - 128) / 128).reshape(x.shape[0], FEATURE_DIM)
 
-    info = {
-        "feature_network": NETWORK_NAMES[key],
-        "feature_network_key": key,
-        "feature_network_path": str(path),
-        "feature_network_sha256": file_sha256(str(path)),
-    }
-    return fn, info
+    return fn, network_info(key, path)
 
 
 def legacy_weights_path(given=None) -> Path:
@@ -171,13 +175,7 @@ def legacy_feature_extractor(weights: str | None = None, device: str = "cpu"):
         fn = build_feature_extractor("legacy_pytorch", torch.device(device), use_dataparallel=False)
     finally:
         inception_pytorch.load_state_dict_from_url = fetch
-    info = {
-        "feature_network": NETWORK_NAMES[LEGACY_NETWORK_KEY],
-        "feature_network_key": LEGACY_NETWORK_KEY,
-        "feature_network_path": str(path),
-        "feature_network_sha256": file_sha256(str(path)),
-    }
-    return fn, info
+    return fn, network_info(LEGACY_NETWORK_KEY, path)
 
 
 def extractor(mode: str, prefer: str = "auto", legacy_weights=None, device: str = "cpu"):
