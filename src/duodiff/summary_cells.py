@@ -42,7 +42,9 @@ def summary_columns(frame: pd.DataFrame) -> list[tuple[str, str, str, str | None
     name = frame["score_name"].iloc[0]
     # "[95% CI]" only where intervals were computed (metrics.intervals).
     ci, ci_tex = (" [95% CI]", r" [95\% CI]") if frame["score_ci_low"].notna().any() else ("", "")
-    metrics = [c for c in SUMMARY_COLUMNS if c[0] != "cmmd" or cmmd_computed(frame)]
+    # KID only where some set has it (none against a reference from published statistics: a note says so).
+    metrics = [c for c in SUMMARY_COLUMNS if (c[0] != "cmmd" or cmmd_computed(frame))
+               and (c[0] != "kid" or frame["kid"].notna().any())]
     if name == "FID":
         return [("score", f"FID{ci} ↓", rf"FID{ci_tex}$\downarrow$", "min")] + metrics[1:]
     return [
@@ -141,7 +143,7 @@ def summary_cells(frame: pd.DataFrame, footnotes: dict[str, int], latex: bool) -
             text = [_fmt(v, digits) + ("" if pd.isna(lo) else f" [{lo:.{digits}f}, {hi:.{digits}f}]")
                     for v, lo, hi in zip(frame["fid"], frame["fid_ci_low"], frame["fid_ci_high"])]
         elif column == "kid":
-            text = [f"{k * KID_SCALE:.{digits}f}{pm}{s * KID_SCALE:.{digits}f}"
+            text = [_fmt(k, digits) if pd.isna(k) else f"{k * KID_SCALE:.{digits}f}{pm}{s * KID_SCALE:.{digits}f}"
                     for k, s in zip(frame["kid"], frame["kid_std"])]
         elif column == "cmmd":
             mark = (lambda n: f"\\textsuperscript{{{n}}}") if latex else (lambda n: str(n).translate(SUPERSCRIPTS))

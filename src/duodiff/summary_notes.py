@@ -60,12 +60,21 @@ def _sampling_note(frame: pd.DataFrame, full) -> str:
             f"the fewer-steps sets run the full model with {fewer} steps from the same noise.")
 
 
+# What each FID protocol is (inception.MODES), said beside the mode's name under the table.
+MODE_NOTES = {
+    "clean": " (PIL bicubic resize in float; not the papers' protocol, so not comparable with their FIDs)",
+    "legacy_pytorch": " (pytorch-fid's network and bilinear resize: the protocol of U-ViT's, DeeDiff's and DuoDiff's FIDs)",
+}
+
+
 def _network_notes(frame: pd.DataFrame) -> list[str]:
     """The feature networks behind FID/KID, and each caveat fid.json carries, with its sets."""
     networks = frame[["feature_network", "feature_network_sha256"]].drop_duplicates()
     described = ", ".join(f"{r.feature_network} (sha256 {str(r.feature_network_sha256)[:12]}…)"
                           for r in networks.itertuples())
-    lines = [f"FID (Inception) and KID: clean-fid, mode clean, features from {described}"
+    mode = frame["fid_mode"].iloc[0]  # one mode per table (table_inputs.check_one_mode)
+    kid = "FID (Inception) and KID" if frame["kid"].notna().any() else "FID (Inception; no KID)"
+    lines = [f"{kid}: clean-fid, mode {mode}{MODE_NOTES.get(mode, '')}, features from {described}"
              + (" — feature networks differ between sets, so their FIDs are not comparable." if len(networks) > 1 else ".")]
     fid_notes: dict[str, list[str]] = {}
     for row in frame.itertuples():

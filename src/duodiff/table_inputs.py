@@ -86,10 +86,14 @@ def _scores(settings: TableSettings, name: str) -> dict:
     """The set's Inception FID/KID and its headline score, with their intervals, as columns."""
     fid_path = settings.metrics_root / name / "fid.json"
     fid = _read(fid_path)
+    # A reference from published statistics (mu, sigma) has no features, so no KID: NaN, printed "–".
+    no_kid = fid.get("reference_source") == "statistics" and fid["kid"] is None
     row = {
         "fid": _number(fid_path, fid, "fid"),
-        "kid": _number(fid_path, fid, "kid"),
-        "kid_std": _number(fid_path, fid, "kid_std"),
+        "kid": math.nan if no_kid else _number(fid_path, fid, "kid"),
+        "kid_std": math.nan if no_kid else _number(fid_path, fid, "kid_std"),
+        "fid_mode": fid.get("mode", "clean"),  # fid.json written before modes existed: clean
+        "reference_source": fid.get("reference_source", "images"),
         "fid_n_samples": fid["n_samples"], "n_reference": fid["n_reference"],
         "feature_network": fid["feature_network"],
         "feature_network_sha256": fid["feature_network_sha256"], "fid_notes": list(fid["notes"] or []),
@@ -101,7 +105,7 @@ def _scores(settings: TableSettings, name: str) -> dict:
     score = fid if spec["file"] == "fid" else _read(score_path)
     row.update({
         "score_name": spec["name"], "score": _number(score_path, score, "fid"),
-        "kid_headline": _number(score_path, score, "kid"),
+        "kid_headline": row["kid"] if score is fid else _number(score_path, score, "kid"),
         "score_n_samples": score["n_samples"], "score_n_reference": score["n_reference"],
         "score_network": score["feature_network"], "score_notes": list(score["notes"] or []),
     })  # fmt: skip
@@ -131,6 +135,21 @@ def _cmmd(settings: TableSettings, name: str) -> dict:
     }
 
 
+def check_one_mode(frame) -> None:
+    """Every set's FID of one protocol (fid.json's mode, the reference's: `duodiff fid` refuses
+    others), and the real-data set made for it; DuodiffError listing the sets of each mode."""
+    modes = {}
+    for row in frame.itertuples():
+        modes.setdefault(row.fid_mode, []).append(row.set)
+        # real_mode: None or NaN (pandas) for a set written before stats.json recorded it.
+        if row.method == "real" and isinstance(row.real_mode, str) and row.real_mode != row.fid_mode:
+            raise DuodiffError(f"the real-data set was made for FID mode {row.real_mode} but scored against a "
+                               f"mode {row.fid_mode} reference; rerun `duodiff real-set --mode {row.fid_mode}`")
+    require(len(modes) == 1, "FID modes are mixed, so the scores cannot share a table: "
+            + "; ".join(f"mode {mode}: {', '.join(sets)}" for mode, sets in modes.items())
+            + "; score every set against one reference (metrics.fid.mode)")
+
+
 def read_real(settings: TableSettings) -> dict:
     """The real-data row: held-out real images scored like a sample set (no sampling, no cost)."""
     stats_path = settings.samples_root / "real" / "stats.json"
@@ -138,7 +157,7 @@ def read_real(settings: TableSettings) -> dict:
     require(stats["method"] == "real", f"{stats_path}: method is {stats['method']!r}, expected 'real'")
     return {
         "set": "real", "method": "real", "setting": setting_label({"method": "real"}, style="stats"),
-        "n_samples": stats["n_samples"], "real_notes": list(stats["notes"] or []),
+        "n_samples": stats["n_samples"], "real_notes": list(stats["notes"] or []), "real_mode": stats.get("mode"),
         **_scores(settings, "real"), **_cmmd(settings, "real"),
     }  # fmt: skip
 

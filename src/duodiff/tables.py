@@ -34,7 +34,7 @@ from duodiff.io import atomic_path, write_text
 from duodiff.operating_points import add_comparisons, operating_points
 from duodiff.summary_formats import summary_html, summary_latex, summary_markdown
 from duodiff.study import METHOD_ORDER, method_of_set, setting_label
-from duodiff.table_inputs import HEADLINES, TableSettings, read_real, read_set
+from duodiff.table_inputs import HEADLINES, TableSettings, check_one_mode, read_real, read_set
 
 # The columns every csv starts with (the contract's list, plus the sampling set-up the plots
 # need: sampler, steps, depth, seed).
@@ -47,8 +47,9 @@ SCORE_COLUMNS = ["score_name", "score", "score_ci_low", "score_ci_high", "score_
 CSV_COLUMNS = {
     "scores": ID_COLUMNS + SCORE_COLUMNS + ["kid_headline", "kid_headline_ci_low", "kid_headline_ci_high"]
     + SPEED_COLUMNS + ["score_n_samples", "score_n_reference", "score_network"],
-    "fid": ID_COLUMNS + ["fid", "fid_ci_low", "fid_ci_high"] + SPEED_COLUMNS + ["feature_network", "n_reference"],
-    "kid": ID_COLUMNS + ["kid", "kid_std", "kid_ci_low", "kid_ci_high", "feature_network", "n_reference"],
+    "fid": ID_COLUMNS + ["fid", "fid_ci_low", "fid_ci_high"] + SPEED_COLUMNS
+    + ["feature_network", "fid_mode", "reference_source", "n_reference"],
+    "kid": ID_COLUMNS + ["kid", "kid_std", "kid_ci_low", "kid_ci_high", "feature_network", "fid_mode", "n_reference"],
     "cmmd": ID_COLUMNS + ["cmmd", "available", "reason", "embedding_model"],
     "gflops": ID_COLUMNS + ["gflops_per_forward", "gflops_per_forward_linear_conv",
                             "gflops_per_image", "layer_ratio", "images_per_s",
@@ -114,7 +115,7 @@ def collect(settings: TableSettings, sets: list[str]) -> pd.DataFrame:
     (score_vs_full, see operating_points.compare_to_full)."""
     rows = sorted((_read_row(settings, name) for name in sets), key=_order_key)
     frame = pd.DataFrame(rows)
-    for column in ID_COLUMNS + SPEED_COLUMNS + ["batch_size", "device", "torch_version", "timing_clock",
+    for column in ID_COLUMNS + SPEED_COLUMNS + ["real_mode", "batch_size", "device", "torch_version", "timing_clock",
                                                 "precision", "gflops_per_forward_linear_conv", "gflops_convention"]:
         if column not in frame:  # a study of the real set alone has no sampling columns
             frame[column] = None
@@ -124,6 +125,7 @@ def collect(settings: TableSettings, sets: list[str]) -> pd.DataFrame:
     frame["method_label"] = frame.apply(method_label, axis=1)
     frame["setting_label"] = frame.apply(setting_label, axis=1)
     frame["has_setting"] = frame["setting_label"] != setting_label({"method": None})
+    check_one_mode(frame)
     return add_comparisons(frame)
 
 

@@ -68,21 +68,30 @@ def sampling_flags(steps=None) -> str:
     return cli_flags(unless_zero(settings, "guidance_scale"))
 
 
+def fid_mode_settings() -> dict:
+    """metrics.fid.mode and legacy_weights. Mode clean, `duodiff`'s default, is left out, so the
+    jobs of results made before modes existed keep their params and do not rerun."""
+    fid = config["metrics"]["fid"]
+    return {"mode": None if fid["mode"] == "clean" else fid["mode"], "legacy_weights": fid["legacy_weights"]}
+
+
 def reference_flags() -> str:
     metrics = config["metrics"]
     settings = {
         "n_reference": config["reference"]["n_reference"],
+        "statistics": config["reference"]["statistics"],
         "batch_size": metrics["fid"]["batch_size"],
         "feature_network": metrics["feature_network"],
         "num_workers": metrics["num_workers"],
         "device": config["device"],
+        **fid_mode_settings(),
     }
     return " ".join([dataset_flags(), cli_flags(settings)])
 
 
 def fid_flags() -> str:
     metrics = config["metrics"]
-    settings = {**metrics["fid"], "no_intervals": not metrics["intervals"]}
+    settings = {**metrics["fid"], **fid_mode_settings(), "no_intervals": not metrics["intervals"]}
     return cli_flags({**settings, "num_workers": metrics["num_workers"], "device": config["device"]})
 
 
@@ -90,6 +99,7 @@ def fd_classifier_flags() -> str:
     """`duodiff fid --feature-net`: every image of the set (max_samples is Inception's budget)."""
     metrics = config["metrics"]
     settings = {key: value for key, value in metrics["fid"].items() if key != "max_samples"}
+    settings.update(fid_mode_settings())
     settings["no_intervals"] = not metrics["intervals"]
     return cli_flags({**settings, "num_workers": metrics["num_workers"], "device": config["device"]})
 
@@ -101,7 +111,16 @@ def feature_net_flags() -> str:
 def real_set_flags() -> str:
     reference = config["reference"]
     return " ".join(
-        [dataset_flags(), cli_flags({"n_reference": reference["n_reference"], "n_images": reference["n_real"]})]
+        [
+            dataset_flags(),
+            cli_flags(
+                {
+                    "n_reference": reference["n_reference"],
+                    "n_images": reference["n_real"],
+                    "mode": fid_mode_settings()["mode"],
+                }
+            ),
+        ]
     )
 
 

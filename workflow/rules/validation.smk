@@ -261,6 +261,29 @@ def check_headline(config) -> None:
         )
 
 
+def check_fid_protocol(config, dryrun: bool) -> None:
+    """A reference from published statistics (reference.statistics) holds mu and sigma only."""
+    statistics = config["reference"]["statistics"]
+    if statistics is None:
+        return
+    if config["metrics"]["headline"] != "inception":
+        raise ValueError(
+            f"invalid config: reference.statistics {statistics} holds only mu and sigma, but metrics.headline "
+            f"{config['metrics']['headline']} scores the reference's images: use metrics.headline: inception, or "
+            "reference.statistics: null to build the reference from the dataset's images"
+        )
+    if config["metrics"]["cmmd"]["enabled"]:
+        raise ValueError(
+            f"invalid config: reference.statistics {statistics} holds no images, which CMMD's reference embeds: "
+            "set metrics.cmmd.enabled: false, or reference.statistics: null"
+        )
+    if not Path(statistics).is_file():
+        message = f"reference.statistics {statistics} does not exist; put the npz (mu, sigma) there"
+        if not dryrun:
+            raise ValueError(f"invalid config: {message}")
+        logger.warning(f"Warning: {message}. The real run stops here until it does.")
+
+
 def check_full_checkpoint(config) -> None:
     """What a U-ViT checkpoint needs of the config, refused before any job starts (duodiff
     convert checks the same; the workflow does not import duodiff, see above)."""

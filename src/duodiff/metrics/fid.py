@@ -1,5 +1,6 @@
 """FID and KID through clean-fid (Parmar et al., "On Aliased Resizing and Surprising Subtleties in
-GAN Evaluation", CVPR 2022), "clean" mode.
+GAN Evaluation", CVPR 2022), "clean" mode by default; "legacy_pytorch" (pytorch-fid's network and
+bilinear resize, the papers' protocol: inception.py) when metrics.fid.mode says so.
 
 Every number is clean-fid's own: images are read with PIL and converted to RGB (8x8 grayscale
 digits become three equal channels), resized to 299x299 with PIL bicubic in float (no
@@ -23,14 +24,14 @@ from pathlib import Path
 import numpy as np
 
 from duodiff.distributed import default_device
-from duodiff.errors import DuodiffError, check_int, check_positive, require
+from duodiff.errors import DuodiffError, check_choice, check_int, check_positive, require
 from duodiff.flags import add_flag
 from duodiff.io import read_json, write_json
 from duodiff.metrics import inception, reference as reference_stage
 from duodiff.metrics.distances import KID_PRECOMPUTE_MAX, frechet_distance, kid_with_std, psd_sqrt
 from duodiff.metrics.feature_cache import remove_cache
 from duodiff.metrics.inception import FEATURE_DIM, FEATURE_NETWORKS, MODE, FeatureRun, cached_image_features, image_files
-from duodiff.metrics.reference import CHUNK_HELP, load_reference, load_reference_sigma_sqrt
+from duodiff.metrics.reference import CHUNK_HELP, load_reference, load_reference_sigma_sqrt, load_reference_statistics
 from duodiff.metrics.uncertainty import CONFIDENCE, frechet_statistic, jackknife_interval, kid_kernels, kid_statistic
 
 FID_CACHE = ".fid-features-cache"  # beside fid.json until it is written (feature_cache.py)
@@ -118,15 +119,16 @@ def check_samples_fit_reference(samples, files, reference, ref_meta) -> None:
 
 def run_fid(*, samples, reference, output, batch_size: int, device: str | None, num_workers: int, kid_subsets: int,
             kid_subset_size: int, seed: int, chunk_size: int, feature_net, max_samples: int | None,
-            intervals: bool) -> dict:
+            intervals: bool, mode: str, legacy_weights) -> dict:
     """FID and KID of DIR/images/*.png against a reference folder -> FILE.json.
 
     feature_net: a `duodiff feature-net` model.pt; its features replace Inception's on both sides
     (the reference's images are passed through it here: a few hundred small images take a second).
     max_samples: score only the first N images of the set. intervals: the 95% confidence
-    intervals of FID and KID (jackknife over the set's images, uncertainty.py)."""
+    intervals of FID and KID (jackknife over the set's images, uncertainty.py). mode: the FID
+    protocol, the reference's. A statistics reference gives no KID (fid.json's notes say so)."""
     run = FeatureRun(batch_size=batch_size, device=device or default_device(), num_workers=num_workers,
-                     chunk_size=chunk_size, cache=Path(output).parent / FID_CACHE)
+                     chunk_size=chunk_size, cache=Path(output).parent / FID_CACHE, mode=mode)
     check_positive("--kid-subsets", kid_subsets)
     check_int("--kid-subset-size", kid_subset_size, 2)
     if max_samples is not None:
@@ -134,11 +136,12 @@ def run_fid(*, samples, reference, output, batch_size: int, device: str | None, 
     samples = Path(samples)
     files = sample_files(samples)[:max_samples]
     ref_meta, ref_features = load_reference(reference)
+    _check_mode_fits(mode, reference, ref_meta, feature_net, legacy_weights)  # before any image is read
     check_samples_fit_reference(samples, files, reference, ref_meta)
 
     resize = None  # Inception: clean-fid's own 299 px resize
     if feature_net is None:
-        fn, info = _inception_for(reference, ref_meta, run.device)
+        fn, info = _inception_for(reference, ref_meta, run.device, mode, legacy_weights)
     else:
         from duodiff.metrics import feature_net as classifier
 
@@ -146,21 +149,28 @@ def run_fid(*, samples, reference, output, batch_size: int, device: str | None, 
         _check_feature_net_fits(feature_net, reference, ref_meta)
         ref_features = cached_image_features(image_files(Path(reference) / "images"), fn, info, run,
                                              "reference features", resize)
-    features = cached_image_features(files, fn, info, run, f"FID {samples.name}", resize)
-    # Statistics in float64 (clean-fid leaves float32 features in float32 for the mean and for
-    # KID's kernel sums, which cancel to a small number: ~1e-4 relative error there).
-    features, ref_features = features.astype(np.float64), ref_features.astype(np.float64)
-    ref_sigma = np.cov(ref_features, rowvar=False)
-    ref_sigma_sqrt = load_reference_sigma_sqrt(reference, ref_sigma) if feature_net is None else psd_sqrt(ref_sigma)
+    features = cached_image_features(files, fn, info, run, f"FID {samples.name}", resize).astype(np.float64)
+    if ref_features is None:
+        scored = statistics_scores(features, reference, intervals=intervals)
+    else:
+        # Statistics in float64 (clean-fid leaves float32 features in float32 for the mean and for
+        # KID's kernel sums, which cancel to a small number: ~1e-4 relative error there).
+        ref_features = ref_features.astype(np.float64)
+        ref_sigma = np.cov(ref_features, rowvar=False)
+        ref_sigma_sqrt = load_reference_sigma_sqrt(reference, ref_sigma) if feature_net is None else psd_sqrt(ref_sigma)
+        scored = scores(features, ref_features, ref_sigma, ref_sigma_sqrt, kid_subsets=kid_subsets,
+                        kid_subset_size=kid_subset_size, seed=seed, intervals=intervals)
+    n_reference = None if ref_features is None else len(ref_features)
     result = {
-        **scores(features, ref_features, ref_sigma, ref_sigma_sqrt, kid_subsets=kid_subsets,
-                 kid_subset_size=kid_subset_size, seed=seed, intervals=intervals),
+        **scored,
         "n_samples": len(features),
-        "n_reference": len(ref_features),
+        "n_reference": n_reference,
         **{key: info[key] for key in ("feature_network", "feature_network_key", "feature_network_sha256")},
-        "mode": MODE,
+        "mode": mode,
+        "reference_source": ref_meta.get("source", "images"),
         # Inception's pool is 2048-d (a stand-in network in the tests may be smaller); the classifier's its own.
-        "notes": small_sample_notes(len(features), len(ref_features), FEATURE_DIM if feature_net is None else features.shape[1]),
+        "notes": ([STATISTICS_NOTE] if ref_features is None else [])
+        + small_sample_notes(len(features), n_reference or FEATURE_DIM, FEATURE_DIM if feature_net is None else features.shape[1]),
         "samples": str(samples),
         "reference": str(reference),
     }
@@ -199,11 +209,54 @@ def scores(features: np.ndarray, ref_features: np.ndarray, ref_sigma: np.ndarray
     }
 
 
-def _inception_for(reference, ref_meta: dict, device):
+STATISTICS_NOTE = ("reference from published statistics (mu, sigma) without its features: no KID against it, "
+                   "and the network and resize behind them are the ones its config states")
+
+
+def statistics_scores(features: np.ndarray, reference, *, intervals: bool) -> dict:
+    """fid.json's scores against a statistics reference: FID and its interval (the reference held
+    fixed, as for an images reference); KID and its interval are None (they need the features)."""
+    ref_mu, ref_sigma, ref_sigma_sqrt = load_reference_statistics(reference)
+    require(
+        features.shape[1] == len(ref_mu),
+        f"--reference {reference}: its statistics are {len(ref_mu)}-d but the feature network gives {features.shape[1]}-d features",
+    )
+    fid_ci = (float("nan"), float("nan"))
+    if intervals:
+        fid_ci = jackknife_interval(frechet_statistic(features, ref_mu, ref_sigma, ref_sigma_sqrt), len(features))
+    return {
+        "fid": frechet_distance(features, ref_mu, ref_sigma, ref_sigma_sqrt),
+        "fid_ci_low": fid_ci[0], "fid_ci_high": fid_ci[1],
+        "kid": None, "kid_std": None, "kid_ci_low": None, "kid_ci_high": None,
+        "confidence": CONFIDENCE, "interval_method": "jackknife" if intervals else None,
+        "kid_subset_size": None, "kid_subsets": None, "kid_seed": None,
+    }  # fmt: skip
+
+
+def _check_mode_fits(mode: str, reference, ref_meta: dict, feature_net, legacy_weights) -> None:
+    """One protocol on both sides, whose weights are here; a statistics reference has no images
+    for the classifier."""
+    check_choice("--mode", mode, inception.MODES)
+    ref_mode = ref_meta.get("mode", MODE)
+    require(
+        mode == ref_mode,
+        f"--mode {mode} but --reference {reference} was made with mode {ref_mode}; FID compares features of one "
+        f"protocol: score with --mode {ref_mode} (metrics.fid.mode) or rebuild the reference with --mode {mode}",
+    )
+    require(
+        feature_net is None or ref_meta.get("source") != "statistics",
+        f"--feature-net {feature_net} needs the reference's images, but --reference {reference} holds only published "
+        "statistics (mu, sigma); build the reference from the dataset's images (reference.statistics: null)",
+    )
+    if mode == "legacy_pytorch" and feature_net is None:
+        inception.check_legacy_weights(legacy_weights)
+
+
+def _inception_for(reference, ref_meta: dict, device, mode: str, legacy_weights):
     """The Inception extractor the reference was made with -> (fn, info); refused on a sha256 mismatch."""
     key = ref_meta.get("feature_network_key", "auto")
     try:
-        fn, info = inception.feature_extractor(key if key in FEATURE_NETWORKS else "auto", device)
+        fn, info = inception.extractor(mode, key if key in FEATURE_NETWORKS else "auto", legacy_weights, device)
     except DuodiffError as error:
         raise DuodiffError(f"--reference {reference} was made with {ref_meta.get('feature_network')}: {error}") from None
     if info["feature_network_sha256"] != ref_meta.get("feature_network_sha256"):
@@ -247,9 +300,10 @@ def add_cli(subparsers):
     add_flag(p, "--max-samples", type=int, default=None, help="score only the first N images of the set")
     add_flag(p, "--no-intervals", dest="intervals", action="store_false",
              help="leave out the 95%% confidence intervals (jackknife over the set's images)")
+    reference_stage.add_mode_flags(p)
     p.set_defaults(func=lambda a: run_fid(
         samples=a.samples, reference=a.reference, output=a.output, batch_size=a.batch_size, device=a.device,
         num_workers=a.num_workers, kid_subsets=a.kid_subsets, kid_subset_size=a.kid_subset_size, seed=a.seed,
         chunk_size=a.chunk_size, feature_net=a.feature_net, max_samples=a.max_samples,
-        intervals=a.intervals,
+        intervals=a.intervals, mode=a.mode, legacy_weights=a.legacy_weights,
     ))  # fmt: skip

@@ -4,6 +4,13 @@
 PNG -> clean-fid path as the samples), their Inception features and mu/sigma; `duodiff real-set`
 writes the real images after them, scored like a sample set: the floor no method can beat except
 by chance. `load_reference` reads a reference back for `duodiff fid`.
+
+`duodiff reference --statistics FILE` writes the same folder from published statistics instead
+of images (e.g. U-ViT's fid_stats_cifar10_train_pytorch.npz, pytorch-fid's format, or clean-fid's
+stats npz: both hold mu and sigma): mu and sigma only, no features and no images, so FID can be
+scored against it but not KID (which needs the reference's features) nor the classifier FD. The
+file does not say which network and resize made it: --mode states it, and reference.json records
+that it was stated, not measured.
 """
 
 from __future__ import annotations
@@ -11,20 +18,21 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from duodiff.distributed import default_device
-from duodiff.errors import check_choice, check_int, check_positive, require
+from duodiff.errors import DuodiffError, check_choice, check_int, check_positive, require
 from duodiff.flags import add_flag
 from duodiff.images import save_png, to_uint8
 from duodiff.io import atomic_path, read_json, write_json
 from duodiff.metrics import inception
 from duodiff.metrics.distances import psd_sqrt
 from duodiff.metrics.feature_cache import remove_cache
-from duodiff.metrics.inception import FEATURE_NETWORKS, MODE, FeatureRun, cached_image_features, image_files
+from duodiff.metrics.inception import FEATURE_DIM, FEATURE_NETWORKS, FeatureRun, cached_image_features, image_files
 
 # Where a job keeps the feature chunks it has finished until its output is written
 # (feature_cache.py): inside the reference folder, beside a set's fid.json.
@@ -32,26 +40,35 @@ REFERENCE_CACHE = ".features-cache"
 
 
 def run_reference(*, dataset: str, n_reference: int, output_folder, data_root, download: bool, image_size: int | None,
-                  batch_size: int, device: str | None, num_workers: int, feature_network: str, chunk_size: int) -> dict:
-    """The first n_reference training images -> DIR/images/*.png, DIR/features.npz, DIR/reference.json."""
+                  batch_size: int, device: str | None, num_workers: int, feature_network: str, chunk_size: int,
+                  mode: str, legacy_weights, statistics) -> dict:
+    """The first n_reference training images -> DIR/images/*.png, DIR/features.npz, DIR/reference.json.
+    statistics: a mu/sigma npz instead of the images (run_statistics_reference)."""
     from duodiff import data
 
     check_choice("--dataset", dataset, data.DATASETS)
+    check_choice("--mode", mode, inception.MODES)
+    if statistics is not None:
+        return run_statistics_reference(dataset=dataset, image_size=image_size, output_folder=output_folder, mode=mode,
+                                        feature_network=feature_network, legacy_weights=legacy_weights,
+                                        statistics=statistics)
     require(
         isinstance(n_reference, int) and n_reference >= 2,
         f"--n-reference must be an integer >= 2 (a covariance needs two images); got {n_reference!r}",
     )
     output_folder = Path(output_folder)
     run = FeatureRun(batch_size=batch_size, device=device or default_device(), num_workers=num_workers,
-                     chunk_size=chunk_size, cache=output_folder / REFERENCE_CACHE)
+                     chunk_size=chunk_size, cache=output_folder / REFERENCE_CACHE, mode=mode)
     check_choice("--feature-network", feature_network, FEATURE_NETWORKS)
+    if mode == "legacy_pytorch":
+        inception.check_legacy_weights(legacy_weights)  # before the dataset is read
 
     real = data.load_dataset(dataset, root=data_root, download=download, image_size=image_size, train=True)
     require(
         len(real) >= n_reference,
         f"--n-reference {n_reference} is more than the {len(real)} training images of --dataset {dataset}",
     )
-    fn, info = inception.feature_extractor(feature_network, run.device)
+    fn, info = inception.extractor(mode, feature_network, legacy_weights, run.device)
 
     # reference.json marks a finished reference: remove it first so a half-rewritten folder never
     # looks complete. The first n images, in dataset order: deterministic, the same for every run.
@@ -68,12 +85,72 @@ def run_reference(*, dataset: str, n_reference: int, output_folder, data_root, d
         "channels": real.channels,
         "data_root": None if data_root is None else str(data_root),
         "selection": f"the first {n_reference} training images in dataset order, unflipped",
-        "mode": MODE,
+        "mode": mode,
         **{k: info[k] for k in ("feature_network", "feature_network_key", "feature_network_sha256")},
         "feature_dim": int(features.shape[1]),
+        "source": "images",
     }
     write_json(output_folder / "reference.json", meta)
     remove_cache(run.cache)
+    return meta
+
+
+def read_statistics(path) -> tuple[np.ndarray, np.ndarray]:
+    """mu (d,), sigma (d, d) of a statistics npz (pytorch-fid / U-ViT / clean-fid: keys mu and sigma),
+    as float64; DuodiffError naming the file and what is wrong with it."""
+    path = Path(path)
+    require(path.is_file(), f"--statistics {path}: no such file (an npz with mu and sigma, e.g. U-ViT's fid_stats)")
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            missing = [key for key in ("mu", "sigma") if key not in stored.files]
+            require(not missing, f"--statistics {path}: no {' or '.join(missing)} in it (keys: {', '.join(stored.files)}); "
+                                 "expected an npz with mu (d,) and sigma (d, d)")
+            mu, sigma = stored["mu"].astype(np.float64), stored["sigma"].astype(np.float64)
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
+        raise DuodiffError(f"--statistics {path}: not a readable npz ({error})") from None
+    require(
+        mu.shape == (FEATURE_DIM,) and sigma.shape == (FEATURE_DIM, FEATURE_DIM),
+        f"--statistics {path}: mu has shape {mu.shape} and sigma {sigma.shape}; Inception statistics are "
+        f"({FEATURE_DIM},) and ({FEATURE_DIM}, {FEATURE_DIM})",
+    )
+    require(np.isfinite(mu).all() and np.isfinite(sigma).all(), f"--statistics {path}: mu or sigma has NaN or inf entries")
+    require(np.allclose(sigma, sigma.T, rtol=1e-5, atol=1e-8), f"--statistics {path}: sigma is not symmetric, so not a covariance")
+    return mu, sigma
+
+
+def run_statistics_reference(*, dataset: str, image_size: int | None, output_folder, mode: str, feature_network: str,
+                             legacy_weights, statistics) -> dict:
+    """A statistics file (mu, sigma) -> DIR/features.npz (mu, sigma, sigma_sqrt; no features) and
+    DIR/reference.json, whose network is the one of the stated --mode on this machine (the file
+    cannot tell, so this is stated, not checked): samples are scored with that network."""
+    from duodiff import data
+
+    check_choice("--feature-network", feature_network, FEATURE_NETWORKS)
+    mu, sigma = read_statistics(statistics)
+    if mode == "legacy_pytorch":
+        inception.check_legacy_weights(legacy_weights)
+    _, info = inception.extractor(mode, feature_network, legacy_weights, "cpu")
+    output_folder = Path(output_folder)
+    output_folder.mkdir(parents=True, exist_ok=True)
+    (output_folder / "reference.json").unlink(missing_ok=True)  # marks a finished reference
+    with atomic_path(output_folder / "features.npz") as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, mu=mu, sigma=sigma, sigma_sqrt=psd_sqrt(sigma))
+    meta = {
+        "n": None,
+        "dataset": dataset,
+        "split": "train",
+        "image_size": image_size or data.default_image_size(dataset),
+        "channels": data.CHANNELS[dataset],
+        "selection": f"published statistics {statistics} (mu, sigma); the images behind them are not here",
+        "mode": mode,
+        **{k: info[k] for k in ("feature_network", "feature_network_key", "feature_network_sha256")},
+        "feature_dim": FEATURE_DIM,
+        "source": "statistics",
+        "statistics": {"path": str(statistics), "sha256": inception.file_sha256(str(statistics)),
+                       "network": "stated by --mode, not recorded in the file"},
+    }
+    write_json(output_folder / "reference.json", meta)
     return meta
 
 
@@ -116,14 +193,16 @@ def write_dataset_images(real, indices, folder: Path, batch_size: int, num_worke
 
 
 def run_real_set(*, dataset: str, n_reference: int, n_images: int, output_folder, data_root, download: bool,
-                 image_size: int | None, batch_size: int, num_workers: int) -> dict:
+                 image_size: int | None, batch_size: int, num_workers: int, mode: str) -> dict:
     """Real images that are not in the reference (the n_images after its first n_reference) ->
     DIR/images/*.png and DIR/stats.json (method "real"): scored against the reference like any
     sample set, they give the floor every method's score is read against. When the dataset has
-    fewer than n_reference + n_images images, all that are left are used and stats.json says so."""
+    fewer than n_reference + n_images images, all that are left are used and stats.json says so.
+    mode: the FID protocol the set is meant for, recorded (the set holds images, no features)."""
     from duodiff import data
 
     check_choice("--dataset", dataset, data.DATASETS)
+    check_choice("--mode", mode, inception.MODES)
     check_int("--n-reference", n_reference, 2)
     check_int("--n-images", n_images, 2)
     check_positive("--batch-size", batch_size)
@@ -147,6 +226,7 @@ def run_real_set(*, dataset: str, n_reference: int, n_images: int, output_folder
         "channels": real.channels,
         "selection": f"training images {n_reference} to {n_reference + count - 1} in dataset order (the reference "
         f"holds the first {n_reference}), unflipped",
+        "mode": mode,
         "notes": [] if count == n_images else [
             f"real-data row from {count} images, not {n_images}: {dataset} has only {len(real)}, "
             f"{n_reference} of which are the reference"
@@ -156,8 +236,9 @@ def run_real_set(*, dataset: str, n_reference: int, n_images: int, output_folder
     return stats
 
 
-def load_reference(folder) -> tuple[dict, np.ndarray]:
-    """-> (reference.json, features (n, 2048)); DuodiffError when unfinished or inconsistent."""
+def load_reference(folder) -> tuple[dict, np.ndarray | None]:
+    """-> (reference.json, features (n, 2048), None for a statistics reference); DuodiffError when
+    unfinished or inconsistent."""
     folder = Path(folder)
     meta_path, features_path = folder / "reference.json", folder / "features.npz"
     require(
@@ -165,6 +246,8 @@ def load_reference(folder) -> tuple[dict, np.ndarray]:
         f"--reference {folder}: no reference.json / features.npz there; build it with `duodiff reference`",
     )
     meta = read_json(meta_path)
+    if meta.get("source") == "statistics":
+        return meta, None
     with np.load(features_path) as stored:
         features = stored["features"]
     require(
@@ -175,6 +258,12 @@ def load_reference(folder) -> tuple[dict, np.ndarray]:
     return meta, features
 
 
+def load_reference_statistics(folder) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """mu, sigma, sigma_sqrt of a statistics reference (float64)."""
+    with np.load(Path(folder) / "features.npz") as stored:
+        return tuple(stored[key].astype(np.float64) for key in ("mu", "sigma", "sigma_sqrt"))
+
+
 def load_reference_sigma_sqrt(folder, ref_sigma) -> np.ndarray:
     with np.load(Path(folder) / "features.npz") as stored:
         if "sigma_sqrt" in stored:
@@ -182,6 +271,15 @@ def load_reference_sigma_sqrt(folder, ref_sigma) -> np.ndarray:
     return psd_sqrt(ref_sigma)  # a reference written before sigma_sqrt was stored
 
 CHUNK_HELP = "images per kept feature chunk: a killed job's rerun recomputes only the unfinished chunks"
+
+
+def add_mode_flags(p, weights: bool = True) -> None:
+    """--mode (`duodiff reference`, `real-set` and `fid`) and --legacy-weights (those that run the network)."""
+    add_flag(p, "--mode", default=inception.MODE,
+             help="FID protocol: clean (clean-fid's) or legacy_pytorch (pytorch-fid's, the papers')")
+    if weights:
+        add_flag(p, "--legacy-weights", default=None,
+                 help=f"{inception.LEGACY_WEIGHTS_FILE} for --mode legacy_pytorch (default: torch's hub cache)")
 
 
 def add_cli(subparsers):
@@ -198,10 +296,15 @@ def add_cli(subparsers):
     add_flag(p, "--num-workers", type=int, default=0, help="DataLoader workers for decoding and resizing")
     add_flag(p, "--feature-network", default="auto", help="auto | clean-fid | fid-helper (auto: clean-fid's file if present)")
     add_flag(p, "--chunk-size", type=int, default=1000, help=CHUNK_HELP)
+    add_mode_flags(p)
+    add_flag(p, "--statistics", default=None,
+             help="npz with mu and sigma (U-ViT / pytorch-fid / clean-fid stats) instead of the dataset's images; "
+                  "--mode states the protocol that made it")
     p.set_defaults(func=lambda a: run_reference(
         dataset=a.dataset, n_reference=a.n_reference, output_folder=a.output_folder, data_root=a.data_root,
         download=a.download, image_size=a.image_size, batch_size=a.batch_size, device=a.device,
-        num_workers=a.num_workers, feature_network=a.feature_network, chunk_size=a.chunk_size,
+        num_workers=a.num_workers, feature_network=a.feature_network, chunk_size=a.chunk_size, mode=a.mode,
+        legacy_weights=a.legacy_weights, statistics=a.statistics,
     ))  # fmt: skip
 
     p = subparsers.add_parser("real-set", help="real images not in the reference, scored like a sample set: the floor")
@@ -214,8 +317,9 @@ def add_cli(subparsers):
     add_flag(p, "--output-folder", required=True, help="DIR: images/*.png and stats.json")
     add_flag(p, "--batch-size", type=int, default=50)
     add_flag(p, "--num-workers", type=int, default=0)
+    add_mode_flags(p, weights=False)
     p.set_defaults(func=lambda a: run_real_set(
         dataset=a.dataset, n_reference=a.n_reference, n_images=a.n_images, output_folder=a.output_folder,
         data_root=a.data_root, download=a.download, image_size=a.image_size, batch_size=a.batch_size,
-        num_workers=a.num_workers,
+        num_workers=a.num_workers, mode=a.mode,
     ))  # fmt: skip
