@@ -2,10 +2,20 @@
 out_c + s (out_c - out_u) computed from separate model calls; it works with DuoDiff (both branches
 switch at the same step) and early exit (each branch by its own rule, both counted)."""
 
+import numpy as np
+import pytest
 import torch
+from _defaults import cli_args
+from PIL import Image
 
+from duodiff import sampling
+from duodiff.checkpoints import save_model
 from duodiff.diffusion import DuoDiffDenoiser, EarlyExitDenoiser, GaussianDiffusion, ModelDenoiser
+from duodiff.dpm_solver import dpm_solver_sample
+from duodiff.errors import DuodiffError
 from duodiff.guidance import GuidedDenoiser, guided_labels
+from duodiff.images import to_uint8
+from duodiff.metrics import flops
 from duodiff.models import build_model
 
 NULL = 10  # 10 classes + the null class
@@ -88,18 +98,25 @@ def test_guided_sampling_runs_every_step_with_both_branches():
     assert out.shape == x.shape and calls == [(6, i) for i in range(5)]
 
 
+@torch.no_grad()
+def test_guided_dpm_solver_follows_the_guided_noise_prediction():
+    """DPM-Solver with guidance: the trajectory of the combined prediction (1 + s) out_c - s out_u,
+    written here from two plain model calls per step."""
+    net = model()
+    x, _, y = inputs(batch=3)
+    null = torch.full_like(y, NULL)
+    diffusion = GaussianDiffusion(1000, 1e-4, 0.02, "predict_noise")
+    ts = diffusion.timesteps("dpm_solver", 6)
+
+    def by_hand(x, t, i):
+        return 1.4 * net(x, t, y) - 0.4 * net(x, t, null)
+
+    want = dpm_solver_sample(diffusion, by_hand, x, ts)
+    got = diffusion.sample(GuidedDenoiser(ModelDenoiser(net, guided_labels(y, NULL)), 0.4), x, "dpm_solver", 6)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
 # ---- end to end: `duodiff sample --guidance-scale` on tiny class-conditional models -------------
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from _defaults import cli_args  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from duodiff import sampling  # noqa: E402
-from duodiff.checkpoints import save_model  # noqa: E402
-from duodiff.errors import DuodiffError  # noqa: E402
-from duodiff.images import to_uint8  # noqa: E402
-from duodiff.metrics import flops  # noqa: E402
 
 CLASSES = 3  # real classes; the models below have CLASSES + 1 class tokens, the last the null class
 COND = dict(img_size=8, patch_size=4, in_chans=1, embed_dim=16, depth=3, num_heads=2, normalize_timesteps=True,
