@@ -148,6 +148,8 @@ def dry_runs(tmp_path_factory):
     # What profiles/slurm's `set-resources: {train_full: {gpu: 2}}` does to the training commands.
     runs["tiny_two_gpus"] = ("--configfile", TINY, "-n", "-p", "--set-resources", "train_full:gpu=2")
     runs["profile_slurm"] = ("--profile", "profiles/slurm", "--configfile", "config/config.yaml", "-n")
+    # A sampling variant laid over its study: config/variants/cifar10_dpm_solver.yaml.
+    runs["variant"] = ("--configfile", "config/cifar10.yaml", "config/variants/cifar10_dpm_solver.yaml", "-n", "-p")
     with ThreadPoolExecutor(max_workers=3) as pool:
         results = dict(zip(runs, pool.map(lambda args: snakemake(workdir, *args), runs.values())))
     return workdir, results
@@ -251,6 +253,36 @@ def planned_commands(output: str) -> list:
                 flags[key] = word if flags[key] is True else f"{flags[key]} {word}"
         commands.append((words[1], flags))
     return commands
+
+
+def test_a_sampling_variant_samples_its_studys_models_and_trains_nothing_of_its_own(dry_runs):
+    _, results = dry_runs
+    result = results["variant"]
+    assert result.returncode == 0, result.stderr
+    commands = planned_commands(result.stdout)
+    trains = [flags for name, flags in commands if name == "train"]
+    samples = [flags for name, flags in commands if name == "sample"]
+    assert trains and all(flags["--log-path"].startswith("results/cifar10/models/") for flags in trains)
+    base, variant = load("config/cifar10.yaml"), load("config/variants/cifar10_dpm_solver.yaml")
+    # Snakemake lays the second config file over the first key by key.
+    merged = base | variant | {key: base[key] | variant[key] for key in ("models", "sampling", "duodiff")}
+    assert len(samples) == len(expected_sets(merged))
+    for flags in samples:
+        assert flags["--output-folder"].startswith("results/cifar10_dpm_solver/samples/")
+        assert flags["--checkpoint-path"].startswith("results/cifar10/models/")
+        assert flags["--sampler"] == "dpm_solver" and flags["--steps"] in ("20", "10")
+    assert sorted(int(f["--t-switch"]) for f in samples if "--t-switch" in f) == list(range(2, 20, 2))
+
+
+@pytest.mark.parametrize("study", ["cifar10", "celeba64", "imagenet64"])
+def test_each_paper_study_has_a_dpm_solver_variant_of_its_grids(study):
+    variant = load(f"config/variants/{study}_dpm_solver.yaml")
+    base = load(f"config/{study}.yaml")
+    assert variant["models"] == {"trained_in": base["experiment"]} and variant["experiment"] != base["experiment"]
+    assert variant["sampling"]["sampler"] == "dpm_solver"
+    # The same tenths of the trajectory as the study's own t_switch grid.
+    steps = variant["sampling"]["steps"]
+    assert [t * base["sampling"]["steps"] // steps for t in variant["duodiff"]["t_switch"]] == base["duodiff"]["t_switch"]
 
 
 def test_training_gets_one_process_per_gpu_of_its_job(dry_runs):
@@ -413,6 +445,8 @@ BAD_CONFIGS = [
      "'mlp_probe_per_layer', 'mlp_probe_per_timestep', 'mlp_probe_per_layer_per_timestep']"),
     ("unknown dataset", lambda c, w: c["dataset"].update(name="mnist"),
      "invalid config: dataset.name: 'mnist' is not one of ['digits', 'cifar10', 'celeba', 'imagenet64', 'imagefolder']"),
+    ("a variant that samples its own models", lambda c, w: c["models"].update(trained_in=c["experiment"]),
+     "invalid config: models.trained_in is 'tiny', the experiment itself"),
     ("zero batch size", lambda c, w: c["sampling"].update(batch_size=0),
      "invalid config: sampling.batch_size: 0 is less than the minimum of 1"),
     ("misspelt training key", lambda c, w: c["train"]["early_exit"].update(n_step=5),

@@ -131,6 +131,13 @@ def sample_outputs(method):
     return outputs
 
 
+def trained(path: str) -> str:
+    """A model file the sets are drawn from: the experiment's own, or models.trained_in's (a
+    variant that samples another study's models; the training rules then run under that study)."""
+    source = config["models"]["trained_in"]
+    return path if source is None else path.replace("{experiment}", source)
+
+
 def sample_models(wildcards) -> dict:
     """The model file(s) a sample set was drawn from, by its name: the inputs of the rule that made
     it (sample_<method>). `duodiff flops` reads them again, through the paths in stats.json."""
@@ -150,10 +157,10 @@ def study_files(kind):
     if kind == "losses":  # one per trained model (a full model converted from a checkpoint has none)
         converted = config["models"]["full_checkpoint"] is not None
         return (
-            ([] if converted else expand(rules.train_full.output.loss, experiment=experiment))
-            + expand(rules.train_shallow.output.loss, experiment=experiment, depth=list(shallow_depths()))
+            ([] if converted else expand(trained(rules.train_full.output.loss), experiment=experiment))
+            + expand(trained(rules.train_shallow.output.loss), experiment=experiment, depth=list(shallow_depths()))
             + expand(
-                rules.train_early_exit.output.loss,
+                trained(rules.train_early_exit.output.loss),
                 experiment=experiment,
                 classifier_type=config["early_exit"]["classifier_types"],
             )

@@ -14,7 +14,7 @@
 
 rule sample_full:
     input:
-        model=rules.train_full.output.model,
+        model=trained(rules.train_full.output.model),
     output:
         **sample_outputs("full"),
     log:
@@ -49,7 +49,7 @@ use rule sample_full as sample_fewer_steps with:
 
 use rule sample_full as sample_shallow with:
     input:
-        model=rules.train_shallow.output.model,
+        model=trained(rules.train_shallow.output.model),
     output:
         **sample_outputs("shallow"),
     log:
@@ -62,7 +62,7 @@ use rule sample_full as sample_shallow with:
 
 use rule sample_full as sample_early_exit with:
     input:
-        model=rules.train_early_exit.output.model,
+        model=trained(rules.train_early_exit.output.model),
     output:
         **sample_outputs("early_exit"),
     log:
@@ -76,8 +76,8 @@ use rule sample_full as sample_early_exit with:
 
 use rule sample_full as sample_duodiff with:
     input:
-        shallow=rules.train_shallow.output.model,
-        full=rules.train_full.output.model,
+        shallow=trained(rules.train_shallow.output.model),
+        full=trained(rules.train_full.output.model),
     output:
         **sample_outputs("duodiff"),
     log:

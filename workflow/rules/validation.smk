@@ -95,6 +95,7 @@ def check_config(config, dryrun: bool) -> None:
     _check_shallow_models(config["models"]["shallow"], full_path, full)
     _check_guidance(config, full_path, full)
     _check_data_source(config["dataset"], dryrun)
+    _check_trained_in(config["models"]["trained_in"], config["experiment"])
 
 
 def _check_sampling(config) -> None:
@@ -246,6 +247,16 @@ def _check_data_source(dataset, dryrun: bool) -> None:
                 raise ValueError(f"invalid config: {message}")
             # A dry run only plans: let users inspect the jobs before the data is in place.
             logger.warning(f"Warning: {message}. The real run stops here until it does.")
+
+
+def _check_trained_in(source, experiment) -> None:
+    """A variant samples another study's models, laid over that study's config; it cannot be its
+    own source (its sets and the models would share one folder and nothing would say which is which)."""
+    if source is not None and source == experiment:
+        raise ValueError(
+            f"invalid config: models.trained_in is {source!r}, the experiment itself; name the study whose "
+            "models a variant samples, and give the variant an experiment name of its own"
+        )
 
 
 def check_headline(config) -> None:
