@@ -49,7 +49,7 @@ BAD_INPUTS = [
         "train --model uvit --config-path {cfg} --log-path {out} --device cpu --nproc-per-node 2 --batch-size 7",
         ["--batch-size 7", "divisible by the number of processes (2)"],
     ),
-    ("train --model uvit --config-path {cfg} --log-path {out} --nproc-per-node -1", ["--nproc-per-node", ">= 0", "-1"]),
+    ("train --model uvit --config-path {cfg} --log-path {out} --nproc-per-node -1", ["--nproc-per-node", "non-negative integer", "-1"]),
     ("train --model uvit --config-path {cfg} --log-path {out} --label-dropout 0.2",
      ["--label-dropout 0.2 needs a class-conditional model", "num_classes 0"]),
     ("train --model uvit --config-path {cfg} --log-path {out} --label-dropout 1", ["--label-dropout", "[0, 1)", "1.0"]),

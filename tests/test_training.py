@@ -312,7 +312,7 @@ def test_nproc_flag_checks_before_launching(config, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--batch-size 7 must be divisible by the number of processes (2)" in err
     assert cli.main(base + ["--nproc-per-node", "-1"]) == 2
-    assert "--nproc-per-node must be an integer >= 0; got -1" in capsys.readouterr().err
+    assert "--nproc-per-node must be a non-negative integer; got -1" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 

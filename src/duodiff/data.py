@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from duodiff.errors import DuodiffError, check_choice, require
+from duodiff.errors import DuodiffError, check_choice, is_int, require
 
 DATASETS = ("digits", "cifar10", "celeba", "imagenet64", "imagefolder")
 
@@ -114,7 +114,7 @@ def load_dataset(name, root=None, download=False, image_size=None, train=True) -
         image_size = NATIVE_SIZE[name]
         require(image_size is not None, f"--dataset {name} needs --image-size (the size images are resized to)")
     require(
-        isinstance(image_size, int) and not isinstance(image_size, bool) and image_size > 0,
+        is_int(image_size) and image_size > 0,
         f"--image-size must be a positive integer; got {image_size!r}",
     )
     if name == "digits":

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from duodiff.errors import check_choice, require
+from duodiff.errors import check_choice, is_int, is_number, require
 from duodiff.study import SAMPLERS
 
 PARAMETRIZATIONS = ("predict_noise", "predict_original")
@@ -28,10 +28,10 @@ LOSS_WEIGHTINGS = ("uniform", "min_snr")
 class GaussianDiffusion:
     def __init__(self, num_timesteps=1000, beta_start=1e-4, beta_end=0.02, parametrization="predict_noise"):
         require(
-            isinstance(num_timesteps, int) and not isinstance(num_timesteps, bool) and num_timesteps >= 2,
+            is_int(num_timesteps) and num_timesteps >= 2,
             f"num_timesteps must be an integer >= 2; got {num_timesteps!r}",
         )
-        numbers = all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in (beta_start, beta_end))
+        numbers = all(is_number(b) for b in (beta_start, beta_end))
         require(
             numbers and 0 < beta_start <= beta_end < 1,
             f"betas must satisfy 0 < beta_start <= beta_end < 1; got beta_start={beta_start!r}, beta_end={beta_end!r}"

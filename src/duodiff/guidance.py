@@ -38,12 +38,12 @@ import math
 import torch
 
 from duodiff.determinism import label_dropout_mask
-from duodiff.errors import require
+from duodiff.errors import is_number, require
 
 
 def check_label_dropout(label_dropout, num_classes: int, config_path, flag: str = "--label-dropout") -> None:
     """P in [0, 1), and P > 0 only for a class-conditional model (it needs a null class)."""
-    ok = isinstance(label_dropout, (int, float)) and not isinstance(label_dropout, bool) and math.isfinite(label_dropout)
+    ok = is_number(label_dropout) and math.isfinite(label_dropout)
     require(ok and 0 <= label_dropout < 1, f"{flag} must be a number in [0, 1); got {label_dropout!r}")
     require(
         label_dropout == 0 or num_classes > 0,
@@ -97,7 +97,7 @@ def label_classes(num_classes: int, null: int | None) -> int:
 
 
 def check_guidance_scale(scale) -> None:
-    ok = isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale)
+    ok = is_number(scale) and math.isfinite(scale)
     require(ok, f"--guidance-scale must be a finite number (0: no guidance; U-ViT's ImageNet 256: 0.4); got {scale!r}")
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from duodiff.distributed import default_device
-from duodiff.errors import DuodiffError, check_choice, require
+from duodiff.errors import DuodiffError, check_choice, is_int, is_number, require
 from duodiff.flags import add_flag
 from duodiff.guidance import branch_major, check_guidance_scale, label_classes, set_null_label
 from duodiff.images import image_grid, load_png, save_png, to_uint8
@@ -79,16 +79,16 @@ def check_sample_args(*, method, sampler, steps, n_samples, batch_size, seed, et
     check_choice("--sampler", sampler, SAMPLERS)
     for name, value in (("--n-samples", n_samples), ("--batch-size", batch_size)):
         require(
-            isinstance(value, int) and not isinstance(value, bool) and value > 0,
+            is_int(value) and value > 0,
             f"{name} must be a positive integer; got {value!r}",
         )
     require(
-        steps is None or (isinstance(steps, int) and not isinstance(steps, bool) and steps > 0),
+        steps is None or (is_int(steps) and steps > 0),
         f"--steps must be a positive integer; got {steps!r}",
     )
     require(sampler == "ddpm" or steps is not None, f"--steps is required for --sampler {sampler}")
     require(
-        isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**63 // SEED_STRIDE - 1,
+        is_int(seed) and 0 <= seed < 2**63 // SEED_STRIDE - 1,
         f"--seed must be a non-negative integer below {2**63 // SEED_STRIDE - 1}; got {seed!r}",
     )
     require(isinstance(eta, (int, float)) and eta >= 0, f"--eta must be a number >= 0; got {eta!r}")
@@ -96,7 +96,7 @@ def check_sample_args(*, method, sampler, steps, n_samples, batch_size, seed, et
     if method == "early_exit":
         require(threshold is not None, "--method early_exit needs --threshold (a number in [0, 1])")
         require(
-            isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and 0 <= threshold <= 1,
+            is_number(threshold) and 0 <= threshold <= 1,
             f"--threshold must be in [0, 1]; got {threshold!r}",
         )
     else:
@@ -105,7 +105,7 @@ def check_sample_args(*, method, sampler, steps, n_samples, batch_size, seed, et
         require(checkpoint_path_late is not None, "--method duodiff needs --checkpoint-path-late (the full model)")
         require(t_switch is not None, "--method duodiff needs --t-switch (how many of the noisiest steps the shallow model does)")
         require(
-            isinstance(t_switch, int) and not isinstance(t_switch, bool) and t_switch >= 0,
+            is_int(t_switch) and t_switch >= 0,
             f"--t-switch must be a non-negative integer; got {t_switch!r}",
         )
     else:

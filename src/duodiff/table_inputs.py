@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from duodiff.errors import DuodiffError, require
+from duodiff.errors import DuodiffError, is_number, require
 from duodiff.io import read_json
 from duodiff.study import STATS_METHOD, setting_label
 
@@ -67,7 +67,7 @@ def _read(path: Path, contract: str | None = None) -> dict:
 
 def _number(path: Path, data: dict, key: str, positive: bool = False) -> float:
     value = data[key]
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = is_number(value) and math.isfinite(value)
     require(ok and (value > 0 or not positive),
             f"{path}: {key} must be a {'positive' if positive else 'finite'} number; got {value!r}")
     return float(value)

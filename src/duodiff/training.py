@@ -34,7 +34,7 @@ from tqdm import tqdm
 from duodiff import checkpoints, distributed, process
 from duodiff.data import DATASETS, load_dataset
 from duodiff.determinism import StepBatchSampler, get_rng_states, set_rng_states, step_draws
-from duodiff.errors import DuodiffError, require
+from duodiff.errors import DuodiffError, check_int, require
 from duodiff.flags import add_flag, cli_flags
 from duodiff.guidance import drop_labels
 from duodiff.io import write_csv
@@ -44,7 +44,6 @@ from duodiff.optim import ema_update, warmup_cosine
 from duodiff.process import StopRequest, TrainingStopped
 from duodiff.training_checks import (
     TrainPlan,
-    check_integer,
     check_data_fits,
     check_processes,
     check_same_settings,
@@ -382,7 +381,7 @@ def add_cli(subparsers) -> None:
 def _cli(args) -> None:
     kwargs = {k: v for k, v in vars(args).items() if k not in ("command", "func") and not k.startswith("_")}
     nproc = kwargs.pop("nproc_per_node")
-    check_integer("--nproc-per-node", nproc, 0)
+    check_int("--nproc-per-node", nproc, 0)
     world_size = distributed.from_env().world_size
     if nproc > 1 and world_size == 1:
         check_processes(kwargs, nproc)  # one clear line now, not one per rank after the launch

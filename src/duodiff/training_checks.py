@@ -19,7 +19,7 @@ from duodiff import checkpoints, distributed
 from duodiff.config import load_yaml
 from duodiff.data import CHANNELS, DATASETS, NUM_CLASSES
 from duodiff.diffusion import LOSS_WEIGHTINGS, GaussianDiffusion
-from duodiff.errors import DuodiffError, check_choice, require
+from duodiff.errors import DuodiffError, check_choice, check_int, check_number, require
 from duodiff.guidance import check_class_count, check_label_dropout
 from duodiff.models import CLASSIFIER_TYPES, EARLY_EXIT_KEYS, KIND_ALIASES, MODEL_KINDS, UViTConfig
 from duodiff.models.early_exit import PROBE_HEADS
@@ -45,18 +45,6 @@ class TrainPlan:
     settings: dict  # what a resumed checkpoint must match
     train_args: dict  # every argument, as model.pt and checkpoint.pt record them
     backbone_state: dict | None  # --load-backbone's weights
-
-
-def check_integer(name, value, minimum):
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-    require(ok, f"{name} must be an integer >= {minimum}; got {value!r}")
-
-
-def check_number(name, value, low, high, low_open=False, high_open=False):
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-    require(ok, f"{name} must be a number in {interval}; got {value!r}")
 
 
 def check_train_args(args: dict, world_size: int) -> TrainPlan:
@@ -106,9 +94,9 @@ def check_train_args(args: dict, world_size: int) -> TrainPlan:
 def _check_optimization(args: dict, world_size: int) -> None:
     """Step counts, optimizer, EMA and loss weighting; the global batch splits evenly across ranks."""
     for name in ("n_steps", "batch_size", "log_every_n_steps", "save_every_n_steps"):
-        check_integer(f"--{name.replace('_', '-')}", args[name], 1)
+        check_int(f"--{name.replace('_', '-')}", args[name], 1)
     for name in ("warmup_steps", "num_workers", "seed"):
-        check_integer(f"--{name.replace('_', '-')}", args[name], 0)
+        check_int(f"--{name.replace('_', '-')}", args[name], 0)
     check_number("--lr", args["lr"], 0, math.inf, low_open=True, high_open=True)
     check_number("--weight-decay", args["weight_decay"], 0, math.inf, high_open=True)
     check_number("--beta1", args["beta1"], 0, 1, high_open=True)
@@ -143,7 +131,7 @@ def _check_image_and_dataset(args: dict, config: UViTConfig) -> int:
     """The image size (default: the config's img_size), which the dataset's channels and class
     count must fit -> the image size."""
     image_size = args["image_size"] if args["image_size"] is not None else config.img_size
-    check_integer("--image-size", image_size, 1)
+    check_int("--image-size", image_size, 1)
     require(
         image_size == config.img_size,
         f"--image-size {image_size} does not match img_size {config.img_size} in {args['config_path']}",

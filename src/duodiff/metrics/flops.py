@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from duodiff.errors import require
+from duodiff.errors import is_int, require
 from duodiff.flags import add_flag
 from duodiff.io import read_json, write_json
 from duodiff.study import METHODS
@@ -260,7 +260,7 @@ def read_set(samples) -> tuple[dict, torch.Tensor]:
     if method == "duodiff":
         t_switch, steps = stats.get("t_switch"), exit_layers.shape[0]
         require(
-            isinstance(t_switch, int) and not isinstance(t_switch, bool) and 0 <= t_switch <= steps,
+            is_int(t_switch) and 0 <= t_switch <= steps,
             f"{stats_path}: t_switch must be an integer in [0, {steps}] (the steps of exit_layers.pt); got {t_switch!r}",
         )
     return stats, exit_layers

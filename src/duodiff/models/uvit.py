@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from duodiff.errors import DuodiffError, check_choice, check_int, require
+from duodiff.errors import DuodiffError, check_choice, check_int, is_number, require
 
 # The designs of the early-exit uncertainty probes (models/early_exit.py): this project's, or the
 # early-stopping-diffusion seed's. Listed here, where model configs are checked, so that checking a
@@ -78,7 +78,7 @@ class UViTConfig:
             require(isinstance(getattr(self, key), bool), f"{key} must be true or false; got {getattr(self, key)!r}")
         ratio = self.mlp_ratio
         require(
-            isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and ratio > 0,
+            is_number(ratio) and ratio > 0,
             f"mlp_ratio must be a positive number; got {ratio!r}",
         )
         require(
