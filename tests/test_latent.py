@@ -189,3 +189,87 @@ def test_flipped_views_follow_the_images(tmp_path):
     assert labels.tolist() == [y for _, y in data] * 2
     fingerprint = json.loads(str(np.load(tmp_path / "latents.npz")["fingerprint"]))
     assert fingerprint["views"] == ["image", "flipped"] and fingerprint["images"] == 3
+
+
+# ---- training on latents ---------------------------------------------------------------------------
+
+LATENT_MODEL = {
+    "img_size": 4, "patch_size": 2, "in_chans": 4, "embed_dim": 16, "depth": 3, "num_heads": 2,
+    "mlp_ratio": 2.0, "normalize_timesteps": False,
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def digit_latents(tmp_path_factory):
+    """digits (8x8) encoded by the tiny autoencoder into 4x4x4 latents."""
+    folder = tmp_path_factory.mktemp("latents")
+    tiny_vae().save_pretrained(folder / "ae")
+    latent.run_encode(**encode_args(folder))
+    return folder / "latents.npz"
+
+
+def latent_train(tmp_path, latents, log_path, model=LATENT_MODEL, **settings):
+    from conftest import train_kwargs, write_model_yaml
+
+    from duodiff.training import run_train
+
+    config = write_model_yaml(tmp_path / "latent_model.yaml", model)
+    quick = dict(dataset="digits", n_steps=6, batch_size=8, lr=1e-3, warmup_steps=0, ema_decay=0.9,
+                 log_every_n_steps=2, save_every_n_steps=3, device="cpu", seed=5, latents=latents)  # fmt: skip
+    return run_train(**train_kwargs(config, log_path, **{**quick, **settings}))
+
+
+@pytest.mark.parametrize(
+    "model, settings, words",
+    [
+        ({**LATENT_MODEL, "in_chans": 1}, {}, "holds 4x4x4 latents but .* in_chans 1, img_size 4"),
+        ({**LATENT_MODEL, "img_size": 8}, {}, "holds 4x4x4 latents but .* in_chans 4, img_size 8"),
+        (LATENT_MODEL, {"dataset": "cifar10"}, "encoded from --dataset digits, not cifar10"),
+        (LATENT_MODEL, {"image_size": 16}, "encoded from 8-pixel images, not --image-size 16"),
+    ],
+)
+def test_training_on_latents_refuses_a_shape_mismatch(digit_latents, tmp_path, model, settings, words):
+    with pytest.raises(DuodiffError, match=words):
+        latent_train(tmp_path, digit_latents, tmp_path / "run", model=model, **settings)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(DuodiffError, match="does not exist: run `duodiff encode` first"):
+        latent_train(tmp_path, tmp_path / "missing.npz", tmp_path / "run")
+
+
+def test_training_reads_the_latents_unflipped_and_resumes_bit_identically(digit_latents, tmp_path, monkeypatch):
+    from duodiff.diffusion import GaussianDiffusion
+    from duodiff.training import TrainingStopped
+
+    z, _ = latent.load_latents(digit_latents)
+    seen = []
+    original = GaussianDiffusion.q_sample
+
+    def recording(self, x0, t, noise):
+        seen.append(x0.clone())
+        return original(self, x0, t, noise)
+
+    monkeypatch.setattr(GaussianDiffusion, "q_sample", recording)
+    latent_train(tmp_path, digit_latents, tmp_path / "whole")
+    # Every training input is one of the stored latents as it is (no flip, no resize).
+    rows = z.flatten(1)
+    for batch in seen:
+        assert batch.shape == (8, 4, 4, 4)
+        assert (batch.flatten(1)[:, None] == rows[None]).all(dim=-1).any(dim=-1).all()
+
+    # A run stopped after step 3 and resumed ends with the uninterrupted run's weights.
+    def stop_at_fourth(self, x0, t, noise):
+        if len(seen) == 6 + 4:
+            raise TrainingStopped("stopped", 15)
+        return recording(self, x0, t, noise)
+
+    monkeypatch.setattr(GaussianDiffusion, "q_sample", stop_at_fourth)
+    with pytest.raises(TrainingStopped):
+        latent_train(tmp_path, digit_latents, tmp_path / "resumed")
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["step"] == 3
+    latent_train(tmp_path, digit_latents, tmp_path / "resumed")
+    whole = torch.load(tmp_path / "whole" / "model.pt", weights_only=False)
+    resumed = torch.load(tmp_path / "resumed" / "model.pt", weights_only=False)
+    for key, value in whole["state_dict"].items():
+        assert torch.equal(value, resumed["state_dict"][key]), key
+    assert whole["train_args"]["latents"] == str(digit_latents)

@@ -151,6 +151,7 @@ def run_encode(
         "dataset": dataset,
         "image_size": data.image_size,
         "images": len(data),
+        "num_classes": data.num_classes,
         "views": ["image", "flipped"][: len(views)],
     }
     chunks = _chunk_folder(Path(str(output) + ".chunks"), fingerprint)
@@ -209,6 +210,38 @@ def load_latents(path) -> tuple[torch.Tensor, torch.Tensor]:
     require(path.exists(), f"latents file {path} does not exist: run `duodiff encode` first")
     with np.load(path) as f:
         return torch.from_numpy(f["latents"]).float(), torch.from_numpy(f["labels"]).long()
+
+
+def read_latents_info(path) -> tuple[tuple, dict]:
+    """(shape of the latents array, the fingerprint `encode` stored) of a latents .npz, read from
+    the file's headers: the check pass learns the shape without loading ImageNet's 40 GB."""
+    import zipfile
+
+    path = Path(path)
+    require(path.is_file(), f"--latents {path} does not exist: run `duodiff encode` first")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            with archive.open("latents.npy") as f:
+                major, _ = np.lib.format.read_magic(f)
+                read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                shape = read_header(f)[0]
+            with archive.open("fingerprint.npy") as f:
+                fingerprint = json.loads(str(np.lib.format.read_array(f)))
+    except (zipfile.BadZipFile, KeyError, ValueError, OSError) as error:
+        raise DuodiffError(f"--latents {path}: not a latents file of `duodiff encode` ({error})") from None
+    require(len(shape) == 4, f"--latents {path}: expected latents of shape (N, C, h, w); found {shape}")
+    return tuple(shape), fingerprint
+
+
+def latent_dataset(path, name: str, fingerprint: dict):
+    """The latents and labels of `path` as the training data (duodiff.data.ImageDataset): never
+    flipped, `encode` stored the mirror images' latents already. Its class count is the one
+    `encode` recorded in the fingerprint (files without it: the labels' largest + 1)."""
+    from duodiff.data import ImageDataset, TensorImages
+
+    latents, labels = load_latents(path)
+    num_classes = fingerprint.get("num_classes", int(labels.max()) + 1 if len(labels) else 0)
+    return ImageDataset(name, TensorImages(latents, labels), latents.shape[1], latents.shape[-1], num_classes, False)
 
 
 def add_cli(subparsers):
