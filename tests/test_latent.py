@@ -273,3 +273,84 @@ def test_training_reads_the_latents_unflipped_and_resumes_bit_identically(digit_
     for key, value in whole["state_dict"].items():
         assert torch.equal(value, resumed["state_dict"][key]), key
     assert whole["train_args"]["latents"] == str(digit_latents)
+
+
+# ---- sampling decodes -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def latent_model(tmp_path_factory):
+    """A random U-ViT on the tiny autoencoder's 4x4x4 latents, its model.pt recording the
+    latents' fingerprint as `duodiff train --latents` does, and the autoencoder folder."""
+    from duodiff.checkpoints import save_model
+    from duodiff.models import build_model
+
+    folder = tmp_path_factory.mktemp("latent_model")
+    vae = tiny_vae()
+    vae.save_pretrained(folder / "ae")
+    torch.manual_seed(0)
+    config = {**LATENT_MODEL, "num_classes": 0}
+    model = build_model("uvit", config, 50)
+    fingerprint = {"autoencoder_sha256": latent.file_sha256(folder / "ae"), "scale_factor": 0.5}
+    save_model(
+        folder / "model.pt", kind="uvit", model_config=config, classifier_type=None, state_dict=model.state_dict(),
+        diffusion={"num_timesteps": 50, "beta_start": 1e-4, "beta_end": 0.02, "parametrization": "predict_noise"},
+        ema_state_dict=None, step=1, train_args={"latents_fingerprint": fingerprint},
+    )  # fmt: skip
+    return folder, vae
+
+
+def latent_sample(folder, out, **changes):
+    from _defaults import run_args
+
+    from duodiff.sampling import run_sample
+
+    args = run_args(
+        "sample", checkpoint_path=folder / "model.pt", method="full", output_folder=out, sampler="ddim", steps=3,
+        n_samples=5, batch_size=2, seed=0, progress=False, device="cpu", autoencoder=folder / "ae", scale_factor=0.5,
+    )  # fmt: skip
+    return run_sample(**{**args, **changes})
+
+
+def test_sampling_decodes_each_batch_into_images_of_the_decoders_size(latent_model, tmp_path, monkeypatch):
+    folder, vae = latent_model
+    decoded = []
+    original = latent.LatentCodec.decode
+
+    def recording(self, z):
+        decoded.append(z.clone())
+        return original(self, z)
+
+    monkeypatch.setattr(latent.LatentCodec, "decode", recording)
+    stats = latent_sample(folder, tmp_path / "set")
+    # The sampler ran in the 4x4x4 latent space, one decoder call per batch (2 + 2 + 1) ...
+    assert [z.shape for z in decoded] == [(2, 4, 4, 4), (2, 4, 4, 4), (1, 4, 4, 4)]
+    # ... and each PNG is the tiny autoencoder's decoding of its latent (D(z / scale), [-1, 1] -> 0..255).
+    with torch.no_grad():
+        images = vae.decode(torch.cat(decoded) / 0.5).sample.clamp(-1, 1)
+    want = ((images + 1) / 2 * 255 + 0.5).clamp(0, 255).to(torch.uint8)[:, 0].numpy()
+    got = np.stack([np.array(Image.open(tmp_path / "set" / "images" / f"{i:06d}.png")) for i in range(5)])
+    assert got.shape == (5, 8, 8)
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1  # float order of two decoder calls
+    assert (stats["img_size"], stats["in_chans"], stats["latent_size"], stats["latent_chans"]) == (8, 1, 4, 4)
+    assert stats["decode_time_s"] > 0 and stats["autoencoder"]["scale_factor"] == 0.5
+    assert stats["autoencoder"]["sha256"] == latent.file_sha256(folder / "ae")
+    parts = [torch.load(p, weights_only=False) for p in sorted((tmp_path / "set" / "parts").iterdir())]
+    assert stats["decode_time_s"] == pytest.approx(sum(p["decode_time_s"] for p in parts))
+    # The network's time excludes the decoder's: the speed-ups count the network only.
+    assert stats["wall_time_s"] == pytest.approx(sum(p["wall_time_s"] for p in parts))
+
+
+def test_sampling_a_latent_model_needs_its_own_autoencoder(latent_model, tmp_path):
+    folder, _ = latent_model
+    with pytest.raises(DuodiffError, match="was trained on latents .*pass --autoencoder"):
+        latent_sample(folder, tmp_path / "a", autoencoder=None, scale_factor=None)
+    with pytest.raises(DuodiffError, match="another autoencoder or scale"):
+        latent_sample(folder, tmp_path / "b", scale_factor=0.25)
+    other = tiny_vae(seed=1)
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(DuodiffError, match="another autoencoder or scale"):
+        latent_sample(folder, tmp_path / "c", autoencoder=tmp_path / "other")
+    with pytest.raises(DuodiffError, match="needs --scale-factor > 0"):
+        latent_sample(folder, tmp_path / "d", scale_factor=None)
+    assert not any((tmp_path / name).exists() for name in "abcd")

@@ -116,6 +116,64 @@ class LatentCodec:
         return self.vae.decode(latents / self.scale_factor).sample.clamp(-1.0, 1.0)
 
 
+def autoencoder_record(autoencoder, autoencoder_config, scale_factor) -> dict | None:
+    """What a sample set records of the autoencoder that decoded it (None: pixel space), after
+    checking the flags; the sha256 identifies it whatever its path."""
+    if autoencoder is None:
+        require(autoencoder_config is None, "--autoencoder-config applies with --autoencoder only")
+        require(scale_factor is None, "--scale-factor applies with --autoencoder only")
+        return None
+    require(
+        scale_factor is not None and scale_factor > 0,
+        f"--autoencoder needs --scale-factor > 0 (the latents' scale it was trained with, U-ViT: 0.23010); got {scale_factor}",
+    )
+    require(Path(autoencoder).exists(), f"--autoencoder {autoencoder} does not exist (a diffusers folder or a checkpoint file)")
+    return {
+        "path": str(autoencoder),
+        "config": None if autoencoder_config is None else str(autoencoder_config),
+        "sha256": file_sha256(autoencoder),
+        "scale_factor": float(scale_factor),
+    }
+
+
+def check_model_autoencoder(meta: dict, record: dict | None, checkpoint_path) -> None:
+    """A model trained on `duodiff encode` latents decodes through the autoencoder (and scale)
+    that made them; its model.pt records them (train_args.latents_fingerprint)."""
+    made = (meta.get("train_args") or {}).get("latents_fingerprint")
+    if made is None:
+        return
+    require(
+        record is not None,
+        f"{checkpoint_path} was trained on latents (scale {made['scale_factor']}): pass --autoencoder and "
+        "--scale-factor to decode its samples",
+    )
+    require(
+        made["autoencoder_sha256"] == record["sha256"] and made["scale_factor"] == record["scale_factor"],
+        f"{checkpoint_path} was trained on latents of another autoencoder or scale (sha256 "
+        f"{made['autoencoder_sha256'][:12]}..., scale {made['scale_factor']}) than --autoencoder {record['path']} "
+        f"(sha256 {record['sha256'][:12]}..., --scale-factor {record['scale_factor']})",
+    )
+
+
+def load_codec(record: dict | None, device) -> LatentCodec | None:
+    """The decoder of a sample set (autoencoder_record), on `device`; None in pixel space."""
+    if record is None:
+        return None
+    return LatentCodec(load_autoencoder(record["path"], record["config"]).to(device), record["scale_factor"])
+
+
+def decoding_stats(settings: dict, parts: list, config, image_shape) -> dict:
+    """A sample set's stats.json entries: its images' size and channels (the decoder's in latent
+    diffusion, the network's being the latents'), and the decoder's time, kept out of the
+    network's throughput: the papers' speed-ups count the network only."""
+    record = settings.get("autoencoder")
+    out = {"img_size": image_shape[-1], "in_chans": image_shape[0], "autoencoder": record}
+    if record is not None:
+        out.update(latent_size=config.img_size, latent_chans=config.in_chans,
+                   decode_time_s=sum(part["decode_time_s"] for part in parts))  # fmt: skip
+    return out
+
+
 def file_sha256(path) -> str:
     """Of a file, or of every file in a folder (names and bytes): what the latents were made with."""
     digest = hashlib.sha256()

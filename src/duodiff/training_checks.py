@@ -104,6 +104,8 @@ def check_train_args(args: dict, world_size: int) -> TrainPlan:
     }  # fmt: skip
     train_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in args.items()}
     train_args.update(model=kind, image_size=image_size, device=device, world_size=world_size)
+    if latents_fingerprint is not None:  # `duodiff sample` checks its --autoencoder against it
+        train_args["latents_fingerprint"] = latents_fingerprint
     return TrainPlan(kind, model_config, config, diffusion, image_size, device, settings, train_args, backbone_state)
 
 
