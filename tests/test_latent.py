@@ -354,3 +354,53 @@ def test_sampling_a_latent_model_needs_its_own_autoencoder(latent_model, tmp_pat
     with pytest.raises(DuodiffError, match="needs --scale-factor > 0"):
         latent_sample(folder, tmp_path / "d", scale_factor=None)
     assert not any((tmp_path / name).exists() for name in "abcd")
+
+
+def test_flops_counts_the_decoder_apart_from_the_network(latent_model, tmp_path):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from duodiff.metrics.flops import run_flops
+
+    folder, vae = latent_model
+    latent_sample(folder, tmp_path / "set")
+    result = run_flops(samples=tmp_path / "set", output=tmp_path / "gflops.json")
+    # The real decoder, run once on a latent, counted on its own (attention as batched matmuls).
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        vae.decode(torch.zeros(1, 4, 4, 4))
+    by_op = counter.get_flop_counts()["Global"]
+    assert result["gflops_decoder_per_image"] == pytest.approx(sum(by_op.values()) / 1e9, rel=0, abs=1e-15)
+    # By hand, layer by layer (2 FLOPs per multiply-add): the tiny decoder on a 4x4x4 latent.
+    def conv(c_in, c_out, k, side):
+        return 2 * c_in * c_out * k * k * side * side
+
+    linear_conv = (
+        conv(4, 4, 1, 4)  # post_quant_conv
+        + conv(4, 16, 3, 4)  # conv_in
+        + 4 * conv(16, 16, 3, 4)  # mid block: two resnets of two 3x3 convolutions
+        + 4 * 2 * 16 * 16 * 16  # mid attention: q, k, v, out projections of 16 tokens
+        + 4 * conv(16, 16, 3, 4) + conv(16, 16, 3, 8)  # up block 0: two resnets, then the upsampler's conv at 8x8
+        + conv(16, 8, 3, 8) + conv(8, 8, 3, 8) + conv(16, 8, 1, 8)  # up block 1: resnet 16 -> 8 and its shortcut
+        + 2 * conv(8, 8, 3, 8)  # up block 1: resnet 8 -> 8
+        + conv(8, 1, 3, 8)  # conv_out
+    )  # fmt: skip
+    attention = 2 * (2 * 16 * 16 * 16)  # QK^T and AV over 16 tokens of width 16
+    assert result["gflops_decoder_per_image_linear_conv"] * 1e9 == pytest.approx(linear_conv, rel=1e-12)
+    assert result["gflops_decoder_per_image"] * 1e9 == pytest.approx(linear_conv + attention, rel=1e-12)
+    # The network's cost is the U-ViT's alone: a pixel-space count of the same network agrees.
+    plain = run_flops(samples=_pixel_copy(tmp_path / "set"), output=tmp_path / "plain.json")
+    assert plain["gflops_decoder_per_image"] is None
+    assert result["gflops_per_image"] == plain["gflops_per_image"] > 0
+
+
+def _pixel_copy(folder):
+    """The set's stats.json without its autoencoder: what flops counts for a pixel-space set."""
+    import shutil
+
+    copy = folder.parent / "pixel"
+    shutil.copytree(folder, copy)
+    stats = json.loads((copy / "stats.json").read_text())
+    stats["autoencoder"] = None
+    (copy / "stats.json").write_text(json.dumps(stats))
+    return copy
