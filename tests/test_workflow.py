@@ -496,11 +496,11 @@ def test_dataset_tables_of_the_workflow_match_duodiff_data():
     # validation.smk keeps its own copy of each dataset's native image size and channel count.
     from duodiff import data
 
-    lines = (REPO / "workflow" / "rules" / "validation.smk").read_text().splitlines()
+    text = (REPO / "workflow" / "rules" / "validation.smk").read_text()
 
-    def table(name):
-        (line,) = [line for line in lines if line.startswith(f"{name} = ")]
-        return ast.literal_eval(line.split(" = ", 1)[1])
+    def table(name):  # the literal assigned to `name` at the top level, over one line or several
+        match = re.search(rf"^{name} = (\{{.*?^?\}})$", text, flags=re.M | re.S)
+        return ast.literal_eval(match[1])
 
     assert table("DATASET_NATIVE_SIZE") == data.NATIVE_SIZE
     assert table("DATASET_CHANNELS") == data.CHANNELS

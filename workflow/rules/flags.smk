@@ -36,9 +36,10 @@ def dataset_flags() -> str:
     )
 
 
-def train_flags(stage: str) -> str:
-    """Every `duodiff train` setting of train.<stage>, plus dataset, diffusion and device."""
-    return " ".join(
+def train_flags(stage: str):
+    """Every `duodiff train` setting of train.<stage>, plus dataset, diffusion and device; in
+    latent diffusion also --latents, the rule's input (so a function of the job's input)."""
+    flags = " ".join(
         [
             dataset_flags(),
             cli_flags(config["diffusion"]),
@@ -46,6 +47,28 @@ def train_flags(stage: str) -> str:
             cli_flags({"device": config["device"]}),
         ]
     )
+    if config["autoencoder"]["path"] is None:
+        return flags
+    return lambda wildcards, input: f"{flags} --latents {shlex.quote(input.latents)}"
+
+
+def autoencoder_flags() -> str:
+    """The decoder of `duodiff sample` (and the encoder of `duodiff encode`); empty in pixel space."""
+    autoencoder = config["autoencoder"]
+    if autoencoder["path"] is None:
+        return ""
+    return cli_flags(
+        {
+            "autoencoder": autoencoder["path"],
+            "autoencoder_config": autoencoder["config"],
+            "scale_factor": autoencoder["scale_factor"],
+        }
+    )
+
+
+def encode_flags() -> str:
+    settings = {"batch_size": config["autoencoder"]["batch_size"], "device": config["device"]}
+    return " ".join([dataset_flags(), autoencoder_flags(), cli_flags(settings)])
 
 
 def sampling_flags(steps=None) -> str:
@@ -58,7 +81,8 @@ def sampling_flags(steps=None) -> str:
         settings["steps"] = steps
     settings["no_ema"] = not sampling["use_ema"]
     settings["device"] = config["device"]
-    return cli_flags(settings)
+    # Pixel-space sets keep the exact flags they had before latent diffusion (no rerun).
+    return " ".join(flags for flags in (cli_flags(settings), autoencoder_flags()) if flags)
 
 
 def reference_flags() -> str:
