@@ -8,23 +8,14 @@ import re
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_AUTOENCODER
 from PIL import Image
 
 from duodiff import latent
 from duodiff.data import load_dataset
 from duodiff.errors import DuodiffError
 
-TINY = {
-    "in_channels": 1,
-    "out_channels": 1,
-    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
-    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
-    "block_out_channels": [8, 16],
-    "layers_per_block": 1,
-    "latent_channels": 4,
-    "norm_num_groups": 4,
-    "sample_size": 8,
-}
+TINY = TINY_AUTOENCODER
 
 
 def tiny_vae(channels=1, seed=0):
