@@ -347,6 +347,21 @@ def test_sampling_a_latent_model_needs_its_own_autoencoder(latent_model, tmp_pat
     assert not any((tmp_path / name).exists() for name in "abcd")
 
 
+def test_a_pixel_space_model_is_not_decoded(latent_model, tmp_path):
+    from duodiff.checkpoints import save_model
+    from duodiff.models import build_model
+
+    folder, _ = latent_model
+    config = {**LATENT_MODEL, "in_chans": 1, "img_size": 8}
+    save_model(
+        tmp_path / "model.pt", kind="uvit", model_config=config, classifier_type=None,
+        state_dict=build_model("uvit", config, 50).state_dict(), ema_state_dict=None, step=1, train_args={},
+        diffusion={"num_timesteps": 50, "beta_start": 1e-4, "beta_end": 0.02, "parametrization": "predict_noise"},
+    )  # fmt: skip
+    with pytest.raises(DuodiffError, match="decodes 4-channel latents, but the model has in_chans 1"):
+        latent_sample(folder, tmp_path / "set", checkpoint_path=tmp_path / "model.pt")
+
+
 def test_flops_counts_the_decoder_apart_from_the_network(latent_model, tmp_path):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode

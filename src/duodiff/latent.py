@@ -155,11 +155,18 @@ def check_model_autoencoder(meta: dict, record: dict | None, checkpoint_path) ->
     )
 
 
-def load_codec(record: dict | None, device) -> LatentCodec | None:
-    """The decoder of a sample set (autoencoder_record), on `device`; None in pixel space."""
+def load_codec(record: dict | None, config, device) -> LatentCodec | None:
+    """The decoder of a sample set (autoencoder_record) for a network of UViTConfig `config`, on
+    `device`; None in pixel space."""
     if record is None:
         return None
-    return LatentCodec(load_autoencoder(record["path"], record["config"]).to(device), record["scale_factor"])
+    codec = LatentCodec(load_autoencoder(record["path"], record["config"]).to(device), record["scale_factor"])
+    require(
+        codec.latent_channels == config.in_chans,
+        f"--autoencoder {record['path']} decodes {codec.latent_channels}-channel latents, but the model has in_chans "
+        f"{config.in_chans}; a pixel-space model is sampled without --autoencoder",
+    )
+    return codec
 
 
 def decoding_stats(settings: dict, parts: list, config, image_shape) -> dict:

@@ -188,7 +188,7 @@ def run_sample(*, checkpoint_path, method, output_folder, sampler, steps, n_samp
 
     bar = tqdm(total=len(batches), initial=len(batches) - len(todo), desc=f"sample {method}", unit="batch",
                disable=not progress)  # fmt: skip
-    codec = load_codec(decoder, dev) if todo else None
+    codec = load_codec(decoder, main_value(models).config, dev) if todo else None
     for batch in todo:
         parts[batch[0]] = sample_batch(folder, batch, settings, models, diffusion, dev, progress, codec)
         bar.update(1)
