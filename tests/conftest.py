@@ -18,6 +18,24 @@ TINY_DIGITS = {
 TINY = dict(img_size=8, patch_size=2, in_chans=2, embed_dim=32, depth=5, num_heads=4)
 TINY_EARLY_EXIT = {**TINY, "probe_hidden": 16}
 T = 50
+# A tiny diffusers AutoencoderKL standing in for Stable Diffusion's KL-f8: 1-channel 8x8 images
+# (digits) <-> 4x4x4 latents (two down blocks: one 2x downsampling).
+TINY_AUTOENCODER = {
+    "in_channels": 1, "out_channels": 1, "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"], "block_out_channels": [8, 16],
+    "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 4, "sample_size": 8,
+}  # fmt: skip
+
+
+def save_tiny_autoencoder(path, seed=0):
+    """A randomly initialised TINY_AUTOENCODER saved as a diffusers folder at `path` -> the model."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**TINY_AUTOENCODER).eval()
+    vae.save_pretrained(path)
+    return vae
 
 
 def write_model_yaml(path, config=TINY_DIGITS, **overrides):

@@ -118,3 +118,29 @@ def test_imagefolder_resizes_crops_and_scales(tmp_path):
     assert torch.equal(white, torch.full((3, 8, 8), 1.0)) and label_white == 1
     # The center crop keeps the middle: white on the left half, black on the right half.
     assert torch.all(half[:, :, :3] > 0.9) and torch.all(half[:, :, -3:] < -0.9)
+
+
+def adm_center_crop(image, size):
+    """ADM's center_crop_arr (guided-diffusion image_datasets.py), which U-ViT's datasets.py uses
+    for ImageNet, as written there: the reference for duodiff.data's imagenet256."""
+    while min(*image.size) >= 2 * size:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+    scale = size / min(*image.size)
+    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
+    arr = np.array(image)
+    crop_y, crop_x = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[crop_y : crop_y + size, crop_x : crop_x + size]
+
+
+@pytest.mark.parametrize("width, height", [(1030, 700), (300, 420), (256, 256)])
+def test_imagenet256_is_u_vits_center_crop(tmp_path, width, height):
+    rng = np.random.default_rng(0)
+    (tmp_path / "n01440764").mkdir()
+    pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "n01440764" / "a.png")
+    data = load_dataset("imagenet256", root=tmp_path)
+    image, label = data[0]
+    expected = adm_center_crop(Image.fromarray(pixels), 256)
+    assert image.shape == (3, 256, 256) and label == 0 and data.hflip
+    want = torch.from_numpy(expected).permute(2, 0, 1).float() / 127.5 - 1.0
+    torch.testing.assert_close(image, want, rtol=0, atol=1e-6)

@@ -30,12 +30,14 @@ REPO = Path(__file__).resolve().parents[1]
 SNAKEFILE = REPO / "workflow" / "Snakefile"
 BIN = Path(sys.executable).parent  # the environment running the tests also runs the pipeline
 SNAKEMAKE = BIN / "snakemake"
-SHIPPED_CONFIGS = ["config/config.yaml", "config/cifar10.yaml", "config/celeba64.yaml", "config/imagenet64.yaml"]
+SHIPPED_CONFIGS = ["config/config.yaml", "config/cifar10.yaml", "config/celeba64.yaml", "config/imagenet64.yaml",
+                   "config/imagenet256.yaml"]  # fmt: skip
 TINY = "tests/configs/tiny.yaml"
+TINY_LATENT = "tests/configs/tiny_latent.yaml"
 OTHER_EXPERIMENT = "tiny_other"
 PLOTS = ["quality_vs_gflops", "quality_vs_time", "exit_heatmap", "mean_exit_layer", "fid_vs_tswitch", "training_curves",
          "sample_grids"]
-GPU_RULES = ["reference", "train_full", "train_shallow", "train_early_exit", "sample_full", "sample_shallow",
+GPU_RULES = ["encode", "reference", "train_full", "train_shallow", "train_early_exit", "sample_full", "sample_shallow",
              "sample_early_exit", "sample_duodiff", "fid", "cmmd_reference", "cmmd"]  # fmt: skip
 
 
@@ -49,6 +51,18 @@ def make_workdir(path: Path) -> Path:
         if not link.exists():
             link.symlink_to(REPO / name)
     return path
+
+
+def add_autoencoders(workdir: Path) -> Path:
+    """The autoencoders the latent configs name: tiny_latent.yaml's tiny random one (a diffusers
+    folder), and an empty stand-in for config/imagenet256.yaml's file, which only a real run reads."""
+    from conftest import save_tiny_autoencoder
+
+    save_tiny_autoencoder(workdir / load(TINY_LATENT)["autoencoder"]["path"])
+    placeholder = workdir / load("config/imagenet256.yaml")["autoencoder"]["path"]
+    placeholder.parent.mkdir(parents=True, exist_ok=True)
+    placeholder.touch()
+    return workdir
 
 
 def snakemake(workdir: Path, *args, timeout=300) -> subprocess.CompletedProcess:
@@ -108,6 +122,7 @@ def expected_jobs(cfg: dict) -> dict:
     classifier = cfg.get("metrics", {}).get("headline") == "classifier"
     cmmd = cfg.get("metrics", {}).get("cmmd", {}).get("enabled", True)  # false: no CMMD job at all
     jobs = {
+        "encode": int(cfg.get("autoencoder", {}).get("path") is not None),  # latent diffusion
         "reference": 1,
         "real_set": int(n_scored > n_sets),
         "feature_net": int(classifier),
@@ -138,8 +153,9 @@ def expected_jobs(cfg: dict) -> dict:
 def dry_runs(tmp_path_factory):
     """`snakemake -n` of every shipped config, plus one targeted and two profile runs, run
     side by side (each is mostly Snakemake's start-up)."""
-    workdir = make_workdir(tmp_path_factory.mktemp("dry"))
+    workdir = add_autoencoders(make_workdir(tmp_path_factory.mktemp("dry")))
     runs = {config: ("--configfile", config, "-n") for config in SHIPPED_CONFIGS}
+    runs["tiny_latent"] = ("--configfile", TINY_LATENT, "-n", "-p")
     runs["target"] = ("--configfile", "config/config.yaml", "-n", "results/digits/tables/fid.csv")
     runs["tiny_commands"] = ("--configfile", TINY, "-n", "-p")
     # The same study under another experiment name, as a user who runs a second config in the same folder.
@@ -163,7 +179,9 @@ def test_dry_run_plans_one_job_per_grid_point(dry_runs, config):
     assert job_counts(result.stdout) == expected_jobs(load(config))
 
 
-@pytest.mark.parametrize("config", ["config/cifar10.yaml", "config/celeba64.yaml", "config/imagenet64.yaml"])
+@pytest.mark.parametrize(
+    "config", ["config/cifar10.yaml", "config/celeba64.yaml", "config/imagenet64.yaml", "config/imagenet256.yaml"]
+)
 def test_dry_run_of_a_cluster_config_warns_about_the_missing_data(dry_runs, config):
     # The data roots of the paper configs do not exist here: planning still works, and says so.
     _, results = dry_runs
@@ -186,6 +204,49 @@ def test_paper_configs_have_the_papers_settings():
     assert [model_depth(p) for p in celeba["models"]["shallow"]] == [3, 5, 7]
     assert 300 in celeba["duodiff"]["t_switch"]
     assert load(load("config/imagenet64.yaml")["models"]["full"])["num_classes"] == 1000
+    imagenet256 = load("config/imagenet256.yaml")
+    full = load(imagenet256["models"]["full"])  # U-ViT-L/2 in KL-f8 latents, 1000 classes + the null class
+    assert (full["depth"], full["embed_dim"], full["num_heads"], full["patch_size"]) == (21, 1024, 16, 2)
+    assert (full["in_chans"], full["img_size"], full["num_classes"]) == (4, 32, 1001)
+    assert [model_depth(p) for p in imagenet256["models"]["shallow"]] == [3]
+    assert imagenet256["autoencoder"] == {"path": "assets/stable-diffusion/autoencoder_kl.pth", "batch_size": 64,
+                                          "config": "config/autoencoders/sd-kl-f8.json", "scale_factor": 0.23010}
+    assert imagenet256["dataset"]["image_size"] == 256 and imagenet256["sampling"]["n_samples"] == 50_000
+
+
+def test_latent_dry_runs_encode_once_train_on_the_latents_and_decode_every_set(dry_runs):
+    _, results = dry_runs
+    result = results["tiny_latent"]
+    assert result.returncode == 0, result.stderr
+    cfg = load(TINY_LATENT)
+    assert job_counts(result.stdout) == expected_jobs(cfg)
+    commands = planned_commands(result.stdout)
+    latents = "results/tiny_latent/latents/latents.npz"
+    (encode,) = [flags for name, flags in commands if name == "encode"]
+    assert (encode["--output"], encode["--autoencoder"], encode["--scale-factor"]) == (latents, "tiny_autoencoder", "0.5")
+    assert (encode["--dataset"], encode["--batch-size"]) == ("digits", "256")
+    train = [flags for name, flags in commands if name == "train"]
+    assert len(train) == 3 and all(flags["--latents"] == latents for flags in train)
+    samples = [flags for name, flags in commands if name == "sample"]
+    assert len(samples) == len(expected_sets(cfg))
+    assert all((f["--autoencoder"], f["--scale-factor"]) == ("tiny_autoencoder", "0.5") for f in samples)
+    assert all("--autoencoder-config" not in f for f in samples)  # a folder has its own config.json
+    for rule in ("train_full", "train_shallow", "train_early_exit"):
+        assert all(latents in job["input"] for job in planned_jobs(result.stdout, rule)), rule
+    # flops counts the decoder from the folder's config.json: the folder is its input.
+    assert all("tiny_autoencoder" in job["input"] for job in planned_jobs(result.stdout, "flops"))
+    # The pixel-space tiny study has none of it.
+    commands = planned_commands(results["tiny_commands"].stdout)
+    assert not any(name == "encode" or "--latents" in flags or "--autoencoder" in flags for name, flags in commands)
+
+
+def test_imagenet256_dry_run_plans_the_latent_path(dry_runs):
+    _, results = dry_runs
+    counts = job_counts(results["config/imagenet256.yaml"].stdout)
+    for rule in ("encode", "train_full", "train_shallow", "train_early_exit", "sample_full", "sample_shallow",
+                 "sample_early_exit", "sample_duodiff", "fid", "flops", "tables"):  # fmt: skip
+        assert counts.get(rule, 0) >= 1, rule
+    assert counts["encode"] == 1
 
 
 def test_a_table_target_plans_exactly_what_the_tables_need(dry_runs):
@@ -434,6 +495,19 @@ def _even_full_model(cfg, workdir):
     cfg["models"]["full"] = "full_depth4.yaml"
 
 
+def _pixel_models_with_an_autoencoder(cfg, workdir):
+    from conftest import TINY_AUTOENCODER
+
+    (workdir / "ae").mkdir(exist_ok=True)
+    (workdir / "ae" / "config.json").write_text(json.dumps(TINY_AUTOENCODER))  # what the check reads
+    cfg["autoencoder"] = {"path": "ae"}
+
+
+def _single_file_autoencoder(cfg, workdir):
+    (workdir / "ae.pth").touch()
+    cfg["autoencoder"] = {"path": "ae.pth"}
+
+
 # (name, edit of the tiny config, text the error must contain). Each is refused before any job.
 BAD_CONFIGS = [
     ("threshold above 1", lambda c, w: c["early_exit"].update(thresholds=[0.1, 1.5]),
@@ -444,7 +518,8 @@ BAD_CONFIGS = [
      "invalid config: early_exit.classifier_types[0]: 'linear_probe' is not one of ['attention_probe', "
      "'mlp_probe_per_layer', 'mlp_probe_per_timestep', 'mlp_probe_per_layer_per_timestep']"),
     ("unknown dataset", lambda c, w: c["dataset"].update(name="mnist"),
-     "invalid config: dataset.name: 'mnist' is not one of ['digits', 'cifar10', 'celeba', 'imagenet64', 'imagefolder']"),
+     "invalid config: dataset.name: 'mnist' is not one of ['digits', 'cifar10', 'celeba', 'imagenet64', 'imagenet256', "
+     "'imagefolder']"),
     ("a variant that samples its own models", lambda c, w: c["models"].update(trained_in=c["experiment"]),
      "invalid config: models.trained_in is 'tiny', the experiment itself"),
     ("zero batch size", lambda c, w: c["sampling"].update(batch_size=0),
@@ -488,6 +563,14 @@ BAD_CONFIGS = [
     ("grayscale models with an RGB dataset", lambda c, w: c["dataset"].update(name="imagefolder", image_size=8),
      "invalid config: models.full tests/configs/models/tiny.yaml has in_chans 1, but dataset imagefolder has 3 "
      "channel(s); use a model config with in_chans: 3"),
+    ("autoencoder config without an autoencoder",
+     lambda c, w: c.update(autoencoder={"config": "config/autoencoders/sd-kl-f8.json"}),
+     "invalid config: autoencoder.config is config/autoencoders/sd-kl-f8.json, but autoencoder.path is null"),
+    ("pixel-space models with an autoencoder", _pixel_models_with_an_autoencoder,
+     "invalid config: models.full tests/configs/models/tiny.yaml has in_chans 1, img_size 8, but the autoencoder turns "
+     "8x8 images into 4 latent channels downsampled 2x; use a model config with in_chans: 4, img_size: 4"),
+    ("single-file autoencoder without its architecture", _single_file_autoencoder,
+     "invalid config: autoencoder.path ae.pth is a single checkpoint file; set autoencoder.config to its architecture"),
 ]  # fmt: skip
 # Also refused by a dry run, which plans every job of a config that passes (the issue's even depth
 # planned 79 jobs).
@@ -549,11 +632,11 @@ def test_dataset_tables_of_the_workflow_match_duodiff_data():
     # validation.smk keeps its own copy of each dataset's native image size and channel count.
     from duodiff import data
 
-    lines = (REPO / "workflow" / "rules" / "validation.smk").read_text().splitlines()
+    text = (REPO / "workflow" / "rules" / "validation.smk").read_text()
 
-    def table(name):
-        (line,) = [line for line in lines if line.startswith(f"{name} = ")]
-        return ast.literal_eval(line.split(" = ", 1)[1])
+    def table(name):  # the literal assigned to `name` at the top level, over one line or several
+        match = re.search(rf"^{name} = (\{{.*?\}})$", text, flags=re.M | re.S)
+        return ast.literal_eval(match[1])
 
     assert table("DATASET_NATIVE_SIZE") == data.NATIVE_SIZE
     assert table("DATASET_CHANNELS") == data.CHANNELS
@@ -823,3 +906,51 @@ def test_a_guided_study_passes_label_dropout_and_the_guidance_scale_to_every_job
     assert result.returncode == 0, result.stderr
     (convert,) = [flags for name, flags in planned_commands(result.stdout) if name == "convert"]
     assert convert["--label-dropout"] == "0.15" and convert["--dataset"] == "digits"
+
+
+# ---- the latent path, end to end --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def latent_study(tmp_path_factory):
+    workdir = add_autoencoders(make_workdir(tmp_path_factory.mktemp("latent")))
+    result = snakemake(workdir, "--configfile", TINY_LATENT, "--cores", "2", timeout=1800)
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
+    return workdir / "results" / "tiny_latent"
+
+
+@pytest.mark.slow
+def test_latent_study_encodes_trains_samples_decodes_and_scores(latent_study):
+    import numpy as np
+    from PIL import Image
+
+    cfg = load(TINY_LATENT)
+    with np.load(latent_study / "latents" / "latents.npz") as f:
+        assert f["latents"].shape == (1797, 4, 4, 4) and f["labels"].shape == (1797,)  # digits: never flipped
+    for name in expected_sets(cfg):
+        folder = latent_study / "samples" / name
+        images = sorted((folder / "images").glob("*.png"))
+        assert len(images) == cfg["sampling"]["n_samples"]
+        with Image.open(images[0]) as image:
+            assert (image.mode, image.size) == ("L", (8, 8))  # decoded digits, not 4x4x4 latents
+        stats = json.loads((folder / "stats.json").read_text())
+        assert (stats["img_size"], stats["in_chans"], stats["latent_size"], stats["latent_chans"]) == (8, 1, 4, 4)
+        assert stats["autoencoder"]["path"] == "tiny_autoencoder" and stats["decode_time_s"] > 0
+        gflops = json.loads((latent_study / "metrics" / name / "gflops.json").read_text())
+        assert gflops["gflops_decoder_per_image"] > 0 and gflops["gflops_per_image"] > 0
+        assert json.loads((latent_study / "metrics" / name / "fid.json").read_text())["fid"] >= 0
+    with open(latent_study / "tables" / "gflops.csv") as f:
+        rows = {row["set"]: row for row in csv.DictReader(f)}
+    assert sorted(rows) == sorted(expected_sets(cfg))
+    # The tables' GFLOPs are the network's alone (the papers' convention), not network + decoder.
+    full = json.loads((latent_study / "metrics" / "full" / "gflops.json").read_text())
+    assert float(rows["full"]["gflops_per_image"]) == pytest.approx(full["gflops_per_image"])
+    model = json.loads(json.dumps(load_model_args(latent_study / "models" / "full" / "model.pt")))
+    assert model["latents"] == "results/tiny_latent/latents/latents.npz"
+    assert model["latents_fingerprint"]["scale_factor"] == 0.5
+
+
+def load_model_args(path) -> dict:
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=False)["train_args"]

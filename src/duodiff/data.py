@@ -7,6 +7,10 @@
                  preprocessing of "CelebA 64x64".
     imagenet64   an ImageFolder tree (root/<class>/<image>) resized + center-cropped to 64
                  (ImageNet 64x64; U-ViT trains it class-conditional, num_classes: 1000).
+    imagenet256  an ImageFolder tree of ImageNet at 256x256 (the latent models' images), with U-ViT's
+                 preprocessing (its datasets.py, ADM's center_crop_arr): halve with a box filter
+                 while the short side is >= 2 x 256, resize (bicubic) to a short side of 256,
+                 center crop. Class-conditional (num_classes: 1001 with guidance's null class).
     imagefolder  any ImageFolder tree, resized + center-cropped to image_size.
 
 Random horizontal flips are the papers' only augmentation (U-ViT flips CIFAR-10, CelebA and
@@ -30,14 +34,14 @@ from torch.utils.data import Dataset
 
 from duodiff.errors import DuodiffError, check_choice, is_int, require
 
-DATASETS = ("digits", "cifar10", "celeba", "imagenet64", "imagefolder")
+DATASETS = ("digits", "cifar10", "celeba", "imagenet64", "imagenet256", "imagefolder")
 
 # Native resolution and channel count of each dataset (None: set by image_size / the images).
-NATIVE_SIZE = {"digits": 8, "cifar10": 32, "celeba": 64, "imagenet64": 64, "imagefolder": None}
-CHANNELS = {"digits": 1, "cifar10": 3, "celeba": 3, "imagenet64": 3, "imagefolder": 3}
-NUM_CLASSES = {"digits": 10, "cifar10": 10, "celeba": 0, "imagenet64": None, "imagefolder": None}
+NATIVE_SIZE = {"digits": 8, "cifar10": 32, "celeba": 64, "imagenet64": 64, "imagenet256": 256, "imagefolder": None}
+CHANNELS = {"digits": 1, "cifar10": 3, "celeba": 3, "imagenet64": 3, "imagenet256": 3, "imagefolder": 3}
+NUM_CLASSES = {"digits": 10, "cifar10": 10, "celeba": 0, "imagenet64": None, "imagenet256": None, "imagefolder": None}
 # Whether training flips horizontally (the papers' augmentation).
-HFLIP = {"digits": False, "cifar10": True, "celeba": True, "imagenet64": True, "imagefolder": True}
+HFLIP = {"digits": False, "cifar10": True, "celeba": True, "imagenet64": True, "imagenet256": True, "imagefolder": True}
 # CelebA's aligned faces are 178x218; U-ViT (and DuoDiff) center-crop 178 before resizing.
 CELEBA_CROP = 178
 
@@ -51,6 +55,9 @@ MANUAL = {
     "imagenet64": "put the images there as ROOT/<class>/<image>.png (an ImageFolder tree; e.g. the "
     "downsampled ImageNet 64x64 from https://image-net.org/download-images, one folder per class); "
     "it cannot be downloaded automatically",
+    "imagenet256": "put ImageNet's training images there as ROOT/<class>/<image>.JPEG (an ImageFolder tree: "
+    "ILSVRC2012_img_train from https://image-net.org/download-images, one folder per class); they are "
+    "center-cropped to 256 when read; it cannot be downloaded automatically",
     "imagefolder": "put the images there as ROOT/<class>/<image>.png (an ImageFolder tree); "
     "it cannot be downloaded automatically",
 }
@@ -139,9 +146,10 @@ def load_dataset(name, root=None, download=False, image_size=None, train=True) -
                 root, split="train" if train else "test", target_type=[], transform=transform, download=download
             )
             num_classes = 0
-        else:  # imagenet64, imagefolder
+        else:  # imagenet64, imagenet256, imagefolder
             require(not download, f"--dataset {name} cannot be downloaded; {how_to_get(name, root, download)}")
-            transform = T.Compose([T.Lambda(_to_rgb)] + resize + to_unit)
+            crop = [AdmCenterCrop(image_size)] if name == "imagenet256" else resize
+            transform = T.Compose([T.Lambda(_to_rgb)] + crop + to_unit)
             source = torchvision.datasets.ImageFolder(root, transform=transform)
             num_classes = len(source.classes)
     except DuodiffError:
@@ -168,6 +176,25 @@ def _digits(image_size: int):
         images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
         images = images.clamp(-1.0, 1.0)
     return images.contiguous(), torch.as_tensor(digits.target, dtype=torch.long)
+
+
+class AdmCenterCrop:
+    """U-ViT's ImageNet preprocessing (ADM's center_crop_arr): box-filter halvings while the short
+    side is at least twice `size` (a cheap, alias-free first reduction), a bicubic resize to a
+    short side of `size`, then the central size x size square."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, image):
+        from PIL import Image
+
+        while min(image.size) >= 2 * self.size:
+            image = image.resize(tuple(side // 2 for side in image.size), resample=Image.BOX)
+        scale = self.size / min(image.size)
+        image = image.resize(tuple(round(side * scale) for side in image.size), resample=Image.BICUBIC)
+        left, top = (image.size[0] - self.size) // 2, (image.size[1] - self.size) // 2
+        return image.crop((left, top, left + self.size, top + self.size))
 
 
 def _to_rgb(image):

@@ -116,6 +116,71 @@ class LatentCodec:
         return self.vae.decode(latents / self.scale_factor).sample.clamp(-1.0, 1.0)
 
 
+def autoencoder_record(autoencoder, autoencoder_config, scale_factor) -> dict | None:
+    """What a sample set records of the autoencoder that decoded it (None: pixel space), after
+    checking the flags; the sha256 identifies it whatever its path."""
+    if autoencoder is None:
+        require(autoencoder_config is None, "--autoencoder-config applies with --autoencoder only")
+        require(scale_factor is None, "--scale-factor applies with --autoencoder only")
+        return None
+    require(
+        scale_factor is not None and scale_factor > 0,
+        f"--autoencoder needs --scale-factor > 0 (the latents' scale it was trained with, U-ViT: 0.23010); got {scale_factor}",
+    )
+    require(Path(autoencoder).exists(), f"--autoencoder {autoencoder} does not exist (a diffusers folder or a checkpoint file)")
+    return {
+        "path": str(autoencoder),
+        "config": None if autoencoder_config is None else str(autoencoder_config),
+        "sha256": file_sha256(autoencoder),
+        "scale_factor": float(scale_factor),
+    }
+
+
+def check_model_autoencoder(meta: dict, record: dict | None, checkpoint_path) -> None:
+    """A model trained on `duodiff encode` latents decodes through the autoencoder (and scale)
+    that made them; its model.pt records them (train_args.latents_fingerprint)."""
+    made = (meta.get("train_args") or {}).get("latents_fingerprint")
+    if made is None:
+        return
+    require(
+        record is not None,
+        f"{checkpoint_path} was trained on latents (scale {made['scale_factor']}): pass --autoencoder and "
+        "--scale-factor to decode its samples",
+    )
+    require(
+        made["autoencoder_sha256"] == record["sha256"] and made["scale_factor"] == record["scale_factor"],
+        f"{checkpoint_path} was trained on latents of another autoencoder or scale (sha256 "
+        f"{made['autoencoder_sha256'][:12]}..., scale {made['scale_factor']}) than --autoencoder {record['path']} "
+        f"(sha256 {record['sha256'][:12]}..., --scale-factor {record['scale_factor']})",
+    )
+
+
+def load_codec(record: dict | None, config, device) -> LatentCodec | None:
+    """The decoder of a sample set (autoencoder_record) for a network of UViTConfig `config`, on
+    `device`; None in pixel space."""
+    if record is None:
+        return None
+    codec = LatentCodec(load_autoencoder(record["path"], record["config"]).to(device), record["scale_factor"])
+    require(
+        codec.latent_channels == config.in_chans,
+        f"--autoencoder {record['path']} decodes {codec.latent_channels}-channel latents, but the model has in_chans "
+        f"{config.in_chans}; a pixel-space model is sampled without --autoencoder",
+    )
+    return codec
+
+
+def decoding_stats(settings: dict, parts: list, config, image_shape) -> dict:
+    """A sample set's stats.json entries: its images' size and channels (the decoder's in latent
+    diffusion, the network's being the latents'), and the decoder's time, kept out of the
+    network's throughput: the papers' speed-ups count the network only."""
+    record = settings.get("autoencoder")
+    out = {"img_size": image_shape[-1], "in_chans": image_shape[0], "autoencoder": record}
+    if record is not None:
+        out.update(latent_size=config.img_size, latent_chans=config.in_chans,
+                   decode_time_s=sum(part["decode_time_s"] for part in parts))  # fmt: skip
+    return out
+
+
 def file_sha256(path) -> str:
     """Of a file, or of every file in a folder (names and bytes): what the latents were made with."""
     digest = hashlib.sha256()
@@ -151,6 +216,7 @@ def run_encode(
         "dataset": dataset,
         "image_size": data.image_size,
         "images": len(data),
+        "num_classes": data.num_classes,
         "views": ["image", "flipped"][: len(views)],
     }
     chunks = _chunk_folder(Path(str(output) + ".chunks"), fingerprint)
@@ -209,6 +275,38 @@ def load_latents(path) -> tuple[torch.Tensor, torch.Tensor]:
     require(path.exists(), f"latents file {path} does not exist: run `duodiff encode` first")
     with np.load(path) as f:
         return torch.from_numpy(f["latents"]).float(), torch.from_numpy(f["labels"]).long()
+
+
+def read_latents_info(path) -> tuple[tuple, dict]:
+    """(shape of the latents array, the fingerprint `encode` stored) of a latents .npz, read from
+    the file's headers: the check pass learns the shape without loading ImageNet's 40 GB."""
+    import zipfile
+
+    path = Path(path)
+    require(path.is_file(), f"--latents {path} does not exist: run `duodiff encode` first")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            with archive.open("latents.npy") as f:
+                major, _ = np.lib.format.read_magic(f)
+                read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                shape = read_header(f)[0]
+            with archive.open("fingerprint.npy") as f:
+                fingerprint = json.loads(str(np.lib.format.read_array(f)))
+    except (zipfile.BadZipFile, KeyError, ValueError, OSError) as error:
+        raise DuodiffError(f"--latents {path}: not a latents file of `duodiff encode` ({error})") from None
+    require(len(shape) == 4, f"--latents {path}: expected latents of shape (N, C, h, w); found {shape}")
+    return tuple(shape), fingerprint
+
+
+def latent_dataset(path, name: str, fingerprint: dict):
+    """The latents and labels of `path` as the training data (duodiff.data.ImageDataset): never
+    flipped, `encode` stored the mirror images' latents already. Its class count is the one
+    `encode` recorded in the fingerprint (files without it: the labels' largest + 1)."""
+    from duodiff.data import ImageDataset, TensorImages
+
+    latents, labels = load_latents(path)
+    num_classes = fingerprint.get("num_classes", int(labels.max()) + 1 if len(labels) else 0)
+    return ImageDataset(name, TensorImages(latents, labels), latents.shape[1], latents.shape[-1], num_classes, False)
 
 
 def add_cli(subparsers):

@@ -30,6 +30,7 @@ from duodiff.flags import add_flag
 from duodiff.guidance import branch_major, check_guidance_scale, label_classes, set_null_label
 from duodiff.images import image_grid, load_png, save_png, to_uint8
 from duodiff.io import torch_save, write_json
+from duodiff.latent import autoencoder_record, check_model_autoencoder, decoding_stats, load_codec
 from duodiff.sampling_setup import (
     check_device,
     load_models,
@@ -146,15 +147,19 @@ def sampling_steps(num_timesteps: int, method, sampler, steps, t_switch) -> int:
 
 def run_sample(*, checkpoint_path, method, output_folder, sampler, steps, n_samples, batch_size, seed, threshold,
                t_switch, checkpoint_path_late, eta, use_ema, device, precision, progress, allow_deeper_shallow,
-               guidance_scale):
+               guidance_scale, autoencoder, autoencoder_config, scale_factor):
     """Generate `n_samples` images into `output_folder` (see docs/architecture.md, "Sample set folder")."""
     dev = check_sample_args(
         method=method, sampler=sampler, steps=steps, n_samples=n_samples, batch_size=batch_size, seed=seed, eta=eta,
         threshold=threshold, t_switch=t_switch, checkpoint_path_late=checkpoint_path_late,
         allow_deeper_shallow=allow_deeper_shallow, precision=precision, device=device, guidance_scale=guidance_scale,
     )  # fmt: skip
+    decoder = autoencoder_record(autoencoder, autoencoder_config, scale_factor)  # latent diffusion: None in pixel space
     paths = (checkpoint_path, checkpoint_path_late)
     models, diffusion, metas = load_models(method, *paths, use_ema, dev, allow_deeper_shallow)
+    for path, meta in zip(paths, (main_value(metas), metas.get("full"))):
+        if meta is not None:
+            check_model_autoencoder(meta, decoder, path)
     steps = sampling_steps(diffusion.num_timesteps, method, sampler, steps, t_switch)
     null = set_null_label(guidance_scale, models, metas)
     settings = {
@@ -169,6 +174,8 @@ def run_sample(*, checkpoint_path, method, output_folder, sampler, steps, n_samp
         **dict(zip(RUN_KEYS, (sampler, steps, float(eta), n_samples, batch_size, seed))),
         "precision": precision,
         "guidance_scale": float(guidance_scale),
+        # Only in latent sets, so the parts of pixel-space sets written before it still match.
+        **({"autoencoder": decoder} if decoder is not None else {}),
     }
     folder = Path(output_folder)
     starts = range(0, n_samples, batch_size)
@@ -191,8 +198,9 @@ def run_sample(*, checkpoint_path, method, output_folder, sampler, steps, n_samp
 
     bar = tqdm(total=len(batches), initial=len(batches) - len(todo), desc=f"sample {method}", unit="batch",
                disable=not progress)  # fmt: skip
+    codec = load_codec(decoder, main_value(models).config, dev) if todo else None
     for batch in todo:
-        parts[batch[0]] = sample_batch(folder, batch, settings, models, diffusion, dev, progress, null)
+        parts[batch[0]] = sample_batch(folder, batch, settings, models, diffusion, dev, progress, null, codec)
         bar.update(1)
     bar.close()
     return finish_set(folder, settings, [parts[b] for b, _, _ in batches], models, metas, diffusion, dev)
@@ -233,9 +241,11 @@ def finished_parts(folder: Path, settings: dict) -> dict:
     return parts
 
 
-def sample_batch(folder: Path, batch: tuple, settings: dict, models, diffusion, device, progress, null) -> dict:
-    """Sample one batch (index, first image, count), write its PNGs, then its part file; `null`:
-    the models' null class (None: none), never a sample label."""
+def sample_batch(folder: Path, batch: tuple, settings: dict, models, diffusion, device, progress, null, codec) -> dict:
+    """Sample one batch (index, first image, count), write its PNGs, then its part file. `null`:
+    the models' null class (None: none), never a sample label. With a `codec` (latent diffusion)
+    the sampler runs in its latent space and the images are decoded; the decoder is timed apart
+    from the network (decode_time_s)."""
     b, start, count = batch
     method, steps = settings["method"], settings["steps"]
     config = main_value(models).config
@@ -251,13 +261,23 @@ def sample_batch(folder: Path, batch: tuple, settings: dict, models, diffusion, 
     synchronize(device)
     started, cpu_started = time.perf_counter(), time.process_time()
     with torch.inference_mode(), precision_context(settings["precision"], device):
+        # x0 is clipped to the images' [-1, 1] in pixel space only: latents are not bounded (U-ViT's
+        # latent models sample unclipped).
         samples = diffusion.sample(
-            denoiser, noise, settings["sampler"], steps, eta=settings["eta"], generator=generator, progress=progress
+            denoiser, noise, settings["sampler"], steps, eta=settings["eta"], generator=generator, progress=progress,
+            clip_denoised=codec is None,
         )
     synchronize(device)
     wall_time, cpu_time = time.perf_counter() - started, time.process_time() - cpu_started
 
     executed_depth = denoiser.executed_depth(steps, count)
+    decode_time = None
+    if codec is not None:
+        started = time.perf_counter()
+        with torch.inference_mode():
+            samples = codec.decode(samples.float())
+        synchronize(device)
+        decode_time = time.perf_counter() - started
     for i, image in enumerate(to_uint8(samples).cpu()):
         save_png(image, image_path(folder, start + i))
     # The part file comes after the images: its presence says the whole batch is on disk.
@@ -270,6 +290,7 @@ def sample_batch(folder: Path, batch: tuple, settings: dict, models, diffusion, 
         "exit_layers": executed_depth,
         "wall_time_s": wall_time,
         "cpu_time_s": cpu_time,
+        "decode_time_s": decode_time,
         "timing_clock": clock,
         "device": str(device),
     }
@@ -285,7 +306,7 @@ def finish_set(folder: Path, settings: dict, parts: list, models, metas, diffusi
     exit_layers = branch_major([part["exit_layers"] for part in parts], branches(settings))
     torch_save(exit_layers, folder / "exit_layers.pt")
     write_grid(folder, min(GRID_SAMPLES, settings["n_samples"]))
-    stats = set_stats(settings, parts, exit_layers, models, metas, diffusion, device)
+    stats = set_stats(settings, parts, exit_layers, models, metas, diffusion, device, folder)
     write_json(folder / "stats.json", stats)
     return stats
 
@@ -312,7 +333,7 @@ def throughput(parts: list, n_samples: int) -> dict:
     }
 
 
-def set_stats(settings: dict, parts: list, exit_layers, models, metas, diffusion, device) -> dict:
+def set_stats(settings: dict, parts: list, exit_layers, models, metas, diffusion, device, folder: Path) -> dict:
     """stats.json: the set's settings, models, timing and exits (docs/architecture.md)."""
     method, meta, config = settings["method"], main_value(metas), main_value(models).config
     # The deepest model of the set sets the full depth; shallow_depth is the shallow model's depth.
@@ -333,12 +354,11 @@ def set_stats(settings: dict, parts: list, exit_layers, models, metas, diffusion
         **{key: settings[key] for key in ("checkpoint", "checkpoint_late", "use_ema", "precision", "guidance_scale")},
         "branches": branches(settings),
         **throughput(parts, settings["n_samples"]),
+        **decoding_stats(settings, parts, config, load_png(image_path(folder, 0)).shape),
         "mean_exit_layer_per_step": exit_layers.double().mean(dim=1).tolist(),
         # Executed transformer blocks relative to always running the deepest model of the set (with
         # guidance: over both branches, each column of exit_layers one network evaluation).
         "layer_ratio": exit_layers.double().mean().item() / depth,
-        "img_size": config.img_size,
-        "in_chans": config.in_chans,
         "num_classes": config.num_classes,
         # What the model was trained on (null for a model.pt without it): `duodiff fid` refuses a
         # reference of another dataset.
@@ -379,6 +399,10 @@ def add_cli(subparsers) -> None:
     add_flag(parser, "--guidance-scale", type=float, default=0.0,
              help="classifier-free guidance: out_c + S (out_c - out_u) with the null class; 0: none (U-ViT ImageNet 256: 0.4)")
     add_flag(parser, "--no-progress", dest="progress", action="store_false", help="no progress bars")
+    add_flag(parser, "--autoencoder", default=None,
+             help="latent diffusion: decode each batch through this AutoencoderKL (diffusers folder or checkpoint file)")
+    add_flag(parser, "--autoencoder-config", default=None, help="diffusers config.json of a single-file autoencoder")
+    add_flag(parser, "--scale-factor", type=float, default=None, help="the latents' scale (U-ViT: 0.23010, SD: 0.18215)")
     parser.set_defaults(func=_main)
 
 

@@ -1,4 +1,4 @@
-"""The summary as the three documents `duodiff tables` writes: summary.md (for people),
+r"""The summary as the three documents `duodiff tables` writes: summary.md (for people),
 summary.tex (to \input in a paper) and summary.html (for the Snakemake report, which shows html).
 All three show the cells of summary_cells.py and the notes of summary_notes.py, then the
 operating points ("Speed-up at equal quality")."""

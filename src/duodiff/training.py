@@ -38,6 +38,7 @@ from duodiff.errors import DuodiffError, check_int, require
 from duodiff.flags import add_flag, cli_flags
 from duodiff.guidance import drop_labels
 from duodiff.io import write_csv
+from duodiff.latent import latent_dataset
 from duodiff.models import build_model
 from duodiff.models.early_exit import LOSS_PARTS
 from duodiff.optim import ema_update, warmup_cosine
@@ -59,7 +60,7 @@ def run_train(
     *, model, config_path, log_path, dataset, data_root, download, image_size, num_timesteps, beta_start, beta_end,
     parametrization, n_steps, batch_size, lr, weight_decay, beta1, beta2, warmup_steps, grad_clip, ema_decay,
     use_amp, seed, log_every_n_steps, save_every_n_steps, num_workers, device, classifier_type, load_backbone,
-    freeze_backbone, use_unweighted_loss, loss_weighting, min_snr_gamma, label_dropout,
+    freeze_backbone, use_unweighted_loss, loss_weighting, min_snr_gamma, label_dropout, latents,
 ) -> dict:
     """Train, resuming from log_path/checkpoint.pt if present. Returns a summary dict.
 
@@ -80,7 +81,10 @@ def run_train(
             # TF32 matmuls: the usual speed/precision trade for training (bf16 autocast goes further).
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        data = load_training_data(dataset, data_root, download, plan.image_size, dist_info, device)
+        if latents is not None:
+            data = latent_dataset(latents, dataset, plan.settings["latents"])  # checked by check_latents
+        else:
+            data = load_training_data(dataset, data_root, download, plan.image_size, dist_info, device)
         check_data_fits(data, plan.config, config_path, label_dropout)
         return _train(args, plan, data, device, dist_info, resume, log_path)
     finally:
@@ -375,6 +379,8 @@ def add_cli(subparsers) -> None:
     add_flag(p, "--min-snr-gamma", type=float, default=5.0, help="min_snr: the cap on the signal-to-noise ratio")
     add_flag(p, "--label-dropout", type=float, default=0.0, help="classifier-free guidance: the probability of "
              "replacing a label by the null class (the last class token; num_classes = classes + 1); 0: none")
+    add_flag(p, "--latents", default=None, help="latent diffusion: train on this .npz of `duodiff encode` (never "
+             "flipped: it holds the mirror images' latents) instead of the dataset's images")
     p.set_defaults(func=_cli)
 
 

@@ -65,7 +65,11 @@ def check_train_args(args: dict, world_size: int) -> TrainPlan:
 
     model_config = load_yaml(args["config_path"])  # stored in model.pt as the user wrote it
     config = UViTConfig.from_dict(model_config, source=str(args["config_path"]))
-    image_size = _check_image_and_dataset(args, config)
+    latents_fingerprint = None
+    if args["latents"] is not None:
+        image_size, latents_fingerprint = check_latents(args, config)
+    else:
+        image_size = _check_image_and_dataset(args, config)
     if kind == "early_exit" and args["classifier_type"] == "attention_probe" and config.probe_design == "duodiff":
         require(
             config.probe_hidden % PROBE_HEADS == 0,
@@ -85,9 +89,13 @@ def check_train_args(args: dict, world_size: int) -> TrainPlan:
            if args["loss_weighting"] != "uniform" else {}),
         **({"label_dropout": args["label_dropout"]} if args["label_dropout"] != 0 else {}),
         "load_backbone": str(args["load_backbone"]) if args["load_backbone"] is not None else None,
+        # What the latents were encoded with, not where the file lies: a moved file still resumes.
+        **({"latents": latents_fingerprint} if latents_fingerprint is not None else {}),
     }  # fmt: skip
     train_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in args.items()}
     train_args.update(model=kind, image_size=image_size, device=device, world_size=world_size)
+    if latents_fingerprint is not None:  # `duodiff sample` checks its --autoencoder against it
+        train_args["latents_fingerprint"] = latents_fingerprint
     return TrainPlan(kind, model_config, config, diffusion, image_size, device, settings, train_args, backbone_state)
 
 
@@ -145,6 +153,32 @@ def _check_image_and_dataset(args: dict, config: UViTConfig) -> int:
     if NUM_CLASSES[dataset] is not None:
         check_class_count(config.num_classes, NUM_CLASSES[dataset], args["label_dropout"], config_path, dataset)
     return image_size
+
+
+def check_latents(args: dict, config: UViTConfig) -> tuple[int, dict]:
+    """--latents (a `duodiff encode` file) against the model and the dataset flags -> (the latent
+    side, the fingerprint `encode` stored). The model works on the latents: its in_chans and
+    img_size must be theirs; --dataset and --image-size name the images they were encoded from."""
+    from duodiff.latent import read_latents_info
+
+    path, config_path = args["latents"], args["config_path"]
+    shape, fingerprint = read_latents_info(path)
+    _, channels, height, width = shape
+    require(
+        (config.in_chans, config.img_size, config.img_size) == (channels, height, width),
+        f"--latents {path} holds {channels}x{height}x{width} latents but {config_path} has in_chans "
+        f"{config.in_chans}, img_size {config.img_size}; use a model config for the autoencoder's latents "
+        f"(in_chans {channels}, img_size {height})",
+    )
+    require(
+        fingerprint.get("dataset") == args["dataset"],
+        f"--latents {path} was encoded from --dataset {fingerprint.get('dataset')}, not {args['dataset']}",
+    )
+    require(
+        args["image_size"] is None or args["image_size"] == fingerprint.get("image_size"),
+        f"--latents {path} was encoded from {fingerprint.get('image_size')}-pixel images, not --image-size {args['image_size']}",
+    )
+    return height, fingerprint
 
 
 def check_processes(kwargs: dict, nproc: int) -> None:

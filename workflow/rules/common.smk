@@ -183,5 +183,27 @@ def study_files(kind):
     return expand(patterns[kind], experiment=experiment, set=sets)
 
 
+# ---- latent diffusion (config autoencoder) ---------------------------------------------------------
+
+LATENTS = "results/{experiment}/latents/latents.npz"  # rule encode writes it, the trainings read it
+
+
+def latent_inputs() -> dict:
+    """The trainings' latents when autoencoder.path is set (latent diffusion), else nothing."""
+    return {"latents": LATENTS} if config["autoencoder"]["path"] is not None else {}
+
+
+def autoencoder_inputs() -> dict:
+    """The autoencoder's files (its weights, and a single file's architecture) where they are read:
+    encoding, and decoding each sample set (and, through sample_models, counting its decoder)."""
+    autoencoder = config["autoencoder"]
+    if autoencoder["path"] is None:
+        return {}
+    files = {"autoencoder": autoencoder["path"]}
+    if autoencoder["config"] is not None:
+        files["autoencoder_config"] = autoencoder["config"]
+    return files
+
+
 def resources(kind: str) -> dict:
     return config["resources"][kind]

@@ -42,9 +42,10 @@ def unless_zero(settings: dict, *keys) -> dict:
     return {key: value for key, value in settings.items() if not (key in keys and value == 0)}
 
 
-def train_flags(stage: str) -> str:
-    """Every `duodiff train` setting of train.<stage>, plus dataset, diffusion and device."""
-    return " ".join(
+def train_flags(stage: str):
+    """Every `duodiff train` setting of train.<stage>, plus dataset, diffusion and device; in
+    latent diffusion also --latents, the rule's input (so a function of the job's input)."""
+    flags = " ".join(
         [
             dataset_flags(),
             cli_flags(config["diffusion"]),
@@ -52,6 +53,28 @@ def train_flags(stage: str) -> str:
             cli_flags({"device": config["device"]}),
         ]
     )
+    if config["autoencoder"]["path"] is None:
+        return flags
+    return lambda wildcards, input: f"{flags} --latents {shlex.quote(input.latents)}"
+
+
+def autoencoder_flags() -> str:
+    """The decoder of `duodiff sample` (and the encoder of `duodiff encode`); empty in pixel space."""
+    autoencoder = config["autoencoder"]
+    if autoencoder["path"] is None:
+        return ""
+    return cli_flags(
+        {
+            "autoencoder": autoencoder["path"],
+            "autoencoder_config": autoencoder["config"],
+            "scale_factor": autoencoder["scale_factor"],
+        }
+    )
+
+
+def encode_flags() -> str:
+    settings = {"batch_size": config["autoencoder"]["batch_size"], "device": config["device"]}
+    return " ".join([dataset_flags(), autoencoder_flags(), cli_flags(settings)])
 
 
 def sampling_flags(steps=None) -> str:
@@ -65,7 +88,10 @@ def sampling_flags(steps=None) -> str:
     settings["no_ema"] = not sampling["use_ema"]
     settings["device"] = config["device"]
     settings["guidance_scale"] = sampling["guidance_scale"]
-    return cli_flags(unless_zero(settings, "guidance_scale"))
+    # Pixel-space, unguided sets keep the exact flags they had before these keys existed (no rerun).
+    return " ".join(
+        flags for flags in (cli_flags(unless_zero(settings, "guidance_scale")), autoencoder_flags()) if flags
+    )
 
 
 def fid_mode_settings() -> dict:

@@ -14,6 +14,7 @@
 
 rule sample_full:
     input:
+        **autoencoder_inputs(),  # latent diffusion: each batch is decoded (common.smk)
         model=trained(rules.train_full.output.model),
     output:
         **sample_outputs("full"),
@@ -49,6 +50,7 @@ use rule sample_full as sample_fewer_steps with:
 
 use rule sample_full as sample_shallow with:
     input:
+        **autoencoder_inputs(),
         model=trained(rules.train_shallow.output.model),
     output:
         **sample_outputs("shallow"),
@@ -62,6 +64,7 @@ use rule sample_full as sample_shallow with:
 
 use rule sample_full as sample_early_exit with:
     input:
+        **autoencoder_inputs(),
         model=trained(rules.train_early_exit.output.model),
     output:
         **sample_outputs("early_exit"),
@@ -76,6 +79,7 @@ use rule sample_full as sample_early_exit with:
 
 use rule sample_full as sample_duodiff with:
     input:
+        **autoencoder_inputs(),
         shallow=trained(rules.train_shallow.output.model),
         full=trained(rules.train_full.output.model),
     output:

@@ -16,6 +16,7 @@
 
 rule train_full:
     input:
+        **latent_inputs(),  # latent diffusion: the latents of rule encode (common.smk)
         model_config=config["models"]["full"],
     output:
         model="results/{experiment}/models/full/model.pt",
@@ -43,6 +44,7 @@ rule train_full:
 # resources; it states only its files, its settings (train.shallow) and its priority.
 use rule train_full as train_shallow with:
     input:
+        **latent_inputs(),
         model_config=shallow_config,
     output:
         model="results/{experiment}/models/shallow_d{depth}/model.pt",
@@ -61,6 +63,7 @@ use rule train_full as train_shallow with:
 # by retraining every finished full model.
 rule train_early_exit:
     input:
+        **latent_inputs(),
         model_config=config["models"]["full"],
         backbone=rules.train_full.output.model,
     output:

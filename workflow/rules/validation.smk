@@ -7,6 +7,7 @@
 # duodiff.data's, which tests/test_workflow.py keeps in step.
 
 import functools
+import json
 from pathlib import Path
 
 import yaml
@@ -17,7 +18,7 @@ with open(Path(workflow.basedir, "schemas", "config.schema.yaml")) as _f:
 # Datasets torchvision can download; the others must already be in dataset.root.
 DOWNLOADABLE = ("cifar10", "celeba")
 # Datasets that read files (digits ships with scikit-learn).
-NEEDS_ROOT = ("cifar10", "celeba", "imagenet64", "imagefolder")
+NEEDS_ROOT = ("cifar10", "celeba", "imagenet64", "imagenet256", "imagefolder")
 # Datasets with class labels and small native images, on which metrics.headline classifier can
 # train its feature network (duodiff.data.NUM_CLASSES and NATIVE_SIZE).
 LABELLED_SMALL = ("digits", "cifar10")
@@ -26,8 +27,15 @@ LABELLED_SMALL = ("digits", "cifar10")
 SHARED_MODEL_KEYS = ("img_size", "patch_size", "in_chans", "num_classes")
 # duodiff.data.NATIVE_SIZE and CHANNELS (tests/test_workflow.py keeps them in step): each dataset's
 # image size when dataset.image_size is null (None: it has no native size) and its channel count.
-DATASET_NATIVE_SIZE = {"digits": 8, "cifar10": 32, "celeba": 64, "imagenet64": 64, "imagefolder": None}
-DATASET_CHANNELS = {"digits": 1, "cifar10": 3, "celeba": 3, "imagenet64": 3, "imagefolder": 3}
+DATASET_NATIVE_SIZE = {
+    "digits": 8,
+    "cifar10": 32,
+    "celeba": 64,
+    "imagenet64": 64,
+    "imagenet256": 256,
+    "imagefolder": None,
+}
+DATASET_CHANNELS = {"digits": 1, "cifar10": 3, "celeba": 3, "imagenet64": 3, "imagenet256": 3, "imagefolder": 3}
 
 
 # ---- schema errors -----------------------------------------------------------------------------
@@ -91,7 +99,11 @@ def check_config(config, dryrun: bool) -> None:
     full_path = config["models"]["full"]
     full = read_model_config(full_path)
     _check_depths(config)
-    _check_full_model_fits_dataset(config["dataset"], full_path, full)
+    if config["autoencoder"]["path"] is None:
+        _check_pixel_space(config["autoencoder"])
+        _check_full_model_fits_dataset(config["dataset"], full_path, full)
+    else:  # latent diffusion: the models see the autoencoder's latents of the dataset's images
+        _check_full_model_fits_latents(config, full_path, full, dryrun)
     _check_shallow_models(config["models"]["shallow"], full_path, full)
     _check_guidance(config, full_path, full)
     _check_data_source(config["dataset"], dryrun)
@@ -153,8 +165,7 @@ def _check_depths(config) -> None:
             )
 
 
-def _check_full_model_fits_dataset(dataset, full_path, full) -> None:
-    """The images the models are trained on and the FID reference is built from."""
+def _dataset_image_size(dataset, full_path, full) -> int:
     name, native = dataset["name"], DATASET_NATIVE_SIZE[dataset["name"]]
     image_size = dataset["image_size"] if dataset["image_size"] is not None else native
     if image_size is None:
@@ -162,6 +173,13 @@ def _check_full_model_fits_dataset(dataset, full_path, full) -> None:
             f"invalid config: dataset.image_size is null, but dataset {name} has no native size; set it to the "
             f"img_size of models.full {full_path} ({full.get('img_size')})"
         )
+    return image_size
+
+
+def _check_full_model_fits_dataset(dataset, full_path, full) -> None:
+    """The images the models are trained on and the FID reference is built from."""
+    name, native = dataset["name"], DATASET_NATIVE_SIZE[dataset["name"]]
+    image_size = _dataset_image_size(dataset, full_path, full)
     if image_size != full.get("img_size"):
         given = (
             f"dataset.image_size is {image_size}"
@@ -176,6 +194,64 @@ def _check_full_model_fits_dataset(dataset, full_path, full) -> None:
         raise ValueError(
             f"invalid config: models.full {full_path} has in_chans {full.get('in_chans')}, but dataset {name} has "
             f"{DATASET_CHANNELS[name]} channel(s); use a model config with in_chans: {DATASET_CHANNELS[name]}"
+        )
+
+
+def _check_pixel_space(autoencoder) -> None:
+    if autoencoder["config"] is not None:
+        raise ValueError(
+            f"invalid config: autoencoder.config is {autoencoder['config']}, but autoencoder.path is null (pixel "
+            "space); set autoencoder.path to the autoencoder the config describes, or remove autoencoder.config"
+        )
+
+
+def autoencoder_architecture(autoencoder) -> dict | None:
+    """The diffusers config of autoencoder.path (autoencoder.config, or a folder's config.json);
+    None while it cannot be read (a dry run before the files are in place)."""
+    path = Path(autoencoder["path"])
+    if autoencoder["config"] is not None:
+        if not Path(autoencoder["config"]).is_file():
+            raise ValueError(f"invalid config: autoencoder.config {autoencoder['config']} does not exist")
+        architecture = Path(autoencoder["config"])
+    elif path.is_file():
+        raise ValueError(
+            f"invalid config: autoencoder.path {path} is a single checkpoint file; set autoencoder.config to its "
+            "architecture (config/autoencoders/sd-kl-f8.json for Stable Diffusion's KL-f8)"
+        )
+    else:
+        architecture = path / "config.json"
+    if not architecture.is_file():
+        return None
+    with open(architecture) as f:
+        return json.load(f)
+
+
+def _check_full_model_fits_latents(config, full_path, full, dryrun: bool) -> None:
+    """The models work on the latents of the dataset's images: the autoencoder's latent channels,
+    and the image size over its downsampling (diffusers' AutoencoderKL defaults where unset)."""
+    autoencoder, dataset = config["autoencoder"], config["dataset"]
+    if not Path(autoencoder["path"]).exists():
+        message = f"autoencoder.path {autoencoder['path']} does not exist; put the autoencoder there"
+        if not dryrun:
+            raise ValueError(f"invalid config: {message}")
+        logger.warning(f"Warning: {message}. The real run stops here until it does.")
+    architecture = autoencoder_architecture(autoencoder)
+    if architecture is None:
+        return
+    image_size = _dataset_image_size(dataset, full_path, full)
+    channels = architecture.get("latent_channels", 4)
+    factor = 2 ** (len(architecture.get("block_out_channels", [64])) - 1)
+    if architecture.get("in_channels", 3) != DATASET_CHANNELS[dataset["name"]]:
+        raise ValueError(
+            f"invalid config: the autoencoder encodes {architecture.get('in_channels', 3)}-channel images, but dataset "
+            f"{dataset['name']} has {DATASET_CHANNELS[dataset['name']]} channel(s)"
+        )
+    if (full.get("in_chans"), full.get("img_size")) != (channels, image_size // factor) or image_size % factor:
+        raise ValueError(
+            f"invalid config: models.full {full_path} has in_chans {full.get('in_chans')}, img_size "
+            f"{full.get('img_size')}, but the autoencoder turns {image_size}x{image_size} images into {channels} "
+            f"latent channels downsampled {factor}x; use a model config with in_chans: {channels}, img_size: "
+            f"{image_size // factor} (and an image size divisible by {factor})"
         )
 
 

@@ -28,7 +28,10 @@ Per sample set (DIR/stats.json, DIR/exit_layers.pt of shape (steps, n)):
   early exit: LUT[exit layer]);
 - gflops_per_image: the sum over the sampling steps (steps x gflops_per_forward) and, with
   classifier-free guidance, over the sample's two branches (each step runs the network twice);
-- layer_ratio: the mean executed depth (exit_layers) / the full depth.
+- layer_ratio: the mean executed depth (exit_layers) / the full depth;
+- gflops_decoder_per_image (latent diffusion; null in pixel space): the autoencoder's one decoder
+  pass per image, counted the same way on the decoder built from its config. It is kept apart:
+  the papers' speed-ups count the network only, and so do the tables.
 
 A guided set (stats.json: branches 2) has exit_layers (steps, 2n), one column per network
 evaluation (duodiff.guidance): gflops_per_forward stays the mean cost of one evaluation, each
@@ -266,6 +269,22 @@ def read_set(samples) -> tuple[dict, torch.Tensor]:
     return stats, exit_layers
 
 
+def decoder_cost(stats: dict) -> dict | None:
+    """FLOPs of one decoder pass (batch 1) of a latent set's autoencoder (stats.json's
+    `autoencoder`), built on the meta device from its architecture file; None in pixel space."""
+    record = stats.get("autoencoder")
+    if record is None:
+        return None
+    from diffusers import AutoencoderKL
+
+    architecture = Path(record["config"] or Path(record["path"]) / "config.json")
+    require(architecture.is_file(), f"autoencoder architecture {architecture} (stats.json's autoencoder) does not exist")
+    with torch.device("meta"):
+        vae = AutoencoderKL.from_config(read_json(architecture))
+        z = torch.zeros(1, stats["latent_chans"], stats["latent_size"], stats["latent_size"])
+    return count(lambda: vae.decode(z))[1]
+
+
 def run_flops(*, samples, output) -> dict:
     """GFLOPs per forward / per image and the layer ratio of a sample set -> FILE.json."""
     stats, exit_layers = read_set(samples)
@@ -279,6 +298,7 @@ def run_flops(*, samples, output) -> dict:
 
     full = network_cost(costs_late if method == "duodiff" else costs)
     lut = exit_lut(costs) if method == "early_exit" else None
+    decoder = decoder_cost(stats)
     result = {
         "method": method,
         **summarize(per_eval, exit_layers, full_depth, branches),
@@ -290,6 +310,8 @@ def run_flops(*, samples, output) -> dict:
         "gflops_full_network_linear_conv": full["linear_conv"] / GIGA,
         "lut_gflops": [entry["total"] / GIGA for entry in lut] if lut else None,
         "lut_gflops_linear_conv": [entry["linear_conv"] / GIGA for entry in lut] if lut else None,
+        "gflops_decoder_per_image": decoder["total"] / GIGA if decoder else None,
+        "gflops_decoder_per_image_linear_conv": decoder["linear_conv"] / GIGA if decoder else None,
         "flop_convention": "2 FLOPs per multiply-add",
         "theoretical": THEORETICAL,
     }
