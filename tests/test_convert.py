@@ -30,7 +30,7 @@ torch.set_num_threads(1)
 UNCONDITIONAL = dict(img_size=8, patch_size=2, in_chans=3, embed_dim=32, depth=5, num_heads=4)
 CONDITIONAL = dict(UNCONDITIONAL, num_classes=5, mlp_time_embed=True, qkv_bias=True, conv=False, mlp_ratio=2.0)
 DEFAULTS = dict(
-    num_timesteps=1000, beta_start=1e-4, beta_end=0.02, parametrization="predict_noise", dataset=None,
+    num_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear", parametrization="predict_noise", dataset=None,
     sde_beta_min=0.1, sde_beta_max=20.0, compare_timesteps=[0, 1, 10, 100, 250, 500, 750, 999], label_dropout=0.0,
 )  # fmt: skip
 

@@ -362,3 +362,21 @@ def test_early_exit_denoiser_records_exit_layers():
     assert den.exit_layers.dtype == torch.long
     assert torch.equal(den.exit_layers, expected)
     assert torch.equal(den.executed_depth(7, 4), expected)
+
+
+def test_scaled_linear_is_stable_diffusions_schedule():
+    """U-ViT's latent models (stable_diffusion_beta_schedule) and diffusers' "scaled_linear": betas
+    evenly spaced in their square root, 0.00085 to 0.012 over 1,000 steps."""
+    from diffusers import DDPMScheduler
+
+    d = GaussianDiffusion(1000, 0.00085, 0.012, "predict_noise", beta_schedule="scaled_linear")
+    uvit = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    torch.testing.assert_close(d._float64["betas"], uvit, rtol=0, atol=1e-15)
+    reference = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    torch.testing.assert_close(d.alphas_cumprod, reference.alphas_cumprod.float(), rtol=1e-6, atol=1e-7)
+    # The end points are shared with a linear schedule, the middle is not: abar_500 differs.
+    linear = GaussianDiffusion(1000, 0.00085, 0.012, "predict_noise")
+    assert abs(d.alphas_cumprod[500] - linear.alphas_cumprod[500]) > 0.05
+    # model.pt records it; a linear schedule is left out, as in models saved before schedules existed.
+    assert d.config()["beta_schedule"] == "scaled_linear" and "beta_schedule" not in linear.config()
+    assert GaussianDiffusion(**d.config()).config() == d.config()

@@ -212,6 +212,14 @@ def test_paper_configs_have_the_papers_settings():
     assert imagenet256["autoencoder"] == {"path": "assets/stable-diffusion/autoencoder_kl.pth", "batch_size": 64,
                                           "config": "config/autoencoders/sd-kl-f8.json", "scale_factor": 0.23010}
     assert imagenet256["dataset"]["image_size"] == 256 and imagenet256["sampling"]["n_samples"] == 50_000
+    # U-ViT's configs/imagenet256_uvit.py and train_ldm_discrete.py: Stable Diffusion's schedule,
+    # DPM-Solver 50 steps, guidance scale 0.4 on label dropout 0.15.
+    assert imagenet256["diffusion"] | {"parametrization": None} == {
+        "num_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+        "parametrization": None}  # fmt: skip
+    assert (imagenet256["sampling"]["sampler"], imagenet256["sampling"]["steps"]) == ("dpm_solver", 50)
+    assert imagenet256["sampling"]["guidance_scale"] == 0.4
+    assert {imagenet256["train"][stage]["label_dropout"] for stage in ("full", "shallow", "early_exit")} == {0.15}
 
 
 def test_latent_dry_runs_encode_once_train_on_the_latents_and_decode_every_set(dry_runs):

@@ -189,7 +189,7 @@ def _checked_settings(config_path, num_timesteps, parametrization, dataset, comp
 
 
 def run_convert(
-    *, checkpoint, config_path, output, num_timesteps, beta_start, beta_end, parametrization, dataset,
+    *, checkpoint, config_path, output, num_timesteps, beta_start, beta_end, beta_schedule, parametrization, dataset,
     sde_beta_min, sde_beta_max, compare_timesteps, label_dropout,
 ) -> dict:  # fmt: skip
     """Convert `checkpoint` (U-ViT weights) for the model YAML `config_path` into `output`
@@ -199,7 +199,7 @@ def run_convert(
     from duodiff.models import build_model
 
     model_config = _checked_settings(config_path, num_timesteps, parametrization, dataset, compare_timesteps, label_dropout)
-    diffusion = GaussianDiffusion(num_timesteps, beta_start, beta_end, parametrization)
+    diffusion = GaussianDiffusion(num_timesteps, beta_start, beta_end, parametrization, beta_schedule)
     comparison = compare_alpha_bar(diffusion, compare_timesteps, sde_beta_min, sde_beta_max)
     state, step, where = read_uvit_checkpoint(checkpoint)
     model = build_model("uvit", model_config, num_timesteps=num_timesteps)
@@ -235,6 +235,7 @@ def add_cli(subparsers) -> None:
     add_flag(p, "--beta-start", type=float, default=1e-4)
     add_flag(p, "--beta-end", type=float, default=0.02)
     add_flag(p, "--parametrization", default="predict_noise", help="U-ViT's pixel models: predict_noise")
+    add_flag(p, "--beta-schedule", default="linear", help="linear (U-ViT pixel models) | scaled_linear (latent models)")
     add_flag(p, "--dataset", default=None, help="the dataset the published model was trained on (recorded for duodiff fid)")
     add_flag(p, "--label-dropout", type=float, default=0.0, help="the label dropout (p_uncond) the published model "
              "was trained with; > 0 records its null class (the last class token) for guided sampling "

@@ -23,10 +23,16 @@ from duodiff.study import SAMPLERS
 
 PARAMETRIZATIONS = ("predict_noise", "predict_original")
 LOSS_WEIGHTINGS = ("uniform", "min_snr")
+# linear: DDPM's betas, evenly spaced from beta_start to beta_end (U-ViT's pixel-space models);
+# scaled_linear: evenly spaced in their square root (Stable Diffusion's, U-ViT's latent models:
+# stable_diffusion_beta_schedule, 0.00085 to 0.012).
+BETA_SCHEDULES = ("linear", "scaled_linear")
 
 
 class GaussianDiffusion:
-    def __init__(self, num_timesteps=1000, beta_start=1e-4, beta_end=0.02, parametrization="predict_noise"):
+    def __init__(
+        self, num_timesteps=1000, beta_start=1e-4, beta_end=0.02, parametrization="predict_noise", beta_schedule="linear"
+    ):
         require(
             is_int(num_timesteps) and num_timesteps >= 2,
             f"num_timesteps must be an integer >= 2; got {num_timesteps!r}",
@@ -38,13 +44,18 @@ class GaussianDiffusion:
             + ("" if numbers else " (YAML reads 1e-4 as text: write 1.0e-4)"),
         )
         check_choice("parametrization", parametrization, PARAMETRIZATIONS)
+        check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
         self.num_timesteps = num_timesteps
+        self.beta_schedule = beta_schedule
         self.beta_start = float(beta_start)
         self.beta_end = float(beta_end)
         self.parametrization = parametrization
 
         # Computed in float64: 1 - abar_t and the posterior terms lose digits in float32 near t = 0.
-        betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
+        if beta_schedule == "linear":
+            betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
+        else:
+            betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=torch.float64) ** 2
         alphas = 1.0 - betas
         alphas_cumprod = torch.cumprod(alphas, dim=0)
         alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
@@ -68,12 +79,14 @@ class GaussianDiffusion:
         self._device_cache = {}
 
     def config(self) -> dict:
-        """The constructor arguments (what model.pt stores under "diffusion")."""
+        """The constructor arguments (what model.pt stores under "diffusion"); the schedule only
+        when it is not linear, so models saved before schedules existed compare equal."""
         return {
             "num_timesteps": self.num_timesteps,
             "beta_start": self.beta_start,
             "beta_end": self.beta_end,
             "parametrization": self.parametrization,
+            **({"beta_schedule": self.beta_schedule} if self.beta_schedule != "linear" else {}),
         }
 
     def _extract(self, name: str, t: torch.Tensor, ndim: int) -> torch.Tensor:

@@ -58,7 +58,7 @@ LOSS_NAME = "loss.csv"
 
 def run_train(
     *, model, config_path, log_path, dataset, data_root, download, image_size, num_timesteps, beta_start, beta_end,
-    parametrization, n_steps, batch_size, lr, weight_decay, beta1, beta2, warmup_steps, grad_clip, ema_decay,
+    beta_schedule, parametrization, n_steps, batch_size, lr, weight_decay, beta1, beta2, warmup_steps, grad_clip, ema_decay,
     use_amp, seed, log_every_n_steps, save_every_n_steps, num_workers, device, classifier_type, load_backbone,
     freeze_backbone, use_unweighted_loss, loss_weighting, min_snr_gamma, label_dropout, latents,
 ) -> dict:
@@ -353,6 +353,7 @@ def add_cli(subparsers) -> None:
     add_flag(p, "--beta-start", type=float, default=1e-4)
     add_flag(p, "--beta-end", type=float, default=0.02)
     add_flag(p, "--parametrization", default="predict_noise", help="predict_noise | predict_original")
+    add_flag(p, "--beta-schedule", default="linear", help="linear (DDPM, U-ViT pixel models) | scaled_linear (U-ViT latent models)")
     add_flag(p, "--n-steps", type=int, default=500_000)
     add_flag(p, "--batch-size", type=int, default=128, help="global batch (split across torchrun ranks)")
     add_flag(p, "--lr", type=float, default=2e-4)

@@ -60,7 +60,9 @@ def check_train_args(args: dict, world_size: int) -> TrainPlan:
     device = args["device"] or distributed.default_device()
     check_choice("--device", device, ("cpu", "cuda"))
     require(device == "cpu" or torch.cuda.is_available(), "--device cuda: no CUDA device is available; use --device cpu")
-    diffusion = GaussianDiffusion(args["num_timesteps"], args["beta_start"], args["beta_end"], args["parametrization"])
+    diffusion = GaussianDiffusion(
+        args["num_timesteps"], args["beta_start"], args["beta_end"], args["parametrization"], args["beta_schedule"]
+    )
     _check_early_exit_flags(args, kind)
 
     model_config = load_yaml(args["config_path"])  # stored in model.pt as the user wrote it
@@ -203,11 +205,13 @@ def read_backbone(path, config, diffusion, config_path) -> dict:
         f"--load-backbone {path} was trained with a different model config than {config_path}: "
         + ", ".join(f"{k} {theirs[k]!r} vs {ours[k]!r}" for k in differing),
     )
-    differing = [k for k, v in diffusion.config().items() if obj["diffusion"].get(k) != v]
+    # Both sides as GaussianDiffusion states them (a linear schedule is left out of config()).
+    theirs, ours = GaussianDiffusion(**obj["diffusion"]).config(), diffusion.config()
+    differing = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
     require(
         not differing,
         f"--load-backbone {path} was trained with different diffusion settings: "
-        + ", ".join(f"--{k.replace('_', '-')} {obj['diffusion'].get(k)!r} vs {diffusion.config()[k]!r}" for k in differing),
+        + ", ".join(f"--{k.replace('_', '-')} {theirs.get(k, 'linear')!r} vs {ours.get(k, 'linear')!r}" for k in differing),
     )
     return obj["ema_state_dict"] if obj["ema_state_dict"] is not None else obj["state_dict"]
 

@@ -36,6 +36,13 @@ def dataset_flags() -> str:
     )
 
 
+def diffusion_flags() -> str:
+    """The diffusion block; the linear schedule, `duodiff`'s default and the only one before
+    schedules existed, is left out, so those jobs keep their params (no rerun)."""
+    diffusion = config["diffusion"]
+    return cli_flags({k: v for k, v in diffusion.items() if not (k == "beta_schedule" and v == "linear")})
+
+
 def unless_zero(settings: dict, *keys) -> dict:
     """`settings` without `keys` whose value is 0, the command's default and the behaviour before
     these keys existed: jobs run before them keep their params (no rerun)."""
@@ -48,7 +55,7 @@ def train_flags(stage: str):
     flags = " ".join(
         [
             dataset_flags(),
-            cli_flags(config["diffusion"]),
+            diffusion_flags(),
             cli_flags(unless_zero(config["train"][stage], "label_dropout")),
             cli_flags({"device": config["device"]}),
         ]
@@ -159,4 +166,4 @@ def convert_flags() -> str:
     """The diffusion settings stored in model.pt, the dataset the model is recorded under and the
     label dropout it was published with (train.full.label_dropout: its null class, for guidance)."""
     recorded = {"dataset": config["dataset"]["name"], "label_dropout": config["train"]["full"].get("label_dropout", 0)}
-    return " ".join([cli_flags(config["diffusion"]), cli_flags(unless_zero(recorded, "label_dropout"))])
+    return " ".join([diffusion_flags(), cli_flags(unless_zero(recorded, "label_dropout"))])
