@@ -56,7 +56,7 @@ def load_config(workdir: Path, path: str) -> dict:
 @pytest.fixture(scope="module")
 def plans(tmp_path_factory):
     """{config: (the config with its defaults, [(sub-command, flags)] of `snakemake -n -p`)}."""
-    workdir = add_autoencoders(make_workdir(tmp_path_factory.mktemp("vocabulary")))  # imagenet256's autoencoder file
+    workdir = add_autoencoders(make_workdir(tmp_path_factory.mktemp("vocabulary")))  # tiny_latent's autoencoder
     tiny = yaml.safe_load((REPO / TINY).read_text())
     tiny["sampling"]["fewer_steps"] = [1, 5]
     (workdir / EDGES).write_text(yaml.safe_dump({**tiny, **EDGE_VALUES}))
