@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
+import hashlib
 import json
 import os
 import tempfile
@@ -99,3 +101,18 @@ def torch_save(obj, path) -> None:
 
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+@functools.lru_cache(maxsize=None)
+def file_sha256(path) -> str:
+    """sha256 of a file's bytes, or of a folder's files (relative names and bytes, in name order):
+    what identifies a feature network, a statistics file or an autoencoder in the outputs."""
+    digest = hashlib.sha256()
+    path = Path(path)
+    for file in sorted(p for p in (path.rglob("*") if path.is_dir() else [path]) if p.is_file()):
+        if path.is_dir():
+            digest.update(file.relative_to(path).as_posix().encode())
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()

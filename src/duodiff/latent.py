@@ -24,7 +24,6 @@ stores the latents of the flipped images beside the others.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -34,7 +33,7 @@ import torch
 
 from duodiff.errors import DuodiffError, require
 from duodiff.flags import add_flag
-from duodiff.io import atomic_path
+from duodiff.io import atomic_path, file_sha256
 
 LDM_PREFIX = "first_stage_model."  # a whole LDM / Stable Diffusion checkpoint keeps the VAE here
 
@@ -179,18 +178,6 @@ def decoding_stats(settings: dict, parts: list, config, image_shape) -> dict:
         out.update(latent_size=config.img_size, latent_chans=config.in_chans,
                    decode_time_s=sum(part["decode_time_s"] for part in parts))  # fmt: skip
     return out
-
-
-def file_sha256(path) -> str:
-    """Of a file, or of every file in a folder (names and bytes): what the latents were made with."""
-    digest = hashlib.sha256()
-    path = Path(path)
-    for file in sorted(p for p in (path.rglob("*") if path.is_dir() else [path]) if p.is_file()):
-        digest.update(file.relative_to(path).as_posix().encode() if path.is_dir() else b"")
-        with open(file, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def run_encode(

