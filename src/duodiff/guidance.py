@@ -38,13 +38,12 @@ import math
 import torch
 
 from duodiff.determinism import label_dropout_mask
-from duodiff.errors import is_number, require
+from duodiff.errors import check_number, is_number, require
 
 
 def check_label_dropout(label_dropout, num_classes: int, config_path, flag: str = "--label-dropout") -> None:
     """P in [0, 1), and P > 0 only for a class-conditional model (it needs a null class)."""
-    ok = is_number(label_dropout) and math.isfinite(label_dropout)
-    require(ok and 0 <= label_dropout < 1, f"{flag} must be a number in [0, 1); got {label_dropout!r}")
+    check_number(flag, label_dropout, 0, 1, high_open=True)
     require(
         label_dropout == 0 or num_classes > 0,
         f"{flag} {label_dropout} needs a class-conditional model (a null class to drop labels to); "
