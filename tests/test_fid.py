@@ -338,6 +338,33 @@ def test_sha_mismatch_is_refused_before_any_work(tmp_path, monkeypatch, fake_net
     assert fake_network == [] and not (tmp_path / "fid.json").exists()
 
 
+def test_max_reference_gives_inception_the_first_images_and_keeps_every_image(digits_reference, tmp_path):
+    # The Inception budget (metrics.fid.max_reference): 3 reference images, Inception features of
+    # the first 2, which are the features a 2-image reference has (digits_reference).
+    meta = reference.run_reference(**cli_args("reference", dataset="digits", n_reference=3, max_reference=2,
+                                              output_folder=tmp_path, batch_size=2, device="cpu"))
+    assert len(list((tmp_path / "images").iterdir())) == 3  # the classifier FD reads all of them
+    assert meta["n"] == 3 and meta["n_features"] == 2
+    with np.load(tmp_path / "features.npz") as limited, np.load(digits_reference[0] / "features.npz") as first_two:
+        assert limited["features"].shape == (2, inception.FEATURE_DIM)
+        np.testing.assert_allclose(limited["features"], first_two["features"], rtol=1e-5, atol=1e-5)
+    assert digits_reference[1]["n_features"] == 2  # without the flag: every reference image
+
+
+def test_bad_max_reference_is_refused_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setattr(inception, "feature_extractor", lambda *a, **k: pytest.fail("the network must not be loaded"))
+    with pytest.raises(DuodiffError, match=r"^--max-reference 5 is more than the 3 reference images \(--n-reference\)$"):
+        reference.run_reference(**cli_args("reference", dataset="digits", n_reference=3, max_reference=5,
+                                           output_folder=tmp_path / "r"))
+    with pytest.raises(DuodiffError, match=r"--max-reference must be an integer >= 2; got 1"):
+        reference.run_reference(**cli_args("reference", dataset="digits", n_reference=3, max_reference=1,
+                                           output_folder=tmp_path / "r"))
+    with pytest.raises(DuodiffError, match=r"a --statistics reference has no images: leave --max-reference out"):
+        reference.run_reference(**cli_args("reference", dataset="digits", n_reference=3, max_reference=2,
+                                           statistics=tmp_path / "stats.npz", output_folder=tmp_path / "r"))
+    assert not (tmp_path / "r").exists()
+
+
 def test_bad_input_is_refused_before_any_work(tmp_path, monkeypatch):
     def no_network(*args, **kwargs):
         raise AssertionError("the network must not be loaded for bad input")

@@ -298,6 +298,32 @@ def test_workflow_refuses_a_statistics_reference_it_cannot_use(tmp_path, edit, m
     assert not (workdir / "results").exists()
 
 
+def test_workflow_gives_the_inception_reference_budget_to_the_reference_job_only(tmp_path):
+    from test_workflow import planned_commands
+
+    _, result = workflow_run(tmp_path, lambda c: c["metrics"]["fid"].update(max_reference=4), "-n", "-p")
+    assert result.returncode == 0, result.stderr
+    commands = planned_commands(result.stdout)
+    (reference_flags,) = [flags for command, flags in commands if command == "reference"]
+    assert reference_flags["--max-reference"] == "4" and reference_flags["--n-reference"] == "16"
+    fids = [flags for command, flags in commands if command == "fid"]
+    assert fids and not [f for f in fids if "--max-reference" in f]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c["metrics"]["fid"].update(max_reference=17),
+     "invalid config: metrics.fid.max_reference 17 is more than reference.n_reference 16, the reference's images"),
+    (lambda c: (c["metrics"]["fid"].update(max_reference=4), uvit_protocol(c, "stats.npz")),
+     "invalid config: metrics.fid.max_reference 4 limits the reference images Inception sees, but "
+     "reference.statistics stats.npz has no images: set metrics.fid.max_reference: null"),
+    (lambda c: c["metrics"]["fid"].update(max_reference=1), "metrics.fid.max_reference: 1 is less than the minimum of 2"),
+])
+def test_workflow_refuses_an_inception_reference_budget_it_cannot_keep(tmp_path, edit, message):
+    workdir, result = workflow_run(tmp_path, edit, "--cores", "1")
+    assert result.returncode != 0 and message in result.stderr, result.stderr
+    assert not (workdir / "results").exists()
+
+
 def test_fid_in_legacy_mode_without_weights_stops_before_reading_images(tmp_path, monkeypatch, fake_network):
     monkeypatch.setattr(duodiff.data, "load_dataset", lambda name, **kw: FakeData(3, seed=5))
     reference.run_reference(**cli_args("reference", dataset="cifar10", n_reference=3, output_folder=tmp_path / "ref"))

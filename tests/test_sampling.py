@@ -316,3 +316,27 @@ def test_cli_accepts_the_seed_spellings(ckpt, tmp_path):
     stats = read_json(out / "stats.json")
     assert (stats["t_switch"], stats["seed"], stats["use_ema"], stats["n_samples"]) == (1, 5, False, 3)
     assert math.isclose(stats["layer_ratio"], (1 * 1 + 2 * 3) / 3 / 3)
+
+
+@pytest.mark.parametrize("n, channels, size", [(2, 1, 8), (7, 1, 8), (8, 3, 32), (9, 1, 8), (64, 1, 8), (13, 3, 40)])
+def test_image_grid_lays_images_out_as_torchvision_make_grid(n, channels, size):
+    # The reference is torchvision's make_grid on the enlarged images (nearest neighbour to >= 32 px).
+    from torchvision.utils import make_grid
+
+    from duodiff.images import image_grid
+
+    images = torch.randint(0, 256, (n, channels, size, size), generator=torch.Generator().manual_seed(n), dtype=torch.uint8)
+    factor = math.ceil(32 / size)
+    enlarged = images.repeat_interleave(factor, dim=2).repeat_interleave(factor, dim=3)
+    expected = make_grid(enlarged, nrow=8, padding=2, pad_value=255)
+    assert torch.equal(image_grid(images), expected)
+
+
+def test_a_one_image_grid_is_padded_and_rgb_like_any_other():
+    # (make_grid returns a lone image as it is, without padding; a grid of one keeps its frame.)
+    from duodiff.images import image_grid
+
+    grid = image_grid(torch.zeros(1, 1, 8, 8, dtype=torch.uint8))
+    assert grid.shape == (3, 36, 36)
+    assert (grid[:, 2:34, 2:34] == 0).all() and (grid[:, :2] == 255).all() and (grid[:, 34:] == 255).all()
+    assert (grid[:, :, :2] == 255).all() and (grid[:, :, 34:] == 255).all()

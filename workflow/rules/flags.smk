@@ -112,6 +112,7 @@ def reference_flags() -> str:
     metrics = config["metrics"]
     settings = {
         "n_reference": config["reference"]["n_reference"],
+        "max_reference": metrics["fid"]["max_reference"],
         "statistics": config["reference"]["statistics"],
         "batch_size": metrics["fid"]["batch_size"],
         "feature_network": metrics["feature_network"],
@@ -124,14 +125,18 @@ def reference_flags() -> str:
 
 def fid_flags() -> str:
     metrics = config["metrics"]
-    settings = {**metrics["fid"], **fid_mode_settings(), "no_intervals": not metrics["intervals"]}
+    # max_reference is the reference's (reference_flags): a fid job reads whatever features it holds.
+    settings = {key: value for key, value in metrics["fid"].items() if key != "max_reference"}
+    settings.update(fid_mode_settings())
+    settings["no_intervals"] = not metrics["intervals"]
     return cli_flags({**settings, "num_workers": metrics["num_workers"], "device": config["device"]})
 
 
 def fd_classifier_flags() -> str:
-    """`duodiff fid --feature-net`: every image of the set (max_samples is Inception's budget)."""
+    """`duodiff fid --feature-net`: every image of the set and of the reference (max_samples and
+    max_reference are Inception's budget)."""
     metrics = config["metrics"]
-    settings = {key: value for key, value in metrics["fid"].items() if key != "max_samples"}
+    settings = {key: value for key, value in metrics["fid"].items() if key not in ("max_samples", "max_reference")}
     settings.update(fid_mode_settings())
     settings["no_intervals"] = not metrics["intervals"]
     return cli_flags({**settings, "num_workers": metrics["num_workers"], "device": config["device"]})

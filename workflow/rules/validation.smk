@@ -349,8 +349,20 @@ def check_headline(config) -> None:
 
 
 def check_fid_protocol(config, dryrun: bool) -> None:
-    """A reference from published statistics (reference.statistics) holds mu and sigma only."""
+    """A reference from published statistics (reference.statistics) holds mu and sigma only; an
+    Inception budget (metrics.fid.max_reference) takes part of the reference's images."""
     statistics = config["reference"]["statistics"]
+    max_reference, n_reference = config["metrics"]["fid"]["max_reference"], config["reference"]["n_reference"]
+    if max_reference is not None and statistics is not None:
+        raise ValueError(
+            f"invalid config: metrics.fid.max_reference {max_reference} limits the reference images Inception sees, "
+            f"but reference.statistics {statistics} has no images: set metrics.fid.max_reference: null"
+        )
+    if max_reference is not None and max_reference > n_reference:
+        raise ValueError(
+            f"invalid config: metrics.fid.max_reference {max_reference} is more than reference.n_reference "
+            f"{n_reference}, the reference's images: at most {n_reference}, or null for all of them"
+        )
     if statistics is None:
         return
     if config["metrics"]["headline"] != "inception":

@@ -39,15 +39,22 @@ from duodiff.metrics.inception import FEATURE_DIM, FEATURE_NETWORKS, FeatureRun,
 REFERENCE_CACHE = ".features-cache"
 
 
-def run_reference(*, dataset: str, n_reference: int, output_folder, data_root, download: bool, image_size: int | None,
-                  batch_size: int, device: str | None, num_workers: int, feature_network: str, chunk_size: int,
-                  mode: str, legacy_weights, statistics) -> dict:
+def run_reference(*, dataset: str, n_reference: int, max_reference: int | None, output_folder, data_root, download: bool,
+                  image_size: int | None, batch_size: int, device: str | None, num_workers: int, feature_network: str,
+                  chunk_size: int, mode: str, legacy_weights, statistics) -> dict:
     """The first n_reference training images -> DIR/images/*.png, DIR/features.npz, DIR/reference.json.
+    max_reference: Inception features (features.npz) of only the first N of them, a time budget
+    (Inception is ~0.26 s an image on one CPU core); None = all. The images stay whole: the
+    classifier FD (`duodiff fid --feature-net`) reads every one of them.
     statistics: a mu/sigma npz instead of the images (run_statistics_reference)."""
     from duodiff import data
 
     check_choice("--dataset", dataset, data.DATASETS)
     check_choice("--mode", mode, inception.MODES)
+    if max_reference is not None:
+        require(statistics is None, "--max-reference limits the images a reference is built from; a --statistics "
+                                    "reference has no images: leave --max-reference out")
+        check_int("--max-reference", max_reference, 2)
     if statistics is not None:
         return run_statistics_reference(dataset=dataset, image_size=image_size, output_folder=output_folder, mode=mode,
                                         feature_network=feature_network, legacy_weights=legacy_weights,
@@ -55,6 +62,10 @@ def run_reference(*, dataset: str, n_reference: int, output_folder, data_root, d
     require(
         isinstance(n_reference, int) and n_reference >= 2,
         f"--n-reference must be an integer >= 2 (a covariance needs two images); got {n_reference!r}",
+    )
+    require(
+        max_reference is None or max_reference <= n_reference,
+        f"--max-reference {max_reference} is more than the {n_reference} reference images (--n-reference)",
     )
     output_folder = Path(output_folder)
     run = FeatureRun(batch_size=batch_size, device=device or default_device(), num_workers=num_workers,
@@ -68,6 +79,7 @@ def run_reference(*, dataset: str, n_reference: int, output_folder, data_root, d
         len(real) >= n_reference,
         f"--n-reference {n_reference} is more than the {len(real)} training images of --dataset {dataset}",
     )
+    n_features = n_reference if max_reference is None else max_reference
     fn, info = inception.extractor(mode, feature_network, legacy_weights, run.device)
 
     # reference.json marks a finished reference: remove it first so a half-rewritten folder never
@@ -75,7 +87,7 @@ def run_reference(*, dataset: str, n_reference: int, output_folder, data_root, d
     output_folder.mkdir(parents=True, exist_ok=True)
     (output_folder / "reference.json").unlink(missing_ok=True)
     final_images = write_dataset_images(real, range(n_reference), output_folder, batch_size, num_workers, "reference images")
-    features = cached_image_features(image_files(final_images), fn, info, run, "reference features")
+    features = cached_image_features(image_files(final_images)[:n_features], fn, info, run, "reference features")
     write_statistics(output_folder / "features.npz", features)
     meta = {
         "n": n_reference,
@@ -85,6 +97,8 @@ def run_reference(*, dataset: str, n_reference: int, output_folder, data_root, d
         "channels": real.channels,
         "data_root": None if data_root is None else str(data_root),
         "selection": f"the first {n_reference} training images in dataset order, unflipped",
+        # features.npz (Inception) holds the first n_features of them (--max-reference).
+        "n_features": n_features,
         "mode": mode,
         **{k: info[k] for k in ("feature_network", "feature_network_key", "feature_network_sha256")},
         "feature_dim": int(features.shape[1]),
@@ -290,6 +304,8 @@ def add_cli(subparsers):
     add_flag(p, "--download", action="store_true")
     add_flag(p, "--image-size", type=int, default=None)
     add_flag(p, "--n-reference", type=int, required=True)
+    add_flag(p, "--max-reference", type=int, default=None,
+             help="Inception features of only the first N reference images (default: all; the images stay whole)")
     add_flag(p, "--output-folder", required=True)
     add_flag(p, "--batch-size", type=int, default=50)
     add_flag(p, "--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -301,7 +317,7 @@ def add_cli(subparsers):
              help="npz with mu and sigma (U-ViT / pytorch-fid / clean-fid stats) instead of the dataset's images; "
                   "--mode states the protocol that made it")
     p.set_defaults(func=lambda a: run_reference(
-        dataset=a.dataset, n_reference=a.n_reference, output_folder=a.output_folder, data_root=a.data_root,
+        dataset=a.dataset, n_reference=a.n_reference, max_reference=a.max_reference, output_folder=a.output_folder, data_root=a.data_root,
         download=a.download, image_size=a.image_size, batch_size=a.batch_size, device=a.device,
         num_workers=a.num_workers, feature_network=a.feature_network, chunk_size=a.chunk_size, mode=a.mode,
         legacy_weights=a.legacy_weights, statistics=a.statistics,
