@@ -108,6 +108,10 @@ BAD_INPUTS = [
     ("cmmd-reference --reference {tmp}/none --output {out}/clip.npz", ["--reference {tmp}/none", "no images/ folder"]),
     ("cmmd-reference --reference {tmp} --output {out}/clip.npz --max-count 0", ["--max-count", "positive integer", "0"]),
     ("flops --samples {tmp}/none --output {out}/gflops.json", ["{tmp}/none", "stats.json"]),
+    ("flops --samples {tmp}/a {tmp}/b --output {out}/gflops.json", ["--samples names 2 set(s) but --output 1 file(s)"]),
+    ("score --samples {s8} --reference {tmp}/none --output-dir {out}", ["--reference {tmp}/none", "duodiff reference"]),
+    ("score --samples {s8} --reference {ref16} --output-dir {out}", ["8x8 images with 1 channel", "16x16"]),
+    ("score --samples {s8} --reference {ref8} --output-dir {out} --feature-net {tmp}/none.pt", ["--feature-net {tmp}/none.pt", "no such file"]),
 ]
 
 
@@ -242,9 +246,10 @@ OUTPUT_COMMANDS = {
     "feature-net": "feature-net --dataset digits --epochs 1 --output-folder {dest}",
     "real-set": "real-set --dataset digits --n-reference 2 --n-images 2 --output-folder {dest}",
     "fid": "fid --samples {s8} --reference {ref8} --output {dest}/fid.json",
+    "score": "score --samples {s8} --reference {ref8} --output-dir {dest}",
     "cmmd-reference": "cmmd-reference --reference {ref8} --output {dest}/clip.npz",
     "cmmd": "cmmd --samples {s8} --reference {ref8} --output {dest}/cmmd.json",
-    "flops": "flops --samples {s8} --output {dest}/gflops.json",
+    "flops": "flops --samples {s8} {s8} --output {tmp}/fine.json {dest}/gflops.json",  # the second of two
     "tables": "tables --samples-root {tmp} --metrics-root {tmp} --sets full --output-dir {dest}",
     "plots": "plots --tables-dir {tmp} --samples-root {tmp} --models-root {tmp} --reference {ref8} --output-dir {dest}",
 }

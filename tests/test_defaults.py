@@ -19,7 +19,9 @@ BLOCKS = {
     "diffusion": (SCHEMA["properties"]["diffusion"]["properties"], "train"),
     "diffusion (convert)": (SCHEMA["properties"]["diffusion"]["properties"], "convert"),
     "sampling": (SCHEMA["properties"]["sampling"]["properties"], "sample"),
-    "metrics.fid": (METRICS["fid"]["properties"], "fid"),
+    "metrics.fid": (METRICS["fid"]["properties"], "score"),  # the workflow's scoring command
+    "metrics.fid (fid)": (METRICS["fid"]["properties"], "fid"),
+    "metrics.fid (reference)": (METRICS["fid"]["properties"], "reference"),  # max_reference
     "metrics.cmmd": (METRICS["cmmd"]["properties"], "cmmd"),
     "metrics.classifier": (METRICS["classifier"]["properties"], "feature-net"),
 }

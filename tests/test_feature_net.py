@@ -132,3 +132,48 @@ def test_features_are_scaled_to_unit_rms_on_the_training_images(trained):
         features = model.features(images)
     assert float(features.square().mean().sqrt()) == pytest.approx(1.0, rel=1e-5)
     assert float(model.feature_scale) > 1.0  # raw ReLU activations are larger: they were rescaled
+
+
+def test_score_writes_what_two_fid_runs_write(trained, tmp_path):
+    # `duodiff score`, the workflow's scoring job: Inception on the first max_samples images into
+    # fid.json, the classifier on every image into fd_classifier.json; each equal to its own
+    # `duodiff fid` run, and the Inception budget never reaches the classifier.
+    folder, _ = trained
+    reference = tmp_path / "ref"
+    reference_stage.run_reference(**cli_args("reference", dataset="digits", n_reference=12, max_reference=6,
+                                             output_folder=reference, batch_size=6, device="cpu"))
+    real = duodiff.data.load_dataset("digits")
+    samples = tmp_path / "s"
+    reference_stage.write_dataset_images(real, range(100, 108), samples, 8, 0, "samples")
+    common = dict(samples=samples, reference=reference, batch_size=8, device="cpu", kid_subset_size=3)
+    scored = fid.run_score(**cli_args("score", **common, output_dir=tmp_path / "m", feature_net=folder / "model.pt",
+                                      max_samples=4))
+    alone_inception = fid.run_fid(**cli_args("fid", **common, output=tmp_path / "i.json", max_samples=4))
+    alone_classifier = fid.run_fid(**cli_args("fid", **common, output=tmp_path / "c.json", feature_net=folder / "model.pt"))
+    written = {name: json.loads((tmp_path / "m" / f"{name}.json").read_text()) for name in ("fid", "fd_classifier")}
+    for name, alone in (("fid", alone_inception), ("fd_classifier", alone_classifier)):
+        assert written[name] == json.loads(json.dumps(scored[name]))
+        assert {k: v for k, v in written[name].items() if k != "notes"} == pytest.approx(
+            {k: v for k, v in json.loads(json.dumps(alone)).items() if k != "notes"})
+    assert (written["fid"]["n_samples"], written["fid"]["n_reference"]) == (4, 6)
+    assert (written["fd_classifier"]["n_samples"], written["fd_classifier"]["n_reference"]) == (8, 12)
+    # Without a feature network: Inception only.
+    assert fid.run_score(**cli_args("score", **common, output_dir=tmp_path / "i"))["fd_classifier"] is None
+    assert sorted(p.name for p in (tmp_path / "i").iterdir()) == ["fid.json"]
+
+
+def test_score_checks_the_feature_net_before_inception_runs(trained, tmp_path, monkeypatch):
+    folder, _ = trained
+    reference = tmp_path / "ref"
+    reference.mkdir()
+    (reference / "reference.json").write_text(json.dumps({
+        "n": 2, "dataset": "cifar10", "image_size": 32, "channels": 3, "feature_dim": 2}))
+    np.savez(reference / "features.npz", features=np.zeros((2, 2)))
+    monkeypatch.setattr(inception, "feature_extractor", lambda *a, **k: pytest.fail("Inception must not load"))
+    with pytest.raises(DuodiffError, match="was trained on dataset 'digits' but --reference .* has dataset 'cifar10'"):
+        fid.run_score(**cli_args("score", samples=tmp_path / "s", reference=reference, output_dir=tmp_path / "m",
+                                 feature_net=folder / "model.pt"))
+    with pytest.raises(DuodiffError, match=r"--feature-net .*none\.pt: no such file"):
+        fid.run_score(**cli_args("score", samples=tmp_path / "s", reference=reference, output_dir=tmp_path / "m",
+                                 feature_net=tmp_path / "none.pt"))
+    assert not (tmp_path / "m").exists()

@@ -10,6 +10,7 @@ resuming) is checked with a small stand-in feature extractor.
 import argparse
 import hashlib
 import json
+import shutil
 import urllib.request
 from pathlib import Path
 
@@ -349,6 +350,11 @@ def test_max_reference_gives_inception_the_first_images_and_keeps_every_image(di
         assert limited["features"].shape == (2, inception.FEATURE_DIM)
         np.testing.assert_allclose(limited["features"], first_two["features"], rtol=1e-5, atol=1e-5)
     assert digits_reference[1]["n_features"] == 2  # without the flag: every reference image
+    # Scored against it: Inception against its 2 features, the classifier against all 3 images.
+    shutil.copytree(tmp_path / "images", tmp_path / "s" / "images")  # the reference's own 3 digits
+    inception_fid = fid.run_fid(**cli_args("fid", samples=tmp_path / "s", reference=tmp_path, output=tmp_path / "fid.json",
+                                           batch_size=3, kid_subset_size=2))
+    assert inception_fid["n_reference"] == 2
 
 
 def test_bad_max_reference_is_refused_before_any_work(tmp_path, monkeypatch):

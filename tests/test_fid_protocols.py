@@ -271,7 +271,7 @@ def test_workflow_passes_the_statistics_file_and_mode_to_every_fid_command(tmp_p
     (reference_flags,) = [flags for command, flags in commands if command == "reference"]
     assert reference_flags["--statistics"] == str(stats) and reference_flags["--mode"] == "legacy_pytorch"
     assert reference_flags["--legacy-weights"] == "weights/pt_inception.pth"
-    fids = [flags for command, flags in commands if command == "fid"]
+    fids = [flags for command, flags in commands if command == "score"]
     assert fids and all(f["--mode"] == "legacy_pytorch" and f["--legacy-weights"] == "weights/pt_inception.pth"
                         and "--feature-net" not in f for f in fids)
     (real_flags,) = [flags for command, flags in commands if command == "real-set"]
@@ -306,7 +306,7 @@ def test_workflow_gives_the_inception_reference_budget_to_the_reference_job_only
     commands = planned_commands(result.stdout)
     (reference_flags,) = [flags for command, flags in commands if command == "reference"]
     assert reference_flags["--max-reference"] == "4" and reference_flags["--n-reference"] == "16"
-    fids = [flags for command, flags in commands if command == "fid"]
+    fids = [flags for command, flags in commands if command == "score"]
     assert fids and not [f for f in fids if "--max-reference" in f]
 
 

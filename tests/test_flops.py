@@ -204,6 +204,35 @@ def test_run_flops_early_exit_and_duodiff(tmp_path, ee_costs):
     assert out["lut_gflops"] is None
 
 
+def test_one_call_counts_several_sets_each_as_alone(tmp_path, ee_costs):
+    # The workflow's one flops job: every set gets its own file with its own hand-computed cost.
+    save_tiny(tmp_path / "ee.pt", "early_exit", CONFIG, "mlp_probe_per_layer")
+    save_tiny(tmp_path / "full.pt", "uvit", CONFIG)
+    write_set(tmp_path / "ee", {"method": "early_exit", "checkpoint": str(tmp_path / "ee.pt"), "depth": DEPTH},
+              torch.tensor([[1, 5], [4, 0], [5, 5]]))
+    write_set(tmp_path / "full", {"method": "full", "checkpoint": str(tmp_path / "full.pt"), "depth": DEPTH},
+              torch.full((2, 3), DEPTH))
+    results = flops.run_flops_sets(samples=[tmp_path / "ee", tmp_path / "full"],
+                                   output=[tmp_path / "ee.json", tmp_path / "full.json"])
+    lut = [e["total"] / 1e9 for e in flops.exit_lut(ee_costs)]
+    ee, full = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("ee", "full"))
+    assert [r["method"] for r in results] == ["early_exit", "full"]
+    assert ee["gflops_per_forward"] == pytest.approx((lut[1] + lut[5] + lut[4] + lut[0] + 2 * lut[5]) / 6)
+    assert full["gflops_per_forward"] == pytest.approx(FULL_TOTAL / 1e9) and full["layer_ratio"] == 1.0
+
+
+def test_several_sets_are_all_checked_before_any_is_counted(tmp_path):
+    save_tiny(tmp_path / "full.pt", "uvit", CONFIG)
+    write_set(tmp_path / "good", {"method": "full", "checkpoint": str(tmp_path / "full.pt")}, torch.full((2, 2), DEPTH))
+    with pytest.raises(DuodiffError, match=r"^--samples names 2 set\(s\) but --output 1 file\(s\); give one FILE.json per set"):
+        flops.run_flops_sets(samples=[tmp_path / "good", tmp_path / "good"], output=[tmp_path / "a.json"])
+    with pytest.raises(DuodiffError, match=r"--output names .*a\.json more than once"):
+        flops.run_flops_sets(samples=[tmp_path / "good", tmp_path / "good"], output=[tmp_path / "a.json"] * 2)
+    with pytest.raises(DuodiffError, match=r"--samples .*nowhere: no stats.json there"):
+        flops.run_flops_sets(samples=[tmp_path / "good", tmp_path / "nowhere"], output=[tmp_path / "a.json", tmp_path / "b.json"])
+    assert not (tmp_path / "a.json").exists()  # the good set was not counted either
+
+
 def test_run_flops_bad_input(tmp_path):
     with pytest.raises(DuodiffError, match="stats.json"):
         flops.run_flops(**cli_args("flops", samples=tmp_path / "nowhere", output=tmp_path / "out.json"))
@@ -235,7 +264,9 @@ def test_cli_registers_flops():
     parser = argparse.ArgumentParser()
     flops.add_cli(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["flops", "--samples", "S", "--output", "O.json"])
-    assert (args.samples, args.output) == ("S", "O.json") and callable(args.func)
+    assert (args.samples, args.output) == (["S"], ["O.json"]) and callable(args.func)
+    args = parser.parse_args(["flops", "--samples", "S", "T", "--output", "O.json", "P.json"])
+    assert (args.samples, args.output) == (["S", "T"], ["O.json", "P.json"])
 
 
 # ---- classifier-free guidance: two network evaluations per sample and step -----------------------

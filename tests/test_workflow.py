@@ -38,7 +38,7 @@ OTHER_EXPERIMENT = "tiny_other"
 PLOTS = ["quality_vs_gflops", "quality_vs_time", "exit_heatmap", "mean_exit_layer", "fid_vs_tswitch", "training_curves",
          "sample_grids"]
 GPU_RULES = ["encode", "reference", "train_full", "train_shallow", "train_early_exit", "sample_full", "sample_shallow",
-             "sample_early_exit", "sample_duodiff", "fid", "cmmd_reference", "cmmd"]  # fmt: skip
+             "sample_early_exit", "sample_duodiff", "score", "cmmd_reference", "cmmd"]  # fmt: skip
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
@@ -132,10 +132,9 @@ def expected_jobs(cfg: dict) -> dict:
         "sample_shallow": n_shallow,
         "sample_early_exit": n_classifiers * n_thresholds,
         "sample_duodiff": n_shallow * n_t_switch,
-        "fid": n_scored,
-        "fd_classifier": n_scored if classifier else 0,
+        "score": n_scored,  # Inception's and (headline classifier) the classifier's scores, one job a set
         "cmmd": n_scored if cmmd else 0,
-        "flops": n_sets,
+        "flops": 1,  # one job counts every sample set
         "tables": 1,
         "plots": 1,
         "all": 1,
@@ -252,7 +251,7 @@ def test_imagenet256_dry_run_plans_the_latent_path(dry_runs):
     _, results = dry_runs
     counts = job_counts(results["config/imagenet256.yaml"].stdout)
     for rule in ("encode", "train_full", "train_shallow", "train_early_exit", "sample_full", "sample_shallow",
-                 "sample_early_exit", "sample_duodiff", "fid", "flops", "tables"):  # fmt: skip
+                 "sample_early_exit", "sample_duodiff", "score", "flops", "tables"):  # fmt: skip
         assert counts.get(rule, 0) >= 1, rule
     assert counts["encode"] == 1
 
@@ -413,10 +412,11 @@ def test_every_setting_reaches_its_command(dry_runs):
     tables = next(flags for name, flags in commands if name == "tables")
     assert sorted(tables["--sets"].split()) == sorted(scored_sets(cfg))
     assert tables["--headline"] == cfg["metrics"]["headline"]
-    # The headline FD: every image of every scored set through the feature network, with intervals.
-    fd = [flags for name, flags in commands if name == "fid" and "--feature-net" in flags]
-    assert len(fd) == len(scored_sets(cfg)) and all("--max-samples" not in flags for flags in fd)
-    assert all(flags["--feature-net"] == "results/tiny/feature_net/model.pt" for flags in fd)
+    # The headline FD: every scored set through the feature network too, in the job that scores it
+    # with Inception (`duodiff score` writes both files into the set's metrics folder).
+    scores = [flags for name, flags in commands if name == "score"]
+    assert sorted(flags["--output-dir"] for flags in scores) == sorted(f"results/tiny/metrics/{s}" for s in scored_sets(cfg))
+    assert all(flags["--feature-net"] == "results/tiny/feature_net/model.pt" for flags in scores)
     (net,) = [flags for name, flags in commands if name == "feature-net"]
     assert (net["--epochs"], net["--feature-dim"]) == ("2", "16")
     (real,) = [flags for name, flags in commands if name == "real-set"]
@@ -458,15 +458,16 @@ def test_every_file_a_job_reads_is_its_input(dry_runs):
         depth = name.split("_")[1]  # duodiff_d<depth>_ts<t_switch>: the shallow model, then the full one
         return {f"{root}/models/shallow_{depth}/model.pt", full}
 
-    flops = planned_jobs(output, "flops")
-    assert sorted(job["wildcards"]["set"] for job in flops) == sorted(expected_sets(cfg))
-    for job in flops:
-        name = job["wildcards"]["set"]
-        assert {path for path in job["input"] if path.endswith("model.pt")} == models(name), name
+    (flops,) = planned_jobs(output, "flops")  # one job counts every set: it reads every set's models
+    assert {path for path in flops["input"] if path.endswith("model.pt")} == set().union(*map(models, expected_sets(cfg)))
+    for name in expected_sets(cfg):
+        assert {f"{root}/samples/{name}/stats.json", f"{root}/samples/{name}/exit_layers.pt"} <= flops["input"], name
+    # ... and writes each set's gflops.json from that set's folder.
+    ((_, flags),) = [command for command in planned_commands(output) if command[0] == "flops"]
+    pairs = list(zip(flags["--samples"].split(), flags["--output"].split()))
+    assert pairs == [(f"{root}/samples/{name}", f"{root}/metrics/{name}/gflops.json") for name in expected_sets(cfg)]
     reference = {f"{root}/reference/features.npz", f"{root}/reference/reference.json"}
-    for job in planned_jobs(output, "fid"):
-        assert reference <= job["input"]
-    for job in planned_jobs(output, "fd_classifier"):
+    for job in planned_jobs(output, "score"):
         assert reference | {f"{root}/feature_net/model.pt", f"{root}/feature_net/feature_net.json"} <= job["input"]
     (plots,) = planned_jobs(output, "plots")
     assert f"{root}/samples/real/stats.json" in plots["input"]
@@ -851,10 +852,11 @@ def test_tiny_study_changing_one_threshold_reruns_only_what_depends_on_it(tiny_s
     def edit(c):
         c["early_exit"]["thresholds"][-1] = 0.3
 
-    # One new sample set per classifier type, its four scores, and the tables and plots.
+    # One new sample set per classifier type, its scores (one job for FID and FD, one for CMMD),
+    # GFLOPs (one job for every set), and the tables and plots.
     assert changed_jobs(tiny_study, "threshold", edit) == {
-        "sample_early_exit": n_classifiers, "fid": n_classifiers, "fd_classifier": n_classifiers,
-        "cmmd": n_classifiers, "flops": n_classifiers, "tables": 1, "plots": 1, "all": 1,
+        "sample_early_exit": n_classifiers, "score": n_classifiers,
+        "cmmd": n_classifiers, "flops": 1, "tables": 1, "plots": 1, "all": 1,
     }  # fmt: skip
 
 
@@ -869,7 +871,7 @@ def test_tiny_study_changing_a_training_setting_reruns_that_model_and_its_sets(t
     n_sets = 1 + n_t_switch
     assert changed_jobs(tiny_study, "shallow_lr", edit) == {
         "train_shallow": 1, "sample_shallow": 1, "sample_duodiff": n_t_switch,
-        "fid": n_sets, "fd_classifier": n_sets, "cmmd": n_sets, "flops": n_sets, "tables": 1, "plots": 1, "all": 1,
+        "score": n_sets, "cmmd": n_sets, "flops": 1, "tables": 1, "plots": 1, "all": 1,
     }  # fmt: skip
 
 
@@ -883,7 +885,7 @@ def test_tiny_study_changing_a_metric_setting_rescores_only(tiny_study):
     n_scored = len(scored_sets(load(TINY)))
     # kid_subsets is a metrics.fid key, shared by the Inception and the classifier scores.
     assert changed_jobs(tiny_study, "kid_subsets", edit) == {
-        "fid": n_scored, "fd_classifier": n_scored, "tables": 1, "plots": 1, "all": 1}
+        "score": n_scored, "tables": 1, "plots": 1, "all": 1}
 
 
 def test_a_guided_study_passes_label_dropout_and_the_guidance_scale_to_every_job(tmp_path):

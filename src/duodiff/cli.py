@@ -30,6 +30,7 @@ COMMANDS = {
     "reference": "duodiff.metrics.fid",
     "real-set": "duodiff.metrics.fid",
     "fid": "duodiff.metrics.fid",
+    "score": "duodiff.metrics.fid",
     "cmmd-reference": "duodiff.metrics.cmmd",
     "cmmd": "duodiff.metrics.cmmd",
     "flops": "duodiff.metrics.flops",
@@ -69,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     outputs = vars(args).pop("_outputs", [])  # the output flags duodiff.flags.add_flag recorded
     try:
         for flag, dest, kind in outputs:
-            check_output_path(flag, getattr(args, dest), kind)
+            paths = getattr(args, dest)
+            for path in paths if isinstance(paths, list) else [paths]:  # a flag may name several (flops)
+                check_output_path(flag, path, kind)
         args.func(args)
     except DuodiffError as error:
         print(f"duodiff {args.command}: error: {error}", file=sys.stderr)

@@ -8,6 +8,7 @@
 # (validation.smk).
 
 import re
+from types import SimpleNamespace
 
 ENV = "../../envs/duodiff.yaml"
 
@@ -150,6 +151,25 @@ def sample_models(wildcards) -> dict:
     raise ValueError(f"set {wildcards.set} was not drawn from a model (sample sets: {', '.join(SET_NAMES.values())})")
 
 
+def feature_net_files() -> dict:
+    """The dataset classifier's files (rule feature_net) that scoring reads with metrics.headline
+    classifier: the network, and feature_net.json beside it (its dataset, checked against the
+    reference's)."""
+    if config["metrics"]["headline"] != "classifier":
+        return {}
+    return {"feature_net": rules.feature_net.output.model, "feature_net_info": rules.feature_net.output.info}
+
+
+def study_models(wildcards) -> dict:
+    """Every model file the study's sample sets were drawn from (sample_models of each set), for
+    the one flops job; the keys name the set they came from."""
+    models = {}
+    for name in sample_sets():
+        inputs = sample_models(SimpleNamespace(experiment=config["experiment"], set=name))
+        models.update({f"{name}.{key}": path for key, path in inputs.items()})
+    return models
+
+
 def study_files(kind):
     """The per-set (or per-model) files of the configured study that the tables and plots read:
     the outputs of the rules that write them, for every set (or model) of the configured grid."""
@@ -169,14 +189,15 @@ def study_files(kind):
         return []
     if kind == "cmmd" and not config["metrics"]["cmmd"]["enabled"]:
         return []
+    if kind == "gflops":  # one job writes them all (rule flops): already the study's
+        return list(rules.flops.output)
     patterns = {
         "stats": set_file("stats"),
         "exit_layers": set_file("exit_layers"),
         "grids": set_file("grid"),
-        "fid": rules.fid.output,
-        "fd_classifier": rules.fd_classifier.output,
+        "fid": rules.score.output.fid,
+        "fd_classifier": rules.score.output.get("fd_classifier"),
         "cmmd": rules.cmmd.output,
-        "gflops": rules.flops.output,
     }
     # Scores cover the real images too; sampling cost and exits exist for generated sets only.
     sets = scored_sets() if kind in ("fid", "fd_classifier", "cmmd") else sample_sets()

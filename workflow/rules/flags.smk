@@ -123,20 +123,11 @@ def reference_flags() -> str:
     return " ".join([dataset_flags(), cli_flags(settings)])
 
 
-def fid_flags() -> str:
+def score_flags() -> str:
+    """`duodiff score`: metrics.fid's settings (max_samples is Inception's budget, which `duodiff
+    score` gives Inception only; max_reference is the reference's, reference_flags)."""
     metrics = config["metrics"]
-    # max_reference is the reference's (reference_flags): a fid job reads whatever features it holds.
     settings = {key: value for key, value in metrics["fid"].items() if key != "max_reference"}
-    settings.update(fid_mode_settings())
-    settings["no_intervals"] = not metrics["intervals"]
-    return cli_flags({**settings, "num_workers": metrics["num_workers"], "device": config["device"]})
-
-
-def fd_classifier_flags() -> str:
-    """`duodiff fid --feature-net`: every image of the set and of the reference (max_samples and
-    max_reference are Inception's budget)."""
-    metrics = config["metrics"]
-    settings = {key: value for key, value in metrics["fid"].items() if key not in ("max_samples", "max_reference")}
     settings.update(fid_mode_settings())
     settings["no_intervals"] = not metrics["intervals"]
     return cli_flags({**settings, "num_workers": metrics["num_workers"], "device": config["device"]})

@@ -1,60 +1,50 @@
 # Scoring every sample set: FID and KID against the reference features, the same in the features
 # of the dataset's own classifier (metrics.headline classifier), CMMD against the reference's CLIP
 # embeddings, and the GFLOPs the set's sampling cost (from its exit layers). The real-data set
-# (rule real_set) is scored like the others.
+# (rule real_set) is scored like the others, except for GFLOPs: nothing was sampled.
 
 
-# The three scores against the reference are one family: fid is the base, fd_classifier and cmmd
-# are `use rule` variants that state their inputs, outputs and params. `use rule` cannot change the
-# command, so it is written once with the sub-command (`command`) and the reference as params.
-rule fid:
+# The scores against the reference. One job per set scores it in Inception's features (fid.json)
+# and, with metrics.headline classifier, in the dataset classifier's (fd_classifier.json): one
+# `duodiff score` process, since a second job per set spent ~7 s more starting Python, torch and
+# clean-fid than the classifier needs to score the set.
+rule score:
     input:
         stats=set_file("stats"),
-        reference=rules.reference.output.features,
-        reference_info=rules.reference.output.info,
+        # `duodiff score` reads the whole reference folder: its images (reference.json, written
+        # last, stands for them) for the classifier, features.npz for Inception.
+        reference=rules.reference.output.info,
+        reference_features=rules.reference.output.features,
+        **feature_net_files(),
     output:
-        "results/{experiment}/metrics/{set}/fid.json",
+        fid="results/{experiment}/metrics/{set}/fid.json",
+        **(
+            {"fd_classifier": "results/{experiment}/metrics/{set}/fd_classifier.json"}
+            if config["metrics"]["headline"] == "classifier"
+            else {}
+        ),
     log:
-        "results/{experiment}/logs/fid/{set}.log",
+        "results/{experiment}/logs/score/{set}.log",
     benchmark:
-        "results/{experiment}/benchmarks/fid/{set}.tsv"
+        "results/{experiment}/benchmarks/score/{set}.tsv"
     conda:
         ENV
     threads: config["threads"]["score"]
     resources:
         **resources("score"),
     params:
-        command="fid",
         samples=subpath(input.stats, parent=True),
         reference=subpath(input.reference, parent=True),
-        flags=fid_flags(),
+        output_dir=subpath(output.fid, parent=True),
+        flags=lambda wildcards, input: " ".join(
+            ([f"--feature-net {input.feature_net}"] if "feature_net" in input.keys() else []) + [score_flags()]
+        ),
     shell:
-        "duodiff {params.command} --samples {params.samples} --reference {params.reference} --output {output} "
+        "duodiff score --samples {params.samples} --reference {params.reference} --output-dir {params.output_dir} "
         "{params.flags} > {log} 2>&1"
 
 
-use rule fid as fd_classifier with:
-    input:
-        stats=set_file("stats"),
-        # `duodiff fid --feature-net` reads the whole reference folder: its images (reference.json,
-        # written last, stands for them), features.npz, and the network's feature_net.json.
-        reference=rules.reference.output.info,
-        reference_features=rules.reference.output.features,
-        feature_net=rules.feature_net.output.model,
-        feature_net_info=rules.feature_net.output.info,
-    output:
-        "results/{experiment}/metrics/{set}/fd_classifier.json",
-    log:
-        "results/{experiment}/logs/fd_classifier/{set}.log",
-    benchmark:
-        "results/{experiment}/benchmarks/fd_classifier/{set}.tsv"
-    params:
-        # `duodiff fid` in the feature network's features instead of Inception's.
-        command=lambda wildcards, input: f"fid --feature-net {input.feature_net}",
-        flags=fd_classifier_flags(),
-
-
-use rule fid as cmmd with:
+rule cmmd:
     input:
         stats=set_file("stats"),
         reference=rules.cmmd_reference.output,
@@ -64,24 +54,6 @@ use rule fid as cmmd with:
         "results/{experiment}/logs/cmmd/{set}.log",
     benchmark:
         "results/{experiment}/benchmarks/cmmd/{set}.tsv"
-    params:
-        command="cmmd",
-        reference=lambda wildcards, input: input.reference,  # the embeddings file itself
-        flags=cmmd_flags(),
-
-
-# Counting, not comparing: no reference, so a rule of its own.
-rule flops:
-    input:
-        unpack(sample_models),  # the checkpoint(s) stats.json names: their networks are counted
-        stats=set_file("stats"),
-        exit_layers=set_file("exit_layers"),
-    output:
-        "results/{experiment}/metrics/{set}/gflops.json",
-    log:
-        "results/{experiment}/logs/flops/{set}.log",
-    benchmark:
-        "results/{experiment}/benchmarks/flops/{set}.tsv"
     conda:
         ENV
     threads: config["threads"]["score"]
@@ -89,5 +61,32 @@ rule flops:
         **resources("score"),
     params:
         samples=subpath(input.stats, parent=True),
+        flags=cmmd_flags(),
+    shell:
+        "duodiff cmmd --samples {params.samples} --reference {input.reference} --output {output} {params.flags} > {log} 2>&1"
+
+
+# Counting, not comparing: no reference, so a rule of its own. One job counts every sample set:
+# counting takes milliseconds a set (each network once per process), while a job per set spent
+# ~5 of its ~6 seconds starting Python and torch (19 sets in the embedded study). A new or changed
+# set reruns it whole, in seconds.
+rule flops:
+    input:
+        unpack(study_models),  # the checkpoints the stats.json files name: their networks are counted
+        stats=study_files("stats"),
+        exit_layers=study_files("exit_layers"),
+    output:
+        [study_path(f"metrics/{name}/gflops.json") for name in sample_sets()],
+    log:
+        study_path("logs/flops.log"),
+    benchmark:
+        study_path("benchmarks/flops.tsv")
+    conda:
+        ENV
+    threads: config["threads"]["score"]
+    resources:
+        **resources("score"),
+    params:
+        samples=lambda wildcards, input: [str(Path(path).parent) for path in input.stats],
     shell:
         "duodiff flops --samples {params.samples} --output {output} > {log} 2>&1"

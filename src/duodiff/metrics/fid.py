@@ -14,7 +14,8 @@ k(x, y) = (x.y / 2048 + 1)^3 averaged over random subsets (Binkowski et al. 2018
 The parts: inception.py (the feature networks and clean-fid's loader), reference.py (the real
 images and their statistics, `duodiff reference` and `duodiff real-set`), distances.py (the
 Fréchet distance and KID), uncertainty.py (their 95% intervals). This module scores a sample
-folder against a reference: `duodiff fid`.
+folder against a reference: `duodiff fid` in one network, `duodiff score` in Inception's and the
+dataset classifier's at once (the workflow's scoring job).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from duodiff.metrics.reference import CHUNK_HELP, load_reference, load_reference
 from duodiff.metrics.uncertainty import CONFIDENCE, frechet_statistic, jackknife_interval, kid_kernels, kid_statistic
 
 FID_CACHE = ".fid-features-cache"  # beside fid.json until it is written (feature_cache.py)
+# What `duodiff score` writes into its --output-dir (the workflow's metrics/<set>/ holds the same names).
+FID_FILE, FD_CLASSIFIER_FILE = "fid.json", "fd_classifier.json"
 
 
 def small_sample_notes(n_samples: int, n_reference: int, feature_dim: int = FEATURE_DIM) -> list[str]:
@@ -282,12 +285,35 @@ def _check_feature_net_fits(feature_net, reference, ref_meta: dict) -> None:
         )
 
 
-def add_cli(subparsers):
-    reference_stage.add_cli(subparsers)  # `duodiff reference` and `duodiff real-set`
-    p = subparsers.add_parser("fid", help="FID and KID (clean-fid) of a sample folder against a reference")
+def run_score(*, samples, reference, output_dir, feature_net, batch_size: int, device: str | None, num_workers: int,
+              kid_subsets: int, kid_subset_size: int, seed: int, chunk_size: int, max_samples: int | None,
+              intervals: bool, mode: str, legacy_weights) -> dict:
+    """A set's scores against the reference, in one process -> DIR/fid.json (Inception FID/KID, on
+    the first max_samples images) and, with feature_net, DIR/fd_classifier.json (FD/KD in the
+    network's features, on every image: max_samples is Inception's budget). What two `duodiff fid`
+    runs write; the workflow's one scoring job per set, since a job of its own spent ~7 s more
+    starting Python, torch and clean-fid than the classifier needs to score a set.
+    Both scorings are checked before either starts. -> {"fid": ..., "fd_classifier": ... | None}."""
+    ref_meta, _ = load_reference(reference)
+    _check_mode_fits(mode, reference, ref_meta, None, legacy_weights)
+    if feature_net is not None:
+        _check_mode_fits(mode, reference, ref_meta, feature_net, legacy_weights)
+        require(Path(feature_net).is_file(), f"--feature-net {feature_net}: no such file (a `duodiff feature-net` model.pt)")
+        _check_feature_net_fits(feature_net, reference, ref_meta)
+    output_dir = Path(output_dir)
+    shared = dict(samples=samples, reference=reference, batch_size=batch_size, device=device, num_workers=num_workers,
+                  kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, seed=seed, chunk_size=chunk_size,
+                  intervals=intervals, mode=mode, legacy_weights=legacy_weights)
+    scored = {"fid": run_fid(**shared, output=output_dir / FID_FILE, feature_net=None, max_samples=max_samples)}
+    scored["fd_classifier"] = None if feature_net is None else run_fid(
+        **shared, output=output_dir / FD_CLASSIFIER_FILE, feature_net=feature_net, max_samples=None)
+    return scored
+
+
+def _add_scoring_flags(p) -> None:
+    """The flags `duodiff fid` and `duodiff score` share: the set, the reference and how to score."""
     add_flag(p, "--samples", required=True, help="sample set folder (DIR/images/*.png)")
     add_flag(p, "--reference", required=True, help="folder written by `duodiff reference`")
-    add_flag(p, "--output", required=True, help="FILE.json")
     add_flag(p, "--batch-size", type=int, default=50)
     add_flag(p, "--device", default=None, help="cpu or cuda (default: cuda when available)")
     add_flag(p, "--num-workers", type=int, default=0, help="DataLoader workers for decoding and resizing")
@@ -295,15 +321,36 @@ def add_cli(subparsers):
     add_flag(p, "--kid-subset-size", type=int, default=1000)
     add_flag(p, "--seed", type=int, default=0, help="seed of the KID subsets")
     add_flag(p, "--chunk-size", type=int, default=1000, help=CHUNK_HELP)
-    add_flag(p, "--feature-net", default=None,
-             help="model.pt of `duodiff feature-net`: its features instead of Inception's, on both sides")
-    add_flag(p, "--max-samples", type=int, default=None, help="score only the first N images of the set")
     add_flag(p, "--no-intervals", dest="intervals", action="store_false",
              help="leave out the 95%% confidence intervals (jackknife over the set's images)")
     reference_stage.add_mode_flags(p)
+
+
+def add_cli(subparsers):
+    reference_stage.add_cli(subparsers)  # `duodiff reference` and `duodiff real-set`
+    p = subparsers.add_parser("fid", help="FID and KID (clean-fid) of a sample folder against a reference")
+    _add_scoring_flags(p)
+    add_flag(p, "--output", required=True, help="FILE.json")
+    add_flag(p, "--feature-net", default=None,
+             help="model.pt of `duodiff feature-net`: its features instead of Inception's, on both sides")
+    add_flag(p, "--max-samples", type=int, default=None, help="score only the first N images of the set")
     p.set_defaults(func=lambda a: run_fid(
         samples=a.samples, reference=a.reference, output=a.output, batch_size=a.batch_size, device=a.device,
         num_workers=a.num_workers, kid_subsets=a.kid_subsets, kid_subset_size=a.kid_subset_size, seed=a.seed,
         chunk_size=a.chunk_size, feature_net=a.feature_net, max_samples=a.max_samples,
+        intervals=a.intervals, mode=a.mode, legacy_weights=a.legacy_weights,
+    ))  # fmt: skip
+
+    p = subparsers.add_parser("score", help=f"a set's scores in one process: {FID_FILE} (Inception) and, with "
+                                            f"--feature-net, {FD_CLASSIFIER_FILE}")
+    _add_scoring_flags(p)
+    add_flag(p, "--output-dir", required=True, help=f"DIR: DIR/{FID_FILE} and DIR/{FD_CLASSIFIER_FILE}")
+    add_flag(p, "--feature-net", default=None,
+             help=f"model.pt of `duodiff feature-net`: also its FD/KD, on every image, into DIR/{FD_CLASSIFIER_FILE}")
+    add_flag(p, "--max-samples", type=int, default=None, help="Inception scores only the first N images of the set")
+    p.set_defaults(func=lambda a: run_score(
+        samples=a.samples, reference=a.reference, output_dir=a.output_dir, feature_net=a.feature_net,
+        batch_size=a.batch_size, device=a.device, num_workers=a.num_workers, kid_subsets=a.kid_subsets,
+        kid_subset_size=a.kid_subset_size, seed=a.seed, chunk_size=a.chunk_size, max_samples=a.max_samples,
         intervals=a.intervals, mode=a.mode, legacy_weights=a.legacy_weights,
     ))  # fmt: skip

@@ -319,8 +319,25 @@ def run_flops(*, samples, output) -> dict:
     return result
 
 
+def run_flops_sets(*, samples: list, output: list) -> list[dict]:
+    """run_flops for several sets in one process (the workflow's one flops job): every network is
+    counted once, and every set is checked before the first is counted."""
+    from tqdm import tqdm
+
+    require(
+        len(samples) == len(output),
+        f"--samples names {len(samples)} set(s) but --output {len(output)} file(s); give one FILE.json per set, in the same order",
+    )
+    repeated = sorted({str(path) for path in output if list(map(str, output)).count(str(path)) > 1})
+    require(not repeated, f"--output names {', '.join(repeated)} more than once; give each set its own FILE.json")
+    for folder in samples:
+        read_set(folder)
+    return [run_flops(samples=folder, output=file) for folder, file in
+            tqdm(list(zip(samples, output)), desc="GFLOPs", unit="set")]
+
+
 def add_cli(subparsers):
-    p = subparsers.add_parser("flops", help="GFLOPs per forward / per image and layer ratio of a sample set")
-    add_flag(p, "--samples", required=True, help="sample set folder (reads stats.json and exit_layers.pt)")
-    add_flag(p, "--output", required=True, help="FILE.json")
-    p.set_defaults(func=lambda a: run_flops(samples=a.samples, output=a.output))
+    p = subparsers.add_parser("flops", help="GFLOPs per forward / per image and layer ratio of sample sets")
+    add_flag(p, "--samples", required=True, nargs="+", help="sample set folder(s) (each: stats.json and exit_layers.pt)")
+    add_flag(p, "--output", required=True, nargs="+", help="FILE.json for each set, in the same order")
+    p.set_defaults(func=lambda a: run_flops_sets(samples=a.samples, output=a.output))

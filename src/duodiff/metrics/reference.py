@@ -264,10 +264,12 @@ def load_reference(folder) -> tuple[dict, np.ndarray | None]:
         return meta, None
     with np.load(features_path) as stored:
         features = stored["features"]
+    # n_features: the images Inception saw (--max-reference); a reference from before it has n.
+    n_features = meta.get("n_features", meta.get("n"))
     require(
-        features.ndim == 2 and list(features.shape) == [meta.get("n"), meta.get("feature_dim")],
+        features.ndim == 2 and list(features.shape) == [n_features, meta.get("feature_dim")],
         f"--reference {folder}: features.npz holds {features.shape}, reference.json says "
-        f"n={meta.get('n')}, feature_dim={meta.get('feature_dim')}; rebuild it",
+        f"n_features={n_features}, feature_dim={meta.get('feature_dim')}; rebuild it",
     )
     return meta, features
 
