@@ -36,12 +36,13 @@ rule score:
         samples=subpath(input.stats, parent=True),
         reference=subpath(input.reference, parent=True),
         output_dir=subpath(output.fid, parent=True),
-        flags=lambda wildcards, input: " ".join(
-            ([f"--feature-net {input.feature_net}"] if "feature_net" in input.keys() else []) + [score_flags()]
-        ),
+        # A function of the input: a path, which the input trigger follows. The settings stay a plain
+        # string, which the params trigger compares (a function's result it does not).
+        feature_net=lambda wildcards, input: f"--feature-net {input.feature_net} " if "feature_net" in input.keys() else "",
+        flags=score_flags(),
     shell:
         "duodiff score --samples {params.samples} --reference {params.reference} --output-dir {params.output_dir} "
-        "{params.flags} > {log} 2>&1"
+        "{params.feature_net}{params.flags} > {log} 2>&1"
 
 
 rule cmmd:
