@@ -189,7 +189,7 @@ def study_files(kind):
         return []
     if kind == "cmmd" and not config["metrics"]["cmmd"]["enabled"]:
         return []
-    if kind == "gflops":  # one job writes them all (rule flops): already the study's
+    if kind == "gflops":  # rule flops writes them all, the study's own already
         return list(rules.flops.output)
     patterns = {
         "stats": set_file("stats"),

@@ -10,19 +10,19 @@
 # clean-fid than the classifier needs to score the set.
 rule score:
     input:
+        **feature_net_files(),
         stats=set_file("stats"),
         # `duodiff score` reads the whole reference folder: its images (reference.json, written
         # last, stands for them) for the classifier, features.npz for Inception.
         reference=rules.reference.output.info,
         reference_features=rules.reference.output.features,
-        **feature_net_files(),
     output:
-        fid="results/{experiment}/metrics/{set}/fid.json",
         **(
             {"fd_classifier": "results/{experiment}/metrics/{set}/fd_classifier.json"}
             if config["metrics"]["headline"] == "classifier"
             else {}
         ),
+        fid="results/{experiment}/metrics/{set}/fid.json",
     log:
         "results/{experiment}/logs/score/{set}.log",
     benchmark:
@@ -38,7 +38,9 @@ rule score:
         output_dir=subpath(output.fid, parent=True),
         # A function of the input: a path, which the input trigger follows. The settings stay a plain
         # string, which the params trigger compares (a function's result it does not).
-        feature_net=lambda wildcards, input: f"--feature-net {input.feature_net} " if "feature_net" in input.keys() else "",
+        feature_net=lambda wildcards, input: (
+            f"--feature-net {input.feature_net} " if "feature_net" in input.keys() else ""
+        ),
         flags=score_flags(),
     shell:
         "duodiff score --samples {params.samples} --reference {params.reference} --output-dir {params.output_dir} "
