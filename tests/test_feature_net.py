@@ -101,13 +101,18 @@ def test_classifier_fd_and_kid_equal_closed_forms_on_the_networks_own_features(t
     assert out["kid_ci_low"] < out["kid_ci_high"]
 
 
+def cifar10_reference(folder):
+    """A reference folder of another dataset than the feature network's (digits)."""
+    folder.mkdir()
+    (folder / "reference.json").write_text(json.dumps({
+        "n": 2, "dataset": "cifar10", "image_size": 32, "channels": 3, "feature_dim": 2}))
+    np.savez(folder / "features.npz", features=np.zeros((2, 2)))
+    return folder
+
+
 def test_a_feature_net_of_another_dataset_is_refused(trained, tmp_path):
     folder, _ = trained
-    reference = tmp_path / "ref"
-    reference.mkdir()
-    (reference / "reference.json").write_text(json.dumps({
-        "n": 2, "dataset": "cifar10", "image_size": 32, "channels": 3, "feature_dim": 2}))
-    np.savez(reference / "features.npz", features=np.zeros((2, 2)))
+    reference = cifar10_reference(tmp_path / "ref")
     samples = tmp_path / "s" / "images"
     samples.mkdir(parents=True)
     for i in range(2):
@@ -164,11 +169,7 @@ def test_score_writes_what_two_fid_runs_write(trained, tmp_path):
 
 def test_score_checks_the_feature_net_before_inception_runs(trained, tmp_path, monkeypatch):
     folder, _ = trained
-    reference = tmp_path / "ref"
-    reference.mkdir()
-    (reference / "reference.json").write_text(json.dumps({
-        "n": 2, "dataset": "cifar10", "image_size": 32, "channels": 3, "feature_dim": 2}))
-    np.savez(reference / "features.npz", features=np.zeros((2, 2)))
+    reference = cifar10_reference(tmp_path / "ref")
     monkeypatch.setattr(inception, "feature_extractor", lambda *a, **k: pytest.fail("Inception must not load"))
     with pytest.raises(DuodiffError, match="was trained on dataset 'digits' but --reference .* has dataset 'cifar10'"):
         fid.run_score(**cli_args("score", samples=tmp_path / "s", reference=reference, output_dir=tmp_path / "m",
