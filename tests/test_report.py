@@ -107,6 +107,18 @@ def test_front_page_states_the_configured_study():
         assert f'href="https://arxiv.org/abs/{arxiv}"' in html
 
 
+def test_front_page_states_the_inception_budget_and_mode():
+    config = experiment_config("config/config.yaml")
+    config["metrics"]["fid"].update(max_samples=20, max_reference=400, mode="clean")
+    text, _ = render("workflow", SimpleNamespace(config=config))
+    assert "``clean`` mode" in text and "the first 20 samples of each set" in " ".join(text.split())
+    assert "against 400 real" in " ".join(text.split())
+    config["metrics"]["fid"].update(max_samples=None, max_reference=None, mode="legacy_pytorch")
+    config["reference"]["n_reference"] = 797
+    text, _ = render("workflow", SimpleNamespace(config=config))
+    assert "``legacy_pytorch`` mode" in text and "features of the samples against 797 real" in " ".join(text.split())
+
+
 TINY = "tests/configs/tiny.yaml"
 
 
