@@ -111,7 +111,7 @@ BAD_INPUTS = [
     ("flops --samples {tmp}/a {tmp}/b --output {out}/gflops.json", ["--samples names 2 set(s) but --output 1 file(s)"]),
     ("score --samples {s8} --reference {tmp}/none --output-dir {out}", ["--reference {tmp}/none", "duodiff reference"]),
     ("score --samples {s8} --reference {ref16} --output-dir {out}", ["8x8 images with 1 channel", "16x16"]),
-    ("score --samples {s8} --reference {ref8} --output-dir {out} --feature-net {tmp}/none.pt", ["--feature-net {tmp}/none.pt", "no such file"]),
+    ("score --samples {s8} --reference {ref8} --output-dir {out} --feature-net {tmp}/none.pt", ["feature network {tmp}/none.pt: no model.pt and feature_net.json there", "duodiff feature-net"]),
 ]
 
 

@@ -174,7 +174,8 @@ def test_score_checks_the_feature_net_before_inception_runs(trained, tmp_path, m
     with pytest.raises(DuodiffError, match="was trained on dataset 'digits' but --reference .* has dataset 'cifar10'"):
         fid.run_score(**cli_args("score", samples=tmp_path / "s", reference=reference, output_dir=tmp_path / "m",
                                  feature_net=folder / "model.pt"))
-    with pytest.raises(DuodiffError, match=r"--feature-net .*none\.pt: no such file"):
+    with pytest.raises(DuodiffError, match=r"^feature network .*none\.pt: no model\.pt and feature_net\.json there; "
+                                           r"train it with `duodiff feature-net`$"):
         fid.run_score(**cli_args("score", samples=tmp_path / "s", reference=reference, output_dir=tmp_path / "m",
                                  feature_net=tmp_path / "none.pt"))
     assert not (tmp_path / "m").exists()

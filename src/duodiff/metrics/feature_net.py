@@ -207,14 +207,22 @@ def run_feature_net(
     return info
 
 
-def load_feature_net(path) -> tuple[ClassifierNet, dict]:
-    """model.pt of `duodiff feature-net` -> (network in eval mode, its feature_net.json)."""
+def require_feature_net(path) -> Path:
+    """model.pt of `duodiff feature-net` -> the feature_net.json beside it; the one message when
+    either is missing (scoring checks it before any image is read)."""
     path = Path(path)
     info_path = path.parent / INFO_NAME
     require(
         path.is_file() and info_path.is_file(),
         f"feature network {path}: no {MODEL_NAME} and {INFO_NAME} there; train it with `duodiff feature-net`",
     )
+    return info_path
+
+
+def load_feature_net(path) -> tuple[ClassifierNet, dict]:
+    """model.pt of `duodiff feature-net` -> (network in eval mode, its feature_net.json)."""
+    path = Path(path)
+    info_path = require_feature_net(path)
     try:
         stored = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unreadable file gets the same one line

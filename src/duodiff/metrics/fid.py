@@ -274,9 +274,9 @@ def _inception_for(reference, ref_meta: dict, device, mode: str, legacy_weights)
 
 def _check_feature_net_fits(feature_net, reference, ref_meta: dict) -> None:
     """A feature network scores only the dataset (and image size) it was trained on."""
-    from duodiff.metrics.feature_net import INFO_NAME
+    from duodiff.metrics.feature_net import require_feature_net
 
-    net = read_json(Path(feature_net).parent / INFO_NAME)
+    net = read_json(require_feature_net(feature_net))
     for key in ("dataset", "image_size", "channels"):
         require(
             net.get(key) == ref_meta.get(key),
@@ -298,7 +298,6 @@ def run_score(*, samples, reference, output_dir, feature_net, batch_size: int, d
     _check_mode_fits(mode, reference, ref_meta, None, legacy_weights)
     if feature_net is not None:
         _check_mode_fits(mode, reference, ref_meta, feature_net, legacy_weights)
-        require(Path(feature_net).is_file(), f"--feature-net {feature_net}: no such file (a `duodiff feature-net` model.pt)")
         _check_feature_net_fits(feature_net, reference, ref_meta)
     output_dir = Path(output_dir)
     shared = dict(samples=samples, reference=reference, batch_size=batch_size, device=device, num_workers=num_workers,
