@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from duodiff.errors import DuodiffError, check_int, check_positive, require
 from duodiff.flags import add_flag
-from duodiff.io import read_json, torch_save, write_json
+from duodiff.io import file_sha256, read_json, torch_save, write_json
 
 FORMAT = "duodiff-feature-net-v2"  # v2: features divided by their training RMS
 MODEL_NAME = "model.pt"
@@ -166,7 +166,6 @@ def run_feature_net(
 ) -> dict:
     """Train the classifier on the dataset -> DIR/model.pt, DIR/feature_net.json (held-out accuracy)."""
     from duodiff import data
-    from duodiff.metrics.inception import file_sha256
 
     _check_settings(dataset, image_size, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                     feature_dim=feature_dim, holdout_fraction=holdout_fraction)
@@ -241,7 +240,6 @@ def feature_extractor(path: str, device: str = "cpu"):
     """-> (fn, resize, info) for clean-fid: fn maps clean-fid's (B, 3, H, W) float batch in
     [0, 255] to (B, feature_dim); resize keeps the native size (clean-fid's resizer would make
     299 px); info names the network and its sha256 like the Inception extractor's."""
-    from duodiff.metrics.inception import file_sha256
 
     model, meta = load_feature_net(path)
     model = model.to(device)

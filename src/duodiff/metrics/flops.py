@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -328,7 +329,7 @@ def run_flops_sets(*, samples: list, output: list) -> list[dict]:
         len(samples) == len(output),
         f"--samples names {len(samples)} set(s) but --output {len(output)} file(s); give one FILE.json per set, in the same order",
     )
-    repeated = sorted({str(path) for path in output if list(map(str, output)).count(str(path)) > 1})
+    repeated = sorted(path for path, count in Counter(map(str, output)).items() if count > 1)
     require(not repeated, f"--output names {', '.join(repeated)} more than once; give each set its own FILE.json")
     for folder in samples:
         read_set(folder)

@@ -28,7 +28,7 @@ from duodiff.distributed import default_device
 from duodiff.errors import DuodiffError, check_choice, check_int, check_positive, require
 from duodiff.flags import add_flag
 from duodiff.images import save_png, to_uint8
-from duodiff.io import atomic_path, read_json, write_json
+from duodiff.io import atomic_path, file_sha256, read_json, write_json
 from duodiff.metrics import inception
 from duodiff.metrics.distances import psd_sqrt
 from duodiff.metrics.feature_cache import remove_cache
@@ -161,7 +161,7 @@ def run_statistics_reference(*, dataset: str, image_size: int | None, output_fol
         **{k: info[k] for k in ("feature_network", "feature_network_key", "feature_network_sha256")},
         "feature_dim": FEATURE_DIM,
         "source": "statistics",
-        "statistics": {"path": str(statistics), "sha256": inception.file_sha256(str(statistics)),
+        "statistics": {"path": str(statistics), "sha256": file_sha256(str(statistics)),
                        "network": "stated by --mode, not recorded in the file"},
     }
     write_json(output_folder / "reference.json", meta)
