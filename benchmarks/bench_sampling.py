@@ -8,7 +8,7 @@ batch size it prints
    the layers, for each probe type; the measured speed-up over the full model, the theoretical one
    (ratio of FLOPs from duodiff.metrics.flops) and their ratio, the efficiency. DuoDiff rows here are
    composed from the measured full and shallow times (a DuoDiff step *is* one of the two);
-2. a short DDIM sampling loop through duodiff.diffusion.GaussianDiffusion.sample with the
+2. a short DDIM sampling loop through duodiff.core.diffusion.GaussianDiffusion.sample with the
    project's denoisers (full, shallow, DuoDiff at several t_switch, early exit), so the loop's own
    work (schedule arithmetic, clipping, exit bookkeeping) is in the time;
 3. the full model's achieved GFLOP/s against a plain large matmul on the same device and threads,
@@ -46,8 +46,8 @@ import common  # noqa: E402  (before torch: sets THP_MEM_ALLOC_ENABLE)
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from duodiff.diffusion import EarlyExitDenoiser, GaussianDiffusion, DuoDiffDenoiser, ModelDenoiser  # noqa: E402
-from duodiff.errors import DuodiffError  # noqa: E402
+from duodiff.core.diffusion import EarlyExitDenoiser, GaussianDiffusion, DuoDiffDenoiser, ModelDenoiser  # noqa: E402
+from duodiff.core.errors import DuodiffError  # noqa: E402
 from duodiff.models.early_exit import EarlyExitUViT  # noqa: E402
 
 EE_TARGET, DUODIFF_TARGET, CEILING_TARGET = 0.8, 0.9, 0.5
@@ -393,7 +393,7 @@ def main(argv=None):
     for note in notes:
         print(f"- note: {note}")
     if args.output:
-        from duodiff.io import write_json
+        from duodiff.core.io import write_json
 
         write_json(
             args.output,

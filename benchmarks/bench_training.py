@@ -8,7 +8,7 @@ Each case runs in a fresh Python process, so its peak memory is its own:
   add (activations, gradients, AdamW state);
 - CUDA: torch.cuda.max_memory_allocated during the steps.
 
-The step is the one `duodiff train` runs (duodiff/training.py): q_sample, forward, the MSE or
+The step is the one `duodiff train` runs (duodiff/train/loop.py): q_sample, forward, the MSE or
 DeeDiff loss (models/early_exit.py, early_exit_loss), backward, gradient clipping, AdamW, EMA update. Early
 exit trains heads and probes on a frozen backbone, as the study does (--no-freeze-backbone to
 train everything).
@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (before torch: sets THP_MEM_ALLOC_ENABLE)
 
-from duodiff.errors import DuodiffError  # noqa: E402
+from duodiff.core.errors import DuodiffError  # noqa: E402
 
 DEFAULT_BATCH = {"cpu": "digits=64,cifar10=8", "cuda": "digits=128,cifar10=128"}
 
@@ -84,10 +84,10 @@ def run_case(case: dict) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from duodiff.diffusion import GaussianDiffusion
+    from duodiff.core.diffusion import GaussianDiffusion
     from duodiff.models import build_model
     from duodiff.models.early_exit import early_exit_loss
-    from duodiff.optim import ema_update
+    from duodiff.train.optim import ema_update
 
     device = torch.device(case["device"])
     common.set_threads(case["threads"])
@@ -215,7 +215,7 @@ def main(argv=None):
         )
     common.print_table("Training: steps/s and peak memory (one fresh process per case)", rows)
     if args.output:
-        from duodiff.io import write_json
+        from duodiff.core.io import write_json
 
         write_json(args.output, {"machine": info, "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows})
 

@@ -24,7 +24,7 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from duodiff.errors import DuodiffError  # noqa: E402
+from duodiff.core.errors import DuodiffError  # noqa: E402
 from duodiff.metrics import flops as flops_lib  # noqa: E402
 from duodiff.models import CLASSIFIER_TYPES, build_model, load_model_config  # noqa: E402
 from duodiff.models.early_exit import pool_tokens  # noqa: E402

@@ -22,7 +22,7 @@ import common  # noqa: E402  (before torch: sets THP_MEM_ALLOC_ENABLE)
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from duodiff.errors import DuodiffError  # noqa: E402
+from duodiff.core.errors import DuodiffError  # noqa: E402
 from duodiff.models.early_exit import EarlyExitUViT  # noqa: E402
 
 # Operator name -> group. Matmuls are what FLOPs count; the rest is time they do not see.

@@ -73,7 +73,7 @@ def tiny_batch(n=6, num_classes=0, seed=1):
 
 def save_tiny_model(path, model, kind, config, diffusion, classifier_type=None, ema=None, step=1):
     """`model` as the model.pt `duodiff train` leaves (random weights are enough for these tests)."""
-    from duodiff.checkpoints import save_model
+    from duodiff.models.checkpoints import save_model
 
     save_model(
         path, kind=kind, model_config=config, diffusion=diffusion, classifier_type=classifier_type,

@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from duodiff import cli
-from duodiff.checkpoints import save_model
-from duodiff.images import save_png
-from duodiff.io import write_json
+from duodiff.models.checkpoints import save_model
+from duodiff.core.images import save_png
+from duodiff.core.io import write_json
 from duodiff.models import build_model
 
 CONFIG = dict(img_size=8, patch_size=2, in_chans=1, embed_dim=16, depth=3, num_heads=2)

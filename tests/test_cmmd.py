@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from duodiff.errors import DuodiffError
+from duodiff.core.errors import DuodiffError
 from duodiff.metrics import cmmd
 from _defaults import cli_args
 

@@ -16,12 +16,12 @@ import torch.nn.functional as F
 import yaml
 
 from duodiff import cli
-from duodiff.checkpoints import load_model
-from duodiff.convert import run_convert
-from duodiff.diffusion import GaussianDiffusion
-from duodiff.errors import DuodiffError
+from duodiff.models.checkpoints import load_model
+from duodiff.models.convert import run_convert
+from duodiff.core.diffusion import GaussianDiffusion
+from duodiff.core.errors import DuodiffError
 from duodiff.models import UViTConfig
-from duodiff.training_checks import read_backbone
+from duodiff.train.checks import read_backbone
 from _defaults import cli_args
 from test_workflow import REPO, TINY, job_counts, load, make_workdir, planned_commands, snakemake
 
@@ -153,8 +153,8 @@ def test_a_published_null_class_is_recorded_for_guided_sampling(tmp_path):
     """U-ViT's ImageNet 256 checkpoint has num_classes 1001 = 1000 classes + the null class (p_uncond
     0.15): converted with --label-dropout, model.pt records it as training with label dropout does,
     and guided sampling finds the null class (the last label). Here: CIFAR-10's 10 classes + 1."""
-    from duodiff.guidance import null_label
-    from duodiff.sampling import run_sample
+    from duodiff.core.guidance import null_label
+    from duodiff.sample.sample_set import run_sample
 
     config = {**CONDITIONAL, "num_classes": 11}
     torch.save(uvit_weights(config, seed=5), tmp_path / "uvit.pth")

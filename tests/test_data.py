@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from duodiff.data import DATASETS, load_dataset
-from duodiff.errors import DuodiffError
+from duodiff.core.data import DATASETS, load_dataset
+from duodiff.core.errors import DuodiffError
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def test_digits_are_the_1797_sklearn_images_in_minus1_1(digits):
 
 
 def test_digits_are_never_flipped_but_cifar_and_celeba_are(digits):
-    from duodiff.data import HFLIP
+    from duodiff.core.data import HFLIP
 
     assert digits.hflip is False  # a flipped digit is another symbol
     assert HFLIP["cifar10"] and HFLIP["celeba"]
@@ -122,7 +122,7 @@ def test_imagefolder_resizes_crops_and_scales(tmp_path):
 
 def adm_center_crop(image, size):
     """ADM's center_crop_arr (guided-diffusion image_datasets.py), which U-ViT's datasets.py uses
-    for ImageNet, as written there: the reference for duodiff.data's imagenet256."""
+    for ImageNet, as written there: the reference for duodiff.core.data's imagenet256."""
     while min(*image.size) >= 2 * size:
         image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
     scale = size / min(*image.size)

@@ -48,7 +48,7 @@ def test_schema_and_command_line_defaults_agree(block):
 
 
 def test_warm_up_is_described_as_the_schedule_the_code_runs():
-    from duodiff.training import warmup_cosine
+    from duodiff.train.loop import warmup_cosine
 
     description = SCHEMA["$defs"]["training_settings"]["properties"]["warmup_steps"]["description"]
     assert "cosine" in description and "constant" not in description

@@ -12,14 +12,14 @@ import math
 import pytest
 import torch
 
-from duodiff.diffusion import (
+from duodiff.core.diffusion import (
     EarlyExitDenoiser,
     GaussianDiffusion,
     DuoDiffDenoiser,
     ModelDenoiser,
     x0_and_eps,
 )
-from duodiff.errors import DuodiffError
+from duodiff.core.errors import DuodiffError
 from duodiff.models.uvit import UViT
 
 torch.set_num_threads(1)

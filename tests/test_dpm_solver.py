@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from duodiff.diffusion import GaussianDiffusion
-from duodiff.dpm_solver import dpm_solver_sample
+from duodiff.core.diffusion import GaussianDiffusion
+from duodiff.core.dpm_solver import dpm_solver_sample
 
 
 def toy_eps(x, t, step_index):

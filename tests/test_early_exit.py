@@ -4,11 +4,11 @@ import pytest
 import torch
 from conftest import TINY_DIGITS, TINY_EARLY_EXIT, T, select_exit, tiny_batch, train_kwargs, write_model_yaml
 
-from duodiff.errors import DuodiffError
+from duodiff.core.errors import DuodiffError
 from duodiff.models import CLASSIFIER_TYPES, build_model
 from duodiff.models.early_exit import EarlyExitUViT
 from duodiff.models.uvit import UViT, UViTConfig
-from duodiff.training_checks import check_train_args
+from duodiff.train.checks import check_train_args
 
 torch.set_num_threads(1)
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-import duodiff.data
-from duodiff.errors import DuodiffError
-from duodiff.images import save_png, to_uint8
+import duodiff.core.data
+from duodiff.core.errors import DuodiffError
+from duodiff.core.images import save_png, to_uint8
 from duodiff.metrics import feature_net, fid, inception
 from duodiff.metrics import reference as reference_stage
 from _defaults import cli_args
@@ -26,7 +26,7 @@ def trained(tmp_path_factory):
 
 def digits_split(part: int):
     """(images, labels) of the feature net's training (part 0) or held-out (part 1) digits."""
-    real = duodiff.data.load_dataset("digits")
+    real = duodiff.core.data.load_dataset("digits")
     indices = feature_net.split_indices(len(real), SETTINGS["holdout_fraction"], seed=SETTINGS["seed"])[part]
     return torch.stack([real[int(i)][0] for i in indices]), torch.tensor([real[int(i)][1] for i in indices])
 
@@ -63,7 +63,7 @@ def test_classifier_fd_and_kid_equal_closed_forms_on_the_networks_own_features(t
     the scores must equal the Fréchet distance and unbiased KID of features computed by hand
     (PIL -> [-1, 1] -> model.features), and the interval must hold the score."""
     folder, _ = trained
-    real = duodiff.data.load_dataset("digits")
+    real = duodiff.core.data.load_dataset("digits")
     monkeypatch.setattr(inception, "feature_extractor", lambda *a, **k: pytest.fail("Inception must not load"))
     reference = tmp_path / "ref"
     # The reference folder as `duodiff reference` leaves it, without running Inception.
@@ -147,7 +147,7 @@ def test_score_writes_what_two_fid_runs_write(trained, tmp_path):
     reference = tmp_path / "ref"
     reference_stage.run_reference(**cli_args("reference", dataset="digits", n_reference=12, max_reference=6,
                                              output_folder=reference, batch_size=6, device="cpu"))
-    real = duodiff.data.load_dataset("digits")
+    real = duodiff.core.data.load_dataset("digits")
     samples = tmp_path / "s"
     reference_stage.write_dataset_images(real, range(100, 108), samples, 8, 0, "samples")
     common = dict(samples=samples, reference=reference, batch_size=8, device="cpu", kid_subset_size=3)

@@ -19,9 +19,9 @@ import pytest
 import torch
 from PIL import Image
 
-import duodiff.data
-from duodiff.errors import DuodiffError
-from duodiff.images import save_png, to_uint8
+import duodiff.core.data
+from duodiff.core.errors import DuodiffError
+from duodiff.core.images import save_png, to_uint8
 from duodiff.metrics import distances, fid, inception, reference
 from _defaults import cli_args
 
@@ -106,7 +106,7 @@ NOISE_LEVELS = (0.1, 0.3, 1.0)  # std of the Gaussian noise added to images in [
 def real_sets(tmp_path_factory):
     """A 6-digit reference and 6-image sets scored against it with the real network: the
     reference digits themselves, and the same digits plus seeded noise of growing strength."""
-    from duodiff.images import load_png
+    from duodiff.core.images import load_png
 
     root = tmp_path_factory.mktemp("real")
     meta = reference.run_reference(**cli_args("reference", dataset="digits", n_reference=6, output_folder=root / "ref",
@@ -224,7 +224,7 @@ def test_grayscale_png_gives_the_same_clean_input_as_rgb(tmp_path):
 
 
 class FakeData:
-    """Random 3x8x8 images in [-1, 1] (what duodiff.data.load_dataset returns)."""
+    """Random 3x8x8 images in [-1, 1] (what duodiff.core.data.load_dataset returns)."""
 
     image_size, channels = 8, 3
 
@@ -280,7 +280,7 @@ def make_samples(folder, n, seed):
 
 
 def test_fid_and_kid_against_closed_forms(tmp_path, monkeypatch, fake_network):
-    monkeypatch.setattr(duodiff.data, "load_dataset", lambda name, **kw: FakeData(8, seed=1))
+    monkeypatch.setattr(duodiff.core.data, "load_dataset", lambda name, **kw: FakeData(8, seed=1))
     reference.run_reference(**cli_args("reference", dataset="cifar10", n_reference=8, output_folder=tmp_path / "ref",
                                        batch_size=5, device="cpu"))
     ref_features = np.concatenate(fake_network)
@@ -317,7 +317,7 @@ def test_fid_and_kid_against_closed_forms(tmp_path, monkeypatch, fake_network):
 
 
 def test_identical_sets_give_zero_fid(tmp_path, monkeypatch, fake_network):
-    monkeypatch.setattr(duodiff.data, "load_dataset", lambda name, **kw: FakeData(9, seed=4))
+    monkeypatch.setattr(duodiff.core.data, "load_dataset", lambda name, **kw: FakeData(9, seed=4))
     reference.run_reference(**cli_args("reference", dataset="cifar10", n_reference=9, output_folder=tmp_path / "ref",
                                        device="cpu"))
     out = fid.run_fid(**cli_args("fid", samples=tmp_path / "ref", reference=tmp_path / "ref",
@@ -326,7 +326,7 @@ def test_identical_sets_give_zero_fid(tmp_path, monkeypatch, fake_network):
 
 
 def test_sha_mismatch_is_refused_before_any_work(tmp_path, monkeypatch, fake_network):
-    monkeypatch.setattr(duodiff.data, "load_dataset", lambda name, **kw: FakeData(3, seed=5))
+    monkeypatch.setattr(duodiff.core.data, "load_dataset", lambda name, **kw: FakeData(3, seed=5))
     reference.run_reference(**cli_args("reference", dataset="cifar10", n_reference=3, output_folder=tmp_path / "ref",
                                        device="cpu"))
     meta = json.loads((tmp_path / "ref" / "reference.json").read_text())
@@ -461,7 +461,7 @@ def test_frechet_distance_equals_cleanfids(n, ref_n, dim):
 def test_fid_grows_as_images_are_perturbed(tmp_path, monkeypatch, fake_network):
     """A set scored against itself is ~0; adding ever stronger noise to its images raises FID monotonically."""
     real = FakeData(16, seed=5)
-    monkeypatch.setattr(duodiff.data, "load_dataset", lambda name, **kw: real)
+    monkeypatch.setattr(duodiff.core.data, "load_dataset", lambda name, **kw: real)
     reference.run_reference(**cli_args("reference", dataset="cifar10", n_reference=16, output_folder=tmp_path / "ref",
                                        device="cpu"))
     scores = []
@@ -479,7 +479,7 @@ def test_fid_grows_as_images_are_perturbed(tmp_path, monkeypatch, fake_network):
 
 
 def test_a_killed_scoring_job_resumes_from_its_finished_chunks(tmp_path, monkeypatch, fake_network):
-    monkeypatch.setattr(duodiff.data, "load_dataset", lambda name, **kw: FakeData(10, seed=6))
+    monkeypatch.setattr(duodiff.core.data, "load_dataset", lambda name, **kw: FakeData(10, seed=6))
     reference.run_reference(**cli_args("reference", dataset="cifar10", n_reference=10, output_folder=tmp_path / "ref",
                                        batch_size=3, chunk_size=4))
     assert not (tmp_path / "ref" / reference.REFERENCE_CACHE).exists()  # removed with the output written
@@ -515,7 +515,7 @@ def test_a_killed_scoring_job_resumes_from_its_finished_chunks(tmp_path, monkeyp
 
 
 def test_a_regenerated_image_never_reuses_old_features(tmp_path, monkeypatch, fake_network):
-    monkeypatch.setattr(duodiff.data, "load_dataset", lambda name, **kw: FakeData(6, seed=8))
+    monkeypatch.setattr(duodiff.core.data, "load_dataset", lambda name, **kw: FakeData(6, seed=8))
     reference.run_reference(**cli_args("reference", dataset="cifar10", n_reference=6, output_folder=tmp_path / "ref",
                                        chunk_size=3))
     make_samples(tmp_path / "s", 6, seed=9)

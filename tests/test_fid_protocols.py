@@ -15,8 +15,8 @@ import torch
 import torchvision
 from PIL import Image
 
-import duodiff.data
-from duodiff.errors import DuodiffError
+import duodiff.core.data
+from duodiff.core.errors import DuodiffError
 from duodiff.metrics import distances, fid, inception, reference
 from _defaults import cli_args
 from test_fid import FakeData, fake_network, independent_fid, make_samples  # noqa: F401 (fixture)
@@ -61,7 +61,7 @@ def test_legacy_weights_file_is_the_one_cleanfid_fetches():
 
 
 def test_legacy_mode_uses_pytorch_fids_network_and_bilinear_resize(tmp_path, monkeypatch, random_legacy_weights):
-    monkeypatch.setattr(duodiff.data, "load_dataset", lambda name, **kw: FakeData(3, seed=11))
+    monkeypatch.setattr(duodiff.core.data, "load_dataset", lambda name, **kw: FakeData(3, seed=11))
     meta = reference.run_reference(**cli_args("reference", dataset="cifar10", n_reference=3, output_folder=tmp_path / "ref",
                                               device="cpu", mode="legacy_pytorch", legacy_weights=random_legacy_weights))
     assert meta["mode"] == "legacy_pytorch" and meta["feature_network_key"] == "pytorch-fid"
@@ -108,7 +108,7 @@ def test_missing_legacy_weights_are_named_before_any_work(tmp_path, monkeypatch)
     def no_dataset(*args, **kwargs):
         raise AssertionError("the dataset was read before the weights were checked")
 
-    monkeypatch.setattr(duodiff.data, "load_dataset", no_dataset)
+    monkeypatch.setattr(duodiff.core.data, "load_dataset", no_dataset)
     missing = tmp_path / "nowhere" / inception.LEGACY_WEIGHTS_FILE
     with pytest.raises(DuodiffError, match=f"{inception.LEGACY_WEIGHTS_FILE}, not found at {missing}.*metrics.fid.legacy_weights"):
         reference.run_reference(**cli_args("reference", dataset="cifar10", n_reference=3, output_folder=tmp_path / "ref",
@@ -127,7 +127,7 @@ def write_stats(path, mu, sigma, **extra):
 def test_statistics_reference_gives_the_images_references_fid_and_no_kid(tmp_path, monkeypatch, fake_network):
     # The fake network's features are 6-d: statistics of that size stand in for Inception's 2048.
     monkeypatch.setattr(reference, "FEATURE_DIM", 6)
-    monkeypatch.setattr(duodiff.data, "load_dataset", lambda name, **kw: FakeData(8, seed=1))
+    monkeypatch.setattr(duodiff.core.data, "load_dataset", lambda name, **kw: FakeData(8, seed=1))
     reference.run_reference(**cli_args("reference", dataset="cifar10", n_reference=8, output_folder=tmp_path / "images",
                                        device="cpu"))
     ref_features = np.concatenate(fake_network)
@@ -141,7 +141,7 @@ def test_statistics_reference_gives_the_images_references_fid_and_no_kid(tmp_pat
         assert "features" not in npz.files and np.allclose(npz["mu"], mu, rtol=1e-6)
 
     make_samples(tmp_path / "s", 8, seed=2)
-    monkeypatch.setattr(duodiff.data, "load_dataset", lambda name, **kw: FakeData(8, seed=2))  # no dataset for the samples
+    monkeypatch.setattr(duodiff.core.data, "load_dataset", lambda name, **kw: FakeData(8, seed=2))  # no dataset for the samples
     fake_network.clear()
     from_images = fid.run_fid(**cli_args("fid", samples=tmp_path / "s", reference=tmp_path / "images",
                                          output=tmp_path / "a.json", device="cpu"))
@@ -325,7 +325,7 @@ def test_workflow_refuses_an_inception_reference_budget_it_cannot_keep(tmp_path,
 
 
 def test_fid_in_legacy_mode_without_weights_stops_before_reading_images(tmp_path, monkeypatch, fake_network):
-    monkeypatch.setattr(duodiff.data, "load_dataset", lambda name, **kw: FakeData(3, seed=5))
+    monkeypatch.setattr(duodiff.core.data, "load_dataset", lambda name, **kw: FakeData(3, seed=5))
     reference.run_reference(**cli_args("reference", dataset="cifar10", n_reference=3, output_folder=tmp_path / "ref"))
     meta = json.loads((tmp_path / "ref" / "reference.json").read_text())
     (tmp_path / "ref" / "reference.json").write_text(json.dumps({**meta, "mode": "legacy_pytorch"}))

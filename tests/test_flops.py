@@ -7,8 +7,8 @@ import pytest
 import torch
 from _defaults import cli_args
 
-from duodiff.checkpoints import save_model
-from duodiff.errors import DuodiffError
+from duodiff.models.checkpoints import save_model
+from duodiff.core.errors import DuodiffError
 from duodiff.metrics import flops
 from duodiff.models import build_model, load_model_config
 

@@ -8,13 +8,13 @@ import torch
 from _defaults import cli_args
 from PIL import Image
 
-from duodiff import sampling
-from duodiff.checkpoints import save_model
-from duodiff.diffusion import DuoDiffDenoiser, EarlyExitDenoiser, GaussianDiffusion, ModelDenoiser
-from duodiff.dpm_solver import dpm_solver_sample
-from duodiff.errors import DuodiffError
-from duodiff.guidance import GuidedDenoiser, guided_labels
-from duodiff.images import to_uint8
+from duodiff.sample import sample_set
+from duodiff.models.checkpoints import save_model
+from duodiff.core.diffusion import DuoDiffDenoiser, EarlyExitDenoiser, GaussianDiffusion, ModelDenoiser
+from duodiff.core.dpm_solver import dpm_solver_sample
+from duodiff.core.errors import DuodiffError
+from duodiff.core.guidance import GuidedDenoiser, guided_labels
+from duodiff.core.images import to_uint8
 from duodiff.metrics import flops
 from duodiff.models import build_model
 
@@ -161,7 +161,7 @@ def guided_sample(paths, out, method, scale=SCALE, **changes):
         args.update(checkpoint_path_late=paths["full"], t_switch=2)
     if method == "early_exit":
         args.update(threshold=0.3)
-    return sampling.run_sample(**{**args, **changes})
+    return sample_set.run_sample(**{**args, **changes})
 
 
 def pixels(folder):
@@ -170,14 +170,14 @@ def pixels(folder):
 
 @pytest.fixture
 def float_samples(monkeypatch):
-    """The set's samples before they become PNGs (sampling.to_uint8's inputs), batch by batch."""
+    """The set's samples before they become PNGs (sample_set.to_uint8's inputs), batch by batch."""
     seen = []
 
     def recording(x):
         seen.append(x.detach().clone())
         return to_uint8(x)
 
-    monkeypatch.setattr(sampling, "to_uint8", recording)
+    monkeypatch.setattr(sample_set, "to_uint8", recording)
     return seen
 
 
@@ -188,7 +188,7 @@ def by_hand(eps_of, seed=3, scale=SCALE):
     samples = []
     for b, start in enumerate(range(0, N, BATCH)):
         count = min(BATCH, N - start)
-        g = torch.Generator().manual_seed(sampling.batch_seed(seed, b))
+        g = torch.Generator().manual_seed(sample_set.batch_seed(seed, b))
         noise = torch.randn((count, 1, 8, 8), generator=g)
         y = torch.randint(CLASSES, (count,), generator=g)
         null = torch.full_like(y, CLASSES)
@@ -232,7 +232,7 @@ def test_guided_early_exit_each_branch_exits_by_its_own_rule(guided_models, tmp_
     exit_layers = torch.load(tmp_path / "ee" / "exit_layers.pt")
     assert exit_layers.shape == (STEPS, 2 * N) and stats["branches"] == 2
     # Replay batch 0 by hand, each branch alone through the per-sample exit rule.
-    g = torch.Generator().manual_seed(sampling.batch_seed(3, 0))
+    g = torch.Generator().manual_seed(sample_set.batch_seed(3, 0))
     x = torch.randn((BATCH, 1, 8, 8), generator=g)
     y = torch.randint(CLASSES, (BATCH,), generator=g)
     diffusion = GaussianDiffusion(**DIFFUSION)
@@ -261,13 +261,13 @@ def test_guided_early_exit_each_branch_exits_by_its_own_rule(guided_models, tmp_
 def test_sample_labels_never_take_the_null_class(guided_models, tmp_path, monkeypatch):
     paths, _ = guided_models
     seen = []
-    make = sampling.make_denoiser
+    make = sample_set.make_denoiser
 
     def recording(method, models, threshold, t_switch, y, *rest):
         seen.append(y.clone())
         return make(method, models, threshold, t_switch, y, *rest)
 
-    monkeypatch.setattr(sampling, "make_denoiser", recording)
+    monkeypatch.setattr(sample_set, "make_denoiser", recording)
     for name, scale in (("full", 0.0), ("full", SCALE), ("no_null", 0.0)):
         seen.clear()
         guided_sample(paths, tmp_path / f"{name}{scale}", "full", scale, checkpoint_path=paths[name], n_samples=60,

@@ -1,6 +1,12 @@
-"""The package's import graph: the leaf modules everyone uses, and the entry point nobody imports.
+"""The package's import graph: the layers, the leaf modules everyone uses, and the entry point nobody
+imports.
 
-duodiff.images (image I/O and the one grid maker) and duodiff.flags (the CLI flag helpers) are
+The package mirrors the workflow: one subpackage per stage (train, sample, metrics, report), built on
+two shared layers, core (what every stage uses) and models (the networks). A stage imports the
+shared layers and never another stage: train does not reach into sample, and report reads the
+metrics' and sample sets' result files, never their code, a model or a training run.
+
+duodiff.core.images (image I/O and the one grid maker) and duodiff.core.flags (the CLI flag helpers) are
 leaves: the stages import them, and they import no stage. duodiff.cli imports the stages (their
 `add_cli`), so no duodiff module may import it back: it is only the `duodiff` entry point.
 """
@@ -16,7 +22,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "duodiff"
 # What the leaves may import from the package: images writes through io's atomic writes.
-LEAF_IMPORTS = {"duodiff.flags": set(), "duodiff.images": {"duodiff.io", "duodiff.errors"}}
+LEAF_IMPORTS = {"duodiff.core.flags": set(), "duodiff.core.images": {"duodiff.core.io", "duodiff.core.errors"}}
 
 
 def module_name(path: Path) -> str:
@@ -41,6 +47,38 @@ def duodiff_imports(path: Path) -> set[str]:
 MODULES = {module_name(path): duodiff_imports(path) for path in sorted(PACKAGE.rglob("*.py"))}
 
 
+# Subpackage -> the subpackages its modules may import (besides their own).
+SHARED = {"core", "models"}
+ALLOWED = {
+    "core": set(),
+    "models": {"core"},
+    "train": SHARED,
+    "sample": SHARED,
+    "metrics": SHARED,
+    "report": {"core"},
+}
+
+
+def subpackage(module: str) -> str:
+    return module.split(".")[1] if module.count(".") else ""
+
+
+def test_every_module_lives_in_a_subpackage_but_the_entry_point():
+    top = sorted(name for name in MODULES if name.count(".") == 1 and subpackage(name) not in ALLOWED)
+    assert top == ["duodiff.cli"]
+
+
+def test_stages_import_only_the_shared_layers():
+    crossings = sorted(
+        f"{name} -> {imported}"
+        for name, imports in MODULES.items()
+        if subpackage(name) in ALLOWED
+        for imported in imports
+        if subpackage(imported) not in ALLOWED[subpackage(name)] | {subpackage(name), ""}
+    )
+    assert crossings == []
+
+
 def test_no_module_imports_the_entry_point():
     importers = sorted(name for name, imports in MODULES.items() if "duodiff.cli" in imports and name != "duodiff.cli")
     assert importers == []
@@ -55,9 +93,9 @@ def test_no_module_but_images_writes_pngs_or_grids_of_its_own():
     for path in sorted(PACKAGE.rglob("*.py")):
         if path.name != "images.py":
             source = path.read_text()
-            assert "make_grid" not in source, f"{path.name} makes a grid of its own (duodiff.images.image_grid)"
+            assert "make_grid" not in source, f"{path.name} makes a grid of its own (duodiff.core.images.image_grid)"
             for helper in ("to_uint8", "save_png", "load_png", "image_grid"):
-                assert f"def {helper}(" not in source, f"{path.name} defines {helper} (duodiff.images has it)"
+                assert f"def {helper}(" not in source, f"{path.name} defines {helper} (duodiff.core.images has it)"
 
 
 def test_importing_every_stage_loads_neither_the_cli_nor_a_stage_from_a_leaf():
@@ -66,12 +104,13 @@ def test_importing_every_stage_loads_neither_the_cli_nor_a_stage_from_a_leaf():
     code = """
 import importlib, json, sys
 report = {}
-for leaf in ("duodiff.flags", "duodiff.images"):
+for leaf in ("duodiff.core.flags", "duodiff.core.images"):
     before = set(sys.modules)
     importlib.import_module(leaf)
-    report[leaf] = sorted(m for m in set(sys.modules) - before if m.startswith("duodiff."))
-for stage in ("duodiff.training", "duodiff.convert", "duodiff.sampling", "duodiff.metrics.feature_net", "duodiff.metrics.fid",
-              "duodiff.metrics.cmmd", "duodiff.metrics.flops", "duodiff.tables", "duodiff.plots"):
+    # A module's packages (duodiff.core for duodiff.core.flags) load with it.
+    report[leaf] = sorted(m for m in set(sys.modules) - before if m.startswith("duodiff.") and not leaf.startswith(m + "."))
+for stage in ("duodiff.train.loop", "duodiff.models.convert", "duodiff.sample.sample_set", "duodiff.metrics.feature_net", "duodiff.metrics.fid",
+              "duodiff.metrics.cmmd", "duodiff.metrics.flops", "duodiff.report.tables.collect", "duodiff.report.plots.quality"):
     importlib.import_module(stage)
 report["cli loaded"] = "duodiff.cli" in sys.modules
 print(json.dumps(report))

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from duodiff import io
+from duodiff.core import io
 
 
 def test_atomic_write_replaces_whole_file_and_respects_umask(tmp_path):

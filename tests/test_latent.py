@@ -11,9 +11,9 @@ import torch
 from conftest import TINY_AUTOENCODER
 from PIL import Image
 
-from duodiff import latent
-from duodiff.data import load_dataset
-from duodiff.errors import DuodiffError
+from duodiff.core import latent
+from duodiff.core.data import load_dataset
+from duodiff.core.errors import DuodiffError
 
 TINY = TINY_AUTOENCODER
 
@@ -202,7 +202,7 @@ def digit_latents(tmp_path_factory):
 def latent_train(tmp_path, latents, log_path, model=LATENT_MODEL, **settings):
     from conftest import train_kwargs, write_model_yaml
 
-    from duodiff.training import run_train
+    from duodiff.train.loop import run_train
 
     config = write_model_yaml(tmp_path / "latent_model.yaml", model)
     quick = dict(dataset="digits", n_steps=6, batch_size=8, lr=1e-3, warmup_steps=0, ema_decay=0.9,
@@ -228,8 +228,8 @@ def test_training_on_latents_refuses_a_shape_mismatch(digit_latents, tmp_path, m
 
 
 def test_training_reads_the_latents_unflipped_and_resumes_bit_identically(digit_latents, tmp_path, monkeypatch):
-    from duodiff.diffusion import GaussianDiffusion
-    from duodiff.training import TrainingStopped
+    from duodiff.core.diffusion import GaussianDiffusion
+    from duodiff.train.loop import TrainingStopped
 
     z, _ = latent.load_latents(digit_latents)
     seen = []
@@ -273,7 +273,7 @@ def test_training_reads_the_latents_unflipped_and_resumes_bit_identically(digit_
 def latent_model(tmp_path_factory):
     """A random U-ViT on the tiny autoencoder's 4x4x4 latents, its model.pt recording the
     latents' fingerprint as `duodiff train --latents` does, and the autoencoder folder."""
-    from duodiff.checkpoints import save_model
+    from duodiff.models.checkpoints import save_model
     from duodiff.models import build_model
 
     folder = tmp_path_factory.mktemp("latent_model")
@@ -294,7 +294,7 @@ def latent_model(tmp_path_factory):
 def latent_sample(folder, out, **changes):
     from _defaults import cli_args
 
-    from duodiff.sampling import run_sample
+    from duodiff.sample.sample_set import run_sample
 
     args = cli_args(
         "sample", checkpoint_path=folder / "model.pt", method="full", output_folder=out, sampler="ddim", steps=3,
@@ -348,7 +348,7 @@ def test_sampling_a_latent_model_needs_its_own_autoencoder(latent_model, tmp_pat
 
 
 def test_a_pixel_space_model_is_not_decoded(latent_model, tmp_path):
-    from duodiff.checkpoints import save_model
+    from duodiff.models.checkpoints import save_model
     from duodiff.models import build_model
 
     folder, _ = latent_model

@@ -8,10 +8,10 @@ import torch
 import torch.nn as nn
 from conftest import TINY, train_kwargs
 
-from duodiff.errors import DuodiffError
+from duodiff.core.errors import DuodiffError
 from duodiff.models import CLASSIFIER_TYPES, build_model, load_model_config
 from duodiff.models.uvit import UViT, UViTConfig, timestep_embedding, unpatchify
-from duodiff.training_checks import check_train_args
+from duodiff.train.checks import check_train_args
 
 torch.set_num_threads(1)
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "config" / "models"

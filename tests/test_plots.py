@@ -16,14 +16,14 @@ import pytest
 import torch
 from PIL import Image
 
-import duodiff.plot_training as plot_training
-from duodiff.errors import DuodiffError
+import duodiff.report.plots.training as plot_training
+from duodiff.core.errors import DuodiffError
 from matplotlib import rc_context
 from matplotlib.text import Text
 
-from duodiff.plot_samples import grid_from_images
-from duodiff.plot_style import STYLE, Palette
-from duodiff.plots import PLOT_NAMES, load_table, plot_quality_vs_gflops, run_plots
+from duodiff.report.plots.samples import grid_from_images
+from duodiff.report.plots.style import STYLE, Palette
+from duodiff.report.plots.quality import PLOT_NAMES, load_table, plot_quality_vs_gflops, run_plots
 from test_tables import ORDER, STEPS, STUDY, tables, write_study
 from _defaults import cli_args
 

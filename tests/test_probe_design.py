@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY_EARLY_EXIT, T, save_tiny_model, select_exit, tiny_batch
 
-from duodiff.checkpoints import load_model
-from duodiff.diffusion import GaussianDiffusion
-from duodiff.errors import DuodiffError
+from duodiff.models.checkpoints import load_model
+from duodiff.core.diffusion import GaussianDiffusion
+from duodiff.core.errors import DuodiffError
 from duodiff.metrics.flops import model_costs
 from duodiff.models import CLASSIFIER_TYPES, UViTConfig, build_model, load_model_config
 from duodiff.models.early_exit import SeedAttentionProbe, SeedMLPProbe
@@ -301,7 +301,7 @@ def test_checkpoint_keeps_the_probe_design(tmp_path, classifier_type):
 
 
 def test_backbone_check_ignores_the_probe_design(tmp_path):
-    from duodiff.training_checks import read_backbone
+    from duodiff.train.checks import read_backbone
 
     backbone = UViT(UViTConfig(**TINY), num_timesteps=T)
     save_tiny_model(tmp_path / "full.pt", backbone, "uvit", dict(TINY), GaussianDiffusion(num_timesteps=T).config())

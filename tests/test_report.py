@@ -142,8 +142,8 @@ def build_tiny_report(tmp_path):
     from test_plots import write_plot_inputs
     from test_tables import STEPS, write_study
 
-    from duodiff.plots import run_plots
-    from duodiff.tables import run_tables
+    from duodiff.report.plots.quality import run_plots
+    from duodiff.report.tables.collect import run_tables
 
     config = yaml.safe_load((REPO / TINY).read_text())
     # The study made by hand below has the classic sets and Inception scores only: no fewer-steps

@@ -12,9 +12,9 @@ import pytest
 import torch
 from conftest import TINY_DIGITS, train_kwargs, write_model_yaml
 
-from duodiff.diffusion import GaussianDiffusion
-from duodiff.errors import DuodiffError
-from duodiff.training import TrainingStopped, run_train
+from duodiff.core.diffusion import GaussianDiffusion
+from duodiff.core.errors import DuodiffError
+from duodiff.train.loop import TrainingStopped, run_train
 
 SETTINGS = dict(
     dataset="digits", n_steps=60, batch_size=8, lr=1e-3, warmup_steps=5, ema_decay=0.9,
@@ -216,7 +216,7 @@ def test_stop_and_resume_with_label_dropout_is_bit_identical(tmp_path, monkeypat
 
 def test_a_checkpoint_with_label_dropout_does_not_resume_without_it():
     # Reached when the class count is known only once the data is read (imagefolder).
-    from duodiff.training_checks import check_same_settings
+    from duodiff.train.checks import check_same_settings
 
     with pytest.raises(DuodiffError, match=r"was made with --label-dropout 0.3 \(this run: 0.0\)"):
         check_same_settings({"settings": {"seed": 1, "label_dropout": 0.3}}, {"seed": 1}, "c.pt")

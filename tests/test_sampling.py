@@ -8,14 +8,14 @@ import torch
 from _defaults import cli_args
 from PIL import Image
 
-from duodiff import sampling
-from duodiff.checkpoints import save_model
-from duodiff.errors import DuodiffError
-from duodiff.flags import OneLineErrorParser
-from duodiff.images import save_png, to_uint8
-from duodiff.io import read_json
+from duodiff.sample import sample_set
+from duodiff.models.checkpoints import save_model
+from duodiff.core.errors import DuodiffError
+from duodiff.core.flags import OneLineErrorParser
+from duodiff.core.images import save_png, to_uint8
+from duodiff.core.io import read_json
 from duodiff.models import build_model
-from duodiff.sampling import run_sample
+from duodiff.sample.sample_set import run_sample
 
 torch.set_num_threads(1)
 
@@ -168,7 +168,7 @@ def test_same_seed_same_images_other_seed_other_images(ckpt, tmp_path):
     assert np.array_equal(a, b) and not np.array_equal(a, c)
     # Batch b uses seed * 1000003 + b: batch 1 of seed 3 starts from this x_T.
     g = torch.Generator().manual_seed(3 * 1000003 + 1)
-    assert sampling.batch_seed(3, 1) == 3 * 1000003 + 1
+    assert sample_set.batch_seed(3, 1) == 3 * 1000003 + 1
     assert torch.equal(torch.randn(4, 1, 8, 8, generator=g), torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(3000010)))
 
 
@@ -305,7 +305,7 @@ def test_bad_arguments_fail_before_any_work(ckpt, tmp_path, kwargs, message):
 
 def test_cli_accepts_the_seed_spellings(ckpt, tmp_path):
     parser = OneLineErrorParser(prog="duodiff")
-    sampling.add_cli(parser.add_subparsers(dest="command", parser_class=OneLineErrorParser))
+    sample_set.add_cli(parser.add_subparsers(dest="command", parser_class=OneLineErrorParser))
     out = tmp_path / "cli"
     args = parser.parse_args(
         ["sample", "--checkpoint_path", str(ckpt["shallow"]), "--checkpoint-path-late", str(ckpt["full"]),
@@ -323,7 +323,7 @@ def test_image_grid_lays_images_out_as_torchvision_make_grid(n, channels, size):
     # The reference is torchvision's make_grid on the enlarged images (nearest neighbour to >= 32 px).
     from torchvision.utils import make_grid
 
-    from duodiff.images import image_grid
+    from duodiff.core.images import image_grid
 
     images = torch.randint(0, 256, (n, channels, size, size), generator=torch.Generator().manual_seed(n), dtype=torch.uint8)
     factor = math.ceil(32 / size)
@@ -334,7 +334,7 @@ def test_image_grid_lays_images_out_as_torchvision_make_grid(n, channels, size):
 
 def test_a_one_image_grid_is_padded_and_rgb_like_any_other():
     # (make_grid returns a lone image as it is, without padding; a grid of one keeps its frame.)
-    from duodiff.images import image_grid
+    from duodiff.core.images import image_grid
 
     grid = image_grid(torch.zeros(1, 1, 8, 8, dtype=torch.uint8))
     assert grid.shape == (3, 36, 36)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from duodiff.checkpoints import save_model
+from duodiff.models.checkpoints import save_model
 from duodiff.models import build_model
 
 CONFIG = dict(img_size=8, patch_size=2, in_chans=1, embed_dim=16, depth=3, num_heads=2)

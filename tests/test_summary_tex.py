@@ -15,7 +15,7 @@ import subprocess
 import pytest
 
 from duodiff.metrics.fid import small_sample_notes
-from duodiff.tables import run_tables
+from duodiff.report.tables.collect import run_tables
 from test_tables import ORDER, write_study
 from _defaults import cli_args
 

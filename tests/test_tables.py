@@ -12,9 +12,9 @@ import re
 import pandas as pd
 import pytest
 
-from duodiff.errors import DuodiffError
-from duodiff.flags import OneLineErrorParser
-from duodiff.tables import add_cli, run_tables
+from duodiff.core.errors import DuodiffError
+from duodiff.core.flags import OneLineErrorParser
+from duodiff.report.tables.collect import add_cli, run_tables
 from _defaults import cli_args
 
 SHA = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"

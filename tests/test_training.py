@@ -13,11 +13,11 @@ import yaml
 from conftest import TINY_DIGITS, train_kwargs, write_model_yaml
 
 from duodiff import cli
-from duodiff.determinism import StepBatchSampler
-from duodiff.errors import DuodiffError
+from duodiff.train.determinism import StepBatchSampler
+from duodiff.core.errors import DuodiffError
 from duodiff.models.early_exit import early_exit_loss
-from duodiff.optim import ema_update, warmup_cosine
-from duodiff.training import run_train
+from duodiff.train.optim import ema_update, warmup_cosine
+from duodiff.train.loop import run_train
 
 
 @pytest.fixture
@@ -361,13 +361,13 @@ def test_class_conditional_rgb_imagefolder_with_flips_and_amp(tmp_path):
 def test_label_dropout_replaces_labels_by_the_null_class_at_its_rate(tmp_path, monkeypatch):
     """Digits' labels 0..9 and the null class 10: the labels the network sees are the batch's own,
     except those the step's Bernoulli(p) draws drop, which become 10; about p of them in all."""
-    from duodiff import training
-    from duodiff.determinism import derive_seed
+    from duodiff.train import loop
+    from duodiff.train.determinism import derive_seed
     from duodiff.models.uvit import UViT
 
     seen = []  # (labels the loader gave, labels the network got), per step
-    drop, forward = training.drop_labels, UViT.forward
-    monkeypatch.setattr(training, "drop_labels", lambda y, *a: seen.append([y.clone()]) or drop(y, *a))
+    drop, forward = loop.drop_labels, UViT.forward
+    monkeypatch.setattr(loop, "drop_labels", lambda y, *a: seen.append([y.clone()]) or drop(y, *a))
     monkeypatch.setattr(UViT, "forward", lambda self, x, t, y=None: seen[-1].append(y.clone()) or forward(self, x, t, y))
     p, steps, batch, seed = 0.25, 12, 32, 5
     cond = write_model_yaml(tmp_path / "cond.yaml", num_classes=11)
@@ -390,10 +390,10 @@ def test_label_dropout_replaces_labels_by_the_null_class_at_its_rate(tmp_path, m
 def test_label_dropout_leaves_the_other_draws_alone(tmp_path, monkeypatch):
     """--label-dropout 0 is the run without it, bit for bit; p > 0 draws from a stream of its own,
     so the batches, timesteps and noise stay those of the run without dropout."""
-    from duodiff import training
+    from duodiff.train import loop
 
-    draws, step_draws = [], training.step_draws
-    monkeypatch.setattr(training, "step_draws", lambda *a: draws.append(step_draws(*a)) or draws[-1])
+    draws, step_draws = [], loop.step_draws
+    monkeypatch.setattr(loop, "step_draws", lambda *a: draws.append(step_draws(*a)) or draws[-1])
     cond = write_model_yaml(tmp_path / "cond.yaml", num_classes=10)
     quick(cond, tmp_path / "a", n_steps=3)
     quick(cond, tmp_path / "b", n_steps=3, label_dropout=0.0)

@@ -1,9 +1,9 @@
-"""One study vocabulary: duodiff.study, and the workflow's own copy of it kept in step.
+"""One study vocabulary: duodiff.core.study, and the workflow's own copy of it kept in step.
 
 The workflow must not import the package (workflow/rules/common.smk), so it has its own copy: the
-schema's enums and the set names its rules build. The tests compare the schema with duodiff.study,
+schema's enums and the set names its rules build. The tests compare the schema with duodiff.core.study,
 and what the workflow plans for the shipped configs (and for one of edge values) with what
-duodiff.study parses and builds. The workflow's side is taken from `snakemake -n -p`, as users run
+duodiff.core.study parses and builds. The workflow's side is taken from `snakemake -n -p`, as users run
 it: the `duodiff sample` and `duodiff tables` command lines it would run.
 """
 
@@ -17,8 +17,8 @@ import pytest
 import yaml
 from test_workflow import SHIPPED_CONFIGS, TINY, add_autoencoders, make_workdir, planned_commands, snakemake
 
-from duodiff.errors import DuodiffError
-from duodiff.study import (
+from duodiff.core.errors import DuodiffError
+from duodiff.core.study import (
     CLASSIFIER_TYPES,
     METHODS,
     PRECISIONS,
@@ -80,7 +80,7 @@ def test_the_schema_allows_the_packages_samplers_precisions_and_classifier_types
     assert tuple(classifiers["enum"]) == CLASSIFIER_TYPES
 
 
-# ---- set names: what the workflow plans and what duodiff.study parses and builds ------------------
+# ---- set names: what the workflow plans and what duodiff.core.study parses and builds ------------------
 
 
 @pytest.mark.parametrize("config", CONFIGS)
@@ -99,13 +99,13 @@ def test_every_set_the_workflow_samples_parses_into_the_method_and_settings_it_r
             assert flags["--t-switch"] == fields["t_switch"], name
         if method == "fewer_steps":
             assert flags["--steps"] == fields["steps"], name
-        # duodiff.study builds the workflow's name back from the fields it parsed.
+        # duodiff.core.study builds the workflow's name back from the fields it parsed.
         assert set_name(method, **fields) == name
 
 
 @pytest.mark.parametrize("config", CONFIGS)
 def test_the_sets_study_names_for_a_config_are_the_sets_the_workflow_tabulates(plans, config):
-    # The grid of the config, named by duodiff.study, against the --sets `duodiff tables` gets.
+    # The grid of the config, named by duodiff.core.study, against the --sets `duodiff tables` gets.
     cfg, commands = plans[config]
     depths = [yaml.safe_load((REPO / path).read_text())["depth"] for path in cfg["models"]["shallow"]]
     built = (
@@ -131,7 +131,7 @@ def test_edge_thresholds_are_named_by_their_shortest_float_text(plans):
     assert {"duodiff_d1_ts0", "duodiff_d1_ts6", "full_steps1", "full_steps5"} <= names
 
 
-# ---- duodiff.study on its own ----------------------------------------------------------------------
+# ---- duodiff.core.study on its own ----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -187,7 +187,7 @@ def test_setting_labels_in_each_style(rows, style, label):
 
 
 def test_the_vocabulary_is_a_leaf():
-    tree = ast.parse((REPO / "src" / "duodiff" / "study.py").read_text())
+    tree = ast.parse((REPO / "src" / "duodiff" / "core" / "study.py").read_text())
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
     imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    assert {name for name in imported if name.startswith("duodiff")} <= {"duodiff.errors"}
+    assert {name for name in imported if name.startswith("duodiff")} <= {"duodiff.core.errors"}

@@ -639,7 +639,7 @@ def test_bad_config_is_refused_by_a_dry_run_too(bad_config_runs, name):
 def test_dataset_tables_of_the_workflow_match_duodiff_data():
     # The workflow does not import duodiff (Snakemake may run outside the jobs' environment), so
     # validation.smk keeps its own copy of each dataset's native image size and channel count.
-    from duodiff import data
+    from duodiff.core import data
 
     text = (REPO / "workflow" / "rules" / "validation.smk").read_text()
 

@@ -1,7 +1,7 @@
 """The `duodiff` command: one sub-command per pipeline stage.
 
 Each stage module owns its sub-command: it defines `add_cli(subparsers)`, which registers the
-sub-command (with duodiff.flags.add_flag) and sets `func` to a thin wrapper around the module's
+sub-command (with duodiff.core.flags.add_flag) and sets `func` to a thin wrapper around the module's
 plain `run_*` function. This file only collects them, checks that the command's outputs can be
 written, and turns errors into one readable line and an exit status (EXIT_CODES). It is the entry
 point: no duodiff module imports it.
@@ -14,18 +14,18 @@ import importlib
 import signal
 import sys
 
-from duodiff.errors import DuodiffError
-from duodiff.flags import OneLineErrorParser
-from duodiff.io import check_output_path
+from duodiff.core.errors import DuodiffError
+from duodiff.core.flags import OneLineErrorParser
+from duodiff.core.io import check_output_path
 
 # Sub-command -> the module that registers it (its `add_cli`), in the order `duodiff --help`
 # lists them. A call imports only its own command's module: every pipeline job starts a fresh
 # `duodiff`, and pandas/matplotlib/clean-fid imports would add seconds to each of them.
 COMMANDS = {
-    "encode": "duodiff.latent",
-    "train": "duodiff.training",
-    "convert": "duodiff.convert",
-    "sample": "duodiff.sampling",
+    "encode": "duodiff.core.latent",
+    "train": "duodiff.train.loop",
+    "convert": "duodiff.models.convert",
+    "sample": "duodiff.sample.sample_set",
     "feature-net": "duodiff.metrics.feature_net",
     "reference": "duodiff.metrics.fid",
     "real-set": "duodiff.metrics.fid",
@@ -34,8 +34,8 @@ COMMANDS = {
     "cmmd-reference": "duodiff.metrics.cmmd",
     "cmmd": "duodiff.metrics.cmmd",
     "flops": "duodiff.metrics.flops",
-    "tables": "duodiff.tables",
-    "plots": "duodiff.plots",
+    "tables": "duodiff.report.tables.collect",
+    "plots": "duodiff.report.plots.quality",
 }
 
 # Exit statuses (docs/architecture.md, "The CLI"): 128 + the signal number for a run stopped by a
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
-    outputs = vars(args).pop("_outputs", [])  # the output flags duodiff.flags.add_flag recorded
+    outputs = vars(args).pop("_outputs", [])  # the output flags duodiff.core.flags.add_flag recorded
     try:
         for flag, dest, kind in outputs:
             paths = getattr(args, dest)

@@ -4,7 +4,7 @@
 # with one message.
 #
 # Nothing here imports duodiff (see common.smk): the dataset tables below are copies of
-# duodiff.data's, which tests/test_workflow.py keeps in step.
+# duodiff.core.data's, which tests/test_workflow.py keeps in step.
 
 import functools
 import json
@@ -20,12 +20,12 @@ DOWNLOADABLE = ("cifar10", "celeba")
 # Datasets that read files (digits ships with scikit-learn).
 NEEDS_ROOT = ("cifar10", "celeba", "imagenet64", "imagenet256", "imagefolder")
 # Datasets with class labels and small native images, on which metrics.headline classifier can
-# train its feature network (duodiff.data.NUM_CLASSES and NATIVE_SIZE).
+# train its feature network (duodiff.core.data.NUM_CLASSES and NATIVE_SIZE).
 LABELLED_SMALL = ("digits", "cifar10")
 # A shallow model replaces the full one for the first t_switch steps on the same images
 # (and the same class labels), so these must agree between the two.
 SHARED_MODEL_KEYS = ("img_size", "patch_size", "in_chans", "num_classes")
-# duodiff.data.NATIVE_SIZE and CHANNELS (tests/test_workflow.py keeps them in step): each dataset's
+# duodiff.core.data.NATIVE_SIZE and CHANNELS (tests/test_workflow.py keeps them in step): each dataset's
 # image size when dataset.image_size is null (None: it has no native size) and its channel count.
 DATASET_NATIVE_SIZE = {
     "digits": 8,
@@ -133,7 +133,7 @@ def _check_sampling(config) -> None:
             f"invalid config: sampling.eta is {sampling['eta']}; it applies to the ddim sampler only "
             f"(use 0 with {sampling['sampler']})"
         )
-    # duodiff.study.CUDA_ONLY_PRECISIONS (the workflow does not import duodiff, see above).
+    # duodiff.core.study.CUDA_ONLY_PRECISIONS (the workflow does not import duodiff, see above).
     if sampling["precision"] in ("tf32", "fp16") and config["device"] != "cuda":
         raise ValueError(
             f"invalid config: sampling.precision {sampling['precision']} needs device: cuda (device is "
@@ -314,7 +314,7 @@ def _check_data_source(dataset, dryrun: bool) -> None:
             f"(only {', '.join(DOWNLOADABLE)}); put the images in dataset.root"
         )
     if name in NEEDS_ROOT and not dataset["download"]:
-        root = dataset["root"] or f"data/{name}"  # duodiff.data's default root
+        root = dataset["root"] or f"data/{name}"  # duodiff.core.data's default root
         if not Path(root).exists():
             message = f"dataset.root {root} does not exist for dataset {name}; put the data there" + (
                 " or set dataset.download: true" if name in DOWNLOADABLE else ""

@@ -36,10 +36,10 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 
-from duodiff.distributed import default_device
-from duodiff.errors import DuodiffError, check_int, check_positive, require
-from duodiff.flags import add_flag
-from duodiff.io import atomic_path, write_json
+from duodiff.core.distributed import default_device
+from duodiff.core.errors import DuodiffError, check_int, check_positive, require
+from duodiff.core.flags import add_flag
+from duodiff.core.io import atomic_path, write_json
 from duodiff.metrics.feature_cache import cached_features, remove_cache
 
 CLIP_MODEL = "ViT-L-14-336"

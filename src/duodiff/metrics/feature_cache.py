@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from duodiff.io import atomic_path
+from duodiff.core.io import atomic_path
 
 
 def chunk_key(files: Sequence[Path], network_sha256: str) -> str:

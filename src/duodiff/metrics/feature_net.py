@@ -30,9 +30,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from duodiff.errors import DuodiffError, check_int, check_positive, require
-from duodiff.flags import add_flag
-from duodiff.io import file_sha256, read_json, torch_save, write_json
+from duodiff.core.errors import DuodiffError, check_int, check_positive, require
+from duodiff.core.flags import add_flag
+from duodiff.core.io import file_sha256, read_json, torch_save, write_json
 
 FORMAT = "duodiff-feature-net-v2"  # v2: features divided by their training RMS
 MODEL_NAME = "model.pt"
@@ -98,7 +98,7 @@ def _check_settings(dataset: str, image_size: int | None, *, epochs: int, batch_
                     weight_decay: float, feature_dim: int, holdout_fraction: float) -> None:
     """The flags of `duodiff feature-net`, checked before the data is read (a missing CelebA folder
     is not the first thing to hear)."""
-    from duodiff import data
+    from duodiff.core import data
 
     for name, value in (("--epochs", epochs), ("--batch-size", batch_size), ("--feature-dim", feature_dim)):
         check_int(name, value, 1)
@@ -165,7 +165,7 @@ def run_feature_net(
     seed: int,
 ) -> dict:
     """Train the classifier on the dataset -> DIR/model.pt, DIR/feature_net.json (held-out accuracy)."""
-    from duodiff import data
+    from duodiff.core import data
 
     _check_settings(dataset, image_size, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                     feature_dim=feature_dim, holdout_fraction=holdout_fraction)

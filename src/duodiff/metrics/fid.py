@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from duodiff.distributed import default_device
-from duodiff.errors import DuodiffError, check_choice, check_int, check_positive, require
-from duodiff.flags import add_flag
-from duodiff.io import read_json, write_json
+from duodiff.core.distributed import default_device
+from duodiff.core.errors import DuodiffError, check_choice, check_int, check_positive, require
+from duodiff.core.flags import add_flag
+from duodiff.core.io import read_json, write_json
 from duodiff.metrics import inception, reference as reference_stage
 from duodiff.metrics.distances import KID_PRECOMPUTE_MAX, frechet_distance, kid_with_std, psd_sqrt
 from duodiff.metrics.feature_cache import remove_cache

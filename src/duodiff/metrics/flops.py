@@ -34,7 +34,7 @@ Per sample set (DIR/stats.json, DIR/exit_layers.pt of shape (steps, n)):
   the papers' speed-ups count the network only, and so do the tables.
 
 A guided set (stats.json: branches 2) has exit_layers (steps, 2n), one column per network
-evaluation (duodiff.guidance): gflops_per_forward stays the mean cost of one evaluation, each
+evaluation (duodiff.core.guidance): gflops_per_forward stays the mean cost of one evaluation, each
 branch at its own depth under early exit, and gflops_per_image counts both.
 """
 
@@ -47,10 +47,10 @@ from pathlib import Path
 
 import torch
 
-from duodiff.errors import is_int, require
-from duodiff.flags import add_flag
-from duodiff.io import read_json, write_json
-from duodiff.study import METHODS
+from duodiff.core.errors import is_int, require
+from duodiff.core.flags import add_flag
+from duodiff.core.io import read_json, write_json
+from duodiff.core.study import METHODS
 
 GIGA = 1e9
 # FlopCounterMode op names that nn.Linear and convolutions lower to.
@@ -167,7 +167,7 @@ def model_costs(kind: str, model_config: dict, num_timesteps: int = 1000, classi
 
 def checkpoint_costs(path) -> tuple[dict, dict]:
     """-> (piece costs, model file metadata) of a model.pt; only its config is used."""
-    from duodiff.checkpoints import load_model_file
+    from duodiff.models.checkpoints import load_model_file
 
     obj = load_model_file(path)
     costs = model_costs(

@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from duodiff.errors import DuodiffError, check_choice, check_int, check_positive, require
-from duodiff.io import file_sha256
+from duodiff.core.errors import DuodiffError, check_choice, check_int, check_positive, require
+from duodiff.core.io import file_sha256
 from duodiff.metrics.feature_cache import cached_features
 
 FEATURE_NETWORKS = ("auto", "clean-fid", "fid-helper")

@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from duodiff.distributed import default_device
-from duodiff.errors import DuodiffError, check_choice, check_int, check_positive, require
-from duodiff.flags import add_flag
-from duodiff.images import save_png, to_uint8
-from duodiff.io import atomic_path, file_sha256, read_json, write_json
+from duodiff.core.distributed import default_device
+from duodiff.core.errors import DuodiffError, check_choice, check_int, check_positive, require
+from duodiff.core.flags import add_flag
+from duodiff.core.images import save_png, to_uint8
+from duodiff.core.io import atomic_path, file_sha256, read_json, write_json
 from duodiff.metrics import inception
 from duodiff.metrics.distances import psd_sqrt
 from duodiff.metrics.feature_cache import remove_cache
@@ -47,7 +47,7 @@ def run_reference(*, dataset: str, n_reference: int, max_reference: int | None, 
     (Inception is ~0.26 s an image on one CPU core); None = all. The images stay whole: the
     classifier FD (`duodiff fid --feature-net`) reads every one of them.
     statistics: a mu/sigma npz instead of the images (run_statistics_reference)."""
-    from duodiff import data
+    from duodiff.core import data
 
     check_choice("--dataset", dataset, data.DATASETS)
     check_choice("--mode", mode, inception.MODES)
@@ -137,7 +137,7 @@ def run_statistics_reference(*, dataset: str, image_size: int | None, output_fol
     """A statistics file (mu, sigma) -> DIR/features.npz (mu, sigma, sigma_sqrt; no features) and
     DIR/reference.json, whose network is the one of the stated --mode on this machine (the file
     cannot tell, so this is stated, not checked): samples are scored with that network."""
-    from duodiff import data
+    from duodiff.core import data
 
     check_choice("--feature-network", feature_network, FEATURE_NETWORKS)
     mu, sigma = read_statistics(statistics)
@@ -213,7 +213,7 @@ def run_real_set(*, dataset: str, n_reference: int, n_images: int, output_folder
     sample set, they give the floor every method's score is read against. When the dataset has
     fewer than n_reference + n_images images, all that are left are used and stats.json says so.
     mode: the FID protocol the set is meant for, recorded (the set holds images, no features)."""
-    from duodiff import data
+    from duodiff.core import data
 
     check_choice("--dataset", dataset, data.DATASETS)
     check_choice("--mode", mode, inception.MODES)

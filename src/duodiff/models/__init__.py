@@ -1,10 +1,16 @@
-"""Model registry: build a U-ViT or an early-exit U-ViT from a model config (config/models/*.yaml)."""
+"""The networks: build a U-ViT or an early-exit U-ViT from a model config (config/models/*.yaml).
+
+    uvit.py         UViTConfig and U-ViT (Bao et al.), faithful to the reference code; UViT.loss
+    early_exit.py   the DeeDiff / AdaDiff early-exit U-ViT: heads, probes, the exit, its loss
+    checkpoints.py  the files that carry models between stages: model.pt, checkpoint.pt
+    convert.py      `duodiff convert` (workflow/rules/convert.smk): U-ViT's released weights -> model.pt
+"""
 
 from __future__ import annotations
 
-from duodiff.config import load_yaml
+from duodiff.core.config import load_yaml
 from duodiff.models.uvit import EARLY_EXIT_KEYS, PROBE_DESIGNS, UViT, UViTConfig
-from duodiff.study import CLASSIFIER_TYPES
+from duodiff.core.study import CLASSIFIER_TYPES
 
 # 'deediff_uvit' is the early-stopping-diffusion seed's name for the early-exit model.
 MODEL_KINDS = ("uvit", "early_exit")

@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from duodiff.errors import DuodiffError, check_choice, check_int, is_number, require
+from duodiff.core.errors import DuodiffError, check_choice, check_int, is_number, require
 
 # The designs of the early-exit uncertainty probes (models/early_exit.py): this project's, or the
 # early-stopping-diffusion seed's. Listed here, where model configs are checked, so that checking a

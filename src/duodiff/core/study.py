@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from duodiff.errors import DuodiffError
+from duodiff.core.errors import DuodiffError
 
 # What `duodiff sample --method` runs and stats.json records (docs/architecture.md).
 METHODS = ("full", "shallow", "early_exit", "duodiff")

@@ -9,9 +9,9 @@ Each model computes its own loss (UViT.loss: DDPM's L_simple; EarlyExitUViT.loss
 with target = the noise (predict_noise) or the clean image (predict_original) and per-sample
 weights from --loss-weighting (GaussianDiffusion.loss_weights).
 
-The parts live beside it: the check pass of the arguments in training_checks.py, the per-(seed,
+The parts live beside it: the check pass of the arguments in checks.py, the per-(seed,
 step) random draws that make a resumed run bit-identical in determinism.py, stopping on SIGTERM
-and the torchrun relaunch in process.py, the process group in distributed.py.
+and the torchrun relaunch in process.py, the process group in core/distributed.py.
 
 Files in --log-path: checkpoint.pt (every save_every_n_steps, at the end, and on SIGTERM),
 loss.csv (rewritten with each checkpoint from the history kept in it) and, at the end, model.pt.
@@ -31,19 +31,20 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from duodiff import checkpoints, distributed, process
-from duodiff.data import DATASETS, load_dataset
-from duodiff.determinism import StepBatchSampler, get_rng_states, set_rng_states, step_draws
-from duodiff.errors import DuodiffError, check_int, require
-from duodiff.flags import add_flag, cli_flags
-from duodiff.guidance import drop_labels
-from duodiff.io import write_csv
-from duodiff.latent import latent_dataset
+from duodiff.core import distributed
+from duodiff.models import checkpoints
+from duodiff.train import process
+from duodiff.core.data import DATASETS, load_dataset
+from duodiff.train.determinism import StepBatchSampler, drop_labels, get_rng_states, set_rng_states, step_draws
+from duodiff.core.errors import DuodiffError, check_int, require
+from duodiff.core.flags import add_flag, cli_flags
+from duodiff.core.io import write_csv
+from duodiff.core.latent import latent_dataset
 from duodiff.models import build_model
 from duodiff.models.early_exit import LOSS_PARTS
-from duodiff.optim import ema_update, warmup_cosine
-from duodiff.process import StopRequest, TrainingStopped
-from duodiff.training_checks import (
+from duodiff.train.optim import ema_update, warmup_cosine
+from duodiff.train.process import StopRequest, TrainingStopped
+from duodiff.train.checks import (
     TrainPlan,
     check_data_fits,
     check_processes,

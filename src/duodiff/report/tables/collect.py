@@ -15,9 +15,9 @@ Rows are ordered like the papers' tables: full model, shallow model alone, early
 classifier, then threshold), DuoDiff (by shallow depth, then t_switch). Speed-ups are relative to
 the `full` set, which must be among the sets.
 
-The work is split by what it does: table_inputs.py reads and checks each set's files,
-operating_points.py sets every set against the full model, summary_cells.py, summary_notes.py
-and summary_formats.py make the summaries. This module holds the sets' names and labels, puts the
+The work is split by what it does: inputs.py reads and checks each set's files,
+operating_points.py sets every set against the full model, cells.py, notes.py
+and formats.py make the summaries. This module holds the sets' names and labels, puts the
 rows together in paper order and writes the files.
 """
 
@@ -28,13 +28,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from duodiff.errors import DuodiffError, require
-from duodiff.flags import add_flag
-from duodiff.io import atomic_path, write_text
-from duodiff.operating_points import add_comparisons, operating_points
-from duodiff.summary_formats import summary_html, summary_latex, summary_markdown
-from duodiff.study import METHOD_ORDER, method_of_set, setting_label
-from duodiff.table_inputs import HEADLINES, TableSettings, check_one_mode, read_real, read_set
+from duodiff.core.errors import DuodiffError, require
+from duodiff.core.flags import add_flag
+from duodiff.core.io import atomic_path, write_text
+from duodiff.report.tables.operating_points import add_comparisons, operating_points
+from duodiff.report.tables.formats import summary_html, summary_latex, summary_markdown
+from duodiff.core.study import METHOD_ORDER, method_of_set, setting_label
+from duodiff.report.tables.inputs import HEADLINES, TableSettings, check_one_mode, read_real, read_set
 
 # The columns every csv starts with (the contract's list, plus the sampling set-up the plots
 # need: sampler, steps, depth, seed).

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from duodiff.plot_style import FIGURE_WIDTH, SMALL_FONT, new_figure, sampling_caption, swept_families
-from duodiff.study import setting_label
-from duodiff.tables import blocks
+from duodiff.report.plots.style import FIGURE_WIDTH, SMALL_FONT, new_figure, sampling_caption, swept_families
+from duodiff.core.study import setting_label
+from duodiff.report.tables.collect import blocks
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -19,12 +19,12 @@ def image_files(folder: Path) -> list[Path]:
 
 
 def grid_from_images(paths: list[Path], n_images: int) -> np.ndarray:
-    """The grid `duodiff sample` writes as grid.png (duodiff.images.image_grid), from the first
+    """The grid `duodiff sample` writes as grid.png (duodiff.core.images.image_grid), from the first
     images, as (H, W, 3) uint8; so real images and rebuilt grids look like the sample sets' grid.png."""
     import torch  # here, not at the top: `duodiff plots` needs torch only without grid.png files
     from PIL import Image
 
-    from duodiff.images import image_grid
+    from duodiff.core.images import image_grid
 
     images = torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1)
                           for p in paths[:n_images]])

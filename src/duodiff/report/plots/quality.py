@@ -16,8 +16,8 @@ type, so that it stays legible at a column's 3.3 inches. Beside each figure, `<n
 artists), so a reader or a test can check a figure against the tables it claims to show.
 
 The figures are drawn by one module per family: the quality figures (quality against cost and
-against t_switch) here, plot_exits.py (where early exit exits), plot_training.py (training
-curves), plot_samples.py (sample grids); plot_style.py holds what they share.
+against t_switch) here, exits.py (where early exit exits), training.py (training
+curves), samples.py (sample grids); style.py holds what they share.
 """
 
 from __future__ import annotations
@@ -29,18 +29,18 @@ import pandas as pd
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from duodiff.errors import check_positive, require
-from duodiff.flags import add_flag
-from duodiff.io import atomic_path, write_json
-from duodiff.labels import label_points
-from duodiff.plot_exits import exit_summaries, plot_exit_heatmap, plot_mean_exit_layer
-from duodiff.plot_samples import image_files, plot_sample_grids
-from duodiff.plot_style import (FEWER_STEPS_STYLE, FULL_STYLE, SHALLOW_MARKER, SMALL_FONT, STYLE, Palette,
+from duodiff.core.errors import check_positive, require
+from duodiff.core.flags import add_flag
+from duodiff.core.io import atomic_path, write_json
+from duodiff.report.plots.labels import label_points
+from duodiff.report.plots.exits import exit_summaries, plot_exit_heatmap, plot_mean_exit_layer
+from duodiff.report.plots.samples import image_files, plot_sample_grids
+from duodiff.report.plots.style import (FEWER_STEPS_STYLE, FULL_STYLE, SHALLOW_MARKER, SMALL_FONT, STYLE, Palette,
                                 bottom_legend, draw_floor_and_full_band, error_bars, lines_drawn, new_figure,
                                 sampling_caption, score_label)
-from duodiff.plot_training import find_loss_files, plot_training_curves
-from duodiff.study import setting_label
-from duodiff.tables import INTEGER_COLUMNS, blocks
+from duodiff.report.plots.training import find_loss_files, plot_training_curves
+from duodiff.core.study import setting_label
+from duodiff.report.tables.collect import INTEGER_COLUMNS, blocks
 
 PLOT_NAMES = ["quality_vs_gflops", "quality_vs_time", "exit_heatmap", "mean_exit_layer", "fid_vs_tswitch",
               "training_curves", "sample_grids"]

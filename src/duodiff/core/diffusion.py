@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from duodiff.errors import check_choice, is_int, is_number, require
-from duodiff.study import SAMPLERS
+from duodiff.core.errors import check_choice, is_int, is_number, require
+from duodiff.core.study import SAMPLERS
 
 PARAMETRIZATIONS = ("predict_noise", "predict_original")
 LOSS_WEIGHTINGS = ("uniform", "min_snr")
@@ -202,7 +202,7 @@ class GaussianDiffusion:
         default). Call under torch.inference_mode(); the loop itself never waits on the device.
         """
         if sampler == "dpm_solver":  # diffusers' scheduler runs the multistep update (dpm_solver.py)
-            from duodiff.dpm_solver import dpm_solver_sample
+            from duodiff.core.dpm_solver import dpm_solver_sample
 
             timesteps = self.timesteps(sampler, steps)
             return dpm_solver_sample(self, denoise, noise, timesteps, clip_denoised=clip_denoised, progress=progress)

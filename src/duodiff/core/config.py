@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from duodiff.errors import DuodiffError
+from duodiff.core.errors import DuodiffError
 
 
 def load_yaml(path) -> dict:

@@ -49,6 +49,14 @@ def label_dropout_mask(seed, step, batch_size, p, rows: slice, device) -> torch.
     return (torch.rand(batch_size, generator=g, device=device) < p)[rows]
 
 
+def drop_labels(y, null: int, label_dropout: float, seed: int, step: int, batch_size: int, rows: slice):
+    """Training's label dropout: each label of the step's global batch becomes the null class with
+    probability label_dropout, drawn per (seed, step) so a resumed run drops the same labels
+    (label_dropout_mask); `y` holds this rank's `rows` of it."""
+    dropped = label_dropout_mask(seed, step, batch_size, label_dropout, rows, y.device)
+    return torch.where(dropped, torch.full_like(y, null), y)
+
+
 class StepBatchSampler(Sampler):
     """For step = start..n_steps-1: this rank's slice of the step's global batch indices.
 

@@ -12,7 +12,7 @@ import signal
 import sys
 import threading
 
-from duodiff.errors import DuodiffError
+from duodiff.core.errors import DuodiffError
 
 
 class TrainingStopped(DuodiffError):

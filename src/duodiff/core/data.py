@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from duodiff.errors import DuodiffError, check_choice, is_int, require
+from duodiff.core.errors import DuodiffError, check_choice, is_int, require
 
 DATASETS = ("digits", "cifar10", "celeba", "imagenet64", "imagenet256", "imagefolder")
 

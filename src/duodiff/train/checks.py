@@ -15,12 +15,13 @@ from pathlib import Path
 
 import torch
 
-from duodiff import checkpoints, distributed
-from duodiff.config import load_yaml
-from duodiff.data import CHANNELS, DATASETS, NUM_CLASSES
-from duodiff.diffusion import LOSS_WEIGHTINGS, GaussianDiffusion
-from duodiff.errors import DuodiffError, check_choice, check_int, check_number, require
-from duodiff.guidance import check_class_count, check_label_dropout
+from duodiff.core import distributed
+from duodiff.models import checkpoints
+from duodiff.core.config import load_yaml
+from duodiff.core.data import CHANNELS, DATASETS, NUM_CLASSES
+from duodiff.core.diffusion import LOSS_WEIGHTINGS, GaussianDiffusion
+from duodiff.core.errors import DuodiffError, check_choice, check_int, check_number, require
+from duodiff.core.guidance import check_class_count, check_label_dropout
 from duodiff.models import CLASSIFIER_TYPES, EARLY_EXIT_KEYS, KIND_ALIASES, MODEL_KINDS, UViTConfig
 from duodiff.models.early_exit import PROBE_HEADS
 
@@ -161,7 +162,7 @@ def check_latents(args: dict, config: UViTConfig) -> tuple[int, dict]:
     """--latents (a `duodiff encode` file) against the model and the dataset flags -> (the latent
     side, the fingerprint `encode` stored). The model works on the latents: its in_chans and
     img_size must be theirs; --dataset and --image-size name the images they were encoded from."""
-    from duodiff.latent import read_latents_info
+    from duodiff.core.latent import read_latents_info
 
     path, config_path = args["latents"], args["config_path"]
     shape, fingerprint = read_latents_info(path)

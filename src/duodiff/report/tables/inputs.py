@@ -12,9 +12,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from duodiff.errors import DuodiffError, is_number, require
-from duodiff.io import read_json
-from duodiff.study import STATS_METHOD, setting_label
+from duodiff.core.errors import DuodiffError, is_number, require
+from duodiff.core.io import read_json
+from duodiff.core.study import STATS_METHOD, setting_label
 
 # The method a set's stats.json records: fewer-steps sets are the full model sampled with fewer steps.
 # The headline score (metrics.headline): which metric file it is read from and how it is named.

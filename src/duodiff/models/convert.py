@@ -41,11 +41,11 @@ from pathlib import Path
 
 import torch
 
-from duodiff import checkpoints
-from duodiff.config import load_yaml
-from duodiff.diffusion import GaussianDiffusion
-from duodiff.errors import DuodiffError, check_choice, require
-from duodiff.flags import add_flag
+from duodiff.models import checkpoints
+from duodiff.core.config import load_yaml
+from duodiff.core.diffusion import GaussianDiffusion
+from duodiff.core.errors import DuodiffError, check_choice, require
+from duodiff.core.flags import add_flag
 
 # sde.py's ScoreModel.predict calls the network with t * 999: the network's time input for t = 1.
 UVIT_TIME_SCALE = 999
@@ -152,8 +152,8 @@ def compare_alpha_bar(diffusion: GaussianDiffusion, timesteps, beta_min: float, 
 
 def _checked_settings(config_path, num_timesteps, parametrization, dataset, compare_timesteps, label_dropout) -> dict:
     """The model YAML as written, after the checks that make U-ViT's weights mean what they meant."""
-    from duodiff.data import CHANNELS, DATASETS, NUM_CLASSES
-    from duodiff.guidance import check_class_count, check_label_dropout
+    from duodiff.core.data import CHANNELS, DATASETS, NUM_CLASSES
+    from duodiff.core.guidance import check_class_count, check_label_dropout
     from duodiff.models import UViTConfig
 
     model_config = load_yaml(config_path)

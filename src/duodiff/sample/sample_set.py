@@ -8,7 +8,7 @@ Methods (docs/architecture.md):
 - duodiff   the shallow U-ViT (--checkpoint-path) for the first --t-switch (noisiest) steps,
             the full U-ViT (--checkpoint-path-late) for the rest. The first must be the shallower
             one (two paths swapped are refused) unless --allow-deeper-shallow says it is meant.
-With --guidance-scale S != 0 each method also runs the unconditional branch (duodiff.guidance).
+With --guidance-scale S != 0 each method also runs the unconditional branch (duodiff.core.guidance).
 
 The set is written batch by batch: the PNGs of a batch, then its part file (exit layers, wall
 time and the settings). A rerun with the same arguments skips finished batches, so a killed job
@@ -24,14 +24,14 @@ from pathlib import Path
 
 import torch
 
-from duodiff.distributed import default_device
-from duodiff.errors import DuodiffError, check_choice, is_int, is_number, require
-from duodiff.flags import add_flag
-from duodiff.guidance import branch_major, check_guidance_scale, label_classes, set_null_label
-from duodiff.images import image_grid, load_png, save_png, to_uint8
-from duodiff.io import torch_save, write_json
-from duodiff.latent import autoencoder_record, check_model_autoencoder, decoding_stats, load_codec
-from duodiff.sampling_setup import (
+from duodiff.core.distributed import default_device
+from duodiff.core.errors import DuodiffError, check_choice, is_int, is_number, require
+from duodiff.core.flags import add_flag
+from duodiff.core.guidance import branch_major, check_guidance_scale, label_classes, set_null_label
+from duodiff.core.images import image_grid, load_png, save_png, to_uint8
+from duodiff.core.io import torch_save, write_json
+from duodiff.core.latent import autoencoder_record, check_model_autoencoder, decoding_stats, load_codec
+from duodiff.sample.setup import (
     check_device,
     load_models,
     make_denoiser,
@@ -40,10 +40,10 @@ from duodiff.sampling_setup import (
     timing_clock,
     warm_up,
 )
-from duodiff.study import CUDA_ONLY_PRECISIONS, METHODS, PRECISIONS, SAMPLERS, setting_label
+from duodiff.core.study import CUDA_ONLY_PRECISIONS, METHODS, PRECISIONS, SAMPLERS, setting_label
 
 SEED_STRIDE = 1000003  # batch b of a set with seed s uses seed s * SEED_STRIDE + b
-GRID_SAMPLES = 64  # grid.png shows the set's first images (duodiff.images.image_grid)
+GRID_SAMPLES = 64  # grid.png shows the set's first images (duodiff.core.images.image_grid)
 # The settings of a set that stats.json repeats as they are.
 RUN_KEYS = ("sampler", "steps", "eta", "n_samples", "batch_size", "seed")
 
@@ -61,7 +61,7 @@ def part_path(folder: Path, batch_index: int) -> Path:
 
 
 def branches(settings: dict) -> int:
-    """Network evaluations per sample and step: 2 with guidance (duodiff.guidance), else 1."""
+    """Network evaluations per sample and step: 2 with guidance (duodiff.core.guidance), else 1."""
     return 2 if settings["guidance_scale"] != 0 else 1
 
 
@@ -312,7 +312,7 @@ def finish_set(folder: Path, settings: dict, parts: list, models, metas, diffusi
 
 
 def write_grid(folder: Path, count: int) -> None:
-    """grid.png: the first `count` samples (duodiff.images.image_grid)."""
+    """grid.png: the first `count` samples (duodiff.core.images.image_grid)."""
     images = torch.stack([load_png(image_path(folder, i)) for i in range(count)])
     save_png(image_grid(images), folder / "grid.png")
 

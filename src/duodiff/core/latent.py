@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from duodiff.errors import DuodiffError, require
-from duodiff.flags import add_flag
-from duodiff.io import atomic_path, file_sha256
+from duodiff.core.errors import DuodiffError, require
+from duodiff.core.flags import add_flag
+from duodiff.core.io import atomic_path, file_sha256
 
 LDM_PREFIX = "first_stage_model."  # a whole LDM / Stable Diffusion checkpoint keeps the VAE here
 
@@ -191,7 +191,7 @@ def run_encode(
     written; a rerun after a kill encodes only the chunks it does not find. The chunks belong to
     one fingerprint (autoencoder bytes, scale factor, dataset, image size): another one starts over.
     """
-    from duodiff.data import load_dataset
+    from duodiff.core.data import load_dataset
 
     # The autoencoder first: a wrong path fails in a second, before an ImageNet folder is scanned.
     codec = LatentCodec(load_autoencoder(autoencoder, autoencoder_config).to(device), scale_factor)
@@ -286,10 +286,10 @@ def read_latents_info(path) -> tuple[tuple, dict]:
 
 
 def latent_dataset(path, name: str, fingerprint: dict):
-    """The latents and labels of `path` as the training data (duodiff.data.ImageDataset): never
+    """The latents and labels of `path` as the training data (duodiff.core.data.ImageDataset): never
     flipped, `encode` stored the mirror images' latents already. Its class count is the one
     `encode` recorded in the fingerprint (files without it: the labels' largest + 1)."""
-    from duodiff.data import ImageDataset, TensorImages
+    from duodiff.core.data import ImageDataset, TensorImages
 
     latents, labels = load_latents(path)
     num_classes = fingerprint.get("num_classes", int(labels.max()) + 1 if len(labels) else 0)
@@ -300,7 +300,7 @@ def add_cli(subparsers):
     p = subparsers.add_parser(
         "encode", help="encode a dataset's training images into autoencoder latents (latent diffusion)"
     )
-    add_flag(p, "--dataset", required=True, help="dataset name (duodiff.data.DATASETS)")
+    add_flag(p, "--dataset", required=True, help="dataset name (duodiff.core.data.DATASETS)")
     add_flag(p, "--data-root", default=None, help="folder holding the data (default data/<dataset>)")
     add_flag(p, "--download", action="store_true", help="let torchvision download the dataset")
     add_flag(p, "--image-size", type=int, default=None, help="resize to this (default: native size)")

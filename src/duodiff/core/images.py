@@ -1,7 +1,7 @@
 """Images on disk: the one quantisation, PNG writer and reader, and grid every stage uses.
 
 A leaf module: the stages (sampling, metrics, plots) import it, and it imports none of them, only
-duodiff.io's atomic writes. Generated samples (`duodiff sample`) and real images (`duodiff
+duodiff.core.io's atomic writes. Generated samples (`duodiff sample`) and real images (`duodiff
 reference`, `duodiff real-set`) take this one path to PNG, so both reach the scores alike; the
 sample sets' grid.png and the grids `duodiff plots` rebuilds from images come from `image_grid`.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from duodiff.io import atomic_path
+from duodiff.core.io import atomic_path
 
 GRID_NROW = 8  # images per grid row
 GRID_MIN_SIZE = 32  # grids enlarge smaller images (8x8 digits) by nearest neighbour to at least this size

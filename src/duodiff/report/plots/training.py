@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 from matplotlib import colormaps
 
-from duodiff.errors import require
-from duodiff.plot_style import bottom_legend, lines_drawn, new_figure, wrap_label
+from duodiff.core.errors import require
+from duodiff.report.plots.style import bottom_legend, lines_drawn, new_figure, wrap_label
 
 LOSS_BOOKKEEPING = ["step", "loss", "lr", "steps_per_s"]  # loss.csv columns that are not loss parts
 # loss.csv rows are means over their logging interval. A run with fewer rows than this is drawn as

@@ -1,5 +1,5 @@
 """What a `duodiff sample` set runs on: the device and its arithmetic, the model(s) of a method and
-the denoiser built from them, and the clock its batches are timed with (duodiff.sampling runs
+the denoiser built from them, and the clock its batches are timed with (duodiff.sample.sample_set runs
 the set)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import contextlib
 
 import torch
 
-from duodiff.errors import DuodiffError, check_choice, require
+from duodiff.core.errors import DuodiffError, check_choice, require
 
 # Architecture keys two DuoDiff models must share: they denoise the same images.
 SHARED_MODEL_KEYS = ("img_size", "patch_size", "in_chans", "num_classes")
@@ -26,7 +26,7 @@ def check_device(device: str) -> torch.device:
 
 @contextlib.contextmanager
 def precision_context(precision: str, device: torch.device):
-    """Run the network evaluations inside at `precision` (see duodiff.study.PRECISIONS)."""
+    """Run the network evaluations inside at `precision` (see duodiff.core.study.PRECISIONS)."""
     if precision == "tf32":
         matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -61,7 +61,7 @@ def timing_clock(device: torch.device) -> str:
 
 def load_models(method, checkpoint_path, checkpoint_path_late, use_ema, device, allow_deeper_shallow):
     """Load and cross-check the model(s) a method needs; returns (models, diffusion, metas)."""
-    from duodiff.checkpoints import load_model
+    from duodiff.models.checkpoints import load_model
 
     model, diffusion, meta = load_model(checkpoint_path, use_ema=use_ema, device=device)
     if method == "early_exit":
@@ -117,14 +117,14 @@ def check_duodiff_pair(models, diffusions, paths, allow_deeper_shallow: bool) ->
 
 
 def make_denoiser(method, models, threshold, t_switch, y, guidance_scale=0.0, null=None):
-    """The denoiser of a method; its threshold and t_switch were checked by duodiff.sampling.
-    A guidance scale != 0 runs it on both branches, y and the null label (duodiff.guidance)."""
+    """The denoiser of a method; its threshold and t_switch were checked by duodiff.sample.sample_set.
+    A guidance scale != 0 runs it on both branches, y and the null label (duodiff.core.guidance)."""
     if guidance_scale != 0:
-        from duodiff.guidance import GuidedDenoiser, guided_labels
+        from duodiff.core.guidance import GuidedDenoiser, guided_labels
 
         inner = make_denoiser(method, models, threshold, t_switch, guided_labels(y, null))
         return GuidedDenoiser(inner, guidance_scale)
-    from duodiff.diffusion import DuoDiffDenoiser, EarlyExitDenoiser, ModelDenoiser
+    from duodiff.core.diffusion import DuoDiffDenoiser, EarlyExitDenoiser, ModelDenoiser
 
     if method == "early_exit":
         return EarlyExitDenoiser(models["model"], threshold, y=y)

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from duodiff.errors import DuodiffError, require
+from duodiff.core.errors import DuodiffError, require
 
 
 def check_output_path(flag: str, path, kind: str = "folder") -> None:

@@ -37,8 +37,7 @@ import math
 
 import torch
 
-from duodiff.determinism import label_dropout_mask
-from duodiff.errors import check_number, is_number, require
+from duodiff.core.errors import check_number, is_number, require
 
 
 def check_label_dropout(label_dropout, num_classes: int, config_path, flag: str = "--label-dropout") -> None:
@@ -73,14 +72,6 @@ def check_class_count(num_classes: int, data_classes: int, label_dropout, config
         data_classes == num_classes,
         f"{config_path} has num_classes {num_classes} but --dataset {dataset} has {data_classes or 'no'} class labels",
     )
-
-
-def drop_labels(y, null: int, label_dropout: float, seed: int, step: int, batch_size: int, rows: slice):
-    """Training's label dropout: each label of the step's global batch becomes the null class with
-    probability label_dropout, drawn per (seed, step) so a resumed run drops the same labels
-    (duodiff.determinism.label_dropout_mask); `y` holds this rank's `rows` of it."""
-    dropped = label_dropout_mask(seed, step, batch_size, label_dropout, rows, y.device)
-    return torch.where(dropped, torch.full_like(y, null), y)
 
 
 def null_label(num_classes: int, meta: dict) -> int | None:

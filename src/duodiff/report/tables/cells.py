@@ -1,6 +1,6 @@
 """The summary table's cells: which columns it has, how each number is rounded and printed, and
 which cells are bold (the best of their column among its contenders). Shared by the Markdown,
-LaTeX and HTML summaries (summary_formats.py), so the three always show the same cells.
+LaTeX and HTML summaries (formats.py), so the three always show the same cells.
 
 The method and setting labels come with the frame (collect adds method_label, setting_label and
 has_setting from the study's vocabulary).
@@ -12,7 +12,7 @@ import math
 
 import pandas as pd
 
-from duodiff.operating_points import quality_limit
+from duodiff.report.tables.operating_points import quality_limit
 
 # Summary columns: (column in the data, Markdown header, LaTeX header, which value is best). The
 # headline score's two columns come first, named by the headline (summary_columns).

@@ -12,10 +12,10 @@ import pandas as pd
 from matplotlib.ticker import MaxNLocator
 from tqdm import tqdm
 
-from duodiff.errors import require
-from duodiff.plot_style import SMALL_FONT, lines_drawn, new_figure, swept_families, wrap_label
-from duodiff.study import setting_label
-from duodiff.tables import method_label
+from duodiff.core.errors import require
+from duodiff.report.plots.style import SMALL_FONT, lines_drawn, new_figure, swept_families, wrap_label
+from duodiff.core.study import setting_label
+from duodiff.report.tables.collect import method_label
 
 
 def load_exit_layers(samples_root, row) -> "torch.Tensor":  # noqa: F821

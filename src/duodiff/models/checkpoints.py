@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from duodiff.errors import DuodiffError
-from duodiff.io import torch_save
+from duodiff.core.errors import DuodiffError
+from duodiff.core.io import torch_save
 
 MODEL_FORMAT = "duodiff-model"
 TRAIN_STATE_FORMAT = "duodiff-train-state"
@@ -66,7 +66,7 @@ def load_model_file(path) -> dict:
 
 def load_model(path, use_ema: bool = True, device="cpu"):
     """Build the model stored in `path` -> (model in eval mode, GaussianDiffusion, metadata dict)."""
-    from duodiff.diffusion import GaussianDiffusion
+    from duodiff.core.diffusion import GaussianDiffusion
     from duodiff.models import build_model
 
     obj = load_model_file(path)

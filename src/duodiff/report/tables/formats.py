@@ -1,6 +1,6 @@
 r"""The summary as the three documents `duodiff tables` writes: summary.md (for people),
 summary.tex (to \input in a paper) and summary.html (for the Snakemake report, which shows html).
-All three show the cells of summary_cells.py and the notes of summary_notes.py, then the
+All three show the cells of cells.py and the notes of notes.py, then the
 operating points ("Speed-up at equal quality")."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import html
 
 import pandas as pd
 
-from duodiff.operating_points import operating_points
-from duodiff.summary_cells import best_mask, footnotes, operating_point_cells, summary_cells, summary_columns
-from duodiff.summary_notes import notes
+from duodiff.report.tables.operating_points import operating_points
+from duodiff.report.tables.cells import best_mask, footnotes, operating_point_cells, summary_cells, summary_columns
+from duodiff.report.tables.notes import notes
 
 OPERATING_POINTS_TEXT = (
     "Per method, the fastest setting (most theoretical speed-up) whose headline score is no worse than the "
