@@ -46,7 +46,8 @@ import common  # noqa: E402  (before torch: sets THP_MEM_ALLOC_ENABLE)
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from duodiff.core.diffusion import EarlyExitDenoiser, GaussianDiffusion, DuoDiffDenoiser, ModelDenoiser  # noqa: E402
+from duodiff.core.diffusion import GaussianDiffusion  # noqa: E402
+from duodiff.sample.policies import DuoDiffDenoiser, EarlyExitDenoiser, ModelDenoiser  # noqa: E402
 from duodiff.core.errors import DuodiffError  # noqa: E402
 from duodiff.models.early_exit import EarlyExitUViT  # noqa: E402
 

@@ -19,10 +19,10 @@ import pytest
 import torch
 
 from duodiff import cli
-from duodiff.models.checkpoints import save_model
 from duodiff.core.images import save_png
 from duodiff.core.io import write_json
 from duodiff.models import build_model
+from duodiff.models.checkpoints import save_model
 
 CONFIG = dict(img_size=8, patch_size=2, in_chans=1, embed_dim=16, depth=3, num_heads=2)
 DIFFUSION = dict(num_timesteps=50, beta_start=1e-4, beta_end=0.02, parametrization="predict_noise")

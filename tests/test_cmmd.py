@@ -9,11 +9,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from _defaults import cli_args
 from PIL import Image
 
 from duodiff.core.errors import DuodiffError
 from duodiff.metrics import cmmd
-from _defaults import cli_args
 
 
 def test_mmd_hand_computed_sigma_10():

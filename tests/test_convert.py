@@ -14,16 +14,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from _defaults import cli_args
+from test_workflow import REPO, TINY, job_counts, load, make_workdir, planned_commands, snakemake
 
 from duodiff import cli
-from duodiff.models.checkpoints import load_model
-from duodiff.models.convert import run_convert
 from duodiff.core.diffusion import GaussianDiffusion
 from duodiff.core.errors import DuodiffError
 from duodiff.models import UViTConfig
+from duodiff.models.checkpoints import load_model
+from duodiff.models.convert import run_convert
 from duodiff.train.checks import read_backbone
-from _defaults import cli_args
-from test_workflow import REPO, TINY, job_counts, load, make_workdir, planned_commands, snakemake
 
 torch.set_num_threads(1)
 

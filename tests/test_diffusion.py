@@ -12,15 +12,10 @@ import math
 import pytest
 import torch
 
-from duodiff.core.diffusion import (
-    EarlyExitDenoiser,
-    GaussianDiffusion,
-    DuoDiffDenoiser,
-    ModelDenoiser,
-    x0_and_eps,
-)
+from duodiff.core.diffusion import GaussianDiffusion, x0_and_eps
 from duodiff.core.errors import DuodiffError
 from duodiff.models.uvit import UViT
+from duodiff.sample.policies import DuoDiffDenoiser, EarlyExitDenoiser, ModelDenoiser
 
 torch.set_num_threads(1)
 
@@ -65,6 +60,26 @@ def test_alphas_cumprod_matches_hand_product():
         assert d.sqrt_one_minus_alphas_cumprod[t].item() == pytest.approx(math.sqrt(1 - abar[t]), rel=1e-5)
     # The DDPM schedule ends almost fully noised: abar_T ~ 4e-5.
     assert abar[-1] == pytest.approx(4.04e-5, rel=0.02)
+
+
+@pytest.mark.parametrize("gamma", [1.0, 5.0])
+def test_min_snr_loss_weights_are_the_closed_form(gamma):
+    """Min-SNR-gamma (Hang et al. 2023) from the hand schedule: SNR_t = abar_t / (1 - abar_t); the
+    noise MSE is weighed by min(SNR_t, gamma) / SNR_t, the x0 MSE by min(SNR_t, gamma); uniform is 1."""
+    _, abar = hand_schedule()
+    snr = [a / (1 - a) for a in abar]
+    noise = GaussianDiffusion(parametrization="predict_noise").loss_weights("min_snr", gamma)
+    original = GaussianDiffusion(parametrization="predict_original").loss_weights("min_snr", gamma)
+    for t in (0, 1, 50, 200, 500, 999):
+        assert noise[t].item() == pytest.approx(min(snr[t], gamma) / snr[t], rel=1e-5), t
+        assert original[t].item() == pytest.approx(min(snr[t], gamma), rel=1e-5), t
+    # Near t = 0 SNR is ~1e4: the noise MSE's weight falls to gamma / SNR, the x0 MSE's is capped at gamma.
+    assert noise[0].item() == pytest.approx(gamma * (1 - abar[0]) / abar[0], rel=1e-5) and noise[0] < 1e-3
+    assert original[0].item() == gamma
+    # At the noisy end SNR < gamma: the noise MSE keeps weight 1, the x0 MSE its SNR.
+    assert noise[999].item() == 1.0 and original[999].item() == pytest.approx(snr[999], rel=1e-5)
+    for parametrization in ("predict_noise", "predict_original"):
+        assert torch.equal(GaussianDiffusion(parametrization=parametrization).loss_weights("uniform", gamma), torch.ones(1000))
 
 
 def test_posterior_variance_formula_and_clipped_log():

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from _defaults import cli_args
 from PIL import Image
 
 import duodiff.core.data
@@ -12,7 +13,6 @@ from duodiff.core.errors import DuodiffError
 from duodiff.core.images import save_png, to_uint8
 from duodiff.metrics import feature_net, fid, inception
 from duodiff.metrics import reference as reference_stage
-from _defaults import cli_args
 
 SETTINGS = dict(epochs=4, batch_size=64, lr=1e-3, weight_decay=1e-4, feature_dim=32, holdout_fraction=0.2, seed=0)
 

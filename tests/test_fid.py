@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _defaults import cli_args
 from PIL import Image
 
 import duodiff.core.data
 from duodiff.core.errors import DuodiffError
 from duodiff.core.images import save_png, to_uint8
 from duodiff.metrics import distances, fid, inception, reference
-from _defaults import cli_args
 
 
 @pytest.fixture(scope="module")

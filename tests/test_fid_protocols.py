@@ -13,13 +13,13 @@ import pandas as pd
 import pytest
 import torch
 import torchvision
+from _defaults import cli_args
 from PIL import Image
+from test_fid import FakeData, fake_network, independent_fid, make_samples  # noqa: F401 (fixture)
 
 import duodiff.core.data
 from duodiff.core.errors import DuodiffError
 from duodiff.metrics import distances, fid, inception, reference
-from _defaults import cli_args
-from test_fid import FakeData, fake_network, independent_fid, make_samples  # noqa: F401 (fixture)
 
 
 @pytest.fixture(scope="module")
@@ -246,7 +246,6 @@ def test_tables_refuse_a_real_set_made_for_another_mode(tmp_path):
 def workflow_run(tmp_path, edit, *args):
     """snakemake on the tiny config with `edit` applied (test_workflow's helpers)."""
     import yaml
-
     from test_workflow import TINY, load, make_workdir, modified, snakemake
 
     workdir = make_workdir(tmp_path)

@@ -7,10 +7,10 @@ import pytest
 import torch
 from _defaults import cli_args
 
-from duodiff.models.checkpoints import save_model
 from duodiff.core.errors import DuodiffError
 from duodiff.metrics import flops
 from duodiff.models import build_model, load_model_config
+from duodiff.models.checkpoints import save_model
 
 # A small class-conditional U-ViT with a time-embedding MLP, so every kind of layer is counted.
 IMG, P, C, D, DEPTH, HEADS, RATIO, CLASSES, HIDDEN = 8, 2, 3, 32, 5, 4, 2.0, 3, 16

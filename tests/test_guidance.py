@@ -8,15 +8,16 @@ import torch
 from _defaults import cli_args
 from PIL import Image
 
-from duodiff.sample import sample_set
-from duodiff.models.checkpoints import save_model
-from duodiff.core.diffusion import DuoDiffDenoiser, EarlyExitDenoiser, GaussianDiffusion, ModelDenoiser
+from duodiff.core.diffusion import GaussianDiffusion
 from duodiff.core.dpm_solver import dpm_solver_sample
 from duodiff.core.errors import DuodiffError
 from duodiff.core.guidance import GuidedDenoiser, guided_labels
 from duodiff.core.images import to_uint8
 from duodiff.metrics import flops
 from duodiff.models import build_model
+from duodiff.models.checkpoints import save_model
+from duodiff.sample import sample_set
+from duodiff.sample.policies import DuoDiffDenoiser, EarlyExitDenoiser, ModelDenoiser
 
 NULL = 10  # 10 classes + the null class
 TINY = dict(img_size=8, patch_size=4, in_chans=1, embed_dim=32, depth=3, num_heads=2, num_classes=NULL + 1)

@@ -273,8 +273,8 @@ def test_training_reads_the_latents_unflipped_and_resumes_bit_identically(digit_
 def latent_model(tmp_path_factory):
     """A random U-ViT on the tiny autoencoder's 4x4x4 latents, its model.pt recording the
     latents' fingerprint as `duodiff train --latents` does, and the autoencoder folder."""
-    from duodiff.models.checkpoints import save_model
     from duodiff.models import build_model
+    from duodiff.models.checkpoints import save_model
 
     folder = tmp_path_factory.mktemp("latent_model")
     vae = tiny_vae()
@@ -348,8 +348,8 @@ def test_sampling_a_latent_model_needs_its_own_autoencoder(latent_model, tmp_pat
 
 
 def test_a_pixel_space_model_is_not_decoded(latent_model, tmp_path):
-    from duodiff.models.checkpoints import save_model
     from duodiff.models import build_model
+    from duodiff.models.checkpoints import save_model
 
     folder, _ = latent_model
     config = {**LATENT_MODEL, "in_chans": 1, "img_size": 8}

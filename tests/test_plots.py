@@ -14,18 +14,17 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from _defaults import cli_args
+from matplotlib import rc_context
+from matplotlib.text import Text
 from PIL import Image
+from test_tables import ORDER, STEPS, STUDY, tables, write_study
 
 import duodiff.report.plots.training as plot_training
 from duodiff.core.errors import DuodiffError
-from matplotlib import rc_context
-from matplotlib.text import Text
-
+from duodiff.report.plots.quality import PLOT_NAMES, load_table, plot_quality_vs_gflops, run_plots
 from duodiff.report.plots.samples import grid_from_images
 from duodiff.report.plots.style import STYLE, Palette
-from duodiff.report.plots.quality import PLOT_NAMES, load_table, plot_quality_vs_gflops, run_plots
-from test_tables import ORDER, STEPS, STUDY, tables, write_study
-from _defaults import cli_args
 
 # Exit layers (steps=4, n=5) of one early-exit set, and by hand the fraction exiting at each layer.
 EE_LAYERS = [[0, 0, 1, 13, 13],

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY_EARLY_EXIT, T, save_tiny_model, select_exit, tiny_batch
 
-from duodiff.models.checkpoints import load_model
 from duodiff.core.diffusion import GaussianDiffusion
 from duodiff.core.errors import DuodiffError
 from duodiff.metrics.flops import model_costs
 from duodiff.models import CLASSIFIER_TYPES, UViTConfig, build_model, load_model_config
+from duodiff.models.checkpoints import load_model
 from duodiff.models.early_exit import SeedAttentionProbe, SeedMLPProbe
 from duodiff.models.uvit import UViT
 

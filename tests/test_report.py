@@ -23,11 +23,11 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from _defaults import cli_args
 from docutils.core import publish_parts
 from jinja2 import Environment, StrictUndefined
 from snakemake.iocontainers import Namedlist
 from snakemake.utils import validate
-from _defaults import cli_args
 
 REPO = Path(__file__).resolve().parents[1]
 REPORT = REPO / "workflow" / "report"

@@ -8,13 +8,13 @@ import torch
 from _defaults import cli_args
 from PIL import Image
 
-from duodiff.sample import sample_set
-from duodiff.models.checkpoints import save_model
 from duodiff.core.errors import DuodiffError
 from duodiff.core.flags import OneLineErrorParser
 from duodiff.core.images import save_png, to_uint8
 from duodiff.core.io import read_json
 from duodiff.models import build_model
+from duodiff.models.checkpoints import save_model
+from duodiff.sample import sample_set
 from duodiff.sample.sample_set import run_sample
 
 torch.set_num_threads(1)

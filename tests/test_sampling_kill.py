@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from duodiff.models.checkpoints import save_model
 from duodiff.models import build_model
+from duodiff.models.checkpoints import save_model
 
 CONFIG = dict(img_size=8, patch_size=2, in_chans=1, embed_dim=16, depth=3, num_heads=2)
 DIFFUSION = dict(num_timesteps=100, beta_start=1e-4, beta_end=0.02, parametrization="predict_noise")

@@ -13,11 +13,11 @@ import shutil
 import subprocess
 
 import pytest
+from _defaults import cli_args
+from test_tables import ORDER, write_study
 
 from duodiff.metrics.fid import small_sample_notes
 from duodiff.report.tables.collect import run_tables
-from test_tables import ORDER, write_study
-from _defaults import cli_args
 
 PAPER = r"""\documentclass[twocolumn]{article}
 %(packages)s

@@ -11,11 +11,11 @@ import re
 
 import pandas as pd
 import pytest
+from _defaults import cli_args
 
 from duodiff.core.errors import DuodiffError
 from duodiff.core.flags import OneLineErrorParser
 from duodiff.report.tables.collect import add_cli, run_tables
-from _defaults import cli_args
 
 SHA = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
 FID_NOTE = "FID from 5 samples is strongly biased upwards; compare sets only at equal sample counts."

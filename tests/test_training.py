@@ -13,11 +13,11 @@ import yaml
 from conftest import TINY_DIGITS, train_kwargs, write_model_yaml
 
 from duodiff import cli
-from duodiff.train.determinism import StepBatchSampler
 from duodiff.core.errors import DuodiffError
 from duodiff.models.early_exit import early_exit_loss
-from duodiff.train.optim import ema_update, warmup_cosine
+from duodiff.train.determinism import StepBatchSampler
 from duodiff.train.loop import run_train
+from duodiff.train.optim import ema_update, warmup_cosine
 
 
 @pytest.fixture
@@ -361,9 +361,9 @@ def test_class_conditional_rgb_imagefolder_with_flips_and_amp(tmp_path):
 def test_label_dropout_replaces_labels_by_the_null_class_at_its_rate(tmp_path, monkeypatch):
     """Digits' labels 0..9 and the null class 10: the labels the network sees are the batch's own,
     except those the step's Bernoulli(p) draws drop, which become 10; about p of them in all."""
+    from duodiff.models.uvit import UViT
     from duodiff.train import loop
     from duodiff.train.determinism import derive_seed
-    from duodiff.models.uvit import UViT
 
     seen = []  # (labels the loader gave, labels the network got), per step
     drop, forward = loop.drop_labels, UViT.forward

@@ -7,8 +7,14 @@ import numpy as np
 import pytest
 
 from duodiff.metrics import distances
-from duodiff.metrics.uncertainty import (Z_95, frechet_statistic, jackknife_interval, kid_kernels, kid_statistic,
-                                         polynomial_kernel)
+from duodiff.metrics.uncertainty import (
+    Z_95,
+    frechet_statistic,
+    jackknife_interval,
+    kid_kernels,
+    kid_statistic,
+    polynomial_kernel,
+)
 
 
 def test_jackknife_interval_of_a_mean_is_the_textbook_interval():

@@ -1,5 +1,5 @@
-"""Gaussian diffusion (Ho et al. 2020, DDPM) with DDPM and DDIM sampling, and the denoisers
-that decide which network runs at each sampling step (full, shallow, early exit, DuoDiff).
+"""Gaussian diffusion (Ho et al. 2020, DDPM) with DDPM and DDIM sampling. The loop asks a sampling
+policy (duodiff.sample.policies) what to run at each step.
 
 Notation follows the DDPM paper: beta_t is the linear noise schedule, alpha_t = 1 - beta_t,
 abar_t = prod_{s<=t} alpha_s, and
@@ -257,73 +257,3 @@ def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
     z = torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype, pin_memory=x.is_cuda)
     return z.to(x.device, non_blocking=True)
 
-
-# ---- denoisers: which network runs at each sampling step ----------------------------------------
-
-
-class ModelDenoiser:
-    """One network at every step (full U-ViT or shallow U-ViT alone)."""
-
-    def __init__(self, model, y=None):
-        self.model = model
-        self.y = y
-
-    def __call__(self, x, t, step_index):
-        return self.model(x, t, self.y)
-
-    def executed_depth(self, steps: int, batch_size: int) -> torch.Tensor:
-        """Transformer blocks run per step and sample: LongTensor (steps, batch_size)."""
-        return torch.full((steps, batch_size), self.model.depth, dtype=torch.long)
-
-
-class DuoDiffDenoiser:
-    """DuoDiff (2410.09633): the shallow network for the first t_switch (noisiest) steps, then the full one."""
-
-    def __init__(self, shallow, full, t_switch: int, y=None, steps: int | None = None):
-        assert 0 <= t_switch <= (steps if steps is not None else t_switch), (t_switch, steps)  # run_sample checked it
-        self.shallow = shallow
-        self.full = full
-        self.t_switch = t_switch
-        self.y = y
-
-    def __call__(self, x, t, step_index):
-        model = self.shallow if step_index < self.t_switch else self.full
-        return model(x, t, self.y)
-
-    def executed_depth(self, steps: int, batch_size: int) -> torch.Tensor:
-        assert self.t_switch <= steps, (self.t_switch, steps)
-        depth = torch.full((steps, batch_size), self.full.depth, dtype=torch.long)
-        depth[: self.t_switch] = self.shallow.depth
-        return depth
-
-
-class EarlyExitDenoiser:
-    """DeeDiff/AdaDiff early exit: each sample leaves at the first exit whose uncertainty <= threshold.
-
-    The exit layer of every sample at every step is kept on the model's device (no host sync in
-    the loop) and read afterwards as `exit_layers` (steps, B); exit i means i blocks ran.
-    """
-
-    def __init__(self, model, threshold: float, y=None):
-        assert 0.0 <= threshold <= 1.0, threshold  # run_sample checked it
-        self.model = model
-        self.threshold = float(threshold)
-        self.y = y
-        self._exits: list[torch.Tensor] = []
-
-    def __call__(self, x, t, step_index):
-        assert step_index == len(self._exits), "an EarlyExitDenoiser records one sampling run"
-        output, exit_layer = self.model.forward_early_exit(x, t, self.threshold, self.y)
-        self._exits.append(exit_layer)
-        return output
-
-    @property
-    def exit_layers(self) -> torch.Tensor:
-        if not self._exits:
-            return torch.zeros((0, 0), dtype=torch.long)
-        return torch.stack(self._exits).long().cpu()
-
-    def executed_depth(self, steps: int, batch_size: int) -> torch.Tensor:
-        layers = self.exit_layers
-        assert tuple(layers.shape) == (steps, batch_size), (tuple(layers.shape), steps, batch_size)
-        return layers

@@ -28,10 +28,18 @@ from duodiff.core.distributed import default_device
 from duodiff.core.errors import DuodiffError, check_choice, check_int, check_positive, require
 from duodiff.core.flags import add_flag
 from duodiff.core.io import read_json, write_json
-from duodiff.metrics import inception, reference as reference_stage
+from duodiff.metrics import inception
+from duodiff.metrics import reference as reference_stage
 from duodiff.metrics.distances import KID_PRECOMPUTE_MAX, frechet_distance, kid_with_std, psd_sqrt
 from duodiff.metrics.feature_cache import remove_cache
-from duodiff.metrics.inception import FEATURE_DIM, FEATURE_NETWORKS, MODE, FeatureRun, cached_image_features, image_files
+from duodiff.metrics.inception import (
+    FEATURE_DIM,
+    FEATURE_NETWORKS,
+    MODE,
+    FeatureRun,
+    cached_image_features,
+    image_files,
+)
 from duodiff.metrics.reference import CHUNK_HELP, load_reference, load_reference_sigma_sqrt, load_reference_statistics
 from duodiff.metrics.uncertainty import CONFIDENCE, frechet_statistic, jackknife_interval, kid_kernels, kid_statistic
 

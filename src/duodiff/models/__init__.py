@@ -9,8 +9,8 @@
 from __future__ import annotations
 
 from duodiff.core.config import load_yaml
-from duodiff.models.uvit import EARLY_EXIT_KEYS, PROBE_DESIGNS, UViT, UViTConfig
 from duodiff.core.study import CLASSIFIER_TYPES
+from duodiff.models.uvit import EARLY_EXIT_KEYS, PROBE_DESIGNS, UViT, UViTConfig
 
 # 'deediff_uvit' is the early-stopping-diffusion seed's name for the early-exit model.
 MODEL_KINDS = ("uvit", "early_exit")

@@ -41,11 +41,11 @@ from pathlib import Path
 
 import torch
 
-from duodiff.models import checkpoints
 from duodiff.core.config import load_yaml
 from duodiff.core.diffusion import GaussianDiffusion
 from duodiff.core.errors import DuodiffError, check_choice, require
 from duodiff.core.flags import add_flag
+from duodiff.models import checkpoints
 
 # sde.py's ScoreModel.predict calls the network with t * 999: the network's time input for t = 1.
 UVIT_TIME_SCALE = 999

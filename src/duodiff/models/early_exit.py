@@ -76,8 +76,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from duodiff.models.uvit import UViT, init_weights, unpatchify
 from duodiff.core.study import CLASSIFIER_TYPES
+from duodiff.models.uvit import UViT, init_weights, unpatchify
 
 # The heads of the (duodiff design's) attention probe: probe_hidden must be a multiple of it.
 PROBE_HEADS = 4

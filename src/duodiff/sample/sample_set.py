@@ -31,16 +31,16 @@ from duodiff.core.guidance import branch_major, check_guidance_scale, label_clas
 from duodiff.core.images import image_grid, load_png, save_png, to_uint8
 from duodiff.core.io import torch_save, write_json
 from duodiff.core.latent import autoencoder_record, check_model_autoencoder, decoding_stats, load_codec
+from duodiff.core.study import CUDA_ONLY_PRECISIONS, METHODS, PRECISIONS, SAMPLERS, setting_label
+from duodiff.sample.policies import make_denoiser
 from duodiff.sample.setup import (
     check_device,
     load_models,
-    make_denoiser,
     precision_context,
     synchronize,
     timing_clock,
     warm_up,
 )
-from duodiff.core.study import CUDA_ONLY_PRECISIONS, METHODS, PRECISIONS, SAMPLERS, setting_label
 
 SEED_STRIDE = 1000003  # batch b of a set with seed s uses seed s * SEED_STRIDE + b
 GRID_SAMPLES = 64  # grid.png shows the set's first images (duodiff.core.images.image_grid)

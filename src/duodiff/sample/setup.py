@@ -116,23 +116,6 @@ def check_duodiff_pair(models, diffusions, paths, allow_deeper_shallow: bool) ->
     )
 
 
-def make_denoiser(method, models, threshold, t_switch, y, guidance_scale=0.0, null=None):
-    """The denoiser of a method; its threshold and t_switch were checked by duodiff.sample.sample_set.
-    A guidance scale != 0 runs it on both branches, y and the null label (duodiff.core.guidance)."""
-    if guidance_scale != 0:
-        from duodiff.core.guidance import GuidedDenoiser, guided_labels
-
-        inner = make_denoiser(method, models, threshold, t_switch, guided_labels(y, null))
-        return GuidedDenoiser(inner, guidance_scale)
-    from duodiff.core.diffusion import DuoDiffDenoiser, EarlyExitDenoiser, ModelDenoiser
-
-    if method == "early_exit":
-        return EarlyExitDenoiser(models["model"], threshold, y=y)
-    if method == "duodiff":
-        return DuoDiffDenoiser(models["shallow"], models["full"], t_switch, y=y)
-    return ModelDenoiser(models["model"], y=y)
-
-
 def warm_up(method, models, threshold, shape, num_classes, device, precision):
     """One untimed forward pass per network, so lazy CUDA/cuDNN set-up is not billed to batch 0."""
     x = torch.zeros(shape, device=device)

@@ -16,13 +16,12 @@ from pathlib import Path
 import torch
 
 from duodiff.core import distributed
-from duodiff.models import checkpoints
 from duodiff.core.config import load_yaml
 from duodiff.core.data import CHANNELS, DATASETS, NUM_CLASSES
 from duodiff.core.diffusion import LOSS_WEIGHTINGS, GaussianDiffusion
 from duodiff.core.errors import DuodiffError, check_choice, check_int, check_number, require
 from duodiff.core.guidance import check_class_count, check_label_dropout
-from duodiff.models import CLASSIFIER_TYPES, EARLY_EXIT_KEYS, KIND_ALIASES, MODEL_KINDS, UViTConfig
+from duodiff.models import CLASSIFIER_TYPES, EARLY_EXIT_KEYS, KIND_ALIASES, MODEL_KINDS, UViTConfig, checkpoints
 from duodiff.models.early_exit import PROBE_HEADS
 
 # The arguments a resumed run must share with its checkpoint: what it computes. The others say

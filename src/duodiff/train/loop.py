@@ -32,18 +32,14 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from duodiff.core import distributed
-from duodiff.models import checkpoints
-from duodiff.train import process
 from duodiff.core.data import DATASETS, load_dataset
-from duodiff.train.determinism import StepBatchSampler, drop_labels, get_rng_states, set_rng_states, step_draws
 from duodiff.core.errors import DuodiffError, check_int, require
 from duodiff.core.flags import add_flag, cli_flags
 from duodiff.core.io import write_csv
 from duodiff.core.latent import latent_dataset
-from duodiff.models import build_model
+from duodiff.models import build_model, checkpoints
 from duodiff.models.early_exit import LOSS_PARTS
-from duodiff.train.optim import ema_update, warmup_cosine
-from duodiff.train.process import StopRequest, TrainingStopped
+from duodiff.train import process
 from duodiff.train.checks import (
     TrainPlan,
     check_data_fits,
@@ -51,6 +47,9 @@ from duodiff.train.checks import (
     check_same_settings,
     check_train_args,
 )
+from duodiff.train.determinism import StepBatchSampler, drop_labels, get_rng_states, set_rng_states, step_draws
+from duodiff.train.optim import ema_update, warmup_cosine
+from duodiff.train.process import StopRequest, TrainingStopped
 
 CHECKPOINT_NAME = "checkpoint.pt"
 MODEL_NAME = "model.pt"

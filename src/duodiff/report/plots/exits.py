@@ -13,8 +13,8 @@ from matplotlib.ticker import MaxNLocator
 from tqdm import tqdm
 
 from duodiff.core.errors import require
-from duodiff.report.plots.style import SMALL_FONT, lines_drawn, new_figure, swept_families, wrap_label
 from duodiff.core.study import setting_label
+from duodiff.report.plots.style import SMALL_FONT, lines_drawn, new_figure, swept_families, wrap_label
 from duodiff.report.tables.collect import method_label
 
 

@@ -32,14 +32,26 @@ from tqdm import tqdm
 from duodiff.core.errors import check_positive, require
 from duodiff.core.flags import add_flag
 from duodiff.core.io import atomic_path, write_json
-from duodiff.report.plots.labels import label_points
-from duodiff.report.plots.exits import exit_summaries, plot_exit_heatmap, plot_mean_exit_layer
-from duodiff.report.plots.samples import image_files, plot_sample_grids
-from duodiff.report.plots.style import (FEWER_STEPS_STYLE, FULL_STYLE, SHALLOW_MARKER, SMALL_FONT, STYLE, Palette,
-                                bottom_legend, draw_floor_and_full_band, error_bars, lines_drawn, new_figure,
-                                sampling_caption, score_label)
-from duodiff.report.plots.training import find_loss_files, plot_training_curves
 from duodiff.core.study import setting_label
+from duodiff.report.plots.exits import exit_summaries, plot_exit_heatmap, plot_mean_exit_layer
+from duodiff.report.plots.labels import label_points
+from duodiff.report.plots.samples import image_files, plot_sample_grids
+from duodiff.report.plots.style import (
+    FEWER_STEPS_STYLE,
+    FULL_STYLE,
+    SHALLOW_MARKER,
+    SMALL_FONT,
+    STYLE,
+    Palette,
+    bottom_legend,
+    draw_floor_and_full_band,
+    error_bars,
+    lines_drawn,
+    new_figure,
+    sampling_caption,
+    score_label,
+)
+from duodiff.report.plots.training import find_loss_files, plot_training_curves
 from duodiff.report.tables.collect import INTEGER_COLUMNS, blocks
 
 PLOT_NAMES = ["quality_vs_gflops", "quality_vs_time", "exit_heatmap", "mean_exit_layer", "fid_vs_tswitch",

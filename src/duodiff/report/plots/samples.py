@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from duodiff.report.plots.style import FIGURE_WIDTH, SMALL_FONT, new_figure, sampling_caption, swept_families
 from duodiff.core.study import setting_label
+from duodiff.report.plots.style import FIGURE_WIDTH, SMALL_FONT, new_figure, sampling_caption, swept_families
 from duodiff.report.tables.collect import blocks
 
 

@@ -12,9 +12,9 @@ import pandas as pd
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from duodiff.report.tables.operating_points import method_families
 from duodiff.core.study import SWEPT_SETTING
 from duodiff.report.tables.collect import method_label
+from duodiff.report.tables.operating_points import method_families
 
 FEWER_STEPS_STYLE = dict(color="0.35", marker="D", markersize=5, linewidth=1.3, linestyle="--")
 REAL_COLOR = "tab:green"

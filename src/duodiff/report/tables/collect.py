@@ -31,10 +31,10 @@ import pandas as pd
 from duodiff.core.errors import DuodiffError, require
 from duodiff.core.flags import add_flag
 from duodiff.core.io import atomic_path, write_text
-from duodiff.report.tables.operating_points import add_comparisons, operating_points
-from duodiff.report.tables.formats import summary_html, summary_latex, summary_markdown
 from duodiff.core.study import METHOD_ORDER, method_of_set, setting_label
+from duodiff.report.tables.formats import summary_html, summary_latex, summary_markdown
 from duodiff.report.tables.inputs import HEADLINES, TableSettings, check_one_mode, read_real, read_set
+from duodiff.report.tables.operating_points import add_comparisons, operating_points
 
 # The columns every csv starts with (the contract's list, plus the sampling set-up the plots
 # need: sampler, steps, depth, seed).

@@ -9,9 +9,9 @@ import html
 
 import pandas as pd
 
-from duodiff.report.tables.operating_points import operating_points
 from duodiff.report.tables.cells import best_mask, footnotes, operating_point_cells, summary_cells, summary_columns
 from duodiff.report.tables.notes import notes
+from duodiff.report.tables.operating_points import operating_points
 
 OPERATING_POINTS_TEXT = (
     "Per method, the fastest setting (most theoretical speed-up) whose headline score is no worse than the "

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from duodiff.report.tables.operating_points import quality_limit
 from duodiff.report.tables.cells import cmmd_computed, decimals
+from duodiff.report.tables.operating_points import quality_limit
 
 
 def sentence(text) -> str:
