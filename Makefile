@@ -9,6 +9,7 @@ VENV   ?= .venv
 BIN    := $(abspath $(VENV))/bin
 STAMP  := $(VENV)/.installed
 CORES  ?= all
+TEST_WORKERS ?= auto
 CONFIG ?= config/config.yaml
 # The config's `experiment:` (no Python needed): each study, its report included, lies under
 # results/<experiment>/, so `make run CONFIG=config/cifar10.yaml` keeps the digits study's files.
@@ -41,8 +42,10 @@ check-experiment:
 dry-run: $(STAMP)
 	$(BIN)/snakemake --profile profiles/default --configfile $(CONFIG) --dry-run
 
+# The suite on every core (pytest-xdist): the module-scoped set-ups (a whole tiny study, ...) are built
+# once, on one worker each (tests/conftest.py groups the tests by them).
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 # Every experiment's folder (results/report.html: where the report went before one study per folder).
 clean-results:
