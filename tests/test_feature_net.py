@@ -164,7 +164,46 @@ def test_score_writes_what_two_fid_runs_write(trained, tmp_path):
     assert (written["fd_classifier"]["n_samples"], written["fd_classifier"]["n_reference"]) == (8, 12)
     # Without a feature network: Inception only.
     assert fid.run_score(**cli_args("score", **common, output_dir=tmp_path / "i"))["fd_classifier"] is None
-    assert sorted(p.name for p in (tmp_path / "i").iterdir()) == ["fid.json"]
+    assert sorted(p.name for p in (tmp_path / "i").iterdir()) == ["fid.json", "fid_features.npz"]
+
+
+def write_paired_set(real, indices, folder, **pairing):
+    reference_stage.write_dataset_images(real, indices, folder, 8, 0, "samples")
+    record = {"seed": 0, "n_samples": len(indices), "batch_size": 4, "shape": [1, 8, 8], "label_classes": 0, **pairing}
+    (folder / "stats.json").write_text(json.dumps({"pairing": record}))
+
+
+def test_a_baseline_pairs_the_sets_sample_by_sample(trained, tmp_path):
+    """The set shares its first five images with the baseline and differs in the last three: its
+    paired difference is the difference of the two scores, inside its paired interval; the same
+    set against itself differs by exactly 0; a set of another seed is refused before an image is
+    read."""
+    folder, _ = trained
+    reference = tmp_path / "ref"
+    reference_stage.run_reference(**cli_args("reference", dataset="digits", n_reference=40, max_reference=2,
+                                             output_folder=reference, batch_size=8, device="cpu"))
+    real = duodiff.core.data.load_dataset("digits")
+    write_paired_set(real, range(100, 108), tmp_path / "full")
+    write_paired_set(real, [*range(100, 105), 300, 301, 302], tmp_path / "s")
+    common = dict(reference=reference, batch_size=8, device="cpu", kid_subset_size=3, feature_net=folder / "model.pt")
+    base = fid.run_fid(**cli_args("fid", **common, samples=tmp_path / "full", output=tmp_path / "full" / "fd.json"))
+    baseline = tmp_path / "full" / "fd_features.npz"
+    assert base["paired"] is None and baseline.is_file()
+    scored = fid.run_fid(**cli_args("fid", **common, samples=tmp_path / "s", output=tmp_path / "s" / "fd.json",
+                                    baseline=baseline))
+    paired = scored["paired"]
+    assert paired["fid_diff"] == pytest.approx(scored["fid"] - base["fid"], rel=1e-6)
+    assert paired["kid_diff_ci_low"] < paired["kid_diff"] < paired["kid_diff_ci_high"]
+    assert paired["fid_diff_ci_low"] < paired["fid_diff"] < paired["fid_diff_ci_high"]
+    assert (paired["n_paired"], paired["baseline"], paired["pairing"]["seed"]) == (8, str(baseline), 0)
+    itself = fid.run_fid(**cli_args("fid", **common, samples=tmp_path / "full", output=tmp_path / "again.json",
+                                    baseline=baseline))["paired"]
+    assert (itself["fid_diff"], itself["fid_diff_ci_low"], itself["fid_diff_ci_high"]) == (0, 0, 0)
+    write_paired_set(real, range(100, 108), tmp_path / "seed1", seed=1)
+    with pytest.raises(DuodiffError, match=r"cannot be paired .* different noise and labels \(seed 1 vs 0\)"):
+        fid.run_fid(**cli_args("fid", **common, samples=tmp_path / "seed1", output=tmp_path / "seed1" / "fd.json",
+                               baseline=baseline))
+    assert not (tmp_path / "seed1" / "fd.json").exists()
 
 
 def test_score_checks_the_feature_net_before_inception_runs(trained, tmp_path, monkeypatch):

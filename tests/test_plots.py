@@ -379,3 +379,21 @@ def test_exit_layers_outside_the_model_are_refused(tmp_path):
     torch.save(torch.full((STEPS, 5), 14), tmp_path / "samples" / "ee_attention_probe_thr0.1" / "exit_layers.pt")
     with pytest.raises(DuodiffError, match=r"exit layers must lie in \[0, 13\], found \[14, 14\]"):
         plots(tmp_path)
+
+
+def test_paired_difference_plots_each_family_against_the_margin(study):
+    # By hand from STUDY and test_tables.PAIRED_HALF_WIDTH (1.5): the margin is 10% of the full
+    # model's FID 20 = 2.0; DuoDiff t_switch 1 differs by -0.5 (upper end 1.0: passes) at 22.75 /
+    # 19.25 = 1.18x, t_switch 3 by +4.0 (5.5: fails) at 22.75 / 14.7 = 1.55x.
+    _, data = study
+    figure = data["paired_difference"]
+    assert figure["quality_limit"] == pytest.approx(2.0) and figure["score_name"] == "FID"
+    panels = {panel["family"]: panel for panel in figure["panels"]}
+    assert list(panels) == ["attention_probe", "mlp_probe_per_layer", "shallow depth 3"]
+    duodiff = panels["shallow depth 3"]
+    assert duodiff["sets"] == ["duodiff_d3_ts1", "duodiff_d3_ts3"]
+    assert duodiff["x"] == [pytest.approx(22.75 / 19.25), pytest.approx(22.75 / 14.7)]
+    assert duodiff["y"] == [pytest.approx(-0.5), pytest.approx(4.0)]
+    assert (duodiff["low"], duodiff["high"]) == ([pytest.approx(-2.0), pytest.approx(2.5)],
+                                                 [pytest.approx(1.0), pytest.approx(5.5)])
+    assert duodiff["passes"] == [True, False]

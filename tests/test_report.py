@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 REPORT = REPO / "workflow" / "report"
 # The captions the rules reference (workflow/rules/*.smk) and the front page.
 CAPTIONS = ["scores_table", "operating_points", "fid_table", "kid_table", "cmmd_table", "gflops_table", "summary", "quality_vs_gflops",
+            "paired_difference",
             "quality_vs_time", "exit_heatmap", "mean_exit_layer", "fid_vs_tswitch", "training_curves", "sample_grids", "grid",
             "workflow"]
 CONFIGS = sorted(str(p.relative_to(REPO)) for p in [*(REPO / "config").glob("*.yaml"),

@@ -35,7 +35,7 @@ SHIPPED_CONFIGS = ["config/config.yaml", "config/cifar10.yaml", "config/celeba64
 TINY = "tests/configs/tiny.yaml"
 TINY_LATENT = "tests/configs/tiny_latent.yaml"
 OTHER_EXPERIMENT = "tiny_other"
-PLOTS = ["quality_vs_gflops", "quality_vs_time", "exit_heatmap", "mean_exit_layer", "fid_vs_tswitch", "training_curves",
+PLOTS = ["quality_vs_gflops", "paired_difference", "quality_vs_time", "exit_heatmap", "mean_exit_layer", "fid_vs_tswitch", "training_curves",
          "sample_grids"]
 GPU_RULES = ["encode", "reference", "train_full", "train_shallow", "train_early_exit", "sample_full", "sample_shallow",
              "sample_early_exit", "sample_duodiff", "score", "cmmd_reference", "cmmd"]  # fmt: skip
@@ -721,8 +721,8 @@ def test_dry_run_with_each_profile(dry_runs):
 
 ID_COLUMNS = ["set", "method", "setting", "classifier_type", "threshold", "t_switch", "shallow_depth", "n_samples"]
 TABLE_COLUMNS = {
-    "scores": ["score_name", "score", "score_ci_low", "score_ci_high", "score_vs_full", "speedup_measured",
-               "speedup_theoretical"],
+    "scores": ["score_name", "score", "score_ci_low", "score_ci_high", "score_diff", "score_diff_ci_low",
+               "score_diff_ci_high", "verdict", "margin", "quality_limit", "speedup_measured", "speedup_theoretical"],
     "fid": ["fid", "gflops_per_forward", "gflops_per_image", "layer_ratio", "images_per_s", "speedup_measured",
             "speedup_theoretical", "feature_network"],
     "kid": ["kid", "kid_std", "feature_network"],

@@ -160,6 +160,23 @@ def feature_net_files() -> dict:
     return {"feature_net": rules.feature_net.output.model, "feature_net_info": rules.feature_net.output.info}
 
 
+# The set every generated set is compared with, sample by sample (duodiff.metrics.paired): they all
+# start from the same noise and labels (sampling.seed).
+BASELINE_SET = "full"
+
+
+def paired_baseline(wildcards) -> dict:
+    """The baseline's features, which `duodiff score --baseline` pairs a set's scores with: every
+    generated set but the baseline itself and the real images (not drawn from the sets' noise)."""
+    if wildcards.set in (BASELINE_SET, "real"):
+        return {}
+    folder = f"results/{wildcards.experiment}/metrics/{BASELINE_SET}"
+    files = {"baseline_fid": f"{folder}/fid_features.npz"}
+    if config["metrics"]["headline"] == "classifier":
+        files["baseline_fd_classifier"] = f"{folder}/fd_classifier_features.npz"
+    return files
+
+
 def study_models(wildcards) -> dict:
     """Every model file the study's sample sets were drawn from (sample_models of each set), for
     the one flops job; the keys name the set they came from."""

@@ -11,6 +11,7 @@
 
 PLOTS = [
     "quality_vs_gflops",
+    "paired_difference",
     "quality_vs_time",
     "exit_heatmap",
     "mean_exit_layer",
@@ -19,11 +20,12 @@ PLOTS = [
     "sample_grids",
 ]
 MAIN_RESULT = "1. Main result"
-MAIN_PLOT = "quality_vs_gflops"
+# The main result's figures, after the summary table: their labels order them in the menu.
+MAIN_PLOTS = {"quality_vs_gflops": "2. FID against GFLOPs", "paired_difference": "3. Equal quality, paired"}
 REPORT_PLOTS = {
     name: (
-        {"category": MAIN_RESULT, "labels": {"result": "2. FID against GFLOPs"}}
-        if name == MAIN_PLOT
+        {"category": MAIN_RESULT, "labels": {"result": MAIN_PLOTS[name]}}
+        if name in MAIN_PLOTS
         else {"category": "2. Plots"}
     )
     for name in PLOTS
@@ -101,10 +103,12 @@ rule tables:
         sets=" ".join(scored_sets()),
         headline=config["metrics"]["headline"],
         cmmd="--cmmd" if config["metrics"]["cmmd"]["enabled"] else "--no-cmmd",
+        margin=config["metrics"]["equal_quality_margin"],
         output_dir=subpath(output.fid, parent=True),
     shell:
         "duodiff tables --samples-root {params.samples_root} --metrics-root {params.metrics_root} "
-        "--sets {params.sets} --headline {params.headline} {params.cmmd} --output-dir {params.output_dir} > {log} 2>&1"
+        "--sets {params.sets} --headline {params.headline} {params.cmmd} --margin {params.margin} "
+        "--output-dir {params.output_dir} > {log} 2>&1"
 
 
 rule plots:

@@ -10,6 +10,7 @@
 # clean-fid than the classifier needs to score the set.
 rule score:
     input:
+        unpack(paired_baseline),  # every generated set but the full model's: the full model's scores
         **feature_net_files(),
         stats=set_file("stats"),
         # `duodiff score` reads the whole reference folder: its images (reference.json, written
@@ -18,11 +19,16 @@ rule score:
         reference_features=rules.reference.output.features,
     output:
         **(
-            {"fd_classifier": "results/{experiment}/metrics/{set}/fd_classifier.json"}
+            {
+                "fd_classifier": "results/{experiment}/metrics/{set}/fd_classifier.json",
+                "fd_classifier_features": "results/{experiment}/metrics/{set}/fd_classifier_features.npz",
+            }
             if config["metrics"]["headline"] == "classifier"
             else {}
         ),
         fid="results/{experiment}/metrics/{set}/fid.json",
+        # The features each score came from: the full model's are the paired baseline of every set.
+        fid_features="results/{experiment}/metrics/{set}/fid_features.npz",
     log:
         "results/{experiment}/logs/score/{set}.log",
     benchmark:
@@ -41,10 +47,13 @@ rule score:
         feature_net=lambda wildcards, input: (
             f"--feature-net {input.feature_net} " if "feature_net" in input.keys() else ""
         ),
+        baseline=lambda wildcards, input: (
+            f"--baseline {Path(input.baseline_fid).parent} " if "baseline_fid" in input.keys() else ""
+        ),
         flags=score_flags(),
     shell:
         "duodiff score --samples {params.samples} --reference {params.reference} --output-dir {params.output_dir} "
-        "{params.feature_net}{params.flags} > {log} 2>&1"
+        "{params.feature_net}{params.baseline}{params.flags} > {log} 2>&1"
 
 
 rule cmmd:

@@ -40,6 +40,15 @@ from duodiff.metrics.inception import (
     cached_image_features,
     image_files,
 )
+from duodiff.metrics.paired import (
+    check_pairing,
+    features_path,
+    load_baseline,
+    load_pairing,
+    paired_differences,
+    read_pairing,
+    save_features,
+)
 from duodiff.metrics.reference import CHUNK_HELP, load_reference, load_reference_sigma_sqrt, load_reference_statistics
 from duodiff.metrics.uncertainty import CONFIDENCE, frechet_statistic, jackknife_interval, kid_kernels, kid_statistic
 
@@ -130,14 +139,18 @@ def check_samples_fit_reference(samples, files, reference, ref_meta) -> None:
 
 def run_fid(*, samples, reference, output, batch_size: int, device: str | None, num_workers: int, kid_subsets: int,
             kid_subset_size: int, seed: int, chunk_size: int, feature_net, max_samples: int | None,
-            intervals: bool, mode: str, legacy_weights) -> dict:
-    """FID and KID of DIR/images/*.png against a reference folder -> FILE.json.
+            intervals: bool, mode: str, legacy_weights, baseline) -> dict:
+    """FID and KID of DIR/images/*.png against a reference folder -> FILE.json, and the features
+    they were computed from -> FILE_features.npz (paired.py).
 
     feature_net: a `duodiff feature-net` model.pt; its features replace Inception's on both sides
     (the reference's images are passed through it here: a few hundred small images take a second).
     max_samples: score only the first N images of the set. intervals: the 95% confidence
     intervals of FID and KID (jackknife over the set's images, uncertainty.py). mode: the FID
-    protocol, the reference's. A statistics reference gives no KID (fid.json's notes say so)."""
+    protocol, the reference's. A statistics reference gives no KID (fid.json's notes say so).
+    baseline: another set's FILE_features.npz, of the same network: FILE.json gains `paired`, the
+    differences to that set's FID and KID with their paired intervals (paired.py), after checking
+    that both sets were drawn from the same noise and labels."""
     run = FeatureRun(batch_size=batch_size, device=device or default_device(), num_workers=num_workers,
                      chunk_size=chunk_size, cache=Path(output).parent / FID_CACHE, mode=mode)
     check_positive("--kid-subsets", kid_subsets)
@@ -149,6 +162,10 @@ def run_fid(*, samples, reference, output, batch_size: int, device: str | None, 
     ref_meta, ref_features = load_reference(reference)
     _check_mode_fits(mode, reference, ref_meta, feature_net, legacy_weights)  # before any image is read
     check_samples_fit_reference(samples, files, reference, ref_meta)
+    pairing = read_pairing(samples)
+    if baseline is not None:  # before any image is read: the records are in the two stats.json files
+        require(Path(baseline).is_file(), f"--baseline: {baseline} does not exist; score the baseline set first")
+        check_pairing(samples, pairing, baseline, load_pairing(baseline))
 
     resize = None  # Inception: clean-fid's own 299 px resize
     if feature_net is None:
@@ -161,16 +178,25 @@ def run_fid(*, samples, reference, output, batch_size: int, device: str | None, 
         ref_features = cached_image_features(image_files(Path(reference) / "images"), fn, info, run,
                                              "reference features", resize)
     features = cached_image_features(files, fn, info, run, f"FID {samples.name}", resize).astype(np.float64)
+    baseline_features = None
+    if baseline is not None:
+        baseline_features = load_baseline(baseline, info["feature_network_sha256"], len(features))
     if ref_features is None:
         scored = statistics_scores(features, reference, intervals=intervals)
+        ref_mu, ref_sigma, ref_sigma_sqrt = load_reference_statistics(reference)
     else:
         # Statistics in float64 (clean-fid leaves float32 features in float32 for the mean and for
         # KID's kernel sums, which cancel to a small number: ~1e-4 relative error there).
         ref_features = ref_features.astype(np.float64)
-        ref_sigma = np.cov(ref_features, rowvar=False)
+        ref_mu, ref_sigma = np.mean(ref_features, axis=0), np.cov(ref_features, rowvar=False)
         ref_sigma_sqrt = load_reference_sigma_sqrt(reference, ref_sigma) if feature_net is None else psd_sqrt(ref_sigma)
         scored = scores(features, ref_features, ref_sigma, ref_sigma_sqrt, kid_subsets=kid_subsets,
                         kid_subset_size=kid_subset_size, seed=seed, intervals=intervals)
+    paired = None
+    if baseline_features is not None:
+        differences = paired_differences(features, baseline_features, ref_features, ref_mu, ref_sigma, ref_sigma_sqrt,
+                                         intervals=intervals)
+        paired = {**differences, "baseline": str(baseline), "n_paired": len(features), "pairing": pairing}
     n_reference = None if ref_features is None else len(ref_features)
     result = {
         **scored,
@@ -184,8 +210,10 @@ def run_fid(*, samples, reference, output, batch_size: int, device: str | None, 
         + small_sample_notes(len(features), n_reference or FEATURE_DIM, FEATURE_DIM if feature_net is None else features.shape[1]),
         "samples": str(samples),
         "reference": str(reference),
+        "paired": paired,
     }
-    write_json(output, result)
+    save_features(features_path(output), features, info["feature_network_sha256"], pairing)
+    write_json(output, result)  # last: its presence marks a finished score
     remove_cache(run.cache)
     return result
 
@@ -295,25 +323,37 @@ def _check_feature_net_fits(feature_net, reference, ref_meta: dict) -> None:
 
 def run_score(*, samples, reference, output_dir, feature_net, batch_size: int, device: str | None, num_workers: int,
               kid_subsets: int, kid_subset_size: int, seed: int, chunk_size: int, max_samples: int | None,
-              intervals: bool, mode: str, legacy_weights) -> dict:
+              intervals: bool, mode: str, legacy_weights, baseline) -> dict:
     """A set's scores against the reference, in one process -> DIR/fid.json (Inception FID/KID, on
     the first max_samples images) and, with feature_net, DIR/fd_classifier.json (FD/KD in the
     network's features, on every image: max_samples is Inception's budget). What two `duodiff fid`
     runs write; the workflow's one scoring job per set, since a job of its own spent ~7 s more
     starting Python, torch and clean-fid than the classifier needs to score a set.
-    Both scorings are checked before either starts. -> {"fid": ..., "fd_classifier": ... | None}."""
+    Both scorings are checked before either starts. baseline: the baseline set's scoring folder
+    (its `duodiff score --output-dir`): each score gains its paired difference to that set's.
+    -> {"fid": ..., "fd_classifier": ... | None}."""
     ref_meta, _ = load_reference(reference)
     _check_mode_fits(mode, reference, ref_meta, None, legacy_weights)
     if feature_net is not None:
         _check_mode_fits(mode, reference, ref_meta, feature_net, legacy_weights)
         _check_feature_net_fits(feature_net, reference, ref_meta)
     output_dir = Path(output_dir)
+    outputs = {"fid": output_dir / FID_FILE, "fd_classifier": output_dir / FD_CLASSIFIER_FILE}
+    baselines = dict.fromkeys(outputs)
+    if baseline is not None:
+        baselines = {name: features_path(Path(baseline) / path.name) for name, path in outputs.items()}
+        for name in outputs if feature_net is not None else ["fid"]:
+            require(baselines[name].is_file(), f"--baseline {baseline} has no {baselines[name].name}; score the "
+                                                "baseline set first (duodiff score)")
+            check_pairing(samples, read_pairing(samples), baseline, load_pairing(baselines[name]))
     shared = dict(samples=samples, reference=reference, batch_size=batch_size, device=device, num_workers=num_workers,
                   kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, seed=seed, chunk_size=chunk_size,
                   intervals=intervals, mode=mode, legacy_weights=legacy_weights)
-    scored = {"fid": run_fid(**shared, output=output_dir / FID_FILE, feature_net=None, max_samples=max_samples)}
+    scored = {"fid": run_fid(**shared, output=outputs["fid"], feature_net=None, max_samples=max_samples,
+                             baseline=baselines["fid"])}
     scored["fd_classifier"] = None if feature_net is None else run_fid(
-        **shared, output=output_dir / FD_CLASSIFIER_FILE, feature_net=feature_net, max_samples=None)
+        **shared, output=outputs["fd_classifier"], feature_net=feature_net, max_samples=None,
+        baseline=baselines["fd_classifier"])
     return scored
 
 
@@ -341,11 +381,13 @@ def add_cli(subparsers):
     add_flag(p, "--feature-net", default=None,
              help="model.pt of `duodiff feature-net`: its features instead of Inception's, on both sides")
     add_flag(p, "--max-samples", type=int, default=None, help="score only the first N images of the set")
+    add_flag(p, "--baseline", default=None,
+             help="another set's FILE_features.npz (same network): also the paired differences to its scores")
     p.set_defaults(func=lambda a: run_fid(
         samples=a.samples, reference=a.reference, output=a.output, batch_size=a.batch_size, device=a.device,
         num_workers=a.num_workers, kid_subsets=a.kid_subsets, kid_subset_size=a.kid_subset_size, seed=a.seed,
         chunk_size=a.chunk_size, feature_net=a.feature_net, max_samples=a.max_samples,
-        intervals=a.intervals, mode=a.mode, legacy_weights=a.legacy_weights,
+        intervals=a.intervals, mode=a.mode, legacy_weights=a.legacy_weights, baseline=a.baseline,
     ))  # fmt: skip
 
     p = subparsers.add_parser("score", help=f"a set's scores in one process: {FID_FILE} (Inception) and, with "
@@ -355,9 +397,11 @@ def add_cli(subparsers):
     add_flag(p, "--feature-net", default=None,
              help=f"model.pt of `duodiff feature-net`: also its FD/KD, on every image, into DIR/{FD_CLASSIFIER_FILE}")
     add_flag(p, "--max-samples", type=int, default=None, help="Inception scores only the first N images of the set")
+    add_flag(p, "--baseline", default=None,
+             help="the baseline set's --output-dir (the full model's): each score gains its paired difference to it")
     p.set_defaults(func=lambda a: run_score(
         samples=a.samples, reference=a.reference, output_dir=a.output_dir, feature_net=a.feature_net,
         batch_size=a.batch_size, device=a.device, num_workers=a.num_workers, kid_subsets=a.kid_subsets,
         kid_subset_size=a.kid_subset_size, seed=a.seed, chunk_size=a.chunk_size, max_samples=a.max_samples,
-        intervals=a.intervals, mode=a.mode, legacy_weights=a.legacy_weights,
+        intervals=a.intervals, mode=a.mode, legacy_weights=a.legacy_weights, baseline=a.baseline,
     ))  # fmt: skip

@@ -203,7 +203,8 @@ def run_sample(*, checkpoint_path, method, output_folder, sampler, steps, n_samp
         parts[batch[0]] = sample_batch(folder, batch, settings, models, diffusion, dev, progress, null, codec)
         bar.update(1)
     bar.close()
-    return finish_set(folder, settings, [parts[b] for b, _, _ in batches], models, metas, diffusion, dev)
+    pairing = pairing_record(settings, main_value(models).config, null)
+    return finish_set(folder, settings, [parts[b] for b, _, _ in batches], models, metas, diffusion, dev, pairing)
 
 
 def read_part(path: Path, settings: dict) -> dict:
@@ -301,12 +302,26 @@ def sample_batch(folder: Path, batch: tuple, settings: dict, models, diffusion, 
 # ---- set-level files ----------------------------------------------------------------------------
 
 
-def finish_set(folder: Path, settings: dict, parts: list, models, metas, diffusion, device) -> dict:
+def pairing_record(settings: dict, config, null) -> dict:
+    """What sample i's starting noise and label are drawn from (sample_batch: batch_seed(seed, b),
+    noise then labels, batches of batch_size): two sets with the same record start every sample
+    from the same x_T and label, so their scores can be compared sample by sample (the paired
+    differences of `duodiff score --baseline`)."""
+    return {
+        "seed": settings["seed"],
+        "n_samples": settings["n_samples"],
+        "batch_size": settings["batch_size"],
+        "shape": [config.in_chans, config.img_size, config.img_size],
+        "label_classes": label_classes(config.num_classes, null) if config.num_classes > 0 else 0,
+    }
+
+
+def finish_set(folder: Path, settings: dict, parts: list, models, metas, diffusion, device, pairing: dict) -> dict:
     """exit_layers.pt, grid.png and, last, stats.json: its presence marks a finished set."""
     exit_layers = branch_major([part["exit_layers"] for part in parts], branches(settings))
     torch_save(exit_layers, folder / "exit_layers.pt")
     write_grid(folder, min(GRID_SAMPLES, settings["n_samples"]))
-    stats = set_stats(settings, parts, exit_layers, models, metas, diffusion, device, folder)
+    stats = set_stats(settings, parts, exit_layers, models, metas, diffusion, device, folder) | {"pairing": pairing}
     write_json(folder / "stats.json", stats)
     return stats
 

@@ -4,6 +4,8 @@ Each figure is saved as `<name>.png` (raster, for the report) and `<name>.pdf` (
 papers), atomically, under fixed names (docs/architecture.md, "Tables and plots"):
 
     quality_vs_gflops   FID against GFLOPs per network evaluation: the Pareto picture
+    paired_difference   each set's paired difference to the full model against its speed-up, with
+                        the equal-quality margin: one panel per method family
     quality_vs_time     FID against measured milliseconds per image
     exit_heatmap        where early exit exits: exit layer by sampling step, per early-exit set
     mean_exit_layer     mean exit layer by sampling step, one panel per method family
@@ -33,6 +35,7 @@ from duodiff.core.errors import check_positive, require
 from duodiff.core.flags import add_flag
 from duodiff.core.io import atomic_path, write_json
 from duodiff.core.study import setting_label
+from duodiff.report.plots.difference import plot_paired_difference
 from duodiff.report.plots.exits import exit_summaries, plot_exit_heatmap, plot_mean_exit_layer
 from duodiff.report.plots.labels import label_points
 from duodiff.report.plots.samples import image_files, plot_sample_grids
@@ -54,11 +57,13 @@ from duodiff.report.plots.style import (
 from duodiff.report.plots.training import find_loss_files, plot_training_curves
 from duodiff.report.tables.collect import INTEGER_COLUMNS, blocks
 
-PLOT_NAMES = ["quality_vs_gflops", "quality_vs_time", "exit_heatmap", "mean_exit_layer", "fid_vs_tswitch",
+PLOT_NAMES = ["quality_vs_gflops", "paired_difference", "quality_vs_time", "exit_heatmap", "mean_exit_layer", "fid_vs_tswitch",
               "training_curves", "sample_grids"]
 TABLE_COLUMNS = ["set", "method", "setting", "classifier_type", "threshold", "t_switch", "shallow_depth",
                  "depth", "sampler", "steps", "seed", "n_samples", "score_name", "score", "score_ci_low",
-                 "score_ci_high", "gflops_per_forward", "gflops_per_image", "layer_ratio", "images_per_s"]
+                 "score_ci_high", "score_diff", "score_diff_ci_low", "score_diff_ci_high", "verdict", "margin",
+                 "quality_limit", "gflops_per_forward", "gflops_per_image", "layer_ratio", "images_per_s",
+                 "speedup_theoretical"]
 
 
 def load_table(tables_dir) -> pd.DataFrame:
@@ -246,6 +251,7 @@ def run_plots(*, tables_dir, samples_root, models_root, reference, output_dir, s
     palette = Palette(table)
     builders = {
         "quality_vs_gflops": lambda: plot_quality_vs_gflops(table, palette),
+        "paired_difference": lambda: plot_paired_difference(table, palette),
         "quality_vs_time": lambda: plot_quality_vs_time(table, palette),
         "exit_heatmap": lambda: plot_exit_heatmap(table, palette, summaries),
         "mean_exit_layer": lambda: plot_mean_exit_layer(table, palette, summaries),

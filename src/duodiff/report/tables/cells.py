@@ -12,7 +12,7 @@ import math
 
 import pandas as pd
 
-from duodiff.report.tables.operating_points import quality_limit
+from duodiff.report.tables.operating_points import passes
 
 # Summary columns: (column in the data, Markdown header, LaTeX header, which value is best). The
 # headline score's two columns come first, named by the headline (summary_columns).
@@ -26,7 +26,7 @@ SUMMARY_COLUMNS = [
     ("speedup_measured", "Speed-up (measured) ↑", r"Speed-up (meas.)$\uparrow$", "max"),
     ("speedup_theoretical", "Speed-up (theoretical) ↑", r"Speed-up (theor.)$\uparrow$", "max"),
 ]
-# Marks on a headline score whose interval does not overlap the full model's (compare_to_full).
+# Marks on a headline score by its paired verdict (operating_points.paired_verdict).
 DIFFERS_MARK = {"worse": ("†", r"\textsuperscript{\dag}"), "better": ("‡", r"\textsuperscript{\ddag}")}
 
 
@@ -45,10 +45,15 @@ def summary_columns(frame: pd.DataFrame) -> list[tuple[str, str, str, str | None
     # KID only where some set has it (none against a reference from published statistics: a note says so).
     metrics = [c for c in SUMMARY_COLUMNS if (c[0] != "cmmd" or cmmd_computed(frame))
                and (c[0] != "kid" or frame["kid"].notna().any())]
+    # The paired difference to the full model, where the sets were scored against it.
+    diff = [("score_diff", f"Δ{name} vs full{ci}", rf"$\Delta${name} vs full{ci_tex}", None)]
+    if frame["score_diff"].isna().all():
+        diff = []
     if name == "FID":
-        return [("score", f"FID{ci} ↓", rf"FID{ci_tex}$\downarrow$", "min")] + metrics[1:]
+        return [("score", f"FID{ci} ↓", rf"FID{ci_tex}$\downarrow$", "min")] + diff + metrics[1:]
     return [
         ("score", f"{name}{ci} ↓", rf"{name}{ci_tex}$\downarrow$", "min"),
+        *diff,
         ("kid_headline", f"KD×10³{ci} ↓", rf"KD$\times10^3${ci_tex}$\downarrow$", "min"),
     ] + metrics
 
@@ -56,7 +61,7 @@ def summary_columns(frame: pd.DataFrame) -> list[tuple[str, str, str, str | None
 # Least display precision of each summary column; a column of small numbers (the GFLOPs of an
 # 8x8 model) gets more, see `decimals`. Best-value marking compares the displayed (rounded)
 # values, so two numbers that print the same are both bold.
-DECIMALS = {"score": 2, "kid_headline": 2, "fid": 2, "kid": 2, "cmmd": 3, "gflops_per_forward": 2,
+DECIMALS = {"score": 2, "score_diff": 2, "kid_headline": 2, "fid": 2, "kid": 2, "cmmd": 3, "gflops_per_forward": 2,
             "layer_ratio": 3, "images_per_s": 1, "speedup_measured": 2, "speedup_theoretical": 2}
 SIGNIFICANT_DIGITS = 2  # at least this many for the smallest non-zero value of a column
 KID_SCALE = 1e3  # KID is printed x10^3, as is usual in papers
@@ -77,13 +82,13 @@ def decimals(column: str, values) -> int:
 def contenders(frame: pd.DataFrame, column: str) -> pd.Series:
     """The rows that may hold a summary column's best value. Quality: every generated set (the
     real-data row is the floor, not a contender). Cost: only the compared methods' sets (not the
-    shallow model alone, DuoDiff's first stage, cheapest by construction) whose headline score
-    matches the full model's (quality_limit): a cheaper set of worse quality is no better trade."""
+    shallow model alone, DuoDiff's first stage, cheapest by construction): the full model and the
+    sets that pass the paired test of equal quality (operating_points.passes); a cheaper set of
+    worse quality is no better trade."""
     generated = frame["method"] != "real"
     if column not in COST_COLUMNS:
         return generated
-    full = frame.loc[frame["set"] == "full"].iloc[0]
-    return generated & (frame["method"] != "shallow") & (frame["score"] <= quality_limit(full))
+    return generated & (frame["method"] != "shallow") & ((frame["set"] == "full") | passes(frame))
 
 
 def best_mask(frame: pd.DataFrame) -> pd.DataFrame:
@@ -134,8 +139,11 @@ def summary_cells(frame: pd.DataFrame, footnotes: dict[str, int], latex: bool) -
                 cell = _fmt(row.score, digits)
                 if not pd.isna(row.score_ci_low):
                     cell += f" [{row.score_ci_low:.{digits}f}, {row.score_ci_high:.{digits}f}]"
-                mark = DIFFERS_MARK.get(row.score_vs_full)
+                mark = DIFFERS_MARK.get(row.verdict)
                 text.append(cell + (mark[1 if latex else 0] if mark else ""))
+        elif column == "score_diff":
+            text = ["–" if pd.isna(v) else f"{v:+.{digits}f}" + ("" if pd.isna(lo) else f" [{lo:+.{digits}f}, {hi:+.{digits}f}]")
+                    for v, lo, hi in zip(frame["score_diff"], frame["score_diff_ci_low"], frame["score_diff_ci_high"])]
         elif column == "kid_headline":
             text = [_fmt(v * KID_SCALE, digits) + ("" if pd.isna(lo) else f" [{lo * KID_SCALE:.{digits}f}, {hi * KID_SCALE:.{digits}f}]")
                     for v, lo, hi in zip(frame["kid_headline"], frame["kid_headline_ci_low"], frame["kid_headline_ci_high"])]
@@ -162,13 +170,16 @@ def operating_point_cells(points: pd.DataFrame) -> pd.DataFrame:
     """operating_points() as display text: one row per method family."""
     rows = []
     for p in points.itertuples():
+        diff = f"Δ{p.score_name} vs full [95% CI]"
         if not isinstance(p.set, str):
-            rows.append({"Method": _family_label(p), "Set": "–", p.score_name + " [95% CI]": "–",
+            rows.append({"Method": _family_label(p), "Set": "–", p.score_name + " [95% CI]": "–", diff: "–",
                          "Layer ratio": "–", "Speed-up (measured)": "–", "Speed-up (theoretical)": "–",
                          "Note": p.note})
             continue
         rows.append({"Method": _family_label(p), "Set": p.set,
-                     p.score_name + " [95% CI]": f"{p.score:.2f} [{p.score_ci_low:.2f}, {p.score_ci_high:.2f}]",
+                     p.score_name + " [95% CI]": _fmt(p.score, 2) + (
+                         "" if pd.isna(p.score_ci_low) else f" [{p.score_ci_low:.2f}, {p.score_ci_high:.2f}]"),
+                     diff: f"{p.score_diff:+.2f} [{p.score_diff_ci_low:+.2f}, {p.score_diff_ci_high:+.2f}] ({p.verdict})",
                      "Layer ratio": f"{p.layer_ratio:.3f}", "Speed-up (measured)": f"{p.speedup_measured:.2f}×",
                      "Speed-up (theoretical)": f"{p.speedup_theoretical:.2f}×", "Note": p.note or ""})
     return pd.DataFrame(rows)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from duodiff.core.errors import DuodiffError, require
+from duodiff.core.errors import is_number, require
 from duodiff.core.flags import add_flag
 from duodiff.core.io import atomic_path, write_text
 from duodiff.core.study import METHOD_ORDER, method_of_set, setting_label
@@ -43,11 +43,14 @@ ID_COLUMNS = ["set", "method", "setting", "classifier_type", "threshold", "t_swi
 INTEGER_COLUMNS = ["t_switch", "shallow_depth", "depth", "steps", "seed", "n_samples"]
 SPEED_COLUMNS = ["gflops_per_forward", "gflops_per_image", "layer_ratio", "images_per_s",
                  "speedup_measured", "speedup_theoretical"]
-SCORE_COLUMNS = ["score_name", "score", "score_ci_low", "score_ci_high", "score_vs_full"]
+SCORE_COLUMNS = ["score_name", "score", "score_ci_low", "score_ci_high", "score_diff", "score_diff_ci_low",
+                 "score_diff_ci_high", "verdict", "margin", "quality_limit"]
 CSV_COLUMNS = {
-    "scores": ID_COLUMNS + SCORE_COLUMNS + ["kid_headline", "kid_headline_ci_low", "kid_headline_ci_high"]
+    "scores": ID_COLUMNS + SCORE_COLUMNS + ["kid_headline", "kid_headline_ci_low", "kid_headline_ci_high",
+                                            "kid_headline_diff", "kid_headline_diff_ci_low", "kid_headline_diff_ci_high"]
     + SPEED_COLUMNS + ["score_n_samples", "score_n_reference", "score_network"],
-    "fid": ID_COLUMNS + ["fid", "fid_ci_low", "fid_ci_high"] + SPEED_COLUMNS
+    "fid": ID_COLUMNS + ["fid", "fid_ci_low", "fid_ci_high", "fid_diff", "fid_diff_ci_low", "fid_diff_ci_high"]
+    + SPEED_COLUMNS
     + ["feature_network", "fid_mode", "reference_source", "n_reference"],
     "kid": ID_COLUMNS + ["kid", "kid_std", "kid_ci_low", "kid_ci_high", "feature_network", "fid_mode", "n_reference"],
     "cmmd": ID_COLUMNS + ["cmmd", "available", "reason", "embedding_model"],
@@ -109,10 +112,10 @@ def _read_row(settings: TableSettings, name: str) -> dict:
     return read_real(settings) if method == "real" else read_set(settings, name, method)
 
 
-def collect(settings: TableSettings, sets: list[str]) -> pd.DataFrame:
+def collect(settings: TableSettings, sets: list[str], margin: float) -> pd.DataFrame:
     """All sets' rows in paper order (sets as check_sets passed them), with their labels, speed-ups
-    relative to `full` and each headline score placed against the full model's interval
-    (score_vs_full, see operating_points.compare_to_full)."""
+    relative to `full` and each headline score's paired verdict against the full model's at the
+    equal-quality margin (operating_points.paired_verdict)."""
     rows = sorted((_read_row(settings, name) for name in sets), key=_order_key)
     frame = pd.DataFrame(rows)
     for column in ID_COLUMNS + SPEED_COLUMNS + ["real_mode", "batch_size", "device", "torch_version", "timing_clock",
@@ -126,7 +129,7 @@ def collect(settings: TableSettings, sets: list[str]) -> pd.DataFrame:
     frame["setting_label"] = frame.apply(setting_label, axis=1)
     frame["has_setting"] = frame["setting_label"] != setting_label({"method": None})
     check_one_mode(frame)
-    return add_comparisons(frame)
+    return add_comparisons(frame, margin)
 
 
 def _write_frame(frame: pd.DataFrame, path: Path) -> None:
@@ -134,13 +137,16 @@ def _write_frame(frame: pd.DataFrame, path: Path) -> None:
         frame.to_csv(tmp, index=False)
 
 
-def run_tables(*, samples_root, metrics_root, sets, output_dir, headline: str, cmmd: bool) -> dict[str, Path]:
+def run_tables(*, samples_root, metrics_root, sets, output_dir, headline: str, cmmd: bool, margin: float) -> dict[str, Path]:
     """Write scores/fid/kid/cmmd/gflops.csv, operating_points.csv, summary.md, summary.tex and
-    summary.html to output_dir; return their paths."""
+    summary.html to output_dir; return their paths. margin: equal quality's non-inferiority margin,
+    a fraction of the full model's headline score."""
     require(headline in HEADLINES, f"--headline must be one of {', '.join(HEADLINES)}; got {headline!r}")
+    require(is_number(margin) and 0 <= margin < 1,
+            f"--margin must be a fraction of the full model's score in [0, 1); got {margin!r}")
     sets = check_sets(sets)
     settings = TableSettings(samples_root=Path(samples_root), metrics_root=Path(metrics_root), headline=headline, cmmd=cmmd)
-    frame = collect(settings, sets)  # reads and checks everything before writing
+    frame = collect(settings, sets, float(margin))  # reads and checks everything before writing
     output_dir = Path(output_dir)
     paths = {}
     for name, columns in CSV_COLUMNS.items():
@@ -169,6 +175,9 @@ def add_cli(subparsers) -> None:
                   "(fd_classifier.json)")
     add_flag(parser, "--cmmd", action=argparse.BooleanOptionalAction, default=True,
              help="read each set's cmmd.json (--no-cmmd: CMMD was switched off; the tables say so in one note)")
+    add_flag(parser, "--margin", type=float, default=0.10,
+             help="equal quality: the upper end of a set's paired 95%% interval of its headline score minus the full "
+                  "model's is at most this fraction of the full model's score (non-inferiority margin)")
     parser.set_defaults(func=lambda args: run_tables(samples_root=args.samples_root, metrics_root=args.metrics_root,
                                                      sets=args.sets, output_dir=args.output_dir, headline=args.headline,
-                                                     cmmd=args.cmmd))
+                                                     cmmd=args.cmmd, margin=args.margin))

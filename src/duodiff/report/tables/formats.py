@@ -14,8 +14,9 @@ from duodiff.report.tables.notes import notes
 from duodiff.report.tables.operating_points import operating_points
 
 OPERATING_POINTS_TEXT = (
-    "Per method, the fastest setting (most theoretical speed-up) whose headline score is no worse than the "
-    "upper end of the full model's 95% interval (operating_points.csv)."
+    "Per method, the fastest setting (most theoretical speed-up) of equal quality by the paired test: the upper "
+    "end of the paired 95% interval of its headline score minus the full model's is at most the margin "
+    "(operating_points.csv)."
 )
 
 

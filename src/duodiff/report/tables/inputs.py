@@ -82,6 +82,16 @@ def _interval(path: Path, data: dict, key: str) -> tuple[float, float]:
     return _number(path, data, f"{key}_ci_low"), _number(path, data, f"{key}_ci_high")
 
 
+def _paired(path: Path, data: dict, key: str, column: str) -> dict:
+    """A score's paired difference to the full model (metrics/paired.py: `paired` in the score
+    file) as three columns; NaNs for a set without one (the full model, the real images, a set
+    scored before pairing existed, or intervals switched off)."""
+    paired = data.get("paired") or {}
+    columns = {f"{column}_diff": f"{key}_diff", f"{column}_diff_ci_low": f"{key}_diff_ci_low",
+               f"{column}_diff_ci_high": f"{key}_diff_ci_high"}
+    return {out: math.nan if paired.get(name) is None else _number(path, paired, name) for out, name in columns.items()}
+
+
 def _scores(settings: TableSettings, name: str) -> dict:
     """The set's Inception FID/KID and its headline score, with their intervals, as columns."""
     fid_path = settings.metrics_root / name / "fid.json"
@@ -100,6 +110,7 @@ def _scores(settings: TableSettings, name: str) -> dict:
     }
     row["fid_ci_low"], row["fid_ci_high"] = _interval(fid_path, fid, "fid")
     row["kid_ci_low"], row["kid_ci_high"] = _interval(fid_path, fid, "kid")
+    row.update(_paired(fid_path, fid, "fid", "fid"))
     spec = HEADLINES[settings.headline]
     score_path = settings.metrics_root / name / f"{spec['file']}.json"
     score = fid if spec["file"] == "fid" else _read(score_path)
@@ -111,6 +122,8 @@ def _scores(settings: TableSettings, name: str) -> dict:
     })  # fmt: skip
     row["score_ci_low"], row["score_ci_high"] = _interval(score_path, score, "fid")
     row["kid_headline_ci_low"], row["kid_headline_ci_high"] = _interval(score_path, score, "kid")
+    row.update(_paired(score_path, score, "fid", "score"))
+    row.update(_paired(score_path, score, "kid", "kid_headline"))
     return row
 
 

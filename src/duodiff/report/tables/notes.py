@@ -7,7 +7,6 @@ from __future__ import annotations
 import pandas as pd
 
 from duodiff.report.tables.cells import cmmd_computed, decimals
-from duodiff.report.tables.operating_points import quality_limit
 
 
 def sentence(text) -> str:
@@ -39,13 +38,17 @@ def notes(frame: pd.DataFrame, footnotes: dict[str, int]) -> list[str]:
 
 
 def _marks_note(frame: pd.DataFrame, full) -> str:
-    marks = frame["score_vs_full"]
-    return (f"† / ‡: the set's 95% interval lies wholly above / below the full model's "
-            f"({full['score_ci_low']:.4g} to {full['score_ci_high']:.4g}): worse / better beyond the uncertainty "
-            f"of both; {int((marks == 'worse').sum())} worse, {int((marks == 'better').sum())} better, "
-            f"{int(marks.isin(['within', 'overlaps']).sum())} indistinguishable."
-            if not pd.isna(full["score_ci_low"]) else
-            "No confidence intervals (metrics.intervals: false): sets cannot be told apart from noise.")
+    """The paired test of equal quality, its margin and how many sets pass it."""
+    name, verdicts = full["score_name"], frame["verdict"]
+    if frame["score_diff_ci_high"].isna().all():
+        return ("No paired intervals (metrics.intervals: false, or sets scored without the full model as baseline): "
+                "equal quality cannot be tested.")
+    return (f"Δ{name} vs full: the set's {name} minus the full model's, with a paired 95% interval (jackknife over "
+            f"the shared sample index: every set starts sample i from the same noise and label). Equal quality is "
+            f"non-inferiority: the interval's upper end is at most the margin, {full['margin']:.0%} of the full "
+            f"model's {name} ({full['quality_limit']:.3g}). † worse: the upper end exceeds the margin (not shown to "
+            f"be within it); ‡ better: the upper end is below 0; {int((verdicts == 'equal').sum())} equal, "
+            f"{int((verdicts == 'worse').sum())} worse, {int((verdicts == 'better').sum())} better.")
 
 
 def _sampling_note(frame: pd.DataFrame, full) -> str:
@@ -110,14 +113,11 @@ def _cost_notes(frame: pd.DataFrame, full) -> list[str]:
 
 def _bold_note(full) -> str:
     """The rule of best_mask, in words."""
-    name, limit = full["score_name"], quality_limit(full)
-    bound = (f"the full model's ({limit:.4g})" if pd.isna(full["score_ci_high"])
-             else f"the upper end of the full model's 95% interval ({limit:.4g})")
     return ("Bold: the best value of each column. Quality columns: the lowest among the generated sets. Cost "
-            "columns (GFLOPs/fwd, images/s, speed-ups): the best among the sets of the full model, fewer steps, "
-            f"early exit and DuoDiff whose {name} is at most {bound}, so that a cheaper set of worse quality is not "
-            "crowned; the shallow model alone (DuoDiff's first stage, the cheapest by construction) is never a "
-            "cost contender.")
+            "columns (GFLOPs/fwd, images/s, speed-ups): the best among the full model and the sets of fewer steps, "
+            f"early exit and DuoDiff that pass the paired test of equal quality ({full['margin']:.0%} margin), so "
+            "that a cheaper set of worse quality is not crowned; the shallow model alone (DuoDiff's first stage, the "
+            "cheapest by construction) is never a cost contender.")
 
 
 def _samples_note(frame: pd.DataFrame, full, cmmd: bool) -> str:

@@ -1,6 +1,11 @@
-"""Every set against the full model: speed-ups, where its headline score stands to the full model's
-95% interval, and per method family the fastest setting that matches the full model's quality
-(operating_points.csv, "Speed-up at equal quality" in the summaries)."""
+"""Every set against the full model: speed-ups, the paired test of equal quality, and per method
+family the fastest setting that passes it (operating_points.csv, "Speed-up at equal quality" in
+the summaries).
+
+Every generated set starts sample i from the full model's noise and label, so its headline score
+is compared with the full model's on the paired difference D = score(set) - score(full) and its
+95% interval (duodiff.metrics.paired). Equal quality is non-inferiority: the interval's upper end
+is at most the margin, a fraction of the full model's score (metrics.equal_quality_margin)."""
 
 from __future__ import annotations
 
@@ -8,25 +13,25 @@ import math
 
 import pandas as pd
 
+VERDICTS = ("better", "equal", "worse")
 
-def compare_to_full(score: float, low: float, high: float, full_low: float, full_high: float) -> str:
-    """How a set's headline score stands to the full model's 95% interval:
-    "worse" / "better" when the two intervals do not overlap (the set differs beyond the
-    uncertainty of both), "within" when the score lies inside the full model's interval, else
-    "overlaps" (not distinguishable, but not inside the interval either). "" when either set has
-    no interval."""
-    if any(math.isnan(v) for v in (score, low, high, full_low, full_high)):
+
+def paired_verdict(diff_high: float, limit: float) -> str:
+    """Equal quality as non-inferiority on the paired difference D = score(set) - score(full):
+    "better" when the upper end of D's 95% interval is below 0, "equal" when it is at most the
+    margin `limit` (in the score's units), else "worse" (not shown to be within the margin). ""
+    without a paired interval (the full model itself, the real images, metrics.intervals: false)."""
+    if math.isnan(diff_high) or math.isnan(limit):
         return ""
-    if low > full_high:
-        return "worse"
-    if high < full_low:
+    if diff_high < 0:
         return "better"
-    return "within" if full_low <= score <= full_high else "overlaps"
+    return "equal" if diff_high <= limit else "worse"
 
 
-def add_comparisons(frame: pd.DataFrame) -> pd.DataFrame:
+def add_comparisons(frame: pd.DataFrame, margin: float) -> pd.DataFrame:
     """frame (one row per set, `full` among them) with every set's cost and headline score set
-    against the full model's: layer ratio at the full model's depth, speed-ups, score_vs_full."""
+    against the full model's: layer ratio at the full model's depth, speed-ups, and the paired
+    verdict at the equal-quality margin (a fraction of the full model's headline score)."""
     full = frame.loc[frame["set"] == "full"].iloc[0]
     # gflops.json's layer ratio is relative to the depth of the set's own (deepest) network, so a
     # shallow set alone reads 1.0; rescale every set to the full model's depth, the one reference
@@ -34,21 +39,21 @@ def add_comparisons(frame: pd.DataFrame) -> pd.DataFrame:
     frame["layer_ratio"] = frame["layer_ratio"] * frame["depth"] / full["depth"]
     frame["speedup_measured"] = frame["images_per_s"] / full["images_per_s"]
     frame["speedup_theoretical"] = full["gflops_per_image"] / frame["gflops_per_image"]
-    frame["score_vs_full"] = [
-        "" if name == "full" else compare_to_full(score, low, high, full["score_ci_low"], full["score_ci_high"])
-        for name, score, low, high in zip(frame["set"], frame["score"], frame["score_ci_low"], frame["score_ci_high"])
-    ]
+    frame["margin"] = margin
+    frame["quality_limit"] = margin * full["score"]
+    frame["verdict"] = [paired_verdict(high, limit)
+                        for high, limit in zip(frame["score_diff_ci_high"], frame["quality_limit"])]
     return frame
 
 
-def quality_limit(full) -> float:
-    """The worst headline score at which a set still matches the full model: the upper end of the
-    full model's 95% interval, or its score where there is no interval."""
-    return float(full["score"] if pd.isna(full["score_ci_high"]) else full["score_ci_high"])
+def passes(frame: pd.DataFrame) -> pd.Series:
+    """The sets of equal (or better) quality than the full model by the paired test."""
+    return frame["verdict"].isin(["equal", "better"])
 
 
 OPERATING_POINT_COLUMNS = ["method", "family", "set", "setting", "score_name", "score", "score_ci_low",
-                           "score_ci_high", "full_score", "full_ci_low", "full_ci_high", "layer_ratio",
+                           "score_ci_high", "score_diff", "score_diff_ci_low", "score_diff_ci_high", "verdict",
+                           "margin", "quality_limit", "full_score", "full_ci_low", "full_ci_high", "layer_ratio",
                            "speedup_measured", "speedup_theoretical", "note"]
 
 
@@ -70,26 +75,32 @@ def method_families(frame: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
 
 def operating_points(frame: pd.DataFrame) -> pd.DataFrame:
     """Speed-up at equal quality: per method family, the fastest set (highest theoretical speed-up,
-    i.e. fewest GFLOPs per image; measured speed-up breaks ties) whose headline score is no worse
-    than the upper end of the full model's 95% interval, i.e. inside that interval or below it.
-    A family with no such set gets a row that says so (set and numbers empty)."""
+    i.e. fewest GFLOPs per image; measured speed-up breaks ties) that passes the paired test
+    (paired_verdict: the upper end of its paired difference to the full model's headline score
+    at most the margin). A family with no such set gets a row that says so and names the closest
+    set (the lowest upper end)."""
     full = frame.loc[frame["set"] == "full"].iloc[0]
-    limit = full["score_ci_high"]
     rows = []
     for method, family, sets in method_families(frame):
         base = {"method": method, "family": family, "score_name": full["score_name"], "full_score": full["score"],
-                "full_ci_low": full["score_ci_low"], "full_ci_high": limit}
-        if math.isnan(limit):
-            rows.append({**base, "note": "the full model's score has no interval (metrics.intervals: false)"})
+                "full_ci_low": full["score_ci_low"], "full_ci_high": full["score_ci_high"],
+                "margin": full["margin"], "quality_limit": full["quality_limit"]}
+        if sets["score_diff_ci_high"].isna().all():
+            rows.append({**base, "note": "no paired intervals (metrics.intervals: false, or sets scored without "
+                                         "a baseline): equal quality cannot be tested"})
             continue
-        good = sets[sets["score"] <= limit]
+        good = sets[passes(sets)]
         if good.empty:
-            best = sets.loc[sets["score"].idxmin()]
-            rows.append({**base, "note": f"no setting within the full model's interval (best: {best['set']}, "
-                                         f"{full['score_name']} {best['score']:.3g})"})
+            closest = sets.loc[sets["score_diff_ci_high"].idxmin()]
+            rows.append({**base, "note": f"none passes (closest: {closest['set']}, {full['score_name']} "
+                                         f"{closest['score_diff']:+.3g} [{closest['score_diff_ci_low']:+.3g}, "
+                                         f"{closest['score_diff_ci_high']:+.3g}] vs margin "
+                                         f"{full['quality_limit']:.3g})"})
             continue
         pick = good.sort_values(["speedup_theoretical", "speedup_measured"], ascending=False).iloc[0]
         rows.append({**base, **{k: pick[k] for k in ("set", "setting", "score", "score_ci_low", "score_ci_high",
-                                                     "layer_ratio", "speedup_measured", "speedup_theoretical")},
+                                                     "score_diff", "score_diff_ci_low", "score_diff_ci_high",
+                                                     "verdict", "layer_ratio", "speedup_measured",
+                                                     "speedup_theoretical")},
                      "note": ""})
     return pd.DataFrame(rows, columns=OPERATING_POINT_COLUMNS)
