@@ -10,7 +10,15 @@ import math
 import numpy as np
 import pandas as pd
 
-from duodiff.report.plots.style import FEWER_STEPS_STYLE, SMALL_FONT, Palette, new_figure, sampling_caption
+from duodiff.report.plots.style import (
+    FEWER_STEPS_STYLE,
+    FULL_STYLE,
+    SMALL_FONT,
+    Palette,
+    new_figure,
+    sampling_caption,
+    wrap_label,
+)
 from duodiff.report.tables.operating_points import method_families, passes
 
 PANEL_HEIGHT = 2.2  # inches per row of panels
@@ -51,7 +59,8 @@ def plot_paired_difference(table: pd.DataFrame, palette: Palette):
         ax.plot(x[passed], y[passed], "o", color=color, markersize=5, label="passes")
         ax.plot(x[~passed], y[~passed], "o", color=color, markersize=5, markerfacecolor="white", label="fails")
         ax.axhline(0.0, color="black", linewidth=0.8)
-        ax.set_title(_title(method, family), fontsize=SMALL_FONT + 1)
+        ax.plot([1.0], [0.0], **{**FULL_STYLE, "markersize": 7})  # the full model: 1x, no difference
+        ax.set_title(wrap_label(_title(method, family), 26), fontsize=SMALL_FONT + 1)
         ax.tick_params(labelsize=SMALL_FONT)
         panels.append({"method": method, "family": family, "sets": sets["set"].tolist(), "x": x.tolist(),
                        "y": y.tolist(), "low": sets["score_diff_ci_low"].astype(float).tolist(),
