@@ -206,11 +206,13 @@ def test_summary_latex_bolds_the_same_cells_and_escapes_names(study):
 def test_summary_html_bolds_the_same_cells_for_the_report(study):
     tables(study)
     page = (study / "tables" / "summary.html").read_text()
-    summary_table = page.split("<h2>")[0]  # the operating points follow in a table of their own
+    # The answer first (the operating points, a table of their own), then every set.
+    answer, summary_table = page.split("<h2>")
+    assert "<h1>Speed-up at equal quality</h1>" in answer and 'id="T_operating_points"' in answer
     assert page.startswith("<!DOCTYPE html>") and summary_table.count("<tr>") == 1 + len(ORDER)
     # pandas' Styler names cells T_summary_row<r>_col<c> and bolds them with one CSS rule.
     bold = set()
-    css = page.split('<style type="text/css">')[1].split("</style>")[0]
+    css = "".join(block.split("</style>")[0] for block in page.split('<style type="text/css">')[1:])
     for selectors in re.findall(r"([^{}]*)\{\s*font-weight: bold;\s*\}", css):
         bold |= {sel.strip().removeprefix("#T_summary_") for sel in selectors.split(",")}
     # Winners as in the Markdown test; columns: Method, Setting, FID, ΔFID vs full (never bold), KID,

@@ -132,7 +132,8 @@ def summary_cells(frame: pd.DataFrame, footnotes: dict[str, int], latex: bool) -
     pm = r" $\pm$ " if latex else " ± "
     for column, *_ in summary_columns(frame):
         scale = KID_SCALE if column in KID_COLUMNS else 1.0
-        digits = decimals(column, frame[column] * scale)
+        # A difference is printed to the score's precision: near 0 it would otherwise get more digits.
+        digits = decimals("score", frame["score"]) if column == "score_diff" else decimals(column, frame[column] * scale)
         if column == "score":
             text = []
             for row in frame.itertuples():
