@@ -44,7 +44,7 @@ def summary_markdown(frame: pd.DataFrame) -> str:
 LATEX_TEXT = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
               "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
               "<": r"\textless{}", ">": r"\textgreater{}", "|": r"\textbar{}",
-              "÷": r"$\div$", "×": r"$\times$", "±": r"$\pm$", "≤": r"$\leq$", "≥": r"$\geq$", "≈": r"$\approx$",
+              "Δ": r"$\Delta$", "÷": r"$\div$", "×": r"$\times$", "±": r"$\pm$", "≤": r"$\leq$", "≥": r"$\geq$", "≈": r"$\approx$",
               "→": r"$\rightarrow$", "↑": r"$\uparrow$", "↓": r"$\downarrow$", "µ": r"$\mu$",
               "²": r"\textsuperscript{2}", "³": r"\textsuperscript{3}",
               "…": r"\ldots{}", "—": "---", "–": "--"}
@@ -75,7 +75,9 @@ def summary_latex(frame: pd.DataFrame) -> str:
     numbered = footnotes(frame)
     cells = summary_cells(frame, numbered, latex=True)
     mask = best_mask(frame)
-    columns = summary_columns(frame)
+    # Without the paired-difference column, which would not fit a two-column text width: the marks
+    # on the headline score carry its verdict, and the notes the rule (scores.csv has the numbers).
+    columns = [column for column in summary_columns(frame) if column[0] != "score_diff"]
     numbers = [column for column, *_ in columns]
     width = 1 + len(numbers)
     rows, group = [], None
