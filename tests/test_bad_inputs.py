@@ -134,7 +134,7 @@ def fake_samples(folder, sizes, channels=1, dataset=None):
     return folder
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def paths(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bad")
     torch.manual_seed(0)

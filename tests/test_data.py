@@ -9,7 +9,7 @@ from duodiff.core.data import DATASETS, load_dataset
 from duodiff.core.errors import DuodiffError
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def digits():
     return load_dataset("digits")
 

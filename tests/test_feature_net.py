@@ -17,7 +17,7 @@ from duodiff.metrics import reference as reference_stage
 SETTINGS = dict(epochs=4, batch_size=64, lr=1e-3, weight_decay=1e-4, feature_dim=32, holdout_fraction=0.2, seed=0)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     folder = tmp_path_factory.mktemp("fnet")
     info = feature_net.run_feature_net(**cli_args("feature-net", dataset="digits", output_folder=folder, **SETTINGS))

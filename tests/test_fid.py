@@ -26,7 +26,7 @@ from duodiff.core.images import save_png, to_uint8
 from duodiff.metrics import distances, fid, inception, reference
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def digits_reference(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ref")
     meta = reference.run_reference(**cli_args("reference", dataset="digits", n_reference=2, output_folder=folder,
@@ -102,7 +102,7 @@ def test_reference_features_match_an_independent_clean_pipeline(digits_reference
 NOISE_LEVELS = (0.1, 0.3, 1.0)  # std of the Gaussian noise added to images in [-1, 1]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def real_sets(tmp_path_factory):
     """A 6-digit reference and 6-image sets scored against it with the real network: the
     reference digits themselves, and the same digits plus seeded noise of growing strength."""

@@ -22,7 +22,7 @@ from duodiff.core.errors import DuodiffError
 from duodiff.metrics import distances, fid, inception, reference
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def random_legacy_weights(tmp_path_factory):
     """clean-fid's pytorch-fid InceptionV3 (fid_inception_v3) with random weights -> a .pth file."""
     from cleanfid import inception_pytorch

@@ -45,12 +45,12 @@ def block_linear(i):
     return BLOCK_LINEAR + (SKIP_LINEAR if i > DEPTH // 2 else 0)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def uvit_costs():
     return flops.model_costs("uvit", CONFIG, T)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ee_costs():
     return flops.model_costs("early_exit", CONFIG, T, "mlp_probe_per_layer")
 

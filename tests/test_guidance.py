@@ -138,7 +138,7 @@ def save_tiny(path, kind, config, train_args, classifier_type=None, seed=0):
     return net
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def guided_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("guided")
     dropout = {"label_dropout": 0.15}

@@ -190,7 +190,7 @@ LATENT_MODEL = {
 }  # fmt: skip
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def digit_latents(tmp_path_factory):
     """digits (8x8) encoded by the tiny autoencoder into 4x4x4 latents."""
     folder = tmp_path_factory.mktemp("latents")
@@ -269,7 +269,7 @@ def test_training_reads_the_latents_unflipped_and_resumes_bit_identically(digit_
 # ---- sampling decodes -------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def latent_model(tmp_path_factory):
     """A random U-ViT on the tiny autoencoder's 4x4x4 latents, its model.pt recording the
     latents' fingerprint as `duodiff train --latents` does, and the autoencoder folder."""

@@ -86,7 +86,7 @@ def plots(root, **kwargs):
                                 **{"smoothing": 0.5, "dpi": 60, **kwargs}))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def study(tmp_path_factory):
     root = tmp_path_factory.mktemp("study")
     write_study(root)

@@ -181,7 +181,7 @@ def build_tiny_report(tmp_path):
     return experiment / "report.html"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_report(tmp_path_factory):
     """One report of the tiny study, shared by the tests that read or look at it."""
     return build_tiny_report(tmp_path_factory.mktemp("tiny_report"))
@@ -319,9 +319,11 @@ def test_report_pages_open_at_their_top_in_a_browser(request, tmp_path):
             assert view["right"] <= view["pane_width"] + 1, (category, view)
             assert view["pane_scroll_width"] <= view["pane_width"] + 1, (category, view)
 
-    summary, figure = seen["1. Main result"]
+    summary, figure, paired = seen["1. Main result"]
     assert summary["name"] == "1. Summary table" and summary["kind"] == "iframe"
     frame = summary["frame"]
-    assert frame["text"].startswith("Results: sample quality and cost per method"), frame
+    # The answer first: the speed-up at equal quality per method, then every set.
+    assert frame["text"].startswith("Speed-up at equal quality"), frame
     assert frame["top"] >= 0 and frame["scroll_width"] <= frame["width"], frame
     assert figure["name"] == "2. FID against GFLOPs" and figure["kind"] == "img"
+    assert paired["name"] == "3. Equal quality, paired" and paired["kind"] == "img"

@@ -54,12 +54,12 @@ def assert_identical(model_a, model_b):
             assert torch.equal(model_a[field][key], model_b[field][key]), (field, key)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def config(tmp_path_factory):
     return write_model_yaml(tmp_path_factory.mktemp("config") / "tiny.yaml")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference(config, tmp_path_factory):
     """The uninterrupted run."""
     log_path = tmp_path_factory.mktemp("reference")

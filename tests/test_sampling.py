@@ -34,7 +34,7 @@ def save(path, kind, config, diffusion=DIFFUSION, classifier_type=None, model=No
     return model
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ckpt(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     paths = {name: root / f"{name}.pt" for name in ("full", "shallow", "ee", "ee_backbone", "rgb", "t50", "cond", "ema")}

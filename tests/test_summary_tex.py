@@ -28,7 +28,7 @@ A paper's text, and then its table.
 """
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tools():
     missing = [tool for tool in ("pdflatex", "pdftotext") if shutil.which(tool) is None]
     if missing:

@@ -207,20 +207,22 @@ def test_summary_latex_bolds_the_same_cells_and_escapes_names(study):
 def test_summary_html_bolds_the_same_cells_for_the_report(study):
     tables(study)
     page = (study / "tables" / "summary.html").read_text()
-    # The answer first (the operating points, a table of their own), then every set.
-    answer, summary_table = page.split("<h2>")
+    # The answer first (the operating points), then every set in a quality and a cost table.
+    answer, quality, cost = page.split("<h2>")
     assert "<h1>Speed-up at equal quality</h1>" in answer and 'id="T_operating_points"' in answer
-    assert page.startswith("<!DOCTYPE html>") and summary_table.count("<tr>") == 1 + len(ORDER)
-    # pandas' Styler names cells T_summary_row<r>_col<c> and bolds them with one CSS rule.
+    assert page.startswith("<!DOCTYPE html>")
+    assert quality.count("<tr>") == cost.count("<tr>") == 1 + len(ORDER)
+    # pandas' Styler names cells T_<table>_row<r>_col<c> and bolds them with one CSS rule.
     bold = set()
     css = "".join(block.split("</style>")[0] for block in page.split('<style type="text/css">')[1:])
     for selectors in re.findall(r"([^{}]*)\{\s*font-weight: bold;\s*\}", css):
-        bold |= {sel.strip().removeprefix("#T_summary_") for sel in selectors.split(",")}
-    # Winners as in the Markdown test; columns: Method, Setting, FID, ΔFID vs full (never bold), KID,
-    # CMMD, GFLOPs, layer ratio, images/s, speed-up measured, speed-up theoretical.
+        bold |= {sel.strip().removeprefix("#T_") for sel in selectors.split(",")}
+    # Winners as in the Markdown test. Quality: Method, Setting, FID, ΔFID vs full (never bold),
+    # KID, CMMD; cost: Method, Setting, GFLOPs, layer ratio, images/s, speed-ups measured and theoretical.
     duo_ts1, full = ORDER.index("duodiff_d3_ts1"), ORDER.index("full")
-    assert bold == {f"row{duo_ts1}_col2", f"row{full}_col4", f"row{duo_ts1}_col5", f"row{duo_ts1}_col6",
-                    f"row{duo_ts1}_col8", f"row{duo_ts1}_col9", f"row{duo_ts1}_col10"}
+    assert bold == {f"quality_row{duo_ts1}_col2", f"quality_row{full}_col4", f"quality_row{duo_ts1}_col5",
+                    f"cost_row{duo_ts1}_col2", f"cost_row{duo_ts1}_col4", f"cost_row{duo_ts1}_col5",
+                    f"cost_row{duo_ts1}_col6"}
     assert "Early exit, attention_probe" in page and "n/a¹" in page
     assert f"[1] CMMD n/a: {CMMD_REASON}" in page
 

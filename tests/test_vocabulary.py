@@ -53,7 +53,7 @@ def load_config(workdir: Path, path: str) -> dict:
     return config
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def plans(tmp_path_factory):
     """{config: (the config with its defaults, [(sub-command, flags)] of `snakemake -n -p`)}."""
     workdir = add_autoencoders(make_workdir(tmp_path_factory.mktemp("vocabulary")))  # tiny_latent's autoencoder

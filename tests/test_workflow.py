@@ -145,7 +145,7 @@ def expected_jobs(cfg: dict) -> dict:
 # ---- the DAG of every shipped config ------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def dry_runs(tmp_path_factory):
     """`snakemake -n` of every shipped config, plus one targeted and two profile runs, run
     side by side (each is mostly Snakemake's start-up)."""
@@ -587,7 +587,7 @@ REFUSED_IN_DRY_RUN = ["even model depth", "shallow and full models swapped", "sh
                       "digits models with the cifar10 dataset"]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def bad_config_runs(tmp_path_factory):
     workdir = make_workdir(tmp_path_factory.mktemp("bad"))
     tiny = load(TINY)
@@ -732,7 +732,7 @@ TABLE_COLUMNS = {
 }  # fmt: skip
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_study(tmp_path_factory):
     workdir = make_workdir(tmp_path_factory.mktemp("tiny"))
     result = snakemake(workdir, "--configfile", TINY, "--cores", "2", timeout=1800)
@@ -921,7 +921,7 @@ def test_a_guided_study_passes_label_dropout_and_the_guidance_scale_to_every_job
 # ---- the latent path, end to end --------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def latent_study(tmp_path_factory):
     workdir = add_autoencoders(make_workdir(tmp_path_factory.mktemp("latent")))
     result = snakemake(workdir, "--configfile", TINY_LATENT, "--cores", "2", timeout=1800)

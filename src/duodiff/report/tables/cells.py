@@ -46,7 +46,8 @@ def summary_columns(frame: pd.DataFrame) -> list[tuple[str, str, str, str | None
     metrics = [c for c in SUMMARY_COLUMNS if (c[0] != "cmmd" or cmmd_computed(frame))
                and (c[0] != "kid" or frame["kid"].notna().any())]
     # The paired difference to the full model, where the sets were scored against it.
-    diff = [("score_diff", f"Δ{name} vs full{ci}", rf"$\Delta${name} vs full{ci_tex}", None)]
+    pm_ci, pm_ci_tex = (" ± 95% CI", r" $\pm$ 95\% CI") if ci else ("", "")
+    diff = [("score_diff", f"Δ{name} vs full{pm_ci}", rf"$\Delta${name} vs full{pm_ci_tex}", None)]
     if frame["score_diff"].isna().all():
         diff = []
     if name == "FID":
@@ -143,7 +144,8 @@ def summary_cells(frame: pd.DataFrame, footnotes: dict[str, int], latex: bool) -
                 mark = DIFFERS_MARK.get(row.verdict)
                 text.append(cell + (mark[1 if latex else 0] if mark else ""))
         elif column == "score_diff":
-            text = ["–" if pd.isna(v) else f"{v:+.{digits}f}" + ("" if pd.isna(lo) else f" [{lo:+.{digits}f}, {hi:+.{digits}f}]")
+            # The jackknife interval is symmetric: ± its half-width, narrower to print than [low, high].
+            text = ["–" if pd.isna(v) else f"{v:+.{digits}f}" + ("" if pd.isna(lo) else f"{pm}{(hi - lo) / 2:.{digits}f}")
                     for v, lo, hi in zip(frame["score_diff"], frame["score_diff_ci_low"], frame["score_diff_ci_high"])]
         elif column == "kid_headline":
             text = [_fmt(v * KID_SCALE, digits) + ("" if pd.isna(lo) else f" [{lo * KID_SCALE:.{digits}f}, {hi * KID_SCALE:.{digits}f}]")
@@ -168,21 +170,22 @@ def summary_cells(frame: pd.DataFrame, footnotes: dict[str, int], latex: bool) -
 
 
 def operating_point_cells(points: pd.DataFrame) -> pd.DataFrame:
-    """operating_points() as display text: one row per method family."""
+    """operating_points() as display text, one row per method family: the answer a reader wants
+    first (setting, speed-ups, the paired difference that makes it equal quality); the set's own
+    score with its interval is in the table of every set."""
     rows = []
     for p in points.itertuples():
         diff = f"Δ{p.score_name} vs full [95% CI]"
         if not isinstance(p.set, str):
-            rows.append({"Method": _family_label(p), "Set": "–", p.score_name + " [95% CI]": "–", diff: "–",
-                         "Layer ratio": "–", "Speed-up (measured)": "–", "Speed-up (theoretical)": "–",
-                         "Note": p.note})
+            rows.append({"Method": _family_label(p), "Setting": "–", "Speed-up (measured)": "–",
+                         "Speed-up (theoretical)": "–", diff: "–", "Layer ratio": "–", "Note": p.note})
             continue
-        rows.append({"Method": _family_label(p), "Set": p.set,
-                     p.score_name + " [95% CI]": _fmt(p.score, 2) + (
-                         "" if pd.isna(p.score_ci_low) else f" [{p.score_ci_low:.2f}, {p.score_ci_high:.2f}]"),
-                     diff: f"{p.score_diff:+.2f} [{p.score_diff_ci_low:+.2f}, {p.score_diff_ci_high:+.2f}] ({p.verdict})",
-                     "Layer ratio": f"{p.layer_ratio:.3f}", "Speed-up (measured)": f"{p.speedup_measured:.2f}×",
-                     "Speed-up (theoretical)": f"{p.speedup_theoretical:.2f}×", "Note": p.note or ""})
+        better = " (better)" if p.verdict == "better" else ""
+        rows.append({"Method": _family_label(p), "Setting": p.setting_label,
+                     "Speed-up (measured)": f"{p.speedup_measured:.2f}×",
+                     "Speed-up (theoretical)": f"{p.speedup_theoretical:.2f}×",
+                     diff: f"{p.score_diff:+.2f} [{p.score_diff_ci_low:+.2f}, {p.score_diff_ci_high:+.2f}]{better}",
+                     "Layer ratio": f"{p.layer_ratio:.3f}", "Note": p.note or ""})
     return pd.DataFrame(rows)
 
 

@@ -51,7 +51,7 @@ def passes(frame: pd.DataFrame) -> pd.Series:
     return frame["verdict"].isin(["equal", "better"])
 
 
-OPERATING_POINT_COLUMNS = ["method", "family", "set", "setting", "score_name", "score", "score_ci_low",
+OPERATING_POINT_COLUMNS = ["method", "family", "set", "setting", "setting_label", "score_name", "score", "score_ci_low",
                            "score_ci_high", "score_diff", "score_diff_ci_low", "score_diff_ci_high", "verdict",
                            "margin", "quality_limit", "full_score", "full_ci_low", "full_ci_high", "layer_ratio",
                            "speedup_measured", "speedup_theoretical", "note"]
@@ -98,7 +98,8 @@ def operating_points(frame: pd.DataFrame) -> pd.DataFrame:
                                          f"{full['quality_limit']:.3g})"})
             continue
         pick = good.sort_values(["speedup_theoretical", "speedup_measured"], ascending=False).iloc[0]
-        rows.append({**base, **{k: pick[k] for k in ("set", "setting", "score", "score_ci_low", "score_ci_high",
+        rows.append({**base, **{k: pick[k] for k in ("set", "setting", "setting_label", "score", "score_ci_low",
+                                                     "score_ci_high",
                                                      "score_diff", "score_diff_ci_low", "score_diff_ci_high",
                                                      "verdict", "layer_ratio", "speedup_measured",
                                                      "speedup_theoretical")},
