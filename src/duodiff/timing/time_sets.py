@@ -23,10 +23,10 @@ it), on one device:
   CUDA the device is synchronised before it is read), except on a CPU with one torch thread: there
   it is the process's CPU time, time.process_time, the rule `duodiff sample` times with
   (duodiff.sample.setup.timing_clock). Time slices the kernel gives to other processes are then not
-  counted: on the 2-core development machine, busy with other work (load average 5), the wall
-  clock put full_steps20 anywhere from 1.70x to 2.18x (theory 2.00x) where the CPU clock gave
-  1.99-2.01x (benchmarks/README.md, "Timing the sets alone"). Several threads keep the wall clock:
-  their CPU time would count threads spinning at barriers.
+  counted: on the 2-core development machine, busy with other work (load average 3-5), the wall
+  clock put full_steps20 anywhere from 1.70x to 2.18x (2.00x of work) where the CPU clock gave
+  1.99x to 2.03x (benchmarks/README.md, "Timing the sets alone"). Several threads keep the wall
+  clock: their CPU time would count threads spinning at barriers.
 - The speed-up of a set in round r is t_baseline(r) / t_set(r); timing.json reports its median
   over the rounds with a distribution-free 95% interval for the median from order statistics
   (binomial ranks, duodiff.timing.intervals: exact coverage, recorded; at least 6 rounds reach
