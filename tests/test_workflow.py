@@ -843,6 +843,20 @@ def test_tiny_study_sample_sets_were_made_with_the_configured_settings(tiny_stud
 
 
 @pytest.mark.slow
+def test_tiny_study_times_every_set_alone(tiny_study):
+    study = tiny_study / "results" / "tiny"
+    timing = json.loads((study / "timing" / "timing.json").read_text())
+    cfg = load(TINY)
+    assert list(timing["sets"]) == expected_sets(cfg) and timing["baseline"] == "full"
+    assert (timing["rounds"], timing["batch_size"], timing["threads"]) == tuple(
+        cfg["timing"][key] for key in ("rounds", "batch_size", "threads"))  # fmt: skip
+    assert timing["sets"]["full"]["speedups"] == [1.0] * cfg["timing"]["rounds"]
+    with open(study / "timing" / "timing.csv") as f:
+        assert [row["set"] for row in csv.DictReader(f)] == expected_sets(cfg)
+    assert (study / "logs" / "timing.log").is_file() and (study / "benchmarks" / "timing.tsv").is_file()
+
+
+@pytest.mark.slow
 def test_tiny_study_report_builds(tiny_study):
     result = snakemake(tiny_study, "--configfile", TINY, "--report", "results/tiny/report.html")
     assert result.returncode == 0, result.stderr
