@@ -250,6 +250,7 @@ OUTPUT_COMMANDS = {
     "cmmd-reference": "cmmd-reference --reference {ref8} --output {dest}/clip.npz",
     "cmmd": "cmmd --samples {s8} --reference {ref8} --output {dest}/cmmd.json",
     "flops": "flops --samples {s8} {s8} --output {tmp}/fine.json {dest}/gflops.json",  # the second of two
+    "time": "time --samples {s8} --output-dir {dest}",
     "tables": "tables --samples-root {tmp} --metrics-root {tmp} --sets full --output-dir {dest}",
     "plots": "plots --tables-dir {tmp} --samples-root {tmp} --models-root {tmp} --reference {ref8} --output-dir {dest}",
 }

@@ -24,6 +24,7 @@ BLOCKS = {
     "metrics.fid (reference)": (METRICS["fid"]["properties"], "reference"),  # max_reference
     "metrics.cmmd": (METRICS["cmmd"]["properties"], "cmmd"),
     "metrics.classifier": (METRICS["classifier"]["properties"], "feature-net"),
+    "timing": (SCHEMA["properties"]["timing"]["properties"], "time"),
 }
 # By design: `duodiff sample --steps` has no default (ddim needs it, ddpm takes num_timesteps),
 # the workflow's sampling block samples 50 DDIM steps unless the config says otherwise.

@@ -1,10 +1,11 @@
 """The package's import graph: the layers, the leaf modules everyone uses, and the entry point nobody
 imports.
 
-The package mirrors the workflow: one subpackage per stage (train, sample, metrics, report), built on
-two shared layers, core (what every stage uses) and models (the networks). A stage imports the
-shared layers and never another stage: train does not reach into sample, and report reads the
-metrics' and sample sets' result files, never their code, a model or a training run.
+The package mirrors the workflow: one subpackage per stage (train, sample, metrics, timing, report),
+built on two shared layers, core (what every stage uses) and models (the networks). A stage imports
+the shared layers and never another stage: train does not reach into sample, and report reads the
+metrics' and sample sets' result files, never their code, a model or a training run. One exception,
+by design: timing times exactly what sample runs, so it imports sample's model loading and policies.
 
 duodiff.core.images (image I/O and the one grid maker) and duodiff.core.flags (the CLI flag helpers) are
 leaves: the stages import them, and they import no stage. duodiff.cli imports the stages (their
@@ -55,6 +56,9 @@ ALLOWED = {
     "train": SHARED,
     "sample": SHARED,
     "metrics": SHARED,
+    # timing re-runs the sets' sampling policies: it times exactly what sample runs, so it reuses
+    # sample's model loading and policies (sample never imports timing).
+    "timing": SHARED | {"sample"},
     "report": {"core"},
 }
 
@@ -110,7 +114,8 @@ for leaf in ("duodiff.core.flags", "duodiff.core.images"):
     # A module's packages (duodiff.core for duodiff.core.flags) load with it.
     report[leaf] = sorted(m for m in set(sys.modules) - before if m.startswith("duodiff.") and not leaf.startswith(m + "."))
 for stage in ("duodiff.train.loop", "duodiff.models.convert", "duodiff.sample.sample_set", "duodiff.metrics.feature_net", "duodiff.metrics.fid",
-              "duodiff.metrics.cmmd", "duodiff.metrics.flops", "duodiff.report.tables.collect", "duodiff.report.plots.quality"):
+              "duodiff.metrics.cmmd", "duodiff.metrics.flops", "duodiff.timing.time_sets", "duodiff.report.tables.collect",
+              "duodiff.report.plots.quality"):
     importlib.import_module(stage)
 report["cli loaded"] = "duodiff.cli" in sys.modules
 print(json.dumps(report))

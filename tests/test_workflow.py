@@ -38,7 +38,7 @@ OTHER_EXPERIMENT = "tiny_other"
 PLOTS = ["quality_vs_gflops", "paired_difference", "quality_vs_time", "exit_heatmap", "mean_exit_layer", "fid_vs_tswitch", "training_curves",
          "sample_grids"]
 GPU_RULES = ["encode", "reference", "train_full", "train_shallow", "train_early_exit", "sample_full", "sample_shallow",
-             "sample_early_exit", "sample_duodiff", "score", "cmmd_reference", "cmmd"]  # fmt: skip
+             "sample_early_exit", "sample_duodiff", "score", "cmmd_reference", "cmmd", "timing"]  # fmt: skip
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
@@ -135,6 +135,7 @@ def expected_jobs(cfg: dict) -> dict:
         "score": n_scored,  # Inception's and (headline classifier) the classifier's scores, one job a set
         "cmmd": n_scored if cmmd else 0,
         "flops": 1,  # one job counts every sample set
+        "timing": 1,  # one job times every sample set, alone
         "tables": 1,
         "plots": 1,
         "all": 1,
@@ -262,7 +263,7 @@ def test_a_table_target_plans_exactly_what_the_tables_need(dry_runs):
     result = results["target"]
     assert result.returncode == 0, result.stderr
     expected = expected_jobs(load("config/config.yaml"))
-    del expected["plots"], expected["all"]
+    del expected["plots"], expected["timing"], expected["all"]
     assert job_counts(result.stdout) == expected
 
 
@@ -471,6 +472,40 @@ def test_every_file_a_job_reads_is_its_input(dry_runs):
         assert reference | {f"{root}/feature_net/model.pt", f"{root}/feature_net/feature_net.json"} <= job["input"]
     (plots,) = planned_jobs(output, "plots")
     assert f"{root}/samples/real/stats.json" in plots["input"]
+
+
+def planned_threads(output: str, rule: str) -> list:
+    """The `threads:` of each job of `rule` in a dry run's output."""
+    threads, current = [], None
+    for line in output.splitlines():
+        if re.fullmatch(r"(local)?rule \w+:", line):
+            current = line.split()[-1] == f"{rule}:"
+        elif current and line.startswith("    threads: "):
+            threads.append(int(line.removeprefix("    threads: ")))
+    return threads
+
+
+def test_one_timing_job_times_every_set_alone(dry_runs):
+    # `duodiff time` reads every set's stats.json and the models they name, times them all in one
+    # job against the full model, and asks for every core, so that nothing runs beside it.
+    from snakemake.utils import available_cpu_count
+
+    _, results = dry_runs
+    output = results["tiny_commands"].stdout
+    cfg, root = load(TINY), "results/tiny"
+    (job,) = planned_jobs(output, "timing")
+    assert {f"{root}/samples/{name}/stats.json" for name in expected_sets(cfg)} <= job["input"]
+    models = {f"{root}/models/{name}/model.pt" for name in ("full", "shallow_d1", "ee_attention_probe")}
+    assert {path for path in job["input"] if path.endswith("model.pt")} == models
+    ((_, flags),) = [command for command in planned_commands(output) if command[0] == "time"]
+    assert flags["--samples"].split() == [f"{root}/samples/{name}" for name in expected_sets(cfg)]
+    assert (flags["--baseline"], flags["--output-dir"], flags["--device"]) == ("full", f"{root}/timing", "cpu")
+    timing = cfg["timing"]
+    assert (flags["--rounds"], flags["--batch-size"], flags["--threads"]) == tuple(
+        str(timing[key]) for key in ("rounds", "batch_size", "threads"))  # fmt: skip
+    # profiles/default gives Snakemake every core (`cores: all`); the timing job takes them all.
+    assert planned_threads(output, "timing") == [available_cpu_count()]
+    assert f"{root}/timing/timing.json" in planned_files(output)
 
 
 # ---- config validation -----------------------------------------------------------------------------
@@ -808,6 +843,20 @@ def test_tiny_study_sample_sets_were_made_with_the_configured_settings(tiny_stud
 
 
 @pytest.mark.slow
+def test_tiny_study_times_every_set_alone(tiny_study):
+    study = tiny_study / "results" / "tiny"
+    timing = json.loads((study / "timing" / "timing.json").read_text())
+    cfg = load(TINY)
+    assert list(timing["sets"]) == expected_sets(cfg) and timing["baseline"] == "full"
+    assert (timing["rounds"], timing["batch_size"], timing["threads"]) == tuple(
+        cfg["timing"][key] for key in ("rounds", "batch_size", "threads"))  # fmt: skip
+    assert timing["sets"]["full"]["speedups"] == [1.0] * cfg["timing"]["rounds"]
+    with open(study / "timing" / "timing.csv") as f:
+        assert [row["set"] for row in csv.DictReader(f)] == expected_sets(cfg)
+    assert (study / "logs" / "timing.log").is_file() and (study / "benchmarks" / "timing.tsv").is_file()
+
+
+@pytest.mark.slow
 def test_tiny_study_report_builds(tiny_study):
     result = snakemake(tiny_study, "--configfile", TINY, "--report", "results/tiny/report.html")
     assert result.returncode == 0, result.stderr
@@ -853,10 +902,10 @@ def test_tiny_study_changing_one_threshold_reruns_only_what_depends_on_it(tiny_s
         c["early_exit"]["thresholds"][-1] = 0.3
 
     # One new sample set per classifier type, its scores (one job for FID and FD, one for CMMD),
-    # GFLOPs (one job for every set), and the tables and plots.
+    # GFLOPs and timing (one job each for every set), and the tables and plots.
     assert changed_jobs(tiny_study, "threshold", edit) == {
         "sample_early_exit": n_classifiers, "score": n_classifiers,
-        "cmmd": n_classifiers, "flops": 1, "tables": 1, "plots": 1, "all": 1,
+        "cmmd": n_classifiers, "flops": 1, "timing": 1, "tables": 1, "plots": 1, "all": 1,
     }  # fmt: skip
 
 
@@ -871,7 +920,7 @@ def test_tiny_study_changing_a_training_setting_reruns_that_model_and_its_sets(t
     n_sets = 1 + n_t_switch
     assert changed_jobs(tiny_study, "shallow_lr", edit) == {
         "train_shallow": 1, "sample_shallow": 1, "sample_duodiff": n_t_switch,
-        "score": n_sets, "cmmd": n_sets, "flops": 1, "tables": 1, "plots": 1, "all": 1,
+        "score": n_sets, "cmmd": n_sets, "flops": 1, "timing": 1, "tables": 1, "plots": 1, "all": 1,
     }  # fmt: skip
 
 

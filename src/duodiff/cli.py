@@ -34,6 +34,7 @@ COMMANDS = {
     "cmmd-reference": "duodiff.metrics.cmmd",
     "cmmd": "duodiff.metrics.cmmd",
     "flops": "duodiff.metrics.flops",
+    "time": "duodiff.timing.time_sets",
     "tables": "duodiff.report.tables.collect",
     "plots": "duodiff.report.plots.quality",
 }

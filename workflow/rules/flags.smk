@@ -163,3 +163,9 @@ def convert_flags() -> str:
     label dropout it was published with (train.full.label_dropout: its null class, for guidance)."""
     recorded = {"dataset": config["dataset"]["name"], "label_dropout": config["train"]["full"].get("label_dropout", 0)}
     return " ".join([diffusion_flags(), cli_flags(unless_zero(recorded, "label_dropout"))])
+
+
+def timing_flags() -> str:
+    """`duodiff time`: the timing block and the device (the torch thread count is timing.threads,
+    not the job's threads)."""
+    return cli_flags({**config["timing"], "device": config["device"]})

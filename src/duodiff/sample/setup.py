@@ -59,11 +59,15 @@ def timing_clock(device: torch.device) -> str:
     return "cpu" if device.type == "cpu" and torch.get_num_threads() == 1 else "wall"
 
 
-def load_models(method, checkpoint_path, checkpoint_path_late, use_ema, device, allow_deeper_shallow):
-    """Load and cross-check the model(s) a method needs; returns (models, diffusion, metas)."""
-    from duodiff.models.checkpoints import load_model
+def load_models(method, checkpoint_path, checkpoint_path_late, use_ema, device, allow_deeper_shallow, load=None):
+    """Load and cross-check the model(s) a method needs; returns (models, diffusion, metas).
 
-    model, diffusion, meta = load_model(checkpoint_path, use_ema=use_ema, device=device)
+    `load` reads one model file, as duodiff.models.checkpoints.load_model (the default) does:
+    `duodiff time` passes a caching one, so a checkpoint shared by several sets is loaded once."""
+    if load is None:
+        from duodiff.models.checkpoints import load_model as load
+
+    model, diffusion, meta = load(checkpoint_path, use_ema=use_ema, device=device)
     if method == "early_exit":
         require(
             meta["kind"] == "early_exit",
@@ -78,7 +82,7 @@ def load_models(method, checkpoint_path, checkpoint_path_late, use_ema, device, 
     if method in ("full", "shallow"):
         return {"model": model}, diffusion, {"model": meta}
 
-    late, late_diffusion, late_meta = load_model(checkpoint_path_late, use_ema=use_ema, device=device)
+    late, late_diffusion, late_meta = load(checkpoint_path_late, use_ema=use_ema, device=device)
     require(
         late_meta["kind"] == "uvit",
         f"--method duodiff needs a uvit model as --checkpoint-path-late; {checkpoint_path_late} holds a "
