@@ -521,3 +521,40 @@ def test_operating_points_pick_the_fastest_setting_that_passes_the_paired_test(t
     # The real-data row is the floor, not a contender: the best FD in bold is a generated set's.
     bold = [key for key, cell in cells.items() if cell.startswith("**")]
     assert bold == ["U-ViT (7 blocks) / –"]  # 100.00, the lowest generated FD
+
+
+def write_timing(path, sets, speedups):
+    """A timing.json of `duodiff time` by hand: speedups[name] = (median, low, high)."""
+    write_json(path, {
+        "format": "duodiff-timing", "version": 1, "baseline": "full", "rounds": 6, "batch_size": 64, "threads": 1,
+        "device": "cpu", "device_name": "Test CPU", "clock": "time.process_time", "confidence": 0.95,
+        "interval_method": "order statistics", "sets": {
+            name: {"speedup": speedups[name][0], "speedup_ci_low": speedups[name][1],
+                   "speedup_ci_high": speedups[name][2], "images_per_s": 10.0 * speedups[name][0]}
+            for name in sets}})
+
+
+def test_measured_speedups_come_from_the_timing_stage_with_their_intervals(tmp_path):
+    write_ci_study(tmp_path)
+    # Timed alone: full_steps20 exactly 2x of work measures 2.01 [1.99, 2.04]; the sampling jobs'
+    # own images/s (20 vs 10: 2.0) are not used. Every other set at 1.5 [1.4, 1.6].
+    speedups = {name: (1.5, 1.4, 1.6) for name in CI_STUDY} | {"full": (1.0, 1.0, 1.0),
+                                                                "full_steps20": (2.01, 1.99, 2.04)}
+    write_timing(tmp_path / "timing.json", CI_STUDY, speedups)
+    run_tables(**cli_args("tables", samples_root=tmp_path / "samples", metrics_root=tmp_path / "metrics",
+                          sets=list(CI_STUDY) + ["real"], output_dir=tmp_path / "tables", headline="classifier",
+                          timing=tmp_path / "timing.json"))
+    scores = pd.read_csv(tmp_path / "tables" / "scores.csv").set_index("set")
+    assert scores.loc["full_steps20", ["speedup_measured", "speedup_measured_ci_low", "speedup_measured_ci_high",
+                                       "images_per_s"]].tolist() == pytest.approx([2.01, 1.99, 2.04, 20.1])
+    assert scores.loc["full", "speedup_measured"] == 1.0 and math.isnan(scores.loc["real", "speedup_measured"])
+    points = pd.read_csv(tmp_path / "tables" / "operating_points.csv").set_index("family")
+    assert points.loc["fewer steps", ["speedup_measured", "speedup_measured_ci_low"]].tolist() == [2.01, 1.99]
+    summary = (tmp_path / "tables" / "summary.md").read_text()
+    assert "2.01× [1.99, 2.04]" in summary and "timed alone after sampling (duodiff time) on Test CPU" in summary
+    # A set the timing stage did not time is refused, naming it.
+    write_timing(tmp_path / "partial.json", [n for n in CI_STUDY if n != "duodiff_d3_ts30"], speedups)
+    with pytest.raises(DuodiffError, match=r"partial.json: set duodiff_d3_ts30 was not timed"):
+        run_tables(**cli_args("tables", samples_root=tmp_path / "samples", metrics_root=tmp_path / "metrics",
+                              sets=list(CI_STUDY), output_dir=tmp_path / "t2", headline="classifier",
+                              timing=tmp_path / "partial.json"))

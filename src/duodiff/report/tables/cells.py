@@ -160,6 +160,11 @@ def summary_cells(frame: pd.DataFrame, footnotes: dict[str, int], latex: bool) -
             mark = (lambda n: f"\\textsuperscript{{{n}}}") if latex else (lambda n: str(n).translate(SUPERSCRIPTS))
             text = [f"n/a{mark(footnotes[str(r)])}" if pd.isna(v) else f"{v:.{digits}f}"
                     for v, r in zip(frame["cmmd"], frame["reason"])]
+        elif column == "speedup_measured":  # timed alone: the median ratio with its 95% interval
+            times = r"$\times$" if latex else "×"
+            text = [_fmt(v, digits, times) + ("" if pd.isna(lo) else f" [{lo:.{digits}f}, {hi:.{digits}f}]")
+                    for v, lo, hi in zip(frame[column], frame["speedup_measured_ci_low"],
+                                         frame["speedup_measured_ci_high"])]
         elif column.startswith("speedup"):
             times = r"$\times$" if latex else "×"
             text = [_fmt(v, digits, times) for v in frame[column]]
@@ -182,7 +187,9 @@ def operating_point_cells(points: pd.DataFrame) -> pd.DataFrame:
             continue
         better = " (better)" if p.verdict == "better" else ""
         rows.append({"Method": _family_label(p), "Setting": p.setting_label,
-                     "Speed-up (measured)": f"{p.speedup_measured:.2f}×",
+                     "Speed-up (measured)": f"{p.speedup_measured:.2f}×" + (
+                         "" if pd.isna(p.speedup_measured_ci_low)
+                         else f" [{p.speedup_measured_ci_low:.2f}, {p.speedup_measured_ci_high:.2f}]"),
                      "Speed-up (theoretical)": f"{p.speedup_theoretical:.2f}×",
                      diff: f"{p.score_diff:+.2f} [{p.score_diff_ci_low:+.2f}, {p.score_diff_ci_high:+.2f}]{better}",
                      "Layer ratio": f"{p.layer_ratio:.3f}", "Note": p.note or ""})

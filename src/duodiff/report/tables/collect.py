@@ -33,7 +33,7 @@ from duodiff.core.flags import add_flag
 from duodiff.core.io import atomic_path, write_text
 from duodiff.core.study import METHOD_ORDER, method_of_set, setting_label
 from duodiff.report.tables.formats import summary_html, summary_latex, summary_markdown
-from duodiff.report.tables.inputs import HEADLINES, TableSettings, check_one_mode, read_real, read_set
+from duodiff.report.tables.inputs import HEADLINES, TableSettings, check_one_mode, read_real, read_set, read_timing
 from duodiff.report.tables.operating_points import add_comparisons, operating_points
 
 # The columns every csv starts with (the contract's list, plus the sampling set-up the plots
@@ -42,7 +42,7 @@ ID_COLUMNS = ["set", "method", "setting", "classifier_type", "threshold", "t_swi
               "shallow_depth", "depth", "sampler", "steps", "seed", "n_samples"]
 INTEGER_COLUMNS = ["t_switch", "shallow_depth", "depth", "steps", "seed", "n_samples"]
 SPEED_COLUMNS = ["gflops_per_forward", "gflops_per_image", "layer_ratio", "images_per_s",
-                 "speedup_measured", "speedup_theoretical"]
+                 "speedup_measured", "speedup_measured_ci_low", "speedup_measured_ci_high", "speedup_theoretical"]
 SCORE_COLUMNS = ["score_name", "score", "score_ci_low", "score_ci_high", "score_diff", "score_diff_ci_low",
                  "score_diff_ci_high", "verdict", "margin", "quality_limit"]
 CSV_COLUMNS = {
@@ -56,7 +56,8 @@ CSV_COLUMNS = {
     "cmmd": ID_COLUMNS + ["cmmd", "available", "reason", "embedding_model"],
     "gflops": ID_COLUMNS + ["gflops_per_forward", "gflops_per_forward_linear_conv",
                             "gflops_per_image", "layer_ratio", "images_per_s",
-                            "speedup_measured", "speedup_theoretical"],
+                            "speedup_measured", "speedup_measured_ci_low", "speedup_measured_ci_high",
+                            "speedup_theoretical"],
 }
 
 
@@ -119,7 +120,8 @@ def collect(settings: TableSettings, sets: list[str], margin: float) -> pd.DataF
     rows = sorted((_read_row(settings, name) for name in sets), key=_order_key)
     frame = pd.DataFrame(rows)
     for column in ID_COLUMNS + SPEED_COLUMNS + ["real_mode", "batch_size", "device", "torch_version", "timing_clock",
-                                                "precision", "gflops_per_forward_linear_conv", "gflops_convention"]:
+                                                "precision", "gflops_per_forward_linear_conv", "gflops_convention",
+                                                "timing_source"]:
         if column not in frame:  # a study of the real set alone has no sampling columns
             frame[column] = None
     for column in INTEGER_COLUMNS:  # nullable integers, so t_switch 300 stays "300", not "300.0"
@@ -129,6 +131,7 @@ def collect(settings: TableSettings, sets: list[str], margin: float) -> pd.DataF
     frame["setting_label"] = frame.apply(setting_label, axis=1)
     frame["has_setting"] = frame["setting_label"] != setting_label({"method": None})
     check_one_mode(frame)
+    frame.attrs["timing"] = settings.timing  # the notes say how the speed-ups were measured
     return add_comparisons(frame, margin)
 
 
@@ -137,15 +140,18 @@ def _write_frame(frame: pd.DataFrame, path: Path) -> None:
         frame.to_csv(tmp, index=False)
 
 
-def run_tables(*, samples_root, metrics_root, sets, output_dir, headline: str, cmmd: bool, margin: float) -> dict[str, Path]:
+def run_tables(*, samples_root, metrics_root, sets, output_dir, headline: str, cmmd: bool, margin: float,
+               timing) -> dict[str, Path]:
     """Write scores/fid/kid/cmmd/gflops.csv, operating_points.csv, summary.md, summary.tex and
     summary.html to output_dir; return their paths. margin: equal quality's non-inferiority margin,
-    a fraction of the full model's headline score."""
+    a fraction of the full model's headline score. timing: timing.json of `duodiff time`, whose
+    speed-ups (every set timed alone) the tables report; None: the sampling jobs' own timings."""
     require(headline in HEADLINES, f"--headline must be one of {', '.join(HEADLINES)}; got {headline!r}")
     require(is_number(margin) and 0 <= margin < 1,
             f"--margin must be a fraction of the full model's score in [0, 1); got {margin!r}")
     sets = check_sets(sets)
-    settings = TableSettings(samples_root=Path(samples_root), metrics_root=Path(metrics_root), headline=headline, cmmd=cmmd)
+    settings = TableSettings(samples_root=Path(samples_root), metrics_root=Path(metrics_root), headline=headline,
+                             cmmd=cmmd, timing=read_timing(timing))
     frame = collect(settings, sets, float(margin))  # reads and checks everything before writing
     output_dir = Path(output_dir)
     paths = {}
@@ -178,6 +184,9 @@ def add_cli(subparsers) -> None:
     add_flag(parser, "--margin", type=float, default=0.10,
              help="equal quality: the upper end of a set's paired 95%% interval of its headline score minus the full "
                   "model's is at most this fraction of the full model's score (non-inferiority margin)")
+    add_flag(parser, "--timing", default=None,
+             help="timing.json of `duodiff time` (every set timed alone): its speed-ups and images/s; without it the "
+                  "sampling jobs' own timings")
     parser.set_defaults(func=lambda args: run_tables(samples_root=args.samples_root, metrics_root=args.metrics_root,
                                                      sets=args.sets, output_dir=args.output_dir, headline=args.headline,
-                                                     cmmd=args.cmmd, margin=args.margin))
+                                                     cmmd=args.cmmd, margin=args.margin, timing=args.timing))

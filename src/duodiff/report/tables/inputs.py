@@ -34,6 +34,7 @@ class TableSettings:
     metrics_root: Path
     headline: str
     cmmd: bool
+    timing: dict | None  # timing.json of `duodiff time` (read_timing), or None: the sampling jobs' own timings
 
 
 # Keys each input file must have (the contract); anything else in them is ignored.
@@ -49,6 +50,8 @@ REQUIRED_KEYS = {
     "cmmd.json": ["cmmd", "available", "reason", "n_samples", "embedding_model"],
     "gflops.json": ["gflops_per_forward", "gflops_per_forward_linear_conv", "gflops_per_image",
                     "layer_ratio", "theoretical"],
+    "timing.json": ["format", "baseline", "rounds", "batch_size", "threads", "device", "device_name", "clock",
+                    "confidence", "interval_method", "sets"],
 }
 
 
@@ -163,6 +166,36 @@ def check_one_mode(frame) -> None:
             + "; score every set against one reference (metrics.fid.mode)")
 
 
+def read_timing(path) -> dict | None:
+    """timing.json of `duodiff time` (every set timed alone after sampling), checked; None without one."""
+    if path is None:
+        return None
+    path = Path(path)
+    timing = _read(path, "timing.json")
+    require(timing["format"] == "duodiff-timing", f"{path}: format is {timing['format']!r}, not 'duodiff-timing'")
+    require(isinstance(timing["sets"], dict), f"{path}: sets must be an object of set name -> timing")
+    return {**timing, "path": str(path)}
+
+
+def _timed(settings: TableSettings, name: str, stats_path: Path, stats: dict) -> dict:
+    """The set's throughput and measured speed-up: from timing.json (timed alone, interleaved with
+    the full model, median ratio with its 95% interval) when the run has it, else the sampling
+    job's own images/s (the speed-up is then their ratio, without an interval)."""
+    if settings.timing is None:
+        return {"images_per_s": _number(stats_path, stats, "images_per_s", positive=True), "timing_source": "sampling"}
+    timing, path = settings.timing, settings.timing["path"]
+    require(name in timing["sets"], f"{path}: set {name} was not timed (timed: {', '.join(timing['sets'])}); "
+                                    "rerun `duodiff time` over every set of the study")
+    entry = timing["sets"][name]
+    return {
+        "images_per_s": _number(Path(path), entry, "images_per_s", positive=True),
+        "speedup_measured": _number(Path(path), entry, "speedup", positive=True),
+        "speedup_measured_ci_low": _number(Path(path), entry, "speedup_ci_low", positive=True),
+        "speedup_measured_ci_high": _number(Path(path), entry, "speedup_ci_high", positive=True),
+        "timing_source": "timing",
+    }
+
+
 def read_real(settings: TableSettings) -> dict:
     """The real-data row: held-out real images scored like a sample set (no sampling, no cost)."""
     stats_path = settings.samples_root / "real" / "stats.json"
@@ -206,5 +239,5 @@ def read_set(settings: TableSettings, name: str, method: str) -> dict:
         "gflops_per_image": _number(gflops_path, gflops, "gflops_per_image", positive=True),
         "layer_ratio": _number(gflops_path, gflops, "layer_ratio"),
         "gflops_convention": gflops["theoretical"],
-        "images_per_s": _number(stats_path, stats, "images_per_s", positive=True),
+        **_timed(settings, name, stats_path, stats),
     }

@@ -18,6 +18,7 @@ def sentence(text) -> str:
 def notes(frame: pd.DataFrame, footnotes: dict[str, int]) -> list[str]:
     """Conventions and caveats printed under the table (plain text; the LaTeX writer escapes it)."""
     full = frame.loc[frame["set"] == "full"].iloc[0]
+    timing = frame.attrs.get("timing")  # timing.json of duodiff time, or None
     real = frame[frame["method"] == "real"]
     cmmd = cmmd_computed(frame)
     frame = frame[frame["method"] != "real"]  # the notes on sampling and cost are about generated sets
@@ -31,7 +32,7 @@ def notes(frame: pd.DataFrame, footnotes: dict[str, int]) -> list[str]:
     lines.append(_sampling_note(frame, full))
     lines.append(_samples_note(frame, full, cmmd))
     lines.extend(_network_notes(frame))
-    lines.extend(_cost_notes(frame, full))
+    lines.extend(_cost_notes(frame, full, timing))
     lines.extend(_cmmd_notes(frame, footnotes, cmmd))
     lines.append(_bold_note(full))
     return lines
@@ -89,7 +90,7 @@ def _network_notes(frame: pd.DataFrame) -> list[str]:
     return lines
 
 
-def _cost_notes(frame: pd.DataFrame, full) -> list[str]:
+def _cost_notes(frame: pd.DataFrame, full, timing: dict | None) -> list[str]:
     """What GFLOPs/fwd, the layer ratio and images/s count, and where they were measured."""
     conventions = frame["gflops_convention"].drop_duplicates()
     linear_conv = full["gflops_per_forward_linear_conv"]
@@ -100,6 +101,15 @@ def _cost_notes(frame: pd.DataFrame, full) -> list[str]:
              "(gflops.csv: gflops_per_forward_linear_conv).",
              f"Layer ratio: transformer blocks executed per network evaluation, averaged over steps and "
              f"samples, as a fraction of the full model's {full['depth']} (1 = full model)."]
+    if timing is not None:  # every set timed alone after sampling (duodiff time)
+        lines.append(f"Images/s and speed-up (measured): every set timed alone after sampling (duodiff time) on "
+                     f"{timing['device_name']} ({timing['device']}, {timing['threads']} thread(s), clock "
+                     f"{timing['clock']}): {timing['rounds']} rounds, each running every set once on one batch of "
+                     f"{timing['batch_size']} from fixed noise, interleaved with the full model, after an untimed "
+                     f"warm-up. Speed-up (measured) = the median over rounds of the full model's time ÷ the set's, "
+                     f"with a {timing['confidence']:.0%} interval ({timing['interval_method']}); speed-up "
+                     "(theoretical) = the full model's GFLOPs per image ÷ the set's.")
+        return lines
     devices = frame[["device", "torch_version", "batch_size", "precision", "timing_clock"]].drop_duplicates()
     clocks = {"cpu": "timed by the CPU time of the single-threaded sampling process, which other jobs running side "
                      "by side do not slow down", "wall": "timed by the wall clock"}

@@ -37,7 +37,11 @@ def add_comparisons(frame: pd.DataFrame, margin: float) -> pd.DataFrame:
     # shallow set alone reads 1.0; rescale every set to the full model's depth, the one reference
     # that makes the column comparable across methods.
     frame["layer_ratio"] = frame["layer_ratio"] * frame["depth"] / full["depth"]
-    frame["speedup_measured"] = frame["images_per_s"] / full["images_per_s"]
+    own = frame["timing_source"] == "sampling"  # not timed alone (no timing.json): the sampling jobs' own ratio
+    frame.loc[own, "speedup_measured"] = frame.loc[own, "images_per_s"] / full["images_per_s"]
+    frame.loc[own, ["speedup_measured_ci_low", "speedup_measured_ci_high"]] = math.nan
+    for column in ("speedup_measured", "speedup_measured_ci_low", "speedup_measured_ci_high"):
+        frame[column] = pd.to_numeric(frame[column])
     frame["speedup_theoretical"] = full["gflops_per_image"] / frame["gflops_per_image"]
     frame["margin"] = margin
     frame["quality_limit"] = margin * full["score"]
@@ -54,7 +58,8 @@ def passes(frame: pd.DataFrame) -> pd.Series:
 OPERATING_POINT_COLUMNS = ["method", "family", "set", "setting", "setting_label", "score_name", "score", "score_ci_low",
                            "score_ci_high", "score_diff", "score_diff_ci_low", "score_diff_ci_high", "verdict",
                            "margin", "quality_limit", "full_score", "full_ci_low", "full_ci_high", "layer_ratio",
-                           "speedup_measured", "speedup_theoretical", "note"]
+                           "speedup_measured", "speedup_measured_ci_low", "speedup_measured_ci_high",
+                           "speedup_theoretical", "note"]
 
 
 def method_families(frame: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
@@ -102,6 +107,7 @@ def operating_points(frame: pd.DataFrame) -> pd.DataFrame:
                                                      "score_ci_high",
                                                      "score_diff", "score_diff_ci_low", "score_diff_ci_high",
                                                      "verdict", "layer_ratio", "speedup_measured",
+                                                     "speedup_measured_ci_low", "speedup_measured_ci_high",
                                                      "speedup_theoretical")},
                      "note": ""})
     return pd.DataFrame(rows, columns=OPERATING_POINT_COLUMNS)
