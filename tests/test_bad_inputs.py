@@ -21,7 +21,7 @@ import torch
 from duodiff import cli
 from duodiff.core.images import save_png
 from duodiff.core.io import write_json
-from duodiff.models import build_model
+from duodiff.models import build_model, checkpoints
 from duodiff.models.checkpoints import save_model
 
 CONFIG = dict(img_size=8, patch_size=2, in_chans=1, embed_dim=16, depth=3, num_heads=2)
@@ -112,6 +112,18 @@ BAD_INPUTS = [
     ("score --samples {s8} --reference {tmp}/none --output-dir {out}", ["--reference {tmp}/none", "duodiff reference"]),
     ("score --samples {s8} --reference {ref16} --output-dir {out}", ["8x8 images with 1 channel", "16x16"]),
     ("score --samples {s8} --reference {ref8} --output-dir {out} --feature-net {tmp}/none.pt", ["feature network {tmp}/none.pt: no model.pt and feature_net.json there", "duodiff feature-net"]),
+    # Weights with a NaN or inf (a diverged run, a broken conversion) sample black images: refused
+    # where model files are loaded, naming the file and the first bad tensor, whatever reads them.
+    ("sample --checkpoint-path {nan_model} --method full " + SAMPLE + " --output-folder {out}",
+     ["{nan_model}: state_dict tensor 'pos_embed' holds NaN or inf (1 of ", "must be finite"]),
+    ("flops --samples {nan_set} --output {out}/gflops.json", ["{nan_model}: state_dict tensor 'pos_embed' holds NaN or inf"]),
+    ("train --load-backbone {nan_model} --model early_exit --classifier-type mlp_probe_per_layer --config-path {cfg} --log-path {out}",
+     ["{nan_model}: state_dict tensor 'pos_embed' holds NaN or inf"]),
+    ("train --log-path {nan_log} --model uvit --config-path {cfg} --n-steps 1 --device cpu",
+     ["{nan_log}/checkpoint.pt: model tensor 'pos_embed' holds NaN or inf", "remove it to start afresh"]),
+    ("convert --checkpoint {nan_uvit} --config-path {cfg_convert} --output {out}/model.pt",
+     ["{nan_uvit}: the U-ViT weights (plain state dict) tensor 'pos_embed' holds NaN or inf (2 of ",
+      "convert a checkpoint with finite weights"]),
 ]
 
 
@@ -132,6 +144,13 @@ def fake_samples(folder, sizes, channels=1, dataset=None):
         save_png(torch.full((channels, size, size), 40 * i, dtype=torch.uint8), folder / "images" / f"{i:06d}.png")
     write_json(folder / "stats.json", {"method": "full", "img_size": sizes[0], "in_chans": channels, "dataset": dataset})
     return folder
+
+
+def with_nan(state: dict, key: str, count: int = 1) -> dict:
+    """`state` with the first `count` values of state[key] NaN."""
+    state = {k: v.clone() for k, v in state.items()}
+    state[key].view(-1)[:count] = float("nan")
+    return state
 
 
 @pytest.fixture(scope="session")
@@ -169,6 +188,23 @@ def paths(tmp_path_factory):
     png.write_bytes(png.read_bytes()[:-20])  # cut off in its last chunks, as by a full disk
     files["afile"] = tmp / "afile"
     files["afile"].write_text("not a folder\n")
+    # Files with NaN weights: a model.pt, a sample set made from it, a training checkpoint, U-ViT weights.
+    full = checkpoints.load_model_file(files["full"])
+    files["nan_model"] = tmp / "nan.pt"
+    save_model(files["nan_model"], **{k: v for k, v in full.items() if k not in ("format", "version")}
+               | {"state_dict": with_nan(full["state_dict"], "pos_embed")})  # fmt: skip
+    files["nan_set"] = fake_samples(tmp / "nan_set", [8] * 4)
+    write_json(files["nan_set"] / "stats.json", {"method": "full", "checkpoint": str(files["nan_model"]), "n_samples": 4})
+    torch.save(torch.full((10, 4), 3, dtype=torch.long), files["nan_set"] / "exit_layers.pt")
+    files["nan_log"] = tmp / "nan_log"
+    files["nan_log"].mkdir()
+    checkpoints.save({"settings": {}, "model": with_nan(full["state_dict"], "pos_embed"), "ema": None, "optimizer": {},
+                      "step": 1}, files["nan_log"] / "checkpoint.pt", checkpoints.TRAIN_STATE_FORMAT)  # fmt: skip
+    files["cfg_convert"] = tmp / "convert.yaml"
+    files["cfg_convert"].write_text("".join(f"{k}: {v}\n" for k, v in {**CONFIG, "normalize_timesteps": False}.items()))
+    files["nan_uvit"] = tmp / "nan_uvit.pth"
+    torch.save(with_nan(build_model("uvit", {**CONFIG, "normalize_timesteps": False}, 1000).state_dict(), "pos_embed", 2),
+               files["nan_uvit"])  # fmt: skip
     return files
 
 
