@@ -124,6 +124,11 @@ BAD_INPUTS = [
     ("convert --checkpoint {nan_uvit} --config-path {cfg_convert} --output {out}/model.pt",
      ["{nan_uvit}: the U-ViT weights (plain state dict) tensor 'pos_embed' holds NaN or inf (2 of ",
       "convert a checkpoint with finite weights"]),
+    # A sigma that is not a covariance (a clearly negative eigenvalue) gives FIDs below 0.
+    ("reference --dataset digits --n-reference 2 --statistics {bad_stats} --output-folder {out}",
+     ["--statistics {bad_stats}: sigma has the eigenvalue -0.5 (largest 1)", "positive semi-definite"]),
+    ("fid --samples {s8} --reference {ref_bad_stats} --output {out}/fid.json",
+     ["--reference {ref_bad_stats}: features.npz: sigma has the eigenvalue -0.5", "positive semi-definite"]),
 ]
 
 
@@ -144,6 +149,13 @@ def fake_samples(folder, sizes, channels=1, dataset=None):
         save_png(torch.full((channels, size, size), 40 * i, dtype=torch.uint8), folder / "images" / f"{i:06d}.png")
     write_json(folder / "stats.json", {"method": "full", "img_size": sizes[0], "in_chans": channels, "dataset": dataset})
     return folder
+
+
+def not_a_covariance():
+    """A symmetric 2048 x 2048 sigma with the eigenvalue -0.5 (the others 1): no covariance."""
+    sigma = np.eye(2048)
+    sigma[0, 0] = -0.5
+    return sigma
 
 
 def with_nan(state: dict, key: str, count: int = 1) -> dict:
@@ -205,6 +217,16 @@ def paths(tmp_path_factory):
     files["nan_uvit"] = tmp / "nan_uvit.pth"
     torch.save(with_nan(build_model("uvit", {**CONFIG, "normalize_timesteps": False}, 1000).state_dict(), "pos_embed", 2),
                files["nan_uvit"])  # fmt: skip
+    # Statistics whose sigma is not a covariance: a --statistics file, and a reference made from one.
+    files["bad_stats"] = tmp / "bad_stats.npz"
+    np.savez_compressed(files["bad_stats"], mu=np.zeros(2048), sigma=not_a_covariance())
+    files["ref_bad_stats"] = tmp / "ref_bad_stats"
+    files["ref_bad_stats"].mkdir()
+    np.savez_compressed(files["ref_bad_stats"] / "features.npz", mu=np.zeros(2048), sigma=not_a_covariance(),
+                        sigma_sqrt=np.eye(2048))  # fmt: skip
+    write_json(files["ref_bad_stats"] / "reference.json", {
+        "n": None, "dataset": "digits", "split": "train", "image_size": 8, "channels": 1, "mode": "clean",
+        "feature_network_key": "fid-helper", "feature_dim": 2048, "source": "statistics"})  # fmt: skip
     return files
 
 
