@@ -129,6 +129,20 @@ BAD_INPUTS = [
      ["--statistics {bad_stats}: sigma has the eigenvalue -0.5 (largest 1)", "positive semi-definite"]),
     ("fid --samples {s8} --reference {ref_bad_stats} --output {out}/fid.json",
      ["--reference {ref_bad_stats}: features.npz: sigma has the eigenvalue -0.5", "positive semi-definite"]),
+    # Latents files that are not what `duodiff encode` writes, and a batch larger than the data.
+    ("train --latents {latents_no_labels} --model uvit --config-path {cfg} --log-path {out} --n-steps 1 --device cpu",
+     ["--latents {latents_no_labels}: no labels array in it (it holds latents, fingerprint)", "duodiff encode"]),
+    ("train --latents {latents_empty} --model uvit --config-path {cfg} --log-path {out} --n-steps 1 --device cpu",
+     ["--latents {latents_empty} holds no latents (shape (0, 1, 8, 8))"]),
+    ("train --latents {latents_short} --batch-size 2 --model uvit --config-path {cfg} --log-path {out} --n-steps 1 --device cpu",
+     ["--latents {latents_short} holds 4 latents but labels of shape (3,)", "one label per latent, (4,)"]),
+    ("train --latents {latents4} --batch-size 8 --model uvit --config-path {cfg} --log-path {out} --n-steps 1 --device cpu",
+     ["--batch-size 8 is more than the 4 latents in --latents {latents4}", "global batch", "at most the training set's size, 4"]),
+    ("train --batch-size 2000 --model uvit --config-path {cfg} --log-path {out} --n-steps 1 --device cpu",
+     ["--batch-size 2000 is more than the 1797 training images of --dataset digits", "global batch"]),
+    # Digits have one channel: an RGB autoencoder cannot encode them (refused before any chunk is kept).
+    ("encode --dataset digits --autoencoder {vae_rgb} --scale-factor 0.5 --output {out}/latents.npz",
+     ["--autoencoder {vae_rgb} takes 3-channel images but --dataset digits has 1-channel ones", "in_channels 1"]),
 ]
 
 
@@ -149,6 +163,17 @@ def fake_samples(folder, sizes, channels=1, dataset=None):
         save_png(torch.full((channels, size, size), 40 * i, dtype=torch.uint8), folder / "images" / f"{i:06d}.png")
     write_json(folder / "stats.json", {"method": "full", "img_size": sizes[0], "in_chans": channels, "dataset": dataset})
     return folder
+
+
+def fake_latents(path, n_latents, n_labels=None, labels=True):
+    """A latents .npz as `duodiff encode` writes it (1x8x8 latents of digits, CONFIG's shape), with
+    n_labels labels (default: one per latent) or none."""
+    arrays = {"latents": np.zeros((n_latents, 1, 8, 8), dtype=np.float32),
+              "fingerprint": json.dumps({"dataset": "digits", "image_size": 8, "num_classes": 10})}
+    if labels:
+        arrays["labels"] = np.zeros(n_latents if n_labels is None else n_labels, dtype=np.int64)
+    np.savez(path, **arrays)
+    return path
 
 
 def not_a_covariance():
@@ -227,6 +252,17 @@ def paths(tmp_path_factory):
     write_json(files["ref_bad_stats"] / "reference.json", {
         "n": None, "dataset": "digits", "split": "train", "image_size": 8, "channels": 1, "mode": "clean",
         "feature_network_key": "fid-helper", "feature_dim": 2048, "source": "statistics"})  # fmt: skip
+    # Latents files: without labels, empty, with a label short, and four latents.
+    files["latents_no_labels"] = fake_latents(tmp / "no_labels.npz", 4, labels=False)
+    files["latents_empty"] = fake_latents(tmp / "empty.npz", 0)
+    files["latents_short"] = fake_latents(tmp / "short.npz", 4, n_labels=3)
+    files["latents4"] = fake_latents(tmp / "latents4.npz", 4)
+    # An autoencoder for 3-channel images (conftest's tiny one made RGB).
+    from conftest import TINY_AUTOENCODER
+    from diffusers import AutoencoderKL
+
+    files["vae_rgb"] = tmp / "vae_rgb"
+    AutoencoderKL(**{**TINY_AUTOENCODER, "in_channels": 3, "out_channels": 3}).save_pretrained(files["vae_rgb"])
     return files
 
 
