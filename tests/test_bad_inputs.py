@@ -73,9 +73,10 @@ BAD_INPUTS = [
         ["--checkpoint-path {full} (3 blocks) must be shallower than --checkpoint-path-late {shallow} (1 block)",
          "swap the two paths", "--allow-deeper-shallow"],
     ),
+    # The same file twice is not a swap: it is said so.
     (
         "sample --checkpoint-path {full} --checkpoint-path-late {full} --method duodiff --t-switch 2 " + SAMPLE + " --output-folder {out}",
-        ["(3 blocks) must be shallower than", "(3 blocks)", "--allow-deeper-shallow"],
+        ["--checkpoint-path and --checkpoint-path-late are the same file ({full}, 3 blocks)", "--allow-deeper-shallow"],
     ),
     (
         "sample --checkpoint-path {full} --method full --allow-deeper-shallow " + SAMPLE + " --output-folder {out}",
@@ -326,6 +327,33 @@ def test_deeper_shallow_model_runs_when_asked_for(paths, tmp_path):
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
     # --checkpoint-path (3 blocks) ran the first t_switch steps, --checkpoint-path-late (1 block) the rest.
     assert stats["mean_exit_layer_per_step"] == [3.0, 3.0, 1.0]
+
+
+def run_cli(line: str, capsys) -> tuple[int, str]:
+    """`duodiff LINE` in-process -> (exit status, stderr)."""
+    try:
+        status = cli.main(line.split())
+    except SystemExit as stop:
+        status = stop.code
+    return status, capsys.readouterr().err.strip()
+
+
+def test_sample_rerun_names_a_truncated_png(paths, tmp_path, capsys):
+    # A finished set, one of whose PNGs was cut off afterwards (a full disk, a killed copy): its rerun
+    # would have died in grid.png's reading with a traceback; it names the file before any work.
+    line = f"sample --checkpoint-path {paths['full']} --method full {SAMPLE} --device cpu --no-progress --output-folder {tmp_path}/set"
+    assert run_cli(line, capsys)[0] == 0
+    png = tmp_path / "set" / "images" / "000002.png"
+    png.write_bytes(png.read_bytes()[:-20])
+    before = snapshot(tmp_path)
+    status, err = run_cli(line, capsys)
+    assert status == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith(f"duodiff sample: error: {png} is not a readable PNG, truncated or corrupt ("), err
+    assert f"delete it (its batch is sampled again) or the set folder {tmp_path}/set, and rerun" in err
+    assert snapshot(tmp_path) == before  # stats.json, grid.png and the other images as they were
+    png.unlink()  # as the message says: the batch is sampled again, the same images as before
+    assert run_cli(line, capsys)[0] == 0 and png.is_file()
+    assert snapshot(tmp_path)[tmp_path / "set" / "images" / "000001.png"] == before[tmp_path / "set" / "images" / "000001.png"]
 
 
 # ---- outputs that cannot be written, for every sub-command ------------------------------------------
