@@ -356,6 +356,43 @@ def test_sample_rerun_names_a_truncated_png(paths, tmp_path, capsys):
     assert snapshot(tmp_path)[tmp_path / "set" / "images" / "000001.png"] == before[tmp_path / "set" / "images" / "000001.png"]
 
 
+def rewrite(path, **changes):
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+# (headline, score file, key, the value the first two sets get, the rest's value, what the message says)
+MIXED_SCORES = [
+    ("inception", "fid", "reference", "other/reference", "results/digits/reference",
+     "the sets' fid.json were scored against different reference folders, so their scores cannot share a table: "
+     "other/reference: full, shallow_d3; results/digits/reference: ee_attention_probe_thr0.05, "),
+    ("inception", "fid", "feature_network_sha256", "0" * 64, None,
+     f"the sets' fid.json were scored with different feature networks (sha256), so their scores cannot share a table: "
+     f"{'0' * 64}: full, shallow_d3; "),
+    ("classifier", "fd_classifier", "mode", "legacy_pytorch", "clean",
+     "the sets' fd_classifier.json were scored under different protocols (mode), so their scores cannot share a table: "
+     "legacy_pytorch: full, full_steps20; clean: "),
+]
+
+
+@pytest.mark.parametrize("headline, file, key, first, rest, message", MIXED_SCORES, ids=[m[2] for m in MIXED_SCORES])
+def test_tables_refuse_sets_scored_against_different_references(tmp_path, capsys, headline, file, key, first, rest, message):
+    from test_tables import ORDER, CI_STUDY, write_ci_study, write_study
+
+    sets = ORDER if headline == "inception" else list(CI_STUDY)
+    (write_study if headline == "inception" else write_ci_study)(tmp_path)
+    for i, name in enumerate(sets):
+        value = first if i < 2 else rest
+        if value is not None:
+            rewrite(tmp_path / "metrics" / name / f"{file}.json", **{key: value})
+    line = (f"tables --samples-root {tmp_path}/samples --metrics-root {tmp_path}/metrics --sets {' '.join(sets)} "
+            f"--output-dir {tmp_path}/tables --headline {headline}")
+    status, err = run_cli(line, capsys)
+    assert status == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith(f"duodiff tables: error: {message}"), err
+    assert "score every set against one reference" in err
+    assert not (tmp_path / "tables").exists()
+
+
 # ---- outputs that cannot be written, for every sub-command ------------------------------------------
 
 # One command line per sub-command, writing to {dest}; every sub-command of duodiff.cli is here.

@@ -34,6 +34,7 @@ from duodiff.core.io import atomic_path, write_text
 from duodiff.core.study import METHOD_ORDER, method_of_set, setting_label
 from duodiff.report.tables.formats import summary_html, summary_latex, summary_markdown
 from duodiff.report.tables.inputs import HEADLINES, TableSettings, check_one_mode, read_real, read_set
+from duodiff.report.tables.inputs import check_one_reference
 from duodiff.report.tables.operating_points import add_comparisons, operating_points
 
 # The columns every csv starts with (the contract's list, plus the sampling set-up the plots
@@ -129,6 +130,7 @@ def collect(settings: TableSettings, sets: list[str], margin: float) -> pd.DataF
     frame["setting_label"] = frame.apply(setting_label, axis=1)
     frame["has_setting"] = frame["setting_label"] != setting_label({"method": None})
     check_one_mode(frame)
+    check_one_reference(settings, sets)
     return add_comparisons(frame, margin)
 
 
