@@ -21,7 +21,7 @@ import torch
 from duodiff import cli
 from duodiff.core.images import save_png
 from duodiff.core.io import write_json
-from duodiff.models import build_model
+from duodiff.models import build_model, checkpoints
 from duodiff.models.checkpoints import save_model
 
 CONFIG = dict(img_size=8, patch_size=2, in_chans=1, embed_dim=16, depth=3, num_heads=2)
@@ -73,9 +73,10 @@ BAD_INPUTS = [
         ["--checkpoint-path {full} (3 blocks) must be shallower than --checkpoint-path-late {shallow} (1 block)",
          "swap the two paths", "--allow-deeper-shallow"],
     ),
+    # The same file twice is not a swap: it is said so.
     (
         "sample --checkpoint-path {full} --checkpoint-path-late {full} --method duodiff --t-switch 2 " + SAMPLE + " --output-folder {out}",
-        ["(3 blocks) must be shallower than", "(3 blocks)", "--allow-deeper-shallow"],
+        ["--checkpoint-path and --checkpoint-path-late are the same file ({full}, 3 blocks)", "--allow-deeper-shallow"],
     ),
     (
         "sample --checkpoint-path {full} --method full --allow-deeper-shallow " + SAMPLE + " --output-folder {out}",
@@ -112,6 +113,37 @@ BAD_INPUTS = [
     ("score --samples {s8} --reference {tmp}/none --output-dir {out}", ["--reference {tmp}/none", "duodiff reference"]),
     ("score --samples {s8} --reference {ref16} --output-dir {out}", ["8x8 images with 1 channel", "16x16"]),
     ("score --samples {s8} --reference {ref8} --output-dir {out} --feature-net {tmp}/none.pt", ["feature network {tmp}/none.pt: no model.pt and feature_net.json there", "duodiff feature-net"]),
+    # Weights with a NaN or inf (a diverged run, a broken conversion) sample black images: refused
+    # where model files are loaded, naming the file and the first bad tensor, whatever reads them.
+    ("sample --checkpoint-path {nan_model} --method full " + SAMPLE + " --output-folder {out}",
+     ["{nan_model}: state_dict tensor 'pos_embed' holds NaN or inf (1 of ", "must be finite"]),
+    ("flops --samples {nan_set} --output {out}/gflops.json", ["{nan_model}: state_dict tensor 'pos_embed' holds NaN or inf"]),
+    ("train --load-backbone {nan_model} --model early_exit --classifier-type mlp_probe_per_layer --config-path {cfg} --log-path {out}",
+     ["{nan_model}: state_dict tensor 'pos_embed' holds NaN or inf"]),
+    ("train --log-path {nan_log} --model uvit --config-path {cfg} --n-steps 1 --device cpu",
+     ["{nan_log}/checkpoint.pt: model tensor 'pos_embed' holds NaN or inf", "remove it to start afresh"]),
+    ("convert --checkpoint {nan_uvit} --config-path {cfg_convert} --output {out}/model.pt",
+     ["{nan_uvit}: the U-ViT weights (plain state dict) tensor 'pos_embed' holds NaN or inf (2 of ",
+      "convert a checkpoint with finite weights"]),
+    # A sigma that is not a covariance (a clearly negative eigenvalue) gives FIDs below 0.
+    ("reference --dataset digits --n-reference 2 --statistics {bad_stats} --output-folder {out}",
+     ["--statistics {bad_stats}: sigma has the eigenvalue -0.5 (largest 1)", "positive semi-definite"]),
+    ("fid --samples {s8} --reference {ref_bad_stats} --output {out}/fid.json",
+     ["--reference {ref_bad_stats}: features.npz: sigma has the eigenvalue -0.5", "positive semi-definite"]),
+    # Latents files that are not what `duodiff encode` writes, and a batch larger than the data.
+    ("train --latents {latents_no_labels} --model uvit --config-path {cfg} --log-path {out} --n-steps 1 --device cpu",
+     ["--latents {latents_no_labels}: no labels array in it (it holds latents, fingerprint)", "duodiff encode"]),
+    ("train --latents {latents_empty} --model uvit --config-path {cfg} --log-path {out} --n-steps 1 --device cpu",
+     ["--latents {latents_empty} holds no latents (shape (0, 1, 8, 8))"]),
+    ("train --latents {latents_short} --batch-size 2 --model uvit --config-path {cfg} --log-path {out} --n-steps 1 --device cpu",
+     ["--latents {latents_short} holds 4 latents but labels of shape (3,)", "one label per latent, (4,)"]),
+    ("train --latents {latents4} --batch-size 8 --model uvit --config-path {cfg} --log-path {out} --n-steps 1 --device cpu",
+     ["--batch-size 8 is more than the 4 latents in --latents {latents4}", "global batch", "at most the training set's size, 4"]),
+    ("train --batch-size 2000 --model uvit --config-path {cfg} --log-path {out} --n-steps 1 --device cpu",
+     ["--batch-size 2000 is more than the 1797 training images of --dataset digits", "global batch"]),
+    # Digits have one channel: an RGB autoencoder cannot encode them (refused before any chunk is kept).
+    ("encode --dataset digits --autoencoder {vae_rgb} --scale-factor 0.5 --output {out}/latents.npz",
+     ["--autoencoder {vae_rgb} takes 3-channel images but --dataset digits has 1-channel ones", "in_channels 1"]),
 ]
 
 
@@ -132,6 +164,31 @@ def fake_samples(folder, sizes, channels=1, dataset=None):
         save_png(torch.full((channels, size, size), 40 * i, dtype=torch.uint8), folder / "images" / f"{i:06d}.png")
     write_json(folder / "stats.json", {"method": "full", "img_size": sizes[0], "in_chans": channels, "dataset": dataset})
     return folder
+
+
+def fake_latents(path, n_latents, n_labels=None, labels=True):
+    """A latents .npz as `duodiff encode` writes it (1x8x8 latents of digits, CONFIG's shape), with
+    n_labels labels (default: one per latent) or none."""
+    arrays = {"latents": np.zeros((n_latents, 1, 8, 8), dtype=np.float32),
+              "fingerprint": json.dumps({"dataset": "digits", "image_size": 8, "num_classes": 10})}
+    if labels:
+        arrays["labels"] = np.zeros(n_latents if n_labels is None else n_labels, dtype=np.int64)
+    np.savez(path, **arrays)
+    return path
+
+
+def not_a_covariance():
+    """A symmetric 2048 x 2048 sigma with the eigenvalue -0.5 (the others 1): no covariance."""
+    sigma = np.eye(2048)
+    sigma[0, 0] = -0.5
+    return sigma
+
+
+def with_nan(state: dict, key: str, count: int = 1) -> dict:
+    """`state` with the first `count` values of state[key] NaN."""
+    state = {k: v.clone() for k, v in state.items()}
+    state[key].view(-1)[:count] = float("nan")
+    return state
 
 
 @pytest.fixture(scope="session")
@@ -169,6 +226,44 @@ def paths(tmp_path_factory):
     png.write_bytes(png.read_bytes()[:-20])  # cut off in its last chunks, as by a full disk
     files["afile"] = tmp / "afile"
     files["afile"].write_text("not a folder\n")
+    # Files with NaN weights: a model.pt, a sample set made from it, a training checkpoint, U-ViT weights.
+    full = checkpoints.load_model_file(files["full"])
+    files["nan_model"] = tmp / "nan.pt"
+    save_model(files["nan_model"], **{k: v for k, v in full.items() if k not in ("format", "version")}
+               | {"state_dict": with_nan(full["state_dict"], "pos_embed")})  # fmt: skip
+    files["nan_set"] = fake_samples(tmp / "nan_set", [8] * 4)
+    write_json(files["nan_set"] / "stats.json", {"method": "full", "checkpoint": str(files["nan_model"]), "n_samples": 4})
+    torch.save(torch.full((10, 4), 3, dtype=torch.long), files["nan_set"] / "exit_layers.pt")
+    files["nan_log"] = tmp / "nan_log"
+    files["nan_log"].mkdir()
+    checkpoints.save({"settings": {}, "model": with_nan(full["state_dict"], "pos_embed"), "ema": None, "optimizer": {},
+                      "step": 1}, files["nan_log"] / "checkpoint.pt", checkpoints.TRAIN_STATE_FORMAT)  # fmt: skip
+    files["cfg_convert"] = tmp / "convert.yaml"
+    files["cfg_convert"].write_text("".join(f"{k}: {v}\n" for k, v in {**CONFIG, "normalize_timesteps": False}.items()))
+    files["nan_uvit"] = tmp / "nan_uvit.pth"
+    torch.save(with_nan(build_model("uvit", {**CONFIG, "normalize_timesteps": False}, 1000).state_dict(), "pos_embed", 2),
+               files["nan_uvit"])  # fmt: skip
+    # Statistics whose sigma is not a covariance: a --statistics file, and a reference made from one.
+    files["bad_stats"] = tmp / "bad_stats.npz"
+    np.savez_compressed(files["bad_stats"], mu=np.zeros(2048), sigma=not_a_covariance())
+    files["ref_bad_stats"] = tmp / "ref_bad_stats"
+    files["ref_bad_stats"].mkdir()
+    np.savez_compressed(files["ref_bad_stats"] / "features.npz", mu=np.zeros(2048), sigma=not_a_covariance(),
+                        sigma_sqrt=np.eye(2048))  # fmt: skip
+    write_json(files["ref_bad_stats"] / "reference.json", {
+        "n": None, "dataset": "digits", "split": "train", "image_size": 8, "channels": 1, "mode": "clean",
+        "feature_network_key": "fid-helper", "feature_dim": 2048, "source": "statistics"})  # fmt: skip
+    # Latents files: without labels, empty, with a label short, and four latents.
+    files["latents_no_labels"] = fake_latents(tmp / "no_labels.npz", 4, labels=False)
+    files["latents_empty"] = fake_latents(tmp / "empty.npz", 0)
+    files["latents_short"] = fake_latents(tmp / "short.npz", 4, n_labels=3)
+    files["latents4"] = fake_latents(tmp / "latents4.npz", 4)
+    # An autoencoder for 3-channel images (conftest's tiny one made RGB).
+    from conftest import TINY_AUTOENCODER
+    from diffusers import AutoencoderKL
+
+    files["vae_rgb"] = tmp / "vae_rgb"
+    AutoencoderKL(**{**TINY_AUTOENCODER, "in_channels": 3, "out_channels": 3}).save_pretrained(files["vae_rgb"])
     return files
 
 
@@ -232,6 +327,70 @@ def test_deeper_shallow_model_runs_when_asked_for(paths, tmp_path):
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
     # --checkpoint-path (3 blocks) ran the first t_switch steps, --checkpoint-path-late (1 block) the rest.
     assert stats["mean_exit_layer_per_step"] == [3.0, 3.0, 1.0]
+
+
+def run_cli(line: str, capsys) -> tuple[int, str]:
+    """`duodiff LINE` in-process -> (exit status, stderr)."""
+    try:
+        status = cli.main(line.split())
+    except SystemExit as stop:
+        status = stop.code
+    return status, capsys.readouterr().err.strip()
+
+
+def test_sample_rerun_names_a_truncated_png(paths, tmp_path, capsys):
+    # A finished set, one of whose PNGs was cut off afterwards (a full disk, a killed copy): its rerun
+    # would have died in grid.png's reading with a traceback; it names the file before any work.
+    line = f"sample --checkpoint-path {paths['full']} --method full {SAMPLE} --device cpu --no-progress --output-folder {tmp_path}/set"
+    assert run_cli(line, capsys)[0] == 0
+    png = tmp_path / "set" / "images" / "000002.png"
+    png.write_bytes(png.read_bytes()[:-20])
+    before = snapshot(tmp_path)
+    status, err = run_cli(line, capsys)
+    assert status == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith(f"duodiff sample: error: {png} is not a readable PNG, truncated or corrupt ("), err
+    assert f"delete it (its batch is sampled again) or the set folder {tmp_path}/set, and rerun" in err
+    assert snapshot(tmp_path) == before  # stats.json, grid.png and the other images as they were
+    png.unlink()  # as the message says: the batch is sampled again, the same images as before
+    assert run_cli(line, capsys)[0] == 0 and png.is_file()
+    assert snapshot(tmp_path)[tmp_path / "set" / "images" / "000001.png"] == before[tmp_path / "set" / "images" / "000001.png"]
+
+
+def rewrite(path, **changes):
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+# (headline, score file, key, the value the first two sets get, the rest's value, what the message says)
+MIXED_SCORES = [
+    ("inception", "fid", "reference", "other/reference", "results/digits/reference",
+     "the sets' fid.json were scored against different reference folders, so their scores cannot share a table: "
+     "other/reference: full, shallow_d3; results/digits/reference: ee_attention_probe_thr0.05, "),
+    ("inception", "fid", "feature_network_sha256", "0" * 64, None,
+     f"the sets' fid.json were scored with different feature networks (sha256), so their scores cannot share a table: "
+     f"{'0' * 64}: full, shallow_d3; "),
+    ("classifier", "fd_classifier", "mode", "legacy_pytorch", "clean",
+     "the sets' fd_classifier.json were scored under different protocols (mode), so their scores cannot share a table: "
+     "legacy_pytorch: full, full_steps20; clean: "),
+]
+
+
+@pytest.mark.parametrize("headline, file, key, first, rest, message", MIXED_SCORES, ids=[m[2] for m in MIXED_SCORES])
+def test_tables_refuse_sets_scored_against_different_references(tmp_path, capsys, headline, file, key, first, rest, message):
+    from test_tables import ORDER, CI_STUDY, write_ci_study, write_study
+
+    sets = ORDER if headline == "inception" else list(CI_STUDY)
+    (write_study if headline == "inception" else write_ci_study)(tmp_path)
+    for i, name in enumerate(sets):
+        value = first if i < 2 else rest
+        if value is not None:
+            rewrite(tmp_path / "metrics" / name / f"{file}.json", **{key: value})
+    line = (f"tables --samples-root {tmp_path}/samples --metrics-root {tmp_path}/metrics --sets {' '.join(sets)} "
+            f"--output-dir {tmp_path}/tables --headline {headline}")
+    status, err = run_cli(line, capsys)
+    assert status == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith(f"duodiff tables: error: {message}"), err
+    assert "score every set against one reference" in err
+    assert not (tmp_path / "tables").exists()
 
 
 # ---- outputs that cannot be written, for every sub-command ------------------------------------------

@@ -345,7 +345,8 @@ def test_class_conditional_rgb_imagefolder_with_flips_and_amp(tmp_path):
             pixels = torch.randint(0, 256, (8, 8, 3), generator=torch.Generator().manual_seed(i), dtype=torch.uint8)
             Image.fromarray(pixels.numpy()).save(tmp_path / "images" / label / f"{i}.png")
     rgb = write_model_yaml(tmp_path / "rgb.yaml", in_chans=3, num_classes=2)
-    quick(rgb, tmp_path / "run", dataset="imagefolder", data_root=tmp_path / "images", n_steps=3, use_amp=True)
+    # Six images: a batch of 4 (at most the dataset's size).
+    quick(rgb, tmp_path / "run", dataset="imagefolder", data_root=tmp_path / "images", n_steps=3, use_amp=True, batch_size=4)
     saved = load(tmp_path / "run" / "model.pt")
     assert saved["model_config"]["num_classes"] == 2 and saved["train_args"]["use_amp"] is True
     assert "label_emb.weight" in saved["state_dict"]

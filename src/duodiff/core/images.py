@@ -47,6 +47,19 @@ def load_png(path: Path) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
+def png_problem(path: Path) -> str | None:
+    """Why `path` is not a complete PNG (PIL's verify: every chunk there, its checksum right), e.g.
+    one cut off by a full disk or a killed copy; None when it is one."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ... on bad files
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
 def image_grid(images: torch.Tensor) -> torch.Tensor:
     """(N, C, H, W) uint8 images (C 1 or 3) -> one (3, H', W') uint8 grid: GRID_NROW per row,
     GRID_PADDING white pixels around each, images smaller than GRID_MIN_SIZE enlarged by nearest

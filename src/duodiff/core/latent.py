@@ -196,6 +196,12 @@ def run_encode(
     # The autoencoder first: a wrong path fails in a second, before an ImageNet folder is scanned.
     codec = LatentCodec(load_autoencoder(autoencoder, autoencoder_config).to(device), scale_factor)
     data = load_dataset(dataset, root=data_root, download=download, image_size=image_size, train=True)
+    takes = codec.vae.config.in_channels
+    require(
+        takes == data.channels,
+        f"--autoencoder {autoencoder} takes {takes}-channel images but --dataset {dataset} has {data.channels}-channel "
+        f"ones; use an autoencoder with in_channels {data.channels}",
+    )
     views = (False, True) if data.hflip else (False,)
     fingerprint = {
         "autoencoder_sha256": file_sha256(autoencoder),
@@ -273,16 +279,31 @@ def read_latents_info(path) -> tuple[tuple, dict]:
     require(path.is_file(), f"--latents {path} does not exist: run `duodiff encode` first")
     try:
         with zipfile.ZipFile(path) as archive:
-            with archive.open("latents.npy") as f:
-                major, _ = np.lib.format.read_magic(f)
-                read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-                shape = read_header(f)[0]
+            arrays = [name.removesuffix(".npy") for name in archive.namelist()]
+            missing = [name for name in ("latents", "labels", "fingerprint") if name not in arrays]
+            require(not missing, f"--latents {path}: no {', '.join(missing)} array in it (it holds {', '.join(arrays)}); "
+                                 "expected the .npz of `duodiff encode` (latents, labels, fingerprint)")
+            shape, labels_shape = (_npy_shape(archive, name) for name in ("latents", "labels"))
             with archive.open("fingerprint.npy") as f:
                 fingerprint = json.loads(str(np.lib.format.read_array(f)))
     except (zipfile.BadZipFile, KeyError, ValueError, OSError) as error:
         raise DuodiffError(f"--latents {path}: not a latents file of `duodiff encode` ({error})") from None
     require(len(shape) == 4, f"--latents {path}: expected latents of shape (N, C, h, w); found {shape}")
+    require(shape[0] > 0, f"--latents {path} holds no latents (shape {shape}): encode a dataset with images")
+    require(
+        tuple(labels_shape) == (shape[0],),
+        f"--latents {path} holds {shape[0]} latents but labels of shape {tuple(labels_shape)}; expected one label per "
+        f"latent, ({shape[0]},): encode the dataset again",
+    )
     return tuple(shape), fingerprint
+
+
+def _npy_shape(archive, name: str) -> tuple:
+    """The shape of array `name` of an open .npz, from its header alone."""
+    with archive.open(f"{name}.npy") as f:
+        major, _ = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        return read_header(f)[0]
 
 
 def latent_dataset(path, name: str, fingerprint: dict):

@@ -165,11 +165,24 @@ def model_costs(kind: str, model_config: dict, num_timesteps: int = 1000, classi
     return _costs_for(key)
 
 
-def checkpoint_costs(path) -> tuple[dict, dict]:
-    """-> (piece costs, model file metadata) of a model.pt; only its config is used."""
+def model_file(path) -> dict:
+    """A model.pt's metadata (its weights left out), after load_model_file's checks (of the weights
+    too: a NaN is refused here as everywhere); read once per process and version of the file, so the
+    check pass of run_flops_sets and the counting after it share one read."""
+    stat = Path(path).stat()
+    return _model_file(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=None)
+def _model_file(path: str, mtime_ns: int, size: int) -> dict:
     from duodiff.models.checkpoints import load_model_file
 
-    obj = load_model_file(path)
+    return {k: v for k, v in load_model_file(path).items() if k not in ("state_dict", "ema_state_dict")}
+
+
+def checkpoint_costs(path) -> tuple[dict, dict]:
+    """-> (piece costs, model file metadata) of a model.pt; only its config is used."""
+    obj = model_file(path)
     costs = model_costs(
         obj["kind"], obj["model_config"], int(obj["diffusion"].get("num_timesteps", 1000)), obj.get("classifier_type")
     )
@@ -322,7 +335,7 @@ def run_flops(*, samples, output) -> dict:
 
 def run_flops_sets(*, samples: list, output: list) -> list[dict]:
     """run_flops for several sets in one process (the workflow's one flops job): every network is
-    counted once, and every set is checked before the first is counted."""
+    counted once, and every set and its model files are checked before the first is counted."""
     from tqdm import tqdm
 
     require(
@@ -332,7 +345,9 @@ def run_flops_sets(*, samples: list, output: list) -> list[dict]:
     repeated = sorted(path for path, count in Counter(map(str, output)).items() if count > 1)
     require(not repeated, f"--output names {', '.join(repeated)} more than once; give each set its own FILE.json")
     for folder in samples:
-        read_set(folder)
+        stats, _ = read_set(folder)
+        for key in ("checkpoint",) + (("checkpoint_late",) if stats["method"] == "duodiff" else ()):
+            model_file(stats[key])  # every model file checked (its weights finite) before the first set is counted
     return [run_flops(samples=folder, output=file) for folder, file in
             tqdm(list(zip(samples, output)), desc="GFLOPs", unit="set")]
 

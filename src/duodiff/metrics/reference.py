@@ -127,9 +127,29 @@ def read_statistics(path) -> tuple[np.ndarray, np.ndarray]:
         f"--statistics {path}: mu has shape {mu.shape} and sigma {sigma.shape}; Inception statistics are "
         f"({FEATURE_DIM},) and ({FEATURE_DIM}, {FEATURE_DIM})",
     )
-    require(np.isfinite(mu).all() and np.isfinite(sigma).all(), f"--statistics {path}: mu or sigma has NaN or inf entries")
-    require(np.allclose(sigma, sigma.T, rtol=1e-5, atol=1e-8), f"--statistics {path}: sigma is not symmetric, so not a covariance")
+    check_statistics(mu, sigma, f"--statistics {path}")
     return mu, sigma
+
+
+# A covariance's eigenvalues are >= 0; round-off leaves the smallest of a singular one a little below
+# 0: refused only below -PSD_TOLERANCE x the largest.
+PSD_TOLERANCE = 1e-6
+
+
+def check_statistics(mu: np.ndarray, sigma: np.ndarray, source: str) -> None:
+    """mu and sigma finite, sigma a covariance: symmetric and positive semi-definite up to round-off
+    (a sigma with a clearly negative eigenvalue gives FIDs below 0, e.g. -20288, with an interval).
+    DuodiffError naming `source` (the file) and what is wrong."""
+    require(np.isfinite(mu).all() and np.isfinite(sigma).all(), f"{source}: mu or sigma has NaN or inf entries")
+    require(np.allclose(sigma, sigma.T, rtol=1e-5, atol=1e-8), f"{source}: sigma is not symmetric, so not a covariance")
+    eigenvalues = np.linalg.eigvalsh(sigma)
+    smallest, largest = float(eigenvalues[0]), float(eigenvalues[-1])
+    require(
+        smallest >= -PSD_TOLERANCE * max(largest, 0.0),
+        f"{source}: sigma has the eigenvalue {smallest:.6g} (largest {largest:.6g}), so it is not a covariance; a "
+        f"covariance is positive semi-definite (every eigenvalue >= -{PSD_TOLERANCE:g} x the largest, for round-off): "
+        "use the statistics file as published, or build the reference from the dataset's images",
+    )
 
 
 def run_statistics_reference(*, dataset: str, image_size: int | None, output_folder, mode: str, feature_network: str,
@@ -261,6 +281,7 @@ def load_reference(folder) -> tuple[dict, np.ndarray | None]:
     )
     meta = read_json(meta_path)
     if meta.get("source") == "statistics":
+        load_reference_statistics(folder)  # checked now, before any image is scored against them
         return meta, None
     with np.load(features_path) as stored:
         features = stored["features"]
@@ -275,9 +296,23 @@ def load_reference(folder) -> tuple[dict, np.ndarray | None]:
 
 
 def load_reference_statistics(folder) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """mu, sigma, sigma_sqrt of a statistics reference (float64)."""
-    with np.load(Path(folder) / "features.npz") as stored:
-        return tuple(stored[key].astype(np.float64) for key in ("mu", "sigma", "sigma_sqrt"))
+    """mu, sigma, sigma_sqrt of a statistics reference (float64), checked as a `--statistics` file
+    is (check_statistics): a reference written before that check may hold any sigma."""
+    path = Path(folder) / "features.npz"
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            missing = [key for key in ("mu", "sigma", "sigma_sqrt") if key not in stored.files]
+            require(not missing, f"--reference {folder}: features.npz lacks {', '.join(missing)}; rebuild the reference")
+            mu, sigma, sigma_sqrt = (stored[key].astype(np.float64) for key in ("mu", "sigma", "sigma_sqrt"))
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
+        raise DuodiffError(f"--reference {folder}: features.npz is not a readable npz ({error}); rebuild the reference") from None
+    require(
+        mu.ndim == 1 and sigma.shape == (len(mu), len(mu)) and sigma_sqrt.shape == sigma.shape,
+        f"--reference {folder}: features.npz holds mu {mu.shape}, sigma {sigma.shape} and sigma_sqrt "
+        f"{sigma_sqrt.shape}; expected (d,), (d, d), (d, d): rebuild the reference",
+    )
+    check_statistics(mu, sigma, f"--reference {folder}: features.npz")
+    return mu, sigma, sigma_sqrt
 
 
 def load_reference_sigma_sqrt(folder, ref_sigma) -> np.ndarray:

@@ -6,7 +6,11 @@ counting: the architecture config, the weights, the EMA weights and the diffusio
 
 Both are written atomically. Loading checks the format marker and the required keys, so a
 truncated file or a checkpoint from another project is refused with a message naming the file
-instead of being loaded half.
+instead of being loaded half, and every weight: a NaN or inf (a diverged run, a broken conversion)
+is refused naming the file and the first tensor that holds one, where it would otherwise sample
+black images without a word. `load` is the one place model files are read (sampling, FLOP
+counting, --load-backbone, a resumed checkpoint.pt); `duodiff convert` checks its source weights
+with `check_finite` too.
 """
 
 from __future__ import annotations
@@ -24,6 +28,13 @@ MODEL_FORMAT = "duodiff-model"
 TRAIN_STATE_FORMAT = "duodiff-train-state"
 VERSION = 1
 MODEL_KEYS = ("kind", "model_config", "diffusion", "state_dict", "ema_state_dict", "step")
+# The entries of each format that hold weights (or the optimizer's moments), checked to be finite.
+WEIGHT_ENTRIES = {MODEL_FORMAT: ("state_dict", "ema_state_dict"), TRAIN_STATE_FORMAT: ("model", "ema", "optimizer")}
+# What to do about a file with NaN or inf weights, by format.
+NON_FINITE_HINT = {
+    MODEL_FORMAT: "a model's weights must be finite numbers: retrain it (or convert it again from finite weights)",
+    TRAIN_STATE_FORMAT: "training cannot resume from it: remove it to start afresh, or choose another --log-path",
+}
 
 
 def save(obj: dict, path, fmt: str) -> None:
@@ -46,7 +57,35 @@ def load(path, fmt: str) -> dict:
         raise DuodiffError(f"{path}: expected a {fmt!r} file, found {found!r}")
     if obj.get("version") != VERSION:
         raise DuodiffError(f"{path}: {fmt} version {obj.get('version')!r}, this duodiff reads version {VERSION}")
+    for entry in WEIGHT_ENTRIES.get(fmt, ()):
+        check_finite(obj.get(entry), path, entry, NON_FINITE_HINT[fmt])
     return obj
+
+
+def first_non_finite(tree, name: str = "") -> tuple[str, torch.Tensor] | None:
+    """(name, tensor) of the first floating-point tensor in a state dict (or any nest of dicts and
+    lists, such as an optimizer's state) holding a NaN or inf; None when all are finite."""
+    if isinstance(tree, torch.Tensor):
+        numeric = tree.is_floating_point() or tree.is_complex()  # integers (steps, RNG states) are always finite
+        return (name, tree) if numeric and not bool(torch.isfinite(tree).all()) else None
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+    for key, value in items:
+        found = first_non_finite(value, f"{name}.{key}" if name else str(key))
+        if found is not None:
+            return found
+    return None
+
+
+def check_finite(weights, path, entry: str, hint: str) -> None:
+    """DuodiffError naming `path`, `entry` and the first tensor of `weights` that holds a NaN or inf."""
+    found = first_non_finite(weights) if weights is not None else None
+    if found is not None:
+        name, tensor = found
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise DuodiffError(
+            f"{path}: {entry} tensor {name!r} holds NaN or inf ({bad} of {tensor.numel()} values; the first tensor "
+            f"that does); {hint}"
+        )
 
 
 def save_model(path, **fields) -> None:

@@ -204,8 +204,12 @@ def run_convert(
     state, step, where = read_uvit_checkpoint(checkpoint)
     model = build_model("uvit", model_config, num_timesteps=num_timesteps)
     check_state_dict(state, model.state_dict(), checkpoint, config_path)
+    not_finite = "a converted model would sample black images: convert a checkpoint with finite weights"
+    checkpoints.check_finite(state, checkpoint, f"the U-ViT weights ({where})", not_finite)
     model.load_state_dict(state)  # names and shapes checked above; copying into the model's float32 casts
     weights = model.state_dict()
+    # A float64 weight beyond float32's range becomes inf in the cast.
+    checkpoints.check_finite(weights, checkpoint, "the U-ViT weights cast to float32", not_finite)
     checkpoints.save_model(
         output, kind="uvit", classifier_type=None, model_config=model_config, diffusion=diffusion.config(),
         # Only U-ViT's EMA weights are published: they are the model's weights, and no second copy is kept.

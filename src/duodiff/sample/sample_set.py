@@ -28,7 +28,7 @@ from duodiff.core.distributed import default_device
 from duodiff.core.errors import DuodiffError, check_choice, is_int, is_number, require
 from duodiff.core.flags import add_flag
 from duodiff.core.guidance import branch_major, check_guidance_scale, label_classes, set_null_label
-from duodiff.core.images import image_grid, load_png, save_png, to_uint8
+from duodiff.core.images import image_grid, load_png, png_problem, save_png, to_uint8
 from duodiff.core.io import torch_save, write_json
 from duodiff.core.latent import autoencoder_record, check_model_autoencoder, decoding_stats, load_codec
 from duodiff.core.study import CUDA_ONLY_PRECISIONS, METHODS, PRECISIONS, SAMPLERS, setting_label
@@ -232,12 +232,20 @@ def read_part(path: Path, settings: dict) -> dict:
 def finished_parts(folder: Path, settings: dict) -> dict:
     """{batch: part} of the batches already done: a batch is done when its part file and all its
     images exist. Every part in the folder must come from these settings; a part of another
-    n_samples, seed, model, ... would mix two sample sets."""
+    n_samples, seed, model, ... would mix two sample sets. The images of a done batch must be
+    whole PNGs (a truncated one would stop the set's grid.png, and its scores, later on)."""
     parts = {}
     for path in sorted((folder / "parts").glob("batch_*.pt")):
         part = read_part(path, settings)
         start, count = part["start"], part["count"]
         if all(image_path(folder, i).is_file() for i in range(start, start + count)):
+            for i in range(start, start + count):
+                problem = png_problem(image_path(folder, i))
+                require(
+                    problem is None,
+                    f"{image_path(folder, i)} is not a readable PNG, truncated or corrupt ({problem}); delete it (its "
+                    f"batch is sampled again) or the set folder {folder}, and rerun",
+                )
             parts[part["batch"]] = part
     return parts
 

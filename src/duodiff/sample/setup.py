@@ -5,6 +5,7 @@ the set)."""
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
 
@@ -113,11 +114,24 @@ def check_duodiff_pair(models, diffusions, paths, allow_deeper_shallow: bool) ->
     # surely means the two paths were swapped: refused unless the user says it is meant.
     blocks = {depth: f"{depth} block{'s' if depth != 1 else ''}" for depth in (shallow.depth, full.depth)}
     require(
+        shallow.depth < full.depth or allow_deeper_shallow or not _same_file(shallow_path, full_path),
+        f"--checkpoint-path and --checkpoint-path-late are the same file ({shallow_path}, {blocks[full.depth]}): "
+        "DuoDiff runs a shallow model for the first --t-switch steps and the full model after; pass the shallow "
+        "model as --checkpoint-path (or --allow-deeper-shallow to run one model for both on purpose)",
+    )
+    require(
         shallow.depth < full.depth or allow_deeper_shallow,
         f"--checkpoint-path {shallow_path} ({blocks[shallow.depth]}) must be shallower than --checkpoint-path-late "
         f"{full_path} ({blocks[full.depth]}): DuoDiff runs the shallow model first; swap the two paths, "
         "or pass --allow-deeper-shallow if this order is meant",
     )
+
+
+def _same_file(a, b) -> bool:
+    try:
+        return Path(a).samefile(b)
+    except OSError:
+        return False
 
 
 def warm_up(method, models, threshold, shape, num_classes, device, precision):

@@ -180,7 +180,18 @@ def check_latents(args: dict, config: UViTConfig) -> tuple[int, dict]:
         args["image_size"] is None or args["image_size"] == fingerprint.get("image_size"),
         f"--latents {path} was encoded from {fingerprint.get('image_size')}-pixel images, not --image-size {args['image_size']}",
     )
+    check_batch_fits(args["batch_size"], shape[0], f"the {shape[0]} latents in --latents {path}")
     return height, fingerprint
+
+
+def check_batch_fits(batch_size: int, n_items: int, items: str) -> None:
+    """The global batch (--batch-size, split across torchrun's ranks) at most the training set
+    (`items`, its n_items described): a larger one would hold some images twice in every step."""
+    require(
+        batch_size <= n_items,
+        f"--batch-size {batch_size} is more than {items}; --batch-size is the global batch (all ranks together) and "
+        f"must be at most the training set's size, {n_items}",
+    )
 
 
 def check_processes(kwargs: dict, nproc: int) -> None:
@@ -237,12 +248,15 @@ def check_same_settings(checkpoint: dict, settings: dict, path) -> None:
         )
 
 
-def check_data_fits(data, config, config_path, label_dropout=0.0) -> None:
+def check_data_fits(data, config, config_path, label_dropout=0.0, batch_size=None) -> None:
     """The loaded training data against the run's UViTConfig `config` (imagefolder: its shape
-    and class count are known only once read; with label dropout, num_classes counts the null class)."""
+    and class count are known only once read; with label dropout, num_classes counts the null class)
+    and against the global batch_size (the dataset's size is known only once read)."""
     require(
         config.img_size == data.image_size and config.in_chans == data.channels,
         f"--dataset {data.name} gives {data.channels}x{data.image_size}x{data.image_size} images but "
         f"{config_path} expects in_chans {config.in_chans}, img_size {config.img_size}",
     )
     check_class_count(config.num_classes, data.num_classes, label_dropout, config_path, data.name)
+    if batch_size is not None:
+        check_batch_fits(batch_size, len(data), f"the {len(data)} training images of --dataset {data.name}")

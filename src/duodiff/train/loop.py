@@ -85,7 +85,7 @@ def run_train(
             data = latent_dataset(latents, dataset, plan.settings["latents"])  # checked by check_latents
         else:
             data = load_training_data(dataset, data_root, download, plan.image_size, dist_info, device)
-        check_data_fits(data, plan.config, config_path, label_dropout)
+        check_data_fits(data, plan.config, config_path, label_dropout, batch_size)
         return _train(args, plan, data, device, dist_info, resume, log_path)
     finally:
         distributed.cleanup()

@@ -33,7 +33,15 @@ from duodiff.core.flags import add_flag
 from duodiff.core.io import atomic_path, write_text
 from duodiff.core.study import METHOD_ORDER, method_of_set, setting_label
 from duodiff.report.tables.formats import summary_html, summary_latex, summary_markdown
-from duodiff.report.tables.inputs import HEADLINES, TableSettings, check_one_mode, read_real, read_set, read_timing
+from duodiff.report.tables.inputs import (
+    HEADLINES,
+    TableSettings,
+    check_one_mode,
+    check_one_reference,
+    read_real,
+    read_set,
+    read_timing,
+)
 from duodiff.report.tables.operating_points import add_comparisons, operating_points
 
 # The columns every csv starts with (the contract's list, plus the sampling set-up the plots
@@ -131,6 +139,7 @@ def collect(settings: TableSettings, sets: list[str], margin: float) -> pd.DataF
     frame["setting_label"] = frame.apply(setting_label, axis=1)
     frame["has_setting"] = frame["setting_label"] != setting_label({"method": None})
     check_one_mode(frame)
+    check_one_reference(settings, sets)
     frame.attrs["timing"] = settings.timing  # the notes say how the speed-ups were measured
     return add_comparisons(frame, margin)
 

@@ -9,6 +9,7 @@ Every problem is a DuodiffError naming the file and the key.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,6 +195,30 @@ def _timed(settings: TableSettings, name: str, stats_path: Path, stats: dict) ->
         "speedup_measured_ci_high": _number(Path(path), entry, "speedup_ci_high", positive=True),
         "timing_source": "timing",
     }
+
+
+# What a score file records of what its scores were measured against (its `duodiff fid` inputs),
+# and how a refusal names it; sets whose files disagree on any of them cannot share a table.
+SCORED_AGAINST = {"reference": "against different reference folders",
+                  "feature_network_sha256": "with different feature networks (sha256)",
+                  "mode": "under different protocols (mode)"}
+
+
+def check_one_reference(settings: TableSettings, sets) -> None:
+    """Every set's fid.json (and the headline's file) scored against one reference folder, with one
+    feature network, under one protocol; DuodiffError listing the sets of each. A file from before
+    `reference` was recorded is not compared on it; one without `mode` is clean (as _scores reads it)."""
+    for file in dict.fromkeys(["fid", HEADLINES[settings.headline]["file"]]):
+        scored = {name: _read(settings.metrics_root / name / f"{file}.json") for name in sets}
+        for key, what in SCORED_AGAINST.items():
+            groups = {}
+            for name, data in scored.items():
+                value = data.get(key, "clean" if key == "mode" else None)
+                if value is not None:
+                    groups.setdefault(os.path.normpath(str(value)) if key == "reference" else value, []).append(name)
+            listed = "; ".join(f"{value}: {', '.join(names)}" for value, names in groups.items())
+            require(len(groups) <= 1, f"the sets' {file}.json were scored {what}, so their scores "
+                    f"cannot share a table: {listed}; score every set against one reference (rerun `duodiff score`)")
 
 
 def read_real(settings: TableSettings) -> dict:
