@@ -36,7 +36,7 @@ needs_run = pytest.mark.skipif(
 
 TABLES = ["scores.csv", "fid.csv", "kid.csv", "cmmd.csv", "gflops.csv"]
 # Wall-clock measurements: they differ between any two runs.
-TIMING_COLUMNS = {"images_per_s", "speedup_measured"}
+TIMING_COLUMNS = {"images_per_s", "speedup_measured", "speedup_measured_ci_low", "speedup_measured_ci_high"}
 # Columns of the squeue dump written by run-pipeline.sh, in its order.
 JOB_FIELDS = ["job_id", "name", "state", "comment", "tres_per_job", "tres_per_node", "cpus",
               "min_memory"]

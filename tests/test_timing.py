@@ -14,20 +14,15 @@ import random
 import pytest
 import torch
 from _defaults import cli_args
+from test_sampling import CONFIG, save  # the tiny models of the sampling tests
 
 from duodiff import cli
 from duodiff.core.errors import DuodiffError
-from duodiff.models import build_model
-from duodiff.models.checkpoints import save_model
 from duodiff.models.uvit import UViT
 from duodiff.sample.sample_set import run_sample
 from duodiff.timing import time_sets
 from duodiff.timing.intervals import interval_ranks, median_interval
 from duodiff.timing.time_sets import measure, run_time, summarize
-
-CONFIG = dict(img_size=8, patch_size=2, in_chans=1, embed_dim=16, depth=3, num_heads=2, normalize_timesteps=True)
-DIFFUSION = dict(num_timesteps=100, beta_start=1e-4, beta_end=0.02, parametrization="predict_noise")
-
 
 # ---- the rounds, on a fake clock ------------------------------------------------------------------
 
@@ -106,23 +101,14 @@ def test_interval_covers_the_median_as_often_as_it_says(n):
 # ---- the command end to end, tiny sets on the CPU ---------------------------------------------------
 
 
-def save(path, kind, config, classifier_type=None, seed=0):
-    torch.manual_seed(seed)
-    model = build_model(kind, config, DIFFUSION["num_timesteps"], classifier_type)
-    save_model(
-        path, kind=kind, model_config=config, diffusion=DIFFUSION, classifier_type=classifier_type,
-        state_dict=model.state_dict(), ema_state_dict=None, step=1, train_args={},
-    )  # fmt: skip
-    return path
-
-
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def study(tmp_path_factory):
     """A tiny study's sample sets, named as the workflow names them: {name: folder}."""
     root = tmp_path_factory.mktemp("timing")
-    full = save(root / "full.pt", "uvit", CONFIG)
-    shallow = save(root / "shallow.pt", "uvit", {**CONFIG, "depth": 1}, seed=1)
-    ee = save(root / "ee.pt", "early_exit", CONFIG, classifier_type="mlp_probe_per_layer", seed=2)
+    full, shallow, ee = root / "full.pt", root / "shallow.pt", root / "ee.pt"
+    save(full, "uvit", CONFIG)
+    save(shallow, "uvit", {**CONFIG, "depth": 1}, seed=1)
+    save(ee, "early_exit", CONFIG, classifier_type="mlp_probe_per_layer", seed=2)
     sets = {
         "full": dict(checkpoint_path=full, method="full"),
         "full_steps3": dict(checkpoint_path=full, method="full", steps=3),
