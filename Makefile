@@ -42,10 +42,11 @@ check-experiment:
 dry-run: $(STAMP)
 	$(BIN)/snakemake --profile profiles/default --configfile $(CONFIG) --dry-run
 
-# The suite on every core (pytest-xdist): the module-scoped set-ups (a whole tiny study, ...) are built
-# once, on one worker each (tests/conftest.py groups the tests by them).
+# The suite on every core (pytest-xdist), one test file per worker at a time (--dist loadfile), so each
+# file's session-scoped set-up (a whole tiny study, ...) is built once. The studies have files of
+# their own (tests/test_tiny_study.py, test_latent_study.py, test_workflow_configs.py) to run side by side.
 test: $(STAMP)
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # Every experiment's folder (results/report.html: where the report went before one study per folder).
 clean-results:

@@ -94,17 +94,3 @@ def select_exit(outputs, uncertainties, threshold):
     output = torch.stack(outputs, dim=1)[torch.arange(B, device=exit_layer.device), exit_layer]
     return output, exit_layer
 
-
-# ---- running the suite on both cores (pytest-xdist, `-n 2 --dist loadgroup` in pyproject.toml) ----
-
-# The module-scoped fixtures that run a whole study (or many snakemake calls): each is built once,
-# on one worker, for the tests that read it; the other worker takes the rest of the suite meanwhile.
-SHARED_SETUPS = ("tiny_study", "latent_study", "bad_config_runs", "dry_runs")
-
-
-def pytest_collection_modifyitems(config, items):
-    """One xdist group per test module (its module-scoped fixtures are built once), split further
-    by the expensive set-up a test uses, so that two long set-ups of one module run side by side."""
-    for item in items:
-        setup = next((name for name in SHARED_SETUPS if name in getattr(item, "fixturenames", ())), "")
-        item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}:{setup}"))

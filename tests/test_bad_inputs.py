@@ -376,7 +376,7 @@ MIXED_SCORES = [
 
 @pytest.mark.parametrize("headline, file, key, first, rest, message", MIXED_SCORES, ids=[m[2] for m in MIXED_SCORES])
 def test_tables_refuse_sets_scored_against_different_references(tmp_path, capsys, headline, file, key, first, rest, message):
-    from test_tables import ORDER, CI_STUDY, write_ci_study, write_study
+    from test_tables import CI_STUDY, ORDER, write_ci_study, write_study
 
     sets = ORDER if headline == "inception" else list(CI_STUDY)
     (write_study if headline == "inception" else write_ci_study)(tmp_path)

@@ -17,7 +17,6 @@ skipped everywhere else:
 
 import csv
 import os
-import shutil
 import subprocess
 from pathlib import Path
 

@@ -9,11 +9,8 @@ profiles/ from the repository, so no test touches the checkout's results/ or .sn
 
 from __future__ import annotations
 
-import ast
 import copy
-import csv
 import dataclasses
-import json
 import os
 import re
 import shlex
@@ -141,6 +138,21 @@ def expected_jobs(cfg: dict) -> dict:
         "all": 1,
     }
     return {rule: count for rule, count in jobs.items() if count}
+
+
+def modified(cfg: dict, edit) -> dict:
+    cfg = copy.deepcopy(cfg)
+    edit(cfg)
+    return cfg
+
+
+def label_dropout_in_one_training(cfg, workdir):
+    # Class-conditional models with the null class (digits' 10 classes + 1), dropout for the full model only.
+    for key, path in (("full", cfg["models"]["full"]), ("shallow", cfg["models"]["shallow"][0])):
+        model = workdir / f"cond_{key}.yaml"
+        model.write_text(yaml.safe_dump(load(path) | {"num_classes": 11}))
+        cfg["models"][key] = model.name if key == "full" else [model.name]
+    cfg["train"]["full"]["label_dropout"] = 0.1
 
 
 # ---- the DAG of every shipped config ------------------------------------------------------------
@@ -509,192 +521,6 @@ def test_one_timing_job_times_every_set_alone(dry_runs):
     assert f"{root}/timing/timing.json" in planned_files(output)
 
 
-# ---- config validation -----------------------------------------------------------------------------
-
-
-def modified(cfg: dict, edit) -> dict:
-    cfg = copy.deepcopy(cfg)
-    edit(cfg)
-    return cfg
-
-
-def _mismatched_shallow(cfg, workdir):
-    shallow = load(cfg["models"]["shallow"][0]) | {"patch_size": 4}
-    path = workdir / "shallow_patch4.yaml"
-    path.write_text(yaml.safe_dump(shallow))
-    cfg["models"]["shallow"] = [str(path)]
-
-
-def _label_dropout_in_one_training(cfg, workdir):
-    # Class-conditional models with the null class (digits' 10 classes + 1), dropout for the full model only.
-    for key, path in (("full", cfg["models"]["full"]), ("shallow", cfg["models"]["shallow"][0])):
-        model = workdir / f"cond_{key}.yaml"
-        model.write_text(yaml.safe_dump(load(path) | {"num_classes": 11}))
-        cfg["models"][key] = model.name if key == "full" else [model.name]
-    cfg["train"]["full"]["label_dropout"] = 0.1
-
-
-def _even_full_model(cfg, workdir):
-    path = workdir / "full_depth4.yaml"
-    path.write_text(yaml.safe_dump(load(cfg["models"]["full"]) | {"depth": 4}))
-    cfg["models"]["full"] = "full_depth4.yaml"
-
-
-def _pixel_models_with_an_autoencoder(cfg, workdir):
-    from conftest import TINY_AUTOENCODER
-
-    (workdir / "ae").mkdir(exist_ok=True)
-    (workdir / "ae" / "config.json").write_text(json.dumps(TINY_AUTOENCODER))  # what the check reads
-    cfg["autoencoder"] = {"path": "ae"}
-
-
-def _single_file_autoencoder(cfg, workdir):
-    (workdir / "ae.pth").touch()
-    cfg["autoencoder"] = {"path": "ae.pth"}
-
-
-# (name, edit of the tiny config, text the error must contain). Each is refused before any job.
-BAD_CONFIGS = [
-    ("threshold above 1", lambda c, w: c["early_exit"].update(thresholds=[0.1, 1.5]),
-     "invalid config: early_exit.thresholds[1]: 1.5 is greater than the maximum of 1"),
-    ("t_switch beyond the sampling steps", lambda c, w: c["duodiff"].update(t_switch=[2, 7]),
-     "invalid config: duodiff.t_switch 7 must be in [0, sampling.steps = 6]"),
-    ("unknown classifier type", lambda c, w: c["early_exit"].update(classifier_types=["linear_probe"]),
-     "invalid config: early_exit.classifier_types[0]: 'linear_probe' is not one of ['attention_probe', "
-     "'mlp_probe_per_layer', 'mlp_probe_per_timestep', 'mlp_probe_per_layer_per_timestep']"),
-    ("unknown dataset", lambda c, w: c["dataset"].update(name="mnist"),
-     "invalid config: dataset.name: 'mnist' is not one of ['digits', 'cifar10', 'celeba', 'imagenet64', 'imagenet256', "
-     "'imagefolder']"),
-    ("a variant that samples its own models", lambda c, w: c["models"].update(trained_in=c["experiment"]),
-     "invalid config: models.trained_in is 'tiny', the experiment itself"),
-    ("zero batch size", lambda c, w: c["sampling"].update(batch_size=0),
-     "invalid config: sampling.batch_size: 0 is less than the minimum of 1"),
-    ("misspelt training key", lambda c, w: c["train"]["early_exit"].update(n_step=5),
-     "invalid config: train.early_exit: Unevaluated properties are not allowed ('n_step' was unexpected)"),
-    ("shallow model with another patch size", _mismatched_shallow,
-     "has patch_size 4 but models.full tests/configs/models/tiny.yaml has 2"),
-    ("ddpm with fewer steps than timesteps", lambda c, w: c["sampling"].update(sampler="ddpm"),
-     "invalid config: sampling.steps is 6, but the ddpm sampler visits all diffusion.num_timesteps = 1000 steps"),
-    ("unknown precision", lambda c, w: c["sampling"].update(precision="fp8"),
-     "invalid config: sampling.precision: 'fp8' is not one of ['fp32', 'tf32', 'bf16', 'fp16']"),
-    ("tf32 on the CPU", lambda c, w: c["sampling"].update(precision="tf32"),
-     "invalid config: sampling.precision tf32 needs device: cuda (device is cpu); on the CPU use fp32 or bf16"),
-    ("even model depth", _even_full_model,
-     "invalid config: models.full full_depth4.yaml has depth 4; a U-ViT needs an odd depth (depth // 2 in-blocks, "
-     "1 mid-block, depth // 2 out-blocks), e.g. 3 or 5"),
-    ("shallow and full models swapped",
-     lambda c, w: c["models"].update(full="tests/configs/models/tiny_d1.yaml", shallow=["tests/configs/models/tiny.yaml"]),
-     "invalid config: models.shallow tests/configs/models/tiny.yaml has depth 3, but a DuoDiff shallow model must be "
-     "shallower than models.full tests/configs/models/tiny_d1.yaml (depth 1)"),
-    ("shallow model as deep as the full one", lambda c, w: c["models"].update(shallow=["tests/configs/models/tiny.yaml"]),
-     "invalid config: models.shallow tests/configs/models/tiny.yaml has depth 3, but a DuoDiff shallow model must be "
-     "shallower than models.full tests/configs/models/tiny.yaml (depth 3)"),
-    ("digits models with the cifar10 dataset", lambda c, w: c["dataset"].update(name="cifar10"),
-     "invalid config: models.full tests/configs/models/tiny.yaml has img_size 8, but dataset cifar10 gives 32x32 images "
-     "(dataset.image_size: null = its native size); set dataset.image_size: 8 or use a model config for 32x32 images"),
-    ("dataset without a native size", lambda c, w: c["dataset"].update(name="imagefolder"),
-     "invalid config: dataset.image_size is null, but dataset imagefolder has no native size; set it to the img_size "
-     "of models.full tests/configs/models/tiny.yaml (8)"),
-    ("guidance without a null class", lambda c, w: c["sampling"].update(guidance_scale=0.4),
-     "invalid config: sampling.guidance_scale is 0.4, which needs class-conditional models with a null class: "
-     "models.full tests/configs/models/tiny.yaml has num_classes 0 and train.full.label_dropout 0.0"),
-    ("label dropout on an unconditional model",
-     lambda c, w: [c["train"][stage].update(label_dropout=0.1) for stage in ("full", "shallow", "early_exit")],
-     "invalid config: train.*.label_dropout is set (full 0.1, shallow 0.1, early_exit 0.1), but models.full "
-     "tests/configs/models/tiny.yaml has num_classes 0: label dropout needs a class-conditional model"),
-    ("label dropout in one training only", _label_dropout_in_one_training,
-     "invalid config: train.full, train.shallow and train.early_exit must all drop labels or none (label_dropout "
-     "full 0.1, shallow 0.0, early_exit 0.0): they share the null class"),
-    ("grayscale models with an RGB dataset", lambda c, w: c["dataset"].update(name="imagefolder", image_size=8),
-     "invalid config: models.full tests/configs/models/tiny.yaml has in_chans 1, but dataset imagefolder has 3 "
-     "channel(s); use a model config with in_chans: 3"),
-    ("autoencoder config without an autoencoder",
-     lambda c, w: c.update(autoencoder={"config": "config/autoencoders/sd-kl-f8.json"}),
-     "invalid config: autoencoder.config is config/autoencoders/sd-kl-f8.json, but autoencoder.path is null"),
-    ("pixel-space models with an autoencoder", _pixel_models_with_an_autoencoder,
-     "invalid config: models.full tests/configs/models/tiny.yaml has in_chans 1, img_size 8, but the autoencoder turns "
-     "8x8 images into 4 latent channels downsampled 2x; use a model config with in_chans: 4, img_size: 4"),
-    ("single-file autoencoder without its architecture", _single_file_autoencoder,
-     "invalid config: autoencoder.path ae.pth is a single checkpoint file; set autoencoder.config to its architecture"),
-]  # fmt: skip
-# Also refused by a dry run, which plans every job of a config that passes (the issue's even depth
-# planned 79 jobs).
-REFUSED_IN_DRY_RUN = ["even model depth", "shallow and full models swapped", "shallow model as deep as the full one",
-                      "digits models with the cifar10 dataset"]  # fmt: skip
-
-
-@pytest.fixture(scope="session")
-def bad_config_runs(tmp_path_factory):
-    workdir = make_workdir(tmp_path_factory.mktemp("bad"))
-    tiny = load(TINY)
-    args = []
-    for i, (_, edit, _) in enumerate(BAD_CONFIGS):
-        path = workdir / f"bad{i}.yaml"
-        path.write_text(yaml.safe_dump(modified(tiny, lambda c: edit(c, workdir))))
-        # A real run, not a dry run: the config must be refused before any job starts.
-        args.append(("--configfile", path, "--cores", "1"))
-    # A dataset that needs files, at a root that does not exist (with models for its 3x32x32 images).
-    for name in ("tiny", "tiny_d1"):
-        model = load(f"tests/configs/models/{name}.yaml") | {"img_size": 32, "in_chans": 3}
-        (workdir / f"{name}_rgb32.yaml").write_text(yaml.safe_dump(model))
-
-    def missing_root(c):
-        c["dataset"].update(name="cifar10", root="no/such/dir")
-        c["models"].update(full="tiny_rgb32.yaml", shallow=["tiny_d1_rgb32.yaml"])
-
-    path = workdir / "missing_root.yaml"
-    path.write_text(yaml.safe_dump(modified(tiny, missing_root)))
-    args.append(("--configfile", path, "--cores", "1"))
-    names = [name for name, _, _ in BAD_CONFIGS]
-    args += [("--configfile", workdir / f"bad{names.index(name)}.yaml", "-n") for name in REFUSED_IN_DRY_RUN]
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        results = list(pool.map(lambda a: snakemake(workdir, *a), args))
-    return workdir, results
-
-
-@pytest.mark.parametrize("index", range(len(BAD_CONFIGS)), ids=[name for name, _, _ in BAD_CONFIGS])
-def test_bad_config_is_refused_before_any_job_with_a_message_naming_the_key(bad_config_runs, index):
-    workdir, results = bad_config_runs
-    result = results[index]
-    assert result.returncode != 0
-    assert BAD_CONFIGS[index][2] in result.stderr
-    assert "Building DAG of jobs" not in result.stderr + result.stdout
-    assert not (workdir / "results").exists()
-
-
-@pytest.mark.parametrize("name", REFUSED_IN_DRY_RUN)
-def test_bad_config_is_refused_by_a_dry_run_too(bad_config_runs, name):
-    workdir, results = bad_config_runs
-    index = [n for n, _, _ in BAD_CONFIGS].index(name)
-    result = results[len(BAD_CONFIGS) + 1 + REFUSED_IN_DRY_RUN.index(name)]
-    assert result.returncode != 0
-    assert BAD_CONFIGS[index][2] in result.stdout + result.stderr  # a dry run logs to stdout
-    assert "Building DAG of jobs" not in result.stderr + result.stdout and "Job stats" not in result.stdout
-
-
-def test_dataset_tables_of_the_workflow_match_duodiff_data():
-    # The workflow does not import duodiff (Snakemake may run outside the jobs' environment), so
-    # validation.smk keeps its own copy of each dataset's native image size and channel count.
-    from duodiff.core import data
-
-    text = (REPO / "workflow" / "rules" / "validation.smk").read_text()
-
-    def table(name):  # the literal assigned to `name` at the top level, over one line or several
-        match = re.search(rf"^{name} = (\{{.*?\}})$", text, flags=re.M | re.S)
-        return ast.literal_eval(match[1])
-
-    assert table("DATASET_NATIVE_SIZE") == data.NATIVE_SIZE
-    assert table("DATASET_CHANNELS") == data.CHANNELS
-
-
-def test_missing_data_root_stops_a_real_run(bad_config_runs):
-    workdir, results = bad_config_runs
-    result = results[len(BAD_CONFIGS)]
-    assert result.returncode != 0
-    assert "invalid config: dataset.root no/such/dir does not exist for dataset cifar10" in result.stderr
-    assert not (workdir / "results").exists()
-
-
 # ---- profiles ----------------------------------------------------------------------------------------
 
 
@@ -753,196 +579,11 @@ def test_dry_run_with_each_profile(dry_runs):
     assert job_counts(result.stdout) == expected_jobs(load("config/config.yaml"))
 
 
-# ---- the whole tiny study, end to end -------------------------------------------------------------
-
-ID_COLUMNS = ["set", "method", "setting", "classifier_type", "threshold", "t_switch", "shallow_depth", "n_samples"]
-TABLE_COLUMNS = {
-    "scores": ["score_name", "score", "score_ci_low", "score_ci_high", "score_diff", "score_diff_ci_low",
-               "score_diff_ci_high", "verdict", "margin", "quality_limit", "speedup_measured", "speedup_theoretical"],
-    "fid": ["fid", "gflops_per_forward", "gflops_per_image", "layer_ratio", "images_per_s", "speedup_measured",
-            "speedup_theoretical", "feature_network"],
-    "kid": ["kid", "kid_std", "feature_network"],
-    "cmmd": ["cmmd", "available", "reason", "embedding_model"],
-    "gflops": ["gflops_per_forward", "gflops_per_forward_linear_conv", "gflops_per_image", "layer_ratio",
-               "images_per_s", "speedup_measured", "speedup_theoretical"],
-}  # fmt: skip
-
-
-@pytest.fixture(scope="session")
-def tiny_study(tmp_path_factory):
-    workdir = make_workdir(tmp_path_factory.mktemp("tiny"))
-    result = snakemake(workdir, "--configfile", TINY, "--cores", "2", timeout=1800)
-    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
-    return workdir
-
-
-@pytest.mark.slow
-def test_tiny_study_tables_have_one_row_per_set_and_the_contract_columns(tiny_study):
-    sets = expected_sets(load(TINY))
-    for table, columns in TABLE_COLUMNS.items():
-        with open(tiny_study / "results" / "tiny" / "tables" / f"{table}.csv") as f:
-            rows = list(csv.DictReader(f))
-        assert sorted(row["set"] for row in rows) == sorted(scored_sets(load(TINY))), table
-        assert set(ID_COLUMNS + columns) <= set(rows[0]), table
-    for name in ("summary.md", "summary.tex", "summary.html"):
-        assert (tiny_study / "results" / "tiny" / "tables" / name).stat().st_size > 0
-
-
-@pytest.mark.slow
-def test_tiny_study_has_the_fewer_steps_baseline_the_floor_and_operating_points(tiny_study):
-    tables = tiny_study / "results" / "tiny" / "tables"
-    with open(tables / "scores.csv") as f:
-        rows = {row["set"]: row for row in csv.DictReader(f)}
-    fewer = rows["full_steps3"]
-    # The full model, 3 of the 6 sampling steps: half the network evaluations, same network.
-    assert (fewer["method"], fewer["steps"], fewer["score_name"]) == ("fewer_steps", "3", "FD")
-    assert float(fewer["speedup_theoretical"]) == pytest.approx(6 / 3)
-    assert float(fewer["layer_ratio"]) == pytest.approx(1.0) and float(fewer["speedup_measured"]) > 0
-    real = rows["real"]
-    assert real["method"] == "real" and real["speedup_theoretical"] == "" and float(real["score"]) >= 0
-    for row in rows.values():  # every headline score carries its interval
-        assert float(row["score_ci_low"]) <= float(row["score_ci_high"]), row["set"]
-    with open(tables / "operating_points.csv") as f:
-        points = list(csv.DictReader(f))
-    assert [p["family"] for p in points] == ["fewer steps", "attention_probe", "shallow depth 1"]
-    info = json.loads((tiny_study / "results" / "tiny" / "feature_net" / "feature_net.json").read_text())
-    assert 0 <= info["heldout_accuracy"] <= 1 and info["n_heldout"] == 359
-
-
-@pytest.mark.slow
-def test_tiny_study_plots_and_grids_exist(tiny_study):
-    for name in PLOTS:
-        for suffix in (".png", ".pdf"):
-            assert (tiny_study / "results" / "tiny" / "plots" / f"{name}{suffix}").stat().st_size > 0
-    for name in expected_sets(load(TINY)):
-        assert (tiny_study / "results" / "tiny" / "samples" / name / "grid.png").stat().st_size > 0
-
-
-@pytest.mark.slow
-def test_tiny_study_sample_sets_were_made_with_the_configured_settings(tiny_study):
-    cfg = load(TINY)
-    sampling = cfg["sampling"]
-    for name in expected_sets(cfg):
-        stats = json.loads((tiny_study / "results" / "tiny" / "samples" / name / "stats.json").read_text())
-        steps = int(name.removeprefix("full_steps")) if name.startswith("full_steps") else sampling["steps"]
-        assert (stats["sampler"], stats["steps"], stats["n_samples"], stats["batch_size"], stats["seed"]) == (
-            sampling["sampler"], steps, sampling["n_samples"], sampling["batch_size"], sampling["seed"])
-        method = {"full": "full", "shallow": "shallow", "ee": "early_exit", "duodiff": "duodiff"}[name.split("_")[0]]
-        assert stats["method"] == method
-        if method == "early_exit":
-            assert stats["threshold"] == float(name.rsplit("_thr", 1)[1])
-            assert stats["classifier_type"] == name[len("ee_"):name.rindex("_thr")]
-        if method == "duodiff":
-            assert stats["t_switch"] == int(name.rsplit("_ts", 1)[1])
-            assert stats["shallow_depth"] == int(name.split("_")[1][1:])
-        for metric in ("fid", "cmmd", "gflops"):
-            assert (tiny_study / "results" / "tiny" / "metrics" / name / f"{metric}.json").is_file()
-        rule = {"full": "sample_full", "shallow": "sample_shallow", "early_exit": "sample_early_exit", "duodiff": "sample_duodiff"}[method]
-        rule = "sample_fewer_steps" if name.startswith("full_steps") else rule
-        assert (tiny_study / "results" / "tiny" / "logs" / rule / f"{name}.log").is_file()
-        assert (tiny_study / "results" / "tiny" / "benchmarks" / rule / f"{name}.tsv").is_file()
-
-
-@pytest.mark.slow
-def test_tiny_study_times_every_set_alone(tiny_study):
-    study = tiny_study / "results" / "tiny"
-    timing = json.loads((study / "timing" / "timing.json").read_text())
-    cfg = load(TINY)
-    assert list(timing["sets"]) == expected_sets(cfg) and timing["baseline"] == "full"
-    assert (timing["rounds"], timing["batch_size"], timing["threads"]) == tuple(
-        cfg["timing"][key] for key in ("rounds", "batch_size", "threads"))  # fmt: skip
-    assert timing["sets"]["full"]["speedups"] == [1.0] * cfg["timing"]["rounds"]
-    with open(study / "timing" / "timing.csv") as f:
-        assert [row["set"] for row in csv.DictReader(f)] == expected_sets(cfg)
-    assert (study / "logs" / "timing.log").is_file() and (study / "benchmarks" / "timing.tsv").is_file()
-
-
-@pytest.mark.slow
-def test_tiny_study_report_builds(tiny_study):
-    result = snakemake(tiny_study, "--configfile", TINY, "--report", "results/tiny/report.html")
-    assert result.returncode == 0, result.stderr
-    page = (tiny_study / "results" / "tiny" / "report.html").read_text()
-    assert "quality_vs_gflops.png" in page and "fid.csv" in page
-
-
-@pytest.mark.slow
-def test_tiny_study_second_run_has_nothing_to_do(tiny_study):
-    result = snakemake(tiny_study, "--configfile", TINY, "-n")
-    assert result.returncode == 0, result.stderr
-    assert "Nothing to be done" in result.stdout + result.stderr
-
-
-def changed_jobs(workdir: Path, name: str, edit) -> dict:
-    path = workdir / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(modified(load(TINY), edit)))
-    result = snakemake(workdir, "--configfile", path, "-n")
-    assert result.returncode == 0, result.stderr
-    return job_counts(result.stdout)
-
-
-@pytest.mark.slow
-def test_tiny_study_same_settings_in_another_key_order_change_nothing(tiny_study):
-    def reverse(mapping):
-        if not isinstance(mapping, dict):
-            return mapping
-        return {key: reverse(mapping[key]) for key in reversed(list(mapping))}
-
-    path = tiny_study / "reversed.yaml"
-    path.write_text(yaml.safe_dump(reverse(load(TINY)), sort_keys=False))
-    result = snakemake(tiny_study, "--configfile", path, "-n")
-    assert result.returncode == 0, result.stderr
-    assert "Nothing to be done" in result.stdout + result.stderr
-
-
-@pytest.mark.slow
-def test_tiny_study_changing_one_threshold_reruns_only_what_depends_on_it(tiny_study):
-    cfg = load(TINY)
-    n_classifiers = len(cfg["early_exit"]["classifier_types"])
-
-    def edit(c):
-        c["early_exit"]["thresholds"][-1] = 0.3
-
-    # One new sample set per classifier type, its scores (one job for FID and FD, one for CMMD),
-    # GFLOPs and timing (one job each for every set), and the tables and plots.
-    assert changed_jobs(tiny_study, "threshold", edit) == {
-        "sample_early_exit": n_classifiers, "score": n_classifiers,
-        "cmmd": n_classifiers, "flops": 1, "timing": 1, "tables": 1, "plots": 1, "all": 1,
-    }  # fmt: skip
-
-
-@pytest.mark.slow
-def test_tiny_study_changing_a_training_setting_reruns_that_model_and_its_sets(tiny_study):
-    n_t_switch = len(load(TINY)["duodiff"]["t_switch"])
-
-    def edit(c):
-        c["train"]["shallow"]["lr"] = 0.002
-
-    # The shallow model, the shallow set and every DuoDiff set (they use it), their scores.
-    n_sets = 1 + n_t_switch
-    assert changed_jobs(tiny_study, "shallow_lr", edit) == {
-        "train_shallow": 1, "sample_shallow": 1, "sample_duodiff": n_t_switch,
-        "score": n_sets, "cmmd": n_sets, "flops": 1, "timing": 1, "tables": 1, "plots": 1, "all": 1,
-    }  # fmt: skip
-
-
-@pytest.mark.slow
-def test_tiny_study_changing_a_metric_setting_rescores_only(tiny_study):
-    n_sets = len(expected_sets(load(TINY)))
-
-    def edit(c):
-        c.setdefault("metrics", {}).setdefault("fid", {})["kid_subsets"] = 50
-
-    n_scored = len(scored_sets(load(TINY)))
-    # kid_subsets is a metrics.fid key, shared by the Inception and the classifier scores.
-    assert changed_jobs(tiny_study, "kid_subsets", edit) == {
-        "score": n_scored, "tables": 1, "plots": 1, "all": 1}
-
-
 def test_a_guided_study_passes_label_dropout_and_the_guidance_scale_to_every_job(tmp_path):
     workdir = make_workdir(tmp_path / "work")
 
     def guided(c):
-        _label_dropout_in_one_training(c, workdir)
+        label_dropout_in_one_training(c, workdir)
         for stage in ("full", "shallow", "early_exit"):
             c["train"][stage]["label_dropout"] = 0.15
         c["sampling"]["guidance_scale"] = 0.4
@@ -968,49 +609,3 @@ def test_a_guided_study_passes_label_dropout_and_the_guidance_scale_to_every_job
     assert convert["--label-dropout"] == "0.15" and convert["--dataset"] == "digits"
 
 
-# ---- the latent path, end to end --------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def latent_study(tmp_path_factory):
-    workdir = add_autoencoders(make_workdir(tmp_path_factory.mktemp("latent")))
-    result = snakemake(workdir, "--configfile", TINY_LATENT, "--cores", "2", timeout=1800)
-    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
-    return workdir / "results" / "tiny_latent"
-
-
-@pytest.mark.slow
-def test_latent_study_encodes_trains_samples_decodes_and_scores(latent_study):
-    import numpy as np
-    from PIL import Image
-
-    cfg = load(TINY_LATENT)
-    with np.load(latent_study / "latents" / "latents.npz") as f:
-        assert f["latents"].shape == (1797, 4, 4, 4) and f["labels"].shape == (1797,)  # digits: never flipped
-    for name in expected_sets(cfg):
-        folder = latent_study / "samples" / name
-        images = sorted((folder / "images").glob("*.png"))
-        assert len(images) == cfg["sampling"]["n_samples"]
-        with Image.open(images[0]) as image:
-            assert (image.mode, image.size) == ("L", (8, 8))  # decoded digits, not 4x4x4 latents
-        stats = json.loads((folder / "stats.json").read_text())
-        assert (stats["img_size"], stats["in_chans"], stats["latent_size"], stats["latent_chans"]) == (8, 1, 4, 4)
-        assert stats["autoencoder"]["path"] == "tiny_autoencoder" and stats["decode_time_s"] > 0
-        gflops = json.loads((latent_study / "metrics" / name / "gflops.json").read_text())
-        assert gflops["gflops_decoder_per_image"] > 0 and gflops["gflops_per_image"] > 0
-        assert json.loads((latent_study / "metrics" / name / "fid.json").read_text())["fid"] >= 0
-    with open(latent_study / "tables" / "gflops.csv") as f:
-        rows = {row["set"]: row for row in csv.DictReader(f)}
-    assert sorted(rows) == sorted(expected_sets(cfg))
-    # The tables' GFLOPs are the network's alone (the papers' convention), not network + decoder.
-    full = json.loads((latent_study / "metrics" / "full" / "gflops.json").read_text())
-    assert float(rows["full"]["gflops_per_image"]) == pytest.approx(full["gflops_per_image"])
-    model = json.loads(json.dumps(load_model_args(latent_study / "models" / "full" / "model.pt")))
-    assert model["latents"] == "results/tiny_latent/latents/latents.npz"
-    assert model["latents_fingerprint"]["scale_factor"] == 0.5
-
-
-def load_model_args(path) -> dict:
-    import torch
-
-    return torch.load(path, map_location="cpu", weights_only=False)["train_args"]

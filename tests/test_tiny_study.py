@@ -1,0 +1,198 @@
+"""(slow) The whole tiny study end to end: one session-scoped run of tests/configs/tiny.yaml
+through Snakemake, its tables, plots, sets and timing, and what a changed setting reruns."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from test_workflow import PLOTS, TINY, expected_sets, job_counts, load, make_workdir, modified, scored_sets, snakemake
+
+# ---- the whole tiny study, end to end -------------------------------------------------------------
+
+ID_COLUMNS = ["set", "method", "setting", "classifier_type", "threshold", "t_switch", "shallow_depth", "n_samples"]
+TABLE_COLUMNS = {
+    "scores": ["score_name", "score", "score_ci_low", "score_ci_high", "score_diff", "score_diff_ci_low",
+               "score_diff_ci_high", "verdict", "margin", "quality_limit", "speedup_measured", "speedup_theoretical"],
+    "fid": ["fid", "gflops_per_forward", "gflops_per_image", "layer_ratio", "images_per_s", "speedup_measured",
+            "speedup_theoretical", "feature_network"],
+    "kid": ["kid", "kid_std", "feature_network"],
+    "cmmd": ["cmmd", "available", "reason", "embedding_model"],
+    "gflops": ["gflops_per_forward", "gflops_per_forward_linear_conv", "gflops_per_image", "layer_ratio",
+               "images_per_s", "speedup_measured", "speedup_theoretical"],
+}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tiny_study(tmp_path_factory):
+    workdir = make_workdir(tmp_path_factory.mktemp("tiny"))
+    result = snakemake(workdir, "--configfile", TINY, "--cores", "2", timeout=1800)
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
+    return workdir
+
+
+@pytest.mark.slow
+def test_tiny_study_tables_have_one_row_per_set_and_the_contract_columns(tiny_study):
+    sets = expected_sets(load(TINY))
+    for table, columns in TABLE_COLUMNS.items():
+        with open(tiny_study / "results" / "tiny" / "tables" / f"{table}.csv") as f:
+            rows = list(csv.DictReader(f))
+        assert sorted(row["set"] for row in rows) == sorted(scored_sets(load(TINY))), table
+        assert set(ID_COLUMNS + columns) <= set(rows[0]), table
+    for name in ("summary.md", "summary.tex", "summary.html"):
+        assert (tiny_study / "results" / "tiny" / "tables" / name).stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_tiny_study_has_the_fewer_steps_baseline_the_floor_and_operating_points(tiny_study):
+    tables = tiny_study / "results" / "tiny" / "tables"
+    with open(tables / "scores.csv") as f:
+        rows = {row["set"]: row for row in csv.DictReader(f)}
+    fewer = rows["full_steps3"]
+    # The full model, 3 of the 6 sampling steps: half the network evaluations, same network.
+    assert (fewer["method"], fewer["steps"], fewer["score_name"]) == ("fewer_steps", "3", "FD")
+    assert float(fewer["speedup_theoretical"]) == pytest.approx(6 / 3)
+    assert float(fewer["layer_ratio"]) == pytest.approx(1.0) and float(fewer["speedup_measured"]) > 0
+    real = rows["real"]
+    assert real["method"] == "real" and real["speedup_theoretical"] == "" and float(real["score"]) >= 0
+    for row in rows.values():  # every headline score carries its interval
+        assert float(row["score_ci_low"]) <= float(row["score_ci_high"]), row["set"]
+    with open(tables / "operating_points.csv") as f:
+        points = list(csv.DictReader(f))
+    assert [p["family"] for p in points] == ["fewer steps", "attention_probe", "shallow depth 1"]
+    info = json.loads((tiny_study / "results" / "tiny" / "feature_net" / "feature_net.json").read_text())
+    assert 0 <= info["heldout_accuracy"] <= 1 and info["n_heldout"] == 359
+
+
+@pytest.mark.slow
+def test_tiny_study_plots_and_grids_exist(tiny_study):
+    for name in PLOTS:
+        for suffix in (".png", ".pdf"):
+            assert (tiny_study / "results" / "tiny" / "plots" / f"{name}{suffix}").stat().st_size > 0
+    for name in expected_sets(load(TINY)):
+        assert (tiny_study / "results" / "tiny" / "samples" / name / "grid.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_tiny_study_sample_sets_were_made_with_the_configured_settings(tiny_study):
+    cfg = load(TINY)
+    sampling = cfg["sampling"]
+    for name in expected_sets(cfg):
+        stats = json.loads((tiny_study / "results" / "tiny" / "samples" / name / "stats.json").read_text())
+        steps = int(name.removeprefix("full_steps")) if name.startswith("full_steps") else sampling["steps"]
+        assert (stats["sampler"], stats["steps"], stats["n_samples"], stats["batch_size"], stats["seed"]) == (
+            sampling["sampler"], steps, sampling["n_samples"], sampling["batch_size"], sampling["seed"])
+        method = {"full": "full", "shallow": "shallow", "ee": "early_exit", "duodiff": "duodiff"}[name.split("_")[0]]
+        assert stats["method"] == method
+        if method == "early_exit":
+            assert stats["threshold"] == float(name.rsplit("_thr", 1)[1])
+            assert stats["classifier_type"] == name[len("ee_"):name.rindex("_thr")]
+        if method == "duodiff":
+            assert stats["t_switch"] == int(name.rsplit("_ts", 1)[1])
+            assert stats["shallow_depth"] == int(name.split("_")[1][1:])
+        for metric in ("fid", "cmmd", "gflops"):
+            assert (tiny_study / "results" / "tiny" / "metrics" / name / f"{metric}.json").is_file()
+        rule = {"full": "sample_full", "shallow": "sample_shallow", "early_exit": "sample_early_exit", "duodiff": "sample_duodiff"}[method]
+        rule = "sample_fewer_steps" if name.startswith("full_steps") else rule
+        assert (tiny_study / "results" / "tiny" / "logs" / rule / f"{name}.log").is_file()
+        assert (tiny_study / "results" / "tiny" / "benchmarks" / rule / f"{name}.tsv").is_file()
+
+
+@pytest.mark.slow
+def test_tiny_study_times_every_set_alone(tiny_study):
+    study = tiny_study / "results" / "tiny"
+    timing = json.loads((study / "timing" / "timing.json").read_text())
+    cfg = load(TINY)
+    assert list(timing["sets"]) == expected_sets(cfg) and timing["baseline"] == "full"
+    assert (timing["rounds"], timing["batch_size"], timing["threads"]) == tuple(
+        cfg["timing"][key] for key in ("rounds", "batch_size", "threads"))  # fmt: skip
+    assert timing["sets"]["full"]["speedups"] == [1.0] * cfg["timing"]["rounds"]
+    with open(study / "timing" / "timing.csv") as f:
+        assert [row["set"] for row in csv.DictReader(f)] == expected_sets(cfg)
+    assert (study / "logs" / "timing.log").is_file() and (study / "benchmarks" / "timing.tsv").is_file()
+
+
+@pytest.mark.slow
+def test_tiny_study_report_builds(tiny_study):
+    result = snakemake(tiny_study, "--configfile", TINY, "--report", "results/tiny/report.html")
+    assert result.returncode == 0, result.stderr
+    page = (tiny_study / "results" / "tiny" / "report.html").read_text()
+    assert "quality_vs_gflops.png" in page and "fid.csv" in page
+
+
+@pytest.mark.slow
+def test_tiny_study_second_run_has_nothing_to_do(tiny_study):
+    result = snakemake(tiny_study, "--configfile", TINY, "-n")
+    assert result.returncode == 0, result.stderr
+    assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def changed_jobs(workdir: Path, name: str, edit) -> dict:
+    path = workdir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(modified(load(TINY), edit)))
+    result = snakemake(workdir, "--configfile", path, "-n")
+    assert result.returncode == 0, result.stderr
+    return job_counts(result.stdout)
+
+
+@pytest.mark.slow
+def test_tiny_study_same_settings_in_another_key_order_change_nothing(tiny_study):
+    def reverse(mapping):
+        if not isinstance(mapping, dict):
+            return mapping
+        return {key: reverse(mapping[key]) for key in reversed(list(mapping))}
+
+    path = tiny_study / "reversed.yaml"
+    path.write_text(yaml.safe_dump(reverse(load(TINY)), sort_keys=False))
+    result = snakemake(tiny_study, "--configfile", path, "-n")
+    assert result.returncode == 0, result.stderr
+    assert "Nothing to be done" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_tiny_study_changing_one_threshold_reruns_only_what_depends_on_it(tiny_study):
+    cfg = load(TINY)
+    n_classifiers = len(cfg["early_exit"]["classifier_types"])
+
+    def edit(c):
+        c["early_exit"]["thresholds"][-1] = 0.3
+
+    # One new sample set per classifier type, its scores (one job for FID and FD, one for CMMD),
+    # GFLOPs and timing (one job each for every set), and the tables and plots.
+    assert changed_jobs(tiny_study, "threshold", edit) == {
+        "sample_early_exit": n_classifiers, "score": n_classifiers,
+        "cmmd": n_classifiers, "flops": 1, "timing": 1, "tables": 1, "plots": 1, "all": 1,
+    }  # fmt: skip
+
+
+@pytest.mark.slow
+def test_tiny_study_changing_a_training_setting_reruns_that_model_and_its_sets(tiny_study):
+    n_t_switch = len(load(TINY)["duodiff"]["t_switch"])
+
+    def edit(c):
+        c["train"]["shallow"]["lr"] = 0.002
+
+    # The shallow model, the shallow set and every DuoDiff set (they use it), their scores.
+    n_sets = 1 + n_t_switch
+    assert changed_jobs(tiny_study, "shallow_lr", edit) == {
+        "train_shallow": 1, "sample_shallow": 1, "sample_duodiff": n_t_switch,
+        "score": n_sets, "cmmd": n_sets, "flops": 1, "timing": 1, "tables": 1, "plots": 1, "all": 1,
+    }  # fmt: skip
+
+
+@pytest.mark.slow
+def test_tiny_study_changing_a_metric_setting_rescores_only(tiny_study):
+    n_sets = len(expected_sets(load(TINY)))
+
+    def edit(c):
+        c.setdefault("metrics", {}).setdefault("fid", {})["kid_subsets"] = 50
+
+    n_scored = len(scored_sets(load(TINY)))
+    # kid_subsets is a metrics.fid key, shared by the Inception and the classifier scores.
+    assert changed_jobs(tiny_study, "kid_subsets", edit) == {
+        "score": n_scored, "tables": 1, "plots": 1, "all": 1}
+
+

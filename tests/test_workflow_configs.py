@@ -1,0 +1,186 @@
+"""Config validation: every bad config is refused before any job starts, with one message naming the
+key (a real run, and a dry run where the refusal must hold there too), and a missing data root
+stops a real run. Snakemake runs as a subprocess in a scratch folder (test_workflow.py's helpers)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import yaml
+from test_workflow import REPO, TINY, label_dropout_in_one_training, load, make_workdir, modified, snakemake
+
+# ---- config validation -----------------------------------------------------------------------------
+
+
+def _mismatched_shallow(cfg, workdir):
+    shallow = load(cfg["models"]["shallow"][0]) | {"patch_size": 4}
+    path = workdir / "shallow_patch4.yaml"
+    path.write_text(yaml.safe_dump(shallow))
+    cfg["models"]["shallow"] = [str(path)]
+
+
+def _even_full_model(cfg, workdir):
+    path = workdir / "full_depth4.yaml"
+    path.write_text(yaml.safe_dump(load(cfg["models"]["full"]) | {"depth": 4}))
+    cfg["models"]["full"] = "full_depth4.yaml"
+
+
+def _pixel_models_with_an_autoencoder(cfg, workdir):
+    from conftest import TINY_AUTOENCODER
+
+    (workdir / "ae").mkdir(exist_ok=True)
+    (workdir / "ae" / "config.json").write_text(json.dumps(TINY_AUTOENCODER))  # what the check reads
+    cfg["autoencoder"] = {"path": "ae"}
+
+
+def _single_file_autoencoder(cfg, workdir):
+    (workdir / "ae.pth").touch()
+    cfg["autoencoder"] = {"path": "ae.pth"}
+
+
+# (name, edit of the tiny config, text the error must contain). Each is refused before any job.
+BAD_CONFIGS = [
+    ("threshold above 1", lambda c, w: c["early_exit"].update(thresholds=[0.1, 1.5]),
+     "invalid config: early_exit.thresholds[1]: 1.5 is greater than the maximum of 1"),
+    ("t_switch beyond the sampling steps", lambda c, w: c["duodiff"].update(t_switch=[2, 7]),
+     "invalid config: duodiff.t_switch 7 must be in [0, sampling.steps = 6]"),
+    ("unknown classifier type", lambda c, w: c["early_exit"].update(classifier_types=["linear_probe"]),
+     "invalid config: early_exit.classifier_types[0]: 'linear_probe' is not one of ['attention_probe', "
+     "'mlp_probe_per_layer', 'mlp_probe_per_timestep', 'mlp_probe_per_layer_per_timestep']"),
+    ("unknown dataset", lambda c, w: c["dataset"].update(name="mnist"),
+     "invalid config: dataset.name: 'mnist' is not one of ['digits', 'cifar10', 'celeba', 'imagenet64', 'imagenet256', "
+     "'imagefolder']"),
+    ("a variant that samples its own models", lambda c, w: c["models"].update(trained_in=c["experiment"]),
+     "invalid config: models.trained_in is 'tiny', the experiment itself"),
+    ("zero batch size", lambda c, w: c["sampling"].update(batch_size=0),
+     "invalid config: sampling.batch_size: 0 is less than the minimum of 1"),
+    ("misspelt training key", lambda c, w: c["train"]["early_exit"].update(n_step=5),
+     "invalid config: train.early_exit: Unevaluated properties are not allowed ('n_step' was unexpected)"),
+    ("shallow model with another patch size", _mismatched_shallow,
+     "has patch_size 4 but models.full tests/configs/models/tiny.yaml has 2"),
+    ("ddpm with fewer steps than timesteps", lambda c, w: c["sampling"].update(sampler="ddpm"),
+     "invalid config: sampling.steps is 6, but the ddpm sampler visits all diffusion.num_timesteps = 1000 steps"),
+    ("unknown precision", lambda c, w: c["sampling"].update(precision="fp8"),
+     "invalid config: sampling.precision: 'fp8' is not one of ['fp32', 'tf32', 'bf16', 'fp16']"),
+    ("tf32 on the CPU", lambda c, w: c["sampling"].update(precision="tf32"),
+     "invalid config: sampling.precision tf32 needs device: cuda (device is cpu); on the CPU use fp32 or bf16"),
+    ("even model depth", _even_full_model,
+     "invalid config: models.full full_depth4.yaml has depth 4; a U-ViT needs an odd depth (depth // 2 in-blocks, "
+     "1 mid-block, depth // 2 out-blocks), e.g. 3 or 5"),
+    ("shallow and full models swapped",
+     lambda c, w: c["models"].update(full="tests/configs/models/tiny_d1.yaml", shallow=["tests/configs/models/tiny.yaml"]),
+     "invalid config: models.shallow tests/configs/models/tiny.yaml has depth 3, but a DuoDiff shallow model must be "
+     "shallower than models.full tests/configs/models/tiny_d1.yaml (depth 1)"),
+    ("shallow model as deep as the full one", lambda c, w: c["models"].update(shallow=["tests/configs/models/tiny.yaml"]),
+     "invalid config: models.shallow tests/configs/models/tiny.yaml has depth 3, but a DuoDiff shallow model must be "
+     "shallower than models.full tests/configs/models/tiny.yaml (depth 3)"),
+    ("digits models with the cifar10 dataset", lambda c, w: c["dataset"].update(name="cifar10"),
+     "invalid config: models.full tests/configs/models/tiny.yaml has img_size 8, but dataset cifar10 gives 32x32 images "
+     "(dataset.image_size: null = its native size); set dataset.image_size: 8 or use a model config for 32x32 images"),
+    ("dataset without a native size", lambda c, w: c["dataset"].update(name="imagefolder"),
+     "invalid config: dataset.image_size is null, but dataset imagefolder has no native size; set it to the img_size "
+     "of models.full tests/configs/models/tiny.yaml (8)"),
+    ("guidance without a null class", lambda c, w: c["sampling"].update(guidance_scale=0.4),
+     "invalid config: sampling.guidance_scale is 0.4, which needs class-conditional models with a null class: "
+     "models.full tests/configs/models/tiny.yaml has num_classes 0 and train.full.label_dropout 0.0"),
+    ("label dropout on an unconditional model",
+     lambda c, w: [c["train"][stage].update(label_dropout=0.1) for stage in ("full", "shallow", "early_exit")],
+     "invalid config: train.*.label_dropout is set (full 0.1, shallow 0.1, early_exit 0.1), but models.full "
+     "tests/configs/models/tiny.yaml has num_classes 0: label dropout needs a class-conditional model"),
+    ("label dropout in one training only", label_dropout_in_one_training,
+     "invalid config: train.full, train.shallow and train.early_exit must all drop labels or none (label_dropout "
+     "full 0.1, shallow 0.0, early_exit 0.0): they share the null class"),
+    ("grayscale models with an RGB dataset", lambda c, w: c["dataset"].update(name="imagefolder", image_size=8),
+     "invalid config: models.full tests/configs/models/tiny.yaml has in_chans 1, but dataset imagefolder has 3 "
+     "channel(s); use a model config with in_chans: 3"),
+    ("autoencoder config without an autoencoder",
+     lambda c, w: c.update(autoencoder={"config": "config/autoencoders/sd-kl-f8.json"}),
+     "invalid config: autoencoder.config is config/autoencoders/sd-kl-f8.json, but autoencoder.path is null"),
+    ("pixel-space models with an autoencoder", _pixel_models_with_an_autoencoder,
+     "invalid config: models.full tests/configs/models/tiny.yaml has in_chans 1, img_size 8, but the autoencoder turns "
+     "8x8 images into 4 latent channels downsampled 2x; use a model config with in_chans: 4, img_size: 4"),
+    ("single-file autoencoder without its architecture", _single_file_autoencoder,
+     "invalid config: autoencoder.path ae.pth is a single checkpoint file; set autoencoder.config to its architecture"),
+]  # fmt: skip
+# Also refused by a dry run, which plans every job of a config that passes (the issue's even depth
+# planned 79 jobs).
+REFUSED_IN_DRY_RUN = ["even model depth", "shallow and full models swapped", "shallow model as deep as the full one",
+                      "digits models with the cifar10 dataset"]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def bad_config_runs(tmp_path_factory):
+    workdir = make_workdir(tmp_path_factory.mktemp("bad"))
+    tiny = load(TINY)
+    args = []
+    for i, (_, edit, _) in enumerate(BAD_CONFIGS):
+        path = workdir / f"bad{i}.yaml"
+        path.write_text(yaml.safe_dump(modified(tiny, lambda c: edit(c, workdir))))
+        # A real run, not a dry run: the config must be refused before any job starts.
+        args.append(("--configfile", path, "--cores", "1"))
+    # A dataset that needs files, at a root that does not exist (with models for its 3x32x32 images).
+    for name in ("tiny", "tiny_d1"):
+        model = load(f"tests/configs/models/{name}.yaml") | {"img_size": 32, "in_chans": 3}
+        (workdir / f"{name}_rgb32.yaml").write_text(yaml.safe_dump(model))
+
+    def missing_root(c):
+        c["dataset"].update(name="cifar10", root="no/such/dir")
+        c["models"].update(full="tiny_rgb32.yaml", shallow=["tiny_d1_rgb32.yaml"])
+
+    path = workdir / "missing_root.yaml"
+    path.write_text(yaml.safe_dump(modified(tiny, missing_root)))
+    args.append(("--configfile", path, "--cores", "1"))
+    names = [name for name, _, _ in BAD_CONFIGS]
+    args += [("--configfile", workdir / f"bad{names.index(name)}.yaml", "-n") for name in REFUSED_IN_DRY_RUN]
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        results = list(pool.map(lambda a: snakemake(workdir, *a), args))
+    return workdir, results
+
+
+@pytest.mark.parametrize("index", range(len(BAD_CONFIGS)), ids=[name for name, _, _ in BAD_CONFIGS])
+def test_bad_config_is_refused_before_any_job_with_a_message_naming_the_key(bad_config_runs, index):
+    workdir, results = bad_config_runs
+    result = results[index]
+    assert result.returncode != 0
+    assert BAD_CONFIGS[index][2] in result.stderr
+    assert "Building DAG of jobs" not in result.stderr + result.stdout
+    assert not (workdir / "results").exists()
+
+
+@pytest.mark.parametrize("name", REFUSED_IN_DRY_RUN)
+def test_bad_config_is_refused_by_a_dry_run_too(bad_config_runs, name):
+    workdir, results = bad_config_runs
+    index = [n for n, _, _ in BAD_CONFIGS].index(name)
+    result = results[len(BAD_CONFIGS) + 1 + REFUSED_IN_DRY_RUN.index(name)]
+    assert result.returncode != 0
+    assert BAD_CONFIGS[index][2] in result.stdout + result.stderr  # a dry run logs to stdout
+    assert "Building DAG of jobs" not in result.stderr + result.stdout and "Job stats" not in result.stdout
+
+
+def test_dataset_tables_of_the_workflow_match_duodiff_data():
+    # The workflow does not import duodiff (Snakemake may run outside the jobs' environment), so
+    # validation.smk keeps its own copy of each dataset's native image size and channel count.
+    from duodiff.core import data
+
+    text = (REPO / "workflow" / "rules" / "validation.smk").read_text()
+
+    def table(name):  # the literal assigned to `name` at the top level, over one line or several
+        match = re.search(rf"^{name} = (\{{.*?\}})$", text, flags=re.M | re.S)
+        return ast.literal_eval(match[1])
+
+    assert table("DATASET_NATIVE_SIZE") == data.NATIVE_SIZE
+    assert table("DATASET_CHANNELS") == data.CHANNELS
+
+
+def test_missing_data_root_stops_a_real_run(bad_config_runs):
+    workdir, results = bad_config_runs
+    result = results[len(BAD_CONFIGS)]
+    assert result.returncode != 0
+    assert "invalid config: dataset.root no/such/dir does not exist for dataset cifar10" in result.stderr
+    assert not (workdir / "results").exists()
+
+
