@@ -30,3 +30,14 @@ def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
             raise RuntimeError("killed mid-write")
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["x.txt"]
+
+
+def test_stray_temporaries_of_a_killed_writer_are_removed_and_nothing_else(tmp_path):
+    (tmp_path / "images").mkdir()
+    kept = [tmp_path / "images" / "000000.png", tmp_path / "stats.json", tmp_path / "images" / "tmp-not-ours.png"]
+    stray = [tmp_path / "images" / ".tmp-000001.png-abc123", tmp_path / ".tmp-stats.json-x"]
+    for path in kept + stray:
+        path.write_text("x")
+    assert io.remove_stray_temporaries(tmp_path) == sorted(stray)
+    assert all(path.exists() for path in kept) and not any(path.exists() for path in stray)
+    assert io.remove_stray_temporaries(tmp_path / "missing") == []

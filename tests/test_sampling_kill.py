@@ -53,6 +53,8 @@ def test_killed_sampling_job_rerun_completes_the_set_without_duplicates(tmp_path
     finished = sorted(p.name for p in (killed / "parts").glob("batch_*.pt"))
     assert 2 <= len(finished) < 6, f"the kill should land mid-set; finished parts: {finished}"
     assert not (killed / "stats.json").exists()
+    # What a kill inside an atomic write leaves (it lands there only sometimes): a stray temporary.
+    (killed / "images" / ".tmp-000011.png-killed").write_bytes(b"\x89PNG half")
 
     subprocess.run(command(checkpoint, killed), check=True, env=env, capture_output=True)
     names, resumed = pixels(killed)

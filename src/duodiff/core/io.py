@@ -73,6 +73,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
+def remove_stray_temporaries(folder) -> list[Path]:
+    """Remove the `.tmp-*` files that writers killed mid-write (SIGKILL skips atomic_path's
+    cleanup) left in `folder` and its subfolders, before a job resumes there; -> what was removed."""
+    stray = sorted(Path(folder).rglob(".tmp-*")) if Path(folder).is_dir() else []
+    for path in stray:
+        path.unlink(missing_ok=True)
+    return stray
+
+
 def write_text(path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

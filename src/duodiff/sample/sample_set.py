@@ -29,7 +29,7 @@ from duodiff.core.errors import DuodiffError, check_choice, is_int, is_number, r
 from duodiff.core.flags import add_flag
 from duodiff.core.guidance import branch_major, check_guidance_scale, label_classes, set_null_label
 from duodiff.core.images import image_grid, load_png, png_problem, save_png, to_uint8
-from duodiff.core.io import torch_save, write_json
+from duodiff.core.io import remove_stray_temporaries, torch_save, write_json
 from duodiff.core.latent import autoencoder_record, check_model_autoencoder, decoding_stats, load_codec
 from duodiff.core.study import CUDA_ONLY_PRECISIONS, METHODS, PRECISIONS, SAMPLERS, setting_label
 from duodiff.sample.policies import make_denoiser
@@ -178,6 +178,7 @@ def run_sample(*, checkpoint_path, method, output_folder, sampler, steps, n_samp
         **({"autoencoder": decoder} if decoder is not None else {}),
     }
     folder = Path(output_folder)
+    remove_stray_temporaries(folder)  # a killed job's half-written PNG or part, never a result
     starts = range(0, n_samples, batch_size)
     batches = [(b, start, min(batch_size, n_samples - start)) for b, start in enumerate(starts)]
     parts = finished_parts(folder, settings)
