@@ -70,3 +70,22 @@ def test_summary_tex_compiles_as_it_is_in_a_two_column_paper(tools, tmp_path):
     assert "Table 1: Sample quality and cost" in text
     assert re.search(r"Early exit, attention.probe\s*\n\s*threshold = 0\.05\s+21\.00", text)  # grouped rows
     assert "CMMD n/a: open clip ViT-L-14-336 weights are not available offline." in text
+
+
+def test_headers_with_intervals_compile_without_hanging(tools, tmp_path):
+    # A study with intervals puts "[95% CI]" in stacked headers; `\\[95\% CI]` made pdflatex read it
+    # as a line break's spacing and hang without a message (the embedded default's summary.tex).
+    from test_tables import CI_STUDY, write_ci_study
+
+    write_ci_study(tmp_path)
+    paths = run_tables(**cli_args("tables", samples_root=tmp_path / "samples", metrics_root=tmp_path / "metrics",
+                                  sets=list(CI_STUDY) + ["real"], output_dir=tmp_path / "paper", headline="classifier"))
+    assert "[95\\% CI]" in paths["summary.tex"].read_text()
+    paper = tmp_path / "paper" / "paper.tex"
+    paper.write_text(PAPER % {"packages": "\\usepackage{booktabs}"})
+    run = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", paper.name],
+                         cwd=paper.parent, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stdout[-3000:]
+    text = subprocess.run(["pdftotext", "-layout", str(paper.with_suffix(".pdf")), "-"],
+                          capture_output=True, text=True, check=True, timeout=60).stdout
+    assert "[95% CI]" in text and "FD" in text

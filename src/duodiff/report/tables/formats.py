@@ -67,7 +67,9 @@ def _stacked_header(tex: str) -> str:
     head, space, tail = tex.partition(" ")
     if not space or head.count("$") % 2:
         return tex
-    return f"\\shortstack[r]{{{head}\\\\{tail}}}"
+    # "{}" ends the line break: `\\[95\% CI]` would read "[95\% CI]" as the break's spacing
+    # argument, and pdflatex hangs on it without a message.
+    return f"\\shortstack[r]{{{head}\\\\{{}}{tail}}}"
 
 
 def summary_latex(frame: pd.DataFrame) -> str:
