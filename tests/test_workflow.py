@@ -166,6 +166,8 @@ def dry_runs(tmp_path_factory):
     runs = {config: ("--configfile", config, "-n") for config in SHIPPED_CONFIGS}
     runs["tiny_latent"] = ("--configfile", TINY_LATENT, "-n", "-p")
     runs["target"] = ("--configfile", "config/config.yaml", "-n", "results/digits/tables/fid.csv")
+    # The design card's usage: the configured experiment's table at results/tables/.
+    runs["legacy_target"] = ("--configfile", "config/config.yaml", "-n", "results/tables/fid.csv")
     runs["tiny_commands"] = ("--configfile", TINY, "-n", "-p")
     # The same study under another experiment name, as a user who runs a second config in the same folder.
     (workdir / "tiny_other.yaml").write_text(yaml.safe_dump(load(TINY) | {"experiment": OTHER_EXPERIMENT}))
@@ -278,6 +280,17 @@ def test_a_table_target_plans_exactly_what_the_tables_need(dry_runs):
     expected = expected_jobs(load("config/config.yaml"))
     del expected["plots"], expected["all"]
     assert job_counts(result.stdout) == expected
+
+
+def test_the_design_cards_table_target_builds_the_experiments_table_and_copies_it(dry_runs):
+    # `snakemake results/tables/fid.csv`: the study's own table (in results/digits/), then one copy.
+    _, results = dry_runs
+    result = results["legacy_target"]
+    assert result.returncode == 0, result.stderr
+    expected = expected_jobs(load("config/config.yaml"))
+    del expected["plots"], expected["all"]
+    assert job_counts(result.stdout) == {**expected, "table_copy": 1}
+    assert "results/digits/tables/fid.csv" in result.stdout and "output: results/tables/fid.csv" in result.stdout
 
 
 def planned_files(output: str) -> set:

@@ -150,3 +150,26 @@ rule plots:
         "duodiff plots --tables-dir {params.tables_dir} --samples-root {params.samples_root} "
         "--models-root {params.models_root} --reference {params.reference} --output-dir {params.output_dir} "
         "{params.flags} > {log} 2>&1"
+
+
+# `snakemake results/tables/fid.csv`, the usage the project was specified with: the configured
+# experiment's table, built in its own study folder and copied to results/tables/ (a convenience
+# path: each experiment's tables stay in results/<experiment>/tables/, which no other experiment
+# writes; the copy is the last requested experiment's).
+TABLE_NAMES = ["scores", "operating_points", "fid", "kid", "cmmd", "gflops"]
+
+
+rule table_copy:
+    input:
+        study_path("tables/{table}.csv"),
+    output:
+        "results/tables/{table}.csv",
+    log:
+        "results/logs/table_copy/{table}.log",
+    wildcard_constraints:
+        table="|".join(TABLE_NAMES),
+    localrule: True
+    conda:
+        ENV
+    shell:
+        "cp {input} {output} > {log} 2>&1"
