@@ -72,7 +72,7 @@ def test_summary_tex_compiles_as_it_is_in_a_two_column_paper(tools, tmp_path):
     assert "CMMD n/a: open clip ViT-L-14-336 weights are not available offline." in text
 
 
-def test_headers_with_intervals_compile_without_hanging(tools, tmp_path):
+def test_a_study_with_intervals_compiles_without_hanging_and_fits(tools, tmp_path):
     # A study with intervals puts "[95% CI]" in stacked headers; `\\[95\% CI]` made pdflatex read it
     # as a line break's spacing and hang without a message (the embedded default's summary.tex).
     from test_tables import CI_STUDY, write_ci_study
@@ -86,6 +86,9 @@ def test_headers_with_intervals_compile_without_hanging(tools, tmp_path):
     run = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", paper.name],
                          cwd=paper.parent, capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stdout[-3000:]
+    # With intervals in every score and speed-up cell, quality and cost still each fit the text width.
+    log = paper.with_suffix(".log").read_text(errors="replace")
+    assert "Overfull \\hbox" not in log, re.findall(r"Overfull \\hbox.*", log)
     text = subprocess.run(["pdftotext", "-layout", str(paper.with_suffix(".pdf")), "-"],
                           capture_output=True, text=True, check=True, timeout=60).stdout
     assert "[95% CI]" in text and "FD" in text

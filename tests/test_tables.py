@@ -183,23 +183,28 @@ def test_summary_markdown_marks_the_best_value_of_each_column(study):
 def test_summary_latex_bolds_the_same_cells_and_escapes_names(study):
     tables(study)
     tex = (study / "tables" / "summary.tex").read_text()
-    assert "\\toprule" in tex and "\\bottomrule" in tex and tex.count("\\begin{tabular}") == 1
+    # Two tabulars one above the other, quality then cost, so each fits a two-column text width.
+    assert tex.count("\\toprule") == tex.count("\\bottomrule") == tex.count("\\begin{tabular}") == 2
     assert "\\resizebox" not in tex and "\\usepackage{booktabs}" in tex.split("\\begin")[0]  # says what it needs
+    quality, cost = (part.split("\\midrule\n")[1].split("\n\\bottomrule")[0].splitlines()
+                     for part in tex.split("\\end{tabular}")[:2])
     # Rows grouped the papers' way: a method with settings has a heading row, then a row per setting.
-    body = tex.split("\\midrule\n")[1].split("\n\\bottomrule")[0].splitlines()
-    first_cells = [line.split(" & ")[0].removesuffix(" \\\\") for line in body]
-    assert first_cells == ["U-ViT (13 blocks)", "U-ViT shallow (3 blocks)",
-                           "\\multicolumn{9}{@{}l}{Early exit, attention\\_probe}",
-                           "\\quad threshold = 0.05", "\\quad threshold = 0.1",
-                           "\\multicolumn{9}{@{}l}{Early exit, mlp\\_probe\\_per\\_layer}", "\\quad threshold = 0.1",
-                           "\\multicolumn{9}{@{}l}{DuoDiff (3 + 13 blocks)}", "\\quad t\\_switch = 1", "\\quad t\\_switch = 3"]
-    # No ΔFID column in LaTeX (it would not fit a two-column page): the marks carry the verdict.
-    assert all(line.count(" & ") == 8 for line in body if "\\multicolumn" not in line)
-    duo = body[first_cells.index("\\quad t\\_switch = 1")]
+    # Quality: setting, FID, KID, CMMD (no ΔFID column in LaTeX: the marks carry the verdict);
+    # cost: setting, GFLOPs, layer ratio, images/s, the two speed-ups.
+    for body, width in ((quality, 4), (cost, 6)):
+        first_cells = [line.split(" & ")[0].removesuffix(" \\\\") for line in body]
+        assert first_cells == ["U-ViT (13 blocks)", "U-ViT shallow (3 blocks)",
+                               f"\\multicolumn{{{width}}}{{@{{}}l}}{{Early exit, attention\\_probe}}",
+                               "\\quad threshold = 0.05", "\\quad threshold = 0.1",
+                               f"\\multicolumn{{{width}}}{{@{{}}l}}{{Early exit, mlp\\_probe\\_per\\_layer}}",
+                               "\\quad threshold = 0.1", f"\\multicolumn{{{width}}}{{@{{}}l}}{{DuoDiff (3 + 13 blocks)}}",
+                               "\\quad t\\_switch = 1", "\\quad t\\_switch = 3"]
+        assert all(line.count(" & ") == width - 1 for line in body if "\\multicolumn" not in line)
+    duo = quality[3 + 5] + cost[3 + 5]  # t_switch = 1 in both
     assert "\\textbf{19.50}" in duo and "\\textbf{0.380}" in duo
     assert "\\textbf{19.25}" in duo and "\\textbf{60.0}" in duo and "\\textbf{1.20$\\times$}" in duo  # 60 / 50
-    assert "\\textbf" not in body[1]  # the shallow model alone: cheapest, but no cost contender
-    assert "n/a\\textsuperscript{1}" in body[4]  # ee_attention_probe_thr0.1
+    assert "\\textbf" not in quality[1] + cost[1]  # the shallow model alone: cheapest, but no cost contender
+    assert "n/a\\textsuperscript{1}" in quality[4]  # ee_attention_probe_thr0.1
     assert tex.count("\\textbf{") == 7  # one winner per marked column, as in the Markdown
     assert "gflops\\_per\\_forward\\_linear\\_conv" in tex  # notes are escaped too
 

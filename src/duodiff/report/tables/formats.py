@@ -72,21 +72,9 @@ def _stacked_header(tex: str) -> str:
     return f"\\shortstack[r]{{{head}\\\\{{}}{tail}}}"
 
 
-def summary_latex(frame: pd.DataFrame) -> str:
-    r"""summary.tex: the summary as a booktabs table* with its notes below, to \input in a paper.
-
-    Readable as it is: \footnotesize type (8 pt in a 10 pt document), never scaled to fit. To fit
-    the text width of a two-column paper (table*; in a one-column document table* is a plain
-    table), rows are grouped the papers' way: a method with swept settings (early exit, DuoDiff)
-    gets a heading row and one indented row per setting, so the first column is only as wide as
-    a setting; long headers take two lines. The notes follow in the same size. Needs booktabs.
-    """
-    numbered = footnotes(frame)
-    cells = summary_cells(frame, numbered, latex=True)
-    mask = best_mask(frame)
-    # Without the paired-difference column, which would not fit a two-column text width: the marks
-    # on the headline score carry its verdict, and the notes the rule (scores.csv has the numbers).
-    columns = [column for column in summary_columns(frame) if column[0] != "score_diff"]
+def _latex_tabular(frame: pd.DataFrame, cells: pd.DataFrame, mask: pd.DataFrame, columns: list) -> str:
+    """One booktabs tabular of the summary's `columns`, rows grouped the papers' way: a method with
+    swept settings gets a heading row and one indented row per setting."""
     numbers = [column for column, *_ in columns]
     width = 1 + len(numbers)
     rows, group = [], None
@@ -102,14 +90,36 @@ def summary_latex(frame: pd.DataFrame) -> str:
             label = "\\quad " + _escape_latex(row["Setting"])
         rows.append(" & ".join([label, *values]) + " \\\\")
     header = " & ".join(["Method, setting"] + [_stacked_header(tex) for _, _, tex, _ in columns]) + " \\\\"
-    tabular = ("\\begin{tabular}{@{}l" + "r" * len(numbers) + "@{}}\n\\toprule\n" + header + "\n\\midrule\n"
-               + "\n".join(rows) + "\n\\bottomrule\n\\end{tabular}\n")
+    return ("\\begin{tabular}{@{}l" + "r" * len(numbers) + "@{}}\n\\toprule\n" + header + "\n\\midrule\n"
+            + "\n".join(rows) + "\n\\bottomrule\n\\end{tabular}\n")
+
+
+def summary_latex(frame: pd.DataFrame) -> str:
+    r"""summary.tex: the summary as a booktabs table* with its notes below, to \input in a paper.
+
+    Readable as it is: \footnotesize type (8 pt in a 10 pt document), never scaled to fit. To fit
+    the text width of a two-column paper (table*; in a one-column document table* is a plain
+    table), rows are grouped the papers' way: a method with swept settings (early exit, DuoDiff)
+    gets a heading row and one indented row per setting, so the first column is only as wide as
+    a setting; long headers take two lines. The notes follow in the same size. Needs booktabs.
+    """
+    numbered = footnotes(frame)
+    cells = summary_cells(frame, numbered, latex=True)
+    mask = best_mask(frame)
+    # Without the paired-difference column (the marks on the headline score carry its verdict, the
+    # notes the rule, scores.csv the numbers); quality and cost as two tabulars one above the other,
+    # each narrower than a two-column paper's text width (one was 221 pt wider on the default study).
+    columns = [column for column in summary_columns(frame) if column[0] != "score_diff"]
+    cost = [column for column in columns if column[0] in COST_COLUMNS or column[0] == "layer_ratio"]
+    quality = [column for column in columns if column not in cost]
+    tabular = _latex_tabular(frame, cells, mask, quality) + "\\par\\medskip\n" + _latex_tabular(frame, cells, mask, cost)
     note_text = "\n".join(f"{_escape_latex(note)}\\par" for note in notes(frame, numbered))
     return ("% duodiff summary table (`duodiff tables`: results/<experiment>/tables/summary.tex), to \\input in a paper.\n"
             "% Needs \\usepackage{booktabs} (TeX Live: texlive-latex-recommended); nothing else.\n"
             "% A table* (in a one-column document, the same as table) in footnotesize type, never scaled:\n"
-            "% about 450 pt wide with a study's labels, it fits a two-column paper's text width. For a\n"
-            "% narrower text block, \\scriptsize (7 pt) instead. Rewritten by `duodiff tables`: edit a copy.\n"
+            "% quality above cost, each under 450 pt wide with a study's labels, so it fits a two-column\n"
+            "% paper's text width. For a narrower text block, \\scriptsize (7 pt) instead. Rewritten by\n"
+            "% `duodiff tables`: edit a copy.\n"
             "\\begin{table*}[t]\n\\centering\n\\footnotesize\n\\setlength{\\tabcolsep}{4pt}\n"
             "\\caption{Sample quality and cost: full U-ViT, the shallow U-ViT alone, early exit "
             "(DeeDiff/AdaDiff) and DuoDiff.}\n\\label{tab:duodiff-summary}\n"
