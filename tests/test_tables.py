@@ -512,7 +512,7 @@ def test_operating_points_pick_the_fastest_setting_that_passes_the_paired_test(t
     # mlp_probe_per_layer's only set fails (upper end 25): no operating point; the note names the closest.
     mlp = points.set_index("family").loc["mlp_probe_per_layer"]
     assert pd.isna(mlp["set"]) and mlp["note"] == (
-        "none passes (closest: ee_mlp_probe_per_layer_thr0.1, FD +20 [+15, +25] vs margin 10)")
+        "none passes; closest: threshold = 0.1, ΔFD +20 [+15, +25] > margin 10 (ee_mlp_probe_per_layer_thr0.1)")
     summary = (tmp_path / "tables" / "summary.md").read_text()
     header, rows = markdown_rows(summary, section=1)
     assert [r[0] for r in rows] == ["Fewer steps", "Early exit, attention_probe", "Early exit, mlp_probe_per_layer",
@@ -563,3 +563,15 @@ def test_measured_speedups_come_from_the_timing_stage_with_their_intervals(tmp_p
         run_tables(**cli_args("tables", samples_root=tmp_path / "samples", metrics_root=tmp_path / "metrics",
                               sets=list(CI_STUDY), output_dir=tmp_path / "t2", headline="classifier",
                               timing=tmp_path / "partial.json"))
+
+
+def test_the_report_shows_inceptions_fid_apart_when_the_classifier_is_the_headline(tmp_path):
+    write_ci_study(tmp_path)
+    run_tables(**cli_args("tables", samples_root=tmp_path / "samples", metrics_root=tmp_path / "metrics",
+                          sets=list(CI_STUDY) + ["real"], output_dir=tmp_path / "tables", headline="classifier"))
+    page = (tmp_path / "tables" / "summary.html").read_text()
+    answer, quality, inception, cost = page.split("<h2>")
+    assert "FD [95% CI] ↓" in quality and "FID ↓" not in quality
+    assert inception.startswith("Every set: Inception FID and KID") and "FID ↓" in inception
+    assert "from the first 100 samples of each set against 797 reference images" in inception
+    assert "GFLOPs/fwd ↓" in cost and "FID" not in cost.split("<ul>")[0]

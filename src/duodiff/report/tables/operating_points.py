@@ -97,10 +97,10 @@ def operating_points(frame: pd.DataFrame) -> pd.DataFrame:
         good = sets[passes(sets)]
         if good.empty:
             closest = sets.loc[sets["score_diff_ci_high"].idxmin()]
-            rows.append({**base, "note": f"none passes (closest: {closest['set']}, {full['score_name']} "
+            rows.append({**base, "note": f"none passes; closest: {closest['setting_label']}, Δ{full['score_name']} "
                                          f"{closest['score_diff']:+.3g} [{closest['score_diff_ci_low']:+.3g}, "
-                                         f"{closest['score_diff_ci_high']:+.3g}] vs margin "
-                                         f"{full['quality_limit']:.3g})"})
+                                         f"{closest['score_diff_ci_high']:+.3g}] > margin {full['quality_limit']:.3g} "
+                                         f"({closest['set']})"})
             continue
         pick = good.sort_values(["speedup_theoretical", "speedup_measured"], ascending=False).iloc[0]
         rows.append({**base, **{k: pick[k] for k in ("set", "setting", "setting_label", "score", "score_ci_low",
