@@ -177,13 +177,13 @@ def summary_cells(frame: pd.DataFrame, footnotes: dict[str, int], latex: bool) -
 def operating_point_cells(points: pd.DataFrame) -> pd.DataFrame:
     """operating_points() as display text, one row per method family: the answer a reader wants
     first (setting, speed-ups, the paired difference that makes it equal quality); the set's own
-    score with its interval is in the table of every set."""
+    score and layer ratio are in the tables of every set (and operating_points.csv)."""
     rows = []
     for p in points.itertuples():
         diff = f"Δ{p.score_name} vs full [95% CI]"
         if not isinstance(p.set, str):
             rows.append({"Method": _family_label(p), "Setting": "–", "Speed-up (measured)": "–",
-                         "Speed-up (theoretical)": "–", diff: "–", "Layer ratio": "–", "Note": p.note})
+                         "Speed-up (theoretical)": "–", diff: "–", "Note": p.note})
             continue
         better = " (better)" if p.verdict == "better" else ""
         rows.append({"Method": _family_label(p), "Setting": p.setting_label,
@@ -192,7 +192,7 @@ def operating_point_cells(points: pd.DataFrame) -> pd.DataFrame:
                          else f" [{p.speedup_measured_ci_low:.2f}, {p.speedup_measured_ci_high:.2f}]"),
                      "Speed-up (theoretical)": f"{p.speedup_theoretical:.2f}×",
                      diff: f"{p.score_diff:+.2f} [{p.score_diff_ci_low:+.2f}, {p.score_diff_ci_high:+.2f}]{better}",
-                     "Layer ratio": f"{p.layer_ratio:.3f}", "Note": p.note or ""})
+                     "Note": p.note or ""})
     return pd.DataFrame(rows)
 
 
