@@ -143,7 +143,8 @@ tbody td { padding: 0.3em 0.45em; text-align: right; font-variant-numeric: tabul
 tbody td:nth-child(-n+2) { text-align: left; }
 tbody td:first-child { white-space: normal; min-width: 9em; }
 tbody tr:last-child td { border-bottom: 2px solid #333; }
-#T_operating_points td:last-child { white-space: normal; text-align: left; min-width: 14em; }
+#T_operating_points td:last-child { white-space: normal; text-align: left; min-width: 12em; max-width: 18em;
+                                   overflow-wrap: anywhere; }
 ul { font-size: 0.85em; max-width: 70em; line-height: 1.4; padding-left: 1.25em; }
 """
 
