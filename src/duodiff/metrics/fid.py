@@ -182,8 +182,8 @@ def run_fid(*, samples, reference, output, batch_size: int, device: str | None, 
     if baseline is not None:
         baseline_features = load_baseline(baseline, info["feature_network_sha256"], len(features))
     if ref_features is None:
-        scored = statistics_scores(features, reference, intervals=intervals)
         ref_mu, ref_sigma, ref_sigma_sqrt = load_reference_statistics(reference)
+        scored = statistics_scores(features, reference, (ref_mu, ref_sigma, ref_sigma_sqrt), intervals=intervals)
     else:
         # Statistics in float64 (clean-fid leaves float32 features in float32 for the mean and for
         # KID's kernel sums, which cancel to a small number: ~1e-4 relative error there).
@@ -252,10 +252,11 @@ STATISTICS_NOTE = ("reference from published statistics (mu, sigma) without its 
                    "and the network and resize behind them are the ones its config states")
 
 
-def statistics_scores(features: np.ndarray, reference, *, intervals: bool) -> dict:
-    """fid.json's scores against a statistics reference: FID and its interval (the reference held
-    fixed, as for an images reference); KID and its interval are None (they need the features)."""
-    ref_mu, ref_sigma, ref_sigma_sqrt = load_reference_statistics(reference)
+def statistics_scores(features: np.ndarray, reference, statistics, *, intervals: bool) -> dict:
+    """fid.json's scores against a statistics reference (`statistics`: its mu, sigma and sigma's
+    square root, load_reference_statistics): FID and its interval (the reference held fixed, as for
+    an images reference); KID and its interval are None (they need the features)."""
+    ref_mu, ref_sigma, ref_sigma_sqrt = statistics
     require(
         features.shape[1] == len(ref_mu),
         f"--reference {reference}: its statistics are {len(ref_mu)}-d but the feature network gives {features.shape[1]}-d features",
