@@ -282,7 +282,7 @@ class EarlyExitUViT(nn.Module):
         super().__init__()
         probe_hidden, probe_design = backbone.config.probe_hidden, backbone.config.probe_design
         num_timesteps = backbone.num_timesteps
-        # Checked by `duodiff train`'s check pass (training_checks); the seed's attention probe
+        # Checked by `duodiff train`'s check pass (train/checks.py); the seed's attention probe
         # is one head of the full width, so probe_hidden and probe_heads do not apply to it.
         assert classifier_type in CLASSIFIER_TYPES and bank_hidden >= 0 and probe_heads >= 1, (classifier_type, bank_hidden)
         assert classifier_type != "attention_probe" or probe_design != "duodiff" or probe_hidden % probe_heads == 0
