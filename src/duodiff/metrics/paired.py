@@ -29,7 +29,7 @@ import numpy as np
 
 from duodiff.core.errors import DuodiffError, require
 from duodiff.core.io import atomic_path
-from duodiff.metrics.uncertainty import Z_95, frechet_statistic, kid_kernels, kid_statistic
+from duodiff.metrics.uncertainty import frechet_statistic, jackknife_interval, kid_kernels, kid_statistic
 
 # The features a score file was computed from: fid.json -> fid_features.npz.
 FEATURES_SUFFIX = "_features.npz"
@@ -56,24 +56,26 @@ def save_features(path, features: np.ndarray, network_sha256: str, pairing: dict
                  pairing=np.array(json.dumps(pairing, sort_keys=True)))
 
 
-def _read_features_file(path) -> tuple[np.ndarray, str, dict | None]:
+def _read_features_file(path, *keys: str) -> list:
+    """The members `keys` of a features file (read lazily: the pairing record alone reads no features)."""
     path = Path(path)
     require(path.is_file(), f"--baseline: {path} does not exist; score the baseline set first (duodiff score)")
     try:
         with np.load(path) as data:
-            return data["features"], str(data["network_sha256"]), json.loads(str(data["pairing"]))
+            return [data[key] if key == "features" else str(data[key]) for key in keys]
     except (OSError, ValueError, KeyError) as error:
         raise DuodiffError(f"--baseline: {path} is not a features file of `duodiff score` ({error})") from None
 
 
 def load_pairing(path) -> dict | None:
     """The pairing record of the set whose features `path` holds."""
-    return _read_features_file(path)[2]
+    (pairing,) = _read_features_file(path, "pairing")
+    return json.loads(pairing)
 
 
 def load_baseline(path, network_sha256: str, n_features: int) -> np.ndarray:
     """The baseline's features (float64), checked to be of the same network and count."""
-    features, sha, _ = _read_features_file(path)
+    features, sha = _read_features_file(path, "features", "network_sha256")
     require(
         sha == network_sha256,
         f"--baseline: {path} holds features of another network (sha256 {sha}) than this score's ({network_sha256}); "
@@ -108,16 +110,14 @@ def check_pairing(samples, pairing: dict | None, baseline, baseline_pairing: dic
 
 def paired_jackknife(statistic, baseline_statistic, n: int, interval: bool = True) -> tuple[float, float, float]:
     """(D, low, high): D = statistic(all) - baseline_statistic(all) and its 95% interval, the
-    jackknife over the shared sample index (both statistics take index arrays into their n
-    paired samples). NaN interval for n < 3 or without `interval`."""
-    everything = np.arange(n)
-    value = statistic(everything) - baseline_statistic(everything)
-    if n < 3 or not interval:
-        return float(value), float("nan"), float("nan")
-    left_out = np.array([statistic(np.delete(everything, i)) - baseline_statistic(np.delete(everything, i))
-                         for i in range(n)])
-    se = np.sqrt((n - 1) / n * np.square(left_out - left_out.mean()).sum())
-    return float(value), float(value - Z_95 * se), float(value + Z_95 * se)
+    jackknife (uncertainty.jackknife_interval) of the difference over the shared sample index: both
+    statistics take index arrays into their n paired samples. NaN interval for n < 3 or without
+    `interval`."""
+    def difference(idx: np.ndarray) -> float:
+        return statistic(idx) - baseline_statistic(idx)
+
+    low, high = jackknife_interval(difference, n) if interval else (float("nan"), float("nan"))
+    return float(difference(np.arange(n))), low, high
 
 
 def paired_differences(features: np.ndarray, baseline_features: np.ndarray, ref_features: np.ndarray | None,
