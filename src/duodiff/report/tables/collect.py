@@ -139,7 +139,7 @@ def collect(settings: TableSettings, sets: list[str], margin: float) -> pd.DataF
     frame["setting_label"] = frame.apply(setting_label, axis=1)
     frame["has_setting"] = frame["setting_label"] != setting_label({"method": None})
     check_one_mode(frame)
-    check_one_reference(settings, sets)
+    check_one_reference(frame)
     frame.attrs["timing"] = settings.timing  # the notes say how the speed-ups were measured
     return add_comparisons(frame, margin)
 

@@ -128,6 +128,9 @@ def _scores(settings: TableSettings, name: str) -> dict:
     row["kid_headline_ci_low"], row["kid_headline_ci_high"] = _interval(score_path, score, "kid")
     row.update(_paired(score_path, score, "fid", "score"))
     row.update(_paired(score_path, score, "kid", "kid_headline"))
+    # What each score file was measured against, for check_one_reference.
+    row["scored_against"] = {file: {key: data.get(key, "clean" if key == "mode" else None) for key in SCORED_AGAINST}
+                             for file, data in {"fid": fid, spec["file"]: score}.items()}
     return row
 
 
@@ -204,16 +207,16 @@ SCORED_AGAINST = {"reference": "against different reference folders",
                   "mode": "under different protocols (mode)"}
 
 
-def check_one_reference(settings: TableSettings, sets) -> None:
+def check_one_reference(frame) -> None:
     """Every set's fid.json (and the headline's file) scored against one reference folder, with one
-    feature network, under one protocol; DuodiffError listing the sets of each. A file from before
-    `reference` was recorded is not compared on it; one without `mode` is clean (as _scores reads it)."""
-    for file in dict.fromkeys(["fid", HEADLINES[settings.headline]["file"]]):
-        scored = {name: _read(settings.metrics_root / name / f"{file}.json") for name in sets}
+    feature network, under one protocol (the `scored_against` column _scores reads); DuodiffError
+    listing the sets of each. A file from before `reference` was recorded is not compared on it;
+    one without `mode` is clean (as _scores reads it)."""
+    for file in frame["scored_against"].iloc[0]:
         for key, what in SCORED_AGAINST.items():
             groups = {}
-            for name, data in scored.items():
-                value = data.get(key, "clean" if key == "mode" else None)
+            for name, scored in zip(frame["set"], frame["scored_against"]):
+                value = scored[file][key]
                 if value is not None:
                     groups.setdefault(os.path.normpath(str(value)) if key == "reference" else value, []).append(name)
             listed = "; ".join(f"{value}: {', '.join(names)}" for value, names in groups.items())
