@@ -60,6 +60,9 @@ ALLOWED = {
     # sample's model loading and policies (sample never imports timing).
     "timing": SHARED | {"sample"},
     "report": {"core"},
+    # the search judges each probe by the tables' own verdict rule (paired_verdict) and reads the
+    # headline's score file the way the tables do (HEADLINES): one rule, imported, not copied.
+    "search": SHARED | {"report"},
 }
 
 

@@ -35,6 +35,7 @@ COMMANDS = {
     "cmmd": "duodiff.metrics.cmmd",
     "flops": "duodiff.metrics.flops",
     "time": "duodiff.timing.time_sets",
+    "search": "duodiff.search.rounds",
     "tables": "duodiff.report.tables.collect",
     "plots": "duodiff.report.plots.quality",
 }
