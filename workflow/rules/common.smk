@@ -10,6 +10,8 @@
 import re
 from types import SimpleNamespace
 
+from snakemake.exceptions import IncompleteCheckpointException
+
 ENV = "../../envs/duodiff.yaml"
 
 # The classifier types the schema allows: one list, read from the schema (validation.smk), so the
@@ -247,3 +249,132 @@ def autoencoder_inputs() -> dict:
 
 def resources(kind: str) -> dict:
     return config["resources"][kind]
+
+
+# ---- operating points found by search (rules/search.smk, `duodiff search`) -------------------------
+# Each family has one knob: its domain, which way it gets cheaper, and whether it is an integer.
+# The expensive end is the full model itself (all steps, τ 0, t_switch 0): a pass by definition.
+SEARCH_KNOBS = {
+    "steps": {"low": 1, "high": "steps", "cheaper": "lower", "integer": True},
+    "threshold": {"low": 0.0, "high": 1.0, "cheaper": "higher", "integer": False},
+    "t_switch": {"low": 0, "high": "steps", "cheaper": "higher", "integer": True},
+}
+
+
+def search_family(family_id: str, template: str, knob: str, grid) -> dict:
+    """One searched family: its set-name template (one {knob} placeholder), the knob's domain,
+    direction, resolution (search.resolution) and the grid values that seed the bracket."""
+    spec = SEARCH_KNOBS[knob]
+    high = config["sampling"]["steps"] if spec["high"] == "steps" else spec["high"]
+    return {
+        "id": family_id,
+        "template": template,
+        "knob": knob,
+        "low": spec["low"],
+        "high": high,
+        "cheaper": spec["cheaper"],
+        "integer": spec["integer"],
+        "resolution": config["search"]["resolution"][knob],
+        "grid": list(grid),
+    }
+
+
+def search_families() -> dict:
+    """{family id: family} of the configured study (empty with search.enabled false): fewer steps,
+    early exit per classifier type, DuoDiff per shallow depth, then the composed policies. A family
+    id is wildcard-safe: fewer_steps, early_exit-attention_probe, duodiff-d3."""
+    if not config["search"]["enabled"]:
+        return {}
+    sampling, families = config["sampling"], []
+    if sampling["fewer_steps"]:
+        families.append(search_family("fewer_steps", SET_NAMES["fewer_steps"], "steps", sampling["fewer_steps"]))
+    for classifier in config["early_exit"]["classifier_types"]:
+        template = SET_NAMES["early_exit"].replace("{classifier_type}", classifier)
+        families.append(
+            search_family(f"early_exit-{classifier}", template, "threshold", config["early_exit"]["thresholds"])
+        )
+    for depth in shallow_depths():
+        template = SET_NAMES["duodiff"].replace("{depth}", str(depth))
+        families.append(search_family(f"duodiff-d{depth}", template, "t_switch", config["duodiff"]["t_switch"]))
+    # Composed policies (issue 21, point 3): each {"template", "knob", "values", "label"} is one
+    # family more, its id the template with the knob's placeholder dropped.
+    for composed in globals().get("composed_families", lambda: [])():
+        family_id = "composed-" + re.sub(r"[^A-Za-z0-9_-]", "", composed["template"].replace("{" + composed["knob"] + "}", ""))
+        families.append(search_family(family_id, composed["template"], composed["knob"], composed["values"]))
+    return {family["id"]: family for family in families}
+
+
+def headline_score_file(set_name: str, experiment: str) -> str:
+    """The score file the search reads a set's headline score and paired difference from."""
+    key = "fd_classifier" if config["metrics"]["headline"] == "classifier" else "fid"
+    return expand(rules.score.output[key], experiment=experiment, set=set_name)[0]
+
+
+def search_state(experiment: str, family: str) -> tuple:
+    """(the round files of one family's search read so far, as (path, data), in order; the path of
+    the round not yet run, or None when the search is done). Round r is known only after round
+    r-1 has run: checkpoints.search_round.get raises IncompleteCheckpointException until then. It
+    is caught here so that every family's pending round joins the DAG at once (not one family at
+    a time); once a round has run, Snakemake evaluates the input functions again."""
+    rounds, r = [], 0
+    while True:
+        try:
+            path = checkpoints.search_round.get(experiment=experiment, family=family, round=r).output[0]
+        except IncompleteCheckpointException:
+            return rounds, f"results/{experiment}/search/{family}/round{r}.json"
+        with open(path) as handle:
+            data = json.load(handle)
+        rounds.append((path, data))
+        if data["done"]:
+            return rounds, None
+        r += 1
+
+
+def search_finals(wildcards=None) -> list:
+    """Every family's last round file (the whole trace and the setting found), or, while a search
+    is under way, its next round file: the tables wait for every search."""
+    experiment, files = config["experiment"], []
+    for family in search_families():
+        rounds, pending = search_state(experiment, family)
+        files.append(pending or rounds[-1][0])
+    return files
+
+
+def search_probe_sets(wildcards=None) -> list:
+    """The sets the searches probed so far (not the grid's), in family then round order: every
+    probe once the searches are done (the jobs that read them also need search_finals)."""
+    experiment, grid, probes = config["experiment"], set(sample_sets()), []
+    for family in search_families():
+        rounds, _ = search_state(experiment, family)
+        if rounds:
+            probes += [p["set"] for p in rounds[-1][1]["probes"] if p["source"] == "search" and p["set"] not in grid]
+    return list(dict.fromkeys(probes))
+
+
+def probe_files(kind: str):
+    """An input function: the per-set files of kind (stats, exit_layers, score, gflops) of every
+    probe set, known once the searches are done (through the checkpoints)."""
+
+    def files(wildcards):
+        experiment = config["experiment"]
+        patterns = {
+            "stats": set_file("stats"),
+            "exit_layers": set_file("exit_layers"),
+            "fid": rules.score.output.fid,
+            "fd_classifier": rules.score.output.get("fd_classifier"),
+            "gflops": "results/{experiment}/metrics/{set}/gflops.json",
+        }
+        if patterns[kind] is None:
+            return []
+        return expand(patterns[kind], experiment=experiment, set=search_probe_sets())
+
+    return files
+
+
+def probe_models(wildcards) -> dict:
+    """The model files of the probe sets (sample_models of each), for the timing job."""
+    models = {}
+    for name in search_probe_sets():
+        inputs = sample_models(SimpleNamespace(experiment=config["experiment"], set=name))
+        models.update({f"{name}.{key}": path for key, path in inputs.items()})
+    return models

@@ -18,6 +18,7 @@ PLOTS = [
     "fid_vs_tswitch",
     "training_curves",
     "sample_grids",
+    "search_trace",
 ]
 MAIN_RESULT = "1. Main result"
 # The main result's figures, after the summary table: their labels order them in the menu.
@@ -42,6 +43,12 @@ rule tables:
         gflops=study_files("gflops"),
         # Every set timed alone after sampling: the measured speed-ups the tables report.
         timing=rules.timing.output.json,
+        # The searches (rules/search.smk): each family's last round file, and its probes' files.
+        search=search_finals,
+        probe_stats=probe_files("stats"),
+        probe_fid=probe_files("fid"),
+        probe_fd_classifier=probe_files("fd_classifier"),
+        probe_gflops=probe_files("gflops"),
     output:
         scores=report(
             study_path("tables/scores.csv"),
@@ -87,6 +94,12 @@ rule tables:
             category=MAIN_RESULT,
             labels={"result": "1. Summary table"},
         ),
+        search=report(
+            study_path("tables/search.csv"),
+            caption="../report/search_table.rst",
+            category="3. Tables",
+            labels={"table": "7. Operating-point search, every probe (search.csv)"},
+        ),
         summary_md=study_path("tables/summary.md"),
         summary_tex=study_path("tables/summary.tex"),
     log:
@@ -107,10 +120,11 @@ rule tables:
         cmmd="--cmmd" if config["metrics"]["cmmd"]["enabled"] else "--no-cmmd",
         margin=config["metrics"]["equal_quality_margin"],
         output_dir=subpath(output.fid, parent=True),
+        search=lambda wildcards, input: f"--search {' '.join(input.search)} " if input.search else "",
     shell:
         "duodiff tables --samples-root {params.samples_root} --metrics-root {params.metrics_root} "
         "--sets {params.sets} --headline {params.headline} {params.cmmd} --margin {params.margin} "
-        "--timing {input.timing} --output-dir {params.output_dir} > {log} 2>&1"
+        "--timing {input.timing} {params.search}--output-dir {params.output_dir} > {log} 2>&1"
 
 
 rule plots:

@@ -13,7 +13,10 @@
 rule timing:
     input:
         unpack(study_models),  # the checkpoints the stats.json files name: their networks are timed
+        unpack(probe_models),  # and the searches' probes' (rules/search.smk: known once the searches are done)
         stats=study_files("stats"),
+        probes=probe_files("stats"),
+        search=search_finals,  # timed once every search is done (rules/search.smk)
     output:
         json=study_path("timing/timing.json"),
         csv=study_path("timing/timing.csv"),
@@ -27,7 +30,7 @@ rule timing:
     resources:
         **resources("timing"),
     params:
-        samples=lambda wildcards, input: [str(Path(path).parent) for path in input.stats],
+        samples=lambda wildcards, input: [str(Path(path).parent) for path in [*input.stats, *input.probes]],
         baseline=SET_NAMES["full"],
         output_dir=subpath(output.json, parent=True),
         flags=timing_flags(),

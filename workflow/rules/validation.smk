@@ -145,6 +145,11 @@ def _check_sampling(config) -> None:
                 f"invalid config: sampling.fewer_steps {steps} must be in [1, sampling.steps = {sampling['steps']}) "
                 "with the ddim or dpm_solver sampler (the full model with fewer steps than the study's sets)"
             )
+    if config["search"]["enabled"] and not config["metrics"]["intervals"]:
+        raise ValueError(
+            "invalid config: search.enabled needs metrics.intervals: true (the search judges each probe by "
+            "its paired 95% interval); set search.enabled: false or metrics.intervals: true"
+        )
     for t_switch in config["duodiff"]["t_switch"]:
         if not 0 <= t_switch <= sampling["steps"]:
             raise ValueError(

@@ -39,6 +39,7 @@ from duodiff.report.plots.difference import plot_paired_difference
 from duodiff.report.plots.exits import exit_summaries, plot_exit_heatmap, plot_mean_exit_layer
 from duodiff.report.plots.labels import label_points
 from duodiff.report.plots.samples import image_files, plot_sample_grids
+from duodiff.report.plots.search import load_search, plot_search_trace
 from duodiff.report.plots.style import (
     FEWER_STEPS_STYLE,
     FULL_STYLE,
@@ -58,7 +59,7 @@ from duodiff.report.plots.training import find_loss_files, plot_training_curves
 from duodiff.report.tables.collect import INTEGER_COLUMNS, blocks
 
 PLOT_NAMES = ["quality_vs_gflops", "paired_difference", "quality_vs_time", "exit_heatmap", "mean_exit_layer", "fid_vs_tswitch",
-              "training_curves", "sample_grids"]
+              "training_curves", "sample_grids", "search_trace"]
 TABLE_COLUMNS = ["set", "method", "setting", "classifier_type", "threshold", "t_switch", "shallow_depth",
                  "depth", "sampler", "steps", "seed", "n_samples", "score_name", "score", "score_ci_low",
                  "score_ci_high", "score_diff", "score_diff_ci_low", "score_diff_ci_high", "verdict", "margin",
@@ -247,6 +248,7 @@ def run_plots(*, tables_dir, samples_root, models_root, reference, output_dir, s
     require(image_files(reference / "images"), f"{reference / 'images'} holds no real images (*.png)")
     loss_files = find_loss_files(models_root)
     summaries = exit_summaries(table, samples_root)
+    search = load_search(tables_dir)
 
     palette = Palette(table)
     builders = {
@@ -258,6 +260,7 @@ def run_plots(*, tables_dir, samples_root, models_root, reference, output_dir, s
         "fid_vs_tswitch": lambda: plot_fid_vs_tswitch(table, palette),
         "training_curves": lambda: plot_training_curves(loss_files, smoothing),
         "sample_grids": lambda: plot_sample_grids(table, samples_root, reference, grid_images),
+        "search_trace": lambda: plot_search_trace(search),
     }
     from matplotlib import rc_context
 

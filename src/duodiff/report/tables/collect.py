@@ -28,9 +28,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from duodiff.core.errors import is_number, require
+from duodiff.core.errors import DuodiffError, is_number, require
 from duodiff.core.flags import add_flag
-from duodiff.core.io import atomic_path, write_text
+from duodiff.core.io import atomic_path, read_json, write_text
 from duodiff.core.study import METHOD_ORDER, method_of_set, setting_label
 from duodiff.report.tables.formats import summary_html, summary_latex, summary_markdown
 from duodiff.report.tables.inputs import (
@@ -149,19 +149,69 @@ def _write_frame(frame: pd.DataFrame, path: Path) -> None:
         frame.to_csv(tmp, index=False)
 
 
+SEARCH_COLUMNS = ["family", "round", "source", "set", "knob", "value", "score_name", "score", "score_diff",
+                  "score_diff_ci_low", "score_diff_ci_high", "verdict", "margin", "quality_limit", "speedup_theoretical",
+                  "speedup_measured", "stopped", "best", "note"]
+
+
+def read_searches(paths) -> list[dict]:
+    """The last round file of each family's search (duodiff.search.rounds), checked: done."""
+    finals = []
+    for path in paths or []:
+        path = Path(path)
+        require(path.is_file(), f"--search {path} does not exist")
+        try:
+            final = read_json(path)
+        except ValueError as error:
+            raise DuodiffError(f"--search {path}: not valid JSON: {error}") from None
+        missing = [key for key in ("family", "knob", "probes", "done", "reason", "best", "note") if key not in final]
+        require(not missing, f"--search {path}: missing {', '.join(missing)} (not a round file of duodiff search)")
+        require(final["done"], f"--search {path}: the search of {final['family']} is not done (round {final.get('round')})")
+        finals.append(final)
+    families = [final["family"] for final in finals]
+    require(len(set(families)) == len(families), f"--search names a family twice: {' '.join(families)}")
+    return finals
+
+
+def search_table(finals: list[dict], rows: pd.DataFrame) -> pd.DataFrame:
+    """search.csv: every probe of every family in order (the grid's seeds as round 0), with its
+    score, paired difference, verdict and cost as the tables compute them, and why the search stopped."""
+    by_set = rows.set_index("set")
+    records = []
+    for final in finals:
+        for probe in final["probes"]:
+            row = by_set.loc[probe["set"]]
+            records.append({"family": final["family"], "round": probe["round"], "source": probe["source"],
+                            "set": probe["set"], "knob": final["knob"], "value": probe["value"],
+                            **{key: row[key] for key in SEARCH_COLUMNS if key in row.index and key != "set"},
+                            "stopped": final["reason"], "best": final["best"] or "", "note": final["note"]})
+    return pd.DataFrame(records, columns=SEARCH_COLUMNS)
+
+
 def run_tables(*, samples_root, metrics_root, sets, output_dir, headline: str, cmmd: bool, margin: float,
-               timing) -> dict[str, Path]:
+               timing, search=None) -> dict[str, Path]:
     """Write scores/fid/kid/cmmd/gflops.csv, operating_points.csv, summary.md, summary.tex and
     summary.html to output_dir; return their paths. margin: equal quality's non-inferiority margin,
     a fraction of the full model's headline score. timing: timing.json of `duodiff time`, whose
-    speed-ups (every set timed alone) the tables report; None: the sampling jobs' own timings."""
+    speed-ups (every set timed alone) the tables report; None: the sampling jobs' own timings.
+    search: the last round file of each family's search (`duodiff search`): its probe sets are read
+    like the grid's, but stay out of the per-set tables and the summaries' rows (the grid is what
+    the figures draw); operating_points.csv and the summaries report the settings found, and
+    search.csv every probe."""
     require(headline in HEADLINES, f"--headline must be one of {', '.join(HEADLINES)}; got {headline!r}")
     require(is_number(margin) and 0 <= margin < 1,
             f"--margin must be a fraction of the full model's score in [0, 1); got {margin!r}")
     sets = check_sets(sets)
     settings = TableSettings(samples_root=Path(samples_root), metrics_root=Path(metrics_root), headline=headline,
                              cmmd=cmmd, timing=read_timing(timing))
-    frame = collect(settings, sets, float(margin))  # reads and checks everything before writing
+    finals = read_searches(search)
+    probe_sets = [p["set"] for final in finals for p in final["probes"] if p["set"] not in sets]
+    # Read and checked everything before writing, probes with the grid (one reference, one margin).
+    every = collect(settings, sets + list(dict.fromkeys(probe_sets)), float(margin))
+    probe = every["set"].isin(probe_sets)
+    frame = every[~probe].reset_index(drop=True)
+    # attrs hold plain data (pandas copies and compares them on every operation): the probes as records.
+    frame.attrs = {**every.attrs, "search": {"finals": finals, "probes": every[probe].to_dict("records")}}
     output_dir = Path(output_dir)
     paths = {}
     for name, columns in CSV_COLUMNS.items():
@@ -169,6 +219,8 @@ def run_tables(*, samples_root, metrics_root, sets, output_dir, headline: str, c
         _write_frame(frame[columns], paths[f"{name}.csv"])
     paths["operating_points.csv"] = output_dir / "operating_points.csv"
     _write_frame(operating_points(frame), paths["operating_points.csv"])
+    paths["search.csv"] = output_dir / "search.csv"
+    _write_frame(search_table(finals, every), paths["search.csv"])
     paths["summary.md"] = output_dir / "summary.md"
     write_text(paths["summary.md"], summary_markdown(frame))
     paths["summary.tex"] = output_dir / "summary.tex"
@@ -196,6 +248,10 @@ def add_cli(subparsers) -> None:
     add_flag(parser, "--timing", default=None,
              help="timing.json of `duodiff time` (every set timed alone): its speed-ups and images/s; without it the "
                   "sampling jobs' own timings")
+    add_flag(parser, "--search", nargs="*", default=None,
+             help="the last round file of each family's search (`duodiff search`): operating_points.csv reports the "
+                  "settings found, search.csv every probe (without: the grid's best, and an empty search.csv)")
     parser.set_defaults(func=lambda args: run_tables(samples_root=args.samples_root, metrics_root=args.metrics_root,
                                                      sets=args.sets, output_dir=args.output_dir, headline=args.headline,
-                                                     cmmd=args.cmmd, margin=args.margin, timing=args.timing))
+                                                     cmmd=args.cmmd, margin=args.margin, timing=args.timing,
+                                                     search=args.search))

@@ -78,13 +78,64 @@ def method_families(frame: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
     return families
 
 
+def search_family_id(method: str, sets: pd.DataFrame) -> str:
+    """The id `duodiff search` gives a family (workflow/rules/common.smk, search_families)."""
+    first = sets.iloc[0]
+    if method == "early_exit":
+        return f"early_exit-{first['classifier_type']}"
+    if method == "duodiff":
+        return f"duodiff-d{first['shallow_depth']}"
+    return method
+
+
+def _point(base: dict, pick, note: str) -> dict:
+    return {**base, **{k: pick[k] for k in ("set", "setting", "setting_label", "score", "score_ci_low",
+                                            "score_ci_high", "score_diff", "score_diff_ci_low", "score_diff_ci_high",
+                                            "verdict", "layer_ratio", "speedup_measured", "speedup_measured_ci_low",
+                                            "speedup_measured_ci_high", "speedup_theoretical")},
+            "note": note}
+
+
+def _none_passes(base: dict, sets: pd.DataFrame, full, prefix: str = "") -> dict:
+    if sets["score_diff_ci_high"].isna().all():
+        return {**base, "note": f"{prefix}none passes"}
+    closest = sets.loc[sets["score_diff_ci_high"].idxmin()]
+    return {**base, "note": f"{prefix}none passes; closest: {closest['setting_label']}, Δ{full['score_name']} "
+                            f"{closest['score_diff']:+.3g} [{closest['score_diff_ci_low']:+.3g}, "
+                            f"{closest['score_diff_ci_high']:+.3g}] > margin {full['quality_limit']:.3g} "
+                            f"({closest['set']})"}
+
+
+def _searched_point(base: dict, final: dict, rows: pd.DataFrame, full) -> dict:
+    """The operating point a search found (its last round file, duodiff.search.rounds): the
+    cheapest passing setting, whatever the grid's best; `rows` holds every set's and probe's row,
+    of which the search's (its grid and its probes) are its pool."""
+    pool = rows[rows["set"].isin([p["set"] for p in final["probes"]])]
+    n = sum(p["source"] == "search" for p in final["probes"])
+    said = f"found by search ({n} probe{'s' if n != 1 else ''}, {final['reason']}; search.csv)"
+    said += f"; {final['note']}" if final["note"] else ""
+    if final["best"] is None:
+        return _none_passes(base, pool, full, prefix=said + ": ")
+    pick = pool[pool["set"] == final["best"]]
+    if pick.empty:  # the search's best is the grid's or a probe's; anything else is a wiring bug
+        raise ValueError(f"search {final['family']}: its best set {final['best']} is not among the tables' sets")
+    return _point(base, pick.iloc[0], said)
+
+
 def operating_points(frame: pd.DataFrame) -> pd.DataFrame:
     """Speed-up at equal quality: per method family, the fastest set (highest theoretical speed-up,
     i.e. fewest GFLOPs per image; measured speed-up breaks ties) that passes the paired test
     (paired_verdict: the upper end of its paired difference to the full model's headline score
     at most the margin). A family with no such set gets a row that says so and names the closest
-    set (the lowest upper end)."""
+    set (the lowest upper end).
+
+    Where a search ran (frame.attrs["search"]: {"finals": each family's last round file, "probes":
+    the probe sets' rows as records}), the family's point is the setting the search found instead: the grid
+    stays for the figures, the headline reports the search."""
     full = frame.loc[frame["set"] == "full"].iloc[0]
+    search = frame.attrs.get("search") or {}
+    searches = {final["family"]: final for final in search.get("finals", [])}
+    every_row = pd.concat([frame, pd.DataFrame(search["probes"], columns=frame.columns)]) if search else frame
     rows = []
     for method, family, sets in method_families(frame):
         base = {"method": method, "family": family, "score_name": full["score_name"], "full_score": full["score"],
@@ -94,20 +145,19 @@ def operating_points(frame: pd.DataFrame) -> pd.DataFrame:
             rows.append({**base, "note": "no paired intervals (metrics.intervals: false, or sets scored without "
                                          "a baseline): equal quality cannot be tested"})
             continue
+        family_id = search_family_id(method, sets)
+        if family_id in searches:
+            rows.append(_searched_point(base, searches.pop(family_id), every_row, full))
+            continue
         good = sets[passes(sets)]
         if good.empty:
-            closest = sets.loc[sets["score_diff_ci_high"].idxmin()]
-            rows.append({**base, "note": f"none passes; closest: {closest['setting_label']}, Δ{full['score_name']} "
-                                         f"{closest['score_diff']:+.3g} [{closest['score_diff_ci_low']:+.3g}, "
-                                         f"{closest['score_diff_ci_high']:+.3g}] > margin {full['quality_limit']:.3g} "
-                                         f"({closest['set']})"})
+            rows.append(_none_passes(base, sets, full))
             continue
         pick = good.sort_values(["speedup_theoretical", "speedup_measured"], ascending=False).iloc[0]
-        rows.append({**base, **{k: pick[k] for k in ("set", "setting", "setting_label", "score", "score_ci_low",
-                                                     "score_ci_high",
-                                                     "score_diff", "score_diff_ci_low", "score_diff_ci_high",
-                                                     "verdict", "layer_ratio", "speedup_measured",
-                                                     "speedup_measured_ci_low", "speedup_measured_ci_high",
-                                                     "speedup_theoretical")},
-                     "note": ""})
+        rows.append(_point(base, pick, ""))
+    for family_id, final in searches.items():  # a searched family without grid sets of its method (composed)
+        base = {"method": "search", "family": family_id, "score_name": full["score_name"],
+                "full_score": full["score"], "full_ci_low": full["score_ci_low"], "full_ci_high": full["score_ci_high"],
+                "margin": full["margin"], "quality_limit": full["quality_limit"]}
+        rows.append(_searched_point(base, final, every_row, full))
     return pd.DataFrame(rows, columns=OPERATING_POINT_COLUMNS)

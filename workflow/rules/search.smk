@@ -1,0 +1,105 @@
+# Operating points found by search (`duodiff search`; docs/architecture.md, "Search"): per method
+# family (search_families, common.smk) the cheapest setting of its knob that passes the paired test
+# of equal quality, bisected between the cheapest pass and the cheapest failure, the grid's sets
+# as the first bracket.
+#
+# Snakemake checkpoints drive the rounds, so the DAG only ever holds what is known: round 0 reads
+# the family's grid scores; round r reads round r-1's file (checkpoints.search_round.get, which
+# raises until that round has run) and the score of the probe it named, an ordinary sample set
+# (ee_attention_probe_thr0.17) that rules sample_* and score make like any other. `snakemake -n`
+# therefore plans round 0 of every family and nothing after it; once a round has run, the next
+# round and its probe's sample and score jobs join the DAG. A probe already sampled or scored is
+# not computed again (its files exist), and a finished search is read back from its round files.
+
+
+def search_round_inputs(wildcards) -> dict:
+    """Round 0: the full model's and the grid sets' scores. Round r: round r-1's file and the
+    score of the probe it asked for."""
+    family = search_families()[wildcards.family]
+    r = int(wildcards.round)
+    inputs = {"full": headline_score_file(BASELINE_SET, wildcards.experiment)}
+    if r == 0:
+        names = [family["template"].replace("{" + family["knob"] + "}", knob_label(family, v)) for v in family["grid"]]
+        inputs["grid"] = [headline_score_file(name, wildcards.experiment) for name in names]
+        return inputs
+    previous = checkpoints.search_round.get(experiment=wildcards.experiment, family=wildcards.family, round=r - 1)
+    with open(previous.output[0]) as handle:
+        before = json.load(handle)
+    if before["done"]:
+        raise ValueError(f"search {wildcards.family}: round {r - 1} is done ({before['reason']}): no round {r}")
+    inputs["previous"] = previous.output[0]
+    inputs["probe"] = headline_score_file(before["next"], wildcards.experiment)
+    return inputs
+
+
+def knob_label(family: dict, value) -> str:
+    """A knob value as set names spell it (duodiff.search.rounds.set_name)."""
+    return str(int(value)) if family["integer"] else threshold_label(value)
+
+
+def search_flags(wildcards) -> str:
+    family = search_families()[wildcards.family]
+    flags = (
+        f"--family {family['id']} --template '{family['template']}' --knob {family['knob']} "
+        f"--low {family['low']} --high {family['high']} --cheaper {family['cheaper']} "
+        f"--resolution {family['resolution']} {'--integer' if family['integer'] else '--no-integer'} "
+        f"--budget {config['search']['budget']} --headline {config['metrics']['headline']} "
+        f"--margin {config['metrics']['equal_quality_margin']}"
+    )
+    if int(wildcards.round) == 0:
+        flags += " --grid " + " ".join(knob_label(family, v) for v in family["grid"])
+    return flags
+
+
+checkpoint search_round:
+    input:
+        unpack(search_round_inputs),
+    output:
+        "results/{experiment}/search/{family}/round{round}.json",
+    log:
+        "results/{experiment}/logs/search/{family}/round{round}.log",
+    benchmark:
+        "results/{experiment}/benchmarks/search/{family}/round{round}.tsv"
+    wildcard_constraints:
+        family=r"[A-Za-z0-9][A-Za-z0-9_-]*",
+        round=r"\d+",
+    localrule: True
+    conda:
+        ENV
+    threads: 1
+    resources:
+        **resources("report"),
+    params:
+        flags=search_flags,
+        previous=lambda wildcards, input: f"--previous {input.previous}" if "previous" in input.keys() else "",
+        metrics_root=lambda wildcards, input: str(Path(input.full).parent.parent),
+    shell:
+        "duodiff search {params.flags} {params.previous} --metrics-root {params.metrics_root} "
+        "--output {output} > {log} 2>&1"
+
+
+# The probes' GFLOPs: rule flops counts the grid's sets in one job, whose outputs are fixed before
+# any search has run; a probe set is counted by a job of its own (a few seconds each).
+rule flops_probe:
+    input:
+        unpack(sample_models),
+        stats=set_file("stats"),
+        exit_layers=set_file("exit_layers"),
+    output:
+        "results/{experiment}/metrics/{set}/gflops.json",
+    log:
+        "results/{experiment}/logs/flops_probe/{set}.log",
+    benchmark:
+        "results/{experiment}/benchmarks/flops_probe/{set}.tsv"
+    conda:
+        ENV
+    threads: config["threads"]["score"]
+    resources:
+        **resources("score"),
+    params:
+        samples=subpath(input.stats, parent=True),
+    shell:
+        "duodiff flops --samples {params.samples} --output {output} > {log} 2>&1"
+
+
+ruleorder: flops > flops_probe
