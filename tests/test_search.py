@@ -8,8 +8,15 @@ import json
 import pytest
 
 from duodiff.core.errors import DuodiffError
-from duodiff.search.bisect import (BUDGET, CHEAPEST_END_PASSES, CONVERGED, NONE_PASSES, Family, Probe,
-                                   next_probe)
+from duodiff.search.bisect import (
+    BUDGET,
+    CHEAPEST_END_PASSES,
+    CONVERGED,
+    NONE_PASSES,
+    Family,
+    Probe,
+    next_probe,
+)
 from duodiff.search.rounds import run_search, set_name
 
 THRESHOLD = Family(knob="threshold", low=0.0, high=1.0, cheaper="higher", resolution=0.01)
@@ -87,7 +94,7 @@ def test_every_border_is_found_without_repeating_a_probe(family):
     lattice = [family.value(k) for k in range(round(family.low / family.resolution), n + 1)]
     grid = lattice[len(lattice) // 4 :: max(1, len(lattice) // 4)]
     for border in lattice:  # passes are the settings at most as cheap as `border`
-        probes, result = search(family, grid, lambda v: family.cheapness(v) <= family.cheapness(border), budget=50)
+        probes, result = search(family, grid, lambda v, b=border: family.cheapness(v) <= family.cheapness(b), budget=50)
         assert len(set(probes)) == len(probes) and not set(probes) & set(grid)
         assert len(probes) <= 8  # bisection: log2 of the bracket plus the cheapest end
         expected = None if border == family.expensive_end else border
@@ -113,9 +120,9 @@ def test_round_files_chain_the_trace_and_name_the_next_probe(tmp_path):
     write_score(metrics, "full", 1.0, None, None)
     write_score(metrics, "duodiff_d3_ts10", 1.0, 0.0, 0.05)  # equal: 0.05 <= 0.1 x 1.0
     write_score(metrics, "duodiff_d3_ts20", 1.2, 0.2, 0.3)  # worse
-    common = dict(family="duodiff-d3", template="duodiff_d3_ts{t_switch}", knob="t_switch", low=0, high=40,
-                  cheaper="higher", resolution=1, integer=True, budget=2, headline="classifier", margin=0.1,
-                  metrics_root=str(metrics))
+    common = {"family": "duodiff-d3", "template": "duodiff_d3_ts{t_switch}", "knob": "t_switch", "low": 0,
+              "high": 40, "cheaper": "higher", "resolution": 1, "integer": True, "budget": 2,
+              "headline": "classifier", "margin": 0.1, "metrics_root": str(metrics)}
     first = run_search(**common, grid=[10, 20], previous=None, output=str(tmp_path / "round0.json"))
     assert (first["round"], first["next"], first["done"]) == (0, "duodiff_d3_ts15", False)
     assert [p["verdict"] for p in first["probes"]] == ["equal", "worse"]

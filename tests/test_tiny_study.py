@@ -196,3 +196,37 @@ def test_tiny_study_changing_a_metric_setting_rescores_only(tiny_study):
         "score": n_scored, "tables": 1, "plots": 1, "all": 1}
 
 
+
+
+@pytest.mark.slow
+def test_tiny_study_searches_each_family_and_reports_the_setting_found(tiny_study):
+    # search.budget 1 (tests/configs/tiny.yaml): each family ran round 0 (the grid) and at most one probe.
+    study = tiny_study / "results" / "tiny"
+    with open(study / "tables" / "search.csv") as f:
+        rows = list(csv.DictReader(f))
+    families = {"fewer_steps", "early_exit-attention_probe", "duodiff-d1"}
+    assert {row["family"] for row in rows} == families
+    for family in families:
+        trace = [row for row in rows if row["family"] == family]
+        final = json.loads(max((study / "search" / family).glob("round*.json"), key=lambda p: int(p.stem[5:])).read_text())
+        assert final["done"] and [row["set"] for row in trace] == [p["set"] for p in final["probes"]]
+        probes = [row for row in trace if row["source"] == "search"]
+        assert len(probes) <= 1 and all(row["round"] == "1" for row in probes)
+        for row in probes:  # an ordinary sample set: sampled, scored, counted and timed
+            assert (study / "samples" / row["set"] / "stats.json").is_file()
+            assert (study / "metrics" / row["set"] / "gflops.json").is_file()
+            assert float(row["speedup_theoretical"]) > 0
+        assert {row["stopped"] for row in trace} == {final["reason"]}
+    with open(study / "tables" / "operating_points.csv") as f:
+        points = {p["family"]: p for p in csv.DictReader(f)}
+    with open(study / "tables" / "scores.csv") as f:
+        grid = {row["set"] for row in csv.DictReader(f)}
+    for label, family in [("fewer steps", "fewer_steps"), ("attention_probe", "early_exit-attention_probe"),
+                          ("shallow depth 1", "duodiff-d1")]:
+        final = next(row for row in rows if row["family"] == family)
+        assert "found by search" in points[label]["note"]
+        assert points[label]["set"] == final["best"]  # "" when none passes: the note names the closest
+    assert not {row["set"] for row in rows if row["source"] == "search"} & grid  # probes stay out of scores.csv
+    timed = json.loads((study / "timing" / "timing.json").read_text())["sets"]
+    assert {row["set"] for row in rows if row["source"] == "search"} <= {s["set"] for s in timed} | set(timed)
+    assert (study / "plots" / "search_trace.png").stat().st_size > 0

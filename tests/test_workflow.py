@@ -132,12 +132,37 @@ def expected_jobs(cfg: dict) -> dict:
         "score": n_scored,  # Inception's and (headline classifier) the classifier's scores, one job a set
         "cmmd": n_scored if cmmd else 0,
         "flops": 1,  # one job counts every sample set
+        # Round 0 of every searched family: the rounds after it, and their probes, are planned only
+        # once round 0 has run (checkpoint search_round, rules/search.smk).
+        "search_round": search_family_count(cfg),
         "timing": 1,  # one job times every sample set, alone
         "tables": 1,
         "plots": 1,
         "all": 1,
     }
     return {rule: count for rule, count in jobs.items() if count}
+
+
+def search_family_count(cfg: dict) -> int:
+    """Families searched (rules/common.smk, search_families): fewer steps, early exit per
+    classifier type, DuoDiff per shallow depth."""
+    if not cfg.get("search", {}).get("enabled", True):
+        return 0
+    return (int(bool(cfg["sampling"].get("fewer_steps", []))) + len(cfg["early_exit"]["classifier_types"])
+            + len(cfg["models"]["shallow"]) * int(bool(cfg["duodiff"]["t_switch"])))
+
+
+def test_a_dry_run_plans_round_0_of_every_family_with_its_grid(dry_runs):
+    _, results = dry_runs
+    jobs = planned_jobs(results["tiny_commands"].stdout, "search_round")
+    assert sorted((job["wildcards"]["family"], job["wildcards"]["round"]) for job in jobs) == [
+        ("duodiff-d1", "0"), ("early_exit-attention_probe", "0"), ("fewer_steps", "0")]
+    grid = {job["wildcards"]["family"]: job["input"] for job in jobs}
+    assert grid["early_exit-attention_probe"] == {
+        f"results/tiny/metrics/{name}/fd_classifier.json"
+        for name in ("full", "ee_attention_probe_thr0.1", "ee_attention_probe_thr0.5")
+    }
+    assert "--grid 0.1 0.5" in results["tiny_commands"].stdout and "--budget 1" in results["tiny_commands"].stdout
 
 
 def modified(cfg: dict, edit) -> dict:

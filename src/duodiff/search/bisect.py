@@ -60,7 +60,7 @@ class Family:
         """Lattice point `step` (in resolution steps from 0): clean decimals (0.17, not
         0.17000000000000001), ints for integer knobs."""
         value = step * self.resolution
-        return int(round(value)) if self.integer else round(value, 12)
+        return round(value) if self.integer else round(value, 12)
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,11 @@ from duodiff.core.flags import add_flag
 from duodiff.core.io import atomic_path, write_json
 from duodiff.core.study import setting_label
 from duodiff.report.plots.difference import plot_paired_difference
-from duodiff.report.plots.exits import exit_summaries, plot_exit_heatmap, plot_mean_exit_layer
+from duodiff.report.plots.exits import (
+    exit_summaries,
+    plot_exit_heatmap,
+    plot_mean_exit_layer,
+)
 from duodiff.report.plots.labels import label_points
 from duodiff.report.plots.samples import image_files, plot_sample_grids
 from duodiff.report.plots.search import load_search, plot_search_trace
