@@ -299,7 +299,9 @@ def search_families() -> dict:
     # Composed policies (issue 21, point 3): each {"template", "knob", "values", "label"} is one
     # family more, its id the template with the knob's placeholder dropped.
     for composed in globals().get("composed_families", lambda: [])():
-        family_id = "composed-" + re.sub(r"[^A-Za-z0-9_-]", "", composed["template"].replace("{" + composed["knob"] + "}", ""))
+        family_id = "composed-" + re.sub(
+            r"[^A-Za-z0-9_-]", "", composed["template"].replace("{" + composed["knob"] + "}", "")
+        )
         families.append(search_family(family_id, composed["template"], composed["knob"], composed["values"]))
     return {family["id"]: family for family in families}
 
