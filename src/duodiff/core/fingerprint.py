@@ -17,8 +17,8 @@ and the images' bytes (metrics/feature_cache.py), so another input is simply ano
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from duodiff.core.errors import DuodiffError
 from duodiff.core.io import file_sha256

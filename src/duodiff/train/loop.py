@@ -43,9 +43,9 @@ from duodiff.models.early_exit import LOSS_PARTS
 from duodiff.train import process
 from duodiff.train.checks import (
     TrainPlan,
+    check_checkpoint,
     check_data_fits,
     check_processes,
-    check_checkpoint,
     check_train_args,
 )
 from duodiff.train.determinism import StepBatchSampler, drop_labels, get_rng_states, set_rng_states, step_draws
