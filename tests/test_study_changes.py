@@ -72,9 +72,11 @@ def test_a_training_setting_retrains_its_model_and_resamples_everything_built_on
         c["train"]["full"]["lr"] = 0.002
 
     workdir, ran = rerun_with(finished_study, tmp_path, edit)
-    # The full model, the early-exit model on it, and every set that uses either (not the shallow set).
+    # The full model, the early-exit model on it, and every set that uses either (not the shallow
+    # set); every generated set is rescored, the shallow one too: its paired difference is to the
+    # full model's samples (score --baseline).
     assert ran == {"train_full": 1, "train_early_exit": 1, "sample_full": 1, "sample_early_exit": 1,
-                   "sample_duodiff": 1, "score": 3, **AFTER_SAMPLING}  # fmt: skip
+                   "sample_duodiff": 1, "score": 4, **AFTER_SAMPLING}  # fmt: skip
     for path in ("models/full/model.pt", "models/ee_attention_probe/model.pt", "samples/full/images/000000.png",
                  "samples/ee_attention_probe_thr0.1/images/000007.png", "samples/duodiff_d1_ts3/images/000000.png",
                  "metrics/full/fd_classifier.json"):  # fmt: skip
