@@ -202,9 +202,9 @@ def test_resume_finishes_only_missing_batches(ckpt, tmp_path):
 def test_resume_with_other_settings_is_refused(ckpt, tmp_path):
     out = tmp_path / "set"
     sample(ckpt, out, n_samples=4)
-    with pytest.raises(DuodiffError, match=r"different settings \(seed\); delete the folder"):
+    with pytest.raises(DuodiffError, match=r"other inputs or settings \(--seed 0 -> 1\); rerun with --restart"):
         sample(ckpt, out, n_samples=4, seed=1)
-    with pytest.raises(DuodiffError, match=r"different settings \(n_samples\)"):
+    with pytest.raises(DuodiffError, match=r"other inputs or settings \(--n-samples 4 -> 8\)"):
         sample(ckpt, out, n_samples=8)
 
 
@@ -235,17 +235,20 @@ def test_bf16_runs_the_networks_in_bfloat16_and_stays_close_to_fp32(ckpt, tmp_pa
     assert diff.max() <= 2 and diff.mean() < 0.1, (diff.mean(), diff.max())
 
 
-def test_sets_sampled_before_precision_existed_resume_as_fp32(ckpt, tmp_path):
+def test_sets_sampled_before_fingerprints_are_refused_and_restart_resamples_them(ckpt, tmp_path):
     out = tmp_path / "set"
     sample(ckpt, out, n_samples=8)
-    # A part written by the previous version: its settings have no "precision".
+    # A part written by a previous version: settings with the model's path and step, no fingerprint
+    # of its bytes, so nothing says the images are this model's.
     path = out / "parts" / "batch_00001.pt"
     part = torch.load(path, weights_only=False)
-    del part["settings"]["precision"]
+    del part["fingerprint"]
     torch.save(part, path)
     (out / "parts" / "batch_00000.pt").unlink()
-    assert sample(ckpt, out, n_samples=8)["precision"] == "fp32"
-    with pytest.raises(DuodiffError, match=r"different settings \(precision\)"):
+    with pytest.raises(DuodiffError, match=r"no fingerprint .*--restart"):
+        sample(ckpt, out, n_samples=8)
+    assert sample(ckpt, out, n_samples=8, restart=True)["precision"] == "fp32"
+    with pytest.raises(DuodiffError, match=r"--precision 'fp32' -> 'bf16'"):
         sample(ckpt, out, n_samples=8, precision="bf16")
 
 

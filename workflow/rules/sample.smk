@@ -33,7 +33,7 @@ rule sample_full:
         flags=sampling_flags(),
         folder=subpath(output.stats, parent=True),
     shell:
-        "duodiff sample --method {params.method} {params.checkpoints} {params.flags} "
+        "duodiff sample --restart --method {params.method} {params.checkpoints} {params.flags} "
         "--output-folder {params.folder} > {log} 2>&1"
 
 

@@ -36,7 +36,7 @@ rule train_full:
         folder=subpath(output.model, parent=True),
         flags=train_flags("full"),
     shell:
-        "duodiff train --nproc-per-node {resources.gpu} --model uvit --config-path {input.model_config} --log-path {params.folder} "
+        "duodiff train --restart --nproc-per-node {resources.gpu} --model uvit --config-path {input.model_config} --log-path {params.folder} "
         "{params.flags} > {log} 2>&1"
 
 
@@ -84,6 +84,6 @@ rule train_early_exit:
         folder=subpath(output.model, parent=True),
         flags=train_flags("early_exit"),
     shell:
-        "duodiff train --nproc-per-node {resources.gpu} --model early_exit --classifier-type {wildcards.classifier_type} "
+        "duodiff train --restart --nproc-per-node {resources.gpu} --model early_exit --classifier-type {wildcards.classifier_type} "
         "--load-backbone {input.backbone} --config-path {input.model_config} --log-path {params.folder} "
         "{params.flags} > {log} 2>&1"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import functools
 import hashlib
 import json
 import os
@@ -112,16 +111,32 @@ def torch_save(obj, path) -> None:
         torch.save(obj, tmp)
 
 
-@functools.lru_cache(maxsize=None)
+# sha256 by (path, device, inode, size, mtime, ctime) of each file: a file hashed again in the same
+# process (a sample job's two roles, a test that retrains in place) is read once, and a file
+# rewritten at the same path (atomic_path: a new inode) is hashed anew, never matched by its path.
+_SHA256_CACHE: dict = {}
+
+
+def _stat_key(file: Path) -> tuple:
+    st = file.stat()
+    return (str(file.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 def file_sha256(path) -> str:
     """sha256 of a file's bytes, or of a folder's files (relative names and bytes, in name order):
-    what identifies a feature network, a statistics file or an autoencoder in the outputs."""
-    digest = hashlib.sha256()
+    what identifies a model, a feature network, a statistics file or an autoencoder in the outputs
+    and in every resumable state (core/fingerprint.py). Read in 1 MiB blocks; cached per process
+    while the file's stat is unchanged."""
     path = Path(path)
-    for file in sorted(p for p in (path.rglob("*") if path.is_dir() else [path]) if p.is_file()):
-        if path.is_dir():
-            digest.update(file.relative_to(path).as_posix().encode())
-        with open(file, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
+    files = sorted(p for p in (path.rglob("*") if path.is_dir() else [path]) if p.is_file() or not p.exists())
+    key = (path.is_dir(), *(_stat_key(file) for file in files))  # a missing file raises here, as open would
+    if key not in _SHA256_CACHE:
+        digest = hashlib.sha256()
+        for file in files:
+            if path.is_dir():
+                digest.update(file.relative_to(path).as_posix().encode())
+            with open(file, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+        _SHA256_CACHE[key] = digest.hexdigest()
+    return _SHA256_CACHE[key]

@@ -235,12 +235,17 @@ def load_feature_net(path) -> tuple[ClassifierNet, dict]:
     return model.eval(), read_json(info_path)
 
 
-@functools.lru_cache(maxsize=None)
 def feature_extractor(path: str, device: str = "cpu"):
     """-> (fn, resize, info) for clean-fid: fn maps clean-fid's (B, 3, H, W) float batch in
     [0, 255] to (B, feature_dim); resize keeps the native size (clean-fid's resizer would make
-    299 px); info names the network and its sha256 like the Inception extractor's."""
+    299 px); info names the network and its sha256 like the Inception extractor's. Loaded once
+    per process per network *content*: a network retrained at the same path is loaded again, and
+    its sha256 keys other feature chunks (feature_cache.py)."""
+    return _feature_extractor(str(path), device, file_sha256(str(path)))
 
+
+@functools.lru_cache(maxsize=None)
+def _feature_extractor(path: str, device: str, sha256: str):
     model, meta = load_feature_net(path)
     model = model.to(device)
     channels = meta["channels"]
@@ -260,7 +265,7 @@ def feature_extractor(path: str, device: str = "cpu"):
         "feature_network": f"digits classifier ({meta['dataset']}, held-out accuracy {meta['heldout_accuracy']:.4f})",
         "feature_network_key": "classifier",
         "feature_network_path": str(path),
-        "feature_network_sha256": file_sha256(str(path)),
+        "feature_network_sha256": sha256,
         "heldout_accuracy": meta["heldout_accuracy"],
     }
     return fn, resize, info

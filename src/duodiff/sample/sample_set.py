@@ -26,6 +26,7 @@ import torch
 
 from duodiff.core.distributed import default_device
 from duodiff.core.errors import DuodiffError, check_choice, is_int, is_number, require
+from duodiff.core.fingerprint import RESTART_HELP, check_state, fingerprint, remove_files
 from duodiff.core.flags import add_flag
 from duodiff.core.guidance import branch_major, check_guidance_scale, label_classes, set_null_label
 from duodiff.core.images import image_grid, load_png, png_problem, save_png, to_uint8
@@ -147,7 +148,7 @@ def sampling_steps(num_timesteps: int, method, sampler, steps, t_switch) -> int:
 
 def run_sample(*, checkpoint_path, method, output_folder, sampler, steps, n_samples, batch_size, seed, threshold,
                t_switch, checkpoint_path_late, eta, use_ema, device, precision, progress, allow_deeper_shallow,
-               guidance_scale, autoencoder, autoencoder_config, scale_factor):
+               guidance_scale, autoencoder, autoencoder_config, scale_factor, restart):
     """Generate `n_samples` images into `output_folder` (see docs/architecture.md, "Sample set folder")."""
     dev = check_sample_args(
         method=method, sampler=sampler, steps=steps, n_samples=n_samples, batch_size=batch_size, seed=seed, eta=eta,
@@ -177,11 +178,15 @@ def run_sample(*, checkpoint_path, method, output_folder, sampler, steps, n_samp
         # Only in latent sets, so the parts of pixel-space sets written before it still match.
         **({"autoencoder": decoder} if decoder is not None else {}),
     }
+    # The parts are keyed by the models' bytes, not their paths and steps: a model retrained in
+    # place with the same step count must not pass off the old model's images as its own.
+    paths_free = {k: v for k, v in settings.items() if k not in ("checkpoint", "checkpoint_late")}
+    current = fingerprint({"model weights": checkpoint_path, "late model weights": checkpoint_path_late}, paths_free)
     folder = Path(output_folder)
     remove_stray_temporaries(folder)  # a killed job's half-written PNG or part, never a result
     starts = range(0, n_samples, batch_size)
     batches = [(b, start, min(batch_size, n_samples - start)) for b, start in enumerate(starts)]
-    parts = finished_parts(folder, settings)
+    parts = finished_parts(folder, current, restart)
     todo = [batch for batch in batches if batch[0] not in parts]
     if todo and (folder / "stats.json").exists():
         (folder / "stats.json").unlink()  # stats.json marks a finished set; this one is not (any more)
@@ -201,43 +206,42 @@ def run_sample(*, checkpoint_path, method, output_folder, sampler, steps, n_samp
                disable=not progress)  # fmt: skip
     codec = load_codec(decoder, main_value(models).config, dev) if todo else None
     for batch in todo:
-        parts[batch[0]] = sample_batch(folder, batch, settings, models, diffusion, dev, progress, null, codec)
+        parts[batch[0]] = sample_batch(folder, batch, settings, current, models, diffusion, dev, progress, null, codec)
         bar.update(1)
     bar.close()
     pairing = pairing_record(settings, main_value(models).config, null)
     return finish_set(folder, settings, [parts[b] for b, _, _ in batches], models, metas, diffusion, dev, pairing)
 
 
-def read_part(path: Path, settings: dict) -> dict:
+def read_part(path: Path) -> dict:
     try:
         part = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # a part is written atomically; anything unreadable is foreign
         raise DuodiffError(f"{path}: unreadable part file ({error}); delete the output folder and rerun") from None
-    found = part.get("settings") if isinstance(part, dict) else None
-    if isinstance(found, dict):
-        # Parts written before --precision / --guidance-scale existed: fp32, unguided.
-        found = {"precision": "fp32", "guidance_scale": 0.0, **found}
-    if found != settings:
-        changed = (
-            sorted(k for k in set(settings) | set(found) if settings.get(k) != found.get(k))
-            if isinstance(found, dict)
-            else ["(not a duodiff sample part)"]
-        )
-        raise DuodiffError(
-            f"{path.parent.parent} holds samples made with different settings ({', '.join(changed)}); "
-            "delete the folder or choose another --output-folder"
-        )
+    require(
+        isinstance(part, dict) and part.get("format") == "duodiff-sample-part",
+        f"{path}: not a duodiff sample part; delete the output folder and rerun",
+    )
     return part
 
 
-def finished_parts(folder: Path, settings: dict) -> dict:
+# What a set folder holds of one sample set: discarded whole when its parts are stale.
+SET_STATE = ("parts", "images", "stats.json", "grid.png", "exit_layers.pt")
+
+
+def finished_parts(folder: Path, current: dict, restart: bool) -> dict:
     """{batch: part} of the batches already done: a batch is done when its part file and all its
-    images exist. Every part in the folder must come from these settings; a part of another
-    n_samples, seed, model, ... would mix two sample sets. The images of a done batch must be
-    whole PNGs (a truncated one would stop the set's grid.png, and its scores, later on)."""
+    images exist. Every part in the folder must have the fingerprint `current` (the models' sha256
+    and the settings): a part of another model, n_samples, seed, ... would mix two sample sets, so
+    it is refused, or with `restart` the folder's set is discarded (core/fingerprint.check_state).
+    The images of a done batch must be whole PNGs (a truncated one would stop the set's grid.png,
+    and its scores, later on)."""
     parts = {}
     for path in sorted((folder / "parts").glob("batch_*.pt")):
-        part = read_part(path, settings)
+        part = read_part(path)
+        if not check_state(part.get("fingerprint"), current, f"the sample set in {folder} ({path.name})", restart,
+                           remove_files(*(folder / name for name in SET_STATE))):
+            return {}
         start, count = part["start"], part["count"]
         if all(image_path(folder, i).is_file() for i in range(start, start + count)):
             for i in range(start, start + count):
@@ -251,7 +255,8 @@ def finished_parts(folder: Path, settings: dict) -> dict:
     return parts
 
 
-def sample_batch(folder: Path, batch: tuple, settings: dict, models, diffusion, device, progress, null, codec) -> dict:
+def sample_batch(folder: Path, batch: tuple, settings: dict, current: dict, models, diffusion, device, progress, null,
+                 codec) -> dict:
     """Sample one batch (index, first image, count), write its PNGs, then its part file. `null`:
     the models' null class (None: none), never a sample label. With a `codec` (latent diffusion)
     the sampler runs in its latent space and the images are decoded; the decoder is timed apart
@@ -294,6 +299,7 @@ def sample_batch(folder: Path, batch: tuple, settings: dict, models, diffusion, 
     part = {
         "format": "duodiff-sample-part",
         "settings": settings,
+        "fingerprint": current,  # what finished_parts compares
         "batch": b,
         "start": start,
         "count": count,
@@ -427,6 +433,7 @@ def add_cli(subparsers) -> None:
              help="latent diffusion: decode each batch through this AutoencoderKL (diffusers folder or checkpoint file)")
     add_flag(parser, "--autoencoder-config", default=None, help="diffusers config.json of a single-file autoencoder")
     add_flag(parser, "--scale-factor", type=float, default=None, help="the latents' scale (U-ViT: 0.23010, SD: 0.18215)")
+    add_flag(parser, "--restart", action="store_true", help=f"parts/ and images/: {RESTART_HELP}")
     parser.set_defaults(func=_main)
 
 

@@ -19,7 +19,8 @@ from duodiff.core import distributed
 from duodiff.core.config import load_yaml
 from duodiff.core.data import CHANNELS, DATASETS, NUM_CLASSES
 from duodiff.core.diffusion import LOSS_WEIGHTINGS, GaussianDiffusion
-from duodiff.core.errors import DuodiffError, check_choice, check_int, check_number, require
+from duodiff.core.errors import check_choice, check_int, check_number, require
+from duodiff.core.fingerprint import check_state, fingerprint
 from duodiff.core.guidance import check_class_count, check_label_dropout
 from duodiff.models import CLASSIFIER_TYPES, EARLY_EXIT_KEYS, KIND_ALIASES, MODEL_KINDS, UViTConfig, checkpoints
 from duodiff.models.early_exit import PROBE_HEADS
@@ -45,6 +46,7 @@ class TrainPlan:
     settings: dict  # what a resumed checkpoint must match
     train_args: dict  # every argument, as model.pt and checkpoint.pt record them
     backbone_state: dict | None  # --load-backbone's weights
+    fingerprint: dict  # settings + the sha256 of the backbone and latents files (core/fingerprint.py)
 
 
 def check_train_args(args: dict, world_size: int) -> TrainPlan:
@@ -90,15 +92,19 @@ def check_train_args(args: dict, world_size: int) -> TrainPlan:
         **({"loss_weighting": args["loss_weighting"], "min_snr_gamma": args["min_snr_gamma"]}
            if args["loss_weighting"] != "uniform" else {}),
         **({"label_dropout": args["label_dropout"]} if args["label_dropout"] != 0 else {}),
-        "load_backbone": str(args["load_backbone"]) if args["load_backbone"] is not None else None,
         # What the latents were encoded with, not where the file lies: a moved file still resumes.
         **({"latents": latents_fingerprint} if latents_fingerprint is not None else {}),
     }  # fmt: skip
-    train_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in args.items()}
+    # --restart says what to do with old state, nothing about the model: model.pt's bytes do not depend on it.
+    train_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in args.items() if k != "restart"}
     train_args.update(model=kind, image_size=image_size, device=device, world_size=world_size)
     if latents_fingerprint is not None:  # `duodiff sample` checks its --autoencoder against it
         train_args["latents_fingerprint"] = latents_fingerprint
-    return TrainPlan(kind, model_config, config, diffusion, image_size, device, settings, train_args, backbone_state)
+    # The backbone and the latents by their bytes, not their paths: a full model retrained in place
+    # (same path, same step) must not be resumed over, a moved but equal file may be.
+    files = {"backbone weights": args["load_backbone"], "latents": args["latents"]}
+    return TrainPlan(kind, model_config, config, diffusion, image_size, device, settings, train_args, backbone_state,
+                     fingerprint(files, settings))
 
 
 def _check_optimization(args: dict, world_size: int) -> None:
@@ -227,25 +233,18 @@ def read_backbone(path, config, diffusion, config_path) -> dict:
     return obj["ema_state_dict"] if obj["ema_state_dict"] is not None else obj["state_dict"]
 
 
-def check_same_settings(checkpoint: dict, settings: dict, path) -> None:
-    """A checkpoint resumes only under the settings that made it (TrainPlan.settings)."""
-    old = checkpoint.get("settings")
-    require(isinstance(old, dict), f"{path}: checkpoint has no training settings; remove it or choose another --log-path")
-    if "label_dropout" in old and "label_dropout" not in settings:
-        settings = {**settings, "label_dropout": 0.0}  # entered only when set: a run without it differs too
-    for key, value in settings.items():
-        if old.get(key) == value:
-            continue
-        if key == "model_config":
-            keys = sorted(set(old.get(key) or {}) | set(value))
-            diff = [f"{k}: {old[key].get(k)!r} -> {value.get(k)!r}" for k in keys if old[key].get(k) != value.get(k)]
-            what = f"a different model config ({', '.join(diff)})"
-        else:
-            what = f"--{key.replace('_', '-')} {old.get(key)!r} (this run: {value!r})"
-        raise DuodiffError(
-            f"{path} was made with {what}; rerun with the checkpoint's settings to resume it, "
-            "or choose another --log-path to start afresh"
-        )
+def check_checkpoint(checkpoint: dict, current: dict, path, restart: bool, discard) -> bool:
+    """True when checkpoint.pt at `path` was made from the run's inputs and settings (TrainPlan.
+    fingerprint): resume it. Otherwise refused in one line naming what changed, or with `restart`
+    discarded (core/fingerprint.check_state) -> False."""
+    stored = checkpoint.get("fingerprint")
+    if stored is None and isinstance(checkpoint.get("settings"), dict):
+        # Written before fingerprints: its settings (the backbone then by path only), no files.
+        stored = {"files": {}, "settings": {k: v for k, v in checkpoint["settings"].items() if k != "load_backbone"}}
+    if isinstance(stored, dict) and "label_dropout" in stored.get("settings", {}) and "label_dropout" not in current["settings"]:
+        # Entered only when set: a run without it differs too.
+        current = {**current, "settings": {**current["settings"], "label_dropout": 0.0}}
+    return check_state(stored, current, f"{path}", restart, discard)
 
 
 def check_data_fits(data, config, config_path, label_dropout=0.0, batch_size=None) -> None:

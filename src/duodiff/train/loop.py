@@ -34,6 +34,7 @@ from tqdm import tqdm
 from duodiff.core import distributed
 from duodiff.core.data import DATASETS, load_dataset
 from duodiff.core.errors import DuodiffError, check_int, require
+from duodiff.core.fingerprint import RESTART_HELP, remove_files
 from duodiff.core.flags import add_flag, cli_flags
 from duodiff.core.io import write_csv
 from duodiff.core.latent import latent_dataset
@@ -42,9 +43,9 @@ from duodiff.models.early_exit import LOSS_PARTS
 from duodiff.train import process
 from duodiff.train.checks import (
     TrainPlan,
+    check_checkpoint,
     check_data_fits,
     check_processes,
-    check_same_settings,
     check_train_args,
 )
 from duodiff.train.determinism import StepBatchSampler, drop_labels, get_rng_states, set_rng_states, step_draws
@@ -60,7 +61,7 @@ def run_train(
     *, model, config_path, log_path, dataset, data_root, download, image_size, num_timesteps, beta_start, beta_end,
     beta_schedule, parametrization, n_steps, batch_size, lr, weight_decay, beta1, beta2, warmup_steps, grad_clip, ema_decay,
     use_amp, seed, log_every_n_steps, save_every_n_steps, num_workers, device, classifier_type, load_backbone,
-    freeze_backbone, use_unweighted_loss, loss_weighting, min_snr_gamma, label_dropout, latents,
+    freeze_backbone, use_unweighted_loss, loss_weighting, min_snr_gamma, label_dropout, latents, restart,
 ) -> dict:
     """Train, resuming from log_path/checkpoint.pt if present. Returns a summary dict.
 
@@ -73,7 +74,11 @@ def run_train(
     resume = None
     if (log_path / CHECKPOINT_NAME).exists():
         resume = checkpoints.load(log_path / CHECKPOINT_NAME, checkpoints.TRAIN_STATE_FORMAT)
-        check_same_settings(resume, plan.settings, log_path / CHECKPOINT_NAME)
+        # A stale checkpoint goes with the model.pt and loss.csv it made (rank 0 deletes them).
+        stale = [log_path / name for name in (CHECKPOINT_NAME, MODEL_NAME, LOSS_NAME)]
+        if not check_checkpoint(resume, plan.fingerprint, log_path / CHECKPOINT_NAME, restart,
+                                remove_files(*stale) if dist_info.is_main else lambda: None):
+            resume = None
 
     device = distributed.setup(dist_info, plan.device)
     try:
@@ -276,7 +281,7 @@ class Progress:
 
 def save_checkpoint(run: Run, plan: TrainPlan, args, log_path: Path) -> None:
     state = {
-        "settings": plan.settings, "train_args": plan.train_args, "kind": plan.kind,
+        "settings": plan.settings, "fingerprint": plan.fingerprint, "train_args": plan.train_args, "kind": plan.kind,
         "classifier_type": args["classifier_type"], "model_config": plan.model_config, "diffusion": plan.diffusion.config(),
         "model": cpu_state(run.net), "ema": cpu_state(run.ema) if run.ema is not None else None,
         "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
@@ -382,6 +387,7 @@ def add_cli(subparsers) -> None:
              "replacing a label by the null class (the last class token; num_classes = classes + 1); 0: none")
     add_flag(p, "--latents", default=None, help="latent diffusion: train on this .npz of `duodiff encode` (never "
              "flipped: it holds the mirror images' latents) instead of the dataset's images")
+    add_flag(p, "--restart", action="store_true", help=f"checkpoint.pt: {RESTART_HELP}")
     p.set_defaults(func=_cli)
 
 
