@@ -16,6 +16,7 @@ rule convert_full:
     input:
         checkpoint=config["models"]["full_checkpoint"],
         model_config=config["models"]["full"],
+        **autoencoder_inputs(),  # a latent checkpoint records its autoencoder (common.smk)
     output:
         model="results/{experiment}/models/full/model.pt",
     log:
