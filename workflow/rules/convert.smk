@@ -14,9 +14,9 @@ ruleorder: convert_full > train_full
 
 rule convert_full:
     input:
+        **autoencoder_inputs(),  # a latent checkpoint records its autoencoder (common.smk)
         checkpoint=config["models"]["full_checkpoint"],
         model_config=config["models"]["full"],
-        **autoencoder_inputs(),  # a latent checkpoint records its autoencoder (common.smk)
     output:
         model="results/{experiment}/models/full/model.pt",
     log:

@@ -40,7 +40,13 @@ def diffusion_flags() -> str:
     """The diffusion block; the linear schedule, the discrete process, the index time input and the
     VP-SDE's default betas, `duodiff`'s defaults and the only recipe before the keys existed, are
     left out, so those jobs keep their params (no rerun)."""
-    defaults = {"beta_schedule": "linear", "noise_process": "discrete", "time_input": "index", "sde_beta_min": 0.1, "sde_beta_max": 20.0}
+    defaults = {
+        "beta_schedule": "linear",
+        "noise_process": "discrete",
+        "time_input": "index",
+        "sde_beta_min": 0.1,
+        "sde_beta_max": 20.0,
+    }
     return cli_flags({k: v for k, v in config["diffusion"].items() if not (k in defaults and v == defaults[k])})
 
 
@@ -166,7 +172,9 @@ def convert_flags() -> str:
     # A latent checkpoint records its autoencoder and scale (the rule's input autoencoder), so
     # sampling decodes through the same; its channels are the autoencoder's, not the dataset's.
     autoencoder = config["autoencoder"]
-    latent = {"autoencoder": autoencoder["path"], "scale_factor": autoencoder["scale_factor"]} if autoencoder["path"] else {}
+    latent = (
+        {"autoencoder": autoencoder["path"], "scale_factor": autoencoder["scale_factor"]} if autoencoder["path"] else {}
+    )
     return " ".join([diffusion_flags(), cli_flags(unless_zero(recorded, "label_dropout")), cli_flags(latent)])
 
 
