@@ -15,7 +15,15 @@ import torch
 import torch.nn.functional as F
 import yaml
 from _defaults import cli_args
-from test_workflow import REPO, TINY, job_counts, load, make_workdir, planned_commands, snakemake
+from test_workflow import (
+    REPO,
+    TINY,
+    job_counts,
+    load,
+    make_workdir,
+    planned_commands,
+    snakemake,
+)
 
 from duodiff import cli
 from duodiff.core.diffusion import GaussianDiffusion
@@ -32,6 +40,7 @@ CONDITIONAL = dict(UNCONDITIONAL, num_classes=5, mlp_time_embed=True, qkv_bias=T
 DEFAULTS = dict(
     num_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear", parametrization="predict_noise", dataset=None,
     sde_beta_min=0.1, sde_beta_max=20.0, compare_timesteps=[0, 1, 10, 100, 250, 500, 750, 999], label_dropout=0.0,
+    noise_process="discrete", time_input="index", autoencoder=None, scale_factor=0.18215,
 )  # fmt: skip
 
 
@@ -306,6 +315,24 @@ def test_a_dry_run_with_full_checkpoint_converts_instead_of_training(tmp_path):
     assert result.returncode != 0 and "normalize_timesteps: true" in result.stdout + result.stderr
 
 
+def test_imagenet256_plans_convert_full_for_the_latent_checkpoint(tmp_path):
+    """config/imagenet256.yaml with models.full_checkpoint: convert_full with the L/2 recipe, the
+    autoencoder and its scale, and --dataset imagenet256 (which exited 2 on the channels before)."""
+    workdir = make_workdir(tmp_path / "work")
+    cfg = load("config/imagenet256.yaml")
+    cfg["models"]["full_checkpoint"] = "imagenet256_uvit_large.pth"
+    (workdir / "imagenet256_uvit_large.pth").write_bytes(b"")
+    (workdir / "ckpt.yaml").write_text(yaml.safe_dump(cfg))
+    result = snakemake(workdir, "--configfile", "ckpt.yaml", "-n", "-p")
+    assert result.returncode == 0, result.stderr
+    counts = job_counts(result.stdout)
+    assert counts["convert_full"] == 1 and "train_full" not in counts
+    (command,) = [flags for name, flags in planned_commands(result.stdout) if name == "convert"]
+    assert (command["--dataset"], command["--noise-process"], command["--time-input"]) == ("imagenet256", "vp_sde", "t_times_999")
+    assert (command["--autoencoder"], command["--scale-factor"]) == (cfg["autoencoder"]["path"], "0.18215")
+    assert command["--label-dropout"] == "0.15"
+
+
 # U-ViT's published pixel-space models (its configs/*.py; U-ViT's depth + 1 = our block count).
 PUBLISHED = {
     "cifar10_pretrained": dict(img_size=32, patch_size=2, in_chans=3, embed_dim=512, depth=12 + 1, num_heads=8),
@@ -325,3 +352,43 @@ def test_shipped_pretrained_model_files_fit_the_published_checkpoints(name):
         model = build_model("uvit", config)
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert ours == uvit_shapes(**PUBLISHED[name])
+
+
+def test_a_latent_checkpoint_converts_with_its_exact_recipe(tmp_path, capsys):
+    """ImageNet 256 L/2's recipe (issue 24): 4 latent channels under --dataset imagenet256, the
+    continuous VP-SDE fed t * 999, the autoencoder and scale 0.18215 recorded; no schedule
+    comparison, which would mean nothing here."""
+    from duodiff.core.latent import check_model_autoencoder
+    from duodiff.models import convert as convert_module
+
+    config = dict(UNCONDITIONAL, in_chans=4, num_classes=1001)
+    weights = uvit_weights(config, seed=2)
+    torch.save(weights, tmp_path / "uvit.pth")
+    (tmp_path / "autoencoder_kl.pth").write_bytes(b"stand-in: only its sha256 is recorded")
+    recipe = dict(noise_process="vp_sde", time_input="t_times_999", dataset="imagenet256", label_dropout=0.15,
+                  autoencoder=str(tmp_path / "autoencoder_kl.pth"), scale_factor=0.18215)  # fmt: skip
+    assert convert(tmp_path / "uvit.pth", model_yaml(tmp_path, config), tmp_path / "model.pt", **recipe) is None
+    model, diffusion, meta = load_model(tmp_path / "model.pt")
+    assert meta["converted_from"]["recipe"] == {"noise_process": "vp_sde", "time_input": "t_times_999",
+                                                "beta_schedule": "linear", "scale_factor": 0.18215}  # fmt: skip
+    assert meta["converted_from"]["time_conditioning"] is None
+    record = {"sha256": meta["train_args"]["latents_fingerprint"]["autoencoder_sha256"], "scale_factor": 0.18215, "path": "a"}
+    check_model_autoencoder(meta, record, "model.pt")  # the same autoencoder and scale: accepted
+    with pytest.raises(DuodiffError, match="another autoencoder or scale"):
+        check_model_autoencoder(meta, {**record, "scale_factor": 0.23010}, "model.pt")
+    # the network sees U-ViT's t * 999 at the continuous times the solver visits
+    t = torch.tensor([1e-4, 0.37, 1.0], dtype=torch.float64)
+    x, y = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([3, 1000, 0])
+    with torch.no_grad():
+        got = model(x, diffusion.network_time(t), y)
+        torch.testing.assert_close(got, uvit_forward(weights, config, x, (t * 999).float(), y), rtol=1e-4, atol=1e-5)
+    # the CLI prints the recipe, not a comparison
+    args = ["--checkpoint", str(tmp_path / "uvit.pth"), "--config-path", str(tmp_path / "model.yaml"), "--output",
+            str(tmp_path / "cli.pt"), "--dataset", "imagenet256", "--noise-process", "vp_sde", "--time-input", "t_times_999",
+            "--label-dropout", "0.15", "--autoencoder", str(tmp_path / "autoencoder_kl.pth")]  # fmt: skip
+    from duodiff import cli
+
+    assert cli.main(["convert", *args]) in (0, None)
+    out = capsys.readouterr().out
+    assert "no schedule comparison" in out and "rel. diff" not in out
+    assert convert_module.UVIT_TIME_SCALE == 999

@@ -81,8 +81,8 @@ def test_predict_original_outputs_are_data_predictions():
 
     noise = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(1))
     ts = eps_model.timesteps("ddim", 10)
-    a = dpm_solver_sample(eps_model, toy_eps, noise, ts, clip_denoised=False)
-    b = dpm_solver_sample(x0_model, x0_of_toy, noise, ts, clip_denoised=False)
+    a = dpm_solver_sample(eps_model, toy_eps, noise, ts, order=2, clip_denoised=False)
+    b = dpm_solver_sample(x0_model, x0_of_toy, noise, ts, order=2, clip_denoised=False)
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
@@ -96,5 +96,5 @@ def test_visits_ddims_timesteps_with_step_indices():
         seen.append((int(t[0]), i))
         return toy_eps(x, t, i)
 
-    dpm_solver_sample(diffusion, recording, torch.zeros(1, 1, 2, 2), diffusion.timesteps("ddim", 8))
+    dpm_solver_sample(diffusion, recording, torch.zeros(1, 1, 2, 2), diffusion.timesteps("ddim", 8), order=2)
     assert seen == [(t, i) for i, t in enumerate([875, 750, 625, 500, 375, 250, 125, 0])]

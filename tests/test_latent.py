@@ -332,6 +332,25 @@ def test_sampling_decodes_each_batch_into_images_of_the_decoders_size(latent_mod
     assert stats["wall_time_s"] == pytest.approx(sum(p["wall_time_s"] for p in parts))
 
 
+@pytest.mark.parametrize("sampler", ["ddim", "dpm_solver"])
+def test_latent_sets_are_never_clipped(latent_model, tmp_path, monkeypatch, sampler):
+    """Latents are not in [-1, 1]: clipping x0 there (as pixel sets do) would distort every latent
+    sample. The pipeline's sampling of a latent set passes clip_denoised=False to every sampler."""
+    from duodiff.core.diffusion import GaussianDiffusion
+
+    folder, _ = latent_model
+    seen = []
+    original = GaussianDiffusion.sample
+
+    def recording(self, *args, **kwargs):
+        seen.append(kwargs.get("clip_denoised", True))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(GaussianDiffusion, "sample", recording)
+    latent_sample(folder, tmp_path / "set", sampler=sampler)
+    assert seen and not any(seen)
+
+
 def test_sampling_a_latent_model_needs_its_own_autoencoder(latent_model, tmp_path):
     folder, _ = latent_model
     with pytest.raises(DuodiffError, match="was trained on latents .*pass --autoencoder"):

@@ -249,14 +249,14 @@ def test_paper_configs_have_the_papers_settings():
     assert (full["in_chans"], full["img_size"], full["num_classes"]) == (4, 32, 1001)
     assert [model_depth(p) for p in imagenet256["models"]["shallow"]] == [3]
     assert imagenet256["autoencoder"] == {"path": "assets/stable-diffusion/autoencoder_kl.pth", "batch_size": 64,
-                                          "config": "config/autoencoders/sd-kl-f8.json", "scale_factor": 0.23010}
+                                          "config": "config/autoencoders/sd-kl-f8.json", "scale_factor": 0.18215}
     assert imagenet256["dataset"]["image_size"] == 256 and imagenet256["sampling"]["n_samples"] == 50_000
-    # U-ViT's configs/imagenet256_uvit.py and train_ldm_discrete.py: Stable Diffusion's schedule,
-    # DPM-Solver 50 steps, guidance scale 0.4 on label dropout 0.15.
+    # U-ViT-L/2's recipe (train_ldm.py, eval_ldm.py; libs/autoencoder.py's scale 0.18215): the
+    # continuous VP-SDE, t * 999, DPM-Solver-fast 50 steps, guidance scale 0.4 on label dropout 0.15.
     assert imagenet256["diffusion"] | {"parametrization": None} == {
-        "num_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-        "parametrization": None}  # fmt: skip
-    assert (imagenet256["sampling"]["sampler"], imagenet256["sampling"]["steps"]) == ("dpm_solver", 50)
+        "num_timesteps": 1000, "noise_process": "vp_sde", "sde_beta_min": 0.1, "sde_beta_max": 20.0,
+        "time_input": "t_times_999", "parametrization": None}  # fmt: skip
+    assert (imagenet256["sampling"]["sampler"], imagenet256["sampling"]["steps"]) == ("dpm_solver_fast", 50)
     assert imagenet256["sampling"]["guidance_scale"] == 0.4
     assert {imagenet256["train"][stage]["label_dropout"] for stage in ("full", "shallow", "early_exit")} == {0.15}
 

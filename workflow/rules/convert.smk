@@ -14,6 +14,7 @@ ruleorder: convert_full > train_full
 
 rule convert_full:
     input:
+        **autoencoder_inputs(),  # a latent checkpoint records its autoencoder (common.smk)
         checkpoint=config["models"]["full_checkpoint"],
         model_config=config["models"]["full"],
     output:

@@ -37,10 +37,17 @@ def dataset_flags() -> str:
 
 
 def diffusion_flags() -> str:
-    """The diffusion block; the linear schedule, `duodiff`'s default and the only one before
-    schedules existed, is left out, so those jobs keep their params (no rerun)."""
-    diffusion = config["diffusion"]
-    return cli_flags({k: v for k, v in diffusion.items() if not (k == "beta_schedule" and v == "linear")})
+    """The diffusion block; the linear schedule, the discrete process, the index time input and the
+    VP-SDE's default betas, `duodiff`'s defaults and the only recipe before the keys existed, are
+    left out, so those jobs keep their params (no rerun)."""
+    defaults = {
+        "beta_schedule": "linear",
+        "noise_process": "discrete",
+        "time_input": "index",
+        "sde_beta_min": 0.1,
+        "sde_beta_max": 20.0,
+    }
+    return cli_flags({k: v for k, v in config["diffusion"].items() if not (k in defaults and v == defaults[k])})
 
 
 def unless_zero(settings: dict, *keys) -> dict:
@@ -162,7 +169,13 @@ def convert_flags() -> str:
     """The diffusion settings stored in model.pt, the dataset the model is recorded under and the
     label dropout it was published with (train.full.label_dropout: its null class, for guidance)."""
     recorded = {"dataset": config["dataset"]["name"], "label_dropout": config["train"]["full"].get("label_dropout", 0)}
-    return " ".join([diffusion_flags(), cli_flags(unless_zero(recorded, "label_dropout"))])
+    # A latent checkpoint records its autoencoder and scale (the rule's input autoencoder), so
+    # sampling decodes through the same; its channels are the autoencoder's, not the dataset's.
+    autoencoder = config["autoencoder"]
+    latent = (
+        {"autoencoder": autoencoder["path"], "scale_factor": autoencoder["scale_factor"]} if autoencoder["path"] else {}
+    )
+    return " ".join([diffusion_flags(), cli_flags(unless_zero(recorded, "label_dropout")), cli_flags(latent)])
 
 
 def timing_flags() -> str:

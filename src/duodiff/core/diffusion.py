@@ -9,6 +9,21 @@ abar_t = prod_{s<=t} alpha_s, and
     beta~_t = beta_t (1 - abar_{t-1}) / (1 - abar_t).
 
 Timesteps are 0-based integers in [0, T) as in the DDPM / U-ViT reference code.
+
+Noise processes (`noise_process`) and what the network sees (`time_input`), as U-ViT's recipes:
+- discrete: abar_k from the betas above (linear or scaled_linear), k = 0..T-1;
+- vp_sde: the continuous VP-SDE of Song et al. 2021 (U-ViT's sde.py VPSDE, beta(t) = beta_min +
+  t (beta_max - beta_min) on t in [0, 1]), abar(t) = exp(-(beta_min t + (beta_max - beta_min) t^2 / 2)).
+Both live on one continuous time t in (0, 1] with the integer index k at t_k = (k + 1) / T: the grid
+of DPM-Solver's discrete noise schedule (t_array = linspace(0, 1, N + 1)[1:]), on which the
+integer-step samplers (DDPM, DDIM), the training draws and the per-timestep probes work; the
+discrete process between grid points is DPM-Solver's piecewise-linear log alpha. The network's
+time input at t:
+- index: T t - 1, the 0-based step k (this project's own recipe; U-ViT's pixel checkpoints fed
+  this way sit at t = k / 999 of their SDE, models/convert.py);
+- index_plus_one: T t, n = k + 1 in [1, T] (U-ViT's discrete latent models, train_ldm_discrete.py
+  and eval_ldm_discrete.py: n drawn from [1, N], the model sees t_continuous * N);
+- t_times_999: 999 t (U-ViT's continuous models: sde.py ScoreModel.predict calls nnet(x, t * 999)).
 """
 
 from __future__ import annotations
@@ -27,12 +42,17 @@ LOSS_WEIGHTINGS = ("uniform", "min_snr")
 # scaled_linear: evenly spaced in their square root (Stable Diffusion's, U-ViT's latent models:
 # stable_diffusion_beta_schedule, 0.00085 to 0.012).
 BETA_SCHEDULES = ("linear", "scaled_linear")
+NOISE_PROCESSES = ("discrete", "vp_sde")
+TIME_INPUTS = ("index", "index_plus_one", "t_times_999")
+# sde.py's ScoreModel.predict: the network's time input is t * 999.
+UVIT_CONTINUOUS_TIME_SCALE = 999
 
 
 class GaussianDiffusion:
     def __init__(
-        self, num_timesteps=1000, beta_start=1e-4, beta_end=0.02, parametrization="predict_noise", beta_schedule="linear"
-    ):
+        self, num_timesteps=1000, beta_start=1e-4, beta_end=0.02, parametrization="predict_noise", beta_schedule="linear",
+        noise_process="discrete", time_input="index", sde_beta_min=0.1, sde_beta_max=20.0,
+    ):  # fmt: skip
         require(
             is_int(num_timesteps) and num_timesteps >= 2,
             f"num_timesteps must be an integer >= 2; got {num_timesteps!r}",
@@ -45,6 +65,17 @@ class GaussianDiffusion:
         )
         check_choice("parametrization", parametrization, PARAMETRIZATIONS)
         check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
+        check_choice("noise_process", noise_process, NOISE_PROCESSES)
+        check_choice("time_input", time_input, TIME_INPUTS)
+        sde_numbers = all(is_number(b) for b in (sde_beta_min, sde_beta_max))
+        require(
+            sde_numbers and 0 < sde_beta_min < sde_beta_max,
+            f"the VP-SDE needs 0 < sde_beta_min < sde_beta_max; got sde_beta_min={sde_beta_min!r}, sde_beta_max={sde_beta_max!r}",
+        )
+        self.noise_process = noise_process
+        self.time_input = time_input
+        self.sde_beta_min = float(sde_beta_min)
+        self.sde_beta_max = float(sde_beta_max)
         self.num_timesteps = num_timesteps
         self.beta_schedule = beta_schedule
         self.beta_start = float(beta_start)
@@ -52,12 +83,21 @@ class GaussianDiffusion:
         self.parametrization = parametrization
 
         # Computed in float64: 1 - abar_t and the posterior terms lose digits in float32 near t = 0.
-        if beta_schedule == "linear":
+        # The grid t_k = (k + 1) / T of the module docstring.
+        self.grid_t = torch.arange(1, num_timesteps + 1, dtype=torch.float64) / num_timesteps
+        if noise_process == "vp_sde":
+            # abar at the grid points from the closed form; the betas are what the integer-step
+            # samplers need: beta_k = 1 - abar_k / abar_{k-1}, abar_{-1} = 1.
+            alphas_cumprod = torch.exp(2.0 * self._vp_log_alpha(self.grid_t))
+            betas = 1.0 - alphas_cumprod / torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+        elif beta_schedule == "linear":
             betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
         else:
             betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=torch.float64) ** 2
         alphas = 1.0 - betas
         alphas_cumprod = torch.cumprod(alphas, dim=0)
+        # log alpha_t (alpha_t = sqrt(abar)) at the grid points: the discrete process between them.
+        self.grid_log_alpha = 0.5 * torch.log(alphas_cumprod)
         alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
         posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
         self._float64 = {
@@ -79,15 +119,67 @@ class GaussianDiffusion:
         self._device_cache = {}
 
     def config(self) -> dict:
-        """The constructor arguments (what model.pt stores under "diffusion"); the schedule only
-        when it is not linear, so models saved before schedules existed compare equal."""
+        """The constructor arguments (what model.pt stores under "diffusion"); the schedule, the
+        noise process and the time input only when they are not the defaults, so models saved
+        before they existed compare equal."""
+        vp_sde = self.noise_process == "vp_sde"
         return {
             "num_timesteps": self.num_timesteps,
             "beta_start": self.beta_start,
             "beta_end": self.beta_end,
             "parametrization": self.parametrization,
             **({"beta_schedule": self.beta_schedule} if self.beta_schedule != "linear" else {}),
+            **({"noise_process": "vp_sde", "sde_beta_min": self.sde_beta_min, "sde_beta_max": self.sde_beta_max} if vp_sde else {}),
+            **({"time_input": self.time_input} if self.time_input != "index" else {}),
         }
+
+    # ---- continuous time t in (0, 1] (DPM-Solver's NoiseScheduleVP; float64) ------------------
+
+    def _vp_log_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        """log alpha(t) = -(beta_min t + (beta_max - beta_min) t^2 / 2) / 2 of the VP-SDE."""
+        return -0.25 * t**2 * (self.sde_beta_max - self.sde_beta_min) - 0.5 * t * self.sde_beta_min
+
+    def log_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        """log alpha_t, alpha_t = sqrt(abar_t); the discrete process is piecewise linear in t
+        between the grid points (linearly extended below 1 / T)."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        if self.noise_process == "vp_sde":
+            return self._vp_log_alpha(t)
+        return _interp(t, self.grid_t, self.grid_log_alpha)
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.sqrt(-torch.expm1(2.0 * self.log_alpha(t)))
+
+    def lambda_(self, t: torch.Tensor) -> torch.Tensor:
+        """Half the log-SNR, log(alpha_t / sigma_t) (the DPM-Solver paper's lambda_t)."""
+        log_alpha = self.log_alpha(t)
+        return log_alpha - 0.5 * torch.log(-torch.expm1(2.0 * log_alpha))
+
+    def inverse_lambda(self, lam: torch.Tensor) -> torch.Tensor:
+        """t of a given lambda: log alpha = -log(1 + e^{-2 lambda}) / 2, then t of log alpha (the
+        VP-SDE's quadratic solved in its cancellation-free form; the discrete process by inverse
+        interpolation, log alpha falling with t)."""
+        lam = torch.as_tensor(lam, dtype=torch.float64)
+        log_alpha = -0.5 * torch.logaddexp(torch.zeros_like(lam), -2.0 * lam)
+        if self.noise_process == "vp_sde":
+            b0, b1 = self.sde_beta_min, self.sde_beta_max
+            # (b1 - b0)/4 t^2 + b0/2 t + log_alpha = 0  ->  t = -2 log_alpha / (b0/2 + sqrt(b0^2/4 - (b1 - b0) log_alpha))
+            return -2.0 * log_alpha / (0.5 * b0 + torch.sqrt(0.25 * b0**2 - (b1 - b0) * log_alpha))
+        return _interp(log_alpha, self.grid_log_alpha.flip(0), self.grid_t.flip(0))
+
+    def network_time(self, t: torch.Tensor) -> torch.Tensor:
+        """What the network is fed at integer steps k (a LongTensor) or continuous times t (a
+        floating tensor in (0, 1]); the module docstring's time inputs. The 0-based index of an
+        integer step stays the same tensor, so this project's own recipe is unchanged."""
+        T = self.num_timesteps
+        if not t.is_floating_point():
+            if self.time_input == "index":
+                return t
+            if self.time_input == "index_plus_one":
+                return t + 1
+            return (t + 1).to(torch.float32) * (UVIT_CONTINUOUS_TIME_SCALE / T)
+        scale = {"index": T, "index_plus_one": T, "t_times_999": UVIT_CONTINUOUS_TIME_SCALE}[self.time_input]
+        return (t * scale - (1.0 if self.time_input == "index" else 0.0)).to(torch.float32)
 
     def _extract(self, name: str, t: torch.Tensor, ndim: int) -> torch.Tensor:
         """Schedule values at timesteps t (B,), shaped (B, 1, ..., 1) to broadcast over images."""
@@ -132,7 +224,8 @@ class GaussianDiffusion:
 
         ddpm visits all T timesteps. ddim visits `steps` timesteps i * T // steps (the DDIM paper's
         uniform skip, exactly `steps` distinct values even when T is not a multiple of steps), and
-        so does dpm_solver, so that a number of steps means the same network evaluations.
+        so does dpm_solver, so that a number of steps means the same network evaluations
+        (dpm_solver_fast: `steps` network evaluations at continuous times of its own, dpm_solver.py).
         """
         assert sampler in SAMPLERS, sampler  # run_sample checked it; steps need T, so they are checked here
         T = self.num_timesteps
@@ -202,10 +295,17 @@ class GaussianDiffusion:
         default). Call under torch.inference_mode(); the loop itself never waits on the device.
         """
         if sampler == "dpm_solver":  # diffusers' scheduler runs the multistep update (dpm_solver.py)
-            from duodiff.core.dpm_solver import dpm_solver_sample
+            from duodiff.core.dpm_solver import DPM_SOLVER_ORDER, dpm_solver_sample
 
             timesteps = self.timesteps(sampler, steps)
-            return dpm_solver_sample(self, denoise, noise, timesteps, clip_denoised=clip_denoised, progress=progress)
+            return dpm_solver_sample(
+                self, denoise, noise, timesteps, order=DPM_SOLVER_ORDER, clip_denoised=clip_denoised, progress=progress
+            )
+        if sampler == "dpm_solver_fast":  # U-ViT's DPM-Solver-fast, order 3 single-step (dpm_solver.py)
+            from duodiff.core.dpm_solver import dpm_solver_fast_sample
+
+            self.timesteps(sampler, steps)  # checks steps
+            return dpm_solver_fast_sample(self, denoise, noise, steps, progress=progress)
         plan = self.sampling_plan(sampler, steps, eta)
         x = noise
         batch = x.shape[0]
@@ -216,7 +316,7 @@ class GaussianDiffusion:
             iterator = tqdm(iterator, total=len(plan), desc=f"{sampler} steps", leave=False)
         for i, step in iterator:
             t = torch.full((batch,), step.t, device=x.device, dtype=torch.long)
-            output = denoise(x, t, i)
+            output = denoise(x, self.network_time(t), i)
             x0, _ = x0_and_eps(self.parametrization, x, output, step.sqrt_recip_ac, step.sqrt_recipm1_ac)
             if clip_denoised:
                 x0 = x0.clamp(-1.0, 1.0)
@@ -245,6 +345,29 @@ def x0_and_eps(parametrization, x_t, output, sqrt_recip_ac, sqrt_recipm1_ac):
         x0 = output
         eps = (sqrt_recip_ac * x_t - x0) / sqrt_recipm1_ac
     return x0, eps
+
+
+RECIPE_KEYS = ("noise_process", "time_input", "sde_beta_min", "sde_beta_max")
+
+
+def add_diffusion_recipe_flags(parser) -> None:
+    """The noise process and time-input flags, shared by `duodiff train` and `duodiff convert`."""
+    from duodiff.core.flags import add_flag
+
+    add_flag(parser, "--noise-process", default="discrete", choices=NOISE_PROCESSES,
+             help="discrete (the betas) | vp_sde (U-ViT's continuous VP-SDE)")  # fmt: skip
+    add_flag(parser, "--time-input", default="index", choices=TIME_INPUTS,
+             help="what the network sees: index (0-based step) | index_plus_one (U-ViT's discrete models) | "
+             "t_times_999 (U-ViT's continuous models)")  # fmt: skip
+    add_flag(parser, "--sde-beta-min", type=float, default=0.1, help="VP-SDE beta_min (U-ViT's sde.py)")
+    add_flag(parser, "--sde-beta-max", type=float, default=20.0, help="VP-SDE beta_max (U-ViT's sde.py)")
+
+
+def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+    """Piecewise-linear interpolation of (xp increasing, fp) at x, extended linearly past both ends."""
+    i = torch.searchsorted(xp, x.contiguous()).clamp(1, len(xp) - 1)
+    x0, x1, f0, f1 = xp[i - 1], xp[i], fp[i - 1], fp[i]
+    return f0 + (x - x0) * (f1 - f0) / (x1 - x0)
 
 
 def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

@@ -5,7 +5,7 @@
     z = scale_factor * E(x)        (encode, once per dataset: `duodiff encode`)
     x = D(z / scale_factor)        (decode, once per sample before it is saved)
 
-scale_factor makes the latents' spread about 1 (U-ViT: 0.23010 with its autoencoder_kl.pth,
+scale_factor makes the latents' spread about 1 (U-ViT's ImageNet models: 0.18215 with its autoencoder_kl.pth, libs/autoencoder.py;
 Stable Diffusion: 0.18215); it is a config value.
 
 The autoencoder comes from a local diffusers folder (config.json + weights) or from one
@@ -124,7 +124,7 @@ def autoencoder_record(autoencoder, autoencoder_config, scale_factor) -> dict | 
         return None
     require(
         scale_factor is not None and scale_factor > 0,
-        f"--autoencoder needs --scale-factor > 0 (the latents' scale it was trained with, U-ViT: 0.23010); got {scale_factor}",
+        f"--autoencoder needs --scale-factor > 0 (the latents' scale it was trained with, U-ViT's ImageNet: 0.18215); got {scale_factor}",
     )
     require(Path(autoencoder).exists(), f"--autoencoder {autoencoder} does not exist (a diffusers folder or a checkpoint file)")
     return {
@@ -327,7 +327,7 @@ def add_cli(subparsers):
     add_flag(p, "--image-size", type=int, default=None, help="resize to this (default: native size)")
     add_flag(p, "--autoencoder", required=True, help="diffusers AutoencoderKL folder or a checkpoint file")
     add_flag(p, "--autoencoder-config", default=None, help="diffusers config.json of a single-file autoencoder")
-    add_flag(p, "--scale-factor", type=float, required=True, help="latent scale (U-ViT: 0.23010, SD: 0.18215)")
+    add_flag(p, "--scale-factor", type=float, required=True, help="latent scale (U-ViT's ImageNet and SD: 0.18215)")
     add_flag(p, "--output", required=True, help="the .npz of latents and labels to write")
     add_flag(p, "--batch-size", type=int, default=64, help="images per encoder call")
     add_flag(p, "--chunk-size", type=int, default=4096, help="images per resumable chunk")

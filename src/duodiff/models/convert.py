@@ -30,6 +30,13 @@ sqrt(1 - abar) at small k, and log(1 - beta) ~ -beta - beta^2 / 2, whose second-
 to about 0.067 at k = 999, so that sqrt(abar) is 3.4% lower there; in between the two agree closely.
 `compare_alpha_bar` measures it; `duodiff convert` prints it and stores it in model.pt under
 "converted_from".
+
+That comparison means something only for that approximation: a pixel-space checkpoint on the
+discrete process fed the 0-based index. The exact recipes need none: `--noise-process vp_sde
+--time-input t_times_999` is U-ViT's continuous models' own (CIFAR-10, CelebA 64, ImageNet 64,
+ImageNet 256 L/2), `--beta-schedule scaled_linear --time-input index_plus_one` its discrete latent
+models' (ImageNet 256 and 512 H/2); and a latent checkpoint (`--autoencoder`) compared with the
+pixel models' SDE would mean nothing. model.pt then stores the recipe instead.
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ from pathlib import Path
 import torch
 
 from duodiff.core.config import load_yaml
-from duodiff.core.diffusion import GaussianDiffusion
+from duodiff.core.diffusion import GaussianDiffusion, add_diffusion_recipe_flags
 from duodiff.core.errors import DuodiffError, check_choice, require
 from duodiff.core.flags import add_flag
 from duodiff.models import checkpoints
@@ -150,7 +157,7 @@ def compare_alpha_bar(diffusion: GaussianDiffusion, timesteps, beta_min: float, 
     }
 
 
-def _checked_settings(config_path, num_timesteps, parametrization, dataset, compare_timesteps, label_dropout) -> dict:
+def _checked_settings(config_path, num_timesteps, parametrization, dataset, compare_timesteps, label_dropout, latent) -> dict:
     """The model YAML as written, after the checks that make U-ViT's weights mean what they meant."""
     from duodiff.core.data import CHANNELS, DATASETS, NUM_CLASSES
     from duodiff.core.guidance import check_class_count, check_label_dropout
@@ -175,6 +182,7 @@ def _checked_settings(config_path, num_timesteps, parametrization, dataset, comp
     )
     if dataset is not None:
         check_choice("--dataset", dataset, DATASETS)
+    if dataset is not None and not latent:  # a latent model's channels are the autoencoder's (validation.smk)
         require(
             CHANNELS[dataset] == config.in_chans,
             f"--dataset {dataset} has {CHANNELS[dataset]} channel(s) but {config_path} has in_chans {config.in_chans}",
@@ -190,17 +198,28 @@ def _checked_settings(config_path, num_timesteps, parametrization, dataset, comp
 
 def run_convert(
     *, checkpoint, config_path, output, num_timesteps, beta_start, beta_end, beta_schedule, parametrization, dataset,
-    sde_beta_min, sde_beta_max, compare_timesteps, label_dropout,
-) -> dict:  # fmt: skip
+    noise_process, time_input, sde_beta_min, sde_beta_max, compare_timesteps, label_dropout, autoencoder, scale_factor,
+) -> dict | None:  # fmt: skip
     """Convert `checkpoint` (U-ViT weights) for the model YAML `config_path` into `output`
     (model.pt, kind uvit, loaded by sampling and early-exit training as a trained one).
 
-    Returns the ᾱ comparison (compare_alpha_bar), also stored in model.pt."""
+    Returns the ᾱ comparison (compare_alpha_bar), also stored in model.pt, or None where it
+    means nothing (the module docstring)."""
+    from duodiff.core.latent import autoencoder_record
     from duodiff.models import build_model
 
-    model_config = _checked_settings(config_path, num_timesteps, parametrization, dataset, compare_timesteps, label_dropout)
-    diffusion = GaussianDiffusion(num_timesteps, beta_start, beta_end, parametrization, beta_schedule)
-    comparison = compare_alpha_bar(diffusion, compare_timesteps, sde_beta_min, sde_beta_max)
+    latent = autoencoder is not None
+    model_config = _checked_settings(
+        config_path, num_timesteps, parametrization, dataset, compare_timesteps, label_dropout, latent
+    )
+    diffusion = GaussianDiffusion(
+        num_timesteps, beta_start, beta_end, parametrization, beta_schedule, noise_process, time_input, sde_beta_min, sde_beta_max
+    )  # fmt: skip
+    approximated = noise_process == "discrete" and time_input == "index" and not latent
+    comparison = compare_alpha_bar(diffusion, compare_timesteps, sde_beta_min, sde_beta_max) if approximated else None
+    # A latent model decodes through the autoencoder and scale it was trained with: recorded as
+    # training records its latents, so `duodiff sample` refuses another one.
+    record = autoencoder_record(autoencoder, None, scale_factor) if latent else None
     state, step, where = read_uvit_checkpoint(checkpoint)
     model = build_model("uvit", model_config, num_timesteps=num_timesteps)
     check_state_dict(state, model.state_dict(), checkpoint, config_path)
@@ -210,14 +229,27 @@ def run_convert(
     weights = model.state_dict()
     # A float64 weight beyond float32's range becomes inf in the cast.
     checkpoints.check_finite(weights, checkpoint, "the U-ViT weights cast to float32", not_finite)
+    fingerprint = (
+        {"autoencoder_sha256": record["sha256"], "scale_factor": record["scale_factor"], "dataset": dataset, "source": "convert"}
+        if latent
+        else None
+    )
     checkpoints.save_model(
         output, kind="uvit", classifier_type=None, model_config=model_config, diffusion=diffusion.config(),
         # Only U-ViT's EMA weights are published: they are the model's weights, and no second copy is kept.
         state_dict=weights, ema_state_dict=None, step=step,
         # The training settings known: the dataset (sampling records it so `duodiff fid` checks the
         # reference's), and the label dropout that gave the model its null class.
-        train_args={k: v for k, v in (("dataset", dataset), ("label_dropout", label_dropout)) if v} or None,
-        converted_from={"checkpoint": str(checkpoint), "weights": where, "time_conditioning": comparison},
+        train_args={
+            k: v for k, v in (("dataset", dataset), ("label_dropout", label_dropout), ("latents_fingerprint", fingerprint)) if v
+        } or None,
+        converted_from={
+            "checkpoint": str(checkpoint), "weights": where, "time_conditioning": comparison,
+            "recipe": {
+                "noise_process": noise_process, "time_input": time_input, "beta_schedule": beta_schedule,
+                **({"scale_factor": float(scale_factor)} if latent else {}),
+            },
+        },
     )
     return comparison
 
@@ -244,8 +276,10 @@ def add_cli(subparsers) -> None:
     add_flag(p, "--label-dropout", type=float, default=0.0, help="the label dropout (p_uncond) the published model "
              "was trained with; > 0 records its null class (the last class token) for guided sampling "
              "(U-ViT's ImageNet 256: 0.15)")  # fmt: skip
-    add_flag(p, "--sde-beta-min", type=float, default=0.1, help="U-ViT's VPSDE beta_min (sde.py)")
-    add_flag(p, "--sde-beta-max", type=float, default=20.0, help="U-ViT's VPSDE beta_max (sde.py)")
+    add_diffusion_recipe_flags(p)
+    add_flag(p, "--autoencoder", default=None, help="a latent checkpoint's autoencoder (U-ViT's autoencoder_kl.pth): "
+             "recorded with --scale-factor, so sampling decodes through the same one")  # fmt: skip
+    add_flag(p, "--scale-factor", type=float, default=0.18215, help="the latents' scale (U-ViT's ImageNet: 0.18215)")
     add_flag(p, "--compare-timesteps", default="0,1,10,100,250,500,750,999", help="steps k at which ᾱ is compared with "
              "the VP-SDE's at t = k / 999")  # fmt: skip
     p.set_defaults(func=_cli)
@@ -256,6 +290,13 @@ def _cli(args) -> None:
     kwargs["compare_timesteps"] = _timesteps(kwargs["compare_timesteps"])
     comparison = run_convert(**kwargs)
     print(f"converted {args.checkpoint} -> {args.output}")
+    if comparison is None:
+        print(
+            f"recipe: noise process {args.noise_process}, time input {args.time_input} "
+            f"({'latent, scale ' + str(args.scale_factor) if args.autoencoder else 'pixel space'}); "
+            "no schedule comparison: it applies only to a pixel checkpoint approximated on the discrete process"
+        )
+        return
     print(f"time conditioning: discrete schedule at step k vs U-ViT's VP-SDE at {comparison['map']}")
     for row in comparison["timesteps"]:
         print(

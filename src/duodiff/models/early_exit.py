@@ -235,6 +235,11 @@ class TimestepProbeBank(nn.Module):
                 nn.init.trunc_normal_(param, std=0.02)
 
     def forward(self, bank: int, tokens: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        # t is the network's time input (GaussianDiffusion.network_time): U-ViT's recipes feed
+        # n = index + 1 or a continuous t * 999, so the bank row is the nearest step within [0, T).
+        rows = self.bias.shape[-1] if self.hidden == 0 else self.bias2.shape[-1]
+        t = t.round().long() if t.is_floating_point() else t
+        t = t.clamp(0, rows - 1)
         if self.per_token:
             logits = torch.einsum("bnd,bd->bn", tokens, self.weight[bank, t].to(tokens.dtype))
             return torch.sigmoid(logits + self.bias[bank, t, None]).mean(dim=1)

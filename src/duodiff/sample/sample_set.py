@@ -432,7 +432,7 @@ def add_cli(subparsers) -> None:
     add_flag(parser, "--autoencoder", default=None,
              help="latent diffusion: decode each batch through this AutoencoderKL (diffusers folder or checkpoint file)")
     add_flag(parser, "--autoencoder-config", default=None, help="diffusers config.json of a single-file autoencoder")
-    add_flag(parser, "--scale-factor", type=float, default=None, help="the latents' scale (U-ViT: 0.23010, SD: 0.18215)")
+    add_flag(parser, "--scale-factor", type=float, default=None, help="the latents' scale (U-ViT's ImageNet and SD: 0.18215)")
     add_flag(parser, "--restart", action="store_true", help=f"parts/ and images/: {RESTART_HELP}")
     parser.set_defaults(func=_main)
 

@@ -18,8 +18,8 @@ import torch
 from duodiff.core import distributed
 from duodiff.core.config import load_yaml
 from duodiff.core.data import CHANNELS, DATASETS, NUM_CLASSES
-from duodiff.core.diffusion import LOSS_WEIGHTINGS, GaussianDiffusion
-from duodiff.core.errors import check_choice, check_int, check_number, require
+from duodiff.core.diffusion import LOSS_WEIGHTINGS, RECIPE_KEYS, GaussianDiffusion
+from duodiff.core.errors import DuodiffError, check_choice, check_int, check_number, require
 from duodiff.core.fingerprint import check_state, fingerprint
 from duodiff.core.guidance import check_class_count, check_label_dropout
 from duodiff.models import CLASSIFIER_TYPES, EARLY_EXIT_KEYS, KIND_ALIASES, MODEL_KINDS, UViTConfig, checkpoints
@@ -63,7 +63,8 @@ def check_train_args(args: dict, world_size: int) -> TrainPlan:
     check_choice("--device", device, ("cpu", "cuda"))
     require(device == "cpu" or torch.cuda.is_available(), "--device cuda: no CUDA device is available; use --device cpu")
     diffusion = GaussianDiffusion(
-        args["num_timesteps"], args["beta_start"], args["beta_end"], args["parametrization"], args["beta_schedule"]
+        args["num_timesteps"], args["beta_start"], args["beta_end"], args["parametrization"], args["beta_schedule"],
+        **{k: args[k] for k in RECIPE_KEYS},
     )
     _check_early_exit_flags(args, kind)
 

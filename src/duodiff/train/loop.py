@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from duodiff.core import distributed
 from duodiff.core.data import DATASETS, load_dataset
+from duodiff.core.diffusion import add_diffusion_recipe_flags
 from duodiff.core.errors import DuodiffError, check_int, require
 from duodiff.core.fingerprint import RESTART_HELP, remove_files
 from duodiff.core.flags import add_flag, cli_flags
@@ -48,7 +49,13 @@ from duodiff.train.checks import (
     check_processes,
     check_train_args,
 )
-from duodiff.train.determinism import StepBatchSampler, drop_labels, get_rng_states, set_rng_states, step_draws
+from duodiff.train.determinism import (
+    StepBatchSampler,
+    drop_labels,
+    get_rng_states,
+    set_rng_states,
+    step_draws,
+)
 from duodiff.train.optim import ema_update, warmup_cosine
 from duodiff.train.process import StopRequest, TrainingStopped
 
@@ -59,7 +66,7 @@ LOSS_NAME = "loss.csv"
 
 def run_train(
     *, model, config_path, log_path, dataset, data_root, download, image_size, num_timesteps, beta_start, beta_end,
-    beta_schedule, parametrization, n_steps, batch_size, lr, weight_decay, beta1, beta2, warmup_steps, grad_clip, ema_decay,
+    beta_schedule, noise_process, time_input, sde_beta_min, sde_beta_max, parametrization, n_steps, batch_size, lr, weight_decay, beta1, beta2, warmup_steps, grad_clip, ema_decay,
     use_amp, seed, log_every_n_steps, save_every_n_steps, num_workers, device, classifier_type, load_backbone,
     freeze_backbone, use_unweighted_loss, loss_weighting, min_snr_gamma, label_dropout, latents, restart,
 ) -> dict:
@@ -216,7 +223,7 @@ def train_step(run: Run, plan: TrainPlan, args, x0, y, weights, hflip, rows: sli
     x_t = diffusion.q_sample(x0, t, noise)
     target = diffusion.target(x0, noise)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args["use_amp"]):
-        output = run.model(x_t, t, y)
+        output = run.model(x_t, diffusion.network_time(t), y)  # the recipe's time input (index, index + 1, t * 999)
     loss, parts = run.net.loss(output, target, weights[t], args["use_unweighted_loss"])
 
     run.optimizer.zero_grad(set_to_none=True)
@@ -359,6 +366,7 @@ def add_cli(subparsers) -> None:
     add_flag(p, "--beta-end", type=float, default=0.02)
     add_flag(p, "--parametrization", default="predict_noise", help="predict_noise | predict_original")
     add_flag(p, "--beta-schedule", default="linear", help="linear (DDPM, U-ViT pixel models) | scaled_linear (U-ViT latent models)")
+    add_diffusion_recipe_flags(p)
     add_flag(p, "--n-steps", type=int, default=500_000)
     add_flag(p, "--batch-size", type=int, default=128, help="global batch (split across torchrun ranks)")
     add_flag(p, "--lr", type=float, default=2e-4)
