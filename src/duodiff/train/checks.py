@@ -19,7 +19,7 @@ from duodiff.core import distributed
 from duodiff.core.config import load_yaml
 from duodiff.core.data import CHANNELS, DATASETS, NUM_CLASSES
 from duodiff.core.diffusion import LOSS_WEIGHTINGS, RECIPE_KEYS, GaussianDiffusion
-from duodiff.core.errors import DuodiffError, check_choice, check_int, check_number, require
+from duodiff.core.errors import check_choice, check_int, check_number, require
 from duodiff.core.fingerprint import check_state, fingerprint
 from duodiff.core.guidance import check_class_count, check_label_dropout
 from duodiff.models import CLASSIFIER_TYPES, EARLY_EXIT_KEYS, KIND_ALIASES, MODEL_KINDS, UViTConfig, checkpoints
