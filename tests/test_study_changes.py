@@ -20,10 +20,11 @@ from test_workflow import TINY, load, make_workdir, modified, snakemake
 
 
 def smaller(cfg):
-    # Four sets (full, shallow, one threshold, one t_switch) and the real-data row; no CMMD (CLIP).
+    # Four sets (full, shallow, one threshold, one t_switch) and the real-data row; no CMMD (CLIP), no search.
     cfg["early_exit"]["thresholds"] = [0.1]
     cfg["sampling"]["fewer_steps"] = []
     cfg["metrics"]["cmmd"] = {"enabled": False}
+    cfg["search"]["enabled"] = False  # the search has its own test (test_tiny_study.py)
 
 
 BASE = modified(load(TINY), smaller)

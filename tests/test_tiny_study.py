@@ -9,7 +9,18 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_workflow import PLOTS, TINY, expected_sets, job_counts, load, make_workdir, modified, scored_sets, snakemake
+from test_workflow import (
+    PLOTS,
+    TINY,
+    expected_sets,
+    job_counts,
+    load,
+    make_workdir,
+    modified,
+    scored_sets,
+    search_family_count,
+    snakemake,
+)
 
 # ---- the whole tiny study, end to end -------------------------------------------------------------
 
@@ -106,12 +117,16 @@ def test_tiny_study_times_every_set_alone(tiny_study):
     study = tiny_study / "results" / "tiny"
     timing = json.loads((study / "timing" / "timing.json").read_text())
     cfg = load(TINY)
-    assert list(timing["sets"]) == expected_sets(cfg) and timing["baseline"] == "full"
+    # The grid's sets, then the search's probes (ordinary sets, timed with the others).
+    with open(study / "tables" / "search.csv") as f:
+        probes = list(dict.fromkeys(row["set"] for row in csv.DictReader(f) if row["source"] == "search"))
+    timed = expected_sets(cfg) + probes
+    assert list(timing["sets"]) == timed and timing["baseline"] == "full"
     assert (timing["rounds"], timing["batch_size"], timing["threads"]) == tuple(
         cfg["timing"][key] for key in ("rounds", "batch_size", "threads"))  # fmt: skip
     assert timing["sets"]["full"]["speedups"] == [1.0] * cfg["timing"]["rounds"]
     with open(study / "timing" / "timing.csv") as f:
-        assert [row["set"] for row in csv.DictReader(f)] == expected_sets(cfg)
+        assert [row["set"] for row in csv.DictReader(f)] == timed
     assert (study / "logs" / "timing.log").is_file() and (study / "benchmarks" / "timing.tsv").is_file()
 
 
@@ -161,10 +176,13 @@ def test_tiny_study_changing_one_threshold_reruns_only_what_depends_on_it(tiny_s
         c["early_exit"]["thresholds"][-1] = 0.3
 
     # One new sample set per classifier type, its scores (one job for FID and FD, one for CMMD),
-    # GFLOPs and timing (one job each for every set), and the tables and plots.
+    # GFLOPs and timing (one job each for every set), and the tables and plots. Each early-exit
+    # family's search starts again from its new grid: round 0 and its result is all a dry run can
+    # know (the later rounds join once round 0 has run).
     assert changed_jobs(tiny_study, "threshold", edit) == {
-        "sample_early_exit": n_classifiers, "score": n_classifiers,
-        "cmmd": n_classifiers, "flops": 1, "timing": 1, "tables": 1, "plots": 1, "all": 1,
+        "sample_early_exit": n_classifiers, "score": n_classifiers, "search_round": n_classifiers,
+        "search_result": n_classifiers, "cmmd": n_classifiers, "flops": 1, "timing": 1, "tables": 1, "plots": 1,
+        "all": 1,
     }  # fmt: skip
 
 
@@ -175,11 +193,13 @@ def test_tiny_study_changing_a_training_setting_reruns_that_model_and_its_sets(t
     def edit(c):
         c["train"]["shallow"]["lr"] = 0.002
 
-    # The shallow model, the shallow set and every DuoDiff set (they use it), their scores.
+    # The shallow model, the shallow set and every DuoDiff set (they use it), their scores, and
+    # the DuoDiff family's search from round 0.
     n_sets = 1 + n_t_switch
     assert changed_jobs(tiny_study, "shallow_lr", edit) == {
-        "train_shallow": 1, "sample_shallow": 1, "sample_duodiff": n_t_switch,
-        "score": n_sets, "cmmd": n_sets, "flops": 1, "timing": 1, "tables": 1, "plots": 1, "all": 1,
+        "train_shallow": 1, "sample_shallow": 1, "sample_duodiff": n_t_switch, "search_round": 1,
+        "search_result": 1, "score": n_sets, "cmmd": n_sets, "flops": 1, "timing": 1, "tables": 1, "plots": 1,
+        "all": 1,
     }  # fmt: skip
 
 
@@ -191,9 +211,12 @@ def test_tiny_study_changing_a_metric_setting_rescores_only(tiny_study):
         c.setdefault("metrics", {}).setdefault("fid", {})["kid_subsets"] = 50
 
     n_scored = len(scored_sets(load(TINY)))
-    # kid_subsets is a metrics.fid key, shared by the Inception and the classifier scores.
+    # kid_subsets is a metrics.fid key, shared by the Inception and the classifier scores. Every
+    # search reads the new scores from round 0, and the timing job waits for the probes they name.
+    n_families = search_family_count(load(TINY))
     assert changed_jobs(tiny_study, "kid_subsets", edit) == {
-        "score": n_scored, "tables": 1, "plots": 1, "all": 1}
+        "score": n_scored, "search_round": n_families, "search_result": n_families, "timing": 1, "tables": 1,
+        "plots": 1, "all": 1}
 
 
 
@@ -228,5 +251,5 @@ def test_tiny_study_searches_each_family_and_reports_the_setting_found(tiny_stud
         assert points[label]["set"] == final["best"]  # "" when none passes: the note names the closest
     assert not {row["set"] for row in rows if row["source"] == "search"} & grid  # probes stay out of scores.csv
     timed = json.loads((study / "timing" / "timing.json").read_text())["sets"]
-    assert {row["set"] for row in rows if row["source"] == "search"} <= {s["set"] for s in timed} | set(timed)
+    assert {row["set"] for row in rows if row["source"] == "search"} <= set(timed)
     assert (study / "plots" / "search_trace.png").stat().st_size > 0

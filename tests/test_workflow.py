@@ -135,6 +135,7 @@ def expected_jobs(cfg: dict) -> dict:
         # Round 0 of every searched family: the rounds after it, and their probes, are planned only
         # once round 0 has run (checkpoint search_round, rules/search.smk).
         "search_round": search_family_count(cfg),
+        "search_result": search_family_count(cfg),  # each family's finished trace, asked for by rule all
         "timing": 1,  # one job times every sample set, alone
         "tables": 1,
         "plots": 1,

@@ -36,6 +36,7 @@ COMMANDS = {
     "flops": "duodiff.metrics.flops",
     "time": "duodiff.timing.time_sets",
     "search": "duodiff.search.rounds",
+    "search-result": "duodiff.search.rounds",
     "tables": "duodiff.report.tables.collect",
     "plots": "duodiff.report.plots.quality",
 }

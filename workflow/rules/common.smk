@@ -312,44 +312,26 @@ def headline_score_file(set_name: str, experiment: str) -> str:
     return expand(rules.score.output[key], experiment=experiment, set=set_name)[0]
 
 
-def search_state(experiment: str, family: str) -> tuple:
-    """(the round files of one family's search read so far, as (path, data), in order; the path of
-    the round not yet run, or None when the search is done). Round r is known only after round
-    r-1 has run: checkpoints.search_round.get raises IncompleteCheckpointException until then. It
-    is caught here so that every family's pending round joins the DAG at once (not one family at
-    a time); once a round has run, Snakemake evaluates the input functions again."""
-    rounds, r = [], 0
-    while True:
-        try:
-            path = checkpoints.search_round.get(experiment=experiment, family=family, round=r).output[0]
-        except IncompleteCheckpointException:
-            return rounds, f"results/{experiment}/search/{family}/round{r}.json"
-        with open(path) as handle:
-            data = json.load(handle)
-        rounds.append((path, data))
-        if data["done"]:
-            return rounds, None
-        r += 1
+SEARCH_RESULT = "results/{experiment}/search/{family}/search.json"
 
 
-def search_finals(wildcards=None) -> list:
-    """Every family's last round file (the whole trace and the setting found), or, while a search
-    is under way, its next round file: the tables wait for every search."""
-    experiment, files = config["experiment"], []
-    for family in search_families():
-        rounds, pending = search_state(experiment, family)
-        files.append(pending or rounds[-1][0])
-    return files
+def search_results(wildcards=None) -> list:
+    """Every family's finished search (rule search_result), as plain paths: rule all asks for them
+    all, so every family's rounds join the DAG at once and run side by side."""
+    return expand(SEARCH_RESULT, experiment=config["experiment"], family=list(search_families()))
 
 
 def search_probe_sets(wildcards=None) -> list:
-    """The sets the searches probed so far (not the grid's), in family then round order: every
-    probe once the searches are done (the jobs that read them also need search_finals)."""
+    """The sets the searches probed (not the grid's), in family then round order. It reads each
+    family's search.json through checkpoints.search_result.get, which raises until that search is
+    done: Snakemake then evaluates the asking job's inputs again once it is (dry runs included,
+    where a finished search's files are read back)."""
     experiment, grid, probes = config["experiment"], set(sample_sets()), []
     for family in search_families():
-        rounds, _ = search_state(experiment, family)
-        if rounds:
-            probes += [p["set"] for p in rounds[-1][1]["probes"] if p["source"] == "search" and p["set"] not in grid]
+        path = checkpoints.search_result.get(experiment=experiment, family=family).output[0]
+        with open(path) as handle:
+            final = json.load(handle)
+        probes += [p["set"] for p in final["probes"] if p["source"] == "search" and p["set"] not in grid]
     return list(dict.fromkeys(probes))
 
 

@@ -43,8 +43,8 @@ rule tables:
         gflops=study_files("gflops"),
         # Every set timed alone after sampling: the measured speed-ups the tables report.
         timing=rules.timing.output.json,
-        # The searches (rules/search.smk): each family's last round file, and its probes' files.
-        search=search_finals,
+        # The searches (rules/search.smk): each family's finished trace, and its probes' files.
+        search=search_results(),
         probe_stats=probe_files("stats"),
         probe_fid=probe_files("fid"),
         probe_fd_classifier=probe_files("fd_classifier"),

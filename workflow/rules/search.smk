@@ -78,6 +78,40 @@ checkpoint search_round:
         "--output {output} > {log} 2>&1"
 
 
+def last_round(wildcards) -> str:
+    """A family's last round file: the rounds in order, each read through the checkpoint (which
+    raises until it has run, and Snakemake then asks again), up to the one that says done."""
+    r = 0
+    while True:
+        path = checkpoints.search_round.get(experiment=wildcards.experiment, family=wildcards.family, round=r).output[0]
+        with open(path) as handle:
+            if json.load(handle)["done"]:
+                return path
+        r += 1
+
+
+# A family's finished search at a path known before it runs (SEARCH_RESULT, common.smk): rule all
+# asks for every family's, so all searches run side by side; the tables and the timing job read
+# the probes from them (search_probe_sets).
+checkpoint search_result:
+    input:
+        last_round,
+    output:
+        SEARCH_RESULT,
+    log:
+        "results/{experiment}/logs/search/{family}/search.log",
+    wildcard_constraints:
+        family=r"[A-Za-z0-9][A-Za-z0-9_-]*",
+    localrule: True
+    conda:
+        ENV
+    threads: 1
+    resources:
+        **resources("report"),
+    shell:
+        "duodiff search-result --last-round {input} --output {output} > {log} 2>&1"
+
+
 # The probes' GFLOPs: rule flops counts the grid's sets in one job, whose outputs are fixed before
 # any search has run; a probe set is counted by a job of its own (a few seconds each).
 rule flops_probe:

@@ -16,7 +16,7 @@ rule timing:
         unpack(probe_models),  # and the searches' probes' (rules/search.smk: known once the searches are done)
         stats=study_files("stats"),
         probes=probe_files("stats"),
-        search=search_finals,  # timed once every search is done (rules/search.smk)
+        search=search_results(),  # timed once every search is done (rules/search.smk)
     output:
         json=study_path("timing/timing.json"),
         csv=study_path("timing/timing.csv"),

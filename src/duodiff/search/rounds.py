@@ -126,6 +126,24 @@ def run_search(*, family: str, template: str, knob: str, low: float, high: float
     return record
 
 
+def finish_search(*, last_round: str, output: str) -> dict:
+    """A family's finished search (`duodiff search-result`): its last round file, checked to be a
+    round file of a search that is done, written to `output` (the workflow's search.json, a path
+    known before the search runs, which the tables and the timing job read)."""
+    require(Path(last_round).is_file(), f"--last-round {last_round} does not exist")
+    try:
+        final = read_json(last_round)
+    except ValueError as error:
+        raise DuodiffError(f"--last-round {last_round}: not valid JSON: {error}") from None
+    require(isinstance(final, dict) and final.get("format") == FORMAT,
+            f"--last-round {last_round}: not a round file of duodiff search")
+    require(final["done"], f"--last-round {last_round}: the search of {final['family']} is not done "
+                           f"(round {final['round']} asks for {final['next']})")
+    write_json(output, final)
+    print(f"{final['family']}: {final['reason']} after {final['round']} round(s); cheapest pass: {final['best'] or 'none'}")
+    return final
+
+
 def add_cli(subparsers):
     p = subparsers.add_parser("search", help="one round of an operating-point search: the next probe of a family")
     add_flag(p, "--family", required=True, help="the family's id (wildcard-safe: early_exit-attention_probe)")
@@ -147,3 +165,7 @@ def add_cli(subparsers):
         family=a.family, template=a.template, knob=a.knob, low=a.low, high=a.high, cheaper=a.cheaper,
         resolution=a.resolution, integer=a.integer, budget=a.budget, grid=a.grid, headline=a.headline,
         margin=a.margin, previous=a.previous, metrics_root=a.metrics_root, output=a.output))
+    p = subparsers.add_parser("search-result", help="a family's finished search: its last round, checked")
+    add_flag(p, "--last-round", required=True, help="the round<r>.json that says done")
+    add_flag(p, "--output", required=True, help="search.json")
+    p.set_defaults(func=lambda a: finish_search(last_round=a.last_round, output=a.output))

@@ -24,6 +24,7 @@ rows together in paper order and writes the files.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import pandas as pd
@@ -121,11 +122,15 @@ def _read_row(settings: TableSettings, name: str) -> dict:
     return read_real(settings) if method == "real" else read_set(settings, name, method)
 
 
-def collect(settings: TableSettings, sets: list[str], margin: float) -> pd.DataFrame:
-    """All sets' rows in paper order (sets as check_sets passed them), with their labels, speed-ups
-    relative to `full` and each headline score's paired verdict against the full model's at the
-    equal-quality margin (operating_points.paired_verdict)."""
-    rows = sorted((_read_row(settings, name) for name in sets), key=_order_key)
+def collect(settings: TableSettings, sets: list[str], margin: float, probes: list[str] = ()) -> pd.DataFrame:
+    """All sets' rows in paper order (sets as check_sets passed them, then the search's probe sets),
+    with their labels, speed-ups relative to `full` and each headline score's paired verdict
+    against the full model's at the equal-quality margin (operating_points.paired_verdict).
+    Probes are read without CMMD: the search judges the headline score only, and the workflow
+    computes CMMD for the grid's sets alone (it is the costly score on a cluster)."""
+    without_cmmd = dataclasses.replace(settings, cmmd=False)
+    rows = sorted([_read_row(settings, name) for name in sets] + [_read_row(without_cmmd, name) for name in probes],
+                  key=_order_key)
     frame = pd.DataFrame(rows)
     for column in ID_COLUMNS + SPEED_COLUMNS + ["real_mode", "batch_size", "device", "torch_version", "timing_clock",
                                                 "precision", "gflops_per_forward_linear_conv", "gflops_convention",
@@ -207,7 +212,7 @@ def run_tables(*, samples_root, metrics_root, sets, output_dir, headline: str, c
     finals = read_searches(search)
     probe_sets = [p["set"] for final in finals for p in final["probes"] if p["set"] not in sets]
     # Read and checked everything before writing, probes with the grid (one reference, one margin).
-    every = collect(settings, sets + list(dict.fromkeys(probe_sets)), float(margin))
+    every = collect(settings, sets, float(margin), probes=list(dict.fromkeys(probe_sets)))
     probe = every["set"].isin(probe_sets)
     frame = every[~probe].reset_index(drop=True)
     # attrs hold plain data (pandas copies and compares them on every operation): the probes as records.
