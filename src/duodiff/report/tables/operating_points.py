@@ -13,6 +13,8 @@ import math
 
 import pandas as pd
 
+from duodiff.core.study import COMPOSED_KNOBS, composed_family_label, parse_set_form
+
 VERDICTS = ("better", "equal", "worse")
 
 
@@ -75,6 +77,32 @@ def method_families(frame: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
     for depth in frame.loc[frame["method"] == "duodiff", "shallow_depth"].drop_duplicates():
         sets = frame[(frame["method"] == "duodiff") & (frame["shallow_depth"] == depth)]
         families.append(("duodiff", f"shallow depth {depth}", sets))
+    families += [("composed", label, sets) for label, _, sets in composed_families(frame)]
+    return families
+
+
+def composed_families(frame: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
+    """(family label, knob, its sets in knob order) of the composed sets. Read from the set names,
+    as the rest of the tables are: the sets of one form and models (shallow depth, classifier type)
+    are one config entry's grid per value of its fixed ingredients; the knob is the ingredient
+    with the most distinct values (COMPOSED_KNOBS' order breaks ties), as one `composed` entry of
+    the config sweeps it (workflow/rules/common.smk)."""
+    composed = frame[frame["method"] == "composed"]
+    groups: dict[tuple, list[tuple[str, dict]]] = {}
+    for name in composed["set"]:
+        form, fields = parse_set_form(name)
+        groups.setdefault((form, fields.get("depth"), fields.get("classifier_type")), []).append((name, fields))
+    families = []
+    for members in groups.values():
+        knobs = [k for k in COMPOSED_KNOBS if k in members[0][1]]
+        knob = max(knobs, key=lambda k: (len({fields[k] for _, fields in members}), -knobs.index(k)))
+        by_fixed: dict[tuple, list[tuple[str, dict]]] = {}
+        for name, fields in members:
+            by_fixed.setdefault(tuple(fields[k] for k in knobs if k != knob), []).append((name, fields))
+        for family in by_fixed.values():
+            names = [name for name, _ in sorted(family, key=lambda member: float(member[1][knob]))]
+            sets = composed.set_index("set").loc[names].reset_index()
+            families.append((composed_family_label(family[0][1], knob), knob, sets))
     return families
 
 
