@@ -98,7 +98,31 @@ def expected_sets(cfg: dict) -> list:
         + [f"shallow_d{d}" for d in depths]
         + [f"ee_{c}_thr{float(t)!r}" for c in cfg["early_exit"]["classifier_types"] for t in cfg["early_exit"]["thresholds"]]
         + [f"duodiff_d{d}_ts{t}" for d in depths for t in cfg["duodiff"]["t_switch"]]
+        + composed_sets(cfg)
     )
+
+
+def composed_sets(cfg: dict) -> list:
+    """The sets of the config's `composed` entries, written out by hand, entry by entry."""
+    sets = []
+    for entry in cfg.get("composed", []):
+        knob = next(k for k in ("t_switch", "threshold", "steps") if isinstance(entry.get(k), list))
+        for value in entry[knob]:
+            e = {**entry, knob: value}
+            name = f"duodiff_d{e['duodiff']}_ts{e['t_switch']}" if "duodiff" in e else ""
+            if "early_exit" in e:
+                name += ("_" if name else "") + f"ee_{e['early_exit']}_thr{float(e['threshold'])!r}"
+            name += f"_steps{e['steps']}" if "steps" in e else ""
+            sets += [name] if name not in sets else []
+    return sets
+
+
+def composed_rule(name: str) -> str:
+    """The rule (sample.smk) that samples a composed set."""
+    if not name.startswith("duodiff"):
+        return "sample_composed_early_exit_steps"
+    form = "duodiff_early_exit" if "_ee_" in name else "duodiff"
+    return f"sample_composed_{form}" + ("_steps" if "_steps" in name else "")
 
 
 def scored_sets(cfg: dict) -> list:
@@ -129,6 +153,8 @@ def expected_jobs(cfg: dict) -> dict:
         "sample_shallow": n_shallow,
         "sample_early_exit": n_classifiers * n_thresholds,
         "sample_duodiff": n_shallow * n_t_switch,
+        **{rule: [composed_rule(name) for name in composed_sets(cfg)].count(rule)
+           for rule in {composed_rule(name) for name in composed_sets(cfg)}},
         "score": n_scored,  # Inception's and (headline classifier) the classifier's scores, one job a set
         "cmmd": n_scored if cmmd else 0,
         "flops": 1,  # one job counts every sample set
