@@ -433,19 +433,28 @@ def test_every_setting_reaches_its_command(dry_runs):
     assert early["--freeze-backbone"] is True and early["--n-steps"] == str(cfg["train"]["early_exit"]["n_steps"])
     samples = [flags for name, flags in commands if name == "sample"]
     assert len(samples) == len(expected_sets(cfg))
-    # Every set samples with the configured steps, but the fewer-steps sets with their own.
+    # Every set samples with the configured steps, but the fewer-steps sets and composed sets with
+    # steps in their name with their own.
     steps = sorted(flags["--steps"] for flags in samples)
-    expected_steps = [str(cfg["sampling"]["steps"])] * (len(samples) - len(cfg["sampling"]["fewer_steps"]))
-    assert steps == sorted(expected_steps + [str(n) for n in cfg["sampling"]["fewer_steps"]])
+    own = [str(n) for n in cfg["sampling"]["fewer_steps"]]
+    own += [name.rsplit("_steps", 1)[1] for name in composed_sets(cfg) if "_steps" in name]
+    expected_steps = [str(cfg["sampling"]["steps"])] * (len(samples) - len(own))
+    assert steps == sorted(expected_steps + own)
     for flags in samples:
         assert (flags["--n-samples"], flags["--batch-size"], flags["--sampler"]) == (
             str(cfg["sampling"]["n_samples"]), str(cfg["sampling"]["batch_size"]), "ddim")
         assert flags["--precision"] == "fp32"  # the schema default
         assert "--no-ema" not in flags
-    duodiff = [f for f in samples if f["--method"] == "duodiff"]
+    plain = [f for f in samples if Path(f["--output-folder"]).name not in composed_sets(cfg)]
+    duodiff = [f for f in plain if f["--method"] == "duodiff"]
     assert sorted(int(f["--t-switch"]) for f in duodiff) == sorted(cfg["duodiff"]["t_switch"])
     assert all(f["--checkpoint-path-late"] == "results/tiny/models/full/model.pt" for f in duodiff)
-    early_sets = [f for f in samples if f["--method"] == "early_exit"]
+    # The composed set of all three ingredients: the shallow model, then the early-exit model.
+    (composed,) = [f for f in samples if Path(f["--output-folder"]).name in composed_sets(cfg)]
+    assert (composed["--checkpoint-path"], composed["--checkpoint-path-late"]) == (
+        "results/tiny/models/shallow_d1/model.pt", "results/tiny/models/ee_attention_probe/model.pt")
+    assert (composed["--t-switch"], composed["--threshold"], composed["--steps"]) == ("2", "0.5", "4")
+    early_sets = [f for f in plain if f["--method"] == "early_exit"]
     assert sorted(float(f["--threshold"]) for f in early_sets) == sorted(cfg["early_exit"]["thresholds"])
     # CMMD: the reference is embedded by one job, with the same settings as every set's job.
     (embed_reference,) = [flags for name, flags in commands if name == "cmmd-reference"]

@@ -99,7 +99,6 @@ def check_config(config, dryrun: bool) -> None:
     full_path = config["models"]["full"]
     full = read_model_config(full_path)
     _check_depths(config)
-    _check_composed(config)
     if config["autoencoder"]["path"] is None:
         _check_pixel_space(config["autoencoder"])
         _check_full_model_fits_dataset(config["dataset"], full_path, full)
@@ -107,6 +106,7 @@ def check_config(config, dryrun: bool) -> None:
         _check_full_model_fits_latents(config, full_path, full, dryrun)
     _check_shallow_models(config["models"]["shallow"], full_path, full)
     _check_guidance(config, full_path, full)
+    _check_composed(config)  # after the models' checks: it reads the shallow depths
     _check_data_source(config["dataset"], dryrun)
     _check_trained_in(config["models"]["trained_in"], config["experiment"])
 
