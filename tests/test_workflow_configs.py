@@ -105,8 +105,8 @@ BAD_CONFIGS = [
      "8x8 images into 4 latent channels downsampled 2x; use a model config with in_chans: 4, img_size: 4"),
     ("composed entry with two lists",
      lambda c, w: c.update(composed=[{"steps": [3, 4], "early_exit": "attention_probe", "threshold": [0.1, 0.2]}]),
-     "invalid config: composed[0] {'steps': [3, 4], 'early_exit': 'attention_probe', 'threshold': [0.1, 0.2]}: exactly "
-     "one of threshold, steps must be a list (the swept knob); got 2: threshold, steps"),
+     "invalid config: composed[0]: exactly one of threshold, steps must be a list (the swept knob); got 2: threshold, "
+     "steps"),
     ("composed entry without a list",
      lambda c, w: c.update(composed=[{"steps": 3, "duodiff": 1, "t_switch": 2}]),
      "exactly one of t_switch, steps must be a list (the swept knob); got 0"),

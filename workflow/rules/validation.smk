@@ -167,7 +167,7 @@ def _check_composed(config) -> None:
     depths = sorted(read_model_config(path)["depth"] for path in config["models"]["shallow"])
     classifiers = config["early_exit"]["classifier_types"]
     for i, entry in enumerate(config["composed"]):
-        where = f"invalid config: composed[{i}] {entry}"
+        where = f"invalid config: composed[{i}]"
         for ingredient, knob in COMPOSED_PAIRS.items():
             if (ingredient in entry) != (knob in entry):
                 raise ValueError(f"{where}: {ingredient} and {knob} go together (give both or neither)")
