@@ -26,7 +26,12 @@ from duodiff.core.study import (
 from duodiff.metrics import flops
 from duodiff.models import build_model
 from duodiff.models.checkpoints import save_model
-from duodiff.sample.policies import DuoDiffDenoiser, EarlyExitDenoiser, ModelDenoiser, PhasedPolicy
+from duodiff.sample.policies import (
+    DuoDiffDenoiser,
+    EarlyExitDenoiser,
+    ModelDenoiser,
+    PhasedPolicy,
+)
 
 T, STEPS, T_SWITCH, B = 20, 6, 2, 5
 FULL = {**TINY_EARLY_EXIT, "in_chans": 1}  # 5 blocks
@@ -180,11 +185,11 @@ def test_composed_flops_and_layer_ratio_against_a_hand_count(networks):
     per_image = torch.zeros(B, dtype=torch.float64)
     for step, (x, t) in enumerate(zip(inputs, ts)):
         for i in range(B):
-            tt = torch.tensor([t])
+            one, tt = x[i : i + 1], torch.tensor([t])
             if step < T_SWITCH:
-                _, cost = flops.count(lambda: shallow(x[i : i + 1], tt))
+                _, cost = flops.count(lambda one=one, tt=tt: shallow(one, tt))
             else:
-                (_, exit_layer), cost = flops.count(lambda: ee.forward_early_exit(x[i : i + 1], tt, threshold))
+                (_, exit_layer), cost = flops.count(lambda one=one, tt=tt: ee.forward_early_exit(one, tt, threshold))
                 assert int(exit_layer) == int(exits[step, i])
             per_image[i] += cost["total"]
     shallow_costs, ee_costs = flops.piece_costs(shallow), flops.piece_costs(ee)

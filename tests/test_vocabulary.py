@@ -15,7 +15,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_workflow import SHIPPED_CONFIGS, TINY, add_autoencoders, make_workdir, planned_commands, snakemake
+from test_workflow import (
+    SHIPPED_CONFIGS,
+    TINY,
+    add_autoencoders,
+    make_workdir,
+    planned_commands,
+    snakemake,
+)
 
 from duodiff.core.errors import DuodiffError
 from duodiff.core.study import (
@@ -161,7 +168,7 @@ def _common_smk_function(name: str):
     start = text.index(f"def {name}(")
     source = text[start : text.index("\n\n\n", start)]
     namespace = {"threshold_label": lambda value: repr(float(value))}
-    exec(compile(source, "common.smk", "exec"), namespace)
+    exec(compile(source, "common.smk", "exec"), namespace)  # noqa: S102 - the repository's own file
     return namespace[name]
 
 
