@@ -109,6 +109,8 @@ def test_composed_family_labels_leave_the_knob_out():
         "DuoDiff d3, t_switch 20 + attention_probe"
     assert composed_family_label({"depth": 3, "t_switch": 20, "classifier_type": "attention_probe", "threshold": 0.2},
                                  "steps") == "DuoDiff d3, t_switch 20 + attention_probe τ 0.2"
+    assert composed_family_label({"depth": 1, "t_switch": 2, "classifier_type": "attention_probe", "threshold": 0.5,
+                                  "steps": 4}, None) == "DuoDiff d1, t_switch 2 + attention_probe τ 0.5 at 4 steps"
 
 
 # ---- the phased policy against the networks run by hand ------------------------------------------------

@@ -176,7 +176,8 @@ def _common_smk_function(name: str):
     "fields, knob",
     [({"classifier_type": "attention_probe", "steps": 30}, "threshold"), ({"depth": 3, "steps": 30}, "t_switch"),
      ({"depth": 3, "t_switch": 20, "classifier_type": "attention_probe"}, "threshold"),
-     ({"depth": 1, "t_switch": 2, "classifier_type": "attention_probe", "threshold": 0.5}, "steps")],
+     ({"depth": 1, "t_switch": 2, "classifier_type": "attention_probe", "threshold": 0.5}, "steps"),
+     ({"depth": 1, "t_switch": 2, "classifier_type": "attention_probe", "threshold": 0.5, "steps": 4}, None)],
 )  # fmt: skip
 def test_the_workflows_composed_family_labels_are_the_tables(fields, knob):
     assert _common_smk_function("composed_family_label")(fields, knob) == composed_family_label(fields, knob)

@@ -158,9 +158,9 @@ def composed_families() -> list:
         if "threshold" in fixed:
             fixed["threshold"] = threshold_label(fixed["threshold"])
         template = SET_NAMES[composed_form(entry)].format(**fixed, **{knob: f"{{{knob}}}"})
-        families.append(
-            {"template": template, "knob": knob, "values": list(entry[knob]), "label": composed_family_label(fields, knob)}
-        )
+        # One value: the label names every ingredient, as the tables' does (they see one set).
+        label = composed_family_label(fields, knob if len(entry[knob]) > 1 else None)
+        families.append({"template": template, "knob": knob, "values": list(entry[knob]), "label": label})
     return families
 
 

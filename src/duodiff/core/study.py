@@ -194,8 +194,9 @@ def setting_label(*rows, style: str = "table") -> str:
 COMPOSED_KNOBS = ("t_switch", "threshold", "steps")
 
 
-def composed_family_label(fields: dict, knob: str) -> str:
-    """How a family of composed sets reads: its fixed ingredients, the swept `knob` left out.
+def composed_family_label(fields: dict, knob: str | None) -> str:
+    """How a family of composed sets reads: its fixed ingredients, the swept `knob` left out (None,
+    a family of one value: every ingredient named).
     {"classifier_type": "attention_probe", "steps": 30}, "threshold" -> 'attention_probe at 30 steps';
     {"depth": 3, "t_switch": 20, "classifier_type": "attention_probe"}, "threshold"
     -> 'DuoDiff d3, t_switch 20 + attention_probe'."""

@@ -102,7 +102,9 @@ def composed_families(frame: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]
         for family in by_fixed.values():
             names = [name for name, _ in sorted(family, key=lambda member: float(member[1][knob]))]
             sets = composed.set_index("set").loc[names].reset_index()
-            families.append((composed_family_label(family[0][1], knob), knob, sets))
+            # A family of one set shows no knob: its label names every ingredient (as common.smk's does).
+            swept = knob if len(family) > 1 else None
+            families.append((composed_family_label(family[0][1], swept), knob, sets))
     return families
 
 
