@@ -159,7 +159,11 @@ def composed_families() -> list:
             fixed["threshold"] = threshold_label(fixed["threshold"])
         template = SET_NAMES[composed_form(entry)].format(**fixed, **{knob: f"{{{knob}}}"})
         # One value: the label names every ingredient, as the tables' does (they see one set).
-        label = composed_family_label(fields, knob if len(entry[knob]) > 1 else None)
+        label = (
+            composed_family_label(fields, knob)
+            if len(entry[knob]) > 1
+            else composed_family_label({**fields, knob: entry[knob][0]}, None)
+        )
         families.append({"template": template, "knob": knob, "values": list(entry[knob]), "label": label})
     return families
 
