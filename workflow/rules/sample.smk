@@ -107,9 +107,9 @@ use rule sample_full as sample_composed_early_exit_steps with:
     output:
         **sample_outputs("early_exit_steps"),
     log:
-        "results/{experiment}/logs/sample_composed/ee_{classifier_type}_thr{threshold}_steps{steps}.log",
+        "results/{experiment}/logs/sample_composed_early_exit_steps/ee_{classifier_type}_thr{threshold}_steps{steps}.log",
     benchmark:
-        "results/{experiment}/benchmarks/sample_composed/ee_{classifier_type}_thr{threshold}_steps{steps}.tsv"
+        "results/{experiment}/benchmarks/sample_composed_early_exit_steps/ee_{classifier_type}_thr{threshold}_steps{steps}.tsv"
     params:
         method="early_exit",
         flags=lambda wildcards: f"--threshold {wildcards.threshold} {sampling_flags(steps=int(wildcards.steps))}",
@@ -119,9 +119,9 @@ use rule sample_duodiff as sample_composed_duodiff_steps with:
     output:
         **sample_outputs("duodiff_steps"),
     log:
-        "results/{experiment}/logs/sample_composed/duodiff_d{depth}_ts{t_switch}_steps{steps}.log",
+        "results/{experiment}/logs/sample_composed_duodiff_steps/duodiff_d{depth}_ts{t_switch}_steps{steps}.log",
     benchmark:
-        "results/{experiment}/benchmarks/sample_composed/duodiff_d{depth}_ts{t_switch}_steps{steps}.tsv"
+        "results/{experiment}/benchmarks/sample_composed_duodiff_steps/duodiff_d{depth}_ts{t_switch}_steps{steps}.tsv"
     params:
         method="duodiff",
         flags=lambda wildcards: f"--t-switch {wildcards.t_switch} {sampling_flags(steps=int(wildcards.steps))}",
@@ -135,9 +135,9 @@ use rule sample_duodiff as sample_composed_duodiff_early_exit with:
     output:
         **sample_outputs("duodiff_early_exit"),
     log:
-        "results/{experiment}/logs/sample_composed/duodiff_d{depth}_ts{t_switch}_ee_{classifier_type}_thr{threshold}.log",
+        "results/{experiment}/logs/sample_composed_duodiff_early_exit/duodiff_d{depth}_ts{t_switch}_ee_{classifier_type}_thr{threshold}.log",
     benchmark:
-        "results/{experiment}/benchmarks/sample_composed/duodiff_d{depth}_ts{t_switch}_ee_{classifier_type}_thr{threshold}.tsv"
+        "results/{experiment}/benchmarks/sample_composed_duodiff_early_exit/duodiff_d{depth}_ts{t_switch}_ee_{classifier_type}_thr{threshold}.tsv"
     params:
         method="duodiff",
         # The shallow model for the first t_switch steps, then the early-exit model with its exit rule.
@@ -149,9 +149,9 @@ use rule sample_composed_duodiff_early_exit as sample_composed_duodiff_early_exi
     output:
         **sample_outputs("duodiff_early_exit_steps"),
     log:
-        "results/{experiment}/logs/sample_composed/duodiff_d{depth}_ts{t_switch}_ee_{classifier_type}_thr{threshold}_steps{steps}.log",
+        "results/{experiment}/logs/sample_composed_duodiff_early_exit_steps/duodiff_d{depth}_ts{t_switch}_ee_{classifier_type}_thr{threshold}_steps{steps}.log",
     benchmark:
-        "results/{experiment}/benchmarks/sample_composed/duodiff_d{depth}_ts{t_switch}_ee_{classifier_type}_thr{threshold}_steps{steps}.tsv"
+        "results/{experiment}/benchmarks/sample_composed_duodiff_early_exit_steps/duodiff_d{depth}_ts{t_switch}_ee_{classifier_type}_thr{threshold}_steps{steps}.tsv"
     params:
         flags=lambda wildcards: (
             f"--t-switch {wildcards.t_switch} --threshold {wildcards.threshold} "

@@ -197,10 +197,11 @@ def _check_composed(config) -> None:
                     f"{where}: steps {value} must be in [1, sampling.steps = {study_steps}) with the ddim or "
                     "dpm_solver sampler (at sampling.steps, leave steps out)"
                 )
+        fewest = min(steps if isinstance(steps, list) else [steps])  # t_switch must fit every set's steps
         t_switch = entry.get("t_switch", [])
         for value in t_switch if isinstance(t_switch, list) else [t_switch]:
-            if value > min(steps if isinstance(steps, list) else [steps]):
-                raise ValueError(f"{where}: t_switch {value} must be in [0, {min(steps if isinstance(steps, list) else [steps])}] (the entry's steps)")
+            if value > fewest:
+                raise ValueError(f"{where}: t_switch {value} must be in [0, {fewest}] (the entry's steps)")
 
 
 def _check_depths(config) -> None:
