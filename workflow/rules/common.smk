@@ -46,7 +46,7 @@ COMPOSED_FORMS = ("early_exit_steps", "duodiff_steps", "duodiff_early_exit", "du
 
 
 def sample_rule(form: str) -> str:
-    """The rule that samples the sets of a name form (sample.smk): sample_<method>, sample_composed_<form>."""
+    """Which sample.smk rule samples the sets of a name form (sample_<method> or sample_composed_<form>)."""
     return f"sample_composed_{form}" if form in COMPOSED_FORMS else f"sample_{form}"
 
 

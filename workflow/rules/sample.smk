@@ -115,7 +115,11 @@ use rule sample_full as sample_composed_early_exit_steps with:
         flags=lambda wildcards: f"--threshold {wildcards.threshold} {sampling_flags(steps=int(wildcards.steps))}",
 
 
-use rule sample_duodiff as sample_composed_duodiff_steps with:
+use rule sample_full as sample_composed_duodiff_steps with:
+    input:
+        **autoencoder_inputs(),
+        shallow=trained(rules.train_shallow.output.model),
+        full=trained(rules.train_full.output.model),
     output:
         **sample_outputs("duodiff_steps"),
     log:
@@ -124,10 +128,11 @@ use rule sample_duodiff as sample_composed_duodiff_steps with:
         "results/{experiment}/benchmarks/sample_composed_duodiff_steps/duodiff_d{depth}_ts{t_switch}_steps{steps}.tsv"
     params:
         method="duodiff",
+        checkpoints=lambda wildcards, input: f"--checkpoint-path {input.shallow} --checkpoint-path-late {input.full}",
         flags=lambda wildcards: f"--t-switch {wildcards.t_switch} {sampling_flags(steps=int(wildcards.steps))}",
 
 
-use rule sample_duodiff as sample_composed_duodiff_early_exit with:
+use rule sample_full as sample_composed_duodiff_early_exit with:
     input:
         **autoencoder_inputs(),
         shallow=trained(rules.train_shallow.output.model),
@@ -145,7 +150,11 @@ use rule sample_duodiff as sample_composed_duodiff_early_exit with:
         flags=lambda wildcards: f"--t-switch {wildcards.t_switch} --threshold {wildcards.threshold} {sampling_flags()}",
 
 
-use rule sample_composed_duodiff_early_exit as sample_composed_duodiff_early_exit_steps with:
+use rule sample_full as sample_composed_duodiff_early_exit_steps with:
+    input:
+        **autoencoder_inputs(),
+        shallow=trained(rules.train_shallow.output.model),
+        early_exit=trained(rules.train_early_exit.output.model),
     output:
         **sample_outputs("duodiff_early_exit_steps"),
     log:
@@ -153,6 +162,8 @@ use rule sample_composed_duodiff_early_exit as sample_composed_duodiff_early_exi
     benchmark:
         "results/{experiment}/benchmarks/sample_composed_duodiff_early_exit_steps/duodiff_d{depth}_ts{t_switch}_ee_{classifier_type}_thr{threshold}_steps{steps}.tsv"
     params:
+        method="duodiff",
+        checkpoints=lambda wildcards, input: f"--checkpoint-path {input.shallow} --checkpoint-path-late {input.early_exit}",
         flags=lambda wildcards: (
             f"--t-switch {wildcards.t_switch} --threshold {wildcards.threshold} "
             f"{sampling_flags(steps=int(wildcards.steps))}"

@@ -82,30 +82,35 @@ def method_families(frame: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
 
 
 def composed_families(frame: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
-    """(family label, knob, its sets in knob order) of the composed sets. Read from the set names,
-    as the rest of the tables are: the sets of one form and models (shallow depth, classifier type)
-    are one config entry's grid per value of its fixed ingredients; the knob is the ingredient
-    with the most distinct values (COMPOSED_KNOBS' order breaks ties), as one `composed` entry of
-    the config sweeps it (workflow/rules/common.smk)."""
+    """(family label, knob, its sets in knob order) of the composed sets, read from the set names
+    as the rest of the tables are. One `composed` entry of the config sweeps one knob with the rest
+    fixed, so its sets lie on a line: the same form and models, every knob but one equal. The
+    families are every such line of two sets or more (a set on two lines, shared by two entries,
+    is in both), and a family of its own for a set on none."""
     composed = frame[frame["method"] == "composed"]
     groups: dict[tuple, list[tuple[str, dict]]] = {}
     for name in composed["set"]:
         form, fields = parse_set_form(name)
         groups.setdefault((form, fields.get("depth"), fields.get("classifier_type")), []).append((name, fields))
-    families = []
+    families, on_a_line = [], set()
     for members in groups.values():
         knobs = [k for k in COMPOSED_KNOBS if k in members[0][1]]
-        knob = max(knobs, key=lambda k: (len({fields[k] for _, fields in members}), -knobs.index(k)))
-        by_fixed: dict[tuple, list[tuple[str, dict]]] = {}
+        for knob in knobs:
+            lines: dict[tuple, list[tuple[str, dict]]] = {}
+            for name, fields in members:
+                lines.setdefault(tuple(fields[k] for k in knobs if k != knob), []).append((name, fields))
+            for line in (line for line in lines.values() if len(line) > 1):
+                names = [name for name, _ in sorted(line, key=lambda member: float(member[1][knob]))]
+                families.append((composed_family_label(line[0][1], knob), knob, _rows(composed, names)))
+                on_a_line.update(names)
         for name, fields in members:
-            by_fixed.setdefault(tuple(fields[k] for k in knobs if k != knob), []).append((name, fields))
-        for family in by_fixed.values():
-            names = [name for name, _ in sorted(family, key=lambda member: float(member[1][knob]))]
-            sets = composed.set_index("set").loc[names].reset_index()
-            # A family of one set shows no knob: its label names every ingredient (as common.smk's does).
-            swept = knob if len(family) > 1 else None
-            families.append((composed_family_label(family[0][1], swept), knob, sets))
+            if name not in on_a_line:  # a set alone: its label names every ingredient (knob None)
+                families.append((composed_family_label(fields, None), knobs[0], _rows(composed, [name])))
     return families
+
+
+def _rows(frame: pd.DataFrame, names: list[str]) -> pd.DataFrame:
+    return frame.set_index("set").loc[names].reset_index()
 
 
 def operating_points(frame: pd.DataFrame) -> pd.DataFrame:
