@@ -265,3 +265,22 @@ def test_duodiff_late_model_and_threshold_go_together(model_files, tmp_path, cha
     with pytest.raises(DuodiffError, match=message):
         run_composed(model_files, tmp_path / "bad", **changes)
     assert not (tmp_path / "bad" / "stats.json").exists()
+
+
+def test_composed_families_are_the_config_entries_lines_a_shared_set_in_both():
+    import pandas as pd
+
+    from duodiff.report.tables.operating_points import composed_families
+
+    names = ["ee_attention_probe_thr0.1_steps20", "ee_attention_probe_thr0.12_steps20", "ee_attention_probe_thr0.15_steps20",
+             "ee_attention_probe_thr0.1_steps16", "ee_attention_probe_thr0.1_steps24",
+             "duodiff_d3_ts20_ee_attention_probe_thr0.3", "duodiff_d3_ts20_ee_attention_probe_thr0.2",
+             "duodiff_d3_ts15_steps30"]  # fmt: skip
+    frame = pd.DataFrame({"set": ["full", *names], "method": ["full"] + ["composed"] * len(names)})
+    found = {label: (knob, list(sets["set"])) for label, knob, sets in composed_families(frame)}
+    assert found == {
+        "attention_probe at 20 steps": ("threshold", names[:3]),
+        "attention_probe τ 0.1": ("steps", [names[3], names[0], names[4]]),
+        "DuoDiff d3, t_switch 20 + attention_probe": ("threshold", [names[6], names[5]]),
+        "DuoDiff d3, t_switch 15 at 30 steps": ("t_switch", [names[7]]),
+    }
