@@ -275,7 +275,8 @@ def test_conditional_model_and_ema_choice(ckpt, tmp_path):
         (dict(sampler="ddpm", steps=10), "--steps must be 100 (num_timesteps) for the ddpm sampler, got 10"),
         (dict(sampler="ddpm", steps=None, eta=0.5), "--eta applies to the ddim sampler only; got --eta 0.5"),
         (dict(device="tpu"), "--device must be"),
-        (dict(threshold=0.2), "--threshold applies to --method early_exit only; got --threshold 0.2 with --method full"),
+        (dict(threshold=0.2), "--threshold applies to --method early_exit (and duodiff with an early-exit "
+                              "--checkpoint-path-late) only; got --threshold 0.2 with --method full"),
         (dict(t_switch=3), "--t-switch applies to --method duodiff only"),
         (dict(checkpoint_path="ee"), "--method full needs a uvit model; "),
         (dict(method="early_exit", checkpoint_path="full"), "--method early_exit needs an early_exit model"),
@@ -286,7 +287,9 @@ def test_conditional_model_and_ema_choice(ckpt, tmp_path):
         (dict(method="duodiff", t_switch=STEPS + 1), f"--t-switch must be in [0, {STEPS}] (the number of sampling steps); got {STEPS + 1}"),
         (dict(method="duodiff", checkpoint_path_late="rgb"), "in_chans is 1 in "),
         (dict(method="duodiff", checkpoint_path_late="t50"), "same diffusion settings"),
-        (dict(method="duodiff", checkpoint_path_late="ee"), "needs a uvit model as --checkpoint-path-late"),
+        # an early-exit late model is DuoDiff with early exit (tests/test_composed.py): it needs the threshold
+        (dict(method="duodiff", checkpoint_path_late="ee"), "is an early_exit model: DuoDiff with early exit in the "
+                                                            "late phase needs --threshold"),
         (dict(method="duodiff", checkpoint_path="full", checkpoint_path_late="shallow"),
          "(3 blocks) must be shallower than --checkpoint-path-late"),
         (dict(method="duodiff", checkpoint_path="full"), "--checkpoint-path and --checkpoint-path-late are the same file"),

@@ -12,6 +12,8 @@ import yaml
 from test_workflow import (
     PLOTS,
     TINY,
+    composed_rule,
+    composed_sets,
     expected_sets,
     job_counts,
     load,
@@ -73,7 +75,8 @@ def test_tiny_study_has_the_fewer_steps_baseline_the_floor_and_operating_points(
         assert float(row["score_ci_low"]) <= float(row["score_ci_high"]), row["set"]
     with open(tables / "operating_points.csv") as f:
         points = list(csv.DictReader(f))
-    assert [p["family"] for p in points] == ["fewer steps", "attention_probe", "shallow depth 1"]
+    assert [p["family"] for p in points] == ["fewer steps", "attention_probe", "shallow depth 1",
+                                             "DuoDiff d1, t_switch 2 + attention_probe τ 0.5 at 4 steps"]
     info = json.loads((tiny_study / "results" / "tiny" / "feature_net" / "feature_net.json").read_text())
     assert 0 <= info["heldout_accuracy"] <= 1 and info["n_heldout"] == 359
 
@@ -94,20 +97,22 @@ def test_tiny_study_sample_sets_were_made_with_the_configured_settings(tiny_stud
     for name in expected_sets(cfg):
         stats = json.loads((tiny_study / "results" / "tiny" / "samples" / name / "stats.json").read_text())
         steps = int(name.removeprefix("full_steps")) if name.startswith("full_steps") else sampling["steps"]
+        steps = int(name.rsplit("_steps", 1)[1]) if "_steps" in name and name.startswith(("ee", "duodiff")) else steps
         assert (stats["sampler"], stats["steps"], stats["n_samples"], stats["batch_size"], stats["seed"]) == (
             sampling["sampler"], steps, sampling["n_samples"], sampling["batch_size"], sampling["seed"])
         method = {"full": "full", "shallow": "shallow", "ee": "early_exit", "duodiff": "duodiff"}[name.split("_")[0]]
         assert stats["method"] == method
-        if method == "early_exit":
-            assert stats["threshold"] == float(name.rsplit("_thr", 1)[1])
-            assert stats["classifier_type"] == name[len("ee_"):name.rindex("_thr")]
+        if "_thr" in name:  # early exit, alone or in DuoDiff's late phase (composed)
+            assert stats["threshold"] == float(name.rsplit("_thr", 1)[1].split("_")[0])
+            assert stats["classifier_type"] == name[name.index("ee_") + len("ee_"):name.rindex("_thr")]
         if method == "duodiff":
-            assert stats["t_switch"] == int(name.rsplit("_ts", 1)[1])
+            assert stats["t_switch"] == int(name.split("_ts", 1)[1].split("_")[0])
             assert stats["shallow_depth"] == int(name.split("_")[1][1:])
         for metric in ("fid", "cmmd", "gflops"):
             assert (tiny_study / "results" / "tiny" / "metrics" / name / f"{metric}.json").is_file()
         rule = {"full": "sample_full", "shallow": "sample_shallow", "early_exit": "sample_early_exit", "duodiff": "sample_duodiff"}[method]
         rule = "sample_fewer_steps" if name.startswith("full_steps") else rule
+        rule = composed_rule(name) if name in composed_sets(load(TINY)) else rule
         assert (tiny_study / "results" / "tiny" / "logs" / rule / f"{name}.log").is_file()
         assert (tiny_study / "results" / "tiny" / "benchmarks" / rule / f"{name}.tsv").is_file()
 
@@ -189,17 +194,19 @@ def test_tiny_study_changing_one_threshold_reruns_only_what_depends_on_it(tiny_s
 @pytest.mark.slow
 def test_tiny_study_changing_a_training_setting_reruns_that_model_and_its_sets(tiny_study):
     n_t_switch = len(load(TINY)["duodiff"]["t_switch"])
+    composed = [composed_rule(name) for name in composed_sets(load(TINY)) if name.startswith("duodiff")]
 
     def edit(c):
         c["train"]["shallow"]["lr"] = 0.002
 
-    # The shallow model, the shallow set and every DuoDiff set (they use it), their scores, and
-    # the DuoDiff family's search from round 0.
-    n_sets = 1 + n_t_switch
+    # The shallow model, the shallow set and every DuoDiff set, composed ones too (they use it), their
+    # scores, and from round 0 the search of every family with such sets (DuoDiff's and each composed one's).
+    n_sets = 1 + n_t_switch + len(composed)
     assert changed_jobs(tiny_study, "shallow_lr", edit) == {
-        "train_shallow": 1, "sample_shallow": 1, "sample_duodiff": n_t_switch, "search_round": 1,
-        "search_result": 1, "score": n_sets, "cmmd": n_sets, "flops": 1, "timing": 1, "tables": 1, "plots": 1,
-        "all": 1,
+        **{rule: composed.count(rule) for rule in composed},
+        "train_shallow": 1, "sample_shallow": 1, "sample_duodiff": n_t_switch,
+        "search_round": 1 + len(composed), "search_result": 1 + len(composed),
+        "score": n_sets, "cmmd": n_sets, "flops": 1, "timing": 1, "tables": 1, "plots": 1, "all": 1,
     }  # fmt: skip
 
 

@@ -15,7 +15,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_workflow import SHIPPED_CONFIGS, TINY, add_autoencoders, make_workdir, planned_commands, snakemake
+from test_workflow import (
+    SHIPPED_CONFIGS,
+    TINY,
+    add_autoencoders,
+    make_workdir,
+    planned_commands,
+    snakemake,
+)
 
 from duodiff.core.errors import DuodiffError
 from duodiff.core.study import (
@@ -23,10 +30,12 @@ from duodiff.core.study import (
     METHODS,
     PRECISIONS,
     SAMPLERS,
-    STATS_METHOD,
+    composed_family_label,
+    parse_set_form,
     parse_set_name,
     set_name,
     setting_label,
+    stats_method,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,6 +49,11 @@ EDGE_VALUES = {
     "early_exit": {"classifier_types": SCHEMA["properties"]["early_exit"]["properties"]["classifier_types"]["items"]["enum"],
                    "thresholds": [1e-05, 0.05, 1, 0.1 + 0.2]},
     "duodiff": {"t_switch": [0, 6]},
+    # every composed form, each knob swept once, thresholds of the odd texts too
+    "composed": [{"steps": 5, "early_exit": "attention_probe", "threshold": [1e-05, 1]},
+                 {"steps": [1, 5], "duodiff": 1, "t_switch": 0},
+                 {"duodiff": 1, "t_switch": [0, 6], "early_exit": "mlp_probe_per_layer", "threshold": 0.1 + 0.2},
+                 {"duodiff": 1, "t_switch": 2, "early_exit": "attention_probe", "threshold": 0.5, "steps": [2, 3]}],
 }  # fmt: skip
 CONFIGS = SHIPPED_CONFIGS + [EDGES]
 
@@ -91,14 +105,19 @@ def test_every_set_the_workflow_samples_parses_into_the_method_and_settings_it_r
     for flags in samples:
         name = Path(flags["--output-folder"]).name
         method, fields = parse_set_name(name)
-        assert flags["--method"] in METHODS and flags["--method"] == STATS_METHOD.get(method, method), name
+        assert flags["--method"] in METHODS and flags["--method"] == stats_method(name), name
         assert flags["--sampler"] in SAMPLERS and flags["--precision"] in PRECISIONS, name
-        if method == "early_exit":
+        if "threshold" in fields:
             assert float(flags["--threshold"]) == float(fields["threshold"]), name
-        if method == "duodiff":
+        else:
+            assert "--threshold" not in flags, name
+        if "t_switch" in fields:
             assert flags["--t-switch"] == fields["t_switch"], name
-        if method == "fewer_steps":
+        if "steps" in fields:
             assert flags["--steps"] == fields["steps"], name
+        if "classifier_type" in fields:  # early exit alone, or DuoDiff's late model
+            late = flags["--checkpoint-path-late"] if "depth" in fields else flags["--checkpoint-path"]
+            assert Path(late).parent.name == f"ee_{fields['classifier_type']}", name
         # duodiff.core.study builds the workflow's name back from the fields it parsed.
         assert set_name(method, **fields) == name
 
@@ -115,12 +134,53 @@ def test_the_sets_study_names_for_a_config_are_the_sets_the_workflow_tabulates(p
         + [set_name("early_exit", classifier_type=c, threshold=t)
            for c in cfg["early_exit"]["classifier_types"] for t in cfg["early_exit"]["thresholds"]]
         + [set_name("duodiff", depth=d, t_switch=t) for d in depths for t in cfg["duodiff"]["t_switch"]]
+        + [name for entry in cfg.get("composed", []) for name in composed_names(entry)]
         + ([set_name("real")] if cfg["reference"]["n_real"] > 0 else [])
     )  # fmt: skip
     (tables,) = [flags for name, flags in commands if name == "tables"]
-    assert sorted(tables["--sets"].split()) == sorted(built)
+    assert sorted(tables["--sets"].split()) == sorted(set(built))
     sampled = {Path(flags["--output-folder"]).name for name, flags in commands if name in ("sample", "real-set")}
     assert sampled == set(built)
+
+
+def composed_names(entry: dict) -> list[str]:
+    """The sets of one `composed` entry, named by duodiff.core.study: its knob's every value."""
+    knob = next(k for k in ("t_switch", "threshold", "steps") if isinstance(entry.get(k), list))
+    fields = {"depth": entry.get("duodiff"), "t_switch": entry.get("t_switch"),
+              "classifier_type": entry.get("early_exit"), "threshold": entry.get("threshold"), "steps": entry.get("steps")}
+    fields = {k: v for k, v in fields.items() if v is not None}
+    return [set_name("composed", **{**fields, knob: value}) for value in entry[knob]]
+
+
+def test_edge_composed_sets_are_planned_with_every_form(plans):
+    _, commands = plans[EDGES]
+    names = {Path(flags["--output-folder"]).name for name, flags in commands if name == "sample"}
+    assert {"ee_attention_probe_thr1e-05_steps5", "ee_attention_probe_thr1.0_steps5", "duodiff_d1_ts0_steps1",
+            "duodiff_d1_ts6_ee_mlp_probe_per_layer_thr0.30000000000000004",
+            "duodiff_d1_ts2_ee_attention_probe_thr0.5_steps3"} <= names
+    forms = {parse_set_form(name)[0] for name in names}
+    assert {"early_exit_steps", "duodiff_steps", "duodiff_early_exit", "duodiff_early_exit_steps"} <= forms
+
+
+def _common_smk_function(name: str):
+    """A plain function of workflow/rules/common.smk, compiled on its own (the file is Snakemake's)."""
+    text = (REPO / "workflow" / "rules" / "common.smk").read_text()
+    start = text.index(f"def {name}(")
+    source = text[start : text.index("\n\n\n", start)]
+    namespace = {"threshold_label": lambda value: repr(float(value))}
+    exec(compile(source, "common.smk", "exec"), namespace)  # noqa: S102 - the repository's own file
+    return namespace[name]
+
+
+@pytest.mark.parametrize(
+    "fields, knob",
+    [({"classifier_type": "attention_probe", "steps": 30}, "threshold"), ({"depth": 3, "steps": 30}, "t_switch"),
+     ({"depth": 3, "t_switch": 20, "classifier_type": "attention_probe"}, "threshold"),
+     ({"depth": 1, "t_switch": 2, "classifier_type": "attention_probe", "threshold": 0.5}, "steps"),
+     ({"depth": 1, "t_switch": 2, "classifier_type": "attention_probe", "threshold": 0.5, "steps": 4}, None)],
+)  # fmt: skip
+def test_the_workflows_composed_family_labels_are_the_tables(fields, knob):
+    assert _common_smk_function("composed_family_label")(fields, knob) == composed_family_label(fields, knob)
 
 
 def test_edge_thresholds_are_named_by_their_shortest_float_text(plans):

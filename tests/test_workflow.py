@@ -98,7 +98,31 @@ def expected_sets(cfg: dict) -> list:
         + [f"shallow_d{d}" for d in depths]
         + [f"ee_{c}_thr{float(t)!r}" for c in cfg["early_exit"]["classifier_types"] for t in cfg["early_exit"]["thresholds"]]
         + [f"duodiff_d{d}_ts{t}" for d in depths for t in cfg["duodiff"]["t_switch"]]
+        + composed_sets(cfg)
     )
+
+
+def composed_sets(cfg: dict) -> list:
+    """The sets of the config's `composed` entries, written out by hand, entry by entry."""
+    sets = []
+    for entry in cfg.get("composed", []):
+        knob = next(k for k in ("t_switch", "threshold", "steps") if isinstance(entry.get(k), list))
+        for value in entry[knob]:
+            e = {**entry, knob: value}
+            name = f"duodiff_d{e['duodiff']}_ts{e['t_switch']}" if "duodiff" in e else ""
+            if "early_exit" in e:
+                name += ("_" if name else "") + f"ee_{e['early_exit']}_thr{float(e['threshold'])!r}"
+            name += f"_steps{e['steps']}" if "steps" in e else ""
+            sets += [name] if name not in sets else []
+    return sets
+
+
+def composed_rule(name: str) -> str:
+    """The rule (sample.smk) that samples a composed set."""
+    if not name.startswith("duodiff"):
+        return "sample_composed_early_exit_steps"
+    form = "duodiff_early_exit" if "_ee_" in name else "duodiff"
+    return f"sample_composed_{form}" + ("_steps" if "_steps" in name else "")
 
 
 def scored_sets(cfg: dict) -> list:
@@ -129,6 +153,8 @@ def expected_jobs(cfg: dict) -> dict:
         "sample_shallow": n_shallow,
         "sample_early_exit": n_classifiers * n_thresholds,
         "sample_duodiff": n_shallow * n_t_switch,
+        **{rule: [composed_rule(name) for name in composed_sets(cfg)].count(rule)
+           for rule in {composed_rule(name) for name in composed_sets(cfg)}},
         "score": n_scored,  # Inception's and (headline classifier) the classifier's scores, one job a set
         "cmmd": n_scored if cmmd else 0,
         "flops": 1,  # one job counts every sample set
@@ -146,11 +172,11 @@ def expected_jobs(cfg: dict) -> dict:
 
 def search_family_count(cfg: dict) -> int:
     """Families searched (rules/common.smk, search_families): fewer steps, early exit per
-    classifier type, DuoDiff per shallow depth."""
+    classifier type, DuoDiff per shallow depth, and each composed entry."""
     if not cfg.get("search", {}).get("enabled", True):
         return 0
     return (int(bool(cfg["sampling"].get("fewer_steps", []))) + len(cfg["early_exit"]["classifier_types"])
-            + len(cfg["models"]["shallow"]) * int(bool(cfg["duodiff"]["t_switch"])))
+            + len(cfg["models"]["shallow"]) * int(bool(cfg["duodiff"]["t_switch"])) + len(cfg.get("composed", [])))
 
 
 def test_a_dry_run_plans_round_0_of_every_family_with_its_grid(dry_runs):
@@ -433,19 +459,28 @@ def test_every_setting_reaches_its_command(dry_runs):
     assert early["--freeze-backbone"] is True and early["--n-steps"] == str(cfg["train"]["early_exit"]["n_steps"])
     samples = [flags for name, flags in commands if name == "sample"]
     assert len(samples) == len(expected_sets(cfg))
-    # Every set samples with the configured steps, but the fewer-steps sets with their own.
+    # Every set samples with the configured steps, but the fewer-steps sets and composed sets with
+    # steps in their name with their own.
     steps = sorted(flags["--steps"] for flags in samples)
-    expected_steps = [str(cfg["sampling"]["steps"])] * (len(samples) - len(cfg["sampling"]["fewer_steps"]))
-    assert steps == sorted(expected_steps + [str(n) for n in cfg["sampling"]["fewer_steps"]])
+    own = [str(n) for n in cfg["sampling"]["fewer_steps"]]
+    own += [name.rsplit("_steps", 1)[1] for name in composed_sets(cfg) if "_steps" in name]
+    expected_steps = [str(cfg["sampling"]["steps"])] * (len(samples) - len(own))
+    assert steps == sorted(expected_steps + own)
     for flags in samples:
         assert (flags["--n-samples"], flags["--batch-size"], flags["--sampler"]) == (
             str(cfg["sampling"]["n_samples"]), str(cfg["sampling"]["batch_size"]), "ddim")
         assert flags["--precision"] == "fp32"  # the schema default
         assert "--no-ema" not in flags
-    duodiff = [f for f in samples if f["--method"] == "duodiff"]
+    plain = [f for f in samples if Path(f["--output-folder"]).name not in composed_sets(cfg)]
+    duodiff = [f for f in plain if f["--method"] == "duodiff"]
     assert sorted(int(f["--t-switch"]) for f in duodiff) == sorted(cfg["duodiff"]["t_switch"])
     assert all(f["--checkpoint-path-late"] == "results/tiny/models/full/model.pt" for f in duodiff)
-    early_sets = [f for f in samples if f["--method"] == "early_exit"]
+    # The composed set of all three ingredients: the shallow model, then the early-exit model.
+    (composed,) = [f for f in samples if Path(f["--output-folder"]).name in composed_sets(cfg)]
+    assert (composed["--checkpoint-path"], composed["--checkpoint-path-late"]) == (
+        "results/tiny/models/shallow_d1/model.pt", "results/tiny/models/ee_attention_probe/model.pt")
+    assert (composed["--t-switch"], composed["--threshold"], composed["--steps"]) == ("2", "0.5", "4")
+    early_sets = [f for f in plain if f["--method"] == "early_exit"]
     assert sorted(float(f["--threshold"]) for f in early_sets) == sorted(cfg["early_exit"]["thresholds"])
     # CMMD: the reference is embedded by one job, with the same settings as every set's job.
     (embed_reference,) = [flags for name, flags in commands if name == "cmmd-reference"]

@@ -37,7 +37,19 @@ SET_NAMES = {
     "shallow": "shallow_d{depth}",
     "early_exit": "ee_{classifier_type}_thr{threshold}",
     "duodiff": "duodiff_d{depth}_ts{t_switch}",
+    # composed (config `composed`): early exit or DuoDiff at fewer steps, DuoDiff with early exit in
+    # the full model's phase. No field pattern holds an underscore, so no name matches two forms.
+    "early_exit_steps": "ee_{classifier_type}_thr{threshold}_steps{steps}",
+    "duodiff_steps": "duodiff_d{depth}_ts{t_switch}_steps{steps}",
+    "duodiff_early_exit": "duodiff_d{depth}_ts{t_switch}_ee_{classifier_type}_thr{threshold}",
+    "duodiff_early_exit_steps": "duodiff_d{depth}_ts{t_switch}_ee_{classifier_type}_thr{threshold}_steps{steps}",
 }
+COMPOSED_FORMS = ("early_exit_steps", "duodiff_steps", "duodiff_early_exit", "duodiff_early_exit_steps")
+
+
+def sample_rule(form: str) -> str:
+    """Which sample.smk rule samples the sets of a name form (sample_<method> or sample_composed_<form>)."""
+    return f"sample_composed_{form}" if form in COMPOSED_FORMS else f"sample_{form}"
 
 
 def set_name_regex(name: str, named: bool = True) -> str:
@@ -92,6 +104,81 @@ def sample_sets() -> list:
         for depth in shallow_depths()
         for t in config["duodiff"]["t_switch"]
     ]
+    sets += [name for name in composed_sets() if name not in sets]
+    return sets
+
+
+# ---- composed policies (config `composed`) -------------------------------------------------------
+# Each entry is one grid: its ingredients fixed, one knob (t_switch, threshold or steps) swept.
+# validation.smk (_check_composed) checked the entries. duodiff.core.study.composed_family_label
+# builds the same family labels for the tables (tests/test_vocabulary.py keeps them equal).
+COMPOSED_KNOBS = ("t_switch", "threshold", "steps")
+
+
+def composed_form(entry: dict) -> str:
+    """The set-name form of a composed entry (a key of SET_NAMES)."""
+    if "duodiff" not in entry:
+        return "early_exit_steps"
+    if "early_exit" not in entry:
+        return "duodiff_steps"
+    return "duodiff_early_exit_steps" if "steps" in entry else "duodiff_early_exit"
+
+
+def composed_knob(entry: dict) -> str:
+    return next(knob for knob in COMPOSED_KNOBS if isinstance(entry.get(knob), list))
+
+
+def composed_family_label(fields: dict, knob: str) -> str:
+    """A family's label: its fixed ingredients, the knob left out (duodiff.core.study's twin)."""
+    parts = []
+    if fields.get("depth") is not None:
+        parts.append(f"DuoDiff d{fields['depth']}" + (f", t_switch {fields['t_switch']}" if knob != "t_switch" else ""))
+    if fields.get("classifier_type") is not None:
+        threshold = f" τ {threshold_label(fields['threshold'])}" if knob != "threshold" else ""
+        parts.append(f"{fields['classifier_type']}{threshold}")
+    label = " + ".join(parts)
+    return label + (f" at {fields['steps']} steps" if knob != "steps" and fields.get("steps") is not None else "")
+
+
+def composed_families() -> list:
+    """Per `composed` entry: {"template": its set name with the knob left as a placeholder
+    ({threshold}, {t_switch} or {steps}), "knob", "values": the configured list, "label": the
+    family's label}. The search for operating points (point 2 of issue 21) probes other values of
+    the knob through the template; a threshold is written with threshold_label."""
+    families = []
+    for entry in config["composed"]:
+        knob = composed_knob(entry)
+        fields = {
+            "depth": entry.get("duodiff"),
+            "t_switch": entry.get("t_switch"),
+            "classifier_type": entry.get("early_exit"),
+            "threshold": entry.get("threshold"),
+            "steps": entry.get("steps"),
+        }
+        fields = {key: value for key, value in fields.items() if value is not None}
+        fixed = {key: value for key, value in fields.items() if key != knob}
+        if "threshold" in fixed:
+            fixed["threshold"] = threshold_label(fixed["threshold"])
+        template = SET_NAMES[composed_form(entry)].format(**fixed, **{knob: f"{{{knob}}}"})
+        # One value: the label names every ingredient, as the tables' does (they see one set).
+        label = (
+            composed_family_label(fields, knob)
+            if len(entry[knob]) > 1
+            else composed_family_label({**fields, knob: entry[knob][0]}, None)
+        )
+        families.append({"template": template, "knob": knob, "values": list(entry[knob]), "label": label})
+    return families
+
+
+def composed_sets() -> list:
+    """The sample sets of every `composed` entry, entry by entry in its knob's configured order."""
+    sets = []
+    for family in composed_families():
+        for value in family["values"]:
+            text = threshold_label(value) if family["knob"] == "threshold" else value
+            name = family["template"].format(**{family["knob"]: text})
+            if name not in sets:
+                sets.append(name)
     return sets
 
 
@@ -122,14 +209,15 @@ def set_file(kind: str, set_name: str = "{set}") -> str:
 
 
 def sample_outputs(method):
-    """The declared files of rule sample_<method>'s sets, the grid flagged for the report."""
+    """The declared files of the sets of a name form (rule sample_rule(method)), the grid flagged
+    for the report."""
     outputs = {kind: set_file(kind, SET_NAMES[method]) for kind in SET_FILES}
     outputs["grid"] = report(
         outputs["grid"],
         caption="../report/grid.rst",
         category="4. Samples",  # after the plots and tables (report.smk)
-        subcategory=method,
-        labels={"set": SET_NAMES[method], "method": method},
+        subcategory="composed" if method in COMPOSED_FORMS else method,
+        labels={"set": SET_NAMES[method], "method": "composed" if method in COMPOSED_FORMS else method},
     )
     return outputs
 
@@ -148,7 +236,7 @@ def sample_models(wildcards) -> dict:
         match = re.fullmatch(set_name_regex(name), wildcards.set)
         if match:
             values = {"experiment": wildcards.experiment, **match.groupdict()}
-            inputs = getattr(rules, f"sample_{method}").input
+            inputs = getattr(rules, sample_rule(method)).input
             return {key: expand(path, **values) for key, path in inputs.items()}
     raise ValueError(f"set {wildcards.set} was not drawn from a model (sample sets: {', '.join(SET_NAMES.values())})")
 

@@ -93,3 +93,78 @@ use rule sample_full as sample_duodiff with:
         # The shallow model denoises the first t_switch steps, the full one the rest.
         checkpoints=lambda wildcards, input: f"--checkpoint-path {input.shallow} --checkpoint-path-late {input.full}",
         flags=lambda wildcards: f"--t-switch {wildcards.t_switch} {sampling_flags()}",
+
+
+# Composed policies (config `composed`, common.smk): the same `duodiff sample` methods at fewer
+# steps, or DuoDiff whose late model is the early-exit model (the frozen full backbone with its
+# heads and probes), its exit rule running in the full model's phase.
+
+
+use rule sample_full as sample_composed_early_exit_steps with:
+    input:
+        **autoencoder_inputs(),
+        model=trained(rules.train_early_exit.output.model),
+    output:
+        **sample_outputs("early_exit_steps"),
+    log:
+        "results/{experiment}/logs/sample_composed_early_exit_steps/ee_{classifier_type}_thr{threshold}_steps{steps}.log",
+    benchmark:
+        "results/{experiment}/benchmarks/sample_composed_early_exit_steps/ee_{classifier_type}_thr{threshold}_steps{steps}.tsv"
+    params:
+        method="early_exit",
+        flags=lambda wildcards: f"--threshold {wildcards.threshold} {sampling_flags(steps=int(wildcards.steps))}",
+
+
+use rule sample_full as sample_composed_duodiff_steps with:
+    input:
+        **autoencoder_inputs(),
+        shallow=trained(rules.train_shallow.output.model),
+        full=trained(rules.train_full.output.model),
+    output:
+        **sample_outputs("duodiff_steps"),
+    log:
+        "results/{experiment}/logs/sample_composed_duodiff_steps/duodiff_d{depth}_ts{t_switch}_steps{steps}.log",
+    benchmark:
+        "results/{experiment}/benchmarks/sample_composed_duodiff_steps/duodiff_d{depth}_ts{t_switch}_steps{steps}.tsv"
+    params:
+        method="duodiff",
+        checkpoints=lambda wildcards, input: f"--checkpoint-path {input.shallow} --checkpoint-path-late {input.full}",
+        flags=lambda wildcards: f"--t-switch {wildcards.t_switch} {sampling_flags(steps=int(wildcards.steps))}",
+
+
+use rule sample_full as sample_composed_duodiff_early_exit with:
+    input:
+        **autoencoder_inputs(),
+        shallow=trained(rules.train_shallow.output.model),
+        early_exit=trained(rules.train_early_exit.output.model),
+    output:
+        **sample_outputs("duodiff_early_exit"),
+    log:
+        "results/{experiment}/logs/sample_composed_duodiff_early_exit/duodiff_d{depth}_ts{t_switch}_ee_{classifier_type}_thr{threshold}.log",
+    benchmark:
+        "results/{experiment}/benchmarks/sample_composed_duodiff_early_exit/duodiff_d{depth}_ts{t_switch}_ee_{classifier_type}_thr{threshold}.tsv"
+    params:
+        method="duodiff",
+        # The shallow model for the first t_switch steps, then the early-exit model with its exit rule.
+        checkpoints=lambda wildcards, input: f"--checkpoint-path {input.shallow} --checkpoint-path-late {input.early_exit}",
+        flags=lambda wildcards: f"--t-switch {wildcards.t_switch} --threshold {wildcards.threshold} {sampling_flags()}",
+
+
+use rule sample_full as sample_composed_duodiff_early_exit_steps with:
+    input:
+        **autoencoder_inputs(),
+        shallow=trained(rules.train_shallow.output.model),
+        early_exit=trained(rules.train_early_exit.output.model),
+    output:
+        **sample_outputs("duodiff_early_exit_steps"),
+    log:
+        "results/{experiment}/logs/sample_composed_duodiff_early_exit_steps/duodiff_d{depth}_ts{t_switch}_ee_{classifier_type}_thr{threshold}_steps{steps}.log",
+    benchmark:
+        "results/{experiment}/benchmarks/sample_composed_duodiff_early_exit_steps/duodiff_d{depth}_ts{t_switch}_ee_{classifier_type}_thr{threshold}_steps{steps}.tsv"
+    params:
+        method="duodiff",
+        checkpoints=lambda wildcards, input: f"--checkpoint-path {input.shallow} --checkpoint-path-late {input.early_exit}",
+        flags=lambda wildcards: (
+            f"--t-switch {wildcards.t_switch} --threshold {wildcards.threshold} "
+            f"{sampling_flags(steps=int(wildcards.steps))}"
+        ),

@@ -106,6 +106,7 @@ def check_config(config, dryrun: bool) -> None:
         _check_full_model_fits_latents(config, full_path, full, dryrun)
     _check_shallow_models(config["models"]["shallow"], full_path, full)
     _check_guidance(config, full_path, full)
+    _check_composed(config)  # after the models' checks: it reads the shallow depths
     _check_data_source(config["dataset"], dryrun)
     _check_trained_in(config["models"]["trained_in"], config["experiment"])
 
@@ -156,6 +157,56 @@ def _check_sampling(config) -> None:
                 f"invalid config: duodiff.t_switch {t_switch} must be in [0, sampling.steps = {sampling['steps']}] "
                 "(the number of noisiest sampling steps done by the shallow model)"
             )
+
+
+# A composed entry's swept knob and what each ingredient needs (common.smk builds its sets).
+COMPOSED_KNOBS = ("t_switch", "threshold", "steps")
+COMPOSED_PAIRS = {"duodiff": "t_switch", "early_exit": "threshold"}
+
+
+def _check_composed(config) -> None:
+    """Each composed entry: two ingredients or more, exactly one knob a list, every value one the
+    study can sample (a trained shallow depth and classifier type, steps below sampling.steps,
+    t_switch within the entry's steps)."""
+    study_steps = config["sampling"]["steps"]
+    depths = sorted(read_model_config(path)["depth"] for path in config["models"]["shallow"])
+    classifiers = config["early_exit"]["classifier_types"]
+    for i, entry in enumerate(config["composed"]):
+        where = f"invalid config: composed[{i}]"
+        for ingredient, knob in COMPOSED_PAIRS.items():
+            if (ingredient in entry) != (knob in entry):
+                raise ValueError(f"{where}: {ingredient} and {knob} go together (give both or neither)")
+        ingredients = [key for key in ("duodiff", "early_exit", "steps") if key in entry]
+        if len(ingredients) < 2:
+            raise ValueError(
+                f"{where}: combines {' '.join(ingredients) or 'nothing'}; a composed entry needs two or more of "
+                "duodiff (+ t_switch), early_exit (+ threshold), steps (one alone is early_exit, duodiff or "
+                "sampling.fewer_steps)"
+            )
+        lists = [knob for knob in COMPOSED_KNOBS if isinstance(entry.get(knob), list)]
+        if len(lists) != 1:
+            raise ValueError(
+                f"{where}: exactly one of {', '.join(k for k in COMPOSED_KNOBS if k in entry)} must be a list (the "
+                f"swept knob); got {len(lists)}{': ' + ', '.join(lists) if lists else ''}"
+            )
+        if "duodiff" in entry and entry["duodiff"] not in depths:
+            raise ValueError(f"{where}: duodiff {entry['duodiff']} is not a shallow depth of models.shallow ({depths})")
+        if "early_exit" in entry and entry["early_exit"] not in classifiers:
+            raise ValueError(
+                f"{where}: early_exit {entry['early_exit']!r} is not one of early_exit.classifier_types ({', '.join(classifiers)})"
+            )
+        steps = entry.get("steps", study_steps)
+        for value in steps if isinstance(steps, list) else [steps]:
+            if "steps" in entry and (config["sampling"]["sampler"] == "ddpm" or not 1 <= value < study_steps):
+                raise ValueError(
+                    f"{where}: steps {value} must be in [1, sampling.steps = {study_steps}) with the ddim or "
+                    "dpm_solver sampler (at sampling.steps, leave steps out)"
+                )
+        fewest = min(steps if isinstance(steps, list) else [steps])  # t_switch must fit every set's steps
+        t_switch = entry.get("t_switch", [])
+        for value in t_switch if isinstance(t_switch, list) else [t_switch]:
+            if value > fewest:
+                raise ValueError(f"{where}: t_switch {value} must be in [0, {fewest}] (the entry's steps)")
 
 
 def _check_depths(config) -> None:

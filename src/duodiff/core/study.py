@@ -17,9 +17,18 @@ from duodiff.core.errors import DuodiffError
 METHODS = ("full", "shallow", "early_exit", "duodiff")
 # The methods of the tables' rows, in the papers' order: the sampling methods, the held-out real
 # images, and the full model sampled with fewer steps.
-METHOD_ORDER = ("real", "full", "fewer_steps", "shallow", "early_exit", "duodiff")
-# The method a set's stats.json records when it differs from the set's own method.
-STATS_METHOD = {"fewer_steps": "full"}
+# Composed sets (several families in one policy: fewer steps, DuoDiff's shallow phase, early exit
+# inside the full model) are one method, whatever they combine.
+METHOD_ORDER = ("real", "full", "fewer_steps", "shallow", "early_exit", "duodiff", "composed")
+# The method a set's stats.json records (what `duodiff sample --method` runs) when it differs from
+# the set's own method, by the form of its name (SET_NAME_TEMPLATES; stats_method).
+STATS_METHOD = {
+    "fewer_steps": "full",
+    "early_exit_steps": "early_exit",
+    "duodiff_steps": "duodiff",
+    "duodiff_early_exit": "duodiff",
+    "duodiff_early_exit_steps": "duodiff",
+}
 # The setting each swept method varies from set to set.
 SWEPT_SETTING = {"early_exit": "threshold", "duodiff": "t_switch"}
 
@@ -39,21 +48,18 @@ CLASSIFIER_TYPES = (
 )
 
 # ---- sample-set names ------------------------------------------------------------------------
-# Also the folder names (docs/architecture.md, "Tables and plots"). One pattern per method, each
-# name parses one way only; the groups are the fields set_name() takes.
+# Also the folder names (docs/architecture.md, "Tables and plots"). One template per form of name;
+# a form is a method's own name, or one of the composed forms (method "composed": FORM_METHOD).
+# Each name parses one way only: no field pattern holds an underscore, so a composed name never
+# matches a plain form's pattern (fullmatch) and the forms differ in their literal parts.
 THRESHOLD_PATTERN = r"\d+(?:\.\d+)?(?:e-\d+)?"
-SET_NAME_PATTERNS = {
-    "real": re.compile(r"real"),
-    "full": re.compile(r"full"),
-    "fewer_steps": re.compile(r"full_steps(?P<steps>\d+)"),
-    "shallow": re.compile(r"shallow_d(?P<depth>\d+)"),
-    "early_exit": re.compile(
-        rf"ee_(?P<classifier_type>{'|'.join(CLASSIFIER_TYPES)})_thr(?P<threshold>{THRESHOLD_PATTERN})"
-    ),
-    "duodiff": re.compile(r"duodiff_d(?P<depth>\d+)_ts(?P<t_switch>\d+)"),
+FIELD_PATTERNS = {
+    "steps": r"\d+",
+    "depth": r"\d+",
+    "t_switch": r"\d+",
+    "classifier_type": "|".join(CLASSIFIER_TYPES),
+    "threshold": THRESHOLD_PATTERN,
 }
-SET_NAME_FORMS = ("real, full, full_steps<steps>, shallow_d<depth>, ee_<classifier_type>_thr<threshold>, "
-                  "duodiff_d<depth>_ts<t_switch>")
 SET_NAME_TEMPLATES = {
     "real": "real",
     "full": "full",
@@ -61,7 +67,23 @@ SET_NAME_TEMPLATES = {
     "shallow": "shallow_d{depth}",
     "early_exit": "ee_{classifier_type}_thr{threshold}",
     "duodiff": "duodiff_d{depth}_ts{t_switch}",
+    # composed: early exit at fewer steps; DuoDiff at fewer steps; DuoDiff whose full-model phase
+    # runs the early-exit model with its exit rule (at the study's steps, or fewer).
+    "early_exit_steps": "ee_{classifier_type}_thr{threshold}_steps{steps}",
+    "duodiff_steps": "duodiff_d{depth}_ts{t_switch}_steps{steps}",
+    "duodiff_early_exit": "duodiff_d{depth}_ts{t_switch}_ee_{classifier_type}_thr{threshold}",
+    "duodiff_early_exit_steps": "duodiff_d{depth}_ts{t_switch}_ee_{classifier_type}_thr{threshold}_steps{steps}",
 }
+COMPOSED_FORMS = ("early_exit_steps", "duodiff_steps", "duodiff_early_exit", "duodiff_early_exit_steps")
+FORM_METHOD = {form: ("composed" if form in COMPOSED_FORMS else form) for form in SET_NAME_TEMPLATES}
+
+
+def _template_regex(template: str) -> re.Pattern:
+    return re.compile(re.sub(r"\{(\w+)\}", lambda m: f"(?P<{m[1]}>{FIELD_PATTERNS[m[1]]})", template))
+
+
+SET_NAME_PATTERNS = {form: _template_regex(template) for form, template in SET_NAME_TEMPLATES.items()}
+SET_NAME_FORMS = ", ".join(re.sub(r"\{(\w+)\}", r"<\1>", t) for t in SET_NAME_TEMPLATES.values())
 
 
 def threshold_label(value) -> str:
@@ -71,24 +93,49 @@ def threshold_label(value) -> str:
 
 
 def set_name(method: str, **fields) -> str:
-    """The name of a set: set_name("duodiff", depth=3, t_switch=10) -> 'duodiff_d3_ts10'."""
+    """The name of a set: set_name("duodiff", depth=3, t_switch=10) -> 'duodiff_d3_ts10'. A
+    composed set's form is the one whose fields are those given:
+    set_name("composed", classifier_type="attention_probe", threshold=0.2, steps=30)
+    -> 'ee_attention_probe_thr0.2_steps30'."""
     if "threshold" in fields:
         fields = {**fields, "threshold": threshold_label(fields["threshold"])}
-    return SET_NAME_TEMPLATES[method].format(**fields)
+    return SET_NAME_TEMPLATES[name_form(method, fields)].format(**fields)
+
+
+def name_form(method: str, fields) -> str:
+    """The form (a key of SET_NAME_TEMPLATES) of a set of `method` with these fields."""
+    if method != "composed":
+        return method
+    for form in COMPOSED_FORMS:
+        if set(re.findall(r"\{(\w+)\}", SET_NAME_TEMPLATES[form])) == set(fields):
+            return form
+    raise DuodiffError(f"no composed set has exactly the fields {sorted(fields)} (forms: {', '.join(COMPOSED_FORMS)})")
+
+
+def parse_set_form(name: str) -> tuple[str, dict[str, str]]:
+    """-> (form, {field: text}) of a set name; DuodiffError for a name of no known form."""
+    for form, pattern in SET_NAME_PATTERNS.items():
+        match = pattern.fullmatch(name)
+        if match:
+            return form, match.groupdict()
+    raise DuodiffError(f"sample set name {name!r} has none of the forms {SET_NAME_FORMS}")
 
 
 def parse_set_name(name: str) -> tuple[str, dict[str, str]]:
     """-> (method, {field: text}) of a set name; DuodiffError for a name of no known form."""
-    for method, pattern in SET_NAME_PATTERNS.items():
-        match = pattern.fullmatch(name)
-        if match:
-            return method, match.groupdict()
-    raise DuodiffError(f"sample set name {name!r} has none of the forms {SET_NAME_FORMS}")
+    form, fields = parse_set_form(name)
+    return FORM_METHOD[form], fields
 
 
 def method_of_set(name: str) -> str:
     """The method a sample-set name belongs to, from its form (see SET_NAME_PATTERNS)."""
     return parse_set_name(name)[0]
+
+
+def stats_method(name: str) -> str:
+    """The method stats.json records for a set of this name (`duodiff sample --method`)."""
+    form = parse_set_form(name)[0]
+    return STATS_METHOD.get(form, form)
 
 
 # ---- the label of a set's setting --------------------------------------------------------------
@@ -98,22 +145,66 @@ def method_of_set(name: str) -> str:
 # of the figures, where sets drawn at one point share one label.
 SETTING_STYLES = {
     "stats": ({"early_exit": ("threshold", "threshold={}", ""), "duodiff": ("t_switch", "t_switch={}", ""),
-               "real": (None, "held-out real images", "")}, "-"),
+               "real": (None, "held-out real images", ""),
+               "composed": (("t_switch", "t_switch={}", ""), ("threshold", "threshold={}", ""),
+                            ("steps", "steps={}", ""))}, "-"),
     "table": ({"early_exit": ("threshold", "threshold = {}", "g"), "duodiff": ("t_switch", "t_switch = {}", "g"),
-               "fewer_steps": ("steps", "{} steps", ""), "real": ("n_samples", "{} images", "")}, "–"),
-    "plot": ({"early_exit": ("threshold", "τ={}", "g"), "duodiff": ("t_switch", "tₛ={}", "")}, ""),
+               "fewer_steps": ("steps", "{} steps", ""), "real": ("n_samples", "{} images", ""),
+               "composed": (("t_switch", "t_switch = {}", "g"), ("threshold", "τ = {}", "g"),
+                            ("steps", "{} steps", ""))}, "–"),
+    "plot": ({"early_exit": ("threshold", "τ={}", "g"), "duodiff": ("t_switch", "tₛ={}", ""),
+              "composed": (("t_switch", "tₛ={}", ""), ("threshold", "τ={}", "g"), ("steps", "{} steps", ""))}, ""),
 }  # fmt: skip
+
+
+def composed_fields(row) -> set:
+    """The settings a composed set combines: those its name carries (row["set"]) or, without a
+    name, every one the row has (t_switch, threshold not None; steps always)."""
+    name = row.get("set") if hasattr(row, "get") else None
+    if isinstance(name, str):
+        return set(parse_set_form(name)[1]) - {"depth", "classifier_type"}
+    return {"steps"} | {key for key in ("t_switch", "threshold") if row.get(key) is not None and row.get(key) == row.get(key)}
 
 
 def setting_label(*rows, style: str = "table") -> str:
     """How the setting of a set (a row of the tables, or a mapping with its method and settings)
     reads in `style` (SETTING_STYLES). Several rows of one method share one label, their values
-    joined by ', ' (sets drawn at the same point of a plot)."""
+    joined by ', ' (sets drawn at the same point of a plot). A composed set lists what it combines,
+    in SETTING_STYLES' order ("t_switch = 20, τ = 0.15"); several share one label joined by '; '."""
     forms, none = SETTING_STYLES[style]
     form = forms.get(rows[0]["method"])
     if form is None:
         return none
+    if isinstance(form[0], tuple):  # composed
+        return "; ".join(
+            ", ".join(text.format(format(row[column], value_format)) for column, text, value_format in form
+                      if column in composed_fields(row))
+            for row in rows
+        )  # fmt: skip
     column, text, value_format = form
     if column is None:
         return text
     return text.format(", ".join(format(row[column], value_format) for row in rows))
+
+
+# ---- composed families --------------------------------------------------------------------------
+# A family of composed sets sweeps one knob (COMPOSED_KNOBS) with every other ingredient fixed:
+# one `composed` entry of the config (workflow/rules/common.smk, composed_families, builds the same
+# labels from the config; tests/test_vocabulary.py keeps the two equal).
+COMPOSED_KNOBS = ("t_switch", "threshold", "steps")
+
+
+def composed_family_label(fields: dict, knob: str | None) -> str:
+    """How a family of composed sets reads: its fixed ingredients, the swept `knob` left out (None,
+    a family of one value: every ingredient named).
+    {"classifier_type": "attention_probe", "steps": 30}, "threshold" -> 'attention_probe at 30 steps';
+    {"depth": 3, "t_switch": 20, "classifier_type": "attention_probe"}, "threshold"
+    -> 'DuoDiff d3, t_switch 20 + attention_probe'."""
+    parts = []
+    if fields.get("depth") is not None:
+        parts.append(f"DuoDiff d{fields['depth']}" + (f", t_switch {fields['t_switch']}" if knob != "t_switch" else ""))
+    if fields.get("classifier_type") is not None:
+        threshold = f" τ {threshold_label(fields['threshold'])}" if knob != "threshold" else ""
+        parts.append(f"{fields['classifier_type']}{threshold}")
+    label = " + ".join(parts)
+    return label + (f" at {fields['steps']} steps" if knob != "steps" and fields.get("steps") is not None else "")

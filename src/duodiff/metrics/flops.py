@@ -25,7 +25,9 @@ Per exit (early exit): LUT[k] = embedding + blocks 0..k-1 + the probes of exits 
 Per sample set (DIR/stats.json, DIR/exit_layers.pt of shape (steps, n)):
 - gflops_per_forward: the mean over steps and samples of the executed network's cost
   (full / shallow: constant; duodiff: shallow for the first t_switch steps, full after;
-  early exit: LUT[exit layer]);
+  early exit: LUT[exit layer]; DuoDiff with an early-exit late model (a composed set): shallow
+  for the first t_switch steps, LUT[exit layer] of the late model after. Fewer steps change only
+  the number of rows of exit_layers);
 - gflops_per_image: the sum over the sampling steps (steps x gflops_per_forward) and, with
   classifier-free guidance, over the sample's two branches (each step runs the network twice);
 - layer_ratio: the mean executed depth (exit_layers) / the full depth;
@@ -221,15 +223,25 @@ def set_costs(method: str, exit_layers: torch.Tensor, costs: dict, costs_late: d
     if method == "duodiff":
         assert costs_late is not None and 0 <= t_switch <= steps, "read_set checks a duodiff set's t_switch"
         shallow_depth, depth = len(costs["blocks"]), len(costs_late["blocks"])
-        expected = torch.full((steps, n), depth, dtype=torch.long)
-        expected[:t_switch] = shallow_depth
+        early_exit = "probes" in costs_late  # DuoDiff with early exit in the late phase (a composed set)
         require(
-            bool((exit_layers == expected).all()),
-            f"duodiff set: exit_layers should be {shallow_depth} for the first t_switch={t_switch} steps and {depth} after",
+            bool((exit_layers[:t_switch] == shallow_depth).all()),
+            f"duodiff set: exit_layers should be {shallow_depth} for the first t_switch={t_switch} steps",
         )
-        shallow, full = network_cost(costs), network_cost(costs_late)
+        late_layers = exit_layers[t_switch:]
+        if early_exit:
+            require(
+                late_layers.numel() == 0 or (int(late_layers.min()) >= 0 and int(late_layers.max()) <= depth),
+                f"duodiff set with early exit: exit layers after t_switch={t_switch} must be in [0, {depth}]",
+            )
+        else:
+            require(bool((late_layers == depth).all()), f"duodiff set: exit_layers should be {depth} after t_switch={t_switch}")
+        shallow = network_cost(costs)
+        # The late phase costs what the full network ran: all of it, or LUT[exit] with early exit.
+        late = exit_lut(costs_late) if early_exit else [network_cost(costs_late)] * (depth + 1)
         for k in ("total", "linear_conv"):
-            per_eval[k] = torch.full((steps, n), float(full[k]), dtype=torch.float64)
+            table = torch.tensor([float(entry[k]) for entry in late], dtype=torch.float64)
+            per_eval[k] = table[exit_layers.long().clamp(0, depth)]
             per_eval[k][:t_switch] = float(shallow[k])
         return per_eval, depth
     raise AssertionError(f"read_set checks the method; got {method!r}")
@@ -311,7 +323,11 @@ def run_flops(*, samples, output) -> dict:
     branches = stats.get("branches", 1)  # sets sampled before guidance existed: 1
 
     full = network_cost(costs_late if method == "duodiff" else costs)
+    late_meta = checkpoint_costs(stats["checkpoint_late"])[1] if method == "duodiff" else None
+    # The exit look-up of the set's early-exit model: alone, or DuoDiff's late model.
     lut = exit_lut(costs) if method == "early_exit" else None
+    if late_meta is not None and late_meta["kind"] == "early_exit":
+        lut = exit_lut(costs_late)
     decoder = decoder_cost(stats)
     result = {
         "method": method,

@@ -8,16 +8,22 @@ once per step, and run_sample reads its cost afterwards. A policy follows Sampli
         blocks that ran per step and sample (what it costs: the layer ratio, the FLOPs look-up and
         the exit heat map are read from it)
 
-The three of the study:
+The building blocks:
 
     ModelDenoiser      one network at every step: the full U-ViT (or the shallow one alone)
-    DuoDiffDenoiser    DuoDiff (arXiv 2410.09633): the shallow network for the first t_switch
-                       (noisiest) steps, the full one after
     EarlyExitDenoiser  DeeDiff / AdaDiff (arXiv 2309.17074): each sample leaves the network at the
                        first exit whose predicted uncertainty is at most the threshold
+    PhasedPolicy       one policy for the first `switch` steps, another for the rest (fed the
+                       phase-local step index)
+
+and their compositions: DuoDiffDenoiser (arXiv 2410.09633) is a PhasedPolicy of the shallow
+network's ModelDenoiser for the first t_switch (noisiest) steps and the full network's after; with
+an early-exit model in the late phase (its backbone the full U-ViT), the late phase is an
+EarlyExitDenoiser, DuoDiff with early exit. Fewer steps are the sampler's business, not the
+policy's: every policy runs at whatever number of steps the sampler asks for.
 
 make_denoiser builds a set's policy from its method and settings; classifier-free guidance wraps
-any of them (duodiff.core.guidance.GuidedDenoiser). Composed policies go here.
+any of them (duodiff.core.guidance.GuidedDenoiser).
 """
 
 from __future__ import annotations
@@ -50,27 +56,6 @@ class ModelDenoiser:
         return torch.full((steps, batch_size), self.model.depth, dtype=torch.long)
 
 
-class DuoDiffDenoiser:
-    """DuoDiff (2410.09633): the shallow network for the first t_switch (noisiest) steps, then the full one."""
-
-    def __init__(self, shallow, full, t_switch: int, y=None, steps: int | None = None):
-        assert 0 <= t_switch <= (steps if steps is not None else t_switch), (t_switch, steps)  # run_sample checked it
-        self.shallow = shallow
-        self.full = full
-        self.t_switch = t_switch
-        self.y = y
-
-    def __call__(self, x, t, step_index):
-        model = self.shallow if step_index < self.t_switch else self.full
-        return model(x, t, self.y)
-
-    def executed_depth(self, steps: int, batch_size: int) -> torch.Tensor:
-        assert self.t_switch <= steps, (self.t_switch, steps)
-        depth = torch.full((steps, batch_size), self.full.depth, dtype=torch.long)
-        depth[: self.t_switch] = self.shallow.depth
-        return depth
-
-
 class EarlyExitDenoiser:
     """DeeDiff/AdaDiff early exit: each sample leaves at the first exit whose uncertainty <= threshold.
 
@@ -98,13 +83,46 @@ class EarlyExitDenoiser:
         return torch.stack(self._exits).long().cpu()
 
     def executed_depth(self, steps: int, batch_size: int) -> torch.Tensor:
-        layers = self.exit_layers
+        # A late phase that never ran (DuoDiff with t_switch = steps) has executed no block.
+        layers = self.exit_layers if self._exits else torch.zeros((0, batch_size), dtype=torch.long)
         assert tuple(layers.shape) == (steps, batch_size), (tuple(layers.shape), steps, batch_size)
         return layers
 
 
+class PhasedPolicy:
+    """`early` for the first `switch` steps (the noisiest), `late` for the rest. The late policy
+    sees its own step count from 0, so an EarlyExitDenoiser (which records one exit row per step
+    it ran) or any other policy works unchanged in either phase."""
+
+    def __init__(self, early, late, switch: int):
+        assert switch >= 0, switch  # run_sample checked it
+        self.early = early
+        self.late = late
+        self.switch = switch
+
+    def __call__(self, x, t, step_index):
+        if step_index < self.switch:
+            return self.early(x, t, step_index)
+        return self.late(x, t, step_index - self.switch)
+
+    def executed_depth(self, steps: int, batch_size: int) -> torch.Tensor:
+        assert self.switch <= steps, (self.switch, steps)
+        early = self.early.executed_depth(self.switch, batch_size)
+        late = self.late.executed_depth(steps - self.switch, batch_size)
+        return torch.cat([early, late])
+
+
+def DuoDiffDenoiser(shallow, full, t_switch: int, y=None, steps: int | None = None, threshold: float | None = None):
+    """DuoDiff (2410.09633): the shallow network for the first t_switch (noisiest) steps, then the
+    full one; with `threshold`, `full` is an early-exit model whose exit rule runs in that phase."""
+    assert 0 <= t_switch <= (steps if steps is not None else t_switch), (t_switch, steps)  # run_sample checked it
+    late = ModelDenoiser(full, y=y) if threshold is None else EarlyExitDenoiser(full, threshold, y=y)
+    return PhasedPolicy(ModelDenoiser(shallow, y=y), late, t_switch)
+
+
 def make_denoiser(method, models, threshold, t_switch, y, guidance_scale=0.0, null=None):
-    """The denoiser of a method; its threshold and t_switch were checked by duodiff.sample.sample_set.
+    """The denoiser of a method; its threshold and t_switch were checked by duodiff.sample.sample_set
+    (duodiff with a threshold: the late model is an early-exit model, its exit rule in the late phase).
     A guidance scale != 0 runs it on both branches, y and the null label (duodiff.core.guidance)."""
     if guidance_scale != 0:
         inner = make_denoiser(method, models, threshold, t_switch, guided_labels(y, null))
@@ -112,5 +130,5 @@ def make_denoiser(method, models, threshold, t_switch, y, guidance_scale=0.0, nu
     if method == "early_exit":
         return EarlyExitDenoiser(models["model"], threshold, y=y)
     if method == "duodiff":
-        return DuoDiffDenoiser(models["shallow"], models["full"], t_switch, y=y)
+        return DuoDiffDenoiser(models["shallow"], models["full"], t_switch, y=y, threshold=threshold)
     return ModelDenoiser(models["model"], y=y)

@@ -8,6 +8,9 @@ Methods (docs/architecture.md):
 - duodiff   the shallow U-ViT (--checkpoint-path) for the first --t-switch (noisiest) steps,
             the full U-ViT (--checkpoint-path-late) for the rest. The first must be the shallower
             one (two paths swapped are refused) unless --allow-deeper-shallow says it is meant.
+            An early-exit model (on the full U-ViT) as --checkpoint-path-late, with --threshold,
+            runs its exit rule in the late phase: DuoDiff with early exit (a composed set).
+Any method runs at the --steps given: a composed set at fewer steps is the same command.
 With --guidance-scale S != 0 each method also runs the unconditional branch (duodiff.core.guidance).
 
 The set is written batch by batch: the PNGs of a batch, then its part file (exit layers, wall
@@ -97,12 +100,18 @@ def check_sample_args(*, method, sampler, steps, n_samples, batch_size, seed, et
     require(sampler == "ddim" or eta == 0, f"--eta applies to the ddim sampler only; got --eta {eta} with --sampler {sampler}")
     if method == "early_exit":
         require(threshold is not None, "--method early_exit needs --threshold (a number in [0, 1])")
+    if method in ("early_exit", "duodiff") and threshold is not None:
+        # duodiff: the exit rule of an early-exit --checkpoint-path-late (check_late_model)
         require(
             is_number(threshold) and 0 <= threshold <= 1,
             f"--threshold must be in [0, 1]; got {threshold!r}",
         )
     else:
-        require(threshold is None, f"--threshold applies to --method early_exit only; got --threshold {threshold} with --method {method}")
+        require(
+            threshold is None,
+            f"--threshold applies to --method early_exit (and duodiff with an early-exit --checkpoint-path-late) only; "
+            f"got --threshold {threshold} with --method {method}",
+        )
     if method == "duodiff":
         require(checkpoint_path_late is not None, "--method duodiff needs --checkpoint-path-late (the full model)")
         require(t_switch is not None, "--method duodiff needs --t-switch (how many of the noisiest steps the shallow model does)")
@@ -125,6 +134,25 @@ def check_sample_args(*, method, sampler, steps, n_samples, batch_size, seed, et
         f"--precision {precision} needs --device cuda; on {dev.type} choose fp32 or bf16",
     )
     return dev
+
+
+def check_late_model(method, metas, threshold, checkpoint_path_late) -> None:
+    """DuoDiff's late model and --threshold go together: an early-exit late model runs its exit
+    rule (it needs the threshold), a plain U-ViT has none (a threshold would be ignored)."""
+    if method != "duodiff":
+        return
+    kind = metas["full"]["kind"]
+    if kind == "early_exit":
+        require(
+            threshold is not None,
+            f"--checkpoint-path-late {checkpoint_path_late} is an early_exit model: DuoDiff with early exit in the "
+            "late phase needs --threshold (a number in [0, 1])",
+        )
+    else:
+        require(
+            threshold is None,
+            f"--threshold applies to an early_exit --checkpoint-path-late; {checkpoint_path_late} is a {kind!r} model",
+        )
 
 
 def sampling_steps(num_timesteps: int, method, sampler, steps, t_switch) -> int:
@@ -161,6 +189,7 @@ def run_sample(*, checkpoint_path, method, output_folder, sampler, steps, n_samp
     for path, meta in zip(paths, (main_value(metas), metas.get("full"))):
         if meta is not None:
             check_model_autoencoder(meta, decoder, path)
+    check_late_model(method, metas, threshold, checkpoint_path_late)
     steps = sampling_steps(diffusion.num_timesteps, method, sampler, steps, t_switch)
     null = set_null_label(guidance_scale, models, metas)
     settings = {
@@ -374,10 +403,14 @@ def set_stats(settings: dict, parts: list, exit_layers, models, metas, diffusion
         shallow_depth = depth if method == "shallow" else None
     return {
         "method": method,
-        "setting": setting_label(settings, style="stats"),
+        # DuoDiff with early exit reads as what it combines (t_switch, threshold, steps).
+        "setting": setting_label({**settings, "method": "composed"} if method == "duodiff" and settings["threshold"]
+                                 is not None else settings, style="stats"),
         "threshold": settings["threshold"],
         "t_switch": settings["t_switch"],
-        "classifier_type": meta.get("classifier_type") if method == "early_exit" else None,
+        # early exit, alone or in DuoDiff's late phase (then the late model's)
+        "classifier_type": (meta if method == "early_exit" else metas.get("full", {})).get("classifier_type")
+        if settings["threshold"] is not None else None,
         **{key: settings[key] for key in RUN_KEYS},
         "depth": depth,
         "shallow_depth": shallow_depth,
@@ -408,12 +441,14 @@ def add_cli(subparsers) -> None:
         "exit_layers.pt, stats.json). Rerunning the same command resumes an interrupted set.",
     )
     add_flag(parser, "--checkpoint-path", required=True, help="model.pt (duodiff: the shallow model)")
-    add_flag(parser, "--checkpoint-path-late", default=None, help="duodiff: the full model's model.pt")
+    add_flag(parser, "--checkpoint-path-late", default=None,
+             help="duodiff: the full model's model.pt, or an early-exit model on it (then with --threshold)")
     add_flag(parser, "--allow-deeper-shallow", action="store_true",
              help="duodiff: run even if --checkpoint-path is not shallower than --checkpoint-path-late "
              "(refused by default: it usually means the two paths are swapped)")  # fmt: skip
     add_flag(parser, "--method", required=True, choices=METHODS)
-    add_flag(parser, "--threshold", type=float, default=None, help="early_exit: exit once uncertainty <= this, in [0, 1]")
+    add_flag(parser, "--threshold", type=float, default=None,
+             help="early_exit (and duodiff with an early-exit late model): exit once uncertainty <= this, in [0, 1]")
     add_flag(parser, "--t-switch", type=int, default=None, help="duodiff: steps done by the shallow model, from the noisiest")
     add_flag(parser, "--sampler", default="ddim", choices=SAMPLERS)
     add_flag(parser, "--steps", type=int, default=None, help="sampling steps (ddim, dpm_solver: required; ddpm: num_timesteps)")

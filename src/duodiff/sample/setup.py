@@ -84,9 +84,11 @@ def load_models(method, checkpoint_path, checkpoint_path_late, use_ema, device, 
         return {"model": model}, diffusion, {"model": meta}
 
     late, late_diffusion, late_meta = load(checkpoint_path_late, use_ema=use_ema, device=device)
+    # The late phase runs the full U-ViT, or an early-exit model built on it (DuoDiff with early
+    # exit: the late model's exit rule runs in the full model's phase; --threshold picks it).
     require(
-        late_meta["kind"] == "uvit",
-        f"--method duodiff needs a uvit model as --checkpoint-path-late; {checkpoint_path_late} holds a "
+        late_meta["kind"] in ("uvit", "early_exit"),
+        f"--method duodiff needs a uvit or early_exit model as --checkpoint-path-late; {checkpoint_path_late} holds a "
         f"{late_meta['kind']!r} model",
     )
     paths = (checkpoint_path, checkpoint_path_late)
@@ -141,7 +143,7 @@ def warm_up(method, models, threshold, shape, num_classes, device, precision):
     y = torch.zeros(shape[0], dtype=torch.long, device=device) if num_classes > 0 else None
     with torch.inference_mode(), precision_context(precision, device):
         for model in models.values():
-            if method == "early_exit":
+            if hasattr(model, "forward_early_exit"):  # early exit, alone or as DuoDiff's late model
                 model.forward_early_exit(x, t, threshold, y)
             else:
                 model(x, t, y)

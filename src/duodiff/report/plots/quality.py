@@ -132,6 +132,9 @@ class QualitySeries:
             if method == "early_exit":
                 group = table[(table["method"] == method) & (table["classifier_type"] == key)].sort_values("threshold")
                 label = f"early exit, {key}"
+            elif method == "composed":  # a family's sets in its knob's order (Palette.members)
+                group = table.set_index("set").loc[palette.members[(method, key)]].reset_index()
+                label = f"composed, {key}"
             else:
                 group = table[(table["method"] == method) & (table["shallow_depth"] == key)].sort_values("t_switch")
                 label = f"DuoDiff, {key}-block shallow"

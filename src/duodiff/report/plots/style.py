@@ -25,6 +25,7 @@ REAL_COLOR = "tab:green"
 # full model's fewer-steps sets (the full model itself is black).
 EARLY_EXIT_CMAPS = ["Blues", "Purples", "YlOrBr", "BuGn", "GnBu", "BuPu"]
 DUODIFF_CMAPS = ["Reds", "Oranges", "RdPu"]
+COMPOSED_CMAPS = ["Greens", "YlGn", "PuBuGn", "OrRd"]  # one per composed family (config entry)
 FULL_STYLE = dict(color="black", marker="*", markersize=15, linestyle="none")
 SHALLOW_MARKER = "s"
 # Every figure is drawn at about the width of a paper's column (3.3 in) and its smallest type is
@@ -109,6 +110,13 @@ class Palette:
             self._assign(group, "t_switch", cmap, ("duodiff", depth))
             for name in table.loc[(table["method"] == "shallow") & (table["shallow_depth"] == depth), "set"]:
                 self.colors[name] = colormaps[cmap](0.95)
+        self.members: dict[tuple, list[str]] = {}  # composed families: (method, label) -> sets in knob order
+        for i, (method, family, sets) in enumerate(f for f in method_families(table) if f[0] == "composed"):
+            cmap = COMPOSED_CMAPS[i % len(COMPOSED_CMAPS)]
+            for name, color in zip(sets["set"], shades(cmap, len(sets))):
+                self.colors[name] = color
+            self.family[(method, family)] = colormaps[cmap](0.75)
+            self.members[(method, family)] = list(sets["set"])
         for name in table.loc[table["method"] == "full", "set"]:
             self.colors[name] = (0.0, 0.0, 0.0, 1.0)
         fewer = table[table["method"] == "fewer_steps"].sort_values("steps", ascending=False)
@@ -176,8 +184,10 @@ def sampling_caption(table: pd.DataFrame) -> str:
     return "mixed samplers"
 
 
-def swept_families(table: pd.DataFrame, methods=("early_exit", "duodiff")) -> list[tuple[str, pd.DataFrame]]:
+def swept_families(table: pd.DataFrame, methods=("early_exit", "duodiff", "composed")) -> list[tuple[str, pd.DataFrame]]:
     """(title, sets in setting order) of every method family with a swept setting: early exit per
-    classifier (thresholds), DuoDiff per shallow depth (t_switch)."""
-    return [(method_label(sets.iloc[0]), sets.sort_values(SWEPT_SETTING[method]))
-            for method, _, sets in method_families(table) if method in methods]
+    classifier (thresholds), DuoDiff per shallow depth (t_switch), each composed family (its knob)."""
+    # Composed families come in their knob's order already (operating_points.composed_families).
+    return [(method_label(sets.iloc[0]) if method != "composed" else f"Composed, {family}",
+             sets.sort_values(SWEPT_SETTING[method]) if method in SWEPT_SETTING else sets)
+            for method, family, sets in method_families(table) if method in methods]

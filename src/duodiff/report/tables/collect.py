@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -98,6 +99,8 @@ def method_label(row) -> str:
         return f"U-ViT shallow ({blocks(row['shallow_depth'])})"
     if method == "early_exit":
         return f"Early exit, {row['classifier_type']}"
+    if method == "composed":
+        return "Composed"
     return f"DuoDiff ({row['shallow_depth']} + {row['depth']} blocks)"
 
 
@@ -114,6 +117,9 @@ def _order_key(row) -> tuple:
         return (METHOD_ORDER.index(method), str(row["classifier_type"]), number(row["threshold"]), 0.0)
     if method == "duodiff":
         return (METHOD_ORDER.index(method), "", number(row["shallow_depth"]), number(row["t_switch"]))
+    if method == "composed":  # by form (the set name up to its numbers), then t_switch, threshold, fewer steps
+        return (METHOD_ORDER.index(method), re.sub(r"\d+(\.\d+)?(e-\d+)?", "#", row["set"]),
+                number(row["t_switch"]) * 1e3 + number(row["threshold"]), -number(row["steps"]))
     return (METHOD_ORDER.index(method), "", number(row["shallow_depth"]), 0.0)
 
 

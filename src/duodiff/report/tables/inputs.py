@@ -15,7 +15,7 @@ from pathlib import Path
 
 from duodiff.core.errors import DuodiffError, is_number, require
 from duodiff.core.io import read_json
-from duodiff.core.study import STATS_METHOD, setting_label
+from duodiff.core.study import setting_label, stats_method
 
 # The method a set's stats.json records: fewer-steps sets are the full model sampled with fewer steps.
 # The headline score (metrics.headline): which metric file it is read from and how it is named.
@@ -244,15 +244,19 @@ def read_set(settings: TableSettings, name: str, method: str) -> dict:
     stats = _read(stats_path)
     gflops = _read(gflops_path)
 
-    recorded = STATS_METHOD.get(method, method)
+    recorded = stats_method(name)
     require(stats["method"] == recorded,
             f"{stats_path}: method is {stats['method']!r} but the set name {name!r} says {recorded!r}")
+    # A composed set's setting is what it combines, read from its name (stats.json knows the
+    # method it ran, not which of its settings the study varied).
+    setting = stats["setting"] if method != "composed" else setting_label(
+        {"method": method, "set": name, **{key: stats[key] for key in ("t_switch", "threshold", "steps")}}, style="stats")
     shallow_depth = stats["shallow_depth"]
     if method == "shallow" and shallow_depth is None:
         shallow_depth = stats["depth"]  # a shallow set is one U-ViT: its depth is the shallow depth
 
     return {
-        "set": name, "method": method, "setting": stats["setting"],
+        "set": name, "method": method, "setting": setting,
         "classifier_type": stats["classifier_type"], "threshold": stats["threshold"],
         "t_switch": stats["t_switch"], "shallow_depth": shallow_depth, "depth": stats["depth"],
         "sampler": stats["sampler"], "steps": stats["steps"], "seed": stats["seed"],

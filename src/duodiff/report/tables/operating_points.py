@@ -10,8 +10,11 @@ is at most the margin, a fraction of the full model's score (metrics.equal_quali
 from __future__ import annotations
 
 import math
+import re
 
 import pandas as pd
+
+from duodiff.core.study import COMPOSED_KNOBS, SET_NAME_TEMPLATES, composed_family_label, parse_set_form
 
 VERDICTS = ("better", "equal", "worse")
 
@@ -75,17 +78,63 @@ def method_families(frame: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
     for depth in frame.loc[frame["method"] == "duodiff", "shallow_depth"].drop_duplicates():
         sets = frame[(frame["method"] == "duodiff") & (frame["shallow_depth"] == depth)]
         families.append(("duodiff", f"shallow depth {depth}", sets))
+    families += [("composed", label, sets) for label, _, sets in composed_families(frame)]
     return families
 
 
-def search_family_id(method: str, sets: pd.DataFrame) -> str:
-    """The id `duodiff search` gives a family (workflow/rules/common.smk, search_families)."""
+def composed_families(frame: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
+    """(family label, knob, its sets in knob order) of the composed sets, read from the set names
+    as the rest of the tables are. One `composed` entry of the config sweeps one knob with the rest
+    fixed, so its sets lie on a line: the same form and models, every knob but one equal. The
+    families are every such line of two sets or more (a set on two lines, shared by two entries,
+    is in both), and a family of its own for a set on none."""
+    composed = frame[frame["method"] == "composed"]
+    groups: dict[tuple, list[tuple[str, dict]]] = {}
+    for name in composed["set"]:
+        form, fields = parse_set_form(name)
+        groups.setdefault((form, fields.get("depth"), fields.get("classifier_type")), []).append((name, fields))
+    families, on_a_line = [], set()
+    for members in groups.values():
+        knobs = [k for k in COMPOSED_KNOBS if k in members[0][1]]
+        for knob in knobs:
+            lines: dict[tuple, list[tuple[str, dict]]] = {}
+            for name, fields in members:
+                lines.setdefault(tuple(fields[k] for k in knobs if k != knob), []).append((name, fields))
+            for line in (line for line in lines.values() if len(line) > 1):
+                names = [name for name, _ in sorted(line, key=lambda member: float(member[1][knob]))]
+                families.append((composed_family_label(line[0][1], knob), knob, _rows(composed, names)))
+                on_a_line.update(names)
+        for name, fields in members:
+            if name not in on_a_line:  # a set alone: its label names every ingredient (knob None)
+                families.append((composed_family_label(fields, None), knobs[0], _rows(composed, [name])))
+    return families
+
+
+def _rows(frame: pd.DataFrame, names: list[str]) -> pd.DataFrame:
+    return frame.set_index("set").loc[names].reset_index()
+
+
+def search_family_ids(method: str, sets: pd.DataFrame) -> list[str]:
+    """The ids `duodiff search` may have given a family (workflow/rules/common.smk,
+    search_families): one, except for a composed family of a single set, whose knob the set name
+    does not tell (one per knob it has)."""
     first = sets.iloc[0]
     if method == "early_exit":
-        return f"early_exit-{first['classifier_type']}"
+        return [f"early_exit-{first['classifier_type']}"]
     if method == "duodiff":
-        return f"duodiff-d{first['shallow_depth']}"
-    return method
+        return [f"duodiff-d{first['shallow_depth']}"]
+    if method == "composed":
+        # Its sets lie on a line (composed_families): the one field that varies is the knob, and
+        # the name with that field as a placeholder is the config entry's template.
+        form, fields = parse_set_form(first["set"])
+        knobs = [knob for knob in COMPOSED_KNOBS if knob in fields]
+        varying = [knob for knob in knobs if len({parse_set_form(name)[1][knob] for name in sets["set"]}) > 1]
+        ids = []
+        for knob in varying or knobs:
+            template = SET_NAME_TEMPLATES[form].format(**{**fields, knob: ""})
+            ids.append("composed-" + re.sub(r"[^A-Za-z0-9_-]", "", template))
+        return ids
+    return [method]
 
 
 def _point(base: dict, pick, note: str) -> dict:
@@ -145,8 +194,8 @@ def operating_points(frame: pd.DataFrame) -> pd.DataFrame:
             rows.append({**base, "note": "no paired intervals (metrics.intervals: false, or sets scored without "
                                          "a baseline): equal quality cannot be tested"})
             continue
-        family_id = search_family_id(method, sets)
-        if family_id in searches:
+        family_id = next((i for i in search_family_ids(method, sets) if i in searches), None)
+        if family_id is not None:
             rows.append(_searched_point(base, searches.pop(family_id), every_row, full))
             continue
         good = sets[passes(sets)]
