@@ -12,6 +12,7 @@ import re
 import zlib
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from _defaults import cli_args
@@ -92,8 +93,23 @@ def study(tmp_path_factory):
     write_study(root)
     write_plot_inputs(root)
     tables(root)
+    write_search(root)
     data = plots(root)
     return root, data
+
+
+def write_search(root):
+    """search.csv as `duodiff tables` writes it for one family: two grid seeds (round 0), then two
+    bisection probes between the pass at 0.1 and the failure at 0.3."""
+    trace = [(0, "grid", 0.1, 0.02, -0.05, 0.09, "equal"), (0, "grid", 0.3, 0.40, 0.25, 0.55, "worse"),
+             (1, "search", 0.2, 0.15, 0.05, 0.25, "worse"), (2, "search", 0.15, 0.06, -0.01, 0.11, "equal")]
+    rows = [{"family": "early_exit-attention_probe", "round": r, "source": source,
+             "set": f"ee_attention_probe_thr{value}", "knob": "threshold", "value": value, "score_name": "FD",
+             "score": 1.2 + diff, "score_diff": diff, "score_diff_ci_low": low, "score_diff_ci_high": high,
+             "verdict": verdict, "margin": 0.1, "quality_limit": 0.12, "speedup_theoretical": 1 + value,
+             "speedup_measured": 1 + value, "stopped": "budget exhausted", "best": "ee_attention_probe_thr0.15",
+             "note": ""} for r, source, value, diff, low, high, verdict in trace]  # fmt: skip
+    pd.DataFrame(rows).to_csv(root / "tables" / "search.csv", index=False)
 
 
 def series(data, label):

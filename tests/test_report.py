@@ -35,7 +35,7 @@ REPORT = REPO / "workflow" / "report"
 CAPTIONS = ["scores_table", "operating_points", "fid_table", "kid_table", "cmmd_table", "gflops_table", "summary", "quality_vs_gflops",
             "paired_difference",
             "quality_vs_time", "exit_heatmap", "mean_exit_layer", "fid_vs_tswitch", "training_curves", "sample_grids", "grid",
-            "workflow"]
+            "search_trace", "search_table", "workflow"]
 CONFIGS = sorted(str(p.relative_to(REPO)) for p in [*(REPO / "config").glob("*.yaml"),
                                                     *(REPO / "tests" / "configs").glob("*.yaml")])
 # grid.rst is rendered per sample set: (rule, set folder, wildcards).
@@ -148,8 +148,10 @@ def build_tiny_report(tmp_path):
 
     config = yaml.safe_load((REPO / TINY).read_text())
     # The study made by hand below has the classic sets and Inception scores only: no fewer-steps
-    # sets, no real-data set, no classifier headline (tests/test_workflow.py runs those for real).
-    config["sampling"]["fewer_steps"], config["reference"]["n_real"] = [], 0
+    # or composed sets, no real-data set, no classifier headline, no search (tests/test_tiny_study.py
+    # runs those for real).
+    config["sampling"]["fewer_steps"], config["reference"]["n_real"], config["composed"] = [], 0, []
+    config["search"]["enabled"] = False
     config["metrics"]["headline"] = "inception"
     config_path = tmp_path / "tiny_report.yaml"
     config_path.write_text(yaml.safe_dump(config))

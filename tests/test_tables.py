@@ -103,7 +103,7 @@ def study(tmp_path):
 def test_csvs_hold_the_inputs_in_paper_order_with_speedups(study):
     paths = tables(study)
     assert sorted(p.name for p in paths.values()) == ["cmmd.csv", "fid.csv", "gflops.csv", "kid.csv",
-                                                      "operating_points.csv", "scores.csv", "summary.html",
+                                                      "operating_points.csv", "scores.csv", "search.csv", "summary.html",
                                                       "summary.md", "summary.tex"]
     fid = pd.read_csv(study / "tables" / "fid.csv")
     assert fid["set"].tolist() == ORDER

@@ -234,7 +234,8 @@ def test_tiny_study_searches_each_family_and_reports_the_setting_found(tiny_stud
     study = tiny_study / "results" / "tiny"
     with open(study / "tables" / "search.csv") as f:
         rows = list(csv.DictReader(f))
-    families = {"fewer_steps", "early_exit-attention_probe", "duodiff-d1"}
+    composed = "composed-duodiff_d1_ts2_ee_attention_probe_thr_steps4"  # tiny.yaml's entry, its knob the threshold
+    families = {"fewer_steps", "early_exit-attention_probe", "duodiff-d1", composed}
     assert {row["family"] for row in rows} == families
     for family in families:
         trace = [row for row in rows if row["family"] == family]
@@ -256,6 +257,10 @@ def test_tiny_study_searches_each_family_and_reports_the_setting_found(tiny_stud
         final = next(row for row in rows if row["family"] == family)
         assert "found by search" in points[label]["note"]
         assert points[label]["set"] == final["best"]  # "" when none passes: the note names the closest
+    # The composed family's row (method composed) reports its search too.
+    (point,) = [p for p in points.values() if p["method"] == "composed"]
+    final = next(row for row in rows if row["family"] == composed)
+    assert "found by search" in point["note"] and point["set"] == final["best"]
     assert not {row["set"] for row in rows if row["source"] == "search"} & grid  # probes stay out of scores.csv
     timed = json.loads((study / "timing" / "timing.json").read_text())["sets"]
     assert {row["set"] for row in rows if row["source"] == "search"} <= set(timed)

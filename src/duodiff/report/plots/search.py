@@ -13,7 +13,7 @@ import pandas as pd
 from duodiff.core.errors import require
 from duodiff.report.plots.style import SMALL_FONT, new_figure, wrap_label
 
-PANEL_HEIGHT = 2.0  # inches per row of panels
+PANEL_HEIGHT = 2.4  # inches per row of panels: room for the title, the probes and their numbers
 SEARCH_COLUMNS = ["family", "round", "source", "set", "knob", "value", "score_diff", "score_diff_ci_low",
                   "score_diff_ci_high", "verdict", "quality_limit", "stopped", "best"]
 
