@@ -520,7 +520,7 @@ def test_operating_points_pick_the_fastest_setting_that_passes_the_paired_test(t
     # The summary's headline column carries the interval and the marks of the sets that differ.
     header, rows = markdown_rows(summary)
     cells = {row[0] + " / " + row[1]: row[header.index("FD [95% CI] ↓")] for row in rows}
-    assert cells["Real data (held out) / 1000 images"] == "70.00 [60.00, 80.00]"  # not paired: no verdict
+    assert cells["Real data (floor) / 1000 images"] == "70.00 [60.00, 80.00]"  # not paired: no verdict
     assert cells["U-ViT (7 blocks), fewer steps / 10 steps"] == "150.00 [135.00, 165.00]†"
     assert cells["U-ViT (7 blocks), fewer steps / 20 steps"] == "105.00 [95.00, 115.00]"
     # The real-data row is the floor, not a contender: the best FD in bold is a generated set's.

@@ -98,7 +98,7 @@ def method_of_set(name: str) -> str:
 # of the figures, where sets drawn at one point share one label.
 SETTING_STYLES = {
     "stats": ({"early_exit": ("threshold", "threshold={}", ""), "duodiff": ("t_switch", "t_switch={}", ""),
-               "real": (None, "held-out real images", "")}, "-"),
+               "real": (None, "real images not in the reference", "")}, "-"),
     "table": ({"early_exit": ("threshold", "threshold = {}", "g"), "duodiff": ("t_switch", "t_switch = {}", "g"),
                "fewer_steps": ("steps", "{} steps", ""), "real": ("n_samples", "{} images", "")}, "–"),
     "plot": ({"early_exit": ("threshold", "τ={}", "g"), "duodiff": ("t_switch", "tₛ={}", "")}, ""),

@@ -88,7 +88,7 @@ def method_label(row) -> str:
     """How a set's method reads in tables and legends."""
     method = row["method"]
     if method == "real":
-        return "Real data (held out)"
+        return "Real data (floor)"
     if method == "full":
         return f"U-ViT ({blocks(row['depth'])})"
     if method == "fewer_steps":

@@ -25,9 +25,7 @@ def notes(frame: pd.DataFrame, footnotes: dict[str, int]) -> list[str]:
     lines = [_headline_note(full)]
     if len(real):
         row = real.iloc[0]
-        lines.append(f"Real data: {row['n_samples']} real images that are not in the reference, scored against it "
-                     f"like a sample set: the floor no method can beat except by chance"
-                     + (f" ({' '.join(sentence(n) for n in row['real_notes'])})" if row["real_notes"] else "") + ".")
+        lines.append(_real_note(row))
     lines.append(_marks_note(frame, full))
     lines.append(_sampling_note(frame, full))
     lines.append(_samples_note(frame, full, cmmd))
@@ -36,6 +34,18 @@ def notes(frame: pd.DataFrame, footnotes: dict[str, int]) -> list[str]:
     lines.extend(_cmmd_notes(frame, footnotes, cmmd))
     lines.append(_bold_note(full))
     return lines
+
+
+def _real_note(row) -> str:
+    """What the floor is: how its images were drawn (stats.json's selection), and whether the models
+    saw them, which decides what a method's score at the floor means."""
+    drawn = f" ({row['real_selection']})" if isinstance(row.get("real_selection"), str) else ""
+    seen = {True: " The models and the feature network were trained on every training image, these included: "
+                  "the floor is what real images the models were fitted to score, not unseen ones.",
+            False: " No model was trained on them."}.get(row.get("real_seen"), "")
+    caveats = f" ({' '.join(sentence(n) for n in row['real_notes'])})" if row["real_notes"] else ""
+    return (f"Real data: {row['n_samples']} real images{drawn}, scored against the reference like a sample set: "
+            f"the floor, what real images of the same distribution score{caveats}.{seen}")
 
 
 def _marks_note(frame: pd.DataFrame, full) -> str:
