@@ -9,9 +9,9 @@ import json
 
 import numpy as np
 import pytest
+from _defaults import cli_args
 from PIL import Image
 
-from _defaults import cli_args
 from duodiff.metrics import reference
 
 N_REFERENCE, N_REAL = 797, 1000  # the embedded default's: together every one of the 1,797 digits
@@ -77,7 +77,7 @@ def test_each_class_in_proportion_to_its_share(split, digits, side):
 
 
 def test_same_seed_same_images_other_seed_other_images(split, tmp_path, digits):
-    root, _, real = split
+    _, _, real = split
     again = real_set(tmp_path / "again", 0, n_images=300)
     other = real_set(tmp_path / "other", 1, n_images=300)
     assert again["indices"] == real_set(tmp_path / "third", 0, n_images=300)["indices"]
