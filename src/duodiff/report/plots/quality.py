@@ -3,13 +3,13 @@
 Each figure is saved as `<name>.png` (raster, for the report) and `<name>.pdf` (vector, for
 papers), atomically, under fixed names (docs/architecture.md, "Tables and plots"):
 
-    quality_vs_gflops   FID against GFLOPs per network evaluation: the Pareto picture
+    quality_vs_gflops   the headline score against GFLOPs per image: the Pareto picture
     paired_difference   each set's paired difference to the full model against its speed-up, with
                         the equal-quality margin: one panel per method family
-    quality_vs_time     FID against measured milliseconds per image
+    quality_vs_time     the headline score against measured milliseconds per image
     exit_heatmap        where early exit exits: exit layer by sampling step, per early-exit set
     mean_exit_layer     mean exit layer by sampling step, one panel per method family
-    fid_vs_tswitch      DuoDiff's FID against t_switch, per shallow depth
+    fid_vs_tswitch      DuoDiff's headline score against t_switch, per shallow depth
     training_curves     training loss against step, one panel per kind of loss
     sample_grids        sample grids of every set beside real images, one row per method family
 
@@ -86,12 +86,6 @@ def pareto_front(sets: list[str], x: list[float], y: list[float]) -> list[str]:
         if not dominated:
             front.append(i)
     return [sets[i] for i in sorted(front, key=lambda i: (x[i], y[i]))]
-
-
-def cost_scale(values) -> tuple[float, str]:
-    """GFLOPs shown as MFLOPs when every value is below 1 GFLOP (the embedded models)."""
-    values = pd.to_numeric(pd.Series(values), errors="coerce")
-    return (1e3, "MFLOPs") if values.max() < 1 else (1.0, "GFLOPs")
 
 
 class QualitySeries:
@@ -173,9 +167,8 @@ def quality_figure(table: pd.DataFrame, palette: Palette, cost: str, xlabel: str
 
 
 def plot_quality_vs_gflops(table, palette):
-    scale, unit = cost_scale(table["gflops_per_image"])
-    table = table.assign(flops_per_image=table["gflops_per_image"].astype(float) * scale)
-    return quality_figure(table, palette, "flops_per_image", f"{unit} per image (all sampling steps)",
+    # GFLOPs per image, the unit of the tables too (cells.SUMMARY_COLUMNS), however small the model.
+    return quality_figure(table, palette, "gflops_per_image", "GFLOPs per image (all sampling steps)",
                           f"Quality against compute ({sampling_caption(table)})")
 
 

@@ -101,14 +101,14 @@ def _network_notes(frame: pd.DataFrame) -> list[str]:
 
 
 def _cost_notes(frame: pd.DataFrame, full, timing: dict | None) -> list[str]:
-    """What GFLOPs/fwd, the layer ratio and images/s count, and where they were measured."""
+    """What GFLOPs/image, the layer ratio and images/s count, and where they were measured."""
     conventions = frame["gflops_convention"].drop_duplicates()
     linear_conv = full["gflops_per_forward_linear_conv"]
-    lines = ["GFLOPs/fwd: mean over sampling steps and samples of one network evaluation. "
-             + " ".join(sentence(c) for c in conventions)
-             + " Counting linear and conv layers only (the DeeDiff and DuoDiff papers' convention) the full "
-             f"model costs {linear_conv:.{decimals('gflops_per_forward', [linear_conv])}f} GFLOPs per forward "
-             "(gflops.csv: gflops_per_forward_linear_conv).",
+    lines = ["GFLOPs/image: the network evaluations of one image over all its sampling steps, mean over "
+             "samples (the unit of every table and plot). " + " ".join(sentence(c) for c in conventions)
+             + " Counting linear and conv layers only (the DeeDiff and DuoDiff papers' convention, per network "
+             f"evaluation) the full model costs {linear_conv:.{decimals('gflops_per_image', [linear_conv])}f} GFLOPs "
+             "per forward (gflops.csv: gflops_per_forward_linear_conv).",
              f"Layer ratio: transformer blocks executed per network evaluation, averaged over steps and "
              f"samples, as a fraction of the full model's {full['depth']} (1 = full model)."]
     if timing is not None:  # every set timed alone after sampling (duodiff time)
@@ -134,7 +134,7 @@ def _cost_notes(frame: pd.DataFrame, full, timing: dict | None) -> list[str]:
 def _bold_note(full) -> str:
     """The rule of best_mask, in words."""
     return ("Bold: the best value of each column. Quality columns: the lowest among the generated sets. Cost "
-            "columns (GFLOPs/fwd, images/s, speed-ups): the best among the full model and the sets of fewer steps, "
+            "columns (GFLOPs/image, images/s, speed-ups): the best among the full model and the sets of fewer steps, "
             f"early exit and DuoDiff that pass the paired test of equal quality ({full['margin']:.0%} margin), so "
             "that a cheaper set of worse quality is not crowned; the shallow model alone (DuoDiff's first stage, the "
             "cheapest by construction) is never a cost contender.")
