@@ -101,7 +101,8 @@ SETTING_STYLES = {
                "real": (None, "real images not in the reference", "")}, "-"),
     "table": ({"early_exit": ("threshold", "threshold = {}", "g"), "duodiff": ("t_switch", "t_switch = {}", "g"),
                "fewer_steps": ("steps", "{} steps", ""), "real": ("n_samples", "{} images", "")}, "–"),
-    "plot": ({"early_exit": ("threshold", "τ={}", "g"), "duodiff": ("t_switch", "tₛ={}", "")}, ""),
+    "plot": ({"early_exit": ("threshold", "τ={}", "g"), "duodiff": ("t_switch", "tₛ={}", ""),
+              "fewer_steps": ("steps", "{} steps", "")}, ""),
 }  # fmt: skip
 
 

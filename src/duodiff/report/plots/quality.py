@@ -24,6 +24,7 @@ curves), samples.py (sample grids); style.py holds what they share.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -49,10 +50,12 @@ from duodiff.report.plots.style import (
     bottom_legend,
     draw_floor_and_full_band,
     error_bars,
+    legend_entries,
     lines_drawn,
     new_figure,
     sampling_caption,
     score_label,
+    wrap_label,
 )
 from duodiff.report.plots.training import find_loss_files, plot_training_curves
 from duodiff.report.tables.collect import INTEGER_COLUMNS, blocks
@@ -136,45 +139,90 @@ class QualitySeries:
         for _, row in table[table["method"] == "full"].iterrows():
             self.draw(table[table["set"] == row["set"]], f"full U-ViT ({blocks(row['depth'])})", **FULL_STYLE)
 
-    def draw_pareto_front(self) -> list[str]:
-        sets, xs, ys = (list(v) for v in zip(*self.points))
-        front = pareto_front(sets, xs, ys)
-        where = {s: (x, y) for s, x, y in self.points}
-        self.ax.plot([where[s][0] for s in front], [where[s][1] for s in front], color="0.5", linestyle=":",
-                     linewidth=1.2, zorder=0, drawstyle="steps-post", label="Pareto front")
-        return front
+def draw_pareto_front(ax, front: list[str], where: dict) -> None:
+    ax.plot([where[s][0] for s in front], [where[s][1] for s in front], color="0.5", linestyle=":",
+            linewidth=1.2, zorder=0, drawstyle="steps-post", label="Pareto front")
+
+
+PANEL_HEIGHT = 1.75  # inches per row of the quality figures' panels (two panels a row)
+# What every panel shows, keyed once in the legend below them; the families are the panels' titles.
+SHARED_ENTRIES = ("full U-ViT", "shallow alone", "full model's 95% CI", "real data (floor)", "Pareto front")
+
+
+def quality_panels(table: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """(title, sets) of one panel per method family: fewer steps, early exit per probe, DuoDiff per
+    shallow depth with its shallow model alone. Each panel also gets the full model and the floor,
+    so no family's line hides another's (the four probes' lines overlapped in one panel)."""
+    panels = []
+    fewer = table[table["method"] == "fewer_steps"]
+    if len(fewer):
+        panels.append(("Fewer steps", fewer))
+    for classifier in sorted(table.loc[table["method"] == "early_exit", "classifier_type"].dropna().unique()):
+        sets = table[(table["method"] == "early_exit") & (table["classifier_type"] == classifier)]
+        panels.append((f"Early exit, {classifier}", sets))
+    depths = sorted(table.loc[table["method"].isin(["duodiff", "shallow"]), "shallow_depth"].dropna().unique())
+    for depth in depths:
+        sets = table[table["method"].isin(["duodiff", "shallow"]) & (table["shallow_depth"] == depth)]
+        panels.append((f"DuoDiff, {depth}-block shallow", sets))
+    return panels or [("Full U-ViT", table.iloc[0:0])]
 
 
 def quality_figure(table: pd.DataFrame, palette: Palette, cost: str, xlabel: str, title: str):
-    """The headline score (with its 95% interval as error bars) against a cost column: the methods'
-    series (QualitySeries.draw_methods), the full model's interval as a band, the real-data floor
-    as a line and the Pareto front."""
-    fig = new_figure(5.0)
-    ax = fig.subplots()
+    """The headline score (with its 95% interval as error bars) against a cost column, as small
+    multiples: one panel per method family (quality_panels) on shared axes, each with the full
+    model (star and its interval as a band), the real-data floor and the Pareto front of all sets."""
     real = table[table["method"] == "real"]
     table = table[table["method"] != "real"]
-    series = QualitySeries(ax, cost)
-    series.draw_methods(table, palette)
-    draw_floor_and_full_band(ax, pd.concat([table, real]))
-    front = series.draw_pareto_front()
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(score_label(table))
-    ax.set_title(title)
-    bottom_legend(fig, [ax])
-    points = [(x, y) for _, x, y in series.points]
-    labels = label_points(ax, series.annotations, points, SMALL_FONT)  # last: needs the final layout
-    return fig, {"x": cost, "y": "score", "series": lines_drawn(ax), "annotations": labels, "pareto": front}
+    full = table[table["method"] == "full"]
+    panels = quality_panels(table)
+    ncols = 2 if len(panels) > 1 else 1
+    nrows = math.ceil(len(panels) / ncols)
+    fig = new_figure(PANEL_HEIGHT * nrows + 1.1)
+    axes = fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False).ravel()
+    drawn = []
+    for ax, (panel_title, sets) in zip(axes, panels):
+        series = QualitySeries(ax, cost)
+        series.draw_methods(pd.concat([full, sets]), palette)
+        draw_floor_and_full_band(ax, pd.concat([full, real]))
+        ax.set_title(wrap_label(panel_title, 30), fontsize=SMALL_FONT + 0.5)
+        drawn.append(series)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    for i, ax in enumerate(axes[: len(panels)]):
+        if i + ncols >= len(panels):  # no panel below: its x axis is labelled (a fig.supxlabel met the legend)
+            ax.tick_params(labelbottom=True)
+            ax.set_xlabel(xlabel)
+    points = [point for series in drawn for point in series.points]
+    sets, xs, ys = (list(v) for v in zip(*points))
+    front = pareto_front(sets, xs, ys)
+    for series in drawn:
+        draw_pareto_front(series.ax, front, {s: (x, y) for s, x, y in points})
+    fig.supylabel(score_label(table))
+    fig.suptitle(title)
+    handles, labels = legend_entries(axes[: len(panels)])
+    shared = [(h, label) for h, label in zip(handles, labels) if label.startswith(SHARED_ENTRIES)]
+    fig.legend(*zip(*shared), loc="outside lower center", ncols=2, frameon=False)
+    labels = []
+    for series in drawn:  # last: needs the final layout
+        labels += label_points(series.ax, series.annotations, [(x, y) for _, x, y in series.points], SMALL_FONT)
+    # Each series once (the full model, band and floor are drawn in every panel).
+    unique = {}
+    for series in drawn:
+        for line in lines_drawn(series.ax):
+            unique.setdefault(line["label"], line)
+    return fig, {"x": cost, "y": "score", "series": list(unique.values()), "annotations": labels, "pareto": front,
+                 "panels": [{"title": t, "sets": s["set"].tolist()} for t, s in panels]}
 
 
 def plot_quality_vs_gflops(table, palette):
     # GFLOPs per image, the unit of the tables too (cells.SUMMARY_COLUMNS), however small the model.
-    return quality_figure(table, palette, "gflops_per_image", "GFLOPs per image (all sampling steps)",
+    return quality_figure(table, palette, "gflops_per_image", "GFLOPs per image",
                           f"Quality against compute ({sampling_caption(table)})")
 
 
 def plot_quality_vs_time(table, palette):
     table = table.assign(ms_per_image=1000.0 / table["images_per_s"].astype(float))
-    return quality_figure(table, palette, "ms_per_image", "measured milliseconds per image (1000 / images per s)",
+    return quality_figure(table, palette, "ms_per_image", "measured ms per image",
                           f"Quality against wall time ({sampling_caption(table)})")
 
 
