@@ -317,17 +317,29 @@ def test_sample_grids_show_real_images_and_every_set(study):
     root, data = study
     panels = data["sample_grids"]["panels"]
     assert [p["set"] for p in panels] == [None] + ORDER  # real images first, then the table's order
-    # As many real images as each set has samples (5): one row of 8px images enlarged 4x to 32px
-    # like grid.png, 2px padding: 2 + 32 + 2 high, 2 + 5 * (32 + 2) wide.
-    assert panels[0]["title"] == "real images" and panels[0]["shape"] == [36, 172, 3]
-    assert panels[1]["source"] == str(root / "samples" / "full" / "grid.png")
+    # As many real images as each set has samples (5), 4 a row at their own 8 px, 1 px white
+    # between: 1 + 2 * (8 + 1) high, 1 + 4 * (8 + 1) wide.
+    assert panels[0]["title"] == "real images" and panels[0]["shape"] == [19, 37, 3]
+    assert panels[1]["source"] == str(root / "samples" / "full" / "grid.png")  # no images/: its grid.png
     assert panels[1]["shape"] == list(GRID_PNG_SHAPE)
-    assert panels[2]["shape"] == [36, 104, 3]  # 3 images in one row: 2 + 3 * (32 + 2) wide
+    assert panels[2]["shape"] == [10, 28, 3]  # 3 images in one row: 1 + 3 * (8 + 1) wide
     # One row per method family, titled with it; each panel titled with its setting and score.
     assert (panels[6]["row"], panels[6]["title"]) == ("DuoDiff (3 + 13 blocks)", "tₛ=1\nFID 19.50")
     assert (panels[3]["row"], panels[3]["title"]) == ("Early exit, attention_probe", "τ=0.05\nFID 21.00")
     assert [p["title"] for p in panels[:3]] == ["real images", "full U-ViT\nFID 20.00", "shallow, 3 blocks\nFID 60.00"]
     assert {p["row"] for p in panels[:3]} == {"Real images and references"}
+
+
+def test_sample_grid_digits_are_at_least_20_px_at_a_column_width(study):
+    # Printed at a 3.3-inch column from the 150-dpi PNG the report shows, every image drawn from a
+    # set's images/ (and the real images) is at least 20 px wide (the 64-image grids gave ~5 px).
+    root, data = study
+    panels = [p for p in data["sample_grids"]["panels"] if "images" in p["source"]]
+    assert len(panels) == len(ORDER)  # the real images and every set but full (grid.png only)
+    with Image.open(root / "plots" / "sample_grids.png") as image:
+        figure_width_in = image.size[0] / 60  # the fixture's dpi
+    for panel in panels:
+        assert panel["image_width_in"] * 3.3 / figure_width_in * 150 >= 20, panel
 
 
 def test_grid_from_images_places_images_like_make_grid(tmp_path):
