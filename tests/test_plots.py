@@ -22,6 +22,7 @@ from test_tables import ORDER, STEPS, STUDY, tables, write_study
 
 import duodiff.report.plots.training as plot_training
 from duodiff.core.errors import DuodiffError
+from duodiff.report.plots.labels import text_overlaps
 from duodiff.report.plots.quality import PLOT_NAMES, load_table, plot_quality_vs_gflops, run_plots
 from duodiff.report.plots.samples import grid_from_images
 from duodiff.report.plots.style import STYLE, Palette
@@ -409,3 +410,48 @@ def test_paired_difference_plots_each_family_against_the_margin(study):
     assert (duodiff["low"], duodiff["high"]) == ([pytest.approx(-2.0), pytest.approx(2.5)],
                                                  [pytest.approx(1.0), pytest.approx(5.5)])
     assert duodiff["passes"] == [True, False]
+
+
+def figures_of(root, monkeypatch, tmp_path) -> dict:
+    """Every figure run_plots draws, as drawn (before saving), by name."""
+    import duodiff.report.plots.quality as quality
+
+    drawn, save = {}, quality.save_figure
+    monkeypatch.setattr(quality, "save_figure", lambda fig, data, folder, name, dpi: (
+        drawn.__setitem__(name, fig), save(fig, data, folder, name, dpi)))
+    run_plots(**cli_args("plots", tables_dir=root / "tables", samples_root=root / "samples",
+                         models_root=root / "models", reference=root / "reference", output_dir=tmp_path, dpi=150))
+    return drawn
+
+
+def test_no_figure_has_text_over_data_or_other_text(study, monkeypatch, tmp_path):
+    root, _ = study
+    figures = figures_of(root, monkeypatch, tmp_path)
+    assert sorted(figures) == sorted(PLOT_NAMES)
+    with rc_context(STYLE):
+        found = {name: text_overlaps(fig) for name, fig in figures.items()}
+    assert not any(found.values()), found
+
+
+def test_the_overlap_check_sees_a_legend_on_data_and_texts_on_each_other():
+    from duodiff.report.plots.style import new_figure
+
+    fig = new_figure(2.0)
+    ax = fig.subplots()
+    ax.plot(np.linspace(0, 1, 50), np.full(50, 0.5), label="a line across the middle")
+    ax.legend(loc="center")
+    ax.text(0.1, 0.9, "one label", transform=ax.transAxes)
+    ax.text(0.12, 0.9, "another label", transform=ax.transAxes)
+    found = text_overlaps(fig)
+    assert any(line.startswith("the legend covers") for line in found), found
+    assert any("'one label' overlaps text 'another label'" in line for line in found), found
+    assert any("'a line across the middle' covers" in line for line in found), found  # the legend's own text
+
+
+def test_pdfs_embed_truetype_fonts_not_type3(study):
+    # Some venues reject Type 3 fonts, matplotlib's default in PDFs; STYLE asks for Type 42.
+    root, _ = study
+    for name in PLOT_NAMES:
+        raw = (root / "plots" / f"{name}.pdf").read_bytes()
+        # Type 42 as matplotlib writes it: a CID font over the embedded TrueType program (FontFile2).
+        assert b"/FontFile2" in raw and b"/Subtype /Type3" not in raw, name

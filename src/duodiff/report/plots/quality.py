@@ -203,8 +203,9 @@ def quality_figure(table: pd.DataFrame, palette: Palette, cost: str, xlabel: str
     shared = [(h, label) for h, label in zip(handles, labels) if label.startswith(SHARED_ENTRIES)]
     fig.legend(*zip(*shared), loc="outside lower center", ncols=2, frameon=False)
     labels = []
+    everywhere = [(x, y) for _, x, y in points]  # every panel draws them all: the Pareto front's corners
     for series in drawn:  # last: needs the final layout
-        labels += label_points(series.ax, series.annotations, [(x, y) for _, x, y in series.points], SMALL_FONT)
+        labels += label_points(series.ax, series.annotations, everywhere, SMALL_FONT)
     # Each series once (the full model, band and floor are drawn in every panel).
     unique = {}
     for series in drawn:
