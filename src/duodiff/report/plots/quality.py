@@ -98,6 +98,7 @@ class QualitySeries:
     def __init__(self, ax, cost: str):
         self.ax, self.cost = ax, cost
         self.points: list[tuple] = []  # (set, x, y) of every drawn point
+        self.bar_ends: list[tuple] = []  # (x, y) of every error bar's two ends: labels keep off them too
         self.annotations: list[dict] = []
 
     def draw(self, group: pd.DataFrame, label: str, **style) -> None:
@@ -106,6 +107,9 @@ class QualitySeries:
         self.ax.errorbar(xs, ys, yerr=None if np.isnan(bars).all() else bars, label=label, capsize=2,
                          elinewidth=0.8, **style)
         self.points.extend(zip(group["set"], xs, ys))
+        for x, y, (down, up) in zip(xs, ys, bars.T):
+            if not np.isnan(down):
+                self.bar_ends += [(x, y - down), (x, y + up)]
         # Settings that land on the same point (e.g. thresholds at which nothing exits early)
         # share one annotation instead of printing over each other.
         at: dict[tuple, list] = {}
@@ -205,7 +209,7 @@ def quality_figure(table: pd.DataFrame, palette: Palette, cost: str, xlabel: str
     labels = []
     everywhere = [(x, y) for _, x, y in points]  # every panel draws them all: the Pareto front's corners
     for series in drawn:  # last: needs the final layout
-        labels += label_points(series.ax, series.annotations, everywhere, SMALL_FONT)
+        labels += label_points(series.ax, series.annotations, everywhere + series.bar_ends, SMALL_FONT)
     # Each series once (the full model, band and floor are drawn in every panel).
     unique = {}
     for series in drawn:
