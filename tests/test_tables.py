@@ -599,3 +599,18 @@ def test_inceptions_few_sample_fid_is_a_secondary_table_in_markdown_and_latex_ne
     main, inception = tex.split("Secondary: ")
     assert "FID" not in main.split("\\end{tabular}")[0] and "FID$\\downarrow$" in inception
     assert "\\textbf" not in inception.split("\\end{tabular}")[0]
+
+
+def test_the_floor_note_says_how_it_was_drawn_that_the_models_saw_it_and_why_its_kd_is_below_0(tmp_path):
+    write_ci_study(tmp_path)
+    write_json(tmp_path / "samples" / "real" / "stats.json", {
+        "method": "real", "dataset": "digits", "n_samples": 1000, "notes": [], "seen_in_training": True,
+        "selection": "1000 training images drawn at random within each class (split seed 0)"})
+    real = tmp_path / "metrics" / "real" / "fd_classifier.json"
+    write_json(real, {**json.loads(real.read_text()), "kid": -0.0053, "kid_ci_low": -0.0103, "kid_ci_high": -0.0004})
+    run_tables(**cli_args("tables", samples_root=tmp_path / "samples", metrics_root=tmp_path / "metrics",
+                          sets=list(CI_STUDY) + ["real"], output_dir=tmp_path / "tables", headline="classifier"))
+    (note,) = [line for line in (tmp_path / "tables" / "summary.md").read_text().splitlines()
+               if line.startswith("- Real data:")]
+    assert "(1000 training images drawn at random within each class (split seed 0))" in note
+    assert "trained on every training image, these included" in note and "Its KD interval lies below 0" in note
