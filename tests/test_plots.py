@@ -414,7 +414,7 @@ def test_paired_difference_plots_each_family_against_the_margin(study):
 
 def figures_of(root, monkeypatch, tmp_path) -> dict:
     """Every figure run_plots draws, as drawn (before saving), by name."""
-    import duodiff.report.plots.quality as quality
+    from duodiff.report.plots import quality
 
     drawn, save = {}, quality.save_figure
     monkeypatch.setattr(quality, "save_figure", lambda fig, data, folder, name, dpi: (

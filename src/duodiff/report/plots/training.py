@@ -103,8 +103,8 @@ def plot_training_curves(loss_files: list[Path], smoothing: float):
             raw = log[column].to_numpy(float)
             linestyle, marker, index = styles[name]
             every = max(1, len(log) // MARKS_PER_CURVE)
-            style = dict(color=colors[name], linewidth=1.4, linestyle=linestyle, marker=marker, markersize=3.5,
-                         markevery=(index * every // max(1, len(logs)) % every, every), label=name)
+            style = {"color": colors[name], "linewidth": 1.4, "linestyle": linestyle, "marker": marker,
+                     "markersize": 3.5, "markevery": (index * every // max(1, len(logs)) % every, every), "label": name}
             if len(log) < MIN_ROWS_TO_SMOOTH:  # each row already averages its logging interval
                 ax.plot(log["step"], raw, **style)
                 continue
