@@ -23,6 +23,7 @@ from test_tables import ORDER, STEPS, STUDY, tables, write_study
 
 import duodiff.report.plots.training as plot_training
 from duodiff.core.errors import DuodiffError
+from duodiff.report.plots.labels import text_overlaps
 from duodiff.report.plots.quality import PLOT_NAMES, load_table, plot_quality_vs_gflops, run_plots
 from duodiff.report.plots.samples import grid_from_images
 from duodiff.report.plots.style import STYLE, Palette
@@ -333,17 +334,29 @@ def test_sample_grids_show_real_images_and_every_set(study):
     root, data = study
     panels = data["sample_grids"]["panels"]
     assert [p["set"] for p in panels] == [None] + ORDER  # real images first, then the table's order
-    # As many real images as each set has samples (5): one row of 8px images enlarged 4x to 32px
-    # like grid.png, 2px padding: 2 + 32 + 2 high, 2 + 5 * (32 + 2) wide.
-    assert panels[0]["title"] == "real images" and panels[0]["shape"] == [36, 172, 3]
-    assert panels[1]["source"] == str(root / "samples" / "full" / "grid.png")
+    # As many real images as each set has samples (5), 4 a row at their own 8 px, 1 px white
+    # between: 1 + 2 * (8 + 1) high, 1 + 4 * (8 + 1) wide.
+    assert panels[0]["title"] == "real images" and panels[0]["shape"] == [19, 37, 3]
+    assert panels[1]["source"] == str(root / "samples" / "full" / "grid.png")  # no images/: its grid.png
     assert panels[1]["shape"] == list(GRID_PNG_SHAPE)
-    assert panels[2]["shape"] == [36, 104, 3]  # 3 images in one row: 2 + 3 * (32 + 2) wide
+    assert panels[2]["shape"] == [10, 28, 3]  # 3 images in one row: 1 + 3 * (8 + 1) wide
     # One row per method family, titled with it; each panel titled with its setting and score.
     assert (panels[6]["row"], panels[6]["title"]) == ("DuoDiff (3 + 13 blocks)", "tₛ=1\nFID 19.50")
     assert (panels[3]["row"], panels[3]["title"]) == ("Early exit, attention_probe", "τ=0.05\nFID 21.00")
     assert [p["title"] for p in panels[:3]] == ["real images", "full U-ViT\nFID 20.00", "shallow, 3 blocks\nFID 60.00"]
     assert {p["row"] for p in panels[:3]} == {"Real images and references"}
+
+
+def test_sample_grid_digits_are_at_least_20_px_at_a_column_width(study):
+    # Printed at a 3.3-inch column from the 150-dpi PNG the report shows, every image drawn from a
+    # set's images/ (and the real images) is at least 20 px wide (the 64-image grids gave ~5 px).
+    root, data = study
+    panels = [p for p in data["sample_grids"]["panels"] if "images" in p["source"]]
+    assert len(panels) == len(ORDER)  # the real images and every set but full (grid.png only)
+    with Image.open(root / "plots" / "sample_grids.png") as image:
+        figure_width_in = image.size[0] / 60  # the fixture's dpi
+    for panel in panels:
+        assert panel["image_width_in"] * 3.3 / figure_width_in * 150 >= 20, panel
 
 
 def test_grid_from_images_places_images_like_make_grid(tmp_path):
@@ -413,3 +426,48 @@ def test_paired_difference_plots_each_family_against_the_margin(study):
     assert (duodiff["low"], duodiff["high"]) == ([pytest.approx(-2.0), pytest.approx(2.5)],
                                                  [pytest.approx(1.0), pytest.approx(5.5)])
     assert duodiff["passes"] == [True, False]
+
+
+def figures_of(root, monkeypatch, tmp_path) -> dict:
+    """Every figure run_plots draws, as drawn (before saving), by name."""
+    from duodiff.report.plots import quality
+
+    drawn, save = {}, quality.save_figure
+    monkeypatch.setattr(quality, "save_figure", lambda fig, data, folder, name, dpi: (
+        drawn.__setitem__(name, fig), save(fig, data, folder, name, dpi)))
+    run_plots(**cli_args("plots", tables_dir=root / "tables", samples_root=root / "samples",
+                         models_root=root / "models", reference=root / "reference", output_dir=tmp_path, dpi=150))
+    return drawn
+
+
+def test_no_figure_has_text_over_data_or_other_text(study, monkeypatch, tmp_path):
+    root, _ = study
+    figures = figures_of(root, monkeypatch, tmp_path)
+    assert sorted(figures) == sorted(PLOT_NAMES)
+    with rc_context(STYLE):
+        found = {name: text_overlaps(fig) for name, fig in figures.items()}
+    assert not any(found.values()), found
+
+
+def test_the_overlap_check_sees_a_legend_on_data_and_texts_on_each_other():
+    from duodiff.report.plots.style import new_figure
+
+    fig = new_figure(2.0)
+    ax = fig.subplots()
+    ax.plot(np.linspace(0, 1, 50), np.full(50, 0.5), label="a line across the middle")
+    ax.legend(loc="center")
+    ax.text(0.1, 0.9, "one label", transform=ax.transAxes)
+    ax.text(0.12, 0.9, "another label", transform=ax.transAxes)
+    found = text_overlaps(fig)
+    assert any(line.startswith("the legend covers") for line in found), found
+    assert any("'one label' overlaps text 'another label'" in line for line in found), found
+    assert any("'a line across the middle' covers" in line for line in found), found  # the legend's own text
+
+
+def test_pdfs_embed_truetype_fonts_not_type3(study):
+    # Some venues reject Type 3 fonts, matplotlib's default in PDFs; STYLE asks for Type 42.
+    root, _ = study
+    for name in PLOT_NAMES:
+        raw = (root / "plots" / f"{name}.pdf").read_bytes()
+        # Type 42 as matplotlib writes it: a CID font over the embedded TrueType program (FontFile2).
+        assert b"/FontFile2" in raw and b"/Subtype /Type3" not in raw, name

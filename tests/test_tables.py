@@ -5,6 +5,7 @@ fid.json, cmmd.json, gflops.json). Expected speed-ups, best values and row order
 by hand in the comments, not by the code under test. test_plots.py reuses STUDY and write_study.
 """
 
+import itertools
 import json
 import math
 import re
@@ -89,7 +90,9 @@ def markdown_rows(text, section=0):
     """The header and rows of the summary's table (section 0) or of the operating points (section 1)
     as lists of stripped cells."""
     text = text.split("## Speed-up at equal quality")[section]
-    lines = [line for line in text.splitlines() if line.startswith("|")]
+    # The section's first table only (the summary's Inception FID/KID table may follow it).
+    lines = list(itertools.takewhile(lambda line: line.startswith("|"),
+                                     itertools.dropwhile(lambda line: not line.startswith("|"), text.splitlines())))
     cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
     return cells[0], cells[2:]  # cells[1] is the alignment row
 
@@ -153,7 +156,7 @@ def test_summary_markdown_marks_the_best_value_of_each_column(study):
     # never the shallow model alone: full and duodiff ts1, of which ts1 is cheaper (19.25 < 22.75
     # GFLOPs/fwd, 60 > 50 images/s). The shallow model (5.25 GFLOPs, 200 images/s) is not crowned.
     winners = {"FID ↓": "duodiff_d3_ts1", "KID×10³ ↓": "full", "CMMD ↓": "duodiff_d3_ts1",
-               "GFLOPs/fwd ↓": "duodiff_d3_ts1", "Images/s ↑": "duodiff_d3_ts1",
+               "GFLOPs/image ↓": "duodiff_d3_ts1", "Images/s ↑": "duodiff_d3_ts1",
                "Speed-up (measured) ↑": "duodiff_d3_ts1", "Speed-up (theoretical) ↑": "duodiff_d3_ts1"}
     for col, winner in winners.items():
         assert [name for name in ORDER if bold(name, col)] == [winner], col
@@ -202,7 +205,7 @@ def test_summary_latex_bolds_the_same_cells_and_escapes_names(study):
         assert all(line.count(" & ") == width - 1 for line in body if "\\multicolumn" not in line)
     duo = quality[3 + 5] + cost[3 + 5]  # t_switch = 1 in both
     assert "\\textbf{19.50}" in duo and "\\textbf{0.380}" in duo
-    assert "\\textbf{19.25}" in duo and "\\textbf{60.0}" in duo and "\\textbf{1.20$\\times$}" in duo  # 60 / 50
+    assert "\\textbf{77.00}" in duo and "\\textbf{60.0}" in duo and "\\textbf{1.20$\\times$}" in duo  # 60 / 50
     assert "\\textbf" not in quality[1] + cost[1]  # the shallow model alone: cheapest, but no cost contender
     assert "n/a\\textsuperscript{1}" in quality[4]  # ee_attention_probe_thr0.1
     assert tex.count("\\textbf{") == 7  # one winner per marked column, as in the Markdown
@@ -238,7 +241,7 @@ def test_cmmd_missing_for_every_set_is_one_note_not_a_column(tmp_path):
     tables(tmp_path)
     out = tmp_path / "tables"
     header, rows = markdown_rows((out / "summary.md").read_text())
-    assert header == ["Method", "Setting", "FID ↓", "ΔFID vs full", "KID×10³ ↓", "GFLOPs/fwd ↓", "Layer ratio",
+    assert header == ["Method", "Setting", "FID ↓", "ΔFID vs full", "KID×10³ ↓", "GFLOPs/image ↓", "Layer ratio",
                       "Images/s ↑", "Speed-up (measured) ↑", "Speed-up (theoretical) ↑"]
     reason = {"summary.md": CMMD_REASON, "summary.html": CMMD_REASON, "summary.tex": CMMD_REASON.replace("_", "\\_")}
     for name, text in reason.items():
@@ -272,7 +275,7 @@ def test_cmmd_switched_off_reads_no_cmmd_file_and_says_so_once(tmp_path):
 
 def test_cost_best_is_the_cheapest_set_that_matches_the_full_model(tmp_path):
     # The shallow model alone made as good as the full model (FD 100 in [90, 110]) and the
-    # cheapest (0.02 GFLOPs/fwd, 23 images/s): still no cost contender, being DuoDiff's first stage.
+    # cheapest (0.02 GFLOPs per forward, 23 images/s): still no cost contender, being DuoDiff's first stage.
     write_ci_study(tmp_path)
     shallow = tmp_path / "metrics" / "shallow_d3" / "fd_classifier.json"
     write_json(shallow, {**json.loads(shallow.read_text()), "fid": 100.0, "fid_ci_low": 90.0, "fid_ci_high": 110.0})
@@ -282,13 +285,13 @@ def test_cost_best_is_the_cheapest_set_that_matches_the_full_model(tmp_path):
     header, rows = markdown_rows(text)
     names = ["real"] + list(CI_STUDY)  # the table's order is CI_STUDY's, after the real data
     bold = {col: [n for n, row in zip(names, rows) if row[header.index(col)].startswith("**")]
-            for col in ("GFLOPs/fwd ↓", "Images/s ↑", "Speed-up (measured) ↑", "Speed-up (theoretical) ↑")}
+            for col in ("GFLOPs/image ↓", "Images/s ↑", "Speed-up (measured) ↑", "Speed-up (theoretical) ↑")}
     # By hand, contenders are the full model and the sets that pass the paired test (CI_PAIRED):
-    # full_steps20, attention thr0.1, DuoDiff ts10 and ts20. Cheapest per forward: ts20 (0.035;
-    # thr0.2's 0.035 fails the test); fastest: full_steps20 (20 images/s, 2x; 0.05 * 20 steps = 1
-    # GFLOP per image against the full model's 2). The sets below 0.035 (shallow 0.02, ts30
-    # 0.0275, thr0.3 0.03) and full_steps10 (40 images/s) fail, or are the shallow model.
-    assert bold == {"GFLOPs/fwd ↓": ["duodiff_d3_ts20"], "Images/s ↑": ["full_steps20"],
+    # full_steps20, attention thr0.1, DuoDiff ts10 and ts20. Cheapest per image and fastest:
+    # full_steps20 (0.05 * 20 steps = 1 GFLOP per image against ts20's 0.035 * 40 = 1.4 and the full
+    # model's 2; 20 images/s, 2x). The cheaper sets (shallow, ts30, thr0.3, full_steps10 at 0.5 GFLOP
+    # per image) fail, or are the shallow model.
+    assert bold == {"GFLOPs/image ↓": ["full_steps20"], "Images/s ↑": ["full_steps20"],
                     "Speed-up (measured) ↑": ["full_steps20"], "Speed-up (theoretical) ↑": ["full_steps20"]}
     # Quality columns still crown the best score of any generated set, the shallow model's included.
     assert [n for n, row in zip(names, rows) if row[header.index("FD [95% CI] ↓")].startswith("**")] == [
@@ -316,11 +319,11 @@ def test_small_numbers_keep_two_significant_digits(tmp_path):
     tables(tmp_path)
     text = (tmp_path / "tables" / "summary.md").read_text()
     header, rows = markdown_rows(text)
-    gflops = dict(zip(ORDER, (row[header.index("GFLOPs/fwd ↓")] for row in rows)))
-    # The smallest, 5.25 * 1.1e-4 = 0.0005775, needs 5 decimals for 2 significant digits; the
-    # column shares them (full: 22.75 * 1.1e-4 = 0.0025025).
-    assert gflops["shallow_d3"] == "0.00058" and gflops["full"] == "0.00250"
-    assert gflops["duodiff_d3_ts1"] == "**0.00212**"  # 19.25 * 1.1e-4, the cheapest cost contender
+    gflops = dict(zip(ORDER, (row[header.index("GFLOPs/image ↓")] for row in rows)))
+    # Per image (x STEPS = 4): the smallest, 5.25 * 1.1e-4 * 4 = 0.00231, needs 4 decimals for 2
+    # significant digits; the column shares them (full: 22.75 * 1.1e-4 * 4 = 0.010010).
+    assert gflops["shallow_d3"] == "0.0023" and gflops["full"] == "0.0100"
+    assert gflops["duodiff_d3_ts1"] == "**0.0085**"  # 19.25 * 1.1e-4 * 4 = 0.00847, the cheapest cost contender
     # The linear+conv cost in the notes, 0.0025025 * 0.9 = 0.00225225, also to 2 significant digits.
     assert "the full model costs 0.0023 GFLOPs per forward" in text
     # Speed-ups keep their two decimals: 1137.5 / 262.5 = 4.33.
@@ -520,7 +523,7 @@ def test_operating_points_pick_the_fastest_setting_that_passes_the_paired_test(t
     # The summary's headline column carries the interval and the marks of the sets that differ.
     header, rows = markdown_rows(summary)
     cells = {row[0] + " / " + row[1]: row[header.index("FD [95% CI] ↓")] for row in rows}
-    assert cells["Real data (held out) / 1000 images"] == "70.00 [60.00, 80.00]"  # not paired: no verdict
+    assert cells["Real data (floor) / 1000 images"] == "70.00 [60.00, 80.00]"  # not paired: no verdict
     assert cells["U-ViT (7 blocks), fewer steps / 10 steps"] == "150.00 [135.00, 165.00]†"
     assert cells["U-ViT (7 blocks), fewer steps / 20 steps"] == "105.00 [95.00, 115.00]"
     # The real-data row is the floor, not a contender: the best FD in bold is a generated set's.
@@ -574,4 +577,40 @@ def test_the_report_shows_inceptions_fid_apart_when_the_classifier_is_the_headli
     assert "FD [95% CI] ↓" in quality and "FID ↓" not in quality
     assert inception.startswith("Every set: Inception FID and KID") and "FID ↓" in inception
     assert "from the first 100 samples of each set against 797 reference images" in inception
-    assert "GFLOPs/fwd ↓" in cost and "FID" not in cost.split("<ul>")[0]
+    assert "GFLOPs/image ↓" in cost and "FID" not in cost.split("<ul>")[0]
+    # 100 samples cannot separate the sets: nothing in the Inception table is bold.
+    assert not re.search(r"#T_inception_row\d+_col\d+[^{]*\{\s*font-weight: bold", page)
+    assert re.search(r"#T_quality_row\d+_col\d+[^{]*\{\s*font-weight: bold", page)  # the check can see bold
+
+
+def test_inceptions_few_sample_fid_is_a_secondary_table_in_markdown_and_latex_never_bold(tmp_path):
+    write_ci_study(tmp_path)
+    run_tables(**cli_args("tables", samples_root=tmp_path / "samples", metrics_root=tmp_path / "metrics",
+                          sets=list(CI_STUDY) + ["real"], output_dir=tmp_path / "tables", headline="classifier"))
+    text = (tmp_path / "tables" / "summary.md").read_text()
+    header, _ = markdown_rows(text)
+    assert "FD [95% CI] ↓" in header and "FID ↓" not in header and "KID×10³ ↓" not in header
+    secondary = text.split("## Every set: Inception FID and KID")[1].split("## Speed-up")[0]
+    assert "from the first 100 samples of each set against 797 reference images" in secondary
+    header, rows = markdown_rows(secondary)
+    assert header == ["Method", "Setting", "FID ↓", "KID×10³ ↓"] and len(rows) == len(CI_STUDY) + 1
+    assert not any(cell.startswith("**") for row in rows for cell in row)
+    tex = (tmp_path / "tables" / "summary.tex").read_text()
+    main, inception = tex.split("Secondary: ")
+    assert "FID" not in main.split("\\end{tabular}")[0] and "FID$\\downarrow$" in inception
+    assert "\\textbf" not in inception.split("\\end{tabular}")[0]
+
+
+def test_the_floor_note_says_how_it_was_drawn_that_the_models_saw_it_and_why_its_kd_is_below_0(tmp_path):
+    write_ci_study(tmp_path)
+    write_json(tmp_path / "samples" / "real" / "stats.json", {
+        "method": "real", "dataset": "digits", "n_samples": 1000, "notes": [], "seen_in_training": True,
+        "selection": "1000 training images drawn at random within each class (split seed 0)"})
+    real = tmp_path / "metrics" / "real" / "fd_classifier.json"
+    write_json(real, {**json.loads(real.read_text()), "kid": -0.0053, "kid_ci_low": -0.0103, "kid_ci_high": -0.0004})
+    run_tables(**cli_args("tables", samples_root=tmp_path / "samples", metrics_root=tmp_path / "metrics",
+                          sets=list(CI_STUDY) + ["real"], output_dir=tmp_path / "tables", headline="classifier"))
+    (note,) = [line for line in (tmp_path / "tables" / "summary.md").read_text().splitlines()
+               if line.startswith("- Real data:")]
+    assert "(1000 training images drawn at random within each class (split seed 0))" in note
+    assert "trained on every training image, these included" in note and "Its KD interval lies below 0" in note

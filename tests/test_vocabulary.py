@@ -236,7 +236,7 @@ def test_set_names_are_built_with_the_shortest_threshold_text():
         ([{"method": "duodiff", "t_switch": 300}], "plot", "tₛ=300"),
         ([{"method": "fewer_steps", "steps": 20}], "table", "20 steps"),
         ([{"method": "real", "n_samples": 1000}], "table", "1000 images"),
-        ([{"method": "real"}], "stats", "held-out real images"),
+        ([{"method": "real"}], "stats", "real images not in the reference"),
         ([{"method": "full"}], "stats", "-"),
         ([{"method": "shallow"}], "table", "–"),
         ([{"method": "full"}], "plot", ""),

@@ -502,6 +502,9 @@ def test_every_setting_reaches_its_command(dry_runs):
     assert (net["--epochs"], net["--feature-dim"]) == ("2", "16")
     (real,) = [flags for name, flags in commands if name == "real-set"]
     assert (real["--n-reference"], real["--n-images"]) == ("16", "8")
+    # One split for both sides (reference.split_seed, default 0): the floor never takes a reference image.
+    (reference_flags,) = [flags for name, flags in commands if name == "reference"]
+    assert real["--split-seed"] == reference_flags["--split-seed"] == "0"
 
 
 def planned_jobs(output: str, rule: str) -> list:

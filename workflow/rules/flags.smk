@@ -119,6 +119,7 @@ def reference_flags() -> str:
     metrics = config["metrics"]
     settings = {
         "n_reference": config["reference"]["n_reference"],
+        "split_seed": config["reference"]["split_seed"],
         "max_reference": metrics["fid"]["max_reference"],
         "statistics": config["reference"]["statistics"],
         "batch_size": metrics["fid"]["batch_size"],
@@ -153,6 +154,7 @@ def real_set_flags() -> str:
                 {
                     "n_reference": reference["n_reference"],
                     "n_images": reference["n_real"],
+                    "split_seed": reference["split_seed"],
                     "mode": fid_mode_settings()["mode"],
                 }
             ),

@@ -5,7 +5,7 @@
 #
 # The report's menu lists categories by name, alphabetically, and a category's items by their
 # first label (by path when they have none), so the names carry the reading order: the main
-# result (the summary table, then FID against GFLOPs) first, then the other plots, the tables, and
+# result (the summary table, then the headline score against GFLOPs) first, then the other plots, the tables, and
 # the samples (common.smk). A category's items keep to ONE label: Snakemake turns a second label
 # with exactly two values into a toggle that merges items.
 
@@ -22,7 +22,12 @@ PLOTS = [
 ]
 MAIN_RESULT = "1. Main result"
 # The main result's figures, after the summary table: their labels order them in the menu.
-MAIN_PLOTS = {"quality_vs_gflops": "2. FID against GFLOPs", "paired_difference": "3. Equal quality, paired"}
+# The headline's name as the tables spell it (report.tables.inputs: FD for the classifier, FID for Inception).
+HEADLINE_NAME = {"classifier": "FD", "inception": "FID"}[config["metrics"]["headline"]]
+MAIN_PLOTS = {
+    "quality_vs_gflops": f"2. {HEADLINE_NAME} against GFLOPs per image",
+    "paired_difference": "3. Equal quality, paired",
+}
 REPORT_PLOTS = {
     name: (
         {"category": MAIN_RESULT, "labels": {"result": MAIN_PLOTS[name]}}

@@ -145,7 +145,7 @@ def stats_method(name: str) -> str:
 # of the figures, where sets drawn at one point share one label.
 SETTING_STYLES = {
     "stats": ({"early_exit": ("threshold", "threshold={}", ""), "duodiff": ("t_switch", "t_switch={}", ""),
-               "real": (None, "held-out real images", ""),
+               "real": (None, "real images not in the reference", ""),
                "composed": (("t_switch", "t_switch={}", ""), ("threshold", "threshold={}", ""),
                             ("steps", "steps={}", ""))}, "-"),
     "table": ({"early_exit": ("threshold", "threshold = {}", "g"), "duodiff": ("t_switch", "t_switch = {}", "g"),
@@ -153,6 +153,7 @@ SETTING_STYLES = {
                "composed": (("t_switch", "t_switch = {}", "g"), ("threshold", "τ = {}", "g"),
                             ("steps", "{} steps", ""))}, "–"),
     "plot": ({"early_exit": ("threshold", "τ={}", "g"), "duodiff": ("t_switch", "tₛ={}", ""),
+              "fewer_steps": ("steps", "{} steps", ""),
               "composed": (("t_switch", "tₛ={}", ""), ("threshold", "τ={}", "g"), ("steps", "{} steps", ""))}, ""),
 }  # fmt: skip
 

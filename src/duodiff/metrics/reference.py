@@ -1,9 +1,12 @@
 """The real images every score is read against, written once per dataset.
 
-`duodiff reference` writes the first n training images (as PNGs, so they go through the very same
+`duodiff reference` writes n training images (as PNGs, so they go through the very same
 PNG -> clean-fid path as the samples), their Inception features and mu/sigma; `duodiff real-set`
-writes the real images after them, scored like a sample set: the floor no method can beat except
-by chance. `load_reference` reads a reference back for `duodiff fid`.
+writes other real images, none of them in the reference, scored like a sample set: the floor, what
+real images of the same distribution score. With --split-seed both are one seeded, class-stratified
+random split of the training images (data.stratified_split: the pipeline's way, reference.split_seed);
+without it, the reference is the first n in dataset order (as published references are taken) and
+the real set the images after them. `load_reference` reads a reference back for `duodiff fid`.
 
 `duodiff reference --statistics FILE` writes the same folder from published statistics instead
 of images (e.g. U-ViT's fid_stats_cifar10_train_pytorch.npz, pytorch-fid's format, or clean-fid's
@@ -41,8 +44,10 @@ REFERENCE_CACHE = ".features-cache"
 
 def run_reference(*, dataset: str, n_reference: int, max_reference: int | None, output_folder, data_root, download: bool,
                   image_size: int | None, batch_size: int, device: str | None, num_workers: int, feature_network: str,
-                  chunk_size: int, mode: str, legacy_weights, statistics) -> dict:
-    """The first n_reference training images -> DIR/images/*.png, DIR/features.npz, DIR/reference.json.
+                  chunk_size: int, mode: str, legacy_weights, statistics, split_seed: int | None) -> dict:
+    """n_reference training images -> DIR/images/*.png, DIR/features.npz, DIR/reference.json: the
+    reference side of data.stratified_split with split_seed, or the first n_reference in dataset
+    order when it is None.
     max_reference: Inception features (features.npz) of only the first N of them, a time budget
     (Inception is ~0.26 s an image on one CPU core); None = all. The images stay whole: the
     classifier FD (`duodiff fid --feature-net`) reads every one of them.
@@ -51,6 +56,8 @@ def run_reference(*, dataset: str, n_reference: int, max_reference: int | None, 
 
     check_choice("--dataset", dataset, data.DATASETS)
     check_choice("--mode", mode, inception.MODES)
+    if split_seed is not None:
+        check_int("--split-seed", split_seed, 0)
     if max_reference is not None:
         require(statistics is None, "--max-reference limits the images a reference is built from; a --statistics "
                                     "reference has no images: leave --max-reference out")
@@ -83,10 +90,11 @@ def run_reference(*, dataset: str, n_reference: int, max_reference: int | None, 
     fn, info = inception.extractor(mode, feature_network, legacy_weights, run.device)
 
     # reference.json marks a finished reference: remove it first so a half-rewritten folder never
-    # looks complete. The first n images, in dataset order: deterministic, the same for every run.
+    # looks complete. Deterministic either way: the same images for every run.
+    indices, selection = split_side(real, n_reference, 0, split_seed, "reference")
     output_folder.mkdir(parents=True, exist_ok=True)
     (output_folder / "reference.json").unlink(missing_ok=True)
-    final_images = write_dataset_images(real, range(n_reference), output_folder, batch_size, num_workers, "reference images")
+    final_images = write_dataset_images(real, indices, output_folder, batch_size, num_workers, "reference images")
     features = cached_image_features(image_files(final_images)[:n_features], fn, info, run, "reference features")
     write_statistics(output_folder / "features.npz", features)
     meta = {
@@ -96,7 +104,9 @@ def run_reference(*, dataset: str, n_reference: int, max_reference: int | None, 
         "image_size": real.image_size,
         "channels": real.channels,
         "data_root": None if data_root is None else str(data_root),
-        "selection": f"the first {n_reference} training images in dataset order, unflipped",
+        "selection": selection,
+        "split_seed": split_seed,
+        "indices": indices,  # images/00000i.png is training image indices[i]
         # features.npz (Inception) holds the first n_features of them (--max-reference).
         "n_features": n_features,
         "mode": mode,
@@ -226,9 +236,30 @@ def write_dataset_images(real, indices, folder: Path, batch_size: int, num_worke
     return final_images
 
 
+def split_side(real, n_reference: int, n_real: int, split_seed: int | None, side: str) -> tuple[list[int], str]:
+    """The dataset indices of one side ("reference" or "real") of the split, and the sentence that
+    says how they were drawn (reference.json's and stats.json's `selection`)."""
+    from duodiff.core import data
+
+    if split_seed is None:
+        if side == "reference":
+            return list(range(n_reference)), f"the first {n_reference} training images in dataset order, unflipped"
+        indices = list(range(n_reference, n_reference + n_real))
+        return indices, (f"training images {n_reference} to {n_reference + len(indices) - 1} in dataset order "
+                         f"(the reference holds the first {n_reference}), unflipped")
+    reference, held_out = data.stratified_split(data.dataset_labels(real), n_reference, n_real, split_seed)
+    if side == "reference":
+        return reference, (f"{n_reference} training images drawn at random within each class in proportion to "
+                           f"its share (split seed {split_seed}), unflipped")
+    return held_out, (f"{len(held_out)} training images drawn at random within each class in proportion to its "
+                      f"share (split seed {split_seed}), none of them in the {n_reference} of the reference, "
+                      "unflipped")
+
+
 def run_real_set(*, dataset: str, n_reference: int, n_images: int, output_folder, data_root, download: bool,
-                 image_size: int | None, batch_size: int, num_workers: int, mode: str) -> dict:
-    """Real images that are not in the reference (the n_images after its first n_reference) ->
+                 image_size: int | None, batch_size: int, num_workers: int, mode: str, split_seed: int | None) -> dict:
+    """Real images that are not in the reference (the real side of data.stratified_split with
+    split_seed, the reference's seed; None: the n_images after the first n_reference) ->
     DIR/images/*.png and DIR/stats.json (method "real"): scored against the reference like any
     sample set, they give the floor every method's score is read against. When the dataset has
     fewer than n_reference + n_images images, all that are left are used and stats.json says so.
@@ -240,6 +271,8 @@ def run_real_set(*, dataset: str, n_reference: int, n_images: int, output_folder
     check_int("--n-reference", n_reference, 2)
     check_int("--n-images", n_images, 2)
     check_positive("--batch-size", batch_size)
+    if split_seed is not None:
+        check_int("--split-seed", split_seed, 0)
     output_folder = Path(output_folder)
     real = data.load_dataset(dataset, root=data_root, download=download, image_size=image_size, train=True)
     available = len(real) - n_reference
@@ -249,8 +282,9 @@ def run_real_set(*, dataset: str, n_reference: int, n_images: int, output_folder
         f"{n_reference} of the reference (--n-reference); lower reference.n_reference",
     )
     count = min(n_images, available)
+    indices, selection = split_side(real, n_reference, count, split_seed, "real")
     (output_folder / "stats.json").unlink(missing_ok=True)  # stats.json marks a finished set
-    write_dataset_images(real, range(n_reference, n_reference + count), output_folder, batch_size, num_workers, "real images")
+    write_dataset_images(real, indices, output_folder, batch_size, num_workers, "real images")
     stats = {
         "method": "real",
         "dataset": dataset,
@@ -258,8 +292,13 @@ def run_real_set(*, dataset: str, n_reference: int, n_images: int, output_folder
         "n_requested": n_images,
         "image_size": real.image_size,
         "channels": real.channels,
-        "selection": f"training images {n_reference} to {n_reference + count - 1} in dataset order (the reference "
-        f"holds the first {n_reference}), unflipped",
+        "selection": selection,
+        "split_seed": split_seed,
+        "indices": indices,  # images/00000i.png is training image indices[i]
+        # Every training job reads the whole training split (train/loop.py, feature_net.py), so the
+        # models and the feature network have seen these images: the floor is what real images the
+        # models were fitted to score, not what unseen ones would.
+        "seen_in_training": True,
         "mode": mode,
         "notes": [] if count == n_images else [
             f"real-data row from {count} images, not {n_images}: {dataset} has only {len(real)}, "
@@ -333,6 +372,10 @@ def add_mode_flags(p, weights: bool = True) -> None:
                  help=f"{inception.LEGACY_WEIGHTS_FILE} for --mode legacy_pytorch (default: torch's hub cache)")
 
 
+SPLIT_SEED_HELP = ("draw the reference and the real set as one seeded, class-stratified random split of the "
+                   "training images, disjoint (give both commands the same seed); default: dataset order")
+
+
 def add_cli(subparsers):
     """`duodiff reference` and `duodiff real-set` (registered by duodiff.metrics.fid's add_cli)."""
     p = subparsers.add_parser("reference", help="real images + their Inception features, once per dataset")
@@ -341,6 +384,7 @@ def add_cli(subparsers):
     add_flag(p, "--download", action="store_true")
     add_flag(p, "--image-size", type=int, default=None)
     add_flag(p, "--n-reference", type=int, required=True)
+    add_flag(p, "--split-seed", type=int, default=None, help=SPLIT_SEED_HELP)
     add_flag(p, "--max-reference", type=int, default=None,
              help="Inception features of only the first N reference images (default: all; the images stay whole)")
     add_flag(p, "--output-folder", required=True)
@@ -357,7 +401,7 @@ def add_cli(subparsers):
         dataset=a.dataset, n_reference=a.n_reference, max_reference=a.max_reference, output_folder=a.output_folder, data_root=a.data_root,
         download=a.download, image_size=a.image_size, batch_size=a.batch_size, device=a.device,
         num_workers=a.num_workers, feature_network=a.feature_network, chunk_size=a.chunk_size, mode=a.mode,
-        legacy_weights=a.legacy_weights, statistics=a.statistics,
+        legacy_weights=a.legacy_weights, statistics=a.statistics, split_seed=a.split_seed,
     ))  # fmt: skip
 
     p = subparsers.add_parser("real-set", help="real images not in the reference, scored like a sample set: the floor")
@@ -365,7 +409,8 @@ def add_cli(subparsers):
     add_flag(p, "--data-root", default=None)
     add_flag(p, "--download", action="store_true")
     add_flag(p, "--image-size", type=int, default=None)
-    add_flag(p, "--n-reference", type=int, required=True, help="the reference's size: these images are skipped")
+    add_flag(p, "--n-reference", type=int, required=True, help="the reference's size: its images are never taken")
+    add_flag(p, "--split-seed", type=int, default=None, help=SPLIT_SEED_HELP)
     add_flag(p, "--n-images", type=int, required=True, help="real images in the set (at most what is left)")
     add_flag(p, "--output-folder", required=True, help="DIR: images/*.png and stats.json")
     add_flag(p, "--batch-size", type=int, default=50)
@@ -374,5 +419,5 @@ def add_cli(subparsers):
     p.set_defaults(func=lambda a: run_real_set(
         dataset=a.dataset, n_reference=a.n_reference, n_images=a.n_images, output_folder=a.output_folder,
         data_root=a.data_root, download=a.download, image_size=a.image_size, batch_size=a.batch_size,
-        num_workers=a.num_workers, mode=a.mode,
+        num_workers=a.num_workers, mode=a.mode, split_seed=a.split_seed,
     ))  # fmt: skip

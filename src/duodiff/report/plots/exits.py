@@ -157,4 +157,6 @@ def draw_mean_exit_panel(ax, table, palette, summaries, sets: pd.DataFrame) -> N
         (line,) = ax.plot(np.arange(len(mean)), mean, color=palette.colors[row["set"]], linewidth=1.4,
                           drawstyle="steps-mid", label=setting_label(row, style="plot"))
         settings.append(line)
-    ax.legend(handles=settings, loc="best", handlelength=1.2, borderaxespad=0.2, framealpha=0.85, edgecolor="none")
+    # Beside the panel, not in it: inside, "best" still covered lines (DuoDiff's jump at t_s).
+    ax.legend(handles=settings, loc="center left", bbox_to_anchor=(1.0, 0.5), handlelength=1.0, handletextpad=0.4,
+              borderaxespad=0.2, frameon=False)

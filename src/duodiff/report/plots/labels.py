@@ -9,9 +9,16 @@ label placed before it. Among the free spots next to the point, the one that cro
 drawn lines wins. Only when every spot next to the point is taken does the label move further
 out, with a thin leader line back to its point(s); as a last resort, the nearest free spot
 anywhere in the axes.
+
+`text_overlaps(fig)` checks a finished figure the same way from outside: every drawn text's box
+(titles, axis, tick and legend labels, point labels) against every other and against the data
+points of its panel, and every legend against its panel's data; tests/test_plots.py runs it on
+every figure of `duodiff plots`.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 
@@ -196,3 +203,78 @@ def ring_boxes(anchor, width: float, height: float, distance: float) -> list[tup
         bottom = {1: y1 + distance, -1: y0 - distance - height, 0: (y0 + y1 - height) / 2}[dy]
         boxes.append((left, bottom, left + width, bottom + height))
     return boxes
+
+
+def _drawn_texts(fig) -> list:
+    """Every text the figure draws, with its box in display pixels: titles, axis and tick labels,
+    legend entries, point labels. Tick labels matplotlib does not draw (ticks located outside the
+    view, tick objects kept for reuse, labels switched off) and texts of hidden axes are left out."""
+    from matplotlib.text import Text
+
+    tick_owner, drawn = {}, set()  # tick label -> its axes (a label's own .axes can be unset)
+    owner = {}  # axis labels and titles -> their axes, for the same reason
+    for ax in fig.get_axes():
+        owner.update({id(t): ax for t in (ax.xaxis.label, ax.yaxis.label, ax.title, ax._left_title, ax._right_title)})
+        for axis in ax._axis_map.values():
+            for tick in axis.get_major_ticks() + axis.get_minor_ticks():
+                tick_owner.update({id(tick.label1): ax, id(tick.label2): ax})
+            # The ticks matplotlib draws now (private, but the one place that says which).
+            if ax.get_visible() and ax.axison:
+                for tick in axis._update_ticks():
+                    drawn.update(id(label) for label in (tick.label1, tick.label2) if label.get_visible())
+    texts = []
+    for text in fig.findobj(Text):
+        ax = tick_owner.get(id(text), owner.get(id(text), text.axes))
+        if not text.get_visible() or not text.get_text().strip() or (ax is not None and not ax.get_visible()):
+            continue
+        if id(text) in tick_owner and id(text) not in drawn:
+            continue
+        texts.append((text, Text.get_window_extent(text)))  # the text's own box, without a leader line
+    return texts
+
+
+def _data_points(ax) -> np.ndarray:
+    """Display coordinates of the data an axes draws: every vertex of its lines (markers, line
+    corners) and of its error bars' ends; not the grid, the bands or spans."""
+    from matplotlib.collections import LineCollection
+
+    points = []
+    for line in ax.get_lines():
+        if not line.get_visible() or line.get_label() in ("_nolegend_",):
+            continue
+        xy = line.get_xydata()
+        if len(xy) and line.get_transform() == ax.transData:
+            points.append(ax.transData.transform(xy))
+    for collection in ax.collections:
+        if isinstance(collection, LineCollection) and collection.get_visible():
+            for segment in collection.get_segments():
+                if len(segment):
+                    points.append(ax.transData.transform(segment))
+    return np.concatenate(points) if points else np.zeros((0, 2))
+
+
+def text_overlaps(fig, pad_px: float = 0.5) -> list[str]:
+    """What the figure's texts cover, each as one line: two texts whose boxes overlap, or a text or
+    legend that covers a data point (a line's vertex or marker, an error bar's end) of the axes it
+    lies on. Empty when every text reads clear. The canvas is drawn first (the final layout)."""
+    fig.canvas.draw()
+    texts = _drawn_texts(fig)
+    found = []
+    for (a, box_a), (b, box_b) in itertools.combinations(texts, 2):
+        if (box_a.x0 + pad_px < box_b.x1 and box_b.x0 + pad_px < box_a.x1
+                and box_a.y0 + pad_px < box_b.y1 and box_b.y0 + pad_px < box_a.y1):
+            found.append(f"text {a.get_text()!r} overlaps text {b.get_text()!r}")
+    covering = [(repr(text.get_text()), box, text.axes) for text, box in texts if text.axes is not None]
+    for ax in fig.get_axes():
+        legend = ax.get_legend()
+        if legend is not None and legend.get_visible():
+            covering.append(("the legend", legend.get_window_extent(), ax))
+    for what, box, ax in covering:
+        if not ax.get_visible() or what == "the legend" and not ax.bbox.overlaps(box):
+            continue
+        points = _data_points(ax)
+        inside = ((points[:, 0] > box.x0 + pad_px) & (points[:, 0] < box.x1 - pad_px)
+                  & (points[:, 1] > box.y0 + pad_px) & (points[:, 1] < box.y1 - pad_px))
+        if inside.any():
+            found.append(f"{what} covers {int(inside.sum())} data point(s) of the panel {ax.get_title()!r}")
+    return found

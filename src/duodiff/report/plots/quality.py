@@ -3,13 +3,13 @@
 Each figure is saved as `<name>.png` (raster, for the report) and `<name>.pdf` (vector, for
 papers), atomically, under fixed names (docs/architecture.md, "Tables and plots"):
 
-    quality_vs_gflops   FID against GFLOPs per network evaluation: the Pareto picture
+    quality_vs_gflops   the headline score against GFLOPs per image: the Pareto picture
     paired_difference   each set's paired difference to the full model against its speed-up, with
                         the equal-quality margin: one panel per method family
-    quality_vs_time     FID against measured milliseconds per image
+    quality_vs_time     the headline score against measured milliseconds per image
     exit_heatmap        where early exit exits: exit layer by sampling step, per early-exit set
     mean_exit_layer     mean exit layer by sampling step, one panel per method family
-    fid_vs_tswitch      DuoDiff's FID against t_switch, per shallow depth
+    fid_vs_tswitch      DuoDiff's headline score against t_switch, per shallow depth
     training_curves     training loss against step, one panel per kind of loss
     sample_grids        sample grids of every set beside real images, one row per method family
 
@@ -24,6 +24,7 @@ curves), samples.py (sample grids); style.py holds what they share.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -54,10 +55,12 @@ from duodiff.report.plots.style import (
     bottom_legend,
     draw_floor_and_full_band,
     error_bars,
+    legend_entries,
     lines_drawn,
     new_figure,
     sampling_caption,
     score_label,
+    wrap_label,
 )
 from duodiff.report.plots.training import find_loss_files, plot_training_curves
 from duodiff.report.tables.collect import INTEGER_COLUMNS, blocks
@@ -93,12 +96,6 @@ def pareto_front(sets: list[str], x: list[float], y: list[float]) -> list[str]:
     return [sets[i] for i in sorted(front, key=lambda i: (x[i], y[i]))]
 
 
-def cost_scale(values) -> tuple[float, str]:
-    """GFLOPs shown as MFLOPs when every value is below 1 GFLOP (the embedded models)."""
-    values = pd.to_numeric(pd.Series(values), errors="coerce")
-    return (1e3, "MFLOPs") if values.max() < 1 else (1.0, "GFLOPs")
-
-
 class QualitySeries:
     """The series of one quality figure, drawn on `ax` against the cost column `cost`: every point
     is kept for the Pareto front, every setting's annotation for label_points."""
@@ -106,6 +103,7 @@ class QualitySeries:
     def __init__(self, ax, cost: str):
         self.ax, self.cost = ax, cost
         self.points: list[tuple] = []  # (set, x, y) of every drawn point
+        self.bar_ends: list[tuple] = []  # (x, y) of every error bar's two ends: labels keep off them too
         self.annotations: list[dict] = []
 
     def draw(self, group: pd.DataFrame, label: str, **style) -> None:
@@ -114,6 +112,9 @@ class QualitySeries:
         self.ax.errorbar(xs, ys, yerr=None if np.isnan(bars).all() else bars, label=label, capsize=2,
                          elinewidth=0.8, **style)
         self.points.extend(zip(group["set"], xs, ys))
+        for x, y, (down, up) in zip(xs, ys, bars.T):
+            if not np.isnan(down):
+                self.bar_ends += [(x, y - down), (x, y + up)]
         # Settings that land on the same point (e.g. thresholds at which nothing exits early)
         # share one annotation instead of printing over each other.
         at: dict[tuple, list] = {}
@@ -150,46 +151,91 @@ class QualitySeries:
         for _, row in table[table["method"] == "full"].iterrows():
             self.draw(table[table["set"] == row["set"]], f"full U-ViT ({blocks(row['depth'])})", **FULL_STYLE)
 
-    def draw_pareto_front(self) -> list[str]:
-        sets, xs, ys = (list(v) for v in zip(*self.points))
-        front = pareto_front(sets, xs, ys)
-        where = {s: (x, y) for s, x, y in self.points}
-        self.ax.plot([where[s][0] for s in front], [where[s][1] for s in front], color="0.5", linestyle=":",
-                     linewidth=1.2, zorder=0, drawstyle="steps-post", label="Pareto front")
-        return front
+def draw_pareto_front(ax, front: list[str], where: dict) -> None:
+    ax.plot([where[s][0] for s in front], [where[s][1] for s in front], color="0.5", linestyle=":",
+            linewidth=1.2, zorder=0, drawstyle="steps-post", label="Pareto front")
+
+
+PANEL_HEIGHT = 1.75  # inches per row of the quality figures' panels (two panels a row)
+# What every panel shows, keyed once in the legend below them; the families are the panels' titles.
+SHARED_ENTRIES = ("full U-ViT", "shallow alone", "full model's 95% CI", "real data (floor)", "Pareto front")
+
+
+def quality_panels(table: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """(title, sets) of one panel per method family: fewer steps, early exit per probe, DuoDiff per
+    shallow depth with its shallow model alone. Each panel also gets the full model and the floor,
+    so no family's line hides another's (the four probes' lines overlapped in one panel)."""
+    panels = []
+    fewer = table[table["method"] == "fewer_steps"]
+    if len(fewer):
+        panels.append(("Fewer steps", fewer))
+    for classifier in sorted(table.loc[table["method"] == "early_exit", "classifier_type"].dropna().unique()):
+        sets = table[(table["method"] == "early_exit") & (table["classifier_type"] == classifier)]
+        panels.append((f"Early exit, {classifier}", sets))
+    depths = sorted(table.loc[table["method"].isin(["duodiff", "shallow"]), "shallow_depth"].dropna().unique())
+    for depth in depths:
+        sets = table[table["method"].isin(["duodiff", "shallow"]) & (table["shallow_depth"] == depth)]
+        panels.append((f"DuoDiff, {depth}-block shallow", sets))
+    return panels or [("Full U-ViT", table.iloc[0:0])]
 
 
 def quality_figure(table: pd.DataFrame, palette: Palette, cost: str, xlabel: str, title: str):
-    """The headline score (with its 95% interval as error bars) against a cost column: the methods'
-    series (QualitySeries.draw_methods), the full model's interval as a band, the real-data floor
-    as a line and the Pareto front."""
-    fig = new_figure(5.0)
-    ax = fig.subplots()
+    """The headline score (with its 95% interval as error bars) against a cost column, as small
+    multiples: one panel per method family (quality_panels) on shared axes, each with the full
+    model (star and its interval as a band), the real-data floor and the Pareto front of all sets."""
     real = table[table["method"] == "real"]
     table = table[table["method"] != "real"]
-    series = QualitySeries(ax, cost)
-    series.draw_methods(table, palette)
-    draw_floor_and_full_band(ax, pd.concat([table, real]))
-    front = series.draw_pareto_front()
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(score_label(table))
-    ax.set_title(title)
-    bottom_legend(fig, [ax])
-    points = [(x, y) for _, x, y in series.points]
-    labels = label_points(ax, series.annotations, points, SMALL_FONT)  # last: needs the final layout
-    return fig, {"x": cost, "y": "score", "series": lines_drawn(ax), "annotations": labels, "pareto": front}
+    full = table[table["method"] == "full"]
+    panels = quality_panels(table)
+    ncols = 2 if len(panels) > 1 else 1
+    nrows = math.ceil(len(panels) / ncols)
+    fig = new_figure(PANEL_HEIGHT * nrows + 1.1)
+    axes = fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False).ravel()
+    drawn = []
+    for ax, (panel_title, sets) in zip(axes, panels):
+        series = QualitySeries(ax, cost)
+        series.draw_methods(pd.concat([full, sets]), palette)
+        draw_floor_and_full_band(ax, pd.concat([full, real]))
+        ax.set_title(wrap_label(panel_title, 30), fontsize=SMALL_FONT + 0.5)
+        drawn.append(series)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    for i, ax in enumerate(axes[: len(panels)]):
+        if i + ncols >= len(panels):  # no panel below: its x axis is labelled (a fig.supxlabel met the legend)
+            ax.tick_params(labelbottom=True)
+            ax.set_xlabel(xlabel)
+    points = [point for series in drawn for point in series.points]
+    sets, xs, ys = (list(v) for v in zip(*points))
+    front = pareto_front(sets, xs, ys)
+    for series in drawn:
+        draw_pareto_front(series.ax, front, {s: (x, y) for s, x, y in points})
+    fig.supylabel(score_label(table))
+    fig.suptitle(title)
+    handles, labels = legend_entries(axes[: len(panels)])
+    shared = [(h, label) for h, label in zip(handles, labels) if label.startswith(SHARED_ENTRIES)]
+    fig.legend(*zip(*shared), loc="outside lower center", ncols=2, frameon=False)
+    labels = []
+    everywhere = [(x, y) for _, x, y in points]  # every panel draws them all: the Pareto front's corners
+    for series in drawn:  # last: needs the final layout
+        labels += label_points(series.ax, series.annotations, everywhere + series.bar_ends, SMALL_FONT)
+    # Each series once (the full model, band and floor are drawn in every panel).
+    unique = {}
+    for series in drawn:
+        for line in lines_drawn(series.ax):
+            unique.setdefault(line["label"], line)
+    return fig, {"x": cost, "y": "score", "series": list(unique.values()), "annotations": labels, "pareto": front,
+                 "panels": [{"title": t, "sets": s["set"].tolist()} for t, s in panels]}
 
 
 def plot_quality_vs_gflops(table, palette):
-    scale, unit = cost_scale(table["gflops_per_image"])
-    table = table.assign(flops_per_image=table["gflops_per_image"].astype(float) * scale)
-    return quality_figure(table, palette, "flops_per_image", f"{unit} per image (all sampling steps)",
+    # GFLOPs per image, the unit of the tables too (cells.SUMMARY_COLUMNS), however small the model.
+    return quality_figure(table, palette, "gflops_per_image", "GFLOPs per image",
                           f"Quality against compute ({sampling_caption(table)})")
 
 
 def plot_quality_vs_time(table, palette):
     table = table.assign(ms_per_image=1000.0 / table["images_per_s"].astype(float))
-    return quality_figure(table, palette, "ms_per_image", "measured milliseconds per image (1000 / images per s)",
+    return quality_figure(table, palette, "ms_per_image", "measured ms per image",
                           f"Quality against wall time ({sampling_caption(table)})")
 
 

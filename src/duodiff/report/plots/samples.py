@@ -31,19 +31,46 @@ def grid_from_images(paths: list[Path], n_images: int) -> np.ndarray:
     return image_grid(images).permute(1, 2, 0).numpy()
 
 
-def sample_grid(samples_root, name: str, n_images: int) -> tuple[np.ndarray, str]:
-    """A set's grid image (H, W, 3) uint8 and where it came from."""
+# The figure shows each set's first FIGURE_DIGITS images, FIGURE_DIGITS_PER_ROW a row: few enough
+# that a digit is >= 20 px wide when the figure prints at a 3.3-inch column (the whole 64-image
+# grid.png gave ~5 px); the same grid positions, so the same noise, in every panel.
+FIGURE_DIGITS, FIGURE_DIGITS_PER_ROW = 16, 4
+FIGURE_PADDING = 1  # white pixels between the images, at the images' own size
+
+
+def small_grid(paths: list[Path], n_images: int, per_row: int) -> np.ndarray:
+    """The first n_images as a (H, W, 3) uint8 grid, per_row a row, FIGURE_PADDING white pixels
+    around each, at the images' own resolution (imshow enlarges them, nearest neighbour)."""
     from PIL import Image
 
+    images = [np.asarray(Image.open(p).convert("RGB")) for p in paths[:n_images]]
+    height, width = images[0].shape[:2]
+    rows = math.ceil(len(images) / per_row)
+    step_y, step_x = height + FIGURE_PADDING, width + FIGURE_PADDING
+    grid = np.full((FIGURE_PADDING + rows * step_y, FIGURE_PADDING + min(per_row, len(images)) * step_x, 3), 255, np.uint8)
+    for i, image in enumerate(images):
+        y, x = FIGURE_PADDING + (i // per_row) * step_y, FIGURE_PADDING + (i % per_row) * step_x
+        grid[y:y + height, x:x + width] = image
+    return grid
+
+
+def sample_grid(samples_root, name: str, n_images: int) -> tuple[np.ndarray, str, int]:
+    """A set's grid image (H, W, 3) uint8, where it came from, and its images per row: its first
+    images when it has images/, else its grid.png whole."""
+    from PIL import Image
+
+    from duodiff.core.images import GRID_NROW
+
     folder = Path(samples_root) / name
-    if (folder / "grid.png").is_file():
-        return np.asarray(Image.open(folder / "grid.png").convert("RGB")), str(folder / "grid.png")
     paths = image_files(folder / "images")
-    assert paths, f"{folder}: run_plots checks that every set has grid.png or images"
-    return grid_from_images(paths, n_images), f"{folder / 'images'} (first {min(n_images, len(paths))})"
+    if paths:
+        n = min(n_images, FIGURE_DIGITS, len(paths))
+        return small_grid(paths, n, FIGURE_DIGITS_PER_ROW), f"{folder / 'images'} (first {n})", FIGURE_DIGITS_PER_ROW
+    assert (folder / "grid.png").is_file(), f"{folder}: run_plots checks that every set has grid.png or images"
+    return np.asarray(Image.open(folder / "grid.png").convert("RGB")), str(folder / "grid.png"), GRID_NROW
 
 
-GRID_COLUMNS = 4  # sample grids per row: a family with more settings wraps onto further rows
+GRID_COLUMNS = 3  # sample grids per row: a family with more settings wraps onto further rows
 
 
 def grid_title(row) -> str:
@@ -61,10 +88,10 @@ def sample_panels(table, samples_root, reference, n_images: int) -> list[tuple[s
     """(row title, [(title, grid, source, set)]): the real images and the references (full model,
     fewer steps, shallow alone) first, then one row per method family in setting order."""
     # As many real images as the sample grids hold (a set grid has its first <= n_images samples).
-    n_real = min(n_images, int(table.loc[table["method"] != "real", "n_samples"].min()))
+    n_real = min(n_images, FIGURE_DIGITS, int(table.loc[table["method"] != "real", "n_samples"].min()))
     reference_images = image_files(Path(reference) / "images")
-    real = ("real images", grid_from_images(reference_images, n_real),
-            f"{Path(reference) / 'images'} (first {min(n_real, len(reference_images))})", None)
+    real = ("real images", small_grid(reference_images, n_real, FIGURE_DIGITS_PER_ROW),
+            f"{Path(reference) / 'images'} (first {min(n_real, len(reference_images))})", FIGURE_DIGITS_PER_ROW, None)
 
     def panels(sets: pd.DataFrame) -> list[tuple]:
         return [(grid_title(row), *sample_grid(samples_root, row["set"], n_images), row["set"])
@@ -80,7 +107,7 @@ def plot_sample_grids(table, samples_root, reference, n_images: int):
     # As many columns as a family has settings, so that each family is one row where it can be.
     n_cols = min(GRID_COLUMNS, max([len(panels) for _, panels in groups[1:]] or [len(groups[0][1])]))
     # Panel height from the tallest grid's aspect, plus room for a two-line title; a row title each.
-    aspect = max(grid.shape[0] / grid.shape[1] for _, panels in groups for _, grid, _, _ in panels)
+    aspect = max(grid.shape[0] / grid.shape[1] for _, panels in groups for _, grid, _, _, _ in panels)
     rows = [math.ceil(len(panels) / n_cols) for _, panels in groups]
     heights = [r * (FIGURE_WIDTH / n_cols * aspect + 0.35) + 0.25 for r in rows]
     fig = new_figure(sum(heights) + 0.5)
@@ -92,13 +119,17 @@ def plot_sample_grids(table, samples_root, reference, n_images: int):
     for part, (row_title, panels), n_rows in zip(fig.subfigures(len(groups), 1, height_ratios=heights), groups, rows):
         part.suptitle(row_title, fontsize=8, fontweight="bold")
         axes = part.subplots(n_rows, n_cols, squeeze=False).flatten()
-        for ax, (title, grid, source, name) in zip(axes, panels):
+        for ax, (title, grid, source, per_row, name) in zip(axes, panels):
             ax.imshow(grid, interpolation="nearest")
             ax.set_anchor("N")  # panels of different heights line up at their titles
             ax.set_title(title, fontsize=SMALL_FONT)
             ax.set_axis_off()
             data["panels"].append({"set": name, "row": row_title, "title": title, "source": source,
-                                   "shape": list(grid.shape)})
+                                   "shape": list(grid.shape), "per_row": per_row})
         for ax in axes[len(panels):]:
             ax.set_visible(False)
+    fig.canvas.draw()
+    for panel, ax in zip(data["panels"], [ax for ax in fig.get_axes() if ax.get_visible() and ax.images]):
+        # The drawn width of one image, in inches of the figure as saved (checked against a column).
+        panel["image_width_in"] = ax.get_window_extent().width / fig.dpi / panel["per_row"]
     return fig, data

@@ -39,6 +39,8 @@ STYLE = {
     "figure.titlesize": 8.5, "figure.labelsize": 8,
     "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.3,
     "figure.dpi": 100, "savefig.bbox": "tight", "savefig.pad_inches": 0.03,  # a thin margin: the width is the figure's
+    # TrueType (Type 42) fonts in PDFs and PS: some venues reject the default Type 3.
+    "pdf.fonttype": 42, "ps.fonttype": 42,
 }
 
 
@@ -177,11 +179,15 @@ def draw_floor_and_full_band(ax, table: pd.DataFrame) -> None:
 
 
 def sampling_caption(table: pd.DataFrame) -> str:
+    """How the plotted sets were sampled, true of every set drawn: the fewer-steps sets' own step
+    counts are named beside the study's."""
+    fewer = sorted(table.loc[table["method"] == "fewer_steps", "steps"].dropna().astype(int).unique(), reverse=True)
     table = table[~table["method"].isin(["real", "fewer_steps"])]
     setups = table[["sampler", "steps"]].drop_duplicates()
-    if len(setups) == 1:
-        return f"{setups.iloc[0]['sampler']}, {setups.iloc[0]['steps']} steps"
-    return "mixed samplers"
+    if len(setups) != 1:
+        return "mixed samplers"
+    caption = f"{setups.iloc[0]['sampler']}, {setups.iloc[0]['steps']} steps"
+    return caption + (f"; fewer steps: {', '.join(map(str, fewer))}" if fewer else "")
 
 
 def swept_families(table: pd.DataFrame, methods=("early_exit", "duodiff", "composed")) -> list[tuple[str, pd.DataFrame]]:

@@ -54,6 +54,9 @@ PART_TITLES = {
     "loss_ual": "loss_ual (uncertainty-aware)",
     "loss_unweighted": "loss_unweighted (exit MSE)",
 }
+LINE_STYLES = ["-", "--", "-.", ":"]
+MARKERS = ["o", "s", "^", "D", "v", "P"]
+MARKS_PER_CURVE = 6  # markers along each curve
 LOG_SCALE_RANGE = 3.0  # a panel whose curves span more than this factor gets a log y axis
 
 
@@ -90,27 +93,31 @@ def plot_training_curves(loss_files: list[Path], smoothing: float):
     fig = new_figure(1.55 * n_rows + 1.3)
     axes = fig.subplots(n_rows, n_cols, squeeze=False).flatten()
     colors = {name: colormaps["tab10"](i % 10) for i, name in enumerate(logs)}  # a model's colour in every panel
+    # A model's line style and markers too: curves that coincide (the probes' loss_simple with a
+    # frozen backbone) stay distinguishable, each model's markers at other steps than the others'.
+    styles = {name: (LINE_STYLES[i % len(LINE_STYLES)], MARKERS[i % len(MARKERS)], i) for i, name in enumerate(logs)}
     data = {"smoothing": smoothing, "panels": []}
     for ax, (title, curves) in zip(axes, panels):
         for name, column in curves:
             log = logs[name]
             raw = log[column].to_numpy(float)
+            linestyle, marker, index = styles[name]
+            every = max(1, len(log) // MARKS_PER_CURVE)
+            style = {"color": colors[name], "linewidth": 1.4, "linestyle": linestyle, "marker": marker,
+                     "markersize": 3.5, "markevery": (index * every // max(1, len(logs)) % every, every), "label": name}
             if len(log) < MIN_ROWS_TO_SMOOTH:  # each row already averages its logging interval
-                ax.plot(log["step"], raw, color=colors[name], linewidth=1.4, label=name)
+                ax.plot(log["step"], raw, **style)
                 continue
             ax.plot(log["step"], raw, color=colors[name], alpha=0.25, linewidth=0.8, label="_raw")
-            ax.plot(log["step"], ema_smooth(log[column], smoothing), color=colors[name], linewidth=1.4, label=name)
+            ax.plot(log["step"], ema_smooth(log[column], smoothing), **style)
         loss_axis(ax, [logs[name][column] for name, column in curves])
         ax.set_title(wrap_label(title), fontsize=8)
         ax.set_xlabel("training step")
         data["panels"].append({"title": title, "series": lines_drawn(ax)})
     for ax in axes[len(panels):]:
         ax.set_visible(False)
-    if panels and panels[0][0] == UVIT_LOSS:  # its models in its own legend, the early-exit ones below
-        axes[0].legend(handlelength=1.2, framealpha=0.85, edgecolor="none")
-    early_axes = [ax for ax, (title, _) in zip(axes, panels) if title != UVIT_LOSS]
-    if early_axes:
-        bottom_legend(fig, early_axes[:1])
+    if panels:  # every model once, below the panels: a legend inside a panel covered its curves
+        bottom_legend(fig, axes[: len(panels)])
     fig.suptitle(f"Training loss by kind: interval means\n(faint, and smoothed by an EMA {smoothing:g} in runs"
                  f" of {MIN_ROWS_TO_SMOOTH}+ rows)")
     return fig, data

@@ -20,7 +20,9 @@ SUMMARY_COLUMNS = [
     ("fid", "FID ↓", r"FID$\downarrow$", "min"),
     ("kid", "KID×10³ ↓", r"KID$\times10^3\downarrow$", "min"),
     ("cmmd", "CMMD ↓", r"CMMD$\downarrow$", "min"),
-    ("gflops_per_forward", "GFLOPs/fwd ↓", r"GFLOPs/fwd$\downarrow$", "min"),
+    # Per image (all sampling steps, both guidance branches): the one FLOPs unit of the tables and
+    # plots; per network evaluation it would hide what fewer steps save.
+    ("gflops_per_image", "GFLOPs/image ↓", r"GFLOPs/image$\downarrow$", "min"),
     ("layer_ratio", "Layer ratio", "Layer ratio", None),
     ("images_per_s", "Images/s ↑", r"Images/s$\uparrow$", "max"),
     ("speedup_measured", "Speed-up (measured) ↑", r"Speed-up (meas.)$\uparrow$", "max"),
@@ -52,6 +54,9 @@ def summary_columns(frame: pd.DataFrame) -> list[tuple[str, str, str, str | None
         diff = []
     if name == "FID":
         return [("score", f"FID{ci} ↓", rf"FID{ci_tex}$\downarrow$", "min")] + diff + metrics[1:]
+    # Beside another headline, Inception's FID and KID are computed on a few samples (fid.json's
+    # n_samples) and cannot separate the sets: shown in a table of their own, never bold.
+    metrics = [(c, md, tex, None if c in INCEPTION_COLUMNS else best) for c, md, tex, best in metrics]
     return [
         ("score", f"{name}{ci} ↓", rf"{name}{ci_tex}$\downarrow$", "min"),
         *diff,
@@ -59,15 +64,35 @@ def summary_columns(frame: pd.DataFrame) -> list[tuple[str, str, str, str | None
     ] + metrics
 
 
+def summary_parts(frame: pd.DataFrame, columns: list | None = None) -> dict[str, list]:
+    """The summary's columns as the tables every writer shows, in order: quality (the headline),
+    inception (FID and KID beside another headline: a secondary table that states its N), cost."""
+    columns = summary_columns(frame) if columns is None else columns
+    cost = [c for c in columns if c[0] in COST_COLUMNS or c[0] == "layer_ratio"]
+    secondary = frame["score_name"].iloc[0] != "FID"
+    inception = [c for c in columns if secondary and c[0] in INCEPTION_COLUMNS]
+    return {"quality": [c for c in columns if c not in cost and c not in inception], "inception": inception,
+            "cost": cost}
+
+
+def inception_caption(frame: pd.DataFrame) -> str:
+    """What the secondary Inception table is, with its N, and why it does not decide."""
+    row = frame.iloc[0]
+    return (f"clean-fid's Inception FID and KID, from the first {row['fid_n_samples']} samples of each set against "
+            f"{row['n_reference']} reference images: at this N they cannot tell the sets apart, so the headline "
+            f"({row['score_name']}) decides and nothing here is bold.")
+
+
 # Least display precision of each summary column; a column of small numbers (the GFLOPs of an
 # 8x8 model) gets more, see `decimals`. Best-value marking compares the displayed (rounded)
 # values, so two numbers that print the same are both bold.
-DECIMALS = {"score": 2, "score_diff": 2, "kid_headline": 2, "fid": 2, "kid": 2, "cmmd": 3, "gflops_per_forward": 2,
+DECIMALS = {"score": 2, "score_diff": 2, "kid_headline": 2, "fid": 2, "kid": 2, "cmmd": 3, "gflops_per_image": 2,
             "layer_ratio": 3, "images_per_s": 1, "speedup_measured": 2, "speedup_theoretical": 2}
 SIGNIFICANT_DIGITS = 2  # at least this many for the smallest non-zero value of a column
 KID_SCALE = 1e3  # KID is printed x10^3, as is usual in papers
 KID_COLUMNS = ("kid", "kid_headline")
-COST_COLUMNS = ("gflops_per_forward", "images_per_s", "speedup_measured", "speedup_theoretical")
+INCEPTION_COLUMNS = ("fid", "kid")
+COST_COLUMNS = ("gflops_per_image", "images_per_s", "speedup_measured", "speedup_theoretical")
 SUPERSCRIPTS = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
 
 

@@ -61,8 +61,10 @@ CSV_COLUMNS = {
     + SPEED_COLUMNS + ["score_n_samples", "score_n_reference", "score_network"],
     "fid": ID_COLUMNS + ["fid", "fid_ci_low", "fid_ci_high", "fid_diff", "fid_diff_ci_low", "fid_diff_ci_high"]
     + SPEED_COLUMNS
-    + ["feature_network", "fid_mode", "reference_source", "n_reference"],
-    "kid": ID_COLUMNS + ["kid", "kid_std", "kid_ci_low", "kid_ci_high", "feature_network", "fid_mode", "n_reference"],
+    + ["feature_network", "fid_mode", "reference_source", "fid_n_samples", "n_reference"],
+    # fid_n_samples: the images Inception scored (metrics.fid.max_samples), not the set's n_samples.
+    "kid": ID_COLUMNS + ["kid", "kid_std", "kid_ci_low", "kid_ci_high", "feature_network", "fid_mode", "fid_n_samples",
+                         "n_reference"],
     "cmmd": ID_COLUMNS + ["cmmd", "available", "reason", "embedding_model"],
     "gflops": ID_COLUMNS + ["gflops_per_forward", "gflops_per_forward_linear_conv",
                             "gflops_per_image", "layer_ratio", "images_per_s",
@@ -90,7 +92,7 @@ def method_label(row) -> str:
     """How a set's method reads in tables and legends."""
     method = row["method"]
     if method == "real":
-        return "Real data (held out)"
+        return "Real data (floor)"
     if method == "full":
         return f"U-ViT ({blocks(row['depth'])})"
     if method == "fewer_steps":

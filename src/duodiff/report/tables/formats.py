@@ -10,12 +10,13 @@ import html
 import pandas as pd
 
 from duodiff.report.tables.cells import (
-    COST_COLUMNS,
     best_mask,
     footnotes,
+    inception_caption,
     operating_point_cells,
     summary_cells,
     summary_columns,
+    summary_parts,
 )
 from duodiff.report.tables.notes import notes
 from duodiff.report.tables.operating_points import operating_points
@@ -33,10 +34,18 @@ def summary_markdown(frame: pd.DataFrame) -> str:
     mask = best_mask(frame)
     for column in mask.columns:
         cells[column] = [f"**{text}**" if best else text for text, best in zip(cells[column], mask[column])]
-    columns = summary_columns(frame)
-    cells.columns = ["Method", "Setting"] + [md for _, md, _, _ in columns]
-    # disable_numparse: the cells are already formatted; tabulate would re-format "1.000" as "1".
-    table = cells.to_markdown(index=False, disable_numparse=True, colalign=["left", "left"] + ["right"] * len(columns))
+    parts = summary_parts(frame)
+    headers = {column: md for column, md, _, _ in summary_columns(frame)}
+
+    def markdown(columns: list) -> str:
+        # disable_numparse: the cells are already formatted; tabulate would re-format "1.000" as "1".
+        shown = cells[["Method", "Setting", *(c for c, *_ in columns)]].rename(columns=headers)
+        return shown.to_markdown(index=False, disable_numparse=True, colalign=["left", "left"] + ["right"] * len(columns))
+
+    table = markdown(parts["quality"] + parts["cost"])
+    if parts["inception"]:
+        table += ("\n\n## Every set: Inception FID and KID\n\n" + inception_caption(frame) + "\n\n"
+                  + markdown(parts["inception"]))
     note_text = "\n".join(f"- {note}" for note in notes(frame, numbered))
     points = operating_point_cells(operating_points(frame))
     points_table = points.to_markdown(index=False, disable_numparse=True)
@@ -109,10 +118,13 @@ def summary_latex(frame: pd.DataFrame) -> str:
     # Without the paired-difference column (the marks on the headline score carry its verdict, the
     # notes the rule, scores.csv the numbers); quality and cost as two tabulars one above the other,
     # each narrower than a two-column paper's text width (one was 221 pt wider on the default study).
+    # Inception's few-sample FID and KID (beside another headline) as a third, secondary tabular.
     columns = [column for column in summary_columns(frame) if column[0] != "score_diff"]
-    cost = [column for column in columns if column[0] in COST_COLUMNS or column[0] == "layer_ratio"]
-    quality = [column for column in columns if column not in cost]
-    tabular = _latex_tabular(frame, cells, mask, quality) + "\\par\\medskip\n" + _latex_tabular(frame, cells, mask, cost)
+    parts = summary_parts(frame, columns)
+    tabular = _latex_tabular(frame, cells, mask, parts["quality"]) + "\\par\\medskip\n" + _latex_tabular(frame, cells, mask, parts["cost"])
+    if parts["inception"]:
+        tabular += ("\\par\\medskip\n{\\raggedright Secondary: " + _escape_latex(inception_caption(frame)) + "\\par}\n"
+                    + _latex_tabular(frame, cells, mask, parts["inception"]))
     note_text = "\n".join(f"{_escape_latex(note)}\\par" for note in notes(frame, numbered))
     return ("% duodiff summary table (`duodiff tables`: results/<experiment>/tables/summary.tex), to \\input in a paper.\n"
             "% Needs \\usepackage{booktabs} (TeX Live: texlive-latex-recommended); nothing else.\n"
@@ -157,11 +169,8 @@ def summary_html(frame: pd.DataFrame) -> str:
     cells = summary_cells(frame, numbered, latex=False)
     mask = best_mask(frame)
     headers = {column: md for column, md, _, _ in summary_columns(frame)}
-    cost = [column for column in headers if column in COST_COLUMNS or column == "layer_ratio"]
     # Inception's FID and KID beside another headline (the classifier's) get a table of their own.
-    inception = [column for column in ("fid", "kid") if column in headers] if "fid" in headers else []
-    parts = {"quality": [column for column in headers if column not in cost + inception], "inception": inception,
-             "cost": cost}
+    parts = {name: [c for c, *_ in columns] for name, columns in summary_parts(frame).items()}
     tables = []
     for name, columns in parts.items():
         if not columns:
@@ -182,13 +191,6 @@ def summary_html(frame: pd.DataFrame) -> str:
             "<h2>Every set: sample quality</h2>\n"
             "<p>Full U-ViT, the fewer-steps baseline, the shallow U-ViT alone, early exit (DeeDiff/AdaDiff) and "
             "DuoDiff, one row per sample set, below the real-data floor.</p>\n" + tables[0]
-            + (f"\n<h2>Every set: Inception FID and KID</h2>\n<p>{html.escape(_inception_caption(frame))}</p>\n"
+            + (f"\n<h2>Every set: Inception FID and KID</h2>\n<p>{html.escape(inception_caption(frame))}</p>\n"
                + tables[1] if tables[1] else "")
             + "\n<h2>Every set: cost</h2>\n" + tables[2] + f"\n<ul>\n{note_text}\n</ul>\n</body>\n</html>\n")
-
-
-def _inception_caption(frame: pd.DataFrame) -> str:
-    row = frame.iloc[0]
-    return (f"clean-fid's Inception FID and KID, from the first {row['fid_n_samples']} samples of each set against "
-            f"{row['n_reference']} reference images: at this N they cannot tell the sets apart, so the headline "
-            "score above decides.")

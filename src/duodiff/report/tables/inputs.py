@@ -225,13 +225,15 @@ def check_one_reference(frame) -> None:
 
 
 def read_real(settings: TableSettings) -> dict:
-    """The real-data row: held-out real images scored like a sample set (no sampling, no cost)."""
+    """The real-data row: real images not in the reference, scored like a sample set (no sampling, no
+    cost); how they were drawn and whether the models trained on them, from its stats.json."""
     stats_path = settings.samples_root / "real" / "stats.json"
     stats = _read(stats_path, "real_stats.json")
     require(stats["method"] == "real", f"{stats_path}: method is {stats['method']!r}, expected 'real'")
     return {
         "set": "real", "method": "real", "setting": setting_label({"method": "real"}, style="stats"),
         "n_samples": stats["n_samples"], "real_notes": list(stats["notes"] or []), "real_mode": stats.get("mode"),
+        "real_selection": stats.get("selection"), "real_seen": stats.get("seen_in_training"),
         **_scores(settings, "real"), **_cmmd(settings, "real"),
     }  # fmt: skip
 
