@@ -410,6 +410,10 @@ OUTPUT_COMMANDS = {
     "cmmd": "cmmd --samples {s8} --reference {ref8} --output {dest}/cmmd.json",
     "flops": "flops --samples {s8} {s8} --output {tmp}/fine.json {dest}/gflops.json",  # the second of two
     "time": "time --samples {s8} --output-dir {dest}",
+    "search": "search --family f --template full_steps{{steps}} --knob steps --low 1 --high 8 --cheaper lower "
+              "--resolution 1 --integer --budget 1 --grid 4 --headline classifier --margin 0.1 --metrics-root {tmp} "
+              "--output {dest}/round0.json",
+    "search-result": "search-result --last-round {tmp}/round9.json --output {dest}/search.json",
     "tables": "tables --samples-root {tmp} --metrics-root {tmp} --sets full --output-dir {dest}",
     "plots": "plots --tables-dir {tmp} --samples-root {tmp} --models-root {tmp} --reference {ref8} --output-dir {dest}",
 }

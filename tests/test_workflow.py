@@ -183,7 +183,8 @@ def test_a_dry_run_plans_round_0_of_every_family_with_its_grid(dry_runs):
     _, results = dry_runs
     jobs = planned_jobs(results["tiny_commands"].stdout, "search_round")
     assert sorted((job["wildcards"]["family"], job["wildcards"]["round"]) for job in jobs) == [
-        ("duodiff-d1", "0"), ("early_exit-attention_probe", "0"), ("fewer_steps", "0")]
+        ("composed-duodiff_d1_ts2_ee_attention_probe_thr_steps4", "0"), ("duodiff-d1", "0"),
+        ("early_exit-attention_probe", "0"), ("fewer_steps", "0")]
     grid = {job["wildcards"]["family"]: job["input"] for job in jobs}
     assert grid["early_exit-attention_probe"] == {
         f"results/tiny/metrics/{name}/fd_classifier.json"
@@ -511,7 +512,7 @@ def planned_jobs(output: str, rule: str) -> list:
     """The jobs of `rule` in a dry run's output, each as {"input": set of paths, "wildcards": {...}}."""
     jobs, job = [], None
     for line in output.splitlines():
-        if re.fullmatch(r"(local)?rule \w+:", line):
+        if re.fullmatch(r"(local)?(?:rule|checkpoint) \w+:", line):
             job = {"input": set(), "wildcards": {}} if line.split()[-1] == f"{rule}:" else None
             if job is not None:
                 jobs.append(job)
@@ -561,7 +562,7 @@ def planned_threads(output: str, rule: str) -> list:
     """The `threads:` of each job of `rule` in a dry run's output."""
     threads, current = [], None
     for line in output.splitlines():
-        if re.fullmatch(r"(local)?rule \w+:", line):
+        if re.fullmatch(r"(local)?(?:rule|checkpoint) \w+:", line):
             current = line.split()[-1] == f"{rule}:"
         elif current and line.startswith("    threads: "):
             threads.append(int(line.removeprefix("    threads: ")))
@@ -581,7 +582,10 @@ def test_one_timing_job_times_every_set_alone(dry_runs):
     models = {f"{root}/models/{name}/model.pt" for name in ("full", "shallow_d1", "ee_attention_probe")}
     assert {path for path in job["input"] if path.endswith("model.pt")} == models
     ((_, flags),) = [command for command in planned_commands(output) if command[0] == "time"]
-    assert flags["--samples"].split() == [f"{root}/samples/{name}" for name in expected_sets(cfg)]
+    # Then the searches' probes, which a dry run cannot know yet (Snakemake holds their place with
+    # <TBD>, and names the inputs after it out of place: what follows the sets is not checked).
+    expected = [f"{root}/samples/{name}" for name in expected_sets(cfg)]
+    assert flags["--samples"].split()[: len(expected)] == expected
     assert (flags["--baseline"], flags["--output-dir"], flags["--device"]) == ("full", f"{root}/timing", "cpu")
     timing = cfg["timing"]
     assert (flags["--rounds"], flags["--batch-size"], flags["--threads"]) == tuple(

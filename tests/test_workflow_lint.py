@@ -75,11 +75,11 @@ def test_catalog_settings_match_the_repository():
     readme = (REPO / "README.md").read_text()
     assert f"--configfile {values['--configfile']}" in readme and f"--profile {values['--profile']}" in readme
     # conda: true means every job can run under --sdm conda: each rule that runs a command names an
-    # env, and each `use rule` variant inherits the env of its base rule.
+    # env (checkpoints too), and each `use rule` variant inherits the env of its base rule.
     rules, variants = set(), {}
     for path in (REPO / "workflow" / "rules").glob("*.smk"):
         lines = path.read_text().splitlines()
-        names = [match[2] for line in lines if (match := re.match(r"(local)?rule (\w+):", line))]
+        names = [match[2] for line in lines if (match := re.match(r"(local)?(?:rule|checkpoint) (\w+):", line))]
         assert len(names) == sum(line.strip() == "conda:" for line in lines), path.name
         rules.update(names)
         variants.update(

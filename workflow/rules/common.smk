@@ -387,9 +387,9 @@ def search_families() -> dict:
     # Composed policies (issue 21, point 3): each {"template", "knob", "values", "label"} is one
     # family more, its id the template with the knob's placeholder dropped.
     for composed in globals().get("composed_families", lambda: [])():
-        family_id = "composed-" + re.sub(
-            r"[^A-Za-z0-9_-]", "", composed["template"].replace("{" + composed["knob"] + "}", "")
-        )
+        # The template without its knob's placeholder, wildcard-safe (the tables derive the same id).
+        unset = composed["template"].replace(f"{{{composed['knob']}}}", "")
+        family_id = f"composed-{re.sub(r'[^A-Za-z0-9_-]', '', unset)}"
         families.append(search_family(family_id, composed["template"], composed["knob"], composed["values"]))
     return {family["id"]: family for family in families}
 
@@ -404,8 +404,9 @@ SEARCH_RESULT = "results/{experiment}/search/{family}/search.json"
 
 
 def search_results(wildcards=None) -> list:
-    """Every family's finished search (rule search_result), as plain paths: rule all asks for them
-    all, so every family's rounds join the DAG at once and run side by side."""
+    """Every family's finished search (made by the search_result checkpoint), as plain paths. The
+    default target asks for them all, so every family's rounds join the DAG at once and run side
+    by side."""
     return expand(SEARCH_RESULT, experiment=config["experiment"], family=list(search_families()))
 
 
@@ -450,3 +451,57 @@ def probe_models(wildcards) -> dict:
         inputs = sample_models(SimpleNamespace(experiment=config["experiment"], set=name))
         models.update({f"{name}.{key}": path for key, path in inputs.items()})
     return models
+
+
+# The search's rounds (rules/search.smk): what each round reads, its flags, and a family's last round.
+
+
+def search_round_inputs(wildcards) -> dict:
+    """Round 0: the full model's and the grid sets' scores. Round r: round r-1's file and the
+    score of the probe it asked for."""
+    family = search_families()[wildcards.family]
+    r = int(wildcards.round)
+    inputs = {"full": headline_score_file(BASELINE_SET, wildcards.experiment)}
+    if r == 0:
+        names = [family["template"].replace(f"{{{family['knob']}}}", knob_label(family, v)) for v in family["grid"]]
+        inputs["grid"] = [headline_score_file(name, wildcards.experiment) for name in names]
+        return inputs
+    previous = checkpoints.search_round.get(experiment=wildcards.experiment, family=wildcards.family, round=r - 1)
+    with open(previous.output[0]) as handle:
+        before = json.load(handle)
+    if before["done"]:
+        raise ValueError(f"search {wildcards.family}: round {r - 1} is done ({before['reason']}): no round {r}")
+    inputs["previous"] = previous.output[0]
+    inputs["probe"] = headline_score_file(before["next"], wildcards.experiment)
+    return inputs
+
+
+def knob_label(family: dict, value) -> str:
+    """A knob value as set names spell it (duodiff.search.rounds.set_name)."""
+    return str(int(value)) if family["integer"] else threshold_label(value)
+
+
+def search_flags(wildcards) -> str:
+    family = search_families()[wildcards.family]
+    flags = (
+        f"--family {family['id']} --template '{family['template']}' --knob {family['knob']} "
+        f"--low {family['low']} --high {family['high']} --cheaper {family['cheaper']} "
+        f"--resolution {family['resolution']} {'--integer' if family['integer'] else '--no-integer'} "
+        f"--budget {config['search']['budget']} --headline {config['metrics']['headline']} "
+        f"--margin {config['metrics']['equal_quality_margin']}"
+    )
+    if int(wildcards.round) == 0:
+        flags += " --grid " + " ".join(knob_label(family, v) for v in family["grid"])
+    return flags
+
+
+def last_round(wildcards) -> str:
+    """A family's last round file: the rounds in order, each read through the checkpoint (which
+    raises until it has run, and Snakemake then asks again), up to the one that says done."""
+    r = 0
+    while True:
+        path = checkpoints.search_round.get(experiment=wildcards.experiment, family=wildcards.family, round=r).output[0]
+        with open(path) as handle:
+            if json.load(handle)["done"]:
+                return path
+        r += 1

@@ -12,45 +12,6 @@
 # not computed again (its files exist), and a finished search is read back from its round files.
 
 
-def search_round_inputs(wildcards) -> dict:
-    """Round 0: the full model's and the grid sets' scores. Round r: round r-1's file and the
-    score of the probe it asked for."""
-    family = search_families()[wildcards.family]
-    r = int(wildcards.round)
-    inputs = {"full": headline_score_file(BASELINE_SET, wildcards.experiment)}
-    if r == 0:
-        names = [family["template"].replace("{" + family["knob"] + "}", knob_label(family, v)) for v in family["grid"]]
-        inputs["grid"] = [headline_score_file(name, wildcards.experiment) for name in names]
-        return inputs
-    previous = checkpoints.search_round.get(experiment=wildcards.experiment, family=wildcards.family, round=r - 1)
-    with open(previous.output[0]) as handle:
-        before = json.load(handle)
-    if before["done"]:
-        raise ValueError(f"search {wildcards.family}: round {r - 1} is done ({before['reason']}): no round {r}")
-    inputs["previous"] = previous.output[0]
-    inputs["probe"] = headline_score_file(before["next"], wildcards.experiment)
-    return inputs
-
-
-def knob_label(family: dict, value) -> str:
-    """A knob value as set names spell it (duodiff.search.rounds.set_name)."""
-    return str(int(value)) if family["integer"] else threshold_label(value)
-
-
-def search_flags(wildcards) -> str:
-    family = search_families()[wildcards.family]
-    flags = (
-        f"--family {family['id']} --template '{family['template']}' --knob {family['knob']} "
-        f"--low {family['low']} --high {family['high']} --cheaper {family['cheaper']} "
-        f"--resolution {family['resolution']} {'--integer' if family['integer'] else '--no-integer'} "
-        f"--budget {config['search']['budget']} --headline {config['metrics']['headline']} "
-        f"--margin {config['metrics']['equal_quality_margin']}"
-    )
-    if int(wildcards.round) == 0:
-        flags += " --grid " + " ".join(knob_label(family, v) for v in family["grid"])
-    return flags
-
-
 checkpoint search_round:
     input:
         unpack(search_round_inputs),
@@ -76,18 +37,6 @@ checkpoint search_round:
     shell:
         "duodiff search {params.flags} {params.previous} --metrics-root {params.metrics_root} "
         "--output {output} > {log} 2>&1"
-
-
-def last_round(wildcards) -> str:
-    """A family's last round file: the rounds in order, each read through the checkpoint (which
-    raises until it has run, and Snakemake then asks again), up to the one that says done."""
-    r = 0
-    while True:
-        path = checkpoints.search_round.get(experiment=wildcards.experiment, family=wildcards.family, round=r).output[0]
-        with open(path) as handle:
-            if json.load(handle)["done"]:
-                return path
-        r += 1
 
 
 # A family's finished search at a path known before it runs (SEARCH_RESULT, common.smk): rule all

@@ -30,7 +30,9 @@ rule timing:
     resources:
         **resources("timing"),
     params:
-        samples=lambda wildcards, input: [str(Path(path).parent) for path in [*input.stats, *input.probes]],
+        # The probes are known once the searches are done; before, a dry run shows Snakemake's <TBD>.
+        samples=lambda wildcards, input: [str(Path(path).parent) for path in input.stats]
+        + ([input.probes] if isinstance(input.probes, str) else [str(Path(path).parent) for path in input.probes]),
         baseline=SET_NAMES["full"],
         output_dir=subpath(output.json, parent=True),
         flags=timing_flags(),

@@ -64,6 +64,7 @@ from duodiff.report.plots.style import (
 )
 from duodiff.report.plots.training import find_loss_files, plot_training_curves
 from duodiff.report.tables.collect import INTEGER_COLUMNS, blocks
+from duodiff.report.tables.operating_points import method_families
 
 PLOT_NAMES = ["quality_vs_gflops", "paired_difference", "quality_vs_time", "exit_heatmap", "mean_exit_layer", "fid_vs_tswitch",
               "training_curves", "sample_grids", "search_trace"]
@@ -133,8 +134,9 @@ class QualitySeries:
             if method == "early_exit":
                 group = table[(table["method"] == method) & (table["classifier_type"] == key)].sort_values("threshold")
                 label = f"early exit, {key}"
-            elif method == "composed":  # a family's sets in its knob's order (Palette.members)
-                group = table.set_index("set").loc[palette.members[(method, key)]].reset_index()
+            elif method == "composed":  # a family's sets in its knob's order (Palette.members), those drawn here
+                names = [name for name in palette.members[(method, key)] if name in set(table["set"])]
+                group = table.set_index("set").loc[names].reset_index()
                 label = f"composed, {key}"
             else:
                 group = table[(table["method"] == method) & (table["shallow_depth"] == key)].sort_values("t_switch")
@@ -163,7 +165,7 @@ SHARED_ENTRIES = ("full U-ViT", "shallow alone", "full model's 95% CI", "real da
 
 def quality_panels(table: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     """(title, sets) of one panel per method family: fewer steps, early exit per probe, DuoDiff per
-    shallow depth with its shallow model alone. Each panel also gets the full model and the floor,
+    shallow depth with its shallow model alone, each composed family. Each panel also gets the full model and the floor,
     so no family's line hides another's (the four probes' lines overlapped in one panel)."""
     panels = []
     fewer = table[table["method"] == "fewer_steps"]
@@ -176,6 +178,9 @@ def quality_panels(table: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     for depth in depths:
         sets = table[table["method"].isin(["duodiff", "shallow"]) & (table["shallow_depth"] == depth)]
         panels.append((f"DuoDiff, {depth}-block shallow", sets))
+    for method, family, sets in method_families(table):  # one panel per composed config entry
+        if method == "composed":
+            panels.append((f"Composed: {family}", sets))
     return panels or [("Full U-ViT", table.iloc[0:0])]
 
 
