@@ -14,7 +14,7 @@ import re
 from duodiff.core.errors import DuodiffError
 
 # What `duodiff sample --method` runs and stats.json records (docs/architecture.md).
-METHODS = ("full", "shallow", "early_exit", "duodiff")
+METHODS = ("full", "shallow", "early_exit", "duodiff", "cache")
 # The methods of the tables' rows, in the papers' order: the sampling methods, the held-out real
 # images, and the full model sampled with fewer steps.
 # Composed sets (several families in one policy: fewer steps, DuoDiff's shallow phase, early exit
