@@ -178,7 +178,9 @@ def quality_panels(table: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     for depth in depths:
         sets = table[table["method"].isin(["duodiff", "shallow"]) & (table["shallow_depth"] == depth)]
         panels.append((f"DuoDiff, {depth}-block shallow", sets))
-    for method, family, sets in method_families(table):  # one panel per composed config entry
+    for method, family, sets in method_families(table):  # caching per keep_blocks, one panel per composed entry
+        if method == "cache":
+            panels.append((f"Caching, {family}", sets))
         if method == "composed":
             panels.append((f"Composed: {family}", sets))
     return panels or [("Full U-ViT", table.iloc[0:0])]
