@@ -229,3 +229,16 @@ def test_bad_cache_arguments_fail_before_any_work(ckpts, tmp_path, kwargs, messa
         sample(ckpts, out, **kwargs)
     assert message in str(error.value)
     assert not out.exists()
+
+
+def test_the_tables_make_one_cache_family_per_keep_from_the_set_names():
+    import pandas as pd
+
+    from duodiff.report.tables.collect import method_label
+    from duodiff.report.tables.operating_points import method_families, search_family_ids
+
+    frame = pd.DataFrame({"set": ["full", "cache_N4_k1", "cache_N2_k1"], "method": ["full", "cache", "cache"]})
+    ((method, family, sets),) = [f for f in method_families(frame) if f[0] == "cache"]
+    assert (method, family, list(sets["set"])) == ("cache", "k = 1", ["cache_N2_k1", "cache_N4_k1"])
+    assert search_family_ids("cache", sets) == ["cache-k1"]  # common.smk's search family id
+    assert method_label(sets.iloc[0]) == "Caching (k = 1)"

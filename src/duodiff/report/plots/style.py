@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 
 from duodiff.core.study import SWEPT_SETTING
 from duodiff.report.tables.collect import method_label
-from duodiff.report.tables.operating_points import method_families
+from duodiff.report.tables.operating_points import method_families, with_cache_fields
 
 FEWER_STEPS_STYLE = dict(color="0.35", marker="D", markersize=5, linewidth=1.3, linestyle="--")
 REAL_COLOR = "tab:green"
@@ -114,6 +114,7 @@ class Palette:
             for name in table.loc[(table["method"] == "shallow") & (table["shallow_depth"] == depth), "set"]:
                 self.colors[name] = colormaps[cmap](0.95)
         # caching, per keep_blocks: the interval N swept, darker for longer intervals (cheaper)
+        table = with_cache_fields(table)
         for i, keep in enumerate(sorted(table.loc[table["method"] == "cache", "cache_keep"].dropna().unique())):
             group = table[(table["method"] == "cache") & (table["cache_keep"] == keep)]
             self._assign(group, "cache_interval", CACHE_CMAPS[i % len(CACHE_CMAPS)], ("cache", f"k = {keep}"))

@@ -33,7 +33,7 @@ import pandas as pd
 from duodiff.core.errors import DuodiffError, is_number, require
 from duodiff.core.flags import add_flag
 from duodiff.core.io import atomic_path, read_json, write_text
-from duodiff.core.study import METHOD_ORDER, method_of_set, setting_label
+from duodiff.core.study import METHOD_ORDER, method_of_set, parse_set_form, setting_label
 from duodiff.report.tables.formats import summary_html, summary_latex, summary_markdown
 from duodiff.report.tables.inputs import (
     HEADLINES,
@@ -103,8 +103,8 @@ def method_label(row) -> str:
         return f"Early exit, {row['classifier_type']}"
     if method == "composed":
         return "Composed"
-    if method == "cache":
-        return f"Caching (k = {row['cache_keep']})"
+    if method == "cache":  # k from the set's name: the csv tables have no cache_keep column
+        return f"Caching (k = {parse_set_form(row['set'])[1]['cache_keep']})"
     return f"DuoDiff ({row['shallow_depth']} + {row['depth']} blocks)"
 
 
