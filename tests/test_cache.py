@@ -237,7 +237,8 @@ def test_the_tables_make_one_cache_family_per_keep_from_the_set_names():
     from duodiff.report.tables.collect import method_label
     from duodiff.report.tables.operating_points import method_families, search_family_ids
 
-    frame = pd.DataFrame({"set": ["full", "cache_N4_k1", "cache_N2_k1"], "method": ["full", "cache", "cache"]})
+    frame = pd.DataFrame({"set": ["full", "cache_N4_k1", "cache_N2_k1"], "method": ["full", "cache", "cache"],
+                          "classifier_type": None, "shallow_depth": None})
     ((method, family, sets),) = [f for f in method_families(frame) if f[0] == "cache"]
     assert (method, family, list(sets["set"])) == ("cache", "k = 1", ["cache_N2_k1", "cache_N4_k1"])
     assert search_family_ids("cache", sets) == ["cache-k1"]  # common.smk's search family id
