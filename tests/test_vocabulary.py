@@ -49,6 +49,8 @@ EDGE_VALUES = {
     "early_exit": {"classifier_types": SCHEMA["properties"]["early_exit"]["properties"]["classifier_types"]["items"]["enum"],
                    "thresholds": [1e-05, 0.05, 1, 0.1 + 0.2]},
     "duodiff": {"t_switch": [0, 6]},
+    # caching at both ends of its interval: every step full (N 1) and one full step (N = steps)
+    "cache": {"interval": [1, 6], "keep_blocks": 1},
     # every composed form, each knob swept once, thresholds of the odd texts too
     "composed": [{"steps": 5, "early_exit": "attention_probe", "threshold": [1e-05, 1]},
                  {"steps": [1, 5], "duodiff": 1, "t_switch": 0},
@@ -115,6 +117,10 @@ def test_every_set_the_workflow_samples_parses_into_the_method_and_settings_it_r
             assert flags["--t-switch"] == fields["t_switch"], name
         if "steps" in fields:
             assert flags["--steps"] == fields["steps"], name
+        if method == "cache":
+            assert (flags["--cache-interval"], flags["--cache-keep"]) == (fields["cache_interval"], fields["cache_keep"])
+        else:
+            assert "--cache-interval" not in flags and "--cache-keep" not in flags, name
         if "classifier_type" in fields:  # early exit alone, or DuoDiff's late model
             late = flags["--checkpoint-path-late"] if "depth" in fields else flags["--checkpoint-path"]
             assert Path(late).parent.name == f"ee_{fields['classifier_type']}", name
@@ -134,6 +140,7 @@ def test_the_sets_study_names_for_a_config_are_the_sets_the_workflow_tabulates(p
         + [set_name("early_exit", classifier_type=c, threshold=t)
            for c in cfg["early_exit"]["classifier_types"] for t in cfg["early_exit"]["thresholds"]]
         + [set_name("duodiff", depth=d, t_switch=t) for d in depths for t in cfg["duodiff"]["t_switch"]]
+        + [set_name("cache", cache_interval=n, cache_keep=cfg["cache"]["keep_blocks"]) for n in cfg["cache"]["interval"]]
         + [name for entry in cfg.get("composed", []) for name in composed_names(entry)]
         + ([set_name("real")] if cfg["reference"]["n_real"] > 0 else [])
     )  # fmt: skip
@@ -205,6 +212,7 @@ def test_edge_thresholds_are_named_by_their_shortest_float_text(plans):
         ("ee_mlp_probe_per_layer_per_timestep_thr1e-05",
          ("early_exit", {"classifier_type": "mlp_probe_per_layer_per_timestep", "threshold": "1e-05"})),
         ("duodiff_d3_ts10", ("duodiff", {"depth": "3", "t_switch": "10"})),
+        ("cache_N3_k1", ("cache", {"cache_interval": "3", "cache_keep": "1"})),
     ],
 )  # fmt: skip
 def test_set_names_parse_into_method_and_fields(name, parsed):
@@ -212,7 +220,7 @@ def test_set_names_parse_into_method_and_fields(name, parsed):
 
 
 @pytest.mark.parametrize("name", ["shallow", "full_steps", "duodiff_d3", "ee_mlp_thr0.1", "ee_attention_probe_thrx",
-                                  "duodiff_d3_ts-1", "Full", "full "])
+                                  "duodiff_d3_ts-1", "Full", "full ", "cache_N3", "cache_N_k1", "cache_n3_k1"])
 def test_names_of_no_known_form_are_refused_with_the_forms(name):
     with pytest.raises(DuodiffError, match=r"has none of the forms real, full, full_steps<steps>"):
         parse_set_name(name)
@@ -223,6 +231,8 @@ def test_set_names_are_built_with_the_shortest_threshold_text():
     assert set_name("early_exit", classifier_type="attention_probe", threshold=0.05) == "ee_attention_probe_thr0.05"
     assert set_name("duodiff", depth=3, t_switch=0) == "duodiff_d3_ts0"
     assert set_name("fewer_steps", steps=10) == "full_steps10"
+    assert set_name("cache", cache_interval=4, cache_keep=2) == "cache_N4_k2"
+    assert stats_method("cache_N4_k2") == "cache"
 
 
 @pytest.mark.parametrize(
@@ -235,6 +245,8 @@ def test_set_names_are_built_with_the_shortest_threshold_text():
         ([{"method": "duodiff", "t_switch": 300}], "table", "t_switch = 300"),
         ([{"method": "duodiff", "t_switch": 300}], "plot", "tₛ=300"),
         ([{"method": "fewer_steps", "steps": 20}], "table", "20 steps"),
+        ([{"method": "cache", "cache_interval": 3}], "stats", "N=3"),
+        ([{"method": "cache", "cache_interval": 3}, {"method": "cache", "cache_interval": 4}], "plot", "N=3, 4"),
         ([{"method": "real", "n_samples": 1000}], "table", "1000 images"),
         ([{"method": "real"}], "stats", "real images not in the reference"),
         ([{"method": "full"}], "stats", "-"),

@@ -98,8 +98,13 @@ def expected_sets(cfg: dict) -> list:
         + [f"shallow_d{d}" for d in depths]
         + [f"ee_{c}_thr{float(t)!r}" for c in cfg["early_exit"]["classifier_types"] for t in cfg["early_exit"]["thresholds"]]
         + [f"duodiff_d{d}_ts{t}" for d in depths for t in cfg["duodiff"]["t_switch"]]
+        + [f"cache_N{n}_k{cache_keep(cfg)}" for n in cfg.get("cache", {}).get("interval", [])]
         + composed_sets(cfg)
     )
+
+
+def cache_keep(cfg: dict) -> int:
+    return cfg.get("cache", {}).get("keep_blocks", 1)  # the schema's default
 
 
 def composed_sets(cfg: dict) -> list:
@@ -153,6 +158,7 @@ def expected_jobs(cfg: dict) -> dict:
         "sample_shallow": n_shallow,
         "sample_early_exit": n_classifiers * n_thresholds,
         "sample_duodiff": n_shallow * n_t_switch,
+        "sample_cache": len(cfg.get("cache", {}).get("interval", [])),
         **{rule: [composed_rule(name) for name in composed_sets(cfg)].count(rule)
            for rule in {composed_rule(name) for name in composed_sets(cfg)}},
         "score": n_scored,  # Inception's and (headline classifier) the classifier's scores, one job a set
@@ -172,11 +178,12 @@ def expected_jobs(cfg: dict) -> dict:
 
 def search_family_count(cfg: dict) -> int:
     """Families searched (rules/common.smk, search_families): fewer steps, early exit per
-    classifier type, DuoDiff per shallow depth, and each composed entry."""
+    classifier type, DuoDiff per shallow depth, each composed entry, and caching."""
     if not cfg.get("search", {}).get("enabled", True):
         return 0
     return (int(bool(cfg["sampling"].get("fewer_steps", []))) + len(cfg["early_exit"]["classifier_types"])
-            + len(cfg["models"]["shallow"]) * int(bool(cfg["duodiff"]["t_switch"])) + len(cfg.get("composed", [])))
+            + len(cfg["models"]["shallow"]) * int(bool(cfg["duodiff"]["t_switch"])) + len(cfg.get("composed", []))
+            + int(bool(cfg.get("cache", {}).get("interval", []))))
 
 
 def test_a_dry_run_plans_round_0_of_every_family_with_its_grid(dry_runs):

@@ -48,6 +48,12 @@ BAD_CONFIGS = [
      "invalid config: early_exit.thresholds[1]: 1.5 is greater than the maximum of 1"),
     ("t_switch beyond the sampling steps", lambda c, w: c["duodiff"].update(t_switch=[2, 7]),
      "invalid config: duodiff.t_switch 7 must be in [0, sampling.steps = 6]"),
+    ("cache interval beyond the sampling steps", lambda c, w: c.update(cache={"interval": [2, 7]}),
+     "invalid config: cache.interval 7 must be in [1, sampling.steps = 6]"),
+    ("cache interval 0", lambda c, w: c.update(cache={"interval": [0]}),
+     "invalid config: cache.interval[0]: 0 is less than the minimum of 1"),
+    ("cache keeping the whole network", lambda c, w: c.update(cache={"interval": [2], "keep_blocks": 2}),
+     "invalid config: cache.keep_blocks 2 must be in [1, 1]: models.full tests/configs/models/tiny.yaml has depth 3"),
     ("unknown classifier type", lambda c, w: c["early_exit"].update(classifier_types=["linear_probe"]),
      "invalid config: early_exit.classifier_types[0]: 'linear_probe' is not one of ['attention_probe', "
      "'mlp_probe_per_layer', 'mlp_probe_per_timestep', 'mlp_probe_per_layer_per_timestep']"),

@@ -30,6 +30,8 @@ WILDCARD_PATTERNS = {
     "t_switch": r"\d+",
     "classifier_type": "|".join(CLASSIFIER_TYPES),
     "threshold": r"\d+(\.\d+)?(e-\d+)?",
+    "cache_interval": r"\d+",
+    "cache_keep": r"\d+",
 }
 SET_NAMES = {
     "full": "full",
@@ -37,6 +39,8 @@ SET_NAMES = {
     "shallow": "shallow_d{depth}",
     "early_exit": "ee_{classifier_type}_thr{threshold}",
     "duodiff": "duodiff_d{depth}_ts{t_switch}",
+    # DeepCache-style caching (config `cache`): the whole network every N steps, k blocks at each end between
+    "cache": "cache_N{cache_interval}_k{cache_keep}",
     # composed (config `composed`): early exit or DuoDiff at fewer steps, DuoDiff with early exit in
     # the full model's phase. No field pattern holds an underscore, so no name matches two forms.
     "early_exit_steps": "ee_{classifier_type}_thr{threshold}_steps{steps}",
@@ -104,6 +108,8 @@ def sample_sets() -> list:
         for depth in shallow_depths()
         for t in config["duodiff"]["t_switch"]
     ]
+    sets += [names["cache"].format(cache_interval=n, cache_keep=config["cache"]["keep_blocks"])
+             for n in config["cache"]["interval"]]
     sets += [name for name in composed_sets() if name not in sets]
     return sets
 
@@ -346,6 +352,8 @@ SEARCH_KNOBS = {
     "steps": {"low": 1, "high": "steps", "cheaper": "lower", "integer": True},
     "threshold": {"low": 0.0, "high": 1.0, "cheaper": "higher", "integer": False},
     "t_switch": {"low": 0, "high": "steps", "cheaper": "higher", "integer": True},
+    # caching: N = 1 runs the whole network every step (the full model); a longer interval is cheaper
+    "cache_interval": {"low": 1, "high": "steps", "cheaper": "higher", "integer": True},
 }
 
 
@@ -369,8 +377,9 @@ def search_family(family_id: str, template: str, knob: str, grid) -> dict:
 
 def search_families() -> dict:
     """{family id: family} of the configured study (empty with search.enabled false): fewer steps,
-    early exit per classifier type, DuoDiff per shallow depth, then the composed policies. A family
-    id is wildcard-safe: fewer_steps, early_exit-attention_probe, duodiff-d3."""
+    early exit per classifier type, DuoDiff per shallow depth, caching (its keep_blocks fixed),
+    then the composed policies. A family id is wildcard-safe: fewer_steps,
+    early_exit-attention_probe, duodiff-d3, cache-k1."""
     if not config["search"]["enabled"]:
         return {}
     sampling, families = config["sampling"], []
@@ -384,6 +393,10 @@ def search_families() -> dict:
     for depth in shallow_depths():
         template = SET_NAMES["duodiff"].replace("{depth}", str(depth))
         families.append(search_family(f"duodiff-d{depth}", template, "t_switch", config["duodiff"]["t_switch"]))
+    cache = config["cache"]
+    if cache["interval"]:
+        template = SET_NAMES["cache"].replace("{cache_keep}", str(cache["keep_blocks"]))
+        families.append(search_family(f"cache-k{cache['keep_blocks']}", template, "cache_interval", cache["interval"]))
     # Composed policies (issue 21, point 3): each {"template", "knob", "values", "label"} is one
     # family more, its id the template with the knob's placeholder dropped.
     for composed in globals().get("composed_families", lambda: [])():

@@ -95,6 +95,24 @@ use rule sample_full as sample_duodiff with:
         flags=lambda wildcards: f"--t-switch {wildcards.t_switch} {sampling_flags()}",
 
 
+# DeepCache-style caching (config `cache`): the full model, its inner blocks taken from the last
+# full pass on the steps between (`duodiff sample --method cache`).
+
+
+use rule sample_full as sample_cache with:
+    output:
+        **sample_outputs("cache"),
+    log:
+        "results/{experiment}/logs/sample_cache/cache_N{cache_interval}_k{cache_keep}.log",
+    benchmark:
+        "results/{experiment}/benchmarks/sample_cache/cache_N{cache_interval}_k{cache_keep}.tsv"
+    params:
+        method="cache",
+        flags=lambda wildcards: (
+            f"--cache-interval {wildcards.cache_interval} --cache-keep {wildcards.cache_keep} {sampling_flags()}"
+        ),
+
+
 # Composed policies (config `composed`, common.smk): the same `duodiff sample` methods at fewer
 # steps, or DuoDiff whose late model is the early-exit model (the frozen full backbone with its
 # heads and probes), its exit rule running in the full model's phase.

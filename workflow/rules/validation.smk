@@ -105,6 +105,7 @@ def check_config(config, dryrun: bool) -> None:
     else:  # latent diffusion: the models see the autoencoder's latents of the dataset's images
         _check_full_model_fits_latents(config, full_path, full, dryrun)
     _check_shallow_models(config["models"]["shallow"], full_path, full)
+    _check_cache(config["cache"], full_path, full)
     _check_guidance(config, full_path, full)
     _check_composed(config)  # after the models' checks: it reads the shallow depths
     _check_data_source(config["dataset"], dryrun)
@@ -151,6 +152,12 @@ def _check_sampling(config) -> None:
             "invalid config: search.enabled needs metrics.intervals: true (the search judges each probe by "
             "its paired 95% interval); set search.enabled: false or metrics.intervals: true"
         )
+    for interval in config["cache"]["interval"]:
+        if interval > sampling["steps"]:
+            raise ValueError(
+                f"invalid config: cache.interval {interval} must be in [1, sampling.steps = {sampling['steps']}] "
+                "(the steps from one full network pass to the next)"
+            )
     for t_switch in config["duodiff"]["t_switch"]:
         if not 0 <= t_switch <= sampling["steps"]:
             raise ValueError(
@@ -308,6 +315,17 @@ def _check_full_model_fits_latents(config, full_path, full, dryrun: bool) -> Non
             f"{full.get('img_size')}, but the autoencoder turns {image_size}x{image_size} images into {channels} "
             f"latent channels downsampled {factor}x; use a model config with in_chans: {channels}, img_size: "
             f"{image_size // factor} (and an image size divisible by {factor})"
+        )
+
+
+def _check_cache(cache, full_path, full) -> None:
+    """Caching keeps keep_blocks blocks at each end of the full model and must leave the mid block
+    (at least) to the cache: keep_blocks <= depth // 2."""
+    half = full["depth"] // 2
+    if cache["interval"] and cache["keep_blocks"] > half:
+        raise ValueError(
+            f"invalid config: cache.keep_blocks {cache['keep_blocks']} must be in [1, {half}]: models.full {full_path} "
+            f"has depth {full['depth']} ({half} in-blocks, the mid block, {half} out-blocks)"
         )
 
 

@@ -14,12 +14,12 @@ import re
 from duodiff.core.errors import DuodiffError
 
 # What `duodiff sample --method` runs and stats.json records (docs/architecture.md).
-METHODS = ("full", "shallow", "early_exit", "duodiff")
+METHODS = ("full", "shallow", "early_exit", "duodiff", "cache")
 # The methods of the tables' rows, in the papers' order: the sampling methods, the held-out real
 # images, and the full model sampled with fewer steps.
 # Composed sets (several families in one policy: fewer steps, DuoDiff's shallow phase, early exit
 # inside the full model) are one method, whatever they combine.
-METHOD_ORDER = ("real", "full", "fewer_steps", "shallow", "early_exit", "duodiff", "composed")
+METHOD_ORDER = ("real", "full", "fewer_steps", "shallow", "early_exit", "duodiff", "cache", "composed")
 # The method a set's stats.json records (what `duodiff sample --method` runs) when it differs from
 # the set's own method, by the form of its name (SET_NAME_TEMPLATES; stats_method).
 STATS_METHOD = {
@@ -30,7 +30,8 @@ STATS_METHOD = {
     "duodiff_early_exit_steps": "duodiff",
 }
 # The setting each swept method varies from set to set.
-SWEPT_SETTING = {"early_exit": "threshold", "duodiff": "t_switch"}
+# cache: the interval N between full steps (cache_keep, the blocks run at each end, is fixed per family).
+SWEPT_SETTING = {"early_exit": "threshold", "duodiff": "t_switch", "cache": "cache_interval"}
 
 # ddpm: every timestep; ddim and dpm_solver (DPM-Solver++ 2M, U-ViT's ImageNet sampler): `steps` of them.
 SAMPLERS = ("ddpm", "ddim", "dpm_solver", "dpm_solver_fast")
@@ -59,6 +60,8 @@ FIELD_PATTERNS = {
     "t_switch": r"\d+",
     "classifier_type": "|".join(CLASSIFIER_TYPES),
     "threshold": THRESHOLD_PATTERN,
+    "cache_interval": r"\d+",
+    "cache_keep": r"\d+",
 }
 SET_NAME_TEMPLATES = {
     "real": "real",
@@ -67,6 +70,8 @@ SET_NAME_TEMPLATES = {
     "shallow": "shallow_d{depth}",
     "early_exit": "ee_{classifier_type}_thr{threshold}",
     "duodiff": "duodiff_d{depth}_ts{t_switch}",
+    # DeepCache-style caching: the whole network every N steps, k blocks at each end in between
+    "cache": "cache_N{cache_interval}_k{cache_keep}",
     # composed: early exit at fewer steps; DuoDiff at fewer steps; DuoDiff whose full-model phase
     # runs the early-exit model with its exit rule (at the study's steps, or fewer).
     "early_exit_steps": "ee_{classifier_type}_thr{threshold}_steps{steps}",
@@ -145,14 +150,17 @@ def stats_method(name: str) -> str:
 # of the figures, where sets drawn at one point share one label.
 SETTING_STYLES = {
     "stats": ({"early_exit": ("threshold", "threshold={}", ""), "duodiff": ("t_switch", "t_switch={}", ""),
+               "cache": ("cache_interval", "N={}", ""),
                "real": (None, "real images not in the reference", ""),
                "composed": (("t_switch", "t_switch={}", ""), ("threshold", "threshold={}", ""),
                             ("steps", "steps={}", ""))}, "-"),
     "table": ({"early_exit": ("threshold", "threshold = {}", "g"), "duodiff": ("t_switch", "t_switch = {}", "g"),
+               "cache": ("cache_interval", "N = {}", "g"),
                "fewer_steps": ("steps", "{} steps", ""), "real": ("n_samples", "{} images", ""),
                "composed": (("t_switch", "t_switch = {}", "g"), ("threshold", "τ = {}", "g"),
                             ("steps", "{} steps", ""))}, "–"),
     "plot": ({"early_exit": ("threshold", "τ={}", "g"), "duodiff": ("t_switch", "tₛ={}", ""),
+              "cache": ("cache_interval", "N={}", "g"),
               "fewer_steps": ("steps", "{} steps", ""),
               "composed": (("t_switch", "tₛ={}", ""), ("threshold", "τ={}", "g"), ("steps", "{} steps", ""))}, ""),
 }  # fmt: skip

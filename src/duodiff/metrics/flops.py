@@ -30,6 +30,9 @@ Per sample set (DIR/stats.json, DIR/exit_layers.pt of shape (steps, n)):
   the number of rows of exit_layers);
 - gflops_per_image: the sum over the sampling steps (steps x gflops_per_forward) and, with
   classifier-free guidance, over the sample's two branches (each step runs the network twice);
+  cache: the whole network at full steps (exit_layers = depth), and at cached steps
+  (exit_layers = 2 * cache_keep) what UViT.forward_cached runs on a cached state, counted by
+  FlopCounterMode on that call itself: embedding, the first and last cache_keep blocks, head;
 - layer_ratio: the mean executed depth (exit_layers) / the full depth;
 - gflops_decoder_per_image (latent diffusion; null in pixel space): the autoencoder's one decoder
   pass per image, counted the same way on the decoder built from its config. It is kept apart:
@@ -147,15 +150,33 @@ def exit_lut(costs: dict) -> list[dict]:
     ]
 
 
-@functools.lru_cache(maxsize=None)
-def _costs_for(key: str) -> dict:
+def _meta_model(spec: dict):
     from duodiff.models import build_model
 
-    spec = json.loads(key)
     # The meta device: the modules get shapes but no storage, the ops run as shape functions.
     with torch.device("meta"):
         model = build_model(spec["kind"], spec["model_config"], spec["num_timesteps"], spec["classifier_type"])
-    return piece_costs(model.eval())
+    return model.eval()
+
+
+@functools.lru_cache(maxsize=None)
+def _costs_for(key: str) -> dict:
+    return piece_costs(_meta_model(json.loads(key)))
+
+
+def cached_step_cost(model, keep: int) -> dict:
+    """FLOPs of one cached step of a U-ViT (UViT.forward_cached with a cache): the call itself
+    counted, on the cache a full step left, so what the count holds is exactly what ran."""
+    device = next(model.parameters()).device
+    x, t, y = dummy_inputs(model, device)
+    with torch.no_grad():
+        _, cache = model.forward_cached(x, t, y, keep)
+    return count(lambda: model.forward_cached(x, t, y, keep, cache))[1]
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_cost_for(key: str, keep: int) -> dict:
+    return cached_step_cost(_meta_model(json.loads(key)), keep)
 
 
 def model_costs(kind: str, model_config: dict, num_timesteps: int = 1000, classifier_type: str | None = None) -> dict:
@@ -182,6 +203,17 @@ def _model_file(path: str, mtime_ns: int, size: int) -> dict:
     return {k: v for k, v in load_model_file(path).items() if k not in ("state_dict", "ema_state_dict")}
 
 
+def checkpoint_cached_cost(path, keep: int) -> dict:
+    """cached_step_cost of a (plain U-ViT) model.pt's architecture, built on the meta device."""
+    obj = model_file(path)
+    key = json.dumps(
+        {"kind": obj["kind"], "model_config": obj["model_config"],
+         "num_timesteps": int(obj["diffusion"].get("num_timesteps", 1000)), "classifier_type": obj.get("classifier_type")},
+        sort_keys=True,
+    )  # fmt: skip
+    return _cached_cost_for(key, int(keep))
+
+
 def checkpoint_costs(path) -> tuple[dict, dict]:
     """-> (piece costs, model file metadata) of a model.pt; only its config is used."""
     obj = model_file(path)
@@ -195,14 +227,28 @@ def checkpoint_costs(path) -> tuple[dict, dict]:
 # Per sample set
 
 
-def set_costs(method: str, exit_layers: torch.Tensor, costs: dict, costs_late: dict | None = None, t_switch=None):
+def set_costs(method: str, exit_layers: torch.Tensor, costs: dict, costs_late: dict | None = None, t_switch=None,
+              cached: dict | None = None, cache_keep=None):
     """Per-evaluation cost (steps, n) tensors {"total", "linear_conv"} in FLOPs, and the full depth.
 
     method full / shallow: `costs` is the one network; early_exit: `costs` has probes, exit_layers
-    index its LUT; duodiff: `costs` is the shallow network, `costs_late` the full one.
+    index its LUT; duodiff: `costs` is the shallow network, `costs_late` the full one; cache:
+    `costs` is the full network, `cached` one cached step with `cache_keep` blocks at each end.
     """
     steps, n = exit_layers.shape
     per_eval = {}
+    if method == "cache":
+        depth = len(costs["blocks"])
+        assert cached is not None and 1 <= cache_keep <= depth // 2, "run_flops checks a cache set's cache_keep"
+        full_step = exit_layers == depth
+        require(
+            bool((full_step | (exit_layers == 2 * cache_keep)).all()),
+            f"cache set: exit_layers (blocks run) should be {depth} (full steps) or {2 * cache_keep} (cached steps, "
+            f"cache_keep={cache_keep})",
+        )
+        whole = network_cost(costs)
+        per_eval = {k: torch.where(full_step, float(whole[k]), float(cached[k])).double() for k in whole}
+        return per_eval, depth
     if method in ("full", "shallow"):
         depth = len(costs["blocks"])
         require(bool((exit_layers == depth).all()), f"{method} set: exit_layers should all be {depth} (the model's depth)")
@@ -319,7 +365,13 @@ def run_flops(*, samples, output) -> dict:
     costs_late = checkpoint_costs(stats["checkpoint_late"])[0] if method == "duodiff" else None
     if method == "early_exit":
         require(meta["kind"] == "early_exit", f"{stats_path}: an early_exit set needs an early-exit checkpoint; {stats['checkpoint']} is {meta['kind']!r}")
-    per_eval, full_depth = set_costs(method, exit_layers, costs, costs_late, stats.get("t_switch"))
+    cached, keep = None, stats.get("cache_keep")
+    if method == "cache":
+        require(meta["kind"] == "uvit", f"{stats_path}: a cache set needs a uvit checkpoint; {stats['checkpoint']} is {meta['kind']!r}")
+        half = len(costs["blocks"]) // 2
+        require(is_int(keep) and 1 <= keep <= half, f"{stats_path}: cache_keep must be an integer in [1, {half}]; got {keep!r}")
+        cached = checkpoint_cached_cost(stats["checkpoint"], keep)
+    per_eval, full_depth = set_costs(method, exit_layers, costs, costs_late, stats.get("t_switch"), cached, keep)
     branches = stats.get("branches", 1)  # sets sampled before guidance existed: 1
 
     full = network_cost(costs_late if method == "duodiff" else costs)
@@ -340,6 +392,9 @@ def run_flops(*, samples, output) -> dict:
         "gflops_full_network_linear_conv": full["linear_conv"] / GIGA,
         "lut_gflops": [entry["total"] / GIGA for entry in lut] if lut else None,
         "lut_gflops_linear_conv": [entry["linear_conv"] / GIGA for entry in lut] if lut else None,
+        # cache sets: one cached step (the full steps cost gflops_full_network)
+        **({"gflops_cached_step": cached["total"] / GIGA, "gflops_cached_step_linear_conv": cached["linear_conv"] / GIGA}
+           if cached else {}),
         "gflops_decoder_per_image": decoder["total"] / GIGA if decoder else None,
         "gflops_decoder_per_image_linear_conv": decoder["linear_conv"] / GIGA if decoder else None,
         "flop_convention": "2 FLOPs per multiply-add",

@@ -24,6 +24,12 @@ repository does with --normalize_timesteps.
 For early exit and FLOP counting the forward pass is also available in pieces:
 `embed(x, t, y)`, `run_block(i, x, skips)` for i in execution order, and `head(tokens)`;
 `forward` is exactly these in sequence.
+
+DeepCache-style caching (`forward_cached`, sample/policies.py CacheDenoiser) rests on the long
+skips: out-block depth-1-i reads in-block i, so with the first `keep` in-blocks and the last `keep`
+out-blocks run afresh, everything between them (the inner in-blocks, the mid block, the inner
+out-blocks) reduces to one tensor, the hidden state entering out-block depth-keep, which is taken
+from the last full step.
 """
 
 from __future__ import annotations
@@ -298,6 +304,28 @@ class UViT(nn.Module):
         x = x[:, self.num_extras :, :]
         x = unpatchify(x, self.in_chans)
         return self.final_layer(x)
+
+    def forward_cached(self, x, t, y=None, keep: int = 1, cache: torch.Tensor | None = None):
+        """-> (output, cache). Without `cache`: the whole network (the same operations as `forward`,
+        so its output is bitwise `forward`'s), and the hidden state entering block depth-keep (the
+        first of the last `keep` out-blocks) as the cache. With `cache`: the embedding, in-blocks
+        0..keep-1, then out-blocks depth-keep..depth-1 on top of the cached state (their long skips
+        from the fresh in-blocks), and the head; the blocks between are not run at all."""
+        assert 1 <= keep <= self.depth // 2, (keep, self.depth)  # checked where keep comes from
+        x = self.embed(x, t, y)
+        skips = []
+        if cache is None:
+            for i in range(self.depth):
+                if i == self.depth - keep:
+                    cache = x
+                x = self.run_block(i, x, skips)
+            return self.head(x), cache
+        for i in range(keep):
+            x = self.run_block(i, x, skips)
+        x = cache
+        for i in range(self.depth - keep, self.depth):
+            x = self.run_block(i, x, skips)
+        return self.head(x), cache
 
     @staticmethod
     def loss(output, target, weights, use_unweighted_loss=False):

@@ -13,6 +13,9 @@ The building blocks:
     ModelDenoiser      one network at every step: the full U-ViT (or the shallow one alone)
     EarlyExitDenoiser  DeeDiff / AdaDiff (arXiv 2309.17074): each sample leaves the network at the
                        first exit whose predicted uncertainty is at most the threshold
+    CacheDenoiser      DeepCache-style caching (Ma, Fang, Wang, CVPR 2024) on U-ViT's long skips:
+                       the whole network every `interval` steps; in between only the first `keep`
+                       in-blocks and the last `keep` out-blocks, the rest from the last full step
     PhasedPolicy       one policy for the first `switch` steps, another for the rest (fed the
                        phase-local step index)
 
@@ -89,6 +92,34 @@ class EarlyExitDenoiser:
         return layers
 
 
+class CacheDenoiser:
+    """DeepCache on U-ViT: steps 0, N, 2N, ... (N = interval) run the whole network and keep the
+    hidden state entering the last `keep` out-blocks; the steps between run only the embedding, the
+    first `keep` in-blocks, the last `keep` out-blocks and the head on that cached state
+    (UViT.forward_cached). interval 1 is the full model. Its executed depth is the blocks run:
+    depth at full steps, 2 * keep at cached ones, the same for every sample of the batch."""
+
+    def __init__(self, model, interval: int, keep: int, y=None):
+        assert interval >= 1 and 1 <= keep <= model.depth // 2, (interval, keep)  # run_sample checked them
+        self.model = model
+        self.interval = int(interval)
+        self.keep = int(keep)
+        self.y = y
+        self._cache = None
+        self._blocks: list[int] = []
+
+    def __call__(self, x, t, step_index):
+        assert step_index == len(self._blocks), "a CacheDenoiser records one sampling run"
+        full = step_index % self.interval == 0
+        output, self._cache = self.model.forward_cached(x, t, self.y, self.keep, None if full else self._cache)
+        self._blocks.append(self.model.depth if full else 2 * self.keep)
+        return output
+
+    def executed_depth(self, steps: int, batch_size: int) -> torch.Tensor:
+        assert len(self._blocks) == steps, (len(self._blocks), steps)
+        return torch.tensor(self._blocks, dtype=torch.long).reshape(steps, 1).expand(steps, batch_size).clone()
+
+
 class PhasedPolicy:
     """`early` for the first `switch` steps (the noisiest), `late` for the rest. The late policy
     sees its own step count from 0, so an EarlyExitDenoiser (which records one exit row per step
@@ -120,15 +151,23 @@ def DuoDiffDenoiser(shallow, full, t_switch: int, y=None, steps: int | None = No
     return PhasedPolicy(ModelDenoiser(shallow, y=y), late, t_switch)
 
 
-def make_denoiser(method, models, threshold, t_switch, y, guidance_scale=0.0, null=None):
-    """The denoiser of a method; its threshold and t_switch were checked by duodiff.sample.sample_set
-    (duodiff with a threshold: the late model is an early-exit model, its exit rule in the late phase).
+def cache_settings(settings: dict):
+    """(interval, keep) of a cache set's settings or stats.json; None for every other method."""
+    return (settings["cache_interval"], settings["cache_keep"]) if settings["method"] == "cache" else None
+
+
+def make_denoiser(method, models, threshold, t_switch, y, guidance_scale=0.0, null=None, cache=None):
+    """The denoiser of a method; its threshold, t_switch and cache = (interval, keep) were checked by
+    duodiff.sample.sample_set (duodiff with a threshold: the late model is an early-exit model, its
+    exit rule in the late phase).
     A guidance scale != 0 runs it on both branches, y and the null label (duodiff.core.guidance)."""
     if guidance_scale != 0:
-        inner = make_denoiser(method, models, threshold, t_switch, guided_labels(y, null))
+        inner = make_denoiser(method, models, threshold, t_switch, guided_labels(y, null), cache=cache)
         return GuidedDenoiser(inner, guidance_scale)
     if method == "early_exit":
         return EarlyExitDenoiser(models["model"], threshold, y=y)
     if method == "duodiff":
         return DuoDiffDenoiser(models["shallow"], models["full"], t_switch, y=y, threshold=threshold)
+    if method == "cache":
+        return CacheDenoiser(models["model"], *cache, y=y)
     return ModelDenoiser(models["model"], y=y)

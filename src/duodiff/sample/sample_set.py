@@ -10,6 +10,9 @@ Methods (docs/architecture.md):
             one (two paths swapped are refused) unless --allow-deeper-shallow says it is meant.
             An early-exit model (on the full U-ViT) as --checkpoint-path-late, with --threshold,
             runs its exit rule in the late phase: DuoDiff with early exit (a composed set).
+- cache     DeepCache-style caching on the full U-ViT: the whole network every --cache-interval
+            (N) steps; in between only the first --cache-keep (k) in-blocks and the last k
+            out-blocks, everything inside them taken from the last full step.
 Any method runs at the --steps given: a composed set at fewer steps is the same command.
 With --guidance-scale S != 0 each method also runs the unconditional branch (duodiff.core.guidance).
 
@@ -36,7 +39,7 @@ from duodiff.core.images import image_grid, load_png, png_problem, save_png, to_
 from duodiff.core.io import remove_stray_temporaries, torch_save, write_json
 from duodiff.core.latent import autoencoder_record, check_model_autoencoder, decoding_stats, load_codec
 from duodiff.core.study import CUDA_ONLY_PRECISIONS, METHODS, PRECISIONS, SAMPLERS, setting_label
-from duodiff.sample.policies import make_denoiser
+from duodiff.sample.policies import cache_settings, make_denoiser
 from duodiff.sample.setup import (
     check_device,
     load_models,
@@ -78,7 +81,8 @@ def main_value(by_role: dict):
 
 
 def check_sample_args(*, method, sampler, steps, n_samples, batch_size, seed, eta, threshold, t_switch,
-                      checkpoint_path_late, allow_deeper_shallow, precision, device, guidance_scale) -> torch.device:
+                      checkpoint_path_late, allow_deeper_shallow, precision, device, guidance_scale,
+                      cache_interval=None, cache_keep=None) -> torch.device:
     """Every rule on the arguments that needs no file, once, before any work; -> the device."""
     check_choice("--method", method, METHODS)
     check_choice("--sampler", sampler, SAMPLERS)
@@ -126,6 +130,13 @@ def check_sample_args(*, method, sampler, steps, n_samples, batch_size, seed, et
             f"--checkpoint-path-late applies to --method duodiff only; got it with --method {method}",
         )
         require(not allow_deeper_shallow, f"--allow-deeper-shallow applies to --method duodiff only; got it with --method {method}")
+    if method == "cache":
+        for name, value in (("--cache-interval", cache_interval), ("--cache-keep", cache_keep)):
+            require(value is not None, f"--method cache needs {name} (a positive integer)")
+            require(is_int(value) and value > 0, f"{name} must be a positive integer; got {value!r}")
+    else:
+        for name, value in (("--cache-interval", cache_interval), ("--cache-keep", cache_keep)):
+            require(value is None, f"{name} applies to --method cache only; got {name} {value} with --method {method}")
     check_choice("--precision", precision, PRECISIONS)
     check_guidance_scale(guidance_scale)
     dev = check_device(device or default_device())
@@ -155,6 +166,16 @@ def check_late_model(method, metas, threshold, checkpoint_path_late) -> None:
         )
 
 
+def check_cache_keep(method, depth: int, cache_keep, checkpoint_path) -> None:
+    """--cache-keep blocks at each end must leave the mid block to cache: at most depth // 2."""
+    if method == "cache":
+        require(
+            cache_keep <= depth // 2,
+            f"--cache-keep must be in [1, {depth // 2}] for {checkpoint_path} (depth {depth}: {depth // 2} in-blocks, "
+            f"the mid block, {depth // 2} out-blocks); got {cache_keep}",
+        )
+
+
 def sampling_steps(num_timesteps: int, method, sampler, steps, t_switch) -> int:
     """The set's number of sampling steps (ddpm: all of the model's), checked against the model's
     num_timesteps and --t-switch: the rules that need the model file."""
@@ -176,12 +197,14 @@ def sampling_steps(num_timesteps: int, method, sampler, steps, t_switch) -> int:
 
 def run_sample(*, checkpoint_path, method, output_folder, sampler, steps, n_samples, batch_size, seed, threshold,
                t_switch, checkpoint_path_late, eta, use_ema, device, precision, progress, allow_deeper_shallow,
-               guidance_scale, autoencoder, autoencoder_config, scale_factor, restart):
+               guidance_scale, autoencoder, autoencoder_config, scale_factor, restart, cache_interval=None,
+               cache_keep=None):
     """Generate `n_samples` images into `output_folder` (see docs/architecture.md, "Sample set folder")."""
     dev = check_sample_args(
         method=method, sampler=sampler, steps=steps, n_samples=n_samples, batch_size=batch_size, seed=seed, eta=eta,
         threshold=threshold, t_switch=t_switch, checkpoint_path_late=checkpoint_path_late,
         allow_deeper_shallow=allow_deeper_shallow, precision=precision, device=device, guidance_scale=guidance_scale,
+        cache_interval=cache_interval, cache_keep=cache_keep,
     )  # fmt: skip
     decoder = autoencoder_record(autoencoder, autoencoder_config, scale_factor)  # latent diffusion: None in pixel space
     paths = (checkpoint_path, checkpoint_path_late)
@@ -190,6 +213,7 @@ def run_sample(*, checkpoint_path, method, output_folder, sampler, steps, n_samp
         if meta is not None:
             check_model_autoencoder(meta, decoder, path)
     check_late_model(method, metas, threshold, checkpoint_path_late)
+    check_cache_keep(method, main_value(models).depth, cache_keep, checkpoint_path)
     steps = sampling_steps(diffusion.num_timesteps, method, sampler, steps, t_switch)
     null = set_null_label(guidance_scale, models, metas)
     settings = {
@@ -206,6 +230,8 @@ def run_sample(*, checkpoint_path, method, output_folder, sampler, steps, n_samp
         "guidance_scale": float(guidance_scale),
         # Only in latent sets, so the parts of pixel-space sets written before it still match.
         **({"autoencoder": decoder} if decoder is not None else {}),
+        # Only in cache sets, for the same reason.
+        **({"cache_interval": cache_interval, "cache_keep": cache_keep} if method == "cache" else {}),
     }
     # The parts are keyed by the models' bytes, not their paths and steps: a model retrained in
     # place with the same step count must not pass off the old model's images as its own.
@@ -299,7 +325,8 @@ def sample_batch(folder: Path, batch: tuple, settings: dict, current: dict, mode
     noise = torch.randn((count, config.in_chans, config.img_size, config.img_size), generator=generator).to(device)
     classes = label_classes(config.num_classes, null)
     y = torch.randint(classes, (count,), generator=generator).to(device) if config.num_classes > 0 else None
-    denoiser = make_denoiser(method, models, settings["threshold"], settings["t_switch"], y, settings["guidance_scale"], null)
+    denoiser = make_denoiser(method, models, settings["threshold"], settings["t_switch"], y, settings["guidance_scale"], null,
+                             cache_settings(settings))
 
     clock = timing_clock(device)
     synchronize(device)
@@ -408,6 +435,8 @@ def set_stats(settings: dict, parts: list, exit_layers, models, metas, diffusion
                                  is not None else settings, style="stats"),
         "threshold": settings["threshold"],
         "t_switch": settings["t_switch"],
+        # cache: the whole network every cache_interval steps, cache_keep blocks at each end between
+        **{key: settings.get(key) for key in ("cache_interval", "cache_keep") if method == "cache"},
         # early exit, alone or in DuoDiff's late phase (then the late model's)
         "classifier_type": (meta if method == "early_exit" else metas.get("full", {})).get("classifier_type")
         if settings["threshold"] is not None else None,
@@ -436,7 +465,7 @@ def set_stats(settings: dict, parts: list, exit_layers, models, metas, diffusion
 def add_cli(subparsers) -> None:
     parser = subparsers.add_parser(
         "sample",
-        help="generate a sample set (full, shallow, early exit or DuoDiff) and time it",
+        help="generate a sample set (full, shallow, early exit, DuoDiff or caching) and time it",
         description="Generate images with a trained model into --output-folder (images/, grid.png, "
         "exit_layers.pt, stats.json). Rerunning the same command resumes an interrupted set.",
     )
@@ -450,6 +479,10 @@ def add_cli(subparsers) -> None:
     add_flag(parser, "--threshold", type=float, default=None,
              help="early_exit (and duodiff with an early-exit late model): exit once uncertainty <= this, in [0, 1]")
     add_flag(parser, "--t-switch", type=int, default=None, help="duodiff: steps done by the shallow model, from the noisiest")
+    add_flag(parser, "--cache-interval", type=int, default=None,
+             help="cache: run the whole network every N steps (1: every step, the full model)")
+    add_flag(parser, "--cache-keep", type=int, default=None,
+             help="cache: in-blocks at the start and out-blocks at the end run on the steps between (1..depth // 2)")
     add_flag(parser, "--sampler", default="ddim", choices=SAMPLERS)
     add_flag(parser, "--steps", type=int, default=None, help="sampling steps (ddim, dpm_solver: required; ddpm: num_timesteps)")
     add_flag(parser, "--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like noise")

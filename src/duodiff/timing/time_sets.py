@@ -50,7 +50,7 @@ from duodiff.core.flags import add_flag
 from duodiff.core.guidance import label_classes, set_null_label
 from duodiff.core.io import read_json, write_csv, write_json
 from duodiff.core.study import CUDA_ONLY_PRECISIONS, METHODS, PRECISIONS, SAMPLERS
-from duodiff.sample.policies import make_denoiser
+from duodiff.sample.policies import cache_settings, make_denoiser
 from duodiff.sample.setup import check_device, load_models, precision_context, synchronize, timing_clock
 from duodiff.timing.intervals import interval_ranks, median, median_interval
 
@@ -93,6 +93,8 @@ def read_stats(folder: Path) -> dict:
     for key in ("checkpoint",) + (("checkpoint_late",) if method == "duodiff" else ()):
         require(bool(stats.get(key)), f"{path}: {key} is missing")
         require(Path(stats[key]).is_file(), f"{path}: {key} {stats[key]} does not exist")
+    for key in ("cache_interval", "cache_keep") if method == "cache" else ():
+        require(is_int(stats.get(key)) and stats[key] > 0, f"{path}: {key} must be a positive integer; got {stats.get(key)!r}")
     return stats
 
 
@@ -161,7 +163,7 @@ def set_runner(stats: dict, models: dict, diffusion, null, noise, y, seed: int, 
 
     def run() -> None:
         generator = torch.Generator().manual_seed(seed)  # the sampler's own noise: the same every pass
-        denoiser = make_denoiser(method, models, threshold, t_switch, y, guidance_scale, null)
+        denoiser = make_denoiser(method, models, threshold, t_switch, y, guidance_scale, null, cache_settings(stats))
         with torch.inference_mode(), precision_context(precision, device):
             diffusion.sample(denoiser, noise, sampler, steps, eta=eta, generator=generator, clip_denoised=clip_denoised)
         synchronize(device)

@@ -79,9 +79,10 @@ def draw_heatmap(ax, row, fractions: np.ndarray):
 def plot_exit_heatmap(table, palette, summaries: dict[str, np.ndarray]):
     """Where early exit exits: one row of heat maps per classifier type (its title above it), one
     heat map per threshold, one colour bar for all."""
-    # Early exit alone and every composed family with an exit rule (its sets have a threshold).
-    families = [(title, sets) for title, sets in swept_families(table, methods=("early_exit", "composed"))
-                if sets["threshold"].notna().all()]
+    # Early exit alone, every composed family with an exit rule (its sets have a threshold), and
+    # caching, whose exit_layers are the blocks each step ran (all at full steps, 2k between).
+    families = [(title, sets) for title, sets in swept_families(table, methods=("early_exit", "cache", "composed"))
+                if sets["threshold"].notna().all() or (sets["method"] == "cache").all()]
     n_cols = min(HEATMAP_COLUMNS, max([len(sets) for _, sets in families] + [1]))
     rows = [math.ceil(len(sets) / n_cols) for _, sets in families]
     heights = [r * (HEATMAP_HEIGHT + 0.4) + 0.25 for r in rows] + [0.55]  # heat maps, titles; colour bar

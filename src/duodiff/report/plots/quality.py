@@ -64,7 +64,7 @@ from duodiff.report.plots.style import (
 )
 from duodiff.report.plots.training import find_loss_files, plot_training_curves
 from duodiff.report.tables.collect import INTEGER_COLUMNS, blocks
-from duodiff.report.tables.operating_points import method_families
+from duodiff.report.tables.operating_points import method_families, with_cache_fields
 
 PLOT_NAMES = ["quality_vs_gflops", "paired_difference", "quality_vs_time", "exit_heatmap", "mean_exit_layer", "fid_vs_tswitch",
               "training_curves", "sample_grids", "search_trace"]
@@ -82,6 +82,7 @@ def load_table(tables_dir) -> pd.DataFrame:
     missing = [c for c in TABLE_COLUMNS if c not in table.columns]
     require(not missing, f"{path}: missing columns {', '.join(missing)}")
     require(len(table) > 0, f"{path}: has no rows")
+    table = with_cache_fields(table)  # caching's N and k, from the cache sets' names
     for column in INTEGER_COLUMNS:
         table[column] = table[column].astype("Int64")
     return table
@@ -178,7 +179,9 @@ def quality_panels(table: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     for depth in depths:
         sets = table[table["method"].isin(["duodiff", "shallow"]) & (table["shallow_depth"] == depth)]
         panels.append((f"DuoDiff, {depth}-block shallow", sets))
-    for method, family, sets in method_families(table):  # one panel per composed config entry
+    for method, family, sets in method_families(table):  # caching per keep_blocks, one panel per composed entry
+        if method == "cache":
+            panels.append((f"Caching, {family}", sets))
         if method == "composed":
             panels.append((f"Composed: {family}", sets))
     return panels or [("Full U-ViT", table.iloc[0:0])]

@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 
 from duodiff.core.study import SWEPT_SETTING
 from duodiff.report.tables.collect import method_label
-from duodiff.report.tables.operating_points import method_families
+from duodiff.report.tables.operating_points import method_families, with_cache_fields
 
 FEWER_STEPS_STYLE = dict(color="0.35", marker="D", markersize=5, linewidth=1.3, linestyle="--")
 REAL_COLOR = "tab:green"
@@ -26,6 +26,7 @@ REAL_COLOR = "tab:green"
 EARLY_EXIT_CMAPS = ["Blues", "Purples", "YlOrBr", "BuGn", "GnBu", "BuPu"]
 DUODIFF_CMAPS = ["Reds", "Oranges", "RdPu"]
 COMPOSED_CMAPS = ["Greens", "YlGn", "PuBuGn", "OrRd"]  # one per composed family (config entry)
+CACHE_CMAPS = ["copper_r", "pink_r"]  # caching, one per keep_blocks (a study has one)
 FULL_STYLE = dict(color="black", marker="*", markersize=15, linestyle="none")
 SHALLOW_MARKER = "s"
 # Every figure is drawn at about the width of a paper's column (3.3 in) and its smallest type is
@@ -112,6 +113,11 @@ class Palette:
             self._assign(group, "t_switch", cmap, ("duodiff", depth))
             for name in table.loc[(table["method"] == "shallow") & (table["shallow_depth"] == depth), "set"]:
                 self.colors[name] = colormaps[cmap](0.95)
+        # caching, per keep_blocks: the interval N swept, darker for longer intervals (cheaper)
+        table = with_cache_fields(table)
+        for i, keep in enumerate(sorted(table.loc[table["method"] == "cache", "cache_keep"].dropna().unique())):
+            group = table[(table["method"] == "cache") & (table["cache_keep"] == keep)]
+            self._assign(group, "cache_interval", CACHE_CMAPS[i % len(CACHE_CMAPS)], ("cache", f"k = {keep}"))
         self.members: dict[tuple, list[str]] = {}  # composed families: (method, label) -> sets in knob order
         for i, (method, family, sets) in enumerate(f for f in method_families(table) if f[0] == "composed"):
             cmap = COMPOSED_CMAPS[i % len(COMPOSED_CMAPS)]
@@ -190,7 +196,7 @@ def sampling_caption(table: pd.DataFrame) -> str:
     return caption + (f"; fewer steps: {', '.join(map(str, fewer))}" if fewer else "")
 
 
-def swept_families(table: pd.DataFrame, methods=("early_exit", "duodiff", "composed")) -> list[tuple[str, pd.DataFrame]]:
+def swept_families(table: pd.DataFrame, methods=("early_exit", "duodiff", "cache", "composed")) -> list[tuple[str, pd.DataFrame]]:
     """(title, sets in setting order) of every method family with a swept setting: early exit per
     classifier (thresholds), DuoDiff per shallow depth (t_switch), each composed family (its knob)."""
     # Composed families come in their knob's order already (operating_points.composed_families).

@@ -223,4 +223,4 @@ def operating_point_cells(points: pd.DataFrame) -> pd.DataFrame:
 
 def _family_label(point) -> str:
     return {"fewer_steps": "Fewer steps", "early_exit": f"Early exit, {point.family}",
-            "duodiff": f"DuoDiff, {point.family}", "composed": f"Composed, {point.family}"}[point.method]
+            "duodiff": f"DuoDiff, {point.family}", "cache": f"Caching, {point.family}", "composed": f"Composed, {point.family}"}[point.method]

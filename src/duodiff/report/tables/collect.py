@@ -33,7 +33,7 @@ import pandas as pd
 from duodiff.core.errors import DuodiffError, is_number, require
 from duodiff.core.flags import add_flag
 from duodiff.core.io import atomic_path, read_json, write_text
-from duodiff.core.study import METHOD_ORDER, method_of_set, setting_label
+from duodiff.core.study import METHOD_ORDER, method_of_set, parse_set_form, setting_label
 from duodiff.report.tables.formats import summary_html, summary_latex, summary_markdown
 from duodiff.report.tables.inputs import (
     HEADLINES,
@@ -50,7 +50,7 @@ from duodiff.report.tables.operating_points import add_comparisons, operating_po
 # need: sampler, steps, depth, seed).
 ID_COLUMNS = ["set", "method", "setting", "classifier_type", "threshold", "t_switch",
               "shallow_depth", "depth", "sampler", "steps", "seed", "n_samples"]
-INTEGER_COLUMNS = ["t_switch", "shallow_depth", "depth", "steps", "seed", "n_samples"]
+INTEGER_COLUMNS = ["t_switch", "shallow_depth", "depth", "steps", "seed", "n_samples", "cache_interval", "cache_keep"]
 SPEED_COLUMNS = ["gflops_per_forward", "gflops_per_image", "layer_ratio", "images_per_s",
                  "speedup_measured", "speedup_measured_ci_low", "speedup_measured_ci_high", "speedup_theoretical"]
 SCORE_COLUMNS = ["score_name", "score", "score_ci_low", "score_ci_high", "score_diff", "score_diff_ci_low",
@@ -103,6 +103,8 @@ def method_label(row) -> str:
         return f"Early exit, {row['classifier_type']}"
     if method == "composed":
         return "Composed"
+    if method == "cache":  # k from the set's name: the csv tables have no cache_keep column
+        return f"Caching (k = {parse_set_form(row['set'])[1]['cache_keep']})"
     return f"DuoDiff ({row['shallow_depth']} + {row['depth']} blocks)"
 
 
@@ -119,6 +121,8 @@ def _order_key(row) -> tuple:
         return (METHOD_ORDER.index(method), str(row["classifier_type"]), number(row["threshold"]), 0.0)
     if method == "duodiff":
         return (METHOD_ORDER.index(method), "", number(row["shallow_depth"]), number(row["t_switch"]))
+    if method == "cache":
+        return (METHOD_ORDER.index(method), "", number(row["cache_keep"]), number(row["cache_interval"]))
     if method == "composed":  # by form (the set name up to its numbers), then t_switch, threshold, fewer steps
         return (METHOD_ORDER.index(method), re.sub(r"\d+(\.\d+)?(e-\d+)?", "#", row["set"]),
                 number(row["t_switch"]) * 1e3 + number(row["threshold"]), -number(row["steps"]))
@@ -142,7 +146,7 @@ def collect(settings: TableSettings, sets: list[str], margin: float, probes: lis
     frame = pd.DataFrame(rows)
     for column in ID_COLUMNS + SPEED_COLUMNS + ["real_mode", "batch_size", "device", "torch_version", "timing_clock",
                                                 "precision", "gflops_per_forward_linear_conv", "gflops_convention",
-                                                "timing_source"]:
+                                                "timing_source", "cache_interval", "cache_keep"]:
         if column not in frame:  # a study of the real set alone has no sampling columns
             frame[column] = None
     for column in INTEGER_COLUMNS:  # nullable integers, so t_switch 300 stays "300", not "300.0"

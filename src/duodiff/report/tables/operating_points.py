@@ -65,10 +65,23 @@ OPERATING_POINT_COLUMNS = ["method", "family", "set", "setting", "setting_label"
                            "speedup_theoretical", "note"]
 
 
+def with_cache_fields(frame: pd.DataFrame) -> pd.DataFrame:
+    """The frame with caching's N and k as columns (cache_interval, cache_keep): the tables' csv
+    files do not carry them, the cache sets' names do (cache_N<N>_k<k>)."""
+    if "cache_keep" in frame and "cache_interval" in frame:
+        return frame
+    frame = frame.copy()
+    fields = [parse_set_form(name)[1] if method == "cache" else {} for name, method in zip(frame["set"], frame["method"])]
+    for column in ("cache_interval", "cache_keep"):
+        frame[column] = pd.array([int(f[column]) if column in f else None for f in fields], dtype="Int64")
+    return frame
+
+
 def method_families(frame: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
     """The methods an operating point is chosen for: (method, family label, its sets) for fewer
-    steps, early exit per classifier type and DuoDiff per shallow depth."""
+    steps, early exit per classifier type, DuoDiff per shallow depth and caching per keep_blocks."""
     families = []
+    frame = with_cache_fields(frame)
     sets = frame[frame["method"] == "fewer_steps"]
     if len(sets):
         families.append(("fewer_steps", "fewer steps", sets))
@@ -78,6 +91,9 @@ def method_families(frame: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
     for depth in frame.loc[frame["method"] == "duodiff", "shallow_depth"].drop_duplicates():
         sets = frame[(frame["method"] == "duodiff") & (frame["shallow_depth"] == depth)]
         families.append(("duodiff", f"shallow depth {depth}", sets))
+    for keep in frame.loc[frame["method"] == "cache", "cache_keep"].drop_duplicates():
+        sets = frame[(frame["method"] == "cache") & (frame["cache_keep"] == keep)].sort_values("cache_interval")
+        families.append(("cache", f"k = {keep}", sets))
     families += [("composed", label, sets) for label, _, sets in composed_families(frame)]
     return families
 
@@ -123,6 +139,8 @@ def search_family_ids(method: str, sets: pd.DataFrame) -> list[str]:
         return [f"early_exit-{first['classifier_type']}"]
     if method == "duodiff":
         return [f"duodiff-d{first['shallow_depth']}"]
+    if method == "cache":
+        return [f"cache-k{first['cache_keep']}"]
     if method == "composed":
         # Its sets lie on a line (composed_families): the one field that varies is the knob, and
         # the name with that field as a placeholder is the config entry's template.
