@@ -104,7 +104,7 @@ def write_search(root):
     bisection probes between the pass at 0.1 and the failure at 0.3."""
     trace = [(0, "grid", 0.1, 0.02, -0.05, 0.09, "equal"), (0, "grid", 0.3, 0.40, 0.25, 0.55, "worse"),
              (1, "search", 0.2, 0.15, 0.05, 0.25, "worse"), (2, "search", 0.15, 0.06, -0.01, 0.11, "equal")]
-    rows = [{"family": "early_exit-attention_probe", "round": r, "source": source,
+    rows = [{"family": "early_exit-attention_probe", "label": "early exit, attention_probe", "round": r, "source": source,
              "set": f"ee_attention_probe_thr{value}", "knob": "threshold", "value": value, "score_name": "FD",
              "score": 1.2 + diff, "score_diff": diff, "score_diff_ci_low": low, "score_diff_ci_high": high,
              "verdict": verdict, "margin": 0.1, "quality_limit": 0.12, "speedup_theoretical": 1 + value,
@@ -471,3 +471,13 @@ def test_pdfs_embed_truetype_fonts_not_type3(study):
         raw = (root / "plots" / f"{name}.pdf").read_bytes()
         # Type 42 as matplotlib writes it: a CID font over the embedded TrueType program (FontFile2).
         assert b"/FontFile2" in raw and b"/Subtype /Type3" not in raw, name
+
+
+def test_search_trace_draws_each_probe_in_order_under_the_familys_label(study):
+    # write_search: grid 0.1 (pass) and 0.3 (fail), then the probes 0.2 (fail) and 0.15 (pass).
+    _, data = study
+    (panel,) = data["search_trace"]["panels"]
+    assert panel["label"] == "early exit, attention_probe"
+    assert panel["x"] == [0.1, 0.3, 0.2, 0.15] and panel["rounds"] == [0, 0, 1, 2]
+    assert panel["passes"] == [True, False, False, True] and panel["margin"] == 0.12
+    assert panel["best"] == "ee_attention_probe_thr0.15"

@@ -357,13 +357,17 @@ SEARCH_KNOBS = {
 }
 
 
-def search_family(family_id: str, template: str, knob: str, grid) -> dict:
-    """One searched family: its set-name template (one {knob} placeholder), the knob's domain,
-    direction, resolution (search.resolution) and the grid values that seed the bracket."""
+def search_family(family_id: str, label: str, template: str, knob: str, grid) -> dict:
+    """One searched family: its label (as the tables name it), set-name template (one {knob}
+    placeholder), the knob's domain, direction, resolution (search.resolution) and the grid values
+    that seed the bracket. A t_switch is at most the family's steps: the template's own (a composed
+    family at fewer steps) or sampling.steps."""
     spec = SEARCH_KNOBS[knob]
-    high = config["sampling"]["steps"] if spec["high"] == "steps" else spec["high"]
+    steps = re.search(r"_steps(\d+)$", template)
+    high = (int(steps[1]) if steps else config["sampling"]["steps"]) if spec["high"] == "steps" else spec["high"]
     return {
         "id": family_id,
+        "label": label,
         "template": template,
         "knob": knob,
         "low": spec["low"],
@@ -384,26 +388,34 @@ def search_families() -> dict:
         return {}
     sampling, families = config["sampling"], []
     if sampling["fewer_steps"]:
-        families.append(search_family("fewer_steps", SET_NAMES["fewer_steps"], "steps", sampling["fewer_steps"]))
+        families.append(
+            search_family("fewer_steps", "fewer steps", SET_NAMES["fewer_steps"], "steps", sampling["fewer_steps"])
+        )
     for classifier in config["early_exit"]["classifier_types"]:
         template = SET_NAMES["early_exit"].replace("{classifier_type}", classifier)
+        label = f"early exit, {classifier}"
         families.append(
-            search_family(f"early_exit-{classifier}", template, "threshold", config["early_exit"]["thresholds"])
+            search_family(f"early_exit-{classifier}", label, template, "threshold", config["early_exit"]["thresholds"])
         )
     for depth in shallow_depths():
         template = SET_NAMES["duodiff"].replace("{depth}", str(depth))
-        families.append(search_family(f"duodiff-d{depth}", template, "t_switch", config["duodiff"]["t_switch"]))
+        label = f"DuoDiff, {depth}-block shallow"
+        families.append(search_family(f"duodiff-d{depth}", label, template, "t_switch", config["duodiff"]["t_switch"]))
     cache = config["cache"]
     if cache["interval"]:
         template = SET_NAMES["cache"].replace("{cache_keep}", str(cache["keep_blocks"]))
-        families.append(search_family(f"cache-k{cache['keep_blocks']}", template, "cache_interval", cache["interval"]))
+        label = f"caching, k = {cache['keep_blocks']}"
+        families.append(
+            search_family(f"cache-k{cache['keep_blocks']}", label, template, "cache_interval", cache["interval"])
+        )
     # Composed policies (issue 21, point 3): each {"template", "knob", "values", "label"} is one
     # family more, its id the template with the knob's placeholder dropped.
-    for composed in globals().get("composed_families", lambda: [])():
+    for composed in composed_families():
         # The template without its knob's placeholder, wildcard-safe (the tables derive the same id).
         unset = composed["template"].replace(f"{{{composed['knob']}}}", "")
         family_id = f"composed-{re.sub(r'[^A-Za-z0-9_-]', '', unset)}"
-        families.append(search_family(family_id, composed["template"], composed["knob"], composed["values"]))
+        label = f"composed: {composed['label']}"
+        families.append(search_family(family_id, label, composed["template"], composed["knob"], composed["values"]))
     return {family["id"]: family for family in families}
 
 
@@ -497,7 +509,7 @@ def knob_label(family: dict, value) -> str:
 def search_flags(wildcards) -> str:
     family = search_families()[wildcards.family]
     flags = (
-        f"--family {family['id']} --template '{family['template']}' --knob {family['knob']} "
+        f"--family {family['id']} --label '{family['label']}' --template '{family['template']}' --knob {family['knob']} "
         f"--low {family['low']} --high {family['high']} --cheaper {family['cheaper']} "
         f"--resolution {family['resolution']} {'--integer' if family['integer'] else '--no-integer'} "
         f"--budget {config['search']['budget']} --headline {config['metrics']['headline']} "

@@ -7,7 +7,7 @@ A probe is an ordinary sample set named by the family's template (`ee_attention_
 -> ee_attention_probe_thr0.17), sampled and scored by the usual rules: the search itself computes
 nothing but the next knob value.
 
-round<r>.json: {format, family, template, knob, low, high, cheaper, resolution, integer, budget,
+round<r>.json: {format, family, label, template, knob, low, high, cheaper, resolution, integer, budget,
 headline, score_name, margin, full_score, quality_limit, round, probes: [{round, source (grid |
 search), set, value, score, diff, diff_ci_low, diff_ci_high, verdict, passed}], done, next (set
 name or null), next_value, reason ("" until done), best (cheapest passing set, null: none),
@@ -82,13 +82,14 @@ def observe(metrics_root: Path, headline: str, limit: float, name: str, value, r
 
 def run_search(*, family: str, template: str, knob: str, low: float, high: float, cheaper: str, resolution: float,
                integer: bool, budget: int, grid: list | None, headline: str, margin: float, previous: str | None,
-               metrics_root: str, output: str) -> dict:
-    """One round: the trace so far plus the next probe (or done), written to `output`."""
+               metrics_root: str, output: str, label: str | None = None) -> dict:
+    """One round: the trace so far plus the next probe (or done), written to `output`. `label`
+    names the family in the tables and the search-trace figure (default: its id)."""
     spec = check_search_args(family=family, template=template, knob=knob, low=low, high=high, cheaper=cheaper,
                              resolution=resolution, integer=integer, budget=budget, grid=grid, headline=headline,
                              margin=margin, previous=previous, metrics_root=metrics_root)
     metrics_root = Path(metrics_root)
-    head = {"format": FORMAT, "family": family, "template": template, "knob": knob, "low": low, "high": high,
+    head = {"format": FORMAT, "family": family, "label": label or family, "template": template, "knob": knob, "low": low, "high": high,
             "cheaper": cheaper, "resolution": resolution, "integer": integer, "budget": budget,
             "headline": headline, "margin": margin}
     if previous is None:
@@ -147,6 +148,7 @@ def finish_search(*, last_round: str, output: str) -> dict:
 def add_cli(subparsers):
     p = subparsers.add_parser("search", help="one round of an operating-point search: the next probe of a family")
     add_flag(p, "--family", required=True, help="the family's id (wildcard-safe: early_exit-attention_probe)")
+    add_flag(p, "--label", default=None, help="the family as tables and figures name it (default: its id)")
     add_flag(p, "--template", required=True, help="its set names with the knob as placeholder: duodiff_d3_ts{t_switch}")
     add_flag(p, "--knob", required=True, help="the placeholder's name: threshold, t_switch, steps")
     add_flag(p, "--low", type=float, required=True, help="the knob's domain, low end")
@@ -162,7 +164,7 @@ def add_cli(subparsers):
     add_flag(p, "--metrics-root", required=True, help="results/<experiment>/metrics")
     add_flag(p, "--output", required=True, help="round<r>.json")
     p.set_defaults(func=lambda a: run_search(
-        family=a.family, template=a.template, knob=a.knob, low=a.low, high=a.high, cheaper=a.cheaper,
+        family=a.family, label=a.label, template=a.template, knob=a.knob, low=a.low, high=a.high, cheaper=a.cheaper,
         resolution=a.resolution, integer=a.integer, budget=a.budget, grid=a.grid, headline=a.headline,
         margin=a.margin, previous=a.previous, metrics_root=a.metrics_root, output=a.output))
     p = subparsers.add_parser("search-result", help="a family's finished search: its last round, checked")

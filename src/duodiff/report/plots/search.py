@@ -54,10 +54,11 @@ def plot_search_trace(search: pd.DataFrame):
         limit = float(rows["quality_limit"].iloc[0])
         ax.axhline(limit, color="0.3", linewidth=1.0, linestyle="--")
         ax.axhline(0.0, color="black", linewidth=0.6)
-        ax.set_title(wrap_label(f"{family}: {rows['stopped'].iloc[0]}", 30), fontsize=SMALL_FONT + 1)
+        name = rows["label"].iloc[0] if "label" in rows else family  # search.csv before labels: the id
+        ax.set_title(wrap_label(f"{name}: {rows['stopped'].iloc[0]}", 30), fontsize=SMALL_FONT + 1)
         ax.set_xlabel(str(rows["knob"].iloc[0]), fontsize=SMALL_FONT)
         ax.tick_params(labelsize=SMALL_FONT)
-        panels.append({"family": family, "sets": rows["set"].tolist(), "x": x.tolist(), "y": y.tolist(),
+        panels.append({"family": family, "label": name, "sets": rows["set"].tolist(), "x": x.tolist(), "y": y.tolist(),
                        "low": low.tolist(), "high": high.tolist(), "passes": passed.tolist(),
                        "rounds": rows["round"].astype(int).tolist(), "margin": limit,
                        "best": rows["best"].iloc[0], "stopped": rows["stopped"].iloc[0]})

@@ -166,7 +166,7 @@ def _write_frame(frame: pd.DataFrame, path: Path) -> None:
         frame.to_csv(tmp, index=False)
 
 
-SEARCH_COLUMNS = ["family", "round", "source", "set", "knob", "value", "score_name", "score", "score_diff",
+SEARCH_COLUMNS = ["family", "label", "round", "source", "set", "knob", "value", "score_name", "score", "score_diff",
                   "score_diff_ci_low", "score_diff_ci_high", "verdict", "margin", "quality_limit", "speedup_theoretical",
                   "speedup_measured", "stopped", "best", "note"]
 
@@ -198,7 +198,8 @@ def search_table(finals: list[dict], rows: pd.DataFrame) -> pd.DataFrame:
     for final in finals:
         for probe in final["probes"]:
             row = by_set.loc[probe["set"]]
-            records.append({"family": final["family"], "round": probe["round"], "source": probe["source"],
+            records.append({"family": final["family"], "label": final.get("label", final["family"]),
+                            "round": probe["round"], "source": probe["source"],
                             "set": probe["set"], "knob": final["knob"], "value": probe["value"],
                             **{key: row[key] for key in SEARCH_COLUMNS if key in row.index and key != "set"},
                             "stopped": final["reason"], "best": final["best"] or "", "note": final["note"]})
