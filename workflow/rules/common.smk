@@ -108,8 +108,10 @@ def sample_sets() -> list:
         for depth in shallow_depths()
         for t in config["duodiff"]["t_switch"]
     ]
-    sets += [names["cache"].format(cache_interval=n, cache_keep=config["cache"]["keep_blocks"])
-             for n in config["cache"]["interval"]]
+    sets += [
+        names["cache"].format(cache_interval=n, cache_keep=config["cache"]["keep_blocks"])
+        for n in config["cache"]["interval"]
+    ]
     sets += [name for name in composed_sets() if name not in sets]
     return sets
 
