@@ -285,3 +285,14 @@ def test_composed_families_are_the_config_entries_lines_a_shared_set_in_both():
         "DuoDiff d3, t_switch 20 + attention_probe": ("threshold", [names[6], names[5]]),
         "DuoDiff d3, t_switch 15 at 30 steps": ("t_switch", [names[7]]),
     }
+
+
+def test_a_composed_sets_method_names_what_it_combines():
+    from duodiff.report.tables.collect import method_label
+
+    def label(name):
+        return method_label({"method": "composed", "set": name, "depth": 7})
+
+    assert label("ee_attention_probe_thr0.12_steps20") == "early exit, attention_probe, fewer steps"
+    assert label("duodiff_d3_ts20_steps30") == "DuoDiff (3 + 7 blocks), fewer steps"
+    assert label("duodiff_d3_ts20_ee_mlp_probe_per_layer_thr0.2") == "DuoDiff (3 + 7 blocks) + early exit, mlp_probe_per_layer"

@@ -101,8 +101,11 @@ def method_label(row) -> str:
         return f"U-ViT shallow ({blocks(row['shallow_depth'])})"
     if method == "early_exit":
         return f"Early exit, {row['classifier_type']}"
-    if method == "composed":
-        return "Composed"
+    if method == "composed":  # what it combines; the Setting column gives the values
+        fields = parse_set_form(row["set"])[1]
+        parts = [f"DuoDiff ({fields['depth']} + {row['depth']} blocks)"] if "depth" in fields else []
+        parts += [f"early exit, {fields['classifier_type']}"] if "classifier_type" in fields else []
+        return " + ".join(parts) + (", fewer steps" if "steps" in fields else "")
     if method == "cache":  # k from the set's name: the csv tables have no cache_keep column
         return f"Caching (k = {parse_set_form(row['set'])[1]['cache_keep']})"
     return f"DuoDiff ({row['shallow_depth']} + {row['depth']} blocks)"
