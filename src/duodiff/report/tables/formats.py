@@ -194,3 +194,76 @@ def summary_html(frame: pd.DataFrame) -> str:
             + (f"\n<h2>Every set: Inception FID and KID</h2>\n<p>{html.escape(inception_caption(frame))}</p>\n"
                + tables[1] if tables[1] else "")
             + "\n<h2>Every set: cost</h2>\n" + tables[2] + f"\n<ul>\n{note_text}\n</ul>\n</body>\n</html>\n")
+
+
+# ---- the report's own pages: the answer for its front page, and each CSV as a table -----------------
+
+ANSWER_STYLE = """
+.duodiff-answer { font-family: system-ui, sans-serif; color: #1a1a1a; margin: 0.5em 0 1.5em; }
+.duodiff-answer h2 { font-size: 1.25em; font-weight: 600; margin: 0 0 0.4em; }
+.duodiff-answer p { font-size: 0.9em; margin: 0 0 0.6em; max-width: 60em; }
+.duodiff-answer table { border-collapse: collapse; font-size: 0.85em; }
+.duodiff-answer th { border-top: 2px solid #333; border-bottom: 1px solid #333; padding: 0.35em 0.5em;
+                     text-align: right; vertical-align: bottom; font-weight: 600; }
+.duodiff-answer td { padding: 0.3em 0.5em; text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+.duodiff-answer th:nth-child(-n+2), .duodiff-answer td:nth-child(-n+2) { text-align: left; }
+.duodiff-answer td.note { white-space: normal; text-align: left; min-width: 12em; max-width: 22em; }
+.duodiff-answer tbody tr:last-child td { border-bottom: 2px solid #333; }
+"""
+
+
+def operating_points_html(frame: pd.DataFrame) -> str:
+    """operating_points.html: the answer (the speed-up at equal quality per method, readable names,
+    no set ids) as one self-styled <section>, which the report's front page (workflow.rst) includes
+    as it is and the report's Tables category shows as a page of its own."""
+    cells = operating_point_cells(operating_points(frame))
+    head = "".join(f"<th>{html.escape(column)}</th>" for column in cells.columns)
+    body = "".join(
+        "<tr>" + "".join(("<td class=\"note\">" if column == "Note" else "<td>") + f"{html.escape(str(value))}</td>"
+                         for column, value in row.items()) + "</tr>\n"
+        for _, row in cells.iterrows())
+    return ("<!DOCTYPE html>\n<meta charset=\"utf-8\">\n<title>Speed-up at equal quality</title>\n"
+            f"<style>{ANSWER_STYLE}</style>\n<section class=\"duodiff-answer\" id=\"operating-points\">\n"
+            "<h2>Speed-up at equal quality</h2>\n"
+            f"<p>{html.escape(OPERATING_POINTS_TEXT)}</p>\n"
+            f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}</tbody>\n</table>\n</section>\n")
+
+
+CSV_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 1em 1.25em; color: #1a1a1a; }
+h1 { font-size: 1.2em; } p { font-size: 0.9em; max-width: 60em; }
+.scroll { overflow-x: auto; max-width: 100%; }
+table { border-collapse: collapse; font-size: 0.8em; }
+th { border-top: 2px solid #333; border-bottom: 1px solid #333; padding: 0.3em 0.4em; text-align: right;
+     vertical-align: bottom; font-weight: 600; }
+td { padding: 0.25em 0.4em; text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+th:first-child, td:first-child { text-align: left; }
+tbody tr:nth-child(even) td { background: #f4f4f4; }
+"""
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return "" if pd.isna(value) else f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def csv_html(csv_path, description: str = "") -> str:
+    """A CSV the tables write, as an html page for the report (which shows html, not CSV): every
+    column and row as in the file, numbers to 4 significant digits, the file named so a reader
+    finds the full precision. Wide tables scroll inside their own box, not the page."""
+    from pathlib import Path
+
+    frame = pd.read_csv(csv_path, keep_default_na=False, na_values=[""])
+    name = Path(csv_path).name
+    head = "".join(f"<th>{html.escape(str(column))}</th>" for column in frame.columns)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(v))}</td>" for v in row) + "</tr>\n"
+                   for row in frame.itertuples(index=False))
+    return ("<!DOCTYPE html>\n<html>\n<head>\n<meta charset=\"utf-8\">\n"
+            f"<title>{html.escape(name)}</title>\n<style>{CSV_STYLE}</style>\n</head>\n<body>\n"
+            f"<h1>{html.escape(name)}</h1>\n"
+            + (f"<p>{html.escape(description)}</p>\n" if description else "")
+            + f"<p>{len(frame)} rows; this page rounds numbers to 4 significant digits, {html.escape(name)} "
+            "beside it holds them in full.</p>\n"
+            f"<div class=\"scroll\"><table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}</tbody>\n</table></div>\n"
+            "</body>\n</html>\n")
