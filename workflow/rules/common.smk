@@ -248,7 +248,7 @@ def sample_label(wildcards) -> str:
     if "depth" in fields and "t_switch" in fields:
         parts.append(f"shallow depth {fields['depth']}, t_switch = {fields['t_switch']}")
     elif "depth" in fields:
-        parts.append(f"{fields['depth']} blocks")
+        parts.append(f"{fields['depth']} block" + ("" if fields["depth"] == "1" else "s"))
     if "classifier_type" in fields:
         parts.append(f"{PROBE_NAMES[fields['classifier_type']]}, threshold = {fields['threshold']}")
     if "steps" in fields:

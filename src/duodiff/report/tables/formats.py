@@ -207,7 +207,7 @@ ANSWER_STYLE = """
                      text-align: right; vertical-align: bottom; font-weight: 600; }
 .duodiff-answer td { padding: 0.3em 0.5em; text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 .duodiff-answer th:nth-child(-n+2), .duodiff-answer td:nth-child(-n+2) { text-align: left; }
-.duodiff-answer td.note { white-space: normal; text-align: left; min-width: 12em; max-width: 22em; }
+.duodiff-answer td.note { white-space: normal; text-align: left; min-width: 12em; max-width: 18em; }
 .duodiff-answer tbody tr:last-child td { border-bottom: 2px solid #333; }
 """
 
