@@ -155,8 +155,6 @@ tbody td { padding: 0.3em 0.45em; text-align: right; font-variant-numeric: tabul
 tbody td:nth-child(-n+2) { text-align: left; }
 tbody td:first-child { white-space: normal; min-width: 9em; }
 tbody tr:last-child td { border-bottom: 2px solid #333; }
-#T_operating_points td:last-child { white-space: normal; text-align: left; min-width: 12em; max-width: 18em;
-                                   overflow-wrap: anywhere; }
 ul { font-size: 0.85em; max-width: 70em; line-height: 1.4; padding-left: 1.25em; }
 """
 
@@ -181,13 +179,11 @@ def summary_html(frame: pd.DataFrame) -> str:
                               axis=0, subset=[c for c in columns if c in mask.columns])
         tables.append(styler.relabel_index(["Method", "Setting"] + [headers[c] for c in columns], axis=1).to_html())
     note_text = "\n".join(f"<li>{html.escape(note)}</li>" for note in notes(frame, numbered))
-    points = operating_point_cells(operating_points(frame)).style.hide(axis="index").format(escape="html")
     # The report leads with the answer: the speed-up at equal quality per method, then every set.
-    points_html = (f"<h1>Speed-up at equal quality</h1>\n<p>{html.escape(OPERATING_POINTS_TEXT)}</p>\n"
-                   + points.set_uuid("operating_points").to_html())
+    points_html = answer_section(frame, heading="h1")
     return ("<!DOCTYPE html>\n<html>\n<head>\n<meta charset=\"utf-8\">\n"
             "<title>duodiff results: sample quality and cost per method</title>\n"
-            f"<style>{HTML_STYLE}</style>\n</head>\n<body>\n" + points_html + "\n"
+            f"<style>{HTML_STYLE}{ANSWER_STYLE}</style>\n</head>\n<body>\n" + points_html + "\n"
             "<h2>Every set: sample quality</h2>\n"
             "<p>Full U-ViT, the fewer-steps baseline, the shallow U-ViT alone, early exit (DeeDiff/AdaDiff) and "
             "DuoDiff, one row per sample set, below the real-data floor.</p>\n" + tables[0]
@@ -200,7 +196,7 @@ def summary_html(frame: pd.DataFrame) -> str:
 
 ANSWER_STYLE = """
 .duodiff-answer { font-family: system-ui, sans-serif; color: #1a1a1a; margin: 0.5em 0 1.5em; }
-.duodiff-answer h2 { font-size: 1.25em; font-weight: 600; margin: 0 0 0.4em; }
+.duodiff-answer h1, .duodiff-answer h2 { font-size: 1.25em; font-weight: 600; margin: 0 0 0.4em; }
 .duodiff-answer p { font-size: 0.9em; margin: 0 0 0.6em; max-width: 60em; }
 .duodiff-answer table { border-collapse: collapse; font-size: 0.85em; }
 .duodiff-answer th { border-top: 2px solid #333; border-bottom: 1px solid #333; padding: 0.35em 0.5em;
@@ -212,21 +208,25 @@ ANSWER_STYLE = """
 """
 
 
-def operating_points_html(frame: pd.DataFrame) -> str:
-    """operating_points.html: the answer (the speed-up at equal quality per method, readable names,
-    no set ids) as one self-styled <section>, which the report's front page (workflow.rst) includes
-    as it is and the report's Tables category shows as a page of its own."""
+def answer_section(frame: pd.DataFrame, heading: str = "h2") -> str:
+    """The answer (the speed-up at equal quality per method, readable names, no set ids) as one
+    <section class="duodiff-answer">, styled by ANSWER_STYLE."""
     cells = operating_point_cells(operating_points(frame))
     head = "".join(f"<th>{html.escape(column)}</th>" for column in cells.columns)
     body = "".join(
         "<tr>" + "".join(("<td class=\"note\">" if column == "Note" else "<td>") + f"{html.escape(str(value))}</td>"
                          for column, value in row.items()) + "</tr>\n"
         for _, row in cells.iterrows())
-    return ("<!DOCTYPE html>\n<meta charset=\"utf-8\">\n<title>Speed-up at equal quality</title>\n"
-            f"<style>{ANSWER_STYLE}</style>\n<section class=\"duodiff-answer\" id=\"operating-points\">\n"
-            "<h2>Speed-up at equal quality</h2>\n"
+    return (f"<section class=\"duodiff-answer\" id=\"operating-points\">\n<{heading}>Speed-up at equal quality</{heading}>\n"
             f"<p>{html.escape(OPERATING_POINTS_TEXT)}</p>\n"
-            f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}</tbody>\n</table>\n</section>\n")
+            f"<table id=\"T_operating_points\">\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}</tbody>\n</table>\n</section>\n")
+
+
+def operating_points_html(frame: pd.DataFrame) -> str:
+    """operating_points.html: the answer as one self-styled section, which the report's front page
+    (workflow.rst) includes as it is and the report's Tables category shows as a page of its own."""
+    return ("<!DOCTYPE html>\n<meta charset=\"utf-8\">\n<title>Speed-up at equal quality</title>\n"
+            f"<style>{ANSWER_STYLE}</style>\n" + answer_section(frame))
 
 
 CSV_STYLE = """
