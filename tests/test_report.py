@@ -210,11 +210,11 @@ REPORT_READY = ("return document.querySelector('#loading-screen').style.display 
                 " && !!document.querySelector('nav a')")
 # Snakemake's report: the navbar (menu) on the left, then the pane that shows the page or result.
 PANE = "document.querySelector('#app > div > div:last-child')"
-# Where the pane's content is: the image or frame of an item, the front page's title; and
+# Where the pane's content is: the front page's title, or the image or frame of an item; and
 # whether the pane or the frame is scrolled.
 SHOWN = f"""
     const pane = {PANE}, box = pane.getBoundingClientRect();
-    const inner = pane.querySelector('img, iframe') || pane.querySelector('h1.title') || pane.firstElementChild;
+    const inner = pane.querySelector('h1.title') || pane.querySelector('img:not([hidden]), iframe') || pane.firstElementChild;
     const r = inner.getBoundingClientRect();
     return {{kind: inner.tagName.toLowerCase(), top: r.top - box.top, left: r.left - box.left, right: r.right - box.left,
              height: r.height, pane_height: pane.clientHeight, pane_scroll_top: pane.scrollTop,
@@ -373,6 +373,18 @@ def look_at_report(report: Path, shots: Path, browser: tuple[str, str]) -> dict:
                     seen[category].append(view)
                     name = re.sub(r"[^A-Za-z0-9]+", "_", f"{category} {subcategory or ''} {view['name']}").strip("_")
                     page.screenshot(shots / f"{number}.{len(seen[category])}_{name[:60]}.png")
+        # The tallest figure, scrolled to its end, then opened again: Snakemake reuses the same
+        # <img> (and the pane) for it, so only a reset of the scroll position opens it at its top.
+        category, row = max(((c, i) for c in seen["categories"] for i, v in enumerate(seen[c]) if v.get("kind") == "img"),
+                            key=lambda ci: seen[ci[0]][ci[1]]["height"])
+        subcategory = seen[category][row]["subcategory"]
+        first = next(i for i, v in enumerate(seen[category]) if v["subcategory"] == subcategory)
+        menu_items(page, category, subcategory)
+        view = show_item(page, row - first)
+        scrolled = scroll_to_bottom(page, view)
+        view = show_item(page, row - first)
+        seen["reopened"] = {**view, "scrolled_before": scrolled}
+        page.screenshot(shots / "5_reopened_after_scrolling.png")
     return seen
 
 
@@ -417,6 +429,9 @@ def test_report_pages_open_at_their_top_in_a_browser(request, tmp_path):
                 assert frame["scroll_width"] <= frame["width"], (category, view)
     # Scrolling happened: the front page and at least one item were taller than their window.
     assert any(view["scrolled_before"] > 0 for views in map(seen.get, seen["categories"]) for view in views)
+    reopened = seen["reopened"]  # the same tall figure again, after scrolling it to its end
+    assert reopened["scrolled_before"] > 0 and reopened["pane_scroll_top"] == 0, reopened
+    assert 0 <= reopened["top"] < reopened["pane_height"], reopened
 
     summary, figure, paired = seen["1. Main result"]
     assert summary["name"] == "1. Summary table" and summary["kind"] == "iframe"

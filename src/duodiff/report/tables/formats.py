@@ -195,15 +195,18 @@ def summary_html(frame: pd.DataFrame) -> str:
 # ---- the report's own pages: the answer for its front page, and each CSV as a table -----------------
 
 ANSWER_STYLE = """
-.duodiff-answer { font-family: system-ui, sans-serif; color: #1a1a1a; margin: 0.5em 0 1.5em; }
+.duodiff-answer { font-family: system-ui, sans-serif; color: #1a1a1a; margin: 0.5em 0 1.5em; max-width: 100%;
+                  overflow-x: auto; }
 .duodiff-answer h1, .duodiff-answer h2 { font-size: 1.25em; font-weight: 600; margin: 0 0 0.4em; }
 .duodiff-answer p { font-size: 0.9em; margin: 0 0 0.6em; max-width: 60em; }
-.duodiff-answer table { border-collapse: collapse; font-size: 0.85em; }
-.duodiff-answer th { border-top: 2px solid #333; border-bottom: 1px solid #333; padding: 0.35em 0.5em;
+.duodiff-answer table { border-collapse: collapse; font-size: 0.8em; width: 100%; }
+.duodiff-answer th { border-top: 2px solid #333; border-bottom: 1px solid #333; padding: 0.35em 0.45em;
                      text-align: right; vertical-align: bottom; font-weight: 600; }
-.duodiff-answer td { padding: 0.3em 0.5em; text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+.duodiff-answer td { padding: 0.3em 0.45em; text-align: right; vertical-align: top; font-variant-numeric: tabular-nums;
+                     white-space: nowrap; }
 .duodiff-answer th:nth-child(-n+2), .duodiff-answer td:nth-child(-n+2) { text-align: left; }
-.duodiff-answer td.note { white-space: normal; text-align: left; min-width: 12em; max-width: 18em; }
+.duodiff-answer td:nth-child(-n+2) { white-space: normal; min-width: 7em; }
+.duodiff-answer td.note { white-space: normal; text-align: left; min-width: 9em; }
 .duodiff-answer tbody tr:last-child td { border-bottom: 2px solid #333; }
 """
 
