@@ -392,8 +392,9 @@ def look_at_report(report: Path, shots: Path, browser: tuple[str, str]) -> dict:
 def test_report_pages_open_at_their_top_in_a_browser(request, tmp_path):
     """The answer on the front page, and every page readable from its top in a 1400x900 window
     whatever was scrolled before (Snakemake centres its content pane, which cuts off the top of
-    anything taller, and keeps the pane's scroll position from item to item:
-    workflow/report/report.css); tables shown, not only offered as downloads."""
+    anything taller: workflow/report/report.css; and keeps the pane's scroll position from item to
+    item: the front page's reset, workflow/report/workflow.rst); tables shown, not only offered as
+    downloads."""
     browser = find_browser()
     if browser is None:
         pytest.skip("no chromium and chromedriver on PATH (Debian: apt-get install chromium chromium-driver; "
