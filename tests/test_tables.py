@@ -232,7 +232,7 @@ def test_summary_html_bolds_the_same_cells_for_the_report(study):
     assert bold == {f"quality_row{duo_ts1}_col2", f"quality_row{full}_col4", f"quality_row{duo_ts1}_col5",
                     f"cost_row{duo_ts1}_col2", f"cost_row{duo_ts1}_col4", f"cost_row{duo_ts1}_col5",
                     f"cost_row{duo_ts1}_col6"}
-    assert "Early exit, attention_probe" in page and "n/a¹" in page
+    assert "Early exit, attention probe" in page and "_probe" not in page and "n/a¹" in page  # readable names
     assert f"[1] CMMD n/a: {CMMD_REASON}" in page
 
 

@@ -14,6 +14,7 @@ from duodiff.report.tables.cells import (
     footnotes,
     inception_caption,
     operating_point_cells,
+    readable,
     summary_cells,
     summary_columns,
     summary_parts,
@@ -165,6 +166,8 @@ def summary_html(frame: pd.DataFrame) -> str:
     cells and bold as the Markdown and LaTeX summaries), then the notes."""
     numbered = footnotes(frame)
     cells = summary_cells(frame, numbered, latex=False)
+    # The report's reader gets the probes' names spelled out (the files for code keep identifiers).
+    cells["Method"] = cells["Method"].map(readable)
     mask = best_mask(frame)
     headers = {column: md for column, md, _, _ in summary_columns(frame)}
     # Inception's FID and KID beside another headline (the classifier's) get a table of their own.
