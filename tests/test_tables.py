@@ -105,9 +105,10 @@ def study(tmp_path):
 
 def test_csvs_hold_the_inputs_in_paper_order_with_speedups(study):
     paths = tables(study)
-    assert sorted(p.name for p in paths.values()) == ["cmmd.csv", "fid.csv", "gflops.csv", "kid.csv",
-                                                      "operating_points.csv", "scores.csv", "search.csv", "summary.html",
-                                                      "summary.md", "summary.tex"]
+    assert sorted(p.name for p in paths.values()) == sorted(
+        ["cmmd.csv", "fid.csv", "gflops.csv", "kid.csv", "operating_points.csv", "scores.csv", "search.csv",
+         "summary.html", "summary.md", "summary.tex", "operating_points.html",
+         *(f"{name}.html" for name in ("scores", "fid", "kid", "cmmd", "gflops", "search"))])
     fid = pd.read_csv(study / "tables" / "fid.csv")
     assert fid["set"].tolist() == ORDER
     contract = ["set", "method", "setting", "classifier_type", "threshold", "t_switch", "shallow_depth", "n_samples",
@@ -231,7 +232,7 @@ def test_summary_html_bolds_the_same_cells_for_the_report(study):
     assert bold == {f"quality_row{duo_ts1}_col2", f"quality_row{full}_col4", f"quality_row{duo_ts1}_col5",
                     f"cost_row{duo_ts1}_col2", f"cost_row{duo_ts1}_col4", f"cost_row{duo_ts1}_col5",
                     f"cost_row{duo_ts1}_col6"}
-    assert "Early exit, attention_probe" in page and "n/a¹" in page
+    assert "Early exit, attention probe" in page and "_probe" not in page and "n/a¹" in page  # readable names
     assert f"[1] CMMD n/a: {CMMD_REASON}" in page
 
 
@@ -518,8 +519,12 @@ def test_operating_points_pick_the_fastest_setting_that_passes_the_paired_test(t
         "none passes; closest: threshold = 0.1, ΔFD +20 [+15, +25] > margin 10 (ee_mlp_probe_per_layer_thr0.1)")
     summary = (tmp_path / "tables" / "summary.md").read_text()
     header, rows = markdown_rows(summary, section=1)
-    assert [r[0] for r in rows] == ["Fewer steps", "Early exit, attention_probe", "Early exit, mlp_probe_per_layer",
+    assert [r[0] for r in rows] == ["Fewer steps", "Early exit, attention probe", "Early exit, MLP probe per layer",
                                     "DuoDiff, shallow depth 3"]
+    # Readable: the closest set by its setting, without its id (operating_points.csv keeps it).
+    assert rows[2][-1] == "none passes; closest: threshold = 0.1, ΔFD +20 [+15, +25] > margin 10"
+    answer = (tmp_path / "tables" / "operating_points.html").read_text()
+    assert "Early exit, MLP probe per layer" in answer and "ee_" not in answer and "_probe" not in answer
     # The summary's headline column carries the interval and the marks of the sets that differ.
     header, rows = markdown_rows(summary)
     cells = {row[0] + " / " + row[1]: row[header.index("FD [95% CI] ↓")] for row in rows}

@@ -224,10 +224,44 @@ def sample_outputs(method):
         outputs["grid"],
         caption="../report/grid.rst",
         category="4. Samples",  # after the plots and tables (report.smk)
-        subcategory="composed" if method in COMPOSED_FORMS else method,
-        labels={"set": SET_NAMES[method], "method": "composed" if method in COMPOSED_FORMS else method},
+        subcategory=SAMPLE_SUBCATEGORIES["composed" if method in COMPOSED_FORMS else method],
+        labels=lambda wildcards: {"set": sample_label(wildcards)},
     )
     return outputs
+
+
+# The report's Samples menu, in reading order: the real images (report.smk, rule plots) first.
+SAMPLE_SUBCATEGORIES = {
+    "real": "0. Real images",
+    "full": "1. Full U-ViT",
+    "fewer_steps": "2. Fewer steps",
+    "shallow": "3. Shallow U-ViT alone",
+    "early_exit": "4. Early exit",
+    "duodiff": "5. DuoDiff",
+    "composed": "6. Composed",
+}
+# The probes as the report names them (the tables' cells.PROBE_NAMES, duodiff.report.tables).
+PROBE_NAMES = {
+    "attention_probe": "attention probe",
+    "mlp_probe_per_layer": "MLP probe per layer",
+    "mlp_probe_per_timestep": "MLP probe per timestep",
+    "mlp_probe_per_layer_per_timestep": "MLP probe per layer and timestep",
+}
+
+
+def sample_label(wildcards) -> str:
+    """A sample set's grid as the report's Samples menu lists it: its setting in words, no set id."""
+    fields = dict(wildcards.items())
+    parts = []
+    if "depth" in fields and "t_switch" in fields:
+        parts.append(f"shallow depth {fields['depth']}, t_switch = {fields['t_switch']}")
+    elif "depth" in fields:
+        parts.append(f"{fields['depth']} block" + ("" if fields["depth"] == "1" else "s"))
+    if "classifier_type" in fields:
+        parts.append(f"{PROBE_NAMES[fields['classifier_type']]}, threshold = {fields['threshold']}")
+    if "steps" in fields:
+        parts.append(f"{fields['steps']} steps")
+    return "; ".join(parts) or f"every block, {config['sampling']['steps']} steps"
 
 
 def trained(path: str) -> str:

@@ -28,13 +28,38 @@ MAIN_PLOTS = {
     "quality_vs_gflops": f"2. {HEADLINE_NAME} against GFLOPs per image",
     "paired_difference": "3. Equal quality, paired",
 }
+# The other figures' menu entries, in reading order (without a label the menu lists their paths).
+OTHER_PLOTS = {
+    "quality_vs_time": f"1. {HEADLINE_NAME} against sampling time",
+    "exit_heatmap": "2. Where early exit exits",
+    "mean_exit_layer": "3. Mean exit layer per step",
+    "fid_vs_tswitch": f"4. {HEADLINE_NAME} against t_switch",
+    "search_trace": "5. Operating-point search",
+    "training_curves": "6. Training curves",
+    "sample_grids": "7. Sample grids, every set",
+}
 REPORT_PLOTS = {
     name: (
         {"category": MAIN_RESULT, "labels": {"result": MAIN_PLOTS[name]}}
         if name in MAIN_PLOTS
-        else {"category": "2. Plots"}
+        else {"category": "2. Plots", "labels": {"figure": OTHER_PLOTS[name]}}
     )
     for name in PLOTS
+}
+
+
+# The tables as the report shows them: {name: (caption, label)} of each tables/<name>.html, the
+# html page of <name>.csv. operating_points.html, the answer, is also the report's front page's
+# first section (workflow.rst includes it).
+REPORT_TABLES = {
+    "scores": ("scores_table", "1. Headline scores with intervals (scores.csv)"),
+    "operating_points": ("operating_points", "2. Speed-up at equal quality (operating_points.csv)"),
+    "fid": ("fid_table", "3. FID and cost (fid.csv)"),
+    "kid": ("kid_table", "4. KID (kid.csv)"),
+    "gflops": ("gflops_table", "5. GFLOPs (gflops.csv)"),
+    # Listed last but one: without CLIP weights every row is empty (the summary's notes say why).
+    "cmmd": ("cmmd_table", "6. CMMD (cmmd.csv)"),
+    "search": ("search_table", "7. Operating-point search, every probe (search.csv)"),
 }
 
 
@@ -55,55 +80,30 @@ rule tables:
         probe_fd_classifier=probe_files("fd_classifier"),
         probe_gflops=probe_files("gflops"),
     output:
-        scores=report(
-            study_path("tables/scores.csv"),
-            caption="../report/scores_table.rst",
-            category="3. Tables",
-            labels={"table": "1. Headline scores with intervals (scores.csv)"},
-        ),
-        operating_points=report(
-            study_path("tables/operating_points.csv"),
-            caption="../report/operating_points.rst",
-            category="3. Tables",
-            labels={"table": "2. Speed-up at equal quality (operating_points.csv)"},
-        ),
-        fid=report(
-            study_path("tables/fid.csv"),
-            caption="../report/fid_table.rst",
-            category="3. Tables",
-            labels={"table": "3. FID and cost (fid.csv)"},
-        ),
-        kid=report(
-            study_path("tables/kid.csv"),
-            caption="../report/kid_table.rst",
-            category="3. Tables",
-            labels={"table": "4. KID (kid.csv)"},
-        ),
-        # Listed last: without CLIP weights every row is empty (the summary's notes say why).
-        cmmd=report(
-            study_path("tables/cmmd.csv"),
-            caption="../report/cmmd_table.rst",
-            category="3. Tables",
-            labels={"table": "6. CMMD (cmmd.csv)"},
-        ),
-        gflops=report(
-            study_path("tables/gflops.csv"),
-            caption="../report/gflops_table.rst",
-            category="3. Tables",
-            labels={"table": "5. GFLOPs (gflops.csv)"},
-        ),
+        **{
+            f"{name}_html": report(
+                study_path(f"tables/{name}.html"),
+                caption=f"../report/{caption}.rst",
+                category="3. Tables",
+                labels={"table": label},
+            )
+            for name, (caption, label) in REPORT_TABLES.items()
+        },
         # The report shows html, not Markdown: summary.html is the summary.md table as a page.
+        # The CSVs, and for the report (which shows html and offers a CSV only as a download) each
+        # as an html page (`duodiff tables`), flagged with the CSV's caption and label.
+        scores=study_path("tables/scores.csv"),
+        operating_points=study_path("tables/operating_points.csv"),
+        fid=study_path("tables/fid.csv"),
+        kid=study_path("tables/kid.csv"),
+        cmmd=study_path("tables/cmmd.csv"),
+        gflops=study_path("tables/gflops.csv"),
+        search=study_path("tables/search.csv"),
         summary_html=report(
             study_path("tables/summary.html"),
             caption="../report/summary.rst",
             category=MAIN_RESULT,
             labels={"result": "1. Summary table"},
-        ),
-        search=report(
-            study_path("tables/search.csv"),
-            caption="../report/search_table.rst",
-            category="3. Tables",
-            labels={"table": "7. Operating-point search, every probe (search.csv)"},
         ),
         summary_md=study_path("tables/summary.md"),
         summary_tex=study_path("tables/summary.tex"),
@@ -148,6 +148,14 @@ rule plots:
             for name in PLOTS
         ],
         pdf=[study_path(f"plots/{name}.pdf") for name in PLOTS],
+        # The real images beside the sample sets' grids, in the report's Samples (common.smk).
+        reference_grid=report(
+            study_path("plots/reference_grid.png"),
+            caption="../report/reference_grid.rst",
+            category="4. Samples",
+            subcategory=SAMPLE_SUBCATEGORIES["real"],
+            labels={"set": "real images (the reference)"},
+        ),
         data=[study_path(f"plots/{name}.json") for name in PLOTS],  # the plotted series, as drawn
     log:
         study_path("logs/plots.log"),

@@ -15,7 +15,9 @@ papers), atomically, under fixed names (docs/architecture.md, "Tables and plots"
 
 Every figure is drawn about a paper column wide (FIGURE_WIDTH) with SMALL_FONT as its smallest
 type, so that it stays legible at a column's 3.3 inches. Beside each figure, `<name>.json` holds the data series as drawn (read back from the figure's
-artists), so a reader or a test can check a figure against the tables it claims to show.
+artists), so a reader or a test can check a figure against the tables it claims to show. Beside
+the figures, `reference_grid.png`: the first real images laid out like a sample set's grid.png (the
+report's Samples show it beside the sets' grids).
 
 The figures are drawn by one module per family: the quality figures (quality against cost and
 against t_switch) here, exits.py (where early exit exits), training.py (training
@@ -43,7 +45,7 @@ from duodiff.report.plots.exits import (
     plot_mean_exit_layer,
 )
 from duodiff.report.plots.labels import label_points
-from duodiff.report.plots.samples import image_files, plot_sample_grids
+from duodiff.report.plots.samples import grid_from_images, image_files, plot_sample_grids
 from duodiff.report.plots.search import load_search, plot_search_trace
 from duodiff.report.plots.style import (
     FEWER_STEPS_STYLE,
@@ -331,7 +333,17 @@ def run_plots(*, tables_dir, samples_root, models_root, reference, output_dir, s
             fig, data = builders[name]()
             save_figure(fig, data, output_dir, name, dpi)
             results[name] = data
+    # The real images' grid, laid out like a sample set's grid.png (its first 64 images, 8 a row),
+    # for the report's Samples beside the sets' grids.
+    from PIL import Image
+
+    with atomic_path(output_dir / REFERENCE_GRID) as path:
+        Image.fromarray(grid_from_images(image_files(reference / "images"), REFERENCE_GRID_IMAGES)).save(path, format="PNG")
     return results
+
+
+REFERENCE_GRID = "reference_grid.png"
+REFERENCE_GRID_IMAGES = 64  # as many as a set's grid.png (duodiff.sample.sample_set.GRID_SAMPLES)
 
 
 # The folders `duodiff plots` reads and writes, all required.

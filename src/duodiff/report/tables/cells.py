@@ -9,9 +9,11 @@ has_setting from the study's vocabulary).
 from __future__ import annotations
 
 import math
+import re
 
 import pandas as pd
 
+from duodiff.core.study import SET_NAME_PATTERNS
 from duodiff.report.tables.operating_points import passes
 
 # Summary columns: (column in the data, Markdown header, LaTeX header, which value is best). The
@@ -202,13 +204,15 @@ def summary_cells(frame: pd.DataFrame, footnotes: dict[str, int], latex: bool) -
 def operating_point_cells(points: pd.DataFrame) -> pd.DataFrame:
     """operating_points() as display text, one row per method family: the answer a reader wants
     first (setting, speed-ups, the paired difference that makes it equal quality); the set's own
-    score and layer ratio are in the tables of every set (and operating_points.csv)."""
+    score and layer ratio are in the tables of every set (and operating_points.csv). Readable
+    names only: families and notes with the probes spelled out and no set ids (operating_points.csv
+    keeps those); the Note column only when some row has a note."""
     rows = []
     for p in points.itertuples():
         diff = f"Δ{p.score_name} vs full [95% CI]"
         if not isinstance(p.set, str):
             rows.append({"Method": _family_label(p), "Setting": "–", "Speed-up (measured)": "–",
-                         "Speed-up (theoretical)": "–", diff: "–", "Note": p.note})
+                         "Speed-up (theoretical)": "–", diff: "–", "Note": readable(p.note)})
             continue
         better = " (better)" if p.verdict == "better" else ""
         rows.append({"Method": _family_label(p), "Setting": p.setting_label,
@@ -217,10 +221,36 @@ def operating_point_cells(points: pd.DataFrame) -> pd.DataFrame:
                          else f" [{p.speedup_measured_ci_low:.2f}, {p.speedup_measured_ci_high:.2f}]"),
                      "Speed-up (theoretical)": f"{p.speedup_theoretical:.2f}×",
                      diff: f"{p.score_diff:+.2f} [{p.score_diff_ci_low:+.2f}, {p.score_diff_ci_high:+.2f}]{better}",
-                     "Note": p.note or ""})
-    return pd.DataFrame(rows)
+                     "Note": readable(p.note)})
+    cells = pd.DataFrame(rows)
+    if len(cells) and not cells["Note"].str.strip().any():
+        cells = cells.drop(columns="Note")
+    return cells
+
+
+# The probes as a reader names them (the study's CLASSIFIER_TYPES are identifiers).
+PROBE_NAMES = {
+    "attention_probe": "attention probe",
+    "mlp_probe_per_layer_per_timestep": "MLP probe per layer and timestep",
+    "mlp_probe_per_layer": "MLP probe per layer",
+    "mlp_probe_per_timestep": "MLP probe per timestep",
+}
+# A set id in parentheses, as the notes name the closest set: "... > margin 10 (ee_attention_probe_thr0.2)".
+_SET_ID = re.compile(r" ?\((?:" + "|".join(re.sub(r"\(\?P<\w+>", "(?:", p.pattern) for p in SET_NAME_PATTERNS.values()) + r")\)")
+_PROBE = re.compile("|".join(sorted(PROBE_NAMES, key=len, reverse=True)))
+
+
+def readable(text) -> str:
+    """Display text without identifiers: probe names spelled out, set ids in parentheses dropped
+    (the setting label beside them says the same)."""
+    if not isinstance(text, str):
+        return ""
+    return _PROBE.sub(lambda m: PROBE_NAMES[m[0]], _SET_ID.sub("", text))
 
 
 def _family_label(point) -> str:
-    return {"fewer_steps": "Fewer steps", "early_exit": f"Early exit, {point.family}",
-            "duodiff": f"DuoDiff, {point.family}", "cache": f"Caching, {point.family}", "composed": f"Composed, {point.family}"}[point.method]
+    family = readable(point.family)
+    return {"fewer_steps": "Fewer steps", "early_exit": f"Early exit, {family}",
+            "duodiff": f"DuoDiff, {family}", "cache": f"Caching, {family}", "composed": f"Composed, {family}",
+            # A searched family without grid sets of its method: its search id.
+            }.get(point.method, f"Searched, {family.replace('_', ' ').replace('-', ', ', 1)}")

@@ -10,6 +10,8 @@ Inputs are the files of docs/architecture.md: per sample set `samples/{set}/stat
                                             (cost: among the sets as good as the full model, see
                                             contenders), conventions and caveats below it
                                             (html: for the Snakemake report, which shows html)
+    operating_points.html, <csv name>.html  the report's pages: the answer (front page, readable
+                                            names) and each CSV rendered as a table
 
 Rows are ordered like the papers' tables: full model, shallow model alone, early exit (by
 classifier, then threshold), DuoDiff (by shallow depth, then t_switch). Speed-ups are relative to
@@ -34,7 +36,7 @@ from duodiff.core.errors import DuodiffError, is_number, require
 from duodiff.core.flags import add_flag
 from duodiff.core.io import atomic_path, read_json, write_text
 from duodiff.core.study import METHOD_ORDER, method_of_set, parse_set_form, setting_label
-from duodiff.report.tables.formats import summary_html, summary_latex, summary_markdown
+from duodiff.report.tables.formats import csv_html, operating_points_html, summary_html, summary_latex, summary_markdown
 from duodiff.report.tables.inputs import (
     HEADLINES,
     TableSettings,
@@ -212,7 +214,8 @@ def search_table(finals: list[dict], rows: pd.DataFrame) -> pd.DataFrame:
 def run_tables(*, samples_root, metrics_root, sets, output_dir, headline: str, cmmd: bool, margin: float,
                timing, search=None) -> dict[str, Path]:
     """Write scores/fid/kid/cmmd/gflops.csv, operating_points.csv, summary.md, summary.tex and
-    summary.html to output_dir; return their paths. margin: equal quality's non-inferiority margin,
+    summary.html to output_dir, with the report's html pages (operating_points.html, and
+    <name>.html of each other CSV); return their paths. margin: equal quality's non-inferiority margin,
     a fraction of the full model's headline score. timing: timing.json of `duodiff time`, whose
     speed-ups (every set timed alone) the tables report; None: the sampling jobs' own timings.
     search: the last round file of each family's search (`duodiff search`): its probe sets are read
@@ -248,6 +251,13 @@ def run_tables(*, samples_root, metrics_root, sets, output_dir, headline: str, c
     write_text(paths["summary.tex"], summary_latex(frame))
     paths["summary.html"] = output_dir / "summary.html"
     write_text(paths["summary.html"], summary_html(frame))
+    # For the Snakemake report, which shows html and only offers CSVs as downloads: the answer for
+    # its front page, and every CSV as a table.
+    paths["operating_points.html"] = output_dir / "operating_points.html"
+    write_text(paths["operating_points.html"], operating_points_html(frame))
+    for name in [*CSV_COLUMNS, "search"]:
+        paths[f"{name}.html"] = output_dir / f"{name}.html"
+        write_text(paths[f"{name}.html"], csv_html(paths[f"{name}.csv"]))
     return paths
 
 

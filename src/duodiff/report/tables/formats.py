@@ -14,6 +14,7 @@ from duodiff.report.tables.cells import (
     footnotes,
     inception_caption,
     operating_point_cells,
+    readable,
     summary_cells,
     summary_columns,
     summary_parts,
@@ -155,8 +156,6 @@ tbody td { padding: 0.3em 0.45em; text-align: right; font-variant-numeric: tabul
 tbody td:nth-child(-n+2) { text-align: left; }
 tbody td:first-child { white-space: normal; min-width: 9em; }
 tbody tr:last-child td { border-bottom: 2px solid #333; }
-#T_operating_points td:last-child { white-space: normal; text-align: left; min-width: 12em; max-width: 18em;
-                                   overflow-wrap: anywhere; }
 ul { font-size: 0.85em; max-width: 70em; line-height: 1.4; padding-left: 1.25em; }
 """
 
@@ -167,6 +166,8 @@ def summary_html(frame: pd.DataFrame) -> str:
     cells and bold as the Markdown and LaTeX summaries), then the notes."""
     numbered = footnotes(frame)
     cells = summary_cells(frame, numbered, latex=False)
+    # The report's reader gets the probes' names spelled out (the files for code keep identifiers).
+    cells["Method"] = cells["Method"].map(readable)
     mask = best_mask(frame)
     headers = {column: md for column, md, _, _ in summary_columns(frame)}
     # Inception's FID and KID beside another headline (the classifier's) get a table of their own.
@@ -181,16 +182,94 @@ def summary_html(frame: pd.DataFrame) -> str:
                               axis=0, subset=[c for c in columns if c in mask.columns])
         tables.append(styler.relabel_index(["Method", "Setting"] + [headers[c] for c in columns], axis=1).to_html())
     note_text = "\n".join(f"<li>{html.escape(note)}</li>" for note in notes(frame, numbered))
-    points = operating_point_cells(operating_points(frame)).style.hide(axis="index").format(escape="html")
     # The report leads with the answer: the speed-up at equal quality per method, then every set.
-    points_html = (f"<h1>Speed-up at equal quality</h1>\n<p>{html.escape(OPERATING_POINTS_TEXT)}</p>\n"
-                   + points.set_uuid("operating_points").to_html())
+    points_html = answer_section(frame, heading="h1")
     return ("<!DOCTYPE html>\n<html>\n<head>\n<meta charset=\"utf-8\">\n"
             "<title>duodiff results: sample quality and cost per method</title>\n"
-            f"<style>{HTML_STYLE}</style>\n</head>\n<body>\n" + points_html + "\n"
+            f"<style>{HTML_STYLE}{ANSWER_STYLE}</style>\n</head>\n<body>\n" + points_html + "\n"
             "<h2>Every set: sample quality</h2>\n"
             "<p>Full U-ViT, the fewer-steps baseline, the shallow U-ViT alone, early exit (DeeDiff/AdaDiff) and "
             "DuoDiff, one row per sample set, below the real-data floor.</p>\n" + tables[0]
             + (f"\n<h2>Every set: Inception FID and KID</h2>\n<p>{html.escape(inception_caption(frame))}</p>\n"
                + tables[1] if tables[1] else "")
             + "\n<h2>Every set: cost</h2>\n" + tables[2] + f"\n<ul>\n{note_text}\n</ul>\n</body>\n</html>\n")
+
+
+# ---- the report's own pages: the answer for its front page, and each CSV as a table -----------------
+
+ANSWER_STYLE = """
+.duodiff-answer { font-family: system-ui, sans-serif; color: #1a1a1a; margin: 0.5em 0 1.5em; max-width: 100%;
+                  overflow-x: auto; }
+.duodiff-answer h1, .duodiff-answer h2 { font-size: 1.25em; font-weight: 600; margin: 0 0 0.4em; }
+.duodiff-answer p { font-size: 0.9em; margin: 0 0 0.6em; max-width: 60em; }
+.duodiff-answer table { border-collapse: collapse; font-size: 0.8em; width: 100%; }
+.duodiff-answer th { border-top: 2px solid #333; border-bottom: 1px solid #333; padding: 0.35em 0.45em;
+                     text-align: right; vertical-align: bottom; font-weight: 600; }
+.duodiff-answer td { padding: 0.3em 0.45em; text-align: right; vertical-align: top; font-variant-numeric: tabular-nums;
+                     white-space: nowrap; }
+.duodiff-answer th:nth-child(-n+2), .duodiff-answer td:nth-child(-n+2) { text-align: left; }
+.duodiff-answer td:nth-child(-n+2) { white-space: normal; min-width: 7em; }
+.duodiff-answer td.note { white-space: normal; text-align: left; min-width: 9em; }
+.duodiff-answer tbody tr:last-child td { border-bottom: 2px solid #333; }
+"""
+
+
+def answer_section(frame: pd.DataFrame, heading: str = "h2") -> str:
+    """The answer (the speed-up at equal quality per method, readable names, no set ids) as one
+    <section class="duodiff-answer">, styled by ANSWER_STYLE."""
+    cells = operating_point_cells(operating_points(frame))
+    head = "".join(f"<th>{html.escape(column)}</th>" for column in cells.columns)
+    body = "".join(
+        "<tr>" + "".join(("<td class=\"note\">" if column == "Note" else "<td>") + f"{html.escape(str(value))}</td>"
+                         for column, value in row.items()) + "</tr>\n"
+        for _, row in cells.iterrows())
+    return (f"<section class=\"duodiff-answer\" id=\"operating-points\">\n<{heading}>Speed-up at equal quality</{heading}>\n"
+            f"<p>{html.escape(OPERATING_POINTS_TEXT)}</p>\n"
+            f"<table id=\"T_operating_points\">\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}</tbody>\n</table>\n</section>\n")
+
+
+def operating_points_html(frame: pd.DataFrame) -> str:
+    """operating_points.html: the answer as one self-styled section, which the report's front page
+    (workflow.rst) includes as it is and the report's Tables category shows as a page of its own."""
+    return ("<!DOCTYPE html>\n<meta charset=\"utf-8\">\n<title>Speed-up at equal quality</title>\n"
+            f"<style>{ANSWER_STYLE}</style>\n" + answer_section(frame))
+
+
+CSV_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 1em 1.25em; color: #1a1a1a; }
+h1 { font-size: 1.2em; } p { font-size: 0.9em; max-width: 60em; }
+.scroll { overflow-x: auto; max-width: 100%; }
+table { border-collapse: collapse; font-size: 0.8em; }
+th { border-top: 2px solid #333; border-bottom: 1px solid #333; padding: 0.3em 0.4em; text-align: right;
+     vertical-align: bottom; font-weight: 600; }
+td { padding: 0.25em 0.4em; text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+th:first-child, td:first-child { text-align: left; }
+tbody tr:nth-child(even) td { background: #f4f4f4; }
+"""
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return "" if pd.isna(value) else f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def csv_html(csv_path, description: str = "") -> str:
+    """A CSV the tables write, as an html page for the report (which shows html, not CSV): every
+    column and row as in the file, numbers to 4 significant digits, the file named so a reader
+    finds the full precision. Wide tables scroll inside their own box, not the page."""
+    from pathlib import Path
+
+    frame = pd.read_csv(csv_path, keep_default_na=False, na_values=[""])
+    name = Path(csv_path).name
+    head = "".join(f"<th>{html.escape(str(column))}</th>" for column in frame.columns)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(v))}</td>" for v in row) + "</tr>\n"
+                   for row in frame.itertuples(index=False))
+    return ("<!DOCTYPE html>\n<html>\n<head>\n<meta charset=\"utf-8\">\n"
+            f"<title>{html.escape(name)}</title>\n<style>{CSV_STYLE}</style>\n</head>\n<body>\n"
+            f"<h1>{html.escape(name)}</h1>\n"
+            + (f"<p>{html.escape(description)}</p>\n" if description else "")
+            + f"<p>{len(frame)} rows; this page rounds numbers to 4 significant digits, {html.escape(name)} "
+            "beside it holds them in full.</p>\n"
+            f"<div class=\"scroll\"><table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}</tbody>\n</table></div>\n"
+            "</body>\n</html>\n")
