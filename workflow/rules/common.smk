@@ -239,6 +239,7 @@ SAMPLE_SUBCATEGORIES = {
     "early_exit": "4. Early exit",
     "duodiff": "5. DuoDiff",
     "composed": "6. Composed",
+    "cache": "7. Caching",
 }
 # The probes as the report names them (the tables' cells.PROBE_NAMES, duodiff.report.tables).
 PROBE_NAMES = {
@@ -261,6 +262,10 @@ def sample_label(wildcards) -> str:
         parts.append(f"{PROBE_NAMES[fields['classifier_type']]}, threshold = {fields['threshold']}")
     if "steps" in fields:
         parts.append(f"{fields['steps']} steps")
+    if "cache_interval" in fields:
+        parts.append(
+            f"the whole network every {fields['cache_interval']} steps, {fields['cache_keep']} outer blocks between"
+        )
     return "; ".join(parts) or f"every block, {config['sampling']['steps']} steps"
 
 
