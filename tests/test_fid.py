@@ -34,13 +34,13 @@ def digits_reference(tmp_path_factory):
     return folder, meta
 
 
-def test_reference_images_are_the_first_digits_quantised(digits_reference):
+def test_reference_images_are_the_digits_it_names_quantised(digits_reference):
     from sklearn.datasets import load_digits
 
     folder, meta = digits_reference
     files = sorted((folder / "images").iterdir())
     assert [f.name for f in files] == [f"{i:06d}.png" for i in range(2)]
-    raw = load_digits().images[:2]  # integers 0..16
+    raw = load_digits().images[meta["indices"]]  # integers 0..16; a seeded draw, not the first two
     for f, digit in zip(files, raw):
         image = Image.open(f)
         assert image.mode == "L" and image.size == (8, 8)
@@ -167,10 +167,12 @@ def test_real_network_fid_and_kid_grow_with_noise(real_sets):
     _, _, sets = real_sets
     fids = [sets[s][1]["fid"] for s in NOISE_LEVELS]
     kids = [sets[s][1]["kid"] for s in NOISE_LEVELS]
-    # Observed: FID 131.3 < 211.4 < 266.8, KID 0.043 < 0.094 < 0.193 (the same order held for
-    # noise seeds 0, 1, 2 and a 0.6 level in between).
+    # Observed with the first 6 digits (the reference by dataset order, before issue 24): FID 131.3 <
+    # 211.4 < 266.8, KID 0.043 < 0.094 < 0.193. With the seeded draw's 6 digits KID -0.0037 < 0.033 <
+    # 0.135: the unbiased KID of 6 against 6 images may fall below 0 at the faintest noise, so only
+    # its growth is asserted.
     assert fids[0] > 10 and all(a < b for a, b in zip(fids, fids[1:])), fids
-    assert kids[0] > 0 and all(a < b for a, b in zip(kids, kids[1:])), kids
+    assert kids[-1] > 0 and all(a < b for a, b in zip(kids, kids[1:])), kids
 
 
 def test_real_network_fid_and_kid_equal_closed_forms_on_independent_features(real_sets):
@@ -227,6 +229,7 @@ class FakeData:
     """Random 3x8x8 images in [-1, 1] (what duodiff.core.data.load_dataset returns)."""
 
     image_size, channels = 8, 3
+    num_classes = 0  # one class, as CelebA: the reference's seeded draw is then a plain random one
 
     def __init__(self, n, seed):
         g = torch.Generator().manual_seed(seed)
@@ -341,12 +344,16 @@ def test_sha_mismatch_is_refused_before_any_work(tmp_path, monkeypatch, fake_net
 
 def test_max_reference_gives_inception_the_first_images_and_keeps_every_image(digits_reference, tmp_path):
     # The Inception budget (metrics.fid.max_reference): 3 reference images, Inception features of
-    # the first 2, which are the features a 2-image reference has (digits_reference).
+    # the first 2, which are the first two rows of the same 3 images' features without the budget.
     meta = reference.run_reference(**cli_args("reference", dataset="digits", n_reference=3, max_reference=2,
                                               output_folder=tmp_path, batch_size=2, device="cpu"))
     assert len(list((tmp_path / "images").iterdir())) == 3  # the classifier FD reads all of them
     assert meta["n"] == 3 and meta["n_features"] == 2
-    with np.load(tmp_path / "features.npz") as limited, np.load(digits_reference[0] / "features.npz") as first_two:
+    whole = reference.run_reference(**cli_args("reference", dataset="digits", n_reference=3,
+                                               output_folder=tmp_path / "whole", batch_size=2, device="cpu"))
+    assert whole["indices"] == meta["indices"]
+    with np.load(tmp_path / "features.npz") as limited, np.load(tmp_path / "whole" / "features.npz") as all_three:
+        first_two = {"features": all_three["features"][:2]}
         assert limited["features"].shape == (2, inception.FEATURE_DIM)
         np.testing.assert_allclose(limited["features"], first_two["features"], rtol=1e-5, atol=1e-5)
     assert digits_reference[1]["n_features"] == 2  # without the flag: every reference image

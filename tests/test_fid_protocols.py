@@ -339,3 +339,15 @@ def test_fid_in_legacy_mode_without_weights_stops_before_reading_images(tmp_path
         fid.run_fid(**cli_args("fid", samples=tmp_path / "s", reference=tmp_path / "ref", output=tmp_path / "fid.json",
                                mode="legacy_pytorch", legacy_weights=tmp_path / "none.pth"))
     assert not (tmp_path / "fid.json").exists()
+
+
+def test_tables_say_how_the_reference_was_drawn(tmp_path):
+    # fid.json carries reference.json's selection; the samples note names it (issue 24: a reference
+    # of a few classes must not pass unsaid).
+    from test_tables import ORDER, tables, write_study
+
+    write_study(tmp_path)
+    drawn = "all 100 training images (the whole training set, split seed 0), unflipped"
+    rewrite_fid_json(tmp_path, ORDER, reference_selection=drawn)
+    tables(tmp_path)
+    assert f"against 70 real images ({drawn})" in (tmp_path / "tables" / "summary.md").read_text()

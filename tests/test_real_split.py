@@ -94,9 +94,11 @@ def test_stats_say_how_the_floor_was_drawn_and_that_the_models_saw_it(split):
     assert "at random within each class" in stored["selection"] and "none of them in the 797" in stored["selection"]
 
 
-def test_without_a_seed_dataset_order_as_before(tmp_path, digits):
-    images, _ = digits
-    stats = reference.run_real_set(**cli_args("real-set", dataset="digits", n_reference=1790, n_images=10,
-                                              output_folder=tmp_path, batch_size=10))
-    assert stats["indices"] == list(range(1790, 1797)) and stats["n_samples"] == 7 and stats["notes"]
-    assert np.array_equal(written_images(tmp_path), images[1790:])
+def test_there_is_no_draw_by_dataset_order(tmp_path):
+    # One way of drawing for every dataset: a null seed (the former by-order draw) is refused.
+    from duodiff.core.errors import DuodiffError
+
+    assert cli_args("real-set")["split_seed"] == cli_args("reference")["split_seed"] == 0
+    with pytest.raises(DuodiffError, match="--split-seed is required"):
+        reference.run_real_set(**cli_args("real-set", dataset="digits", n_reference=1790, n_images=10,
+                                          output_folder=tmp_path, batch_size=10, split_seed=None))

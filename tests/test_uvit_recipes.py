@@ -180,3 +180,114 @@ def test_pipeline_dpm_solver_runs_its_configured_order():
     ts = d.timesteps("dpm_solver", 10)
     torch.testing.assert_close(got, dpm_solver_sample(d, denoise, noise.clone(), ts, order=2, clip_denoised=False))
     assert (got - dpm_solver_sample(d, denoise, noise.clone(), ts, order=1, clip_denoised=False)).abs().max() > 1e-3
+
+
+# ---- Euler-Maruyama reverse SDE (U-ViT's CIFAR-10 / CelebA sampler, core/sde.py) -------------------
+
+
+def em_moments(diffusion, steps, monkeypatch):
+    """The exact mean and std of the Euler-Maruyama chain's output for the exact-eps model, where
+    x_1 ~ N(0, 1): the chain is affine in x_1 and in its noise draws z_1..z_n, x = c + a_0 x_1 +
+    sum a_k z_k, so one run on a batch of probes (x_1 = 0 with no noise: c; x_1 = 1: c + a_0; the
+    k-th noise draw 1: c + a_k) gives mean c and variance a_0^2 + sum a_k^2, free of Monte-Carlo error."""
+    import duodiff.core.diffusion as diffusion_module
+
+    probes = torch.zeros(steps + 2, 1, dtype=torch.float64)
+    probes[1] = 1.0
+    draws = [0]
+
+    def one_hot_noise(x, generator):
+        z = torch.zeros_like(x)
+        z[2 + draws[0]] = 1.0
+        draws[0] += 1
+        return z
+
+    monkeypatch.setattr(diffusion_module, "_randn_like", one_hot_noise)
+    out = diffusion.sample(exact_eps(diffusion), probes, sampler="euler_maruyama", steps=steps).flatten()
+    monkeypatch.undo()
+    assert draws[0] == steps - 1  # no noise on the last step, to t = 0
+    c, a = float(out[0]), out[1:] - out[0]
+    return c, float(a.pow(2).sum().sqrt())
+
+
+def test_euler_maruyama_samples_the_gaussian_data_within_monte_carlo_error():
+    """1,000 steps (U-ViT's) of the reverse SDE from N(0, I) on 20,000 samples of an exact-eps model
+    of N(MU, S^2): mean and std of the final samples within 4 Monte-Carlo standard errors (S / sqrt(n),
+    S / sqrt(2n)) plus the chain's exact bias at 1,000 steps (under 2.5e-4, the next test)."""
+    d = GaussianDiffusion(**RECIPES["uvit_continuous"])
+    n = 20_000
+    noise = torch.randn(n, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = d.sample(exact_eps(d), noise, sampler="euler_maruyama", steps=1000, generator=torch.Generator().manual_seed(1))
+    assert abs(float(x.mean()) - MU) < 4 * S / math.sqrt(n) + 2.5e-4
+    assert abs(float(x.std()) - S) < 4 * S / math.sqrt(2 * n) + 2.5e-4
+    # and not the input noise, nor its drift alone (the noise draws matter): std far from 1
+    assert abs(float(x.std()) - 1.0) > 0.4
+
+
+def test_euler_maruyama_weak_error_shrinks_at_first_order(monkeypatch):
+    """The exact mean and std of the chain's output (em_moments) approach the data's as the steps
+    grow, about 1 / steps (Euler-Maruyama's weak order 1). Observed: mean error 2.0e-2, 6.1e-3,
+    1.8e-3, 5.9e-4, 1.8e-4 and std error 8.9e-2, 1.5e-2, 3.7e-3, 1.1e-3, 2.3e-4 at 10 ... 1,000 steps."""
+    d = GaussianDiffusion(**RECIPES["uvit_continuous"])
+    errors = []
+    for steps in (10, 30, 100, 300, 1000):
+        mean, std = em_moments(d, steps, monkeypatch)
+        errors.append((steps, abs(mean - MU) + abs(std - S)))
+    assert all(a[1] > b[1] for a, b in zip(errors, errors[1:])), errors
+    for (n1, e1), (n2, e2) in zip(errors[1:], errors[2:]):  # past the first: each 3.33x the steps, >= 2.5x less error
+        assert e1 / e2 > 2.5, errors
+    assert errors[-1][1] < 5e-4
+
+
+def test_euler_maruyama_steps_count_network_evaluations_at_uvits_times():
+    """One evaluation per step, step_index 0 .. steps-1 (what t_switch, early exit and caching count),
+    at U-ViT's times linspace(1e-3, 1, steps) reversed, fed as t * 999; seeded runs repeat exactly
+    and another seed gives other samples."""
+    d = GaussianDiffusion(**RECIPES["uvit_continuous"])
+    seen, indices = [], []
+    eps = exact_eps(d, seen)
+
+    def denoise(x, network_time, step_index):
+        indices.append(step_index)
+        return eps(x, network_time, step_index)
+
+    noise = x1()
+    run = [d.sample(denoise, noise.clone(), sampler="euler_maruyama", steps=7, generator=torch.Generator().manual_seed(s))
+           for s in (5, 5, 6)]
+    assert indices == list(range(7)) * 3
+    times = torch.stack([t[0] for t in seen[:7]]).double()
+    torch.testing.assert_close(times, torch.linspace(1e-3, 1, 7, dtype=torch.float64).flip(0) * 999, rtol=1e-6, atol=1e-4)
+    assert torch.equal(run[0], run[1]) and not torch.equal(run[0], run[2])
+
+
+def test_euler_maruyama_works_under_the_methods_policies():
+    """DuoDiff (shallow network for the first t_switch steps) and caching run under the sampler
+    with their usual step accounting, on tiny U-ViTs fed U-ViT's continuous time input."""
+    from conftest import TINY
+
+    from duodiff.models.uvit import UViT, UViTConfig
+    from duodiff.sample.policies import CacheDenoiser, DuoDiffDenoiser, ModelDenoiser
+
+    torch.manual_seed(0)
+    full = UViT(UViTConfig(**{**TINY, "depth": 5})).eval()
+    shallow = UViT(UViTConfig(**{**TINY, "depth": 1})).eval()
+    d = GaussianDiffusion(**RECIPES["uvit_continuous"])
+    noise = torch.randn(2, TINY["in_chans"], 8, 8, generator=torch.Generator().manual_seed(1))
+    outputs = {}
+    with torch.inference_mode():
+        for name, policy in (("full", ModelDenoiser(full)), ("duodiff", DuoDiffDenoiser(shallow, full, 2, steps=6)),
+                             ("cache", CacheDenoiser(full, interval=2, keep=1))):
+            outputs[name] = d.sample(policy, noise.clone(), sampler="euler_maruyama", steps=6,
+                                     generator=torch.Generator().manual_seed(2))
+            depth = policy.executed_depth(6, 2)[:, 0].tolist()
+            assert depth == {"full": [5] * 6, "duodiff": [1, 1, 5, 5, 5, 5], "cache": [5, 2, 5, 2, 5, 2]}[name]
+            assert torch.isfinite(outputs[name]).all()
+    assert not torch.equal(outputs["duodiff"], outputs["full"]) and not torch.equal(outputs["cache"], outputs["full"])
+
+
+def test_euler_maruyama_needs_the_continuous_vp_sde():
+    from duodiff.core.errors import DuodiffError
+
+    d = GaussianDiffusion()
+    with pytest.raises(DuodiffError, match="euler_maruyama integrates the continuous VP-SDE"):
+        d.sample(exact_eps(d), x1(), sampler="euler_maruyama", steps=5)

@@ -242,6 +242,29 @@ def dry_runs(tmp_path_factory):
     return workdir, results
 
 
+@pytest.mark.parametrize("study, model", [("cifar10", "cifar10_pretrained"), ("celeba64", "celeba64_pretrained")])
+def test_released_pixel_checkpoint_plans_with_uvits_continuous_recipe(tmp_path, study, model):
+    """config/README.md's recipe for U-ViT's released CIFAR-10 / CelebA checkpoints laid over the
+    study: the VP-SDE, t * 999, the Euler-Maruyama reverse SDE with 1,000 steps, the checkpoint
+    converted instead of trained (an empty file stands in for the checkpoint: a dry run only needs it there)."""
+    workdir = make_workdir(tmp_path)
+    (workdir / "assets").mkdir()
+    (workdir / "assets" / f"{study}_uvit_small.pth").touch()
+    overlay = {"diffusion": {"num_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02,
+                             "parametrization": "predict_noise", "noise_process": "vp_sde", "time_input": "t_times_999"},
+               "models": {**load(f"config/{study}.yaml")["models"], "full": f"config/models/{model}.yaml",
+                          "full_checkpoint": f"assets/{study}_uvit_small.pth"},
+               "sampling": {**load(f"config/{study}.yaml")["sampling"], "sampler": "euler_maruyama", "steps": 1000},
+               "duodiff": {"t_switch": [300]}}
+    (workdir / "released.yaml").write_text(yaml.safe_dump(overlay))
+    result = snakemake(workdir, "--configfile", f"config/{study}.yaml", "released.yaml", "-n", "-p")
+    assert result.returncode == 0, result.stderr[-3000:]
+    counts = job_counts(result.stdout)
+    assert counts.get("convert_full") == 1 and "train_full" not in counts
+    assert "--sampler euler_maruyama" in result.stdout and "--steps 1000" in result.stdout
+    assert "--noise-process vp_sde" in result.stdout and "--time-input t_times_999" in result.stdout
+
+
 @pytest.mark.parametrize("config", SHIPPED_CONFIGS)
 def test_dry_run_plans_one_job_per_grid_point(dry_runs, config):
     _, results = dry_runs

@@ -44,6 +44,9 @@ def _single_file_autoencoder(cfg, workdir):
 
 # (name, edit of the tiny config, text the error must contain). Each is refused before any job.
 BAD_CONFIGS = [
+    ("euler_maruyama on the discrete process", lambda c, w: c["sampling"].update(sampler="euler_maruyama"),
+     "invalid config: sampling.sampler euler_maruyama integrates the continuous VP-SDE, but diffusion.noise_process "
+     "is 'discrete'"),
     ("threshold above 1", lambda c, w: c["early_exit"].update(thresholds=[0.1, 1.5]),
      "invalid config: early_exit.thresholds[1]: 1.5 is greater than the maximum of 1"),
     ("t_switch beyond the sampling steps", lambda c, w: c["duodiff"].update(t_switch=[2, 7]),

@@ -130,6 +130,12 @@ def _check_sampling(config) -> None:
         raise ValueError(
             f"invalid config: sampling.steps ({sampling['steps']}) must be in [1, diffusion.num_timesteps = {T}]"
         )
+    if sampling["sampler"] == "euler_maruyama" and diffusion["noise_process"] != "vp_sde":
+        raise ValueError(
+            f"invalid config: sampling.sampler euler_maruyama integrates the continuous VP-SDE, but "
+            f"diffusion.noise_process is {diffusion['noise_process']!r}; set diffusion.noise_process: vp_sde "
+            "(U-ViT's CIFAR-10 / CelebA recipe) or use ddpm, ddim, dpm_solver or dpm_solver_fast"
+        )
     if sampling["sampler"] != "ddim" and sampling["eta"] != 0:
         raise ValueError(
             f"invalid config: sampling.eta is {sampling['eta']}; it applies to the ddim sampler only "

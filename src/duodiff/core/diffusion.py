@@ -225,7 +225,8 @@ class GaussianDiffusion:
         ddpm visits all T timesteps. ddim visits `steps` timesteps i * T // steps (the DDIM paper's
         uniform skip, exactly `steps` distinct values even when T is not a multiple of steps), and
         so does dpm_solver, so that a number of steps means the same network evaluations
-        (dpm_solver_fast: `steps` network evaluations at continuous times of its own, dpm_solver.py).
+        (dpm_solver_fast and euler_maruyama: `steps` network evaluations at continuous times of
+        their own, dpm_solver.py and sde.py).
         """
         assert sampler in SAMPLERS, sampler  # run_sample checked it; steps need T, so they are checked here
         T = self.num_timesteps
@@ -306,6 +307,11 @@ class GaussianDiffusion:
 
             self.timesteps(sampler, steps)  # checks steps
             return dpm_solver_fast_sample(self, denoise, noise, steps, progress=progress)
+        if sampler == "euler_maruyama":  # U-ViT's CIFAR-10 / CelebA sampler, the reverse VP-SDE (sde.py)
+            from duodiff.core.sde import euler_maruyama_sample
+
+            self.timesteps(sampler, steps)  # checks steps
+            return euler_maruyama_sample(self, denoise, noise, steps, generator=generator, progress=progress)
         plan = self.sampling_plan(sampler, steps, eta)
         x = noise
         batch = x.shape[0]

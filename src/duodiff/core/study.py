@@ -34,7 +34,7 @@ STATS_METHOD = {
 SWEPT_SETTING = {"early_exit": "threshold", "duodiff": "t_switch", "cache": "cache_interval"}
 
 # ddpm: every timestep; ddim and dpm_solver (DPM-Solver++ 2M, U-ViT's ImageNet sampler): `steps` of them.
-SAMPLERS = ("ddpm", "ddim", "dpm_solver", "dpm_solver_fast")
+SAMPLERS = ("ddpm", "ddim", "dpm_solver", "dpm_solver_fast", "euler_maruyama")
 # Arithmetic of the network evaluations (the sampler's own updates stay float32):
 # fp32 everywhere; tf32 lets CUDA matmuls and convolutions round their inputs to TF32; bf16 and
 # fp16 run them under torch.autocast, as mixed-precision inference usually does.

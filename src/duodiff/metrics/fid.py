@@ -205,6 +205,8 @@ def run_fid(*, samples, reference, output, batch_size: int, device: str | None, 
         **{key: info[key] for key in ("feature_network", "feature_network_key", "feature_network_sha256")},
         "mode": mode,
         "reference_source": ref_meta.get("source", "images"),
+        # How the reference was drawn (reference.json): the tables' note says it.
+        "reference_selection": ref_meta.get("selection"),
         # Inception's pool is 2048-d (a stand-in network in the tests may be smaller); the classifier's its own.
         "notes": ([STATISTICS_NOTE] if ref_features is None else [])
         + small_sample_notes(len(features), n_reference or FEATURE_DIM, FEATURE_DIM if feature_net is None else features.shape[1]),

@@ -3,10 +3,12 @@
 `duodiff reference` writes n training images (as PNGs, so they go through the very same
 PNG -> clean-fid path as the samples), their Inception features and mu/sigma; `duodiff real-set`
 writes other real images, none of them in the reference, scored like a sample set: the floor, what
-real images of the same distribution score. With --split-seed both are one seeded, class-stratified
-random split of the training images (data.stratified_split: the pipeline's way, reference.split_seed);
-without it, the reference is the first n in dataset order (as published references are taken) and
-the real set the images after them. `load_reference` reads a reference back for `duodiff fid`.
+real images of the same distribution score. Both are one seeded, class-stratified random split of
+the training images (data.stratified_split, --split-seed, the pipeline's reference.split_seed), for
+every dataset alike: never the first n in dataset order, which for a class-sorted ImageFolder tree
+(ImageNet) is a few classes (the first 50,000 of ImageNet's are about 39 of its 1,000). With
+n_reference = the training set's size the reference is the whole training set; reference.json's
+`coverage` says which it is. `load_reference` reads a reference back for `duodiff fid`.
 
 `duodiff reference --statistics FILE` writes the same folder from published statistics instead
 of images (e.g. U-ViT's fid_stats_cifar10_train_pytorch.npz, pytorch-fid's format, or clean-fid's
@@ -44,10 +46,10 @@ REFERENCE_CACHE = ".features-cache"
 
 def run_reference(*, dataset: str, n_reference: int, max_reference: int | None, output_folder, data_root, download: bool,
                   image_size: int | None, batch_size: int, device: str | None, num_workers: int, feature_network: str,
-                  chunk_size: int, mode: str, legacy_weights, statistics, split_seed: int | None) -> dict:
+                  chunk_size: int, mode: str, legacy_weights, statistics, split_seed: int) -> dict:
     """n_reference training images -> DIR/images/*.png, DIR/features.npz, DIR/reference.json: the
-    reference side of data.stratified_split with split_seed, or the first n_reference in dataset
-    order when it is None.
+    reference side of data.stratified_split with split_seed (all of them when n_reference is the
+    training set's size).
     max_reference: Inception features (features.npz) of only the first N of them, a time budget
     (Inception is ~0.26 s an image on one CPU core); None = all. The images stay whole: the
     classifier FD (`duodiff fid --feature-net`) reads every one of them.
@@ -56,8 +58,7 @@ def run_reference(*, dataset: str, n_reference: int, max_reference: int | None, 
 
     check_choice("--dataset", dataset, data.DATASETS)
     check_choice("--mode", mode, inception.MODES)
-    if split_seed is not None:
-        check_int("--split-seed", split_seed, 0)
+    check_split_seed(split_seed)
     if max_reference is not None:
         require(statistics is None, "--max-reference limits the images a reference is built from; a --statistics "
                                     "reference has no images: leave --max-reference out")
@@ -92,6 +93,7 @@ def run_reference(*, dataset: str, n_reference: int, max_reference: int | None, 
     # reference.json marks a finished reference: remove it first so a half-rewritten folder never
     # looks complete. Deterministic either way: the same images for every run.
     indices, selection = split_side(real, n_reference, 0, split_seed, "reference")
+    coverage = reference_coverage(data.dataset_labels(real), indices)
     output_folder.mkdir(parents=True, exist_ok=True)
     (output_folder / "reference.json").unlink(missing_ok=True)
     final_images = write_dataset_images(real, indices, output_folder, batch_size, num_workers, "reference images")
@@ -106,6 +108,7 @@ def run_reference(*, dataset: str, n_reference: int, max_reference: int | None, 
         "data_root": None if data_root is None else str(data_root),
         "selection": selection,
         "split_seed": split_seed,
+        **coverage,
         "indices": indices,  # images/00000i.png is training image indices[i]
         # features.npz (Inception) holds the first n_features of them (--max-reference).
         "n_features": n_features,
@@ -236,17 +239,43 @@ def write_dataset_images(real, indices, folder: Path, batch_size: int, num_worke
     return final_images
 
 
-def split_side(real, n_reference: int, n_real: int, split_seed: int | None, side: str) -> tuple[list[int], str]:
+def check_split_seed(split_seed) -> None:
+    """One way of drawing for every dataset: a seed, never dataset order (null), which for a
+    class-sorted tree would be a few classes."""
+    require(split_seed is not None, "--split-seed is required (an integer >= 0): the reference and the real set are a "
+                                    "seeded class-stratified draw; dataset order (a few classes of a class-sorted "
+                                    "ImageFolder tree) is not offered")
+    check_int("--split-seed", split_seed, 0)
+
+
+def reference_coverage(labels, indices) -> dict:
+    """reference.json's record of what the reference covers: `coverage` ("whole training set" or "seeded
+    class-stratified sample of the training set"), the training set's size, its classes and how many of
+    them the reference holds, and the fewest and most images it takes from one class."""
+    labels = torch.as_tensor(labels, dtype=torch.int64)
+    counts = torch.bincount(labels[torch.as_tensor(indices, dtype=torch.int64)], minlength=int(labels.max()) + 1)
+    present = torch.bincount(labels) > 0
+    counts = counts[present]
+    whole = len(indices) == len(labels)
+    return {
+        "coverage": "whole training set" if whole else "seeded class-stratified sample of the training set",
+        "n_train": len(labels),
+        "n_classes": int(present.sum()),
+        "classes_covered": int((counts > 0).sum()),
+        "per_class": {"min": int(counts.min()), "max": int(counts.max())},
+    }
+
+
+def split_side(real, n_reference: int, n_real: int, split_seed: int, side: str) -> tuple[list[int], str]:
     """The dataset indices of one side ("reference" or "real") of the split, and the sentence that
     says how they were drawn (reference.json's and stats.json's `selection`)."""
     from duodiff.core import data
 
-    if split_seed is None:
-        if side == "reference":
-            return list(range(n_reference)), f"the first {n_reference} training images in dataset order, unflipped"
-        indices = list(range(n_reference, n_reference + n_real))
-        return indices, (f"training images {n_reference} to {n_reference + len(indices) - 1} in dataset order "
-                         f"(the reference holds the first {n_reference}), unflipped")
+    check_split_seed(split_seed)
+    if side == "reference" and n_reference == len(real):
+        # The whole training set, in the draw's seeded order (so a --max-reference prefix is random).
+        reference, _ = data.stratified_split(data.dataset_labels(real), n_reference, 0, split_seed)
+        return reference, f"all {n_reference} training images (the whole training set, split seed {split_seed}), unflipped"
     reference, held_out = data.stratified_split(data.dataset_labels(real), n_reference, n_real, split_seed)
     if side == "reference":
         return reference, (f"{n_reference} training images drawn at random within each class in proportion to "
@@ -257,9 +286,9 @@ def split_side(real, n_reference: int, n_real: int, split_seed: int | None, side
 
 
 def run_real_set(*, dataset: str, n_reference: int, n_images: int, output_folder, data_root, download: bool,
-                 image_size: int | None, batch_size: int, num_workers: int, mode: str, split_seed: int | None) -> dict:
+                 image_size: int | None, batch_size: int, num_workers: int, mode: str, split_seed: int) -> dict:
     """Real images that are not in the reference (the real side of data.stratified_split with
-    split_seed, the reference's seed; None: the n_images after the first n_reference) ->
+    split_seed, the reference's seed) ->
     DIR/images/*.png and DIR/stats.json (method "real"): scored against the reference like any
     sample set, they give the floor every method's score is read against. When the dataset has
     fewer than n_reference + n_images images, all that are left are used and stats.json says so.
@@ -271,8 +300,7 @@ def run_real_set(*, dataset: str, n_reference: int, n_images: int, output_folder
     check_int("--n-reference", n_reference, 2)
     check_int("--n-images", n_images, 2)
     check_positive("--batch-size", batch_size)
-    if split_seed is not None:
-        check_int("--split-seed", split_seed, 0)
+    check_split_seed(split_seed)
     output_folder = Path(output_folder)
     real = data.load_dataset(dataset, root=data_root, download=download, image_size=image_size, train=True)
     available = len(real) - n_reference
@@ -372,8 +400,9 @@ def add_mode_flags(p, weights: bool = True) -> None:
                  help=f"{inception.LEGACY_WEIGHTS_FILE} for --mode legacy_pytorch (default: torch's hub cache)")
 
 
-SPLIT_SEED_HELP = ("draw the reference and the real set as one seeded, class-stratified random split of the "
-                   "training images, disjoint (give both commands the same seed); default: dataset order")
+SPLIT_SEED_HELP = ("the seed of the one seeded, class-stratified random split of the training images into the "
+                   "reference and the real set, disjoint (give both commands the same seed; default 0); never "
+                   "dataset order, which for a class-sorted ImageFolder tree is a few classes")
 
 
 def add_cli(subparsers):
@@ -384,7 +413,7 @@ def add_cli(subparsers):
     add_flag(p, "--download", action="store_true")
     add_flag(p, "--image-size", type=int, default=None)
     add_flag(p, "--n-reference", type=int, required=True)
-    add_flag(p, "--split-seed", type=int, default=None, help=SPLIT_SEED_HELP)
+    add_flag(p, "--split-seed", type=int, default=0, help=SPLIT_SEED_HELP)
     add_flag(p, "--max-reference", type=int, default=None,
              help="Inception features of only the first N reference images (default: all; the images stay whole)")
     add_flag(p, "--output-folder", required=True)
@@ -410,7 +439,7 @@ def add_cli(subparsers):
     add_flag(p, "--download", action="store_true")
     add_flag(p, "--image-size", type=int, default=None)
     add_flag(p, "--n-reference", type=int, required=True, help="the reference's size: its images are never taken")
-    add_flag(p, "--split-seed", type=int, default=None, help=SPLIT_SEED_HELP)
+    add_flag(p, "--split-seed", type=int, default=0, help=SPLIT_SEED_HELP)
     add_flag(p, "--n-images", type=int, required=True, help="real images in the set (at most what is left)")
     add_flag(p, "--output-folder", required=True, help="DIR: images/*.png and stats.json")
     add_flag(p, "--batch-size", type=int, default=50)

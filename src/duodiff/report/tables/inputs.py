@@ -108,6 +108,7 @@ def _scores(settings: TableSettings, name: str) -> dict:
         "kid_std": math.nan if no_kid else _number(fid_path, fid, "kid_std"),
         "fid_mode": fid.get("mode", "clean"),  # fid.json written before modes existed: clean
         "reference_source": fid.get("reference_source", "images"),
+        "reference_selection": fid.get("reference_selection"),
         "fid_n_samples": fid["n_samples"], "n_reference": fid["n_reference"],
         "feature_network": fid["feature_network"],
         "feature_network_sha256": fid["feature_network_sha256"], "fid_notes": list(fid["notes"] or []),

@@ -152,9 +152,12 @@ def _bold_note(full) -> str:
 def _samples_note(frame: pd.DataFrame, full, cmmd: bool) -> str:
     """How many samples each score used; CMMD's count only where CMMD was computed."""
     columns = ["n_samples", "fid_n_samples", "n_reference"] + (["cmmd_n_samples"] if cmmd else [])
+    # How the reference was drawn (reference.json's selection, e.g. a seeded class-stratified sample or
+    # the whole training set); absent from fid.json written before it was recorded.
+    drawn = f" ({full['reference_selection']})" if isinstance(full.get("reference_selection"), str) else ""
     if len(frame[columns].drop_duplicates()) == 1:
         return (f"Samples: {full['n_samples']} per set; FID and KID from {full['fid_n_samples']} samples "
-                f"against {full['n_reference']} real images"
+                f"against {full['n_reference']} real images{drawn}"
                 + (f"; CMMD from {full['cmmd_n_samples']} samples." if cmmd else "."))
     per_set = "; ".join(f"{r.set}: {r.n_samples} (FID/KID {r.fid_n_samples} vs {r.n_reference} real"
                         + (f", CMMD {r.cmmd_n_samples})" if cmmd else ")") for r in frame.itertuples())
