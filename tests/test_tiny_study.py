@@ -75,10 +75,25 @@ def test_tiny_study_has_the_fewer_steps_baseline_the_floor_and_operating_points(
         assert float(row["score_ci_low"]) <= float(row["score_ci_high"]), row["set"]
     with open(tables / "operating_points.csv") as f:
         points = list(csv.DictReader(f))
-    assert [p["family"] for p in points] == ["fewer steps", "attention_probe", "shallow depth 1",
+    assert [p["family"] for p in points] == ["fewer steps", "attention_probe", "shallow depth 1", "k = 1",
                                              "DuoDiff d1, t_switch 2 + attention_probe τ 0.5 at 4 steps"]
     info = json.loads((tiny_study / "results" / "tiny" / "feature_net" / "feature_net.json").read_text())
     assert 0 <= info["heldout_accuracy"] <= 1 and info["n_heldout"] == 359
+
+
+@pytest.mark.slow
+def test_tiny_study_draws_every_generated_set_in_the_quality_figure(tiny_study):
+    # Each method family's panel draws its sets: a family whose line the figure forgot (caching's
+    # panel once stood empty) leaves its sets' points out of every series.
+    study = tiny_study / "results" / "tiny"
+    figure = json.loads((study / "plots" / "quality_vs_gflops.json").read_text())
+    drawn = {(round(x, 9), round(y, 9)) for series in figure["series"] for x, y in zip(series["x"], series["y"])}
+    with open(study / "tables" / "scores.csv") as f:
+        rows = [row for row in csv.DictReader(f) if row["method"] != "real"]
+    assert {row["method"] for row in rows} >= {"full", "fewer_steps", "early_exit", "duodiff", "cache", "composed"}
+    for row in rows:
+        point = (round(float(row["gflops_per_image"]), 9), round(float(row["score"]), 9))
+        assert point in drawn, row["set"]
 
 
 @pytest.mark.slow
@@ -100,8 +115,11 @@ def test_tiny_study_sample_sets_were_made_with_the_configured_settings(tiny_stud
         steps = int(name.rsplit("_steps", 1)[1]) if "_steps" in name and name.startswith(("ee", "duodiff")) else steps
         assert (stats["sampler"], stats["steps"], stats["n_samples"], stats["batch_size"], stats["seed"]) == (
             sampling["sampler"], steps, sampling["n_samples"], sampling["batch_size"], sampling["seed"])
-        method = {"full": "full", "shallow": "shallow", "ee": "early_exit", "duodiff": "duodiff"}[name.split("_")[0]]
+        method = {"full": "full", "shallow": "shallow", "ee": "early_exit", "duodiff": "duodiff",
+                  "cache": "cache"}[name.split("_")[0]]
         assert stats["method"] == method
+        if method == "cache":  # cache_N<interval>_k<keep>
+            assert (stats["cache_interval"], stats["cache_keep"]) == tuple(int(part[1:]) for part in name.split("_")[1:])
         if "_thr" in name:  # early exit, alone or in DuoDiff's late phase (composed)
             assert stats["threshold"] == float(name.rsplit("_thr", 1)[1].split("_")[0])
             assert stats["classifier_type"] == name[name.index("ee_") + len("ee_"):name.rindex("_thr")]
@@ -110,7 +128,8 @@ def test_tiny_study_sample_sets_were_made_with_the_configured_settings(tiny_stud
             assert stats["shallow_depth"] == int(name.split("_")[1][1:])
         for metric in ("fid", "cmmd", "gflops"):
             assert (tiny_study / "results" / "tiny" / "metrics" / name / f"{metric}.json").is_file()
-        rule = {"full": "sample_full", "shallow": "sample_shallow", "early_exit": "sample_early_exit", "duodiff": "sample_duodiff"}[method]
+        rule = {"full": "sample_full", "shallow": "sample_shallow", "early_exit": "sample_early_exit",
+                "duodiff": "sample_duodiff", "cache": "sample_cache"}[method]
         rule = "sample_fewer_steps" if name.startswith("full_steps") else rule
         rule = composed_rule(name) if name in composed_sets(load(TINY)) else rule
         assert (tiny_study / "results" / "tiny" / "logs" / rule / f"{name}.log").is_file()
@@ -235,7 +254,7 @@ def test_tiny_study_searches_each_family_and_reports_the_setting_found(tiny_stud
     with open(study / "tables" / "search.csv") as f:
         rows = list(csv.DictReader(f))
     composed = "composed-duodiff_d1_ts2_ee_attention_probe_thr_steps4"  # tiny.yaml's entry, its knob the threshold
-    families = {"fewer_steps", "early_exit-attention_probe", "duodiff-d1", composed}
+    families = {"fewer_steps", "early_exit-attention_probe", "duodiff-d1", "cache-k1", composed}
     assert {row["family"] for row in rows} == families
     for family in families:
         trace = [row for row in rows if row["family"] == family]
@@ -253,7 +272,7 @@ def test_tiny_study_searches_each_family_and_reports_the_setting_found(tiny_stud
     with open(study / "tables" / "scores.csv") as f:
         grid = {row["set"] for row in csv.DictReader(f)}
     for label, family in [("fewer steps", "fewer_steps"), ("attention_probe", "early_exit-attention_probe"),
-                          ("shallow depth 1", "duodiff-d1")]:
+                          ("shallow depth 1", "duodiff-d1"), ("k = 1", "cache-k1")]:
         final = next(row for row in rows if row["family"] == family)
         assert "found by search" in points[label]["note"]
         assert points[label]["set"] == final["best"]  # "" when none passes: the note names the closest

@@ -190,7 +190,7 @@ def test_a_dry_run_plans_round_0_of_every_family_with_its_grid(dry_runs):
     _, results = dry_runs
     jobs = planned_jobs(results["tiny_commands"].stdout, "search_round")
     assert sorted((job["wildcards"]["family"], job["wildcards"]["round"]) for job in jobs) == [
-        ("composed-duodiff_d1_ts2_ee_attention_probe_thr_steps4", "0"), ("duodiff-d1", "0"),
+        ("cache-k1", "0"), ("composed-duodiff_d1_ts2_ee_attention_probe_thr_steps4", "0"), ("duodiff-d1", "0"),
         ("early_exit-attention_probe", "0"), ("fewer_steps", "0")]
     grid = {job["wildcards"]["family"]: job["input"] for job in jobs}
     assert grid["early_exit-attention_probe"] == {
@@ -564,7 +564,7 @@ def test_every_file_a_job_reads_is_its_input(dry_runs):
     full = f"{root}/models/full/model.pt"
 
     def models(name):  # from the set name's grammar (docs/architecture.md)
-        if name == "full" or name.startswith("full_steps"):
+        if name == "full" or name.startswith(("full_steps", "cache_")):  # caching reuses the full model's work
             return {full}
         if name.startswith("shallow_d"):
             return {f"{root}/models/{name}/model.pt"}

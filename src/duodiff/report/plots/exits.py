@@ -68,7 +68,9 @@ def draw_heatmap(ax, row, fractions: np.ndarray):
     image = ax.imshow(fractions, origin="lower", aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0,
                       interpolation="nearest", extent=(-0.5, steps - 0.5, -0.5, depth + 0.5))
     ax.plot(np.arange(steps), mean_exit_layer(fractions), color="white", linewidth=1.0, label="_mean")
-    ax.set_title(f"{setting_label(row, style='plot')}, {row['score_name']} {row['score']:.2f}\n"
+    # The setting on a line of its own: a composed set's ("τ=0.12, 20 steps") would run into its
+    # neighbour's title beside it.
+    ax.set_title(f"{setting_label(row, style='plot')}\n{row['score_name']} {row['score']:.2f}\n"
                  f"layer ratio {row['layer_ratio']:.2f}", fontsize=SMALL_FONT)
     ax.xaxis.set_major_locator(MaxNLocator(4, integer=True))
     ax.yaxis.set_major_locator(MaxNLocator(4, integer=True))
@@ -85,7 +87,7 @@ def plot_exit_heatmap(table, palette, summaries: dict[str, np.ndarray]):
                 if sets["threshold"].notna().all() or (sets["method"] == "cache").all()]
     n_cols = min(HEATMAP_COLUMNS, max([len(sets) for _, sets in families] + [1]))
     rows = [math.ceil(len(sets) / n_cols) for _, sets in families]
-    heights = [r * (HEATMAP_HEIGHT + 0.4) + 0.25 for r in rows] + [0.55]  # heat maps, titles; colour bar
+    heights = [r * (HEATMAP_HEIGHT + 0.55) + 0.25 for r in rows] + [0.55]  # heat maps, titles; colour bar
     fig = new_figure(sum(heights) + 0.3)
     fig.suptitle("Where early exit exits: exit layer by sampling step\n(colour: fraction of samples; white: mean)")
     data = {"heatmaps": {}}

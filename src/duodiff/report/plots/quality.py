@@ -131,8 +131,9 @@ class QualitySeries:
                                          "color": style["color"]})
 
     def draw_methods(self, table: pd.DataFrame, palette: Palette) -> None:
-        """One line per early-exit classifier and DuoDiff depth, the fewer-steps baseline as a dashed
-        line, the full model as a star, the shallow model alone as a square."""
+        """One line per early-exit classifier, DuoDiff depth, caching k and composed family, the
+        fewer-steps baseline as a dashed line, the full model as a star, the shallow model alone as a
+        square."""
         for (method, key), color in palette.family.items():
             if method == "early_exit":
                 group = table[(table["method"] == method) & (table["classifier_type"] == key)].sort_values("threshold")
@@ -141,6 +142,10 @@ class QualitySeries:
                 names = [name for name in palette.members[(method, key)] if name in set(table["set"])]
                 group = table.set_index("set").loc[names].reset_index()
                 label = f"composed, {key}"
+            elif method == "cache":  # key "k = 2": the sets of that keep_blocks, by interval
+                keep = float(key.split("=")[1])
+                group = table[(table["method"] == method) & (table["cache_keep"] == keep)].sort_values("cache_interval")
+                label = f"caching, {key}"
             else:
                 group = table[(table["method"] == method) & (table["shallow_depth"] == key)].sort_values("t_switch")
                 label = f"DuoDiff, {key}-block shallow"

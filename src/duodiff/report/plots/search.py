@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from duodiff.core.errors import require
+from duodiff.report.plots.labels import label_points
 from duodiff.report.plots.style import SMALL_FONT, new_figure, wrap_label
 
 PANEL_HEIGHT = 2.4  # inches per row of panels: room for the title, the probes and their numbers
@@ -35,7 +36,7 @@ def plot_search_trace(search: pd.DataFrame):
     nrows = max(1, math.ceil(len(families) / ncols))
     fig = new_figure(PANEL_HEIGHT * nrows + 0.6)
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
-    panels = []
+    panels, numbers = [], []
     for ax, family in zip(axes, families):
         rows = search[search["family"] == family].reset_index(drop=True)
         x = rows["value"].astype(float).to_numpy()
@@ -45,8 +46,11 @@ def plot_search_trace(search: pd.DataFrame):
         ax.errorbar(x, y, yerr=np.vstack([y - low, high - y]), fmt="none", ecolor="0.4", elinewidth=0.8, capsize=2)
         ax.plot(x[passed], y[passed], "o", color="tab:blue", markersize=5, label="passes")
         ax.plot(x[~passed], y[~passed], "o", color="tab:red", markersize=5, markerfacecolor="white", label="fails")
-        for i, (xi, yi) in enumerate(zip(x, y)):  # probe order: the grid's seeds, then 1, 2, ... by round
-            ax.annotate(str(i + 1), (xi, yi), textcoords="offset points", xytext=(3, 3), fontsize=SMALL_FONT)
+        # Probe order (the grid's seeds, then 1, 2, ... by round), placed once the layout is final
+        # (label_points: clear of every marker and error-bar end, a leader line where it must move).
+        numbers.append((ax, [{"sets": [name], "text": str(i + 1), "x": xi, "y": yi, "color": "black"}
+                             for i, (name, xi, yi) in enumerate(zip(rows["set"], x, y))],
+                        list(zip(x, y)) + list(zip(x, low)) + list(zip(x, high))))
         best = rows[rows["set"] == rows["best"]]
         if len(best):
             ax.plot(best["value"].astype(float), best["score_diff"].astype(float), "o", markersize=10,
@@ -73,4 +77,6 @@ def plot_search_trace(search: pd.DataFrame):
         axes[0].set_ylabel("Δ score to the full model", fontsize=SMALL_FONT)
         axes[0].legend(fontsize=SMALL_FONT, loc="best")
     fig.tight_layout()
+    for ax, annotations, points in numbers:
+        label_points(ax, annotations, points, SMALL_FONT)
     return fig, {"panels": panels}
