@@ -67,7 +67,10 @@ def test_summary_tex_compiles_as_it_is_in_a_two_column_paper(tools, tmp_path):
                           capture_output=True, text=True, check=True, timeout=60).stdout
     assert "¡" not in text and "¿" not in text
     assert "FID from 5 < 2048 samples" in text  # as the note reads in fid.json
-    assert "Table 1: Sample quality and cost" in text
+    # One float per part, the notes a float of their own: each fits its page.
+    assert "Float too large" not in log
+    assert "Table 1: Sample quality per method and setting" in text and "Table 2: Sampling cost" in text
+    assert "Notes to Tables 1, 2" in text
     assert re.search(r"Early exit, attention.probe\s*\n\s*threshold = 0\.05\s+21\.00", text)  # grouped rows
     assert "CMMD n/a: open clip ViT-L-14-336 weights are not available offline." in text
 
@@ -89,6 +92,17 @@ def test_a_study_with_intervals_compiles_without_hanging_and_fits(tools, tmp_pat
     # With intervals in every score and speed-up cell, quality and cost still each fit the text width.
     log = paper.with_suffix(".log").read_text(errors="replace")
     assert "Overfull \\hbox" not in log, re.findall(r"Overfull \\hbox.*", log)
+    assert "Float too large" not in log
     text = subprocess.run(["pdftotext", "-layout", str(paper.with_suffix(".pdf")), "-"],
                           capture_output=True, text=True, check=True, timeout=60).stdout
     assert "[95% CI]" in text and "FD" in text
+
+
+def test_greek_and_math_in_labels_are_written_for_latex():
+    # Composed sets' settings read "τ = 0.12, 20 steps": pdflatex stops on a bare τ (no glyph in
+    # its default fonts), so every non-ASCII symbol the labels use has a LaTeX spelling.
+    from duodiff.report.tables.formats import _escape_latex
+
+    assert _escape_latex("τ = 0.12, 20 steps") == "$\\tau$ = 0.12, 20 steps"
+    assert _escape_latex("t_switch = 20, τ = 0.2") == "t\\_switch = 20, $\\tau$ = 0.2"
+    assert _escape_latex("ΔFD ± 0.1 × 2") == "$\\Delta$FD $\\pm$ 0.1 $\\times$ 2"

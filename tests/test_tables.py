@@ -601,7 +601,7 @@ def test_inceptions_few_sample_fid_is_a_secondary_table_in_markdown_and_latex_ne
     assert header == ["Method", "Setting", "FID ↓", "KID×10³ ↓"] and len(rows) == len(CI_STUDY) + 1
     assert not any(cell.startswith("**") for row in rows for cell in row)
     tex = (tmp_path / "tables" / "summary.tex").read_text()
-    main, inception = tex.split("Secondary: ")
+    main, inception = tex.split("Secondary scores: ")
     assert "FID" not in main.split("\\end{tabular}")[0] and "FID$\\downarrow$" in inception
     assert "\\textbf" not in inception.split("\\end{tabular}")[0]
 

@@ -62,7 +62,7 @@ LATEX_TEXT = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#"
               "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
               "<": r"\textless{}", ">": r"\textgreater{}", "|": r"\textbar{}",
               "Δ": r"$\Delta$", "÷": r"$\div$", "×": r"$\times$", "±": r"$\pm$", "≤": r"$\leq$", "≥": r"$\geq$", "≈": r"$\approx$",
-              "→": r"$\rightarrow$", "↑": r"$\uparrow$", "↓": r"$\downarrow$", "µ": r"$\mu$",
+              "τ": r"$\tau$", "→": r"$\rightarrow$", "↑": r"$\uparrow$", "↓": r"$\downarrow$", "µ": r"$\mu$",
               "²": r"\textsuperscript{2}", "³": r"\textsuperscript{3}",
               "…": r"\ldots{}", "—": "---", "–": "--"}
 
@@ -105,7 +105,8 @@ def _latex_tabular(frame: pd.DataFrame, cells: pd.DataFrame, mask: pd.DataFrame,
 
 
 def summary_latex(frame: pd.DataFrame) -> str:
-    r"""summary.tex: the summary as a booktabs table* with its notes below, to \input in a paper.
+    r"""summary.tex: the summary as booktabs table* floats (quality, cost, and beside another
+    headline Inception's few-sample scores) and their notes as a float of their own, to \input in a paper.
 
     Readable as it is: \footnotesize type (8 pt in a 10 pt document), never scaled to fit. To fit
     the text width of a two-column paper (table*; in a one-column document table* is a plain
@@ -122,23 +123,32 @@ def summary_latex(frame: pd.DataFrame) -> str:
     # Inception's few-sample FID and KID (beside another headline) as a third, secondary tabular.
     columns = [column for column in summary_columns(frame) if column[0] != "score_diff"]
     parts = summary_parts(frame, columns)
-    tabular = _latex_tabular(frame, cells, mask, parts["quality"]) + "\\par\\medskip\n" + _latex_tabular(frame, cells, mask, parts["cost"])
+    # One float per tabular: a study's grid (~30 sets) makes each tabular about half a page high,
+    # so quality, cost and the secondary scores one above the other ran off the page; the notes
+    # (most of a page on their own, so in \\scriptsize) are a float of their own, [p]: a page of floats.
+    tables = [("quality", "Sample quality per method and setting (full U-ViT, fewer steps, early exit, DuoDiff and "
+                          "the study's other methods).", parts["quality"]),
+              ("cost", "Sampling cost per method and setting.", parts["cost"])]
     if parts["inception"]:
-        tabular += ("\\par\\medskip\n{\\raggedright Secondary: " + _escape_latex(inception_caption(frame)) + "\\par}\n"
-                    + _latex_tabular(frame, cells, mask, parts["inception"]))
+        tables.append(("inception", "Secondary scores: " + inception_caption(frame), parts["inception"]))
+    float_head = "\\begin{table*}[%s]\n\\centering\n\\footnotesize\n\\setlength{\\tabcolsep}{4pt}\n"
+    floats = [float_head % "t"
+              + f"\\caption{{{_escape_latex(caption)} Notes: Table~\\ref{{tab:duodiff-notes}}.}}\n"
+              + f"\\label{{tab:duodiff-{key}}}\n" + _latex_tabular(frame, cells, mask, part) + "\\end{table*}\n"
+              for key, caption, part in tables]
     note_text = "\n".join(f"{_escape_latex(note)}\\par" for note in notes(frame, numbered))
-    return ("% duodiff summary table (`duodiff tables`: results/<experiment>/tables/summary.tex), to \\input in a paper.\n"
+    refs = ", ".join(f"\\ref{{tab:duodiff-{key}}}" for key, *_ in tables)
+    floats.append(float_head % "p" + f"\\caption{{Notes to Tables {refs}.}}\n\\label{{tab:duodiff-notes}}\n"
+                  + "\\begingroup\\scriptsize\\raggedright\\setlength{\\parskip}{1pt}\n" + note_text + "\n\\endgroup\n"
+                  + "\\end{table*}\n")
+    return ("% duodiff summary tables (`duodiff tables`: results/<experiment>/tables/summary.tex), to \\input in a paper.\n"
             "% Needs \\usepackage{booktabs} (TeX Live: texlive-latex-recommended); nothing else.\n"
-            "% A table* (in a one-column document, the same as table) in footnotesize type, never scaled:\n"
-            "% quality above cost, each under 450 pt wide with a study's labels, so it fits a two-column\n"
-            "% paper's text width. For a narrower text block, \\scriptsize (7 pt) instead. Rewritten by\n"
+            "% One table* per part (in a one-column document, the same as table) in footnotesize type, never\n"
+            "% scaled: quality, cost and (beside another headline) Inception's few-sample scores, each under\n"
+            "% 450 pt wide with a study's labels, so it fits a two-column paper's text width, and each its own\n"
+            "% float, so it fits a page. For a narrower text block, \\scriptsize (7 pt) instead. Rewritten by\n"
             "% `duodiff tables`: edit a copy.\n"
-            "\\begin{table*}[t]\n\\centering\n\\footnotesize\n\\setlength{\\tabcolsep}{4pt}\n"
-            "\\caption{Sample quality and cost: full U-ViT, the shallow U-ViT alone, early exit "
-            "(DeeDiff/AdaDiff) and DuoDiff.}\n\\label{tab:duodiff-summary}\n"
-            + tabular
-            + "\n\\smallskip\n\\begingroup\\raggedright\\setlength{\\parskip}{1pt}\n" + note_text + "\n\\endgroup\n"
-            "\\end{table*}\n")
+            + "\n".join(floats))
 
 
 # The HTML summary is what the Snakemake report shows in the browser (it cannot display Markdown),
