@@ -12,7 +12,6 @@ sets (test_tables.py, test_plots.py) at the paths the workflow expects, and, whe
 installed, open every page of it in a headless Chromium through selenium at 1400x900.
 """
 
-import json
 import os
 import re
 import shutil

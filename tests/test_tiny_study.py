@@ -49,7 +49,6 @@ def tiny_study(tmp_path_factory):
 
 @pytest.mark.slow
 def test_tiny_study_tables_have_one_row_per_set_and_the_contract_columns(tiny_study):
-    sets = expected_sets(load(TINY))
     for table, columns in TABLE_COLUMNS.items():
         with open(tiny_study / "results" / "tiny" / "tables" / f"{table}.csv") as f:
             rows = list(csv.DictReader(f))
@@ -231,8 +230,6 @@ def test_tiny_study_changing_a_training_setting_reruns_that_model_and_its_sets(t
 
 @pytest.mark.slow
 def test_tiny_study_changing_a_metric_setting_rescores_only(tiny_study):
-    n_sets = len(expected_sets(load(TINY)))
-
     def edit(c):
         c.setdefault("metrics", {}).setdefault("fid", {})["kid_subsets"] = 50
 

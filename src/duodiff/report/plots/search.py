@@ -77,6 +77,6 @@ def plot_search_trace(search: pd.DataFrame):
         axes[0].set_ylabel("Δ score to the full model", fontsize=SMALL_FONT)
         axes[0].legend(fontsize=SMALL_FONT, loc="best")
     fig.tight_layout()
-    for ax, annotations, points in numbers:
-        label_points(ax, annotations, points, SMALL_FONT)
+    for ax, probes, points in numbers:
+        label_points(ax, probes, points, SMALL_FONT)
     return fig, {"panels": panels}
