@@ -138,14 +138,10 @@ class QualitySeries:
             if method == "early_exit":
                 group = table[(table["method"] == method) & (table["classifier_type"] == key)].sort_values("threshold")
                 label = f"early exit, {key}"
-            elif method == "composed":  # a family's sets in its knob's order (Palette.members), those drawn here
+            elif method in ("composed", "cache"):  # a family's sets in its knob's order (Palette.members), those drawn here
                 names = [name for name in palette.members[(method, key)] if name in set(table["set"])]
                 group = table.set_index("set").loc[names].reset_index()
-                label = f"composed, {key}"
-            elif method == "cache":  # key "k = 2": the sets of that keep_blocks, by interval
-                keep = float(key.split("=")[1])
-                group = table[(table["method"] == method) & (table["cache_keep"] == keep)].sort_values("cache_interval")
-                label = f"caching, {key}"
+                label = f"{'composed' if method == 'composed' else 'caching'}, {key}"
             else:
                 group = table[(table["method"] == method) & (table["shallow_depth"] == key)].sort_values("t_switch")
                 label = f"DuoDiff, {key}-block shallow"

@@ -113,12 +113,15 @@ class Palette:
             self._assign(group, "t_switch", cmap, ("duodiff", depth))
             for name in table.loc[(table["method"] == "shallow") & (table["shallow_depth"] == depth), "set"]:
                 self.colors[name] = colormaps[cmap](0.95)
+        # Caching and composed families: (method, label) -> their sets in knob order, the lines drawn.
+        self.members: dict[tuple, list[str]] = {}
         # caching, per keep_blocks: the interval N swept, darker for longer intervals (cheaper)
         table = with_cache_fields(table)
         for i, keep in enumerate(sorted(table.loc[table["method"] == "cache", "cache_keep"].dropna().unique())):
             group = table[(table["method"] == "cache") & (table["cache_keep"] == keep)]
-            self._assign(group, "cache_interval", CACHE_CMAPS[i % len(CACHE_CMAPS)], ("cache", f"k = {keep}"))
-        self.members: dict[tuple, list[str]] = {}  # composed families: (method, label) -> sets in knob order
+            key = ("cache", f"k = {keep}")
+            self._assign(group, "cache_interval", CACHE_CMAPS[i % len(CACHE_CMAPS)], key)
+            self.members[key] = list(group.sort_values("cache_interval")["set"])
         for i, (method, family, sets) in enumerate(f for f in method_families(table) if f[0] == "composed"):
             cmap = COMPOSED_CMAPS[i % len(COMPOSED_CMAPS)]
             for name, color in zip(sets["set"], shades(cmap, len(sets))):
