@@ -219,7 +219,7 @@ def test_the_timing_stage_rebuilds_the_cache_policy_from_stats(ckpts, tmp_path, 
         (dict(cache_keep=None), "--method cache needs --cache-keep"),
         (dict(cache_interval=0), "--cache-interval must be a positive integer; got 0"),
         (dict(cache_keep=3), "--cache-keep must be in [1, 2] for "),
-        (dict(method="full", cache_interval=2, cache_keep=None), "--cache-interval applies to --method cache only"),
+        (dict(method="full", cache_interval=2, cache_keep=None), "--cache-interval applies to --method cache (and duodiff's full-model phase) only"),
         (dict(threshold=0.5), "--threshold applies to --method early_exit"),
     ],
 )

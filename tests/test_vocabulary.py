@@ -26,6 +26,7 @@ from test_workflow import (
 
 from duodiff.core.errors import DuodiffError
 from duodiff.core.study import (
+    COMPOSED_FORMS,
     CLASSIFIER_TYPES,
     METHODS,
     PRECISIONS,
@@ -55,7 +56,8 @@ EDGE_VALUES = {
     "composed": [{"steps": 5, "early_exit": "attention_probe", "threshold": [1e-05, 1]},
                  {"steps": [1, 5], "duodiff": 1, "t_switch": 0},
                  {"duodiff": 1, "t_switch": [0, 6], "early_exit": "mlp_probe_per_layer", "threshold": 0.1 + 0.2},
-                 {"duodiff": 1, "t_switch": 2, "early_exit": "attention_probe", "threshold": 0.5, "steps": [2, 3]}],
+                 {"duodiff": 1, "t_switch": 2, "early_exit": "attention_probe", "threshold": 0.5, "steps": [2, 3]},
+                 {"duodiff": 1, "t_switch": 2, "cache_interval": [1, 6], "cache_keep": 1}],
 }  # fmt: skip
 CONFIGS = SHIPPED_CONFIGS + [EDGES]
 
@@ -117,8 +119,10 @@ def test_every_set_the_workflow_samples_parses_into_the_method_and_settings_it_r
             assert flags["--t-switch"] == fields["t_switch"], name
         if "steps" in fields:
             assert flags["--steps"] == fields["steps"], name
-        if method == "cache":
+        if "cache_interval" in fields:  # caching alone, or in DuoDiff's full-model phase
             assert (flags["--cache-interval"], flags["--cache-keep"]) == (fields["cache_interval"], fields["cache_keep"])
+            if "depth" in fields:
+                assert Path(flags["--checkpoint-path-late"]).parent.name == "full", name
         else:
             assert "--cache-interval" not in flags and "--cache-keep" not in flags, name
         if "classifier_type" in fields:  # early exit alone, or DuoDiff's late model
@@ -152,9 +156,10 @@ def test_the_sets_study_names_for_a_config_are_the_sets_the_workflow_tabulates(p
 
 def composed_names(entry: dict) -> list[str]:
     """The sets of one `composed` entry, named by duodiff.core.study: its knob's every value."""
-    knob = next(k for k in ("t_switch", "threshold", "steps") if isinstance(entry.get(k), list))
+    knob = next(k for k in ("t_switch", "threshold", "cache_interval", "steps") if isinstance(entry.get(k), list))
     fields = {"depth": entry.get("duodiff"), "t_switch": entry.get("t_switch"),
-              "classifier_type": entry.get("early_exit"), "threshold": entry.get("threshold"), "steps": entry.get("steps")}
+              "classifier_type": entry.get("early_exit"), "threshold": entry.get("threshold"), "steps": entry.get("steps"),
+              "cache_interval": entry.get("cache_interval"), "cache_keep": entry.get("cache_keep")}
     fields = {k: v for k, v in fields.items() if v is not None}
     return [set_name("composed", **{**fields, knob: value}) for value in entry[knob]]
 
@@ -164,9 +169,9 @@ def test_edge_composed_sets_are_planned_with_every_form(plans):
     names = {Path(flags["--output-folder"]).name for name, flags in commands if name == "sample"}
     assert {"ee_attention_probe_thr1e-05_steps5", "ee_attention_probe_thr1.0_steps5", "duodiff_d1_ts0_steps1",
             "duodiff_d1_ts6_ee_mlp_probe_per_layer_thr0.30000000000000004",
-            "duodiff_d1_ts2_ee_attention_probe_thr0.5_steps3"} <= names
+            "duodiff_d1_ts2_ee_attention_probe_thr0.5_steps3", "duodiff_d1_ts2_cache_N1_k1", "duodiff_d1_ts2_cache_N6_k1"} <= names
     forms = {parse_set_form(name)[0] for name in names}
-    assert {"early_exit_steps", "duodiff_steps", "duodiff_early_exit", "duodiff_early_exit_steps"} <= forms
+    assert set(COMPOSED_FORMS) <= forms
 
 
 def _common_smk_function(name: str):

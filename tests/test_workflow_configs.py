@@ -133,7 +133,17 @@ BAD_CONFIGS = [
      "t_switch 4 must be in [0, 3] (the entry's steps)"),
     ("composed entry of one ingredient",
      lambda c, w: c.update(composed=[{"early_exit": "attention_probe", "threshold": [0.1, 0.2]}]),
-     "combines early_exit; a composed entry needs two or more of duodiff (+ t_switch), early_exit (+ threshold), steps"),
+     "combines early_exit; a composed entry needs two or more of duodiff (+ t_switch), early_exit (+ threshold), "
+     "cache_interval (+ cache_keep), steps"),
+    ("composed caching without duodiff",
+     lambda c, w: c.update(composed=[{"steps": 3, "cache_interval": [2], "cache_keep": 1}]),
+     "cache_interval composes with duodiff alone (caching the full model's phase); got it with steps"),
+    ("composed caching without its keep",
+     lambda c, w: c.update(composed=[{"duodiff": 1, "t_switch": 2, "cache_interval": [2]}]),
+     "cache_interval and cache_keep go together"),
+    ("composed caching keeping too many blocks",
+     lambda c, w: c.update(composed=[{"duodiff": 1, "t_switch": 2, "cache_interval": [2], "cache_keep": 9}]),
+     "cache_keep 9 must be in [1, "),
     ("single-file autoencoder without its architecture", _single_file_autoencoder,
      "invalid config: autoencoder.path ae.pth is a single checkpoint file; set autoencoder.config to its architecture"),
 ]  # fmt: skip

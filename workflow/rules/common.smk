@@ -47,8 +47,10 @@ SET_NAMES = {
     "duodiff_steps": "duodiff_d{depth}_ts{t_switch}_steps{steps}",
     "duodiff_early_exit": "duodiff_d{depth}_ts{t_switch}_ee_{classifier_type}_thr{threshold}",
     "duodiff_early_exit_steps": "duodiff_d{depth}_ts{t_switch}_ee_{classifier_type}_thr{threshold}_steps{steps}",
+    # DuoDiff whose full model's phase is cached (the whole network every N steps of that phase)
+    "duodiff_cache": "duodiff_d{depth}_ts{t_switch}_cache_N{cache_interval}_k{cache_keep}",
 }
-COMPOSED_FORMS = ("early_exit_steps", "duodiff_steps", "duodiff_early_exit", "duodiff_early_exit_steps")
+COMPOSED_FORMS = ("early_exit_steps", "duodiff_steps", "duodiff_early_exit", "duodiff_early_exit_steps", "duodiff_cache")
 
 
 def sample_rule(form: str) -> str:
@@ -120,13 +122,15 @@ def sample_sets() -> list:
 # Each entry is one grid: its ingredients fixed, one knob (t_switch, threshold or steps) swept.
 # validation.smk (_check_composed) checked the entries. duodiff.core.study.composed_family_label
 # builds the same family labels for the tables (tests/test_vocabulary.py keeps them equal).
-COMPOSED_KNOBS = ("t_switch", "threshold", "steps")
+COMPOSED_KNOBS = ("t_switch", "threshold", "cache_interval", "steps")
 
 
 def composed_form(entry: dict) -> str:
     """The set-name form of a composed entry (a key of SET_NAMES)."""
     if "duodiff" not in entry:
         return "early_exit_steps"
+    if "cache_interval" in entry:
+        return "duodiff_cache"
     if "early_exit" not in entry:
         return "duodiff_steps"
     return "duodiff_early_exit_steps" if "steps" in entry else "duodiff_early_exit"
@@ -144,6 +148,9 @@ def composed_family_label(fields: dict, knob: str) -> str:
     if fields.get("classifier_type") is not None:
         threshold = f" τ {threshold_label(fields['threshold'])}" if knob != "threshold" else ""
         parts.append(f"{fields['classifier_type']}{threshold}")
+    if fields.get("cache_keep") is not None:
+        interval = f", N {fields['cache_interval']}" if knob != "cache_interval" else ""
+        parts.append(f"caching k = {fields['cache_keep']}{interval}")
     label = " + ".join(parts)
     return label + (f" at {fields['steps']} steps" if knob != "steps" and fields.get("steps") is not None else "")
 
@@ -161,6 +168,8 @@ def composed_families() -> list:
             "t_switch": entry.get("t_switch"),
             "classifier_type": entry.get("early_exit"),
             "threshold": entry.get("threshold"),
+            "cache_interval": entry.get("cache_interval"),
+            "cache_keep": entry.get("cache_keep"),
             "steps": entry.get("steps"),
         }
         fields = {key: value for key, value in fields.items() if value is not None}

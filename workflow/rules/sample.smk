@@ -186,3 +186,24 @@ use rule sample_full as sample_composed_duodiff_early_exit_steps with:
             f"--t-switch {wildcards.t_switch} --threshold {wildcards.threshold} "
             f"{sampling_flags(steps=int(wildcards.steps))}"
         ),
+
+
+use rule sample_full as sample_composed_duodiff_cache with:
+    input:
+        **autoencoder_inputs(),
+        shallow=trained(rules.train_shallow.output.model),
+        full=trained(rules.train_full.output.model),
+    output:
+        **sample_outputs("duodiff_cache"),
+    log:
+        "results/{experiment}/logs/sample_composed_duodiff_cache/duodiff_d{depth}_ts{t_switch}_cache_N{cache_interval}_k{cache_keep}.log",
+    benchmark:
+        "results/{experiment}/benchmarks/sample_composed_duodiff_cache/duodiff_d{depth}_ts{t_switch}_cache_N{cache_interval}_k{cache_keep}.tsv"
+    params:
+        method="duodiff",
+        # The shallow model for the first t_switch steps, then the full model cached as a cache set is.
+        checkpoints=lambda wildcards, input: f"--checkpoint-path {input.shallow} --checkpoint-path-late {input.full}",
+        flags=lambda wildcards: (
+            f"--t-switch {wildcards.t_switch} --cache-interval {wildcards.cache_interval} "
+            f"--cache-keep {wildcards.cache_keep} {sampling_flags()}"
+        ),

@@ -173,8 +173,8 @@ def _check_sampling(config) -> None:
 
 
 # A composed entry's swept knob and what each ingredient needs (common.smk builds its sets).
-COMPOSED_KNOBS = ("t_switch", "threshold", "steps")
-COMPOSED_PAIRS = {"duodiff": "t_switch", "early_exit": "threshold"}
+COMPOSED_KNOBS = ("t_switch", "threshold", "cache_interval", "steps")
+COMPOSED_PAIRS = {"duodiff": "t_switch", "early_exit": "threshold", "cache_interval": "cache_keep"}
 
 
 def _check_composed(config) -> None:
@@ -189,13 +189,25 @@ def _check_composed(config) -> None:
         for ingredient, knob in COMPOSED_PAIRS.items():
             if (ingredient in entry) != (knob in entry):
                 raise ValueError(f"{where}: {ingredient} and {knob} go together (give both or neither)")
-        ingredients = [key for key in ("duodiff", "early_exit", "steps") if key in entry]
+        ingredients = [key for key in ("duodiff", "early_exit", "cache_interval", "steps") if key in entry]
         if len(ingredients) < 2:
             raise ValueError(
                 f"{where}: combines {' '.join(ingredients) or 'nothing'}; a composed entry needs two or more of "
-                "duodiff (+ t_switch), early_exit (+ threshold), steps (one alone is early_exit, duodiff or "
-                "sampling.fewer_steps)"
+                "duodiff (+ t_switch), early_exit (+ threshold), cache_interval (+ cache_keep), steps (one alone "
+                "is early_exit, duodiff, cache or sampling.fewer_steps)"
             )
+        if "cache_interval" in entry and ingredients != ["duodiff", "cache_interval"]:
+            raise ValueError(
+                f"{where}: cache_interval composes with duodiff alone (caching the full model's phase); got it with "
+                f"{', '.join(key for key in ingredients if key != 'cache_interval')}"
+            )
+        if "cache_keep" in entry:
+            full_depth = read_model_config(config["models"]["full"])["depth"]
+            if entry["cache_keep"] > full_depth // 2:
+                raise ValueError(
+                    f"{where}: cache_keep {entry['cache_keep']} must be in [1, {full_depth // 2}] (depth // 2 of "
+                    f"models.full, depth {full_depth})"
+                )
         lists = [knob for knob in COMPOSED_KNOBS if isinstance(entry.get(knob), list)]
         if len(lists) != 1:
             raise ValueError(

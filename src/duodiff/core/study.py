@@ -28,6 +28,7 @@ STATS_METHOD = {
     "duodiff_steps": "duodiff",
     "duodiff_early_exit": "duodiff",
     "duodiff_early_exit_steps": "duodiff",
+    "duodiff_cache": "duodiff",
 }
 # The setting each swept method varies from set to set.
 # cache: the interval N between full steps (cache_keep, the blocks run at each end, is fixed per family).
@@ -78,8 +79,10 @@ SET_NAME_TEMPLATES = {
     "duodiff_steps": "duodiff_d{depth}_ts{t_switch}_steps{steps}",
     "duodiff_early_exit": "duodiff_d{depth}_ts{t_switch}_ee_{classifier_type}_thr{threshold}",
     "duodiff_early_exit_steps": "duodiff_d{depth}_ts{t_switch}_ee_{classifier_type}_thr{threshold}_steps{steps}",
+    # DuoDiff whose full-model phase is cached (the whole network every N steps of that phase)
+    "duodiff_cache": "duodiff_d{depth}_ts{t_switch}_cache_N{cache_interval}_k{cache_keep}",
 }
-COMPOSED_FORMS = ("early_exit_steps", "duodiff_steps", "duodiff_early_exit", "duodiff_early_exit_steps")
+COMPOSED_FORMS = ("early_exit_steps", "duodiff_steps", "duodiff_early_exit", "duodiff_early_exit_steps", "duodiff_cache")
 FORM_METHOD = {form: ("composed" if form in COMPOSED_FORMS else form) for form in SET_NAME_TEMPLATES}
 
 
@@ -153,16 +156,17 @@ SETTING_STYLES = {
                "cache": ("cache_interval", "N={}", ""),
                "real": (None, "real images not in the reference", ""),
                "composed": (("t_switch", "t_switch={}", ""), ("threshold", "threshold={}", ""),
-                            ("steps", "steps={}", ""))}, "-"),
+                            ("cache_interval", "N={}", ""), ("steps", "steps={}", ""))}, "-"),
     "table": ({"early_exit": ("threshold", "threshold = {}", "g"), "duodiff": ("t_switch", "t_switch = {}", "g"),
                "cache": ("cache_interval", "N = {}", "g"),
                "fewer_steps": ("steps", "{} steps", ""), "real": ("n_samples", "{} images", ""),
                "composed": (("t_switch", "t_switch = {}", "g"), ("threshold", "τ = {}", "g"),
-                            ("steps", "{} steps", ""))}, "–"),
+                            ("cache_interval", "N = {}", "g"), ("steps", "{} steps", ""))}, "–"),
     "plot": ({"early_exit": ("threshold", "τ={}", "g"), "duodiff": ("t_switch", "tₛ={}", ""),
               "cache": ("cache_interval", "N={}", "g"),
               "fewer_steps": ("steps", "{} steps", ""),
-              "composed": (("t_switch", "tₛ={}", ""), ("threshold", "τ={}", "g"), ("steps", "{} steps", ""))}, ""),
+              "composed": (("t_switch", "tₛ={}", ""), ("threshold", "τ={}", "g"), ("cache_interval", "N={}", "g"),
+                           ("steps", "{} steps", ""))}, ""),
 }  # fmt: skip
 
 
@@ -171,8 +175,9 @@ def composed_fields(row) -> set:
     name, every one the row has (t_switch, threshold not None; steps always)."""
     name = row.get("set") if hasattr(row, "get") else None
     if isinstance(name, str):
-        return set(parse_set_form(name)[1]) - {"depth", "classifier_type"}
-    return {"steps"} | {key for key in ("t_switch", "threshold") if row.get(key) is not None and row.get(key) == row.get(key)}
+        return set(parse_set_form(name)[1]) - {"depth", "classifier_type", "cache_keep"}
+    return {"steps"} | {key for key in ("t_switch", "threshold", "cache_interval")
+                        if row.get(key) is not None and row.get(key) == row.get(key)}
 
 
 def setting_label(*rows, style: str = "table") -> str:
@@ -200,7 +205,7 @@ def setting_label(*rows, style: str = "table") -> str:
 # A family of composed sets sweeps one knob (COMPOSED_KNOBS) with every other ingredient fixed:
 # one `composed` entry of the config (workflow/rules/common.smk, composed_families, builds the same
 # labels from the config; tests/test_vocabulary.py keeps the two equal).
-COMPOSED_KNOBS = ("t_switch", "threshold", "steps")
+COMPOSED_KNOBS = ("t_switch", "threshold", "cache_interval", "steps")
 
 
 def composed_family_label(fields: dict, knob: str | None) -> str:
@@ -208,12 +213,17 @@ def composed_family_label(fields: dict, knob: str | None) -> str:
     a family of one value: every ingredient named).
     {"classifier_type": "attention_probe", "steps": 30}, "threshold" -> 'attention_probe at 30 steps';
     {"depth": 3, "t_switch": 20, "classifier_type": "attention_probe"}, "threshold"
-    -> 'DuoDiff d3, t_switch 20 + attention_probe'."""
+    -> 'DuoDiff d3, t_switch 20 + attention_probe';
+    {"depth": 3, "t_switch": 20, "cache_interval": 2, "cache_keep": 2}, "cache_interval"
+    -> 'DuoDiff d3, t_switch 20 + caching k = 2'."""
     parts = []
     if fields.get("depth") is not None:
         parts.append(f"DuoDiff d{fields['depth']}" + (f", t_switch {fields['t_switch']}" if knob != "t_switch" else ""))
     if fields.get("classifier_type") is not None:
         threshold = f" τ {threshold_label(fields['threshold'])}" if knob != "threshold" else ""
         parts.append(f"{fields['classifier_type']}{threshold}")
+    if fields.get("cache_keep") is not None:
+        interval = f", N {fields['cache_interval']}" if knob != "cache_interval" else ""
+        parts.append(f"caching k = {fields['cache_keep']}{interval}")
     label = " + ".join(parts)
     return label + (f" at {fields['steps']} steps" if knob != "steps" and fields.get("steps") is not None else "")

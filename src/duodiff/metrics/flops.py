@@ -33,6 +33,8 @@ Per sample set (DIR/stats.json, DIR/exit_layers.pt of shape (steps, n)):
   cache: the whole network at full steps (exit_layers = depth), and at cached steps
   (exit_layers = 2 * cache_keep) what UViT.forward_cached runs on a cached state, counted by
   FlopCounterMode on that call itself: embedding, the first and last cache_keep blocks, head;
+  DuoDiff with caching (a composed set): the shallow network for the first t_switch steps, then
+  the full network's full and cached steps as a cache set's;
 - layer_ratio: the mean executed depth (exit_layers) / the full depth;
 - gflops_decoder_per_image (latent diffusion; null in pixel space): the autoencoder's one decoder
   pass per image, counted the same way on the decoder built from its config. It is kept apart:
@@ -275,6 +277,17 @@ def set_costs(method: str, exit_layers: torch.Tensor, costs: dict, costs_late: d
             f"duodiff set: exit_layers should be {shallow_depth} for the first t_switch={t_switch} steps",
         )
         late_layers = exit_layers[t_switch:]
+        if cached is not None:  # DuoDiff with caching: the full network or one cached step after t_switch
+            require(
+                bool(((late_layers == depth) | (late_layers == 2 * cache_keep)).all()),
+                f"duodiff set with caching: exit_layers after t_switch={t_switch} should be {depth} (full steps) or "
+                f"{2 * cache_keep} (cached steps, cache_keep={cache_keep})",
+            )
+            shallow, whole = network_cost(costs), network_cost(costs_late)
+            for k in whole:
+                per_eval[k] = torch.where(exit_layers == depth, float(whole[k]), float(cached[k])).double()
+                per_eval[k][:t_switch] = float(shallow[k])
+            return per_eval, depth
         if early_exit:
             require(
                 late_layers.numel() == 0 or (int(late_layers.min()) >= 0 and int(late_layers.max()) <= depth),
@@ -366,11 +379,14 @@ def run_flops(*, samples, output) -> dict:
     if method == "early_exit":
         require(meta["kind"] == "early_exit", f"{stats_path}: an early_exit set needs an early-exit checkpoint; {stats['checkpoint']} is {meta['kind']!r}")
     cached, keep = None, stats.get("cache_keep")
-    if method == "cache":
-        require(meta["kind"] == "uvit", f"{stats_path}: a cache set needs a uvit checkpoint; {stats['checkpoint']} is {meta['kind']!r}")
-        half = len(costs["blocks"]) // 2
+    if method == "cache" or (method == "duodiff" and keep is not None):
+        # the cached model: the cache set's own, or DuoDiff's full one (its late phase cached)
+        cached_path = stats["checkpoint_late" if method == "duodiff" else "checkpoint"]
+        cached_costs, cached_meta = checkpoint_costs(cached_path)
+        require(cached_meta["kind"] == "uvit", f"{stats_path}: caching needs a uvit checkpoint; {cached_path} is {cached_meta['kind']!r}")
+        half = len(cached_costs["blocks"]) // 2
         require(is_int(keep) and 1 <= keep <= half, f"{stats_path}: cache_keep must be an integer in [1, {half}]; got {keep!r}")
-        cached = checkpoint_cached_cost(stats["checkpoint"], keep)
+        cached = checkpoint_cached_cost(cached_path, keep)
     per_eval, full_depth = set_costs(method, exit_layers, costs, costs_late, stats.get("t_switch"), cached, keep)
     branches = stats.get("branches", 1)  # sets sampled before guidance existed: 1
 

@@ -22,7 +22,8 @@ The building blocks:
 and their compositions: DuoDiffDenoiser (arXiv 2410.09633) is a PhasedPolicy of the shallow
 network's ModelDenoiser for the first t_switch (noisiest) steps and the full network's after; with
 an early-exit model in the late phase (its backbone the full U-ViT), the late phase is an
-EarlyExitDenoiser, DuoDiff with early exit. Fewer steps are the sampler's business, not the
+EarlyExitDenoiser, DuoDiff with early exit; with a cache setting, a CacheDenoiser of the full
+U-ViT, DuoDiff with caching. Fewer steps are the sampler's business, not the
 policy's: every policy runs at whatever number of steps the sampler asks for.
 
 make_denoiser builds a set's policy from its method and settings; classifier-free guidance wraps
@@ -143,17 +144,25 @@ class PhasedPolicy:
         return torch.cat([early, late])
 
 
-def DuoDiffDenoiser(shallow, full, t_switch: int, y=None, steps: int | None = None, threshold: float | None = None):
+def DuoDiffDenoiser(shallow, full, t_switch: int, y=None, steps: int | None = None, threshold: float | None = None,
+                    cache: tuple[int, int] | None = None):
     """DuoDiff (2410.09633): the shallow network for the first t_switch (noisiest) steps, then the
-    full one; with `threshold`, `full` is an early-exit model whose exit rule runs in that phase."""
+    full one; with `threshold`, `full` is an early-exit model whose exit rule runs in that phase;
+    with `cache` = (interval, keep), the full model's phase is cached (CacheDenoiser: its first
+    step runs the whole network, since the shallow model's state is no cache for the full one's)."""
     assert 0 <= t_switch <= (steps if steps is not None else t_switch), (t_switch, steps)  # run_sample checked it
-    late = ModelDenoiser(full, y=y) if threshold is None else EarlyExitDenoiser(full, threshold, y=y)
+    assert threshold is None or cache is None, "run_sample refuses early exit and caching in one phase"
+    if cache is not None:
+        late = CacheDenoiser(full, *cache, y=y)
+    else:
+        late = ModelDenoiser(full, y=y) if threshold is None else EarlyExitDenoiser(full, threshold, y=y)
     return PhasedPolicy(ModelDenoiser(shallow, y=y), late, t_switch)
 
 
 def cache_settings(settings: dict):
-    """(interval, keep) of a cache set's settings or stats.json; None for every other method."""
-    return (settings["cache_interval"], settings["cache_keep"]) if settings["method"] == "cache" else None
+    """(interval, keep) of a set's settings or stats.json: a cache set's, or a DuoDiff set's whose
+    full-model phase is cached; None for every other set."""
+    return (settings["cache_interval"], settings["cache_keep"]) if settings.get("cache_interval") is not None else None
 
 
 def make_denoiser(method, models, threshold, t_switch, y, guidance_scale=0.0, null=None, cache=None):
@@ -167,7 +176,7 @@ def make_denoiser(method, models, threshold, t_switch, y, guidance_scale=0.0, nu
     if method == "early_exit":
         return EarlyExitDenoiser(models["model"], threshold, y=y)
     if method == "duodiff":
-        return DuoDiffDenoiser(models["shallow"], models["full"], t_switch, y=y, threshold=threshold)
+        return DuoDiffDenoiser(models["shallow"], models["full"], t_switch, y=y, threshold=threshold, cache=cache)
     if method == "cache":
         return CacheDenoiser(models["model"], *cache, y=y)
     return ModelDenoiser(models["model"], y=y)

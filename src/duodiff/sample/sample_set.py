@@ -12,7 +12,9 @@ Methods (docs/architecture.md):
             runs its exit rule in the late phase: DuoDiff with early exit (a composed set).
 - cache     DeepCache-style caching on the full U-ViT: the whole network every --cache-interval
             (N) steps; in between only the first --cache-keep (k) in-blocks and the last k
-            out-blocks, everything inside them taken from the last full step.
+            out-blocks, everything inside them taken from the last full step. With --method duodiff
+            and a plain full U-ViT as --checkpoint-path-late, --cache-interval and --cache-keep cache
+            the full model's phase the same way (its first step a full one): DuoDiff with caching.
 Any method runs at the --steps given: a composed set at fewer steps is the same command.
 With --guidance-scale S != 0 each method also runs the unconditional branch (duodiff.core.guidance).
 
@@ -130,13 +132,25 @@ def check_sample_args(*, method, sampler, steps, n_samples, batch_size, seed, et
             f"--checkpoint-path-late applies to --method duodiff only; got it with --method {method}",
         )
         require(not allow_deeper_shallow, f"--allow-deeper-shallow applies to --method duodiff only; got it with --method {method}")
-    if method == "cache":
+    caching = (cache_interval, cache_keep) != (None, None)
+    if method == "cache" or (method == "duodiff" and caching):
+        # duodiff: caching in the full model's phase (DuoDiff with caching, a composed set)
         for name, value in (("--cache-interval", cache_interval), ("--cache-keep", cache_keep)):
-            require(value is not None, f"--method cache needs {name} (a positive integer)")
+            what = f"--method {method}" + (" with caching" if method == "duodiff" else "")
+            require(value is not None, f"{what} needs {name} (a positive integer)")
             require(is_int(value) and value > 0, f"{name} must be a positive integer; got {value!r}")
+        require(
+            method == "cache" or threshold is None,
+            "--cache-interval with --method duodiff caches a plain full U-ViT's phase; it does not combine with "
+            f"--threshold (early exit in that phase); got --threshold {threshold}",
+        )
     else:
         for name, value in (("--cache-interval", cache_interval), ("--cache-keep", cache_keep)):
-            require(value is None, f"{name} applies to --method cache only; got {name} {value} with --method {method}")
+            require(
+                value is None,
+                f"{name} applies to --method cache (and duodiff's full-model phase) only; got {name} {value} with "
+                f"--method {method}",
+            )
     check_choice("--precision", precision, PRECISIONS)
     check_guidance_scale(guidance_scale)
     dev = check_device(device or default_device())
@@ -147,12 +161,18 @@ def check_sample_args(*, method, sampler, steps, n_samples, batch_size, seed, et
     return dev
 
 
-def check_late_model(method, metas, threshold, checkpoint_path_late) -> None:
+def check_late_model(method, metas, threshold, checkpoint_path_late, cache_interval=None) -> None:
     """DuoDiff's late model and --threshold go together: an early-exit late model runs its exit
-    rule (it needs the threshold), a plain U-ViT has none (a threshold would be ignored)."""
+    rule (it needs the threshold), a plain U-ViT has none (a threshold would be ignored). Caching
+    the late phase (--cache-interval) needs a plain U-ViT: its cached path is UViT.forward_cached."""
     if method != "duodiff":
         return
     kind = metas["full"]["kind"]
+    require(
+        cache_interval is None or kind == "uvit",
+        f"--cache-interval with --method duodiff caches the full model's phase, which needs a plain uvit "
+        f"--checkpoint-path-late; {checkpoint_path_late} is a {kind!r} model",
+    )
     if kind == "early_exit":
         require(
             threshold is not None,
@@ -166,9 +186,10 @@ def check_late_model(method, metas, threshold, checkpoint_path_late) -> None:
         )
 
 
-def check_cache_keep(method, depth: int, cache_keep, checkpoint_path) -> None:
-    """--cache-keep blocks at each end must leave the mid block to cache: at most depth // 2."""
-    if method == "cache":
+def check_cache_keep(cache_keep, depth: int, checkpoint_path) -> None:
+    """--cache-keep blocks at each end of the cached model (the full one; DuoDiff's late one) must
+    leave the mid block to cache: at most depth // 2."""
+    if cache_keep is not None:
         require(
             cache_keep <= depth // 2,
             f"--cache-keep must be in [1, {depth // 2}] for {checkpoint_path} (depth {depth}: {depth // 2} in-blocks, "
@@ -212,8 +233,9 @@ def run_sample(*, checkpoint_path, method, output_folder, sampler, steps, n_samp
     for path, meta in zip(paths, (main_value(metas), metas.get("full"))):
         if meta is not None:
             check_model_autoencoder(meta, decoder, path)
-    check_late_model(method, metas, threshold, checkpoint_path_late)
-    check_cache_keep(method, main_value(models).depth, cache_keep, checkpoint_path)
+    check_late_model(method, metas, threshold, checkpoint_path_late, cache_interval)
+    cached, cached_path = ("full", checkpoint_path_late) if method == "duodiff" else ("model", checkpoint_path)
+    check_cache_keep(cache_keep, models[cached].depth, cached_path)
     steps = sampling_steps(diffusion.num_timesteps, method, sampler, steps, t_switch)
     null = set_null_label(guidance_scale, models, metas)
     settings = {
@@ -231,7 +253,7 @@ def run_sample(*, checkpoint_path, method, output_folder, sampler, steps, n_samp
         # Only in latent sets, so the parts of pixel-space sets written before it still match.
         **({"autoencoder": decoder} if decoder is not None else {}),
         # Only in cache sets, for the same reason.
-        **({"cache_interval": cache_interval, "cache_keep": cache_keep} if method == "cache" else {}),
+        **({"cache_interval": cache_interval, "cache_keep": cache_keep} if cache_interval is not None else {}),
     }
     # The parts are keyed by the models' bytes, not their paths and steps: a model retrained in
     # place with the same step count must not pass off the old model's images as its own.
@@ -430,13 +452,13 @@ def set_stats(settings: dict, parts: list, exit_layers, models, metas, diffusion
         shallow_depth = depth if method == "shallow" else None
     return {
         "method": method,
-        # DuoDiff with early exit reads as what it combines (t_switch, threshold, steps).
-        "setting": setting_label({**settings, "method": "composed"} if method == "duodiff" and settings["threshold"]
-                                 is not None else settings, style="stats"),
+        # DuoDiff with early exit or caching reads as what it combines (t_switch, threshold or N, steps).
+        "setting": setting_label({**settings, "method": "composed"} if method == "duodiff" and (
+            settings["threshold"] is not None or "cache_interval" in settings) else settings, style="stats"),
         "threshold": settings["threshold"],
         "t_switch": settings["t_switch"],
         # cache: the whole network every cache_interval steps, cache_keep blocks at each end between
-        **{key: settings.get(key) for key in ("cache_interval", "cache_keep") if method == "cache"},
+        **{key: settings[key] for key in ("cache_interval", "cache_keep") if key in settings},
         # early exit, alone or in DuoDiff's late phase (then the late model's)
         "classifier_type": (meta if method == "early_exit" else metas.get("full", {})).get("classifier_type")
         if settings["threshold"] is not None else None,

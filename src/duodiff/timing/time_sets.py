@@ -93,7 +93,8 @@ def read_stats(folder: Path) -> dict:
     for key in ("checkpoint",) + (("checkpoint_late",) if method == "duodiff" else ()):
         require(bool(stats.get(key)), f"{path}: {key} is missing")
         require(Path(stats[key]).is_file(), f"{path}: {key} {stats[key]} does not exist")
-    for key in ("cache_interval", "cache_keep") if method == "cache" else ():
+    # cache sets, and DuoDiff sets whose full-model phase is cached
+    for key in ("cache_interval", "cache_keep") if method == "cache" or "cache_interval" in stats else ():
         require(is_int(stats.get(key)) and stats[key] > 0, f"{path}: {key} must be a positive integer; got {stats.get(key)!r}")
     return stats
 

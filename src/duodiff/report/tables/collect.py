@@ -107,6 +107,7 @@ def method_label(row) -> str:
         fields = parse_set_form(row["set"])[1]
         parts = [f"DuoDiff ({fields['depth']} + {row['depth']} blocks)"] if "depth" in fields else []
         parts += [f"early exit, {fields['classifier_type']}"] if "classifier_type" in fields else []
+        parts += [f"caching (k = {fields['cache_keep']})"] if "cache_keep" in fields else []
         return " + ".join(parts) + (", fewer steps" if "steps" in fields else "")
     if method == "cache":  # k from the set's name: the csv tables have no cache_keep column
         return f"Caching (k = {parse_set_form(row['set'])[1]['cache_keep']})"
@@ -130,7 +131,7 @@ def _order_key(row) -> tuple:
         return (METHOD_ORDER.index(method), "", number(row["cache_keep"]), number(row["cache_interval"]))
     if method == "composed":  # by form (the set name up to its numbers), then t_switch, threshold, fewer steps
         return (METHOD_ORDER.index(method), re.sub(r"\d+(\.\d+)?(e-\d+)?", "#", row["set"]),
-                number(row["t_switch"]) * 1e3 + number(row["threshold"]), -number(row["steps"]))
+                tuple(number(row.get(key)) for key in ("t_switch", "threshold", "cache_interval")), -number(row["steps"]))
     return (METHOD_ORDER.index(method), "", number(row["shallow_depth"]), 0.0)
 
 

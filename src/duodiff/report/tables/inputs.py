@@ -253,7 +253,8 @@ def read_set(settings: TableSettings, name: str, method: str) -> dict:
     # A composed set's setting is what it combines, read from its name (stats.json knows the
     # method it ran, not which of its settings the study varied).
     setting = stats["setting"] if method != "composed" else setting_label(
-        {"method": method, "set": name, **{key: stats[key] for key in ("t_switch", "threshold", "steps")}}, style="stats")
+        {"method": method, "set": name, **{key: stats.get(key) for key in ("t_switch", "threshold", "cache_interval", "steps")}},
+        style="stats")
     shallow_depth = stats["shallow_depth"]
     if method == "shallow" and shallow_depth is None:
         shallow_depth = stats["depth"]  # a shallow set is one U-ViT: its depth is the shallow depth
@@ -262,7 +263,7 @@ def read_set(settings: TableSettings, name: str, method: str) -> dict:
         "set": name, "method": method, "setting": setting,
         "classifier_type": stats["classifier_type"], "threshold": stats["threshold"],
         "t_switch": stats["t_switch"], "shallow_depth": shallow_depth, "depth": stats["depth"],
-        # caching's N and k (stats.json has them in cache sets only)
+        # caching's N and k (stats.json has them in cache sets and DuoDiff sets with caching only)
         "cache_interval": stats.get("cache_interval"), "cache_keep": stats.get("cache_keep"),
         "sampler": stats["sampler"], "steps": stats["steps"], "seed": stats["seed"],
         "n_samples": stats["n_samples"], "batch_size": stats["batch_size"],

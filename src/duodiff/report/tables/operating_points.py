@@ -71,7 +71,8 @@ def with_cache_fields(frame: pd.DataFrame) -> pd.DataFrame:
     if "cache_keep" in frame and "cache_interval" in frame:
         return frame
     frame = frame.copy()
-    fields = [parse_set_form(name)[1] if method == "cache" else {} for name, method in zip(frame["set"], frame["method"])]
+    fields = [parse_set_form(name)[1] if method in ("cache", "composed") else {}
+              for name, method in zip(frame["set"], frame["method"])]
     for column in ("cache_interval", "cache_keep"):
         frame[column] = pd.array([int(f[column]) if column in f else None for f in fields], dtype="Int64")
     return frame
@@ -108,7 +109,8 @@ def composed_families(frame: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]
     groups: dict[tuple, list[tuple[str, dict]]] = {}
     for name in composed["set"]:
         form, fields = parse_set_form(name)
-        groups.setdefault((form, fields.get("depth"), fields.get("classifier_type")), []).append((name, fields))
+        key = (form, fields.get("depth"), fields.get("classifier_type"), fields.get("cache_keep"))
+        groups.setdefault(key, []).append((name, fields))
     families, on_a_line = [], set()
     for members in groups.values():
         knobs = [k for k in COMPOSED_KNOBS if k in members[0][1]]
