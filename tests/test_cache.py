@@ -243,3 +243,112 @@ def test_the_tables_make_one_cache_family_per_keep_from_the_set_names():
     assert (method, family, list(sets["set"])) == ("cache", "k = 1", ["cache_N2_k1", "cache_N4_k1"])
     assert search_family_ids("cache", sets) == ["cache-k1"]  # common.smk's search family id
     assert method_label(sets.iloc[0]) == "Caching (k = 1)"
+
+
+# ---- DuoDiff with caching: the full model's phase cached (a composed set) ------------------------
+
+
+@pytest.fixture(scope="module")
+def duodiff_ckpts(ckpts, tmp_path_factory):
+    """The cache tests' full model (depth 5), a 1-block shallow twin and an early-exit model."""
+    root = tmp_path_factory.mktemp("duodiff_cache_models")
+    paths = dict(ckpts)
+    for name, kind, config in (("shallow", "uvit", {**SMALL, "depth": 1}), ("ee", "early_exit", SMALL)):
+        torch.manual_seed(1)
+        classifier_type = "attention_probe" if kind == "early_exit" else None
+        model = build_model(kind, config, DIFFUSION["num_timesteps"], classifier_type)
+        paths[name] = root / f"{name}.pt"
+        save_model(paths[name], kind=kind, model_config=config, diffusion=DIFFUSION, state_dict=model.state_dict(),
+                   ema_state_dict=None, step=3, train_args={}, classifier_type=classifier_type)  # fmt: skip
+    return paths
+
+
+def duodiff_sample(paths, out, late="full", **kwargs):
+    return sample(paths, out, method="duodiff", model="shallow", checkpoint_path_late=paths[late], t_switch=2, **kwargs)
+
+
+def test_duodiff_with_caching_at_interval_one_is_plain_duodiff(duodiff_ckpts, tmp_path):
+    plain = duodiff_sample(duodiff_ckpts, tmp_path / "duodiff")
+    cached = duodiff_sample(duodiff_ckpts, tmp_path / "cached", cache_interval=1, cache_keep=2)
+    assert pngs(tmp_path / "cached") == pngs(tmp_path / "duodiff")
+    assert cached["layer_ratio"] == plain["layer_ratio"]
+
+
+def test_duodiff_with_caching_runs_the_shallow_model_then_caches_the_full_phase_from_its_own_first_step(
+        duodiff_ckpts, tmp_path):
+    out = tmp_path / "cached"
+    stats = duodiff_sample(duodiff_ckpts, out, cache_interval=2, cache_keep=1)
+    assert (stats["method"], stats["t_switch"], stats["cache_interval"], stats["cache_keep"]) == ("duodiff", 2, 2, 1)
+    assert stats["setting"] == "t_switch=2, N=2, steps=5"
+    # steps 0-1 the 1-block shallow model; the full phase's steps 2, 4 full (5 blocks: its first step
+    # is a full one, the shallow model left no cache), 3 cached (its outer pair, 2 blocks)
+    layers = torch.load(out / "exit_layers.pt")
+    assert torch.equal(layers, torch.tensor([1, 1, 5, 2, 5])[:, None].expand(5, 6))
+    assert stats["layer_ratio"] == pytest.approx(14 / 25)
+    # FLOPs: the shallow network twice, the full network twice, one cached step of the full network,
+    # each priced as its own set prices it (a shallow set, a cache set of the full model)
+    result = flops.run_flops(samples=out, output=tmp_path / "flops.json")
+    shallow = flops.run_flops(samples=duodiff_sample_alone(duodiff_ckpts, tmp_path), output=tmp_path / "s.json")
+    cache_set = sample(duodiff_ckpts, tmp_path / "cache", cache_interval=2, cache_keep=1)
+    assert cache_set["method"] == "cache"
+    cache_costs = flops.run_flops(samples=tmp_path / "cache", output=tmp_path / "c.json")
+    expected = 2 * shallow["gflops_per_forward"] + 2 * cache_costs["gflops_full_network"] + cache_costs["gflops_cached_step"]
+    assert result["gflops_per_image"] == pytest.approx(expected)
+    assert result["gflops_cached_step"] == cache_costs["gflops_cached_step"]
+
+
+def test_duodiff_with_caching_skips_the_full_models_inner_blocks_on_its_cached_steps():
+    from duodiff.sample.policies import DuoDiffDenoiser
+
+    full = model_and_inputs()[0]
+    torch.manual_seed(3)
+    shallow = UViT(UViTConfig(**{**CONFIG, "depth": 1})).eval()
+    calls = block_calls(full)
+    policy = DuoDiffDenoiser(shallow, full, t_switch=2, steps=7, cache=(3, 1))
+    out = sampling_run(policy, 7)
+    # full-phase steps 2..6 are its own 0..4: 0 and 3 full (7 blocks), 1, 2 and 4 cached (blocks 0 and 6)
+    for i in range(7):
+        assert calls.count(i) == (5 if i in (0, 6) else 2), (i, calls)
+    assert torch.equal(policy.executed_depth(7, 2), torch.tensor([1, 1, 7, 2, 2, 7, 2])[:, None].expand(7, 2))
+    # and the samples are not plain DuoDiff's: the cached steps changed them
+    assert not torch.equal(out, sampling_run(DuoDiffDenoiser(shallow, full, t_switch=2, steps=7), 7))
+
+
+def duodiff_sample_alone(paths, tmp_path):
+    """The shallow model alone, as a set (its per-forward cost is the shallow network's)."""
+    out = tmp_path / "shallow"
+    sample(paths, out, method="shallow", model="shallow")
+    return out
+
+
+def test_the_timing_stage_rebuilds_duodiff_with_caching(duodiff_ckpts, tmp_path, monkeypatch):
+    from duodiff.sample.policies import PhasedPolicy
+    from duodiff.timing import time_sets
+
+    duodiff_sample(duodiff_ckpts, tmp_path / "set", cache_interval=2, cache_keep=1)
+    built = []
+    monkeypatch.setattr(time_sets, "make_denoiser", lambda *a, **k: built.append(make_denoiser(*a, **k)) or built[-1])
+    stats = time_sets.read_stats(tmp_path / "set")
+    runners = time_sets.build_runners({"set": (tmp_path / "set", stats)}, 2, 0, torch.device("cpu"))
+    runners["set"]()
+    (policy,) = built
+    assert isinstance(policy, PhasedPolicy) and isinstance(policy.late, CacheDenoiser)
+    assert (policy.switch, policy.late.interval, policy.late.keep) == (2, 2, 1)
+
+
+@pytest.mark.parametrize(
+    "late, kwargs, message",
+    [
+        ("full", dict(cache_interval=2), "--method duodiff with caching needs --cache-keep"),
+        ("ee", dict(cache_interval=2, cache_keep=1, threshold=0.5),
+         "does not combine with --threshold (early exit in that phase); got --threshold 0.5"),
+        ("ee", dict(cache_interval=2, cache_keep=1), "which needs a plain uvit --checkpoint-path-late"),
+        ("full", dict(cache_interval=2, cache_keep=3), "--cache-keep must be in [1, 2] for "),
+    ],
+)
+def test_bad_duodiff_caching_arguments_fail_before_any_work(duodiff_ckpts, tmp_path, late, kwargs, message):
+    out = tmp_path / "out"
+    with pytest.raises(DuodiffError) as error:
+        duodiff_sample(duodiff_ckpts, out, late=late, **kwargs)
+    assert message in str(error.value)
+    assert not out.exists()
