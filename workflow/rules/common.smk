@@ -50,7 +50,13 @@ SET_NAMES = {
     # DuoDiff whose full model's phase is cached (the whole network every N steps of that phase)
     "duodiff_cache": "duodiff_d{depth}_ts{t_switch}_cache_N{cache_interval}_k{cache_keep}",
 }
-COMPOSED_FORMS = ("early_exit_steps", "duodiff_steps", "duodiff_early_exit", "duodiff_early_exit_steps", "duodiff_cache")
+COMPOSED_FORMS = (
+    "early_exit_steps",
+    "duodiff_steps",
+    "duodiff_early_exit",
+    "duodiff_early_exit_steps",
+    "duodiff_cache",
+)
 
 
 def sample_rule(form: str) -> str:
