@@ -75,6 +75,7 @@ def test_tiny_study_has_the_fewer_steps_baseline_the_floor_and_operating_points(
     with open(tables / "operating_points.csv") as f:
         points = list(csv.DictReader(f))
     assert [p["family"] for p in points] == ["fewer steps", "attention_probe", "shallow depth 1", "k = 1",
+                                             "DuoDiff d1, t_switch 2 + caching k = 1, N 2",
                                              "DuoDiff d1, t_switch 2 + attention_probe τ 0.5 at 4 steps"]
     info = json.loads((tiny_study / "results" / "tiny" / "feature_net" / "feature_net.json").read_text())
     assert 0 <= info["heldout_accuracy"] <= 1 and info["n_heldout"] == 359
@@ -251,7 +252,8 @@ def test_tiny_study_searches_each_family_and_reports_the_setting_found(tiny_stud
     with open(study / "tables" / "search.csv") as f:
         rows = list(csv.DictReader(f))
     composed = "composed-duodiff_d1_ts2_ee_attention_probe_thr_steps4"  # tiny.yaml's entry, its knob the threshold
-    families = {"fewer_steps", "early_exit-attention_probe", "duodiff-d1", "cache-k1", composed}
+    cached = "composed-duodiff_d1_ts2_cache_N_k1"  # DuoDiff with caching, its knob the interval
+    families = {"fewer_steps", "early_exit-attention_probe", "duodiff-d1", "cache-k1", composed, cached}
     assert {row["family"] for row in rows} == families
     for family in families:
         trace = [row for row in rows if row["family"] == family]
@@ -274,9 +276,12 @@ def test_tiny_study_searches_each_family_and_reports_the_setting_found(tiny_stud
         assert "found by search" in points[label]["note"]
         assert points[label]["set"] == final["best"]  # "" when none passes: the note names the closest
     # The composed family's row (method composed) reports its search too.
-    (point,) = [p for p in points.values() if p["method"] == "composed"]
-    final = next(row for row in rows if row["family"] == composed)
-    assert "found by search" in point["note"] and point["set"] == final["best"]
+    composed_points = {p["family"]: p for p in points.values() if p["method"] == "composed"}
+    for label, family in [("DuoDiff d1, t_switch 2 + attention_probe τ 0.5 at 4 steps", composed),
+                          ("DuoDiff d1, t_switch 2 + caching k = 1, N 2", cached)]:
+        final = next(row for row in rows if row["family"] == family)
+        point = composed_points[label]
+        assert "found by search" in point["note"] and point["set"] == final["best"]
     assert not {row["set"] for row in rows if row["source"] == "search"} & grid  # probes stay out of scores.csv
     timed = json.loads((study / "timing" / "timing.json").read_text())["sets"]
     assert {row["set"] for row in rows if row["source"] == "search"} <= set(timed)

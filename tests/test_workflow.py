@@ -111,12 +111,14 @@ def composed_sets(cfg: dict) -> list:
     """The sets of the config's `composed` entries, written out by hand, entry by entry."""
     sets = []
     for entry in cfg.get("composed", []):
-        knob = next(k for k in ("t_switch", "threshold", "steps") if isinstance(entry.get(k), list))
+        knob = next(k for k in ("t_switch", "threshold", "cache_interval", "steps") if isinstance(entry.get(k), list))
         for value in entry[knob]:
             e = {**entry, knob: value}
             name = f"duodiff_d{e['duodiff']}_ts{e['t_switch']}" if "duodiff" in e else ""
             if "early_exit" in e:
                 name += ("_" if name else "") + f"ee_{e['early_exit']}_thr{float(e['threshold'])!r}"
+            if "cache_interval" in e:
+                name += f"_cache_N{e['cache_interval']}_k{e['cache_keep']}"
             name += f"_steps{e['steps']}" if "steps" in e else ""
             sets += [name] if name not in sets else []
     return sets
@@ -126,6 +128,8 @@ def composed_rule(name: str) -> str:
     """The rule (sample.smk) that samples a composed set."""
     if not name.startswith("duodiff"):
         return "sample_composed_early_exit_steps"
+    if "_cache_" in name:
+        return "sample_composed_duodiff_cache"
     form = "duodiff_early_exit" if "_ee_" in name else "duodiff"
     return f"sample_composed_{form}" + ("_steps" if "_steps" in name else "")
 
@@ -190,7 +194,8 @@ def test_a_dry_run_plans_round_0_of_every_family_with_its_grid(dry_runs):
     _, results = dry_runs
     jobs = planned_jobs(results["tiny_commands"].stdout, "search_round")
     assert sorted((job["wildcards"]["family"], job["wildcards"]["round"]) for job in jobs) == [
-        ("cache-k1", "0"), ("composed-duodiff_d1_ts2_ee_attention_probe_thr_steps4", "0"), ("duodiff-d1", "0"),
+        ("cache-k1", "0"), ("composed-duodiff_d1_ts2_cache_N_k1", "0"),
+        ("composed-duodiff_d1_ts2_ee_attention_probe_thr_steps4", "0"), ("duodiff-d1", "0"),
         ("early_exit-attention_probe", "0"), ("fewer_steps", "0")]
     grid = {job["wildcards"]["family"]: job["input"] for job in jobs}
     assert grid["early_exit-attention_probe"] == {
@@ -507,10 +512,15 @@ def test_every_setting_reaches_its_command(dry_runs):
     assert sorted(int(f["--t-switch"]) for f in duodiff) == sorted(cfg["duodiff"]["t_switch"])
     assert all(f["--checkpoint-path-late"] == "results/tiny/models/full/model.pt" for f in duodiff)
     # The composed set of all three ingredients: the shallow model, then the early-exit model.
-    (composed,) = [f for f in samples if Path(f["--output-folder"]).name in composed_sets(cfg)]
+    composed, cached = [f for f in samples if Path(f["--output-folder"]).name in composed_sets(cfg)]
     assert (composed["--checkpoint-path"], composed["--checkpoint-path-late"]) == (
         "results/tiny/models/shallow_d1/model.pt", "results/tiny/models/ee_attention_probe/model.pt")
     assert (composed["--t-switch"], composed["--threshold"], composed["--steps"]) == ("2", "0.5", "4")
+    # DuoDiff with caching: the shallow model, then the full model cached
+    assert (cached["--checkpoint-path"], cached["--checkpoint-path-late"]) == (
+        "results/tiny/models/shallow_d1/model.pt", "results/tiny/models/full/model.pt")
+    assert (cached["--t-switch"], cached["--cache-interval"], cached["--cache-keep"]) == ("2", "2", "1")
+    assert "--threshold" not in cached
     early_sets = [f for f in plain if f["--method"] == "early_exit"]
     assert sorted(float(f["--threshold"]) for f in early_sets) == sorted(cfg["early_exit"]["thresholds"])
     # CMMD: the reference is embedded by one job, with the same settings as every set's job.
