@@ -94,3 +94,12 @@ def select_exit(outputs, uncertainties, threshold):
     output = torch.stack(outputs, dim=1)[torch.arange(B, device=exit_layer.device), exit_layer]
     return output, exit_layer
 
+
+
+@pytest.fixture(scope="session")
+def finished_study(tmp_path_factory):
+    """(slow) One finished tiny study per session, shared by tests/test_study_changes_*.py across
+    xdist workers (tests/_study_changes.py)."""
+    from _study_changes import finished_study as build
+
+    return build(tmp_path_factory)

@@ -3,6 +3,7 @@ cmmd` with a fake embedder and on the CLIP-unavailable path (no CLIP weights can
 tests)."""
 
 import argparse
+import hashlib
 import json
 import math
 
@@ -64,7 +65,7 @@ def fake_embedder(paths, batch_size=32):
 def test_run_cmmd_with_fake_embedder(tmp_path, monkeypatch):
     write_pngs(tmp_path / "s" / "images", [(255, 0, 0), (250, 10, 0), (0, 255, 0)])
     write_pngs(tmp_path / "r" / "images", [(0, 0, 255), (0, 255, 0)])
-    monkeypatch.setattr(cmmd, "clip_embedder", lambda *a, **k: (fake_embedder, "fake mean-RGB"))
+    monkeypatch.setattr(cmmd, "clip_embedder", lambda *a, **k: (fake_embedder, "fake mean-RGB", "fake-sha256"))
     out = cmmd.run_cmmd(**cli_args("cmmd", samples=tmp_path / "s", reference=tmp_path / "r",
                                    output=tmp_path / "cmmd.json", batch_size=2))
     stored = json.loads((tmp_path / "cmmd.json").read_text())
@@ -110,7 +111,7 @@ def test_reference_embedded_once_gives_the_same_cmmd_for_every_set(tmp_path, mon
         write_pngs(tmp_path / name / "images", colours)
     write_pngs(tmp_path / "ref" / "images", [(0, 0, 255), (0, 255, 0), (30, 30, 30)])
     calls = []
-    monkeypatch.setattr(cmmd, "clip_embedder", lambda *a, **k: (counting_embedder(calls), "fake mean-RGB"))
+    monkeypatch.setattr(cmmd, "clip_embedder", lambda *a, **k: (counting_embedder(calls), "fake mean-RGB", "fake-sha256"))
 
     info = cmmd.run_cmmd_reference(**cli_args("cmmd-reference", reference=tmp_path / "ref",
                                               output=tmp_path / "ref" / "clip.npz", batch_size=2))
@@ -134,7 +135,7 @@ def test_reference_embedded_once_gives_the_same_cmmd_for_every_set(tmp_path, mon
 def test_reference_embeddings_must_match_max_count_and_model(tmp_path, monkeypatch):
     write_pngs(tmp_path / "s" / "images", [(255, 0, 0), (0, 255, 0)])
     write_pngs(tmp_path / "ref" / "images", [(0, 0, 255), (0, 255, 0)])
-    monkeypatch.setattr(cmmd, "clip_embedder", lambda *a, **k: (fake_embedder, "fake mean-RGB"))
+    monkeypatch.setattr(cmmd, "clip_embedder", lambda *a, **k: (fake_embedder, "fake mean-RGB", "fake-sha256"))
     cmmd.run_cmmd_reference(**cli_args("cmmd-reference", reference=tmp_path / "ref", output=tmp_path / "clip.npz",
                                        max_count=1))
     with pytest.raises(DuodiffError, match=r"--max-count None differs from the 1 that .*clip.npz was embedded with"):
@@ -143,7 +144,7 @@ def test_reference_embeddings_must_match_max_count_and_model(tmp_path, monkeypat
     assert cmmd.run_cmmd(**cli_args("cmmd", samples=tmp_path / "s", reference=tmp_path / "clip.npz",
                                     output=tmp_path / "o.json", max_count=1))["n_reference"] == 1
 
-    monkeypatch.setattr(cmmd, "clip_embedder", lambda *a, **k: (fake_embedder, "another model"))
+    monkeypatch.setattr(cmmd, "clip_embedder", lambda *a, **k: (fake_embedder, "another model", "fake-sha256"))
     with pytest.raises(DuodiffError, match="was embedded with fake mean-RGB, not another model; rebuild it"):
         cmmd.run_cmmd(**cli_args("cmmd", samples=tmp_path / "s", reference=tmp_path / "clip.npz",
                                  output=tmp_path / "o2.json", max_count=1))
@@ -263,7 +264,7 @@ def test_a_killed_cmmd_job_resumes_from_its_finished_chunks(tmp_path, monkeypatc
         calls.append([p.name for p in paths])
         return fake_embedder(paths, batch_size)
 
-    monkeypatch.setattr(cmmd, "clip_embedder", lambda *a, **k: (recording_embedder, "fake mean-RGB"))
+    monkeypatch.setattr(cmmd, "clip_embedder", lambda *a, **k: (recording_embedder, "fake mean-RGB", "fake-sha256"))
     whole = cmmd.run_cmmd(**cli_args("cmmd", samples=tmp_path / "s", reference=tmp_path / "r",
                                      output=tmp_path / "whole.json", chunk_size=2))
     assert len(calls) == 3 + 2  # samples in chunks of 2, 2, 1; reference in 2, 2
@@ -326,8 +327,9 @@ def test_clip_embeddings_follow_clips_own_preprocessing(tmp_path, tiny_clip):
         Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8), mode="L").save(tmp_path / "gray" / f"{i:06d}.png")
     files = cmmd.image_list(tmp_path / "rgb", None) + cmmd.image_list(tmp_path / "gray", None)
 
-    embed, description = cmmd.clip_embedder(TINY_CLIP, cmmd.CLIP_PRETRAINED, "cpu")
+    embed, description, sha256 = cmmd.clip_embedder(TINY_CLIP, cmmd.CLIP_PRETRAINED, "cpu")
     assert description == f"open_clip {TINY_CLIP} ({cmmd.CLIP_PRETRAINED})"
+    assert sha256 == hashlib.sha256((tmp_path / "open_clip_pytorch_model.bin").read_bytes()).hexdigest()
     got = embed(files, batch_size=4)  # batches of 4 and 2
     assert got.shape == (6, 16) and torch.allclose(got.norm(dim=1), torch.ones(6), atol=1e-6)
     assert torch.allclose(embed(files, batch_size=6), got, atol=1e-6)
@@ -342,3 +344,35 @@ def test_clip_embeddings_follow_clips_own_preprocessing(tmp_path, tiny_clip):
 
     expected = torch.stack([by_hand(p) for p in files])
     assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+
+
+def test_clip_chunks_and_references_are_keyed_by_the_weights_not_the_name(tmp_path, tiny_clip, monkeypatch):
+    """Two random inits of the same tiny CLIP under one name (weights replaced at the same path):
+    the chunks a killed job of the first left are not reused by the second, and a reference file
+    embedded by the first is refused by the second."""
+    import open_clip
+
+    monkeypatch.setattr(cmmd, "CLIP_MODEL", TINY_CLIP)  # run_cmmd's model: the tiny one, by its name
+    write_pngs(tmp_path / "s" / "images", [(255, 0, 0), (10, 200, 30), (0, 0, 90), (7, 7, 7)])
+    write_pngs(tmp_path / "r" / "images", [(0, 0, 255), (0, 255, 0), (30, 30, 30)])
+    args = dict(samples=tmp_path / "s", reference=tmp_path / "r", chunk_size=2)
+    cmmd.run_cmmd_reference(**cli_args("cmmd-reference", reference=tmp_path / "r", output=tmp_path / "ref.npz"))
+    # What a killed job of the first weights leaves: its sample chunks, beside the output.
+    embed, description, first = cmmd.clip_embedder(TINY_CLIP, cmmd.CLIP_PRETRAINED, "cpu")
+    cache = tmp_path / "metrics" / cmmd.CMMD_CACHE
+    old = cmmd.embed_files(cmmd.image_list(tmp_path / "s" / "images", None), embed, cmmd.model_key(description, first),
+                           cache, 4, 2)  # fmt: skip
+    assert len(list(cache.glob("*.npy"))) == 2
+
+    torch.manual_seed(1)  # the same name and class, other weights, at the same path
+    torch.save(open_clip.create_model(TINY_CLIP, force_quick_gelu=True).state_dict(), tmp_path / "open_clip_pytorch_model.bin")
+    cmmd.clip_embedder.cache_clear()
+    resumed = cmmd.run_cmmd(**cli_args("cmmd", **args, output=tmp_path / "metrics" / "cmmd.json"))
+    fresh = cmmd.run_cmmd(**cli_args("cmmd", **args, output=tmp_path / "fresh" / "cmmd.json"))
+    assert resumed["embedding_model_sha256"] == fresh["embedding_model_sha256"] != first
+    assert resumed["cmmd"] == fresh["cmmd"]
+    new, _, _ = cmmd.clip_embedder(TINY_CLIP, cmmd.CLIP_PRETRAINED, "cpu")
+    assert not np.allclose(new(cmmd.image_list(tmp_path / "s" / "images", None)).numpy(), old)
+    with pytest.raises(DuodiffError, match=rf"--reference {tmp_path / 'ref.npz'} was embedded with other weights of .*rebuild it"):
+        cmmd.run_cmmd(**cli_args("cmmd", samples=tmp_path / "s", reference=tmp_path / "ref.npz",
+                                 output=tmp_path / "o.json"))  # fmt: skip

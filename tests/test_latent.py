@@ -141,7 +141,9 @@ def test_chunks_of_another_fingerprint_are_not_reused(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         latent.run_encode(**encode_args(tmp_path))
     monkeypatch.undo()
-    latent.run_encode(**encode_args(tmp_path, scale_factor=1.0))  # another scale: start over
+    with pytest.raises(DuodiffError, match=r"latents\.npz\.chunks .*--scale-factor 0\.5 -> 1\.0.*--restart"):
+        latent.run_encode(**encode_args(tmp_path, scale_factor=1.0))  # another scale: refused...
+    latent.run_encode(**encode_args(tmp_path, scale_factor=1.0, restart=True))  # ...or with --restart started over
     z1, _ = latent.load_latents(tmp_path / "latents.npz")
     latent.run_encode(**encode_args(tmp_path, output=tmp_path / "clean.npz", scale_factor=1.0))
     z2, _ = latent.load_latents(tmp_path / "clean.npz")

@@ -132,3 +132,104 @@ def test_feature_chunks_of_another_network_are_not_reused(tmp_path):
     fresh, _ = features(tmp_path / "fresh-cache")
     assert new_sha != old_sha and not np.allclose(new, old)
     np.testing.assert_array_equal(new, fresh)
+
+
+# ---- the training images themselves (core/data.dataset_digest) --------------------------------------
+
+
+def write_imagefolder(root, n=4, seed=0):
+    """n random 8x8 RGB PNGs in two class folders -> root."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        (root / f"class{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / f"class{i % 2}" / f"{i}.png")
+    return root
+
+
+def repaint(path, seed):
+    """The image at `path` rewritten in place with other pixels (the folder keeps its file count)."""
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(path)
+
+
+def test_dataset_digest_follows_the_images_not_the_scan(tmp_path, monkeypatch):
+    from duodiff.core import data as data_module
+    from duodiff.core.data import dataset_digest, load_dataset
+
+    root = write_imagefolder(tmp_path / "data")
+    where, first = dataset_digest(load_dataset("imagefolder", root=root, image_size=8))
+    assert str(root) in where and "file list" in where
+    assert dataset_digest(load_dataset("imagefolder", root=root, image_size=8))[1] == first  # scanned again: same
+    repaint(root / "class1" / "3.png", seed=9)
+    assert dataset_digest(load_dataset("imagefolder", root=root, image_size=8))[1] != first
+    # In memory (digits): the loaded bytes, so one changed pixel is another dataset.
+    digits = dataset_digest(load_dataset("digits"))[1]
+    assert dataset_digest(load_dataset("digits"))[1] == digits
+    real = data_module._digits
+
+    def one_pixel_changed(image_size):
+        images, labels = real(image_size)
+        images[5, 0, 3, 3] = -images[5, 0, 3, 3] + 0.5
+        return images, labels
+
+    monkeypatch.setattr(data_module, "_digits", one_pixel_changed)
+    assert dataset_digest(load_dataset("digits"))[1] != digits
+
+
+def test_training_is_not_resumed_over_images_changed_in_place(tmp_path):
+    config = write_model_yaml(tmp_path / "rgb.yaml", in_chans=3)
+    root = write_imagefolder(tmp_path / "data")
+    run = dict(TRAIN, dataset="imagefolder", data_root=str(root), image_size=8, n_steps=2, batch_size=2,
+               save_every_n_steps=1, log_every_n_steps=1)  # fmt: skip
+    run_train(**train_kwargs(config, tmp_path / "run", **run))  # finished: checkpoint.pt at step 2
+    assert run_train(**train_kwargs(config, tmp_path / "run", **run))["resumed_from"] == 2  # same images: resumed
+    repaint(root / "class0" / "2.png", seed=9)  # one image changed, the same four files
+    with pytest.raises(DuodiffError, match=rf"dataset images \(--dataset imagefolder at {root}, file list.*--restart"):
+        run_train(**train_kwargs(config, tmp_path / "run", **run))
+    assert run_train(**train_kwargs(config, tmp_path / "run", **run, restart=True))["resumed_from"] is None
+    run_train(**train_kwargs(config, tmp_path / "fresh", **run))
+    new, fresh = (torch.load(tmp_path / name / "model.pt", weights_only=False)["state_dict"] for name in ("run", "fresh"))
+    assert all(torch.equal(new[key], fresh[key]) for key in fresh)
+
+
+def test_encode_chunks_of_other_images_are_refused_or_with_restart_discarded(tmp_path, monkeypatch):
+    from conftest import TINY_AUTOENCODER
+    from diffusers import AutoencoderKL
+
+    from duodiff.core import latent
+
+    torch.manual_seed(0)
+    AutoencoderKL(**{**TINY_AUTOENCODER, "in_channels": 3, "out_channels": 3}).save_pretrained(tmp_path / "ae")
+    root = write_imagefolder(tmp_path / "data", n=3)
+    flags = {"dataset": "imagefolder", "data_root": str(root), "image_size": 8, "autoencoder": str(tmp_path / "ae"),
+             "scale_factor": 0.5, "batch_size": 4, "chunk_size": 1}  # fmt: skip
+    real = latent._encode_chunk
+
+    def dies_after_one(*args):
+        if (tmp_path / "latents.npz.chunks" / "000000000.npz").exists():
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(latent, "_encode_chunk", dies_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        latent.run_encode(**cli_args("encode", **flags, output=tmp_path / "latents.npz"), progress=False)
+    monkeypatch.undo()
+    chunk = (tmp_path / "latents.npz.chunks" / "000000000.npz").read_bytes()
+    repaint(root / "class0" / "0.png", seed=9)  # the first chunk's image, the same three files
+    # The command line: one line naming the images and --restart, exit 2; the chunks are kept.
+    cli = subprocess.run([sys.executable, "-m", "duodiff.cli", "encode", "--output", str(tmp_path / "latents.npz"),
+                          *(f"--{k.replace('_', '-')}={v}" for k, v in flags.items())],
+                         capture_output=True, text=True, check=False)  # fmt: skip
+    assert cli.returncode == 2, cli.stderr
+    assert cli.stderr.strip().splitlines() == [cli.stderr.strip()]
+    assert f"dataset images (--dataset imagefolder at {root}" in cli.stderr and "--restart" in cli.stderr
+    assert (tmp_path / "latents.npz.chunks" / "000000000.npz").read_bytes() == chunk
+    # --restart: every chunk encoded anew, the result that of a clean run on the new images.
+    latent.run_encode(**cli_args("encode", **flags, output=tmp_path / "latents.npz", restart=True), progress=False)
+    latent.run_encode(**cli_args("encode", **flags, output=tmp_path / "clean.npz"), progress=False)
+    restarted, clean = (np.load(tmp_path / name)["latents"] for name in ("latents.npz", "clean.npz"))
+    np.testing.assert_array_equal(restarted, clean)
+    assert not (tmp_path / "latents.npz.chunks").exists()

@@ -335,6 +335,7 @@ def test_latent_dry_runs_encode_once_train_on_the_latents_and_decode_every_set(d
     (encode,) = [flags for name, flags in commands if name == "encode"]
     assert (encode["--output"], encode["--autoencoder"], encode["--scale-factor"]) == (latents, "tiny_autoencoder", "0.5")
     assert (encode["--dataset"], encode["--batch-size"]) == ("digits", "256")
+    assert encode["--restart"] is True  # chunks of other images or settings are discarded, not refused
     train = [flags for name, flags in commands if name == "train"]
     assert len(train) == 3 and all(flags["--latents"] == latents for flags in train)
     samples = [flags for name, flags in commands if name == "sample"]

@@ -5,7 +5,9 @@
 #
 # Only latents.npz is declared. The finished chunks lie beside it in latents.npz.chunks/,
 # undeclared: Snakemake deletes the declared outputs of a killed job, and the chunks let the rerun
-# encode only what is left (`duodiff encode` is resumable by chunks).
+# encode only what is left (`duodiff encode` is resumable by chunks). --restart: chunks made
+# from another autoencoder, other images or settings are discarded, not refused (Snakemake has
+# already decided the job must run).
 
 
 rule encode:
@@ -26,4 +28,4 @@ rule encode:
     params:
         flags=encode_flags(),
     shell:
-        "duodiff encode --output {output.latents} {params.flags} > {log} 2>&1"
+        "duodiff encode --restart --output {output.latents} {params.flags} > {log} 2>&1"

@@ -26,8 +26,10 @@ papers use the *training* images, i.e. `load_dataset(name, train=True)`, unflipp
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
@@ -164,6 +166,43 @@ def load_dataset(name, root=None, download=False, image_size=None, train=True) -
         ) from None
     require(len(source) > 0, f"--dataset {name}: no images at --data-root {root}")
     return ImageDataset(name, source, 3, image_size, num_classes, HFLIP[name])
+
+
+def dataset_digest(data: ImageDataset) -> tuple[str, str]:
+    """(where, sha256) of the images `data` reads, for the resumable state made from them (train's
+    checkpoint, encode's chunks; core/fingerprint.py), so a dataset changed in place is not
+    resumed over. Data held in memory (digits, a latents file's tensors, CIFAR-10's arrays): the
+    sha256 of the loaded images' and labels' bytes, exact. Data read file by file (an ImageFolder
+    tree: imagenet64, imagenet256, imagefolder; CelebA's aligned images): the sha256 of the sorted
+    list of files with their class, size and modification time (ns), not of their bytes, since
+    reading ImageNet's 1.3M files at every start would cost minutes: an image rewritten in place
+    is caught by its mtime, one whose bytes changed with size and mtime restored is not."""
+    digest = hashlib.sha256()
+    source = data.source
+    if isinstance(source, TensorImages):
+        arrays, where = (source.images, source.labels), f"--dataset {data.name}, loaded images and labels"
+    elif hasattr(source, "samples"):  # torchvision ImageFolder
+        root = Path(source.root)
+        arrays, where = None, f"--dataset {data.name} at {root}, file list with sizes and mtimes"
+        for path, label in sorted((Path(path), label) for path, label in source.samples):
+            _digest_file(digest, path, root, label)
+    elif data.name == "celeba":
+        folder = Path(source.root) / source.base_folder / "img_align_celeba"
+        arrays, where = None, f"--dataset celeba at {folder}, file list with sizes and mtimes"
+        for name in sorted(source.filename):
+            _digest_file(digest, folder / name, folder, 0)
+    else:  # CIFAR-10: the decoded arrays in memory
+        arrays, where = (source.data, source.targets), f"--dataset {data.name} at {source.root}, loaded images and labels"
+    for array in arrays or ():
+        array = np.ascontiguousarray(array.numpy() if isinstance(array, torch.Tensor) else np.asarray(array))
+        digest.update(f"{array.dtype.str} {array.shape}\0".encode())
+        digest.update(array.tobytes())
+    return where, digest.hexdigest()
+
+
+def _digest_file(digest, path: Path, root: Path, label) -> None:
+    stat = path.stat()
+    digest.update(f"{path.relative_to(root).as_posix()}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
 
 
 def _digits(image_size: int):

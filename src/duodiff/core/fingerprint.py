@@ -2,7 +2,8 @@
 
 Every stage that keeps state across a killed job (train's checkpoint.pt, a sample set's parts/ and
 images/, encode's latent chunks) stores a fingerprint beside it: the sha256 of every input file
-(model, backbone, latents, autoencoder, ...) and the settings that affect the result. A rerun
+(model, backbone, latents, autoencoder, ...), a digest of the training images
+(core/data.dataset_digest) and the settings that affect the result. A rerun
 resumes only when the fingerprint it would write equals the stored one, so a model retrained in
 place with the same step count, or a backbone replaced at the same path, is never resumed over:
 matching paths, steps and flags is not enough (issue 22).
@@ -29,14 +30,16 @@ RESTART_HELP = (
 )
 
 
-def fingerprint(files: dict, settings: dict) -> dict:
+def fingerprint(files: dict, settings: dict, digests: dict | None = None) -> dict:
     """{"files": {label: {"path", "sha256"}}, "settings": settings}. `files` maps a label that
     names the input for a person ("model weights", "backbone weights") to its path; None entries
-    (an input this run does not have) are left out."""
-    return {
-        "files": {label: {"path": str(path), "sha256": file_sha256(path)} for label, path in files.items() if path is not None},
-        "settings": settings,
-    }
+    (an input this run does not have) are left out. `digests` maps a label to an input's
+    (where, sha256) computed by its owner rather than read from one file: the training images
+    (core/data.dataset_digest). They compare like files, by their sha256 only."""
+    found = {label: {"path": str(path), "sha256": file_sha256(path)} for label, path in files.items() if path is not None}
+    for label, (where, sha256) in (digests or {}).items():
+        found[label] = {"path": str(where), "sha256": sha256}
+    return {"files": found, "settings": settings}
 
 
 def _setting_changes(name: str, old, new) -> list[str]:

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 
 from duodiff.core.errors import DuodiffError, require
+from duodiff.core.fingerprint import RESTART_HELP, check_state, remove_files
+from duodiff.core.fingerprint import fingerprint as state_fingerprint
 from duodiff.core.flags import add_flag
 from duodiff.core.io import atomic_path, file_sha256
 
@@ -182,16 +184,18 @@ def decoding_stats(settings: dict, parts: list, config, image_shape) -> dict:
 
 def run_encode(
     *, dataset, data_root, download, image_size, autoencoder, autoencoder_config, scale_factor, output,
-    batch_size, chunk_size, device, progress=True,
+    batch_size, chunk_size, device, progress=True, restart=False,
 ):
     """Encode the training split of `dataset` (and its mirror images where the dataset is flipped
     in training) into `output`, an .npz with latents (N, C, h, w) float32 and labels (N,).
 
     Resumable: chunks of `chunk_size` images are kept in `<output>.chunks/` until the .npz is
     written; a rerun after a kill encodes only the chunks it does not find. The chunks belong to
-    one fingerprint (autoencoder bytes, scale factor, dataset, image size): another one starts over.
+    one fingerprint (core/fingerprint.py: the autoencoder's bytes, the dataset's images
+    (core/data.dataset_digest), scale factor, dataset, image size, chunk size): chunks of another
+    one are refused in one line naming what changed, or with `restart` discarded.
     """
-    from duodiff.core.data import load_dataset
+    from duodiff.core.data import dataset_digest, load_dataset
 
     # The autoencoder first: a wrong path fails in a second, before an ImageNet folder is scanned.
     codec = LatentCodec(load_autoencoder(autoencoder, autoencoder_config).to(device), scale_factor)
@@ -203,7 +207,8 @@ def run_encode(
         f"ones; use an autoencoder with in_channels {data.channels}",
     )
     views = (False, True) if data.hflip else (False,)
-    fingerprint = {
+    where, images_sha256 = dataset_digest(data)
+    fingerprint = {  # the latents' record in the .npz: what `train --latents` and `sample` check
         "autoencoder_sha256": file_sha256(autoencoder),
         "scale_factor": codec.scale_factor,
         "dataset": dataset,
@@ -211,8 +216,12 @@ def run_encode(
         "images": len(data),
         "num_classes": data.num_classes,
         "views": ["image", "flipped"][: len(views)],
+        "dataset_sha256": images_sha256,
     }
-    chunks = _chunk_folder(Path(str(output) + ".chunks"), fingerprint)
+    settings = {k: v for k, v in fingerprint.items() if k not in ("autoencoder_sha256", "dataset_sha256")}
+    state = state_fingerprint({"autoencoder weights": autoencoder}, {**settings, "chunk_size": chunk_size},
+                              {"dataset images": (where, images_sha256)})  # fmt: skip
+    chunks = _chunk_folder(Path(str(output) + ".chunks"), state, restart)
     starts = range(0, len(data), chunk_size)
     iterator = starts
     if progress:
@@ -239,10 +248,16 @@ def run_encode(
     return Path(output)
 
 
-def _chunk_folder(folder: Path, fingerprint: dict) -> Path:
+def _chunk_folder(folder: Path, fingerprint: dict, restart: bool) -> Path:
+    """The chunk folder, its chunks kept only when its fingerprint.json is `fingerprint`: chunks of
+    another autoencoder, dataset or chunk size are never mixed in (core/fingerprint.check_state)."""
     stamp = folder / "fingerprint.json"
-    if folder.exists() and (not stamp.exists() or json.loads(stamp.read_text()) != fingerprint):
-        shutil.rmtree(folder)  # chunks of another autoencoder or dataset: never mixed in
+    if folder.exists() and (stamp.exists() or any(folder.glob("*.npz"))):  # (a kill before the stamp: nothing kept)
+        try:
+            old = json.loads(stamp.read_text())
+        except (OSError, ValueError):
+            old = None  # no record: not resumable (changes() says so)
+        check_state(old, fingerprint, f"the chunks in {folder}", restart, remove_files(folder))
     folder.mkdir(parents=True, exist_ok=True)
     if not stamp.exists():
         with atomic_path(stamp) as tmp:
@@ -332,6 +347,7 @@ def add_cli(subparsers):
     add_flag(p, "--batch-size", type=int, default=64, help="images per encoder call")
     add_flag(p, "--chunk-size", type=int, default=4096, help="images per resumable chunk")
     add_flag(p, "--device", default="cpu", help="cpu | cuda")
+    add_flag(p, "--restart", action="store_true", help=RESTART_HELP)
     p.set_defaults(func=_cli)
 
 

@@ -39,7 +39,7 @@ import torch
 from duodiff.core.distributed import default_device
 from duodiff.core.errors import DuodiffError, check_int, check_positive, require
 from duodiff.core.flags import add_flag
-from duodiff.core.io import atomic_path, write_json
+from duodiff.core.io import atomic_path, file_sha256, write_json
 from duodiff.metrics.feature_cache import cached_features, remove_cache
 
 CLIP_MODEL = "ViT-L-14-336"
@@ -124,8 +124,9 @@ def offline_mode() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def clip_embedder(model_name: str = CLIP_MODEL, pretrained: str = CLIP_PRETRAINED, device: str = "cpu"):
-    """-> (embed(paths, batch_size) -> (n, d) float tensor, L2-normalised; model description).
-    Raises EmbeddingUnavailable with a one-line reason. Cached per process."""
+    """-> (embed(paths, batch_size) -> (n, d) float tensor, L2-normalised; model description; the
+    sha256 of its weights (weights_sha256)). Raises EmbeddingUnavailable with a one-line reason.
+    Cached per process."""
     try:
         import open_clip
     except ImportError as error:
@@ -163,6 +164,7 @@ def clip_embedder(model_name: str = CLIP_MODEL, pretrained: str = CLIP_PRETRAINE
         message = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise EmbeddingUnavailable(f"loading CLIP {model_name}/{pretrained} failed: {type(error).__name__}: {message}") from None
     model.eval()
+    sha256 = weights_sha256(path, model)
 
     @torch.no_grad()
     def embed(paths, batch_size: int = 32) -> torch.Tensor:
@@ -179,7 +181,24 @@ def clip_embedder(model_name: str = CLIP_MODEL, pretrained: str = CLIP_PRETRAINE
             out.append(torch.nn.functional.normalize(emb, dim=-1).cpu())
         return torch.cat(out)
 
-    return embed, embedding_model_name(model_name, pretrained)
+    return embed, embedding_model_name(model_name, pretrained), sha256
+
+
+def weights_sha256(path, model) -> str:
+    """What identifies the CLIP weights, not their name: the sha256 of the file they were loaded
+    from (core/io.file_sha256, cached per process), or, loaded by tag, of the state dict's tensors
+    (names, dtypes, shapes and bytes in key order). Embedding chunks and reference files are keyed
+    by it, so weights replaced under the same name never reuse another model's embeddings."""
+    if path is not None:
+        return file_sha256(path)
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,20 +226,26 @@ def folder_images(flag: str, folder: Path, max_count: int | None) -> list[Path]:
 
 
 def load_embedder(device: str):
-    """-> (embed, model description, None), or (None, None, reason) when CLIP cannot be loaded."""
+    """-> (embed, model description, weights' sha256, None), or (None, None, None, reason) when
+    CLIP cannot be loaded."""
     try:
-        embed, description = clip_embedder(CLIP_MODEL, CLIP_PRETRAINED, device)
+        embed, description, sha256 = clip_embedder(CLIP_MODEL, CLIP_PRETRAINED, device)
     except EmbeddingUnavailable as error:
         print(f"duodiff: CMMD unavailable: {error}")
-        return None, None, str(error)
-    return embed, description, None
+        return None, None, None, str(error)
+    return embed, description, sha256, None
 
 
-def embed_files(files, embed, description: str, cache, batch_size: int, chunk_size: int) -> np.ndarray:
+def embed_files(files, embed, model_key: str, cache, batch_size: int, chunk_size: int) -> np.ndarray:
     """(n, d) embeddings of image files, chunk by chunk through the cache (feature_cache.py),
-    keyed by the model's name: the chunks a killed job finished are not embedded again."""
+    keyed by `model_key` (the weights' sha256 and the model's name) and the images' bytes: the
+    chunks a killed job finished are not embedded again, another model's never reused."""
     compute = lambda chunk, label: embed(chunk, batch_size=batch_size).numpy()  # noqa: E731
-    return cached_features(files, compute, cache, description, chunk_size, "CLIP embeddings")
+    return cached_features(files, compute, cache, model_key, chunk_size, "CLIP embeddings")
+
+
+def model_key(description: str, sha256: str) -> str:
+    return f"{sha256} {description}"
 
 
 def load_reference_embeddings(path) -> tuple[dict, np.ndarray]:
@@ -254,16 +279,17 @@ def run_cmmd_reference(*, reference, output, batch_size: int, max_count: int | N
         "n_reference": len(files),
         "max_count": max_count,
         "embedding_model": embedding_model_name(),
+        "embedding_model_sha256": None,
         "reference": str(reference),
     }
     embeddings = np.zeros((0, 0), dtype=np.float32)
     cache = Path(output).parent / REFERENCE_CACHE
-    embed, description, reason = load_embedder(device)
+    embed, description, sha256, reason = load_embedder(device)
     if embed is None:
         info["reason"] = reason
     else:
-        embeddings = embed_files(files, embed, description, cache, batch_size, chunk_size)
-        info.update(available=True, embedding_model=description)
+        embeddings = embed_files(files, embed, model_key(description, sha256), cache, batch_size, chunk_size)
+        info.update(available=True, embedding_model=description, embedding_model_sha256=sha256)
     with atomic_path(output) as tmp, open(tmp, "wb") as f:
         np.savez(f, embeddings=embeddings, info=np.array(json.dumps(info)))
     remove_cache(cache)
@@ -302,6 +328,7 @@ def run_cmmd(*, samples, reference, output, batch_size: int, max_count: int | No
         "n_samples": len(x_files),
         "n_reference": len(y_files) if ref_info is None else ref_info["n_reference"],
         "embedding_model": embedding_model_name(),
+        "embedding_model_sha256": None,
         "sigma": SIGMA,
         "scale": SCALE,
         "estimator": "biased MMD^2 (V-statistic), as google-research/cmmd",
@@ -313,7 +340,7 @@ def run_cmmd(*, samples, reference, output, batch_size: int, max_count: int | No
         print(f"duodiff cmmd: CMMD unavailable ({reference} says): {result['reason']}; "
               "rebuild it with `duodiff cmmd-reference` once CLIP can be loaded")  # fmt: skip
     else:
-        embed, description, reason = load_embedder(device)
+        embed, description, sha256, reason = load_embedder(device)
         if embed is None:
             result["reason"] = reason
         else:
@@ -322,11 +349,19 @@ def run_cmmd(*, samples, reference, output, batch_size: int, max_count: int | No
                     ref_info["embedding_model"] == description,
                     f"--reference {reference} was embedded with {ref_info['embedding_model']}, not {description}; rebuild it",
                 )
-            x_embeddings = embed_files(x_files, embed, description, cache, batch_size, chunk_size)
+                # Files written before the weights' sha256 was recorded are checked by name only.
+                theirs = ref_info.get("embedding_model_sha256")
+                require(
+                    theirs is None or theirs == sha256,
+                    f"--reference {reference} was embedded with other weights of {description} (sha256 {theirs[:12]}..., "
+                    f"now {sha256[:12]}...); rebuild it",
+                )
+            key = model_key(description, sha256)
+            x_embeddings = embed_files(x_files, embed, key, cache, batch_size, chunk_size)
             if ref_info is None:
-                ref_embeddings = embed_files(y_files, embed, description, cache, batch_size, chunk_size)
+                ref_embeddings = embed_files(y_files, embed, key, cache, batch_size, chunk_size)
             result.update(cmmd=mmd(torch.from_numpy(x_embeddings), torch.from_numpy(ref_embeddings)),
-                          available=True, embedding_model=description)
+                          available=True, embedding_model=description, embedding_model_sha256=sha256)
     write_json(output, result)
     remove_cache(cache)
     return result

@@ -3,7 +3,8 @@
 Inception features of 50k images take a GPU several minutes and these CPUs hours, so `duodiff
 reference` and `duodiff fid` compute them `chunk_size` images at a time and keep each chunk as
 `<key>.npy` in a cache folder beside their output. The key is a hash of the feature network and
-of the chunk's file names and bytes: a rerun after a kill (Slurm time limit, preemption) loads the
+of the chunk's file names and bytes (Inception, the classifier and CLIP alike are keyed by their
+weights' sha256, never by a name alone): a rerun after a kill (Slurm time limit, preemption) loads the
 chunks it finds and computes only the others, and a regenerated image or another network can
 never pick up old features. The caller removes the folder once its output is written.
 """
@@ -21,6 +22,8 @@ from duodiff.core.io import atomic_path
 
 
 def chunk_key(files: Sequence[Path], network_sha256: str) -> str:
+    """The chunk's file name: a hash of what identifies the network's weights (`network_sha256`:
+    their sha256, for CLIP with the model's name) and of the chunk's image names and bytes."""
     digest = hashlib.sha256(network_sha256.encode())
     for path in files:
         digest.update(Path(path).name.encode() + b"\0")

@@ -10,14 +10,14 @@ checkpoint's settings, the dataset's shape) are here too, called where those are
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from duodiff.core import distributed
 from duodiff.core.config import load_yaml
-from duodiff.core.data import CHANNELS, DATASETS, NUM_CLASSES
+from duodiff.core.data import CHANNELS, DATASETS, NUM_CLASSES, dataset_digest
 from duodiff.core.diffusion import LOSS_WEIGHTINGS, RECIPE_KEYS, GaussianDiffusion
 from duodiff.core.errors import check_choice, check_int, check_number, require
 from duodiff.core.fingerprint import check_state, fingerprint
@@ -46,7 +46,8 @@ class TrainPlan:
     settings: dict  # what a resumed checkpoint must match
     train_args: dict  # every argument, as model.pt and checkpoint.pt record them
     backbone_state: dict | None  # --load-backbone's weights
-    fingerprint: dict  # settings + the sha256 of the backbone and latents files (core/fingerprint.py)
+    fingerprint: dict  # settings + the sha256 of the backbone and latents files (core/fingerprint.py);
+    # the training images' digest is added once they are loaded (with_dataset_digest)
 
 
 def check_train_args(args: dict, world_size: int) -> TrainPlan:
@@ -101,11 +102,22 @@ def check_train_args(args: dict, world_size: int) -> TrainPlan:
     train_args.update(model=kind, image_size=image_size, device=device, world_size=world_size)
     if latents_fingerprint is not None:  # `duodiff sample` checks its --autoencoder against it
         train_args["latents_fingerprint"] = latents_fingerprint
+    return TrainPlan(kind, model_config, config, diffusion, image_size, device, settings, train_args, backbone_state,
+                     fingerprint(_input_files(args), settings))
+
+
+def _input_files(args: dict) -> dict:
     # The backbone and the latents by their bytes, not their paths: a full model retrained in place
     # (same path, same step) must not be resumed over, a moved but equal file may be.
-    files = {"backbone weights": args["load_backbone"], "latents": args["latents"]}
-    return TrainPlan(kind, model_config, config, diffusion, image_size, device, settings, train_args, backbone_state,
-                     fingerprint(files, settings))
+    return {"backbone weights": args["load_backbone"], "latents": args["latents"]}
+
+
+def with_dataset_digest(plan: TrainPlan, data) -> TrainPlan:
+    """The plan with the loaded training images in its fingerprint ("dataset images",
+    core/data.dataset_digest): known only once the data is read, after the check pass. Training
+    on --latents needs none: the latents file is hashed whole."""
+    digests = {"dataset images": dataset_digest(data)}
+    return replace(plan, fingerprint=fingerprint(_input_files(plan.train_args), plan.settings, digests))
 
 
 def _check_optimization(args: dict, world_size: int) -> None:

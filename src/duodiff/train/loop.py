@@ -48,6 +48,7 @@ from duodiff.train.checks import (
     check_data_fits,
     check_processes,
     check_train_args,
+    with_dataset_digest,
 )
 from duodiff.train.determinism import (
     StepBatchSampler,
@@ -78,15 +79,6 @@ def run_train(
     dist_info = distributed.from_env()
     plan = check_train_args(args, dist_info.world_size)  # raises DuodiffError before any work
     log_path = Path(log_path)
-    resume = None
-    if (log_path / CHECKPOINT_NAME).exists():
-        resume = checkpoints.load(log_path / CHECKPOINT_NAME, checkpoints.TRAIN_STATE_FORMAT)
-        # A stale checkpoint goes with the model.pt and loss.csv it made (rank 0 deletes them).
-        stale = [log_path / name for name in (CHECKPOINT_NAME, MODEL_NAME, LOSS_NAME)]
-        if not check_checkpoint(resume, plan.fingerprint, log_path / CHECKPOINT_NAME, restart,
-                                remove_files(*stale) if dist_info.is_main else lambda: None):
-            resume = None
-
     device = distributed.setup(dist_info, plan.device)
     try:
         if device.type == "cuda":
@@ -97,7 +89,17 @@ def run_train(
             data = latent_dataset(latents, dataset, plan.settings["latents"])  # checked by check_latents
         else:
             data = load_training_data(dataset, data_root, download, plan.image_size, dist_info, device)
+            plan = with_dataset_digest(plan, data)  # the images themselves, not only --dataset's name
         check_data_fits(data, plan.config, config_path, label_dropout, batch_size)
+        resume = None
+        if (log_path / CHECKPOINT_NAME).exists():
+            resume = checkpoints.load(log_path / CHECKPOINT_NAME, checkpoints.TRAIN_STATE_FORMAT)
+            # A stale checkpoint goes with the model.pt and loss.csv it made (rank 0 deletes them).
+            stale = [log_path / name for name in (CHECKPOINT_NAME, MODEL_NAME, LOSS_NAME)]
+            if not check_checkpoint(resume, plan.fingerprint, log_path / CHECKPOINT_NAME, restart,
+                                    remove_files(*stale) if dist_info.is_main else lambda: None):
+                resume = None
+            distributed.barrier()  # every rank starts after rank 0 has discarded stale state
         return _train(args, plan, data, device, dist_info, resume, log_path)
     finally:
         distributed.cleanup()
