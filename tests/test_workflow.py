@@ -513,7 +513,10 @@ def test_every_setting_reaches_its_command(dry_runs):
     assert sorted(int(f["--t-switch"]) for f in duodiff) == sorted(cfg["duodiff"]["t_switch"])
     assert all(f["--checkpoint-path-late"] == "results/tiny/models/full/model.pt" for f in duodiff)
     # The composed set of all three ingredients: the shallow model, then the early-exit model.
-    composed, cached = [f for f in samples if Path(f["--output-folder"]).name in composed_sets(cfg)]
+    composed_flags = {Path(f["--output-folder"]).name: f for f in samples if Path(f["--output-folder"]).name in composed_sets(cfg)}
+    composed = next(f for name, f in composed_flags.items() if "_ee_" in name)
+    cached = next(f for name, f in composed_flags.items() if "_cache_" in name)
+    assert len(composed_flags) == 2
     assert (composed["--checkpoint-path"], composed["--checkpoint-path-late"]) == (
         "results/tiny/models/shallow_d1/model.pt", "results/tiny/models/ee_attention_probe/model.pt")
     assert (composed["--t-switch"], composed["--threshold"], composed["--steps"]) == ("2", "0.5", "4")
