@@ -127,7 +127,7 @@ BAD_CONFIGS = [
      "duodiff 3 is not a shallow depth of models.shallow ([1])"),
     ("composed entry at the study's steps",
      lambda c, w: c.update(composed=[{"steps": [3, 6], "early_exit": "attention_probe", "threshold": 0.1}]),
-     "steps 6 must be in [1, sampling.steps = 6) with the ddim or dpm_solver sampler (at sampling.steps, leave steps out)"),
+     "steps 6 must be in [1, sampling.steps = 6) with any sampler but ddpm (at sampling.steps, leave steps out)"),
     ("composed t_switch beyond the entry's steps",
      lambda c, w: c.update(composed=[{"steps": 3, "duodiff": 1, "t_switch": [2, 4]}]),
      "t_switch 4 must be in [0, 3] (the entry's steps)"),

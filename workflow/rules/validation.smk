@@ -151,7 +151,7 @@ def _check_sampling(config) -> None:
         if sampling["sampler"] == "ddpm" or not 1 <= steps < sampling["steps"]:
             raise ValueError(
                 f"invalid config: sampling.fewer_steps {steps} must be in [1, sampling.steps = {sampling['steps']}) "
-                "with the ddim or dpm_solver sampler (the full model with fewer steps than the study's sets)"
+                "with any sampler but ddpm (the full model with fewer steps than the study's sets)"
             )
     if config["search"]["enabled"] and not config["metrics"]["intervals"]:
         raise ValueError(
@@ -212,8 +212,8 @@ def _check_composed(config) -> None:
         for value in steps if isinstance(steps, list) else [steps]:
             if "steps" in entry and (config["sampling"]["sampler"] == "ddpm" or not 1 <= value < study_steps):
                 raise ValueError(
-                    f"{where}: steps {value} must be in [1, sampling.steps = {study_steps}) with the ddim or "
-                    "dpm_solver sampler (at sampling.steps, leave steps out)"
+                    f"{where}: steps {value} must be in [1, sampling.steps = {study_steps}) with any sampler but "
+                    "ddpm (at sampling.steps, leave steps out)"
                 )
         fewest = min(steps if isinstance(steps, list) else [steps])  # t_switch must fit every set's steps
         t_switch = entry.get("t_switch", [])
