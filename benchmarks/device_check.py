@@ -16,7 +16,7 @@ as Snakemake merges two --configfile's):
    fp32, with the config's sampler (ddpm, whose steps must be all 1,000, runs as ddim), a few steps,
    the config's guidance scale, decoding latent samples;
 5. `duodiff flops` over every set, and `duodiff reference` + `duodiff score` (Inception FID) of the
-   fp32 sets against a reference made of the full fp32 set's own images;
+   full fp32 set (--score) against a reference made of a full fp32 set's images of that size;
 6. benchmarks/bench_sampling.py, short (the sampling benchmarks of benchmarks/README.md).
 
 It prints one table: config, model, params, method, precision, steps, s/step, images/s, GFLOP/img,
@@ -136,7 +136,7 @@ class Check:
     def prepare(self, name, cfg, folder: Path) -> dict:
         """Convert the full model, save the shallow and early-exit models -> paths and facts."""
         from duodiff.models import build_model
-        from duodiff.models.checkpoints import load_model, save_model
+        from duodiff.models.checkpoints import load_model_file, save_model
         from duodiff.models.early_exit import EarlyExitUViT
 
         diffusion_cfg = cfg.get("diffusion", {})
@@ -147,7 +147,6 @@ class Check:
         full = build_model("uvit", full_config)
         params = sum(p.numel() for p in full.parameters())
         torch.save(full.state_dict(), folder / "uvit.pth")  # U-ViT's names (convert.py: the map is the identity)
-        del full
         latent = cfg.get("autoencoder", {}).get("path") is not None
         autoencoder = self.autoencoder(cfg, folder) if latent else (None, None)
         recipe = {k: diffusion_cfg[k] for k in ("num_timesteps", "beta_start", "beta_end", "beta_schedule", "parametrization",
@@ -162,9 +161,8 @@ class Check:
             # convert refuses it, so its full model is saved as training saves it, in its recipe.
             from duodiff.core.diffusion import GaussianDiffusion
 
-            state = torch.load(folder / "uvit.pth", weights_only=True)
             save_model(folder / "full.pt", kind="uvit", classifier_type=None, model_config=full_config,
-                       diffusion=GaussianDiffusion(**recipe).config(), state_dict=state, ema_state_dict=None, step=0,
+                       diffusion=GaussianDiffusion(**recipe).config(), state_dict=full.state_dict(), ema_state_dict=None, step=0,
                        train_args=None)  # fmt: skip
             how = "save (as trained)"
         else:
@@ -173,8 +171,11 @@ class Check:
             how = "convert"
         converted_s = time.perf_counter() - started
         (folder / "uvit.pth").unlink()  # the large file is not needed any more
-        backbone, diffusion, meta = load_model(folder / "full.pt")
-        diffusion = diffusion.config()
+        # The converted model.pt's facts (diffusion, training facts); its weights are `full`'s, since
+        # convert maps the names one to one, so `full` itself is the early-exit backbone below (no
+        # second build and load of U-ViT-H/2).
+        meta = load_model_file(folder / "full.pt")
+        diffusion = meta["diffusion"]
         # Shallow and early-exit models as training saves them, recording the full model's training
         # facts (dataset, null class, the latents' autoencoder), which sampling checks.
         torch.manual_seed(1)
@@ -184,14 +185,15 @@ class Check:
                    train_args=meta.get("train_args"))  # fmt: skip
         classifier_type = cfg["early_exit"]["classifier_types"][0]
         torch.manual_seed(2)
-        early_exit = EarlyExitUViT(backbone, classifier_type)
+        early_exit = EarlyExitUViT(full, classifier_type)
         save_model(folder / "early_exit.pt", kind="early_exit", classifier_type=classifier_type, model_config=full_config,
                    diffusion=diffusion, state_dict=early_exit.state_dict(), ema_state_dict=None, step=0,
                    train_args=meta.get("train_args"))  # fmt: skip
-        del backbone, early_exit, shallow
+        shallow_params = sum(p.numel() for p in shallow.parameters())
+        del full, early_exit, shallow
         self.row(name, "full", params, how, "fp32", "-", converted_s, None, None, None, "ok")
         return {"params": params, "autoencoder": autoencoder, "latent": latent, "classifier_type": classifier_type,
-                "shallow_params": sum(v.numel() for v in build_model("uvit", shallow_config).parameters())}  # fmt: skip
+                "shallow_params": shallow_params}  # fmt: skip
 
     # ---- sampling ------------------------------------------------------------------------------
 
@@ -256,7 +258,7 @@ class Check:
                 self.row(name, model, params, method, precision, f"{result['steps']} {result['sampler']}", per_step,
                          stats["images_per_s"], None, result["peak"], "ok")  # fmt: skip
         self.flops(name, sets)
-        if self.args.score == "all" or (self.args.score == "first" and not self.scored):
+        if self.args.score in ("all", "full") or (self.args.score == "first" and not self.scored):
             self.scored = True
             self.score(name, folder, sets)
 
@@ -307,6 +309,8 @@ class Check:
                         "--batch-size", n)  # fmt: skip
                 self.references[size] = folder / "reference"
             chosen = {k: v for k, v in sets.items() if k[1] == "fp32" and (self.args.score == "all" or k[0] == "full")}
+            if not chosen:
+                raise RuntimeError("no fp32 set to score")
             for (method, _), result in chosen.items():
                 duodiff("score", "--samples", result["folder"], "--reference", self.references[size], "--output-dir",
                         result["folder"] / "metrics", "--device", self.device, "--batch-size", n, "--kid-subsets", 2,
@@ -331,7 +335,7 @@ class Check:
                     "--classifier-types", "mlp_probe_per_layer", "--exit-fractions", "0.5", "--t-switch-fractions", "0.5",
                     "--target-batch", "2", "--matmul-size", "64", "--threads", "1"]  # fmt: skip
         else:
-            argv = ["--models", "cifar10,imagenet256", "--quick", "--loop-steps", "10"]
+            argv = ["--models", "digits,cifar10", "--quick", "--loop-steps", "10"]  # the README's models
         argv += ["--device", self.device, "--output", str(output)]
         started = time.perf_counter()
         try:
@@ -389,9 +393,11 @@ def parse_args(argv=None):
     p.add_argument("--configs", default="all", help="'all' or comma-separated names: " + ", ".join(n for n, _ in CONFIGS))
     p.add_argument("--steps", type=int, default=None, help="sampling steps per set (default 4; --tiny 2)")
     p.add_argument("--batch", type=int, default=None, help="images per set (default 8; --tiny 2)")
-    p.add_argument("--score", choices=["all", "first", "none"], default=None,
-                   help="Inception FID of every config's fp32 sets (all; the default), of the first config's full "
-                   "set only (first; the default with --tiny: a reference costs a 2048x2048 eigh on the CPU), or none")
+    p.add_argument("--score", choices=["all", "full", "first", "none"], default=None,
+                   help="Inception FID of every config's fp32 sets (all), of every config's full fp32 set (full; the "
+                   "default: the same code for every set, one Inception start per config), of the first config's "
+                   "full set only (first; the default with --tiny: a reference costs a 2048x2048 eigh on the CPU), "
+                   "or none")
     p.add_argument("--no-bench", dest="bench", action="store_false", help="skip benchmarks/bench_sampling.py")
     p.add_argument("--budget-s", type=float, default=None, help="stop starting configs after this many seconds "
                    "(each left out is a failed row)")  # fmt: skip
@@ -401,7 +407,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.steps = args.steps or (2 if args.tiny else 4)
     args.batch = args.batch or (2 if args.tiny else 8)
-    args.score = args.score or ("first" if args.tiny else "all")
+    args.score = args.score or ("first" if args.tiny else "full")
     names = [n for n, _ in CONFIGS]
     args.configs = names if args.configs == "all" else args.configs.split(",")
     unknown = sorted(set(args.configs) - set(names))
