@@ -392,3 +392,51 @@ def test_a_latent_checkpoint_converts_with_its_exact_recipe(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "no schedule comparison" in out and "rel. diff" not in out
     assert convert_module.UVIT_TIME_SCALE == 999
+
+
+@pytest.mark.parametrize(
+    "changes, expected",
+    [
+        (dict(noise_process="vp_sde"), "--noise-process vp_sde with --time-input index: U-ViT's continuous checkpoints "
+         "see t * 999; allowed: --time-input t_times_999"),
+        (dict(noise_process="vp_sde", time_input="t_times_999", sde_beta_min=0.2), "--sde-beta-min 0.2: U-ViT's VP-SDE "
+         "has 0.1; allowed: --sde-beta-min 0.1"),
+        (dict(time_input="t_times_999"), "--noise-process discrete with --time-input t_times_999 and --beta-schedule "
+         "linear for a pixel checkpoint: U-ViT's pixel checkpoints are continuous"),
+        (dict(time_input="index_plus_one", beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+         "for a pixel checkpoint"),
+        (dict(latent=True), "--time-input index for a latent checkpoint: U-ViT's discrete latent checkpoints (ImageNet "
+         "256/512 H) see n = index + 1; allowed: --time-input index_plus_one"),
+        (dict(latent=True, time_input="index_plus_one"), "--beta-schedule linear for a latent checkpoint: U-ViT's "
+         "discrete latent checkpoints use Stable Diffusion's schedule; allowed: --beta-schedule scaled_linear"),
+    ],
+)  # fmt: skip
+def test_convert_refuses_a_recipe_no_uvit_checkpoint_was_trained_in(tmp_path, changes, expected):
+    """`duodiff convert` checks what validation.smk checks, before reading the checkpoint: one
+    message naming the bad flag and what is allowed."""
+    import re
+
+    changes = dict(changes)
+    if changes.pop("latent", False):
+        (tmp_path / "ae.pth").write_bytes(b"stand-in")
+        changes["autoencoder"] = str(tmp_path / "ae.pth")
+    torch.save(uvit_weights(UNCONDITIONAL, seed=11), tmp_path / "uvit.pth")
+    with pytest.raises(DuodiffError, match=re.escape(expected)):
+        convert(tmp_path / "uvit.pth", model_yaml(tmp_path, UNCONDITIONAL), tmp_path / "model.pt", **changes)
+    assert not (tmp_path / "model.pt").exists()
+
+
+@pytest.mark.parametrize("recipe", [
+    dict(noise_process="vp_sde", time_input="t_times_999"),
+    dict(time_input="index_plus_one", beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, latent=True),
+    dict(noise_process="vp_sde", time_input="t_times_999", latent=True),
+])  # fmt: skip
+def test_convert_accepts_uvits_recipes(tmp_path, recipe):
+    recipe = dict(recipe)
+    if recipe.pop("latent", False):
+        (tmp_path / "ae.pth").write_bytes(b"stand-in: only its sha256 is recorded")
+        recipe |= dict(autoencoder=str(tmp_path / "ae.pth"), dataset=None)
+    torch.save(uvit_weights(UNCONDITIONAL, seed=12), tmp_path / "uvit.pth")
+    convert(tmp_path / "uvit.pth", model_yaml(tmp_path, UNCONDITIONAL), tmp_path / "model.pt", **recipe)
+    meta = torch.load(tmp_path / "model.pt", map_location="cpu", weights_only=False)
+    assert meta["converted_from"]["recipe"]["time_input"] == recipe["time_input"]

@@ -127,7 +127,7 @@ BAD_CONFIGS = [
      "duodiff 3 is not a shallow depth of models.shallow ([1])"),
     ("composed entry at the study's steps",
      lambda c, w: c.update(composed=[{"steps": [3, 6], "early_exit": "attention_probe", "threshold": 0.1}]),
-     "steps 6 must be in [1, sampling.steps = 6) with the ddim or dpm_solver sampler (at sampling.steps, leave steps out)"),
+     "steps 6 must be in [1, sampling.steps = 6) with any sampler but ddpm (at sampling.steps, leave steps out)"),
     ("composed t_switch beyond the entry's steps",
      lambda c, w: c.update(composed=[{"steps": 3, "duodiff": 1, "t_switch": [2, 4]}]),
      "t_switch 4 must be in [0, 3] (the entry's steps)"),
@@ -225,3 +225,98 @@ def test_missing_data_root_stops_a_real_run(bad_config_runs):
     assert not (workdir / "results").exists()
 
 
+
+
+# ---- a released checkpoint's recipe (models.full_checkpoint) ---------------------------------------
+# The noise process, time input and sampler must be those the checkpoint was trained for (U-ViT's
+# configs: the continuous VP-SDE fed t * 999; the discrete latent H models fed n = index + 1 on
+# Stable Diffusion's schedule; a pixel checkpoint approximated on the discrete linear schedule fed
+# the 0-based step). (name, base config, diffusion / sampling edit, text the error must contain).
+CONTINUOUS = {"noise_process": "vp_sde", "time_input": "t_times_999"}
+DISCRETE_LATENT = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+                   "time_input": "index_plus_one"}  # fmt: skip
+PREFIX = "invalid config: models.full_checkpoint is set with diffusion.noise_process"
+BAD_CHECKPOINT_RECIPES = [
+    ("continuous with the 0-based step", "tiny", {"noise_process": "vp_sde"}, {},
+     f"{PREFIX} vp_sde, but diffusion.time_input is 'index'; U-ViT's continuous checkpoints see t * 999: allowed: "
+     "t_times_999"),
+    ("continuous with index + 1", "tiny_latent", {"noise_process": "vp_sde", "time_input": "index_plus_one"}, {},
+     f"{PREFIX} vp_sde, but diffusion.time_input is 'index_plus_one'; U-ViT's continuous checkpoints see t * 999: "
+     "allowed: t_times_999"),
+    ("continuous with another SDE", "tiny", {**CONTINUOUS, "sde_beta_max": 10.0}, {},
+     f"{PREFIX} vp_sde, but diffusion.sde_beta_max is 10.0; U-ViT's VP-SDE has sde_beta_max 20.0: allowed: 20.0"),
+    ("discrete latent with the 0-based step", "tiny_latent", {**DISCRETE_LATENT, "time_input": "index"}, {},
+     f"{PREFIX} discrete in latent space, but diffusion.time_input is 'index'; U-ViT's discrete latent checkpoints "
+     "(ImageNet 256/512 H) see n = index + 1: allowed: index_plus_one"),
+    ("discrete latent with t * 999", "tiny_latent", {**DISCRETE_LATENT, "time_input": "t_times_999"}, {},
+     f"{PREFIX} discrete in latent space, but diffusion.time_input is 't_times_999'"),
+    ("discrete latent with DDPM's linear betas", "tiny_latent", {"time_input": "index_plus_one"}, {},
+     f"{PREFIX} discrete in latent space, but diffusion.beta_schedule is linear; U-ViT's discrete latent checkpoints "
+     "use Stable Diffusion's schedule: allowed: beta_schedule scaled_linear"),
+    ("discrete latent with other betas", "tiny_latent", {**DISCRETE_LATENT, "beta_end": 0.02}, {},
+     f"{PREFIX} discrete in latent space, but diffusion.beta_end is 0.02; U-ViT's discrete latent checkpoints use "
+     "Stable Diffusion's schedule: allowed: beta_end 0.012"),
+    ("discrete pixel with t * 999", "tiny", {"time_input": "t_times_999"}, {},
+     f"{PREFIX} discrete in pixel space, but diffusion.time_input is 't_times_999' and diffusion.beta_schedule "
+     "'linear'; U-ViT's pixel checkpoints are continuous: allowed: noise_process vp_sde with time_input t_times_999"),
+    ("discrete pixel with index + 1", "tiny", {"time_input": "index_plus_one"}, {},
+     f"{PREFIX} discrete in pixel space, but diffusion.time_input is 'index_plus_one'"),
+    ("euler_maruyama on a discrete latent checkpoint", "tiny_latent", DISCRETE_LATENT, {"sampler": "euler_maruyama"},
+     "invalid config: sampling.sampler euler_maruyama integrates the continuous VP-SDE, but diffusion.noise_process "
+     "is 'discrete'"),
+]  # fmt: skip
+# Accepted: U-ViT's three recipes with a checkpoint (a dry run plans convert_full).
+GOOD_CHECKPOINT_RECIPES = [
+    ("continuous pixel, euler_maruyama", "tiny", CONTINUOUS, {"sampler": "euler_maruyama"}),
+    ("continuous latent, dpm_solver_fast", "tiny_latent", CONTINUOUS, {"sampler": "dpm_solver_fast"}),
+    ("discrete latent, dpm_solver_fast", "tiny_latent", DISCRETE_LATENT, {"sampler": "dpm_solver_fast"}),
+    ("discrete pixel approximation, ddim", "tiny", {}, {}),
+]  # fmt: skip
+
+
+def _checkpoint_config(base, diffusion, sampling) -> dict:
+    def edit(c):
+        c["models"]["full_checkpoint"] = "uvit.pth"
+        c.setdefault("diffusion", {}).update(diffusion)
+        c["sampling"].update(sampling)
+
+    return modified(load(TINY if base == "tiny" else "tests/configs/tiny_latent.yaml"), edit)
+
+
+@pytest.fixture(scope="module")
+def checkpoint_recipe_runs(tmp_path_factory):
+    from test_workflow import add_autoencoders
+
+    workdir = add_autoencoders(make_workdir(tmp_path_factory.mktemp("recipes")))
+    (workdir / "uvit.pth").touch()  # the checkpoint's file: nothing reads it before a job
+    args = []
+    for i, (_, base, diffusion, sampling, _) in enumerate(BAD_CHECKPOINT_RECIPES):
+        (workdir / f"bad{i}.yaml").write_text(yaml.safe_dump(_checkpoint_config(base, diffusion, sampling)))
+        args.append(("--configfile", f"bad{i}.yaml", "--cores", "1"))  # a real run: refused before any job
+    for i, (_, base, diffusion, sampling) in enumerate(GOOD_CHECKPOINT_RECIPES):
+        (workdir / f"good{i}.yaml").write_text(yaml.safe_dump(_checkpoint_config(base, diffusion, sampling)))
+        args.append(("--configfile", f"good{i}.yaml", "-n"))
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        results = list(pool.map(lambda a: snakemake(workdir, *a), args))
+    return workdir, results
+
+
+@pytest.mark.parametrize("index", range(len(BAD_CHECKPOINT_RECIPES)), ids=[r[0] for r in BAD_CHECKPOINT_RECIPES])
+def test_a_checkpoint_with_a_recipe_it_was_not_trained_in_is_refused_before_any_job(checkpoint_recipe_runs, index):
+    workdir, results = checkpoint_recipe_runs
+    result = results[index]
+    assert result.returncode != 0
+    assert BAD_CHECKPOINT_RECIPES[index][4] in result.stderr
+    assert "Building DAG of jobs" not in result.stderr + result.stdout
+    assert not (workdir / "results").exists()
+
+
+@pytest.mark.parametrize("index", range(len(GOOD_CHECKPOINT_RECIPES)), ids=[r[0] for r in GOOD_CHECKPOINT_RECIPES])
+def test_a_checkpoint_in_one_of_uvits_recipes_plans_its_conversion(checkpoint_recipe_runs, index):
+    from test_workflow import job_counts
+
+    _, results = checkpoint_recipe_runs
+    result = results[len(BAD_CHECKPOINT_RECIPES) + index]
+    assert result.returncode == 0, result.stderr[-2000:]
+    counts = job_counts(result.stdout)
+    assert counts["convert_full"] == 1 and "train_full" not in counts and counts["sample_full"] == 1

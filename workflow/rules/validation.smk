@@ -151,7 +151,7 @@ def _check_sampling(config) -> None:
         if sampling["sampler"] == "ddpm" or not 1 <= steps < sampling["steps"]:
             raise ValueError(
                 f"invalid config: sampling.fewer_steps {steps} must be in [1, sampling.steps = {sampling['steps']}) "
-                "with the ddim or dpm_solver sampler (the full model with fewer steps than the study's sets)"
+                "with any sampler but ddpm (the full model with fewer steps than the study's sets)"
             )
     if config["search"]["enabled"] and not config["metrics"]["intervals"]:
         raise ValueError(
@@ -224,8 +224,8 @@ def _check_composed(config) -> None:
         for value in steps if isinstance(steps, list) else [steps]:
             if "steps" in entry and (config["sampling"]["sampler"] == "ddpm" or not 1 <= value < study_steps):
                 raise ValueError(
-                    f"{where}: steps {value} must be in [1, sampling.steps = {study_steps}) with the ddim or "
-                    "dpm_solver sampler (at sampling.steps, leave steps out)"
+                    f"{where}: steps {value} must be in [1, sampling.steps = {study_steps}) with any sampler but "
+                    "ddpm (at sampling.steps, leave steps out)"
                 )
         fewest = min(steps if isinstance(steps, list) else [steps])  # t_switch must fit every set's steps
         t_switch = entry.get("t_switch", [])
@@ -489,3 +489,55 @@ def check_full_checkpoint(config) -> None:
             f"invalid config: models.full_checkpoint is set, but diffusion has num_timesteps {diffusion['num_timesteps']} "
             f"and parametrization {diffusion['parametrization']}; U-ViT's checkpoints need 1000 and predict_noise"
         )
+    _check_checkpoint_recipe(config)
+
+
+# U-ViT's recipes (duodiff.models.convert.UVIT_RECIPES; the workflow does not import duodiff, see above).
+UVIT_SDE = {"sde_beta_min": 0.1, "sde_beta_max": 20.0}
+UVIT_DISCRETE_LATENT = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+
+
+def _check_checkpoint_recipe(config) -> None:
+    """The noise process, time input and sampler must be those a U-ViT checkpoint was trained for:
+    the continuous VP-SDE (beta 0.1 -> 20) fed t * 999 (U-ViT's pixel models and ImageNet 256 L/2),
+    the discrete scaled-linear process 0.00085 -> 0.012 fed n = index + 1 (its discrete latent
+    models, H/2), or, for a pixel checkpoint, the documented approximation of its VP-SDE on the
+    discrete linear schedule fed the 0-based step (config/README.md, `full_checkpoint`)."""
+    diffusion, sampler = config["diffusion"], config["sampling"]["sampler"]
+    process, time_input = diffusion["noise_process"], diffusion["time_input"]
+    latent = config["autoencoder"]["path"] is not None
+    prefix = f"invalid config: models.full_checkpoint is set with diffusion.noise_process {process}"
+    if sampler == "euler_maruyama" and process != "vp_sde":  # _check_sampling says so first; kept for the pair
+        raise ValueError(f"{prefix}, but sampling.sampler euler_maruyama needs noise_process vp_sde")
+    if process == "vp_sde":
+        if time_input != "t_times_999":
+            raise ValueError(
+                f"{prefix}, but diffusion.time_input is {time_input!r}; U-ViT's continuous checkpoints see t * 999: "
+                "allowed: t_times_999"
+            )
+        for key, value in UVIT_SDE.items():
+            if float(diffusion[key]) != value:
+                raise ValueError(
+                    f"{prefix}, but diffusion.{key} is {diffusion[key]}; U-ViT's VP-SDE has {key} {value}: allowed: {value}"
+                )
+    elif latent:
+        if time_input != "index_plus_one":
+            raise ValueError(
+                f"{prefix} in latent space, but diffusion.time_input is {time_input!r}; U-ViT's discrete latent "
+                "checkpoints (ImageNet 256/512 H) see n = index + 1: allowed: index_plus_one (or noise_process vp_sde "
+                "with t_times_999 for its continuous ones)"
+            )
+        for key, value in UVIT_DISCRETE_LATENT.items():
+            if diffusion[key] != value:
+                raise ValueError(
+                    f"{prefix} in latent space, but diffusion.{key} is {diffusion[key]}; U-ViT's discrete latent "
+                    f"checkpoints use Stable Diffusion's schedule: allowed: {key} {value}"
+                )
+    else:
+        if time_input != "index" or diffusion["beta_schedule"] != "linear":
+            raise ValueError(
+                f"{prefix} in pixel space, but diffusion.time_input is {time_input!r} and diffusion.beta_schedule "
+                f"{diffusion['beta_schedule']!r}; U-ViT's pixel checkpoints are continuous: allowed: noise_process vp_sde "
+                "with time_input t_times_999 (their recipe), or the discrete approximation with time_input index and "
+                "beta_schedule linear"
+            )

@@ -292,8 +292,10 @@ class GaussianDiffusion:
 
         `denoise(x_t, t: LongTensor (B,), step_index) -> model output`, step_index 0 = noisiest.
         All randomness comes from `generator` (a CPU generator gives the same images on any
-        device). The x0 prediction is clipped to [-1, 1] at every step (`clip_denoised`, DDPM/ADM
-        default). Call under torch.inference_mode(); the loop itself never waits on the device.
+        device). With `clip_denoised` (DDPM/ADM default; sampling passes it in pixel space only,
+        never for latents) ddpm, ddim and dpm_solver clip the x0 prediction to [-1, 1] at every
+        step; U-ViT's samplers dpm_solver_fast and euler_maruyama never clip, as U-ViT's do not.
+        Call under torch.inference_mode(); the loop itself never waits on the device.
         """
         if sampler == "dpm_solver":  # diffusers' scheduler runs the multistep update (dpm_solver.py)
             from duodiff.core.dpm_solver import DPM_SOLVER_ORDER, dpm_solver_sample

@@ -34,7 +34,9 @@ STATS_METHOD = {
 # cache: the interval N between full steps (cache_keep, the blocks run at each end, is fixed per family).
 SWEPT_SETTING = {"early_exit": "threshold", "duodiff": "t_switch", "cache": "cache_interval"}
 
-# ddpm: every timestep; ddim and dpm_solver (DPM-Solver++ 2M, U-ViT's ImageNet sampler): `steps` of them.
+# ddpm: every timestep; ddim and dpm_solver (DPM-Solver++ 2M, this project's): `steps` of them;
+# dpm_solver_fast (U-ViT's ImageNet sampler) and euler_maruyama (U-ViT's CIFAR-10 / CelebA one): `steps`
+# network evaluations at continuous times.
 SAMPLERS = ("ddpm", "ddim", "dpm_solver", "dpm_solver_fast", "euler_maruyama")
 # Arithmetic of the network evaluations (the sampler's own updates stay float32):
 # fp32 everywhere; tf32 lets CUDA matmuls and convolutions round their inputs to TF32; bf16 and

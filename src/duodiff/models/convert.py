@@ -157,6 +157,55 @@ def compare_alpha_bar(diffusion: GaussianDiffusion, timesteps, beta_min: float, 
     }
 
 
+# U-ViT's recipes a checkpoint can be converted under (workflow/rules/validation.smk keeps a copy:
+# the workflow does not import duodiff): its VP-SDE (sde.py VPSDE) and its discrete latent models'
+# schedule (stable_diffusion_beta_schedule).
+UVIT_SDE = {"sde_beta_min": 0.1, "sde_beta_max": 20.0}
+UVIT_DISCRETE_LATENT = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+
+
+def check_uvit_recipe(*, noise_process, time_input, beta_schedule, beta_start, beta_end, sde_beta_min, sde_beta_max,
+                      latent) -> None:  # fmt: skip
+    """The noise process and time input a U-ViT checkpoint was trained for, or one DuodiffError naming
+    the bad value and what is allowed: the continuous VP-SDE (beta 0.1 -> 20) fed t * 999 (its
+    pixel models and ImageNet 256 L/2); the discrete scaled-linear 0.00085 -> 0.012 process fed
+    n = index + 1 (its discrete latent models, H/2); for a pixel checkpoint, the approximation of
+    its VP-SDE on the discrete linear schedule fed the 0-based step (the module docstring)."""
+    prefix = f"--noise-process {noise_process}"
+    if noise_process == "vp_sde":
+        require(
+            time_input == "t_times_999",
+            f"{prefix} with --time-input {time_input}: U-ViT's continuous checkpoints see t * {UVIT_TIME_SCALE}; "
+            "allowed: --time-input t_times_999",
+        )
+        for key, value in UVIT_SDE.items():
+            got = {"sde_beta_min": sde_beta_min, "sde_beta_max": sde_beta_max}[key]
+            flag = "--" + key.replace("_", "-")
+            require(float(got) == value, f"{prefix} with {flag} {got}: U-ViT's VP-SDE has {value}; allowed: {flag} {value}")
+    elif latent:
+        require(
+            time_input == "index_plus_one",
+            f"{prefix} with --time-input {time_input} for a latent checkpoint: U-ViT's discrete latent checkpoints "
+            "(ImageNet 256/512 H) see n = index + 1; allowed: --time-input index_plus_one (or --noise-process vp_sde "
+            "--time-input t_times_999 for its continuous ones)",
+        )
+        for key, value in UVIT_DISCRETE_LATENT.items():
+            got = {"beta_schedule": beta_schedule, "beta_start": beta_start, "beta_end": beta_end}[key]
+            flag = "--" + key.replace("_", "-")
+            require(
+                got == value,
+                f"{prefix} with {flag} {got} for a latent checkpoint: U-ViT's discrete latent checkpoints use Stable "
+                f"Diffusion's schedule; allowed: {flag} {value}",
+            )
+    else:
+        require(
+            time_input == "index" and beta_schedule == "linear",
+            f"{prefix} with --time-input {time_input} and --beta-schedule {beta_schedule} for a pixel checkpoint: "
+            "U-ViT's pixel checkpoints are continuous; allowed: --noise-process vp_sde --time-input t_times_999 "
+            "(their recipe), or the discrete approximation --time-input index --beta-schedule linear",
+        )
+
+
 def _checked_settings(config_path, num_timesteps, parametrization, dataset, compare_timesteps, label_dropout, latent) -> dict:
     """The model YAML as written, after the checks that make U-ViT's weights mean what they meant."""
     from duodiff.core.data import CHANNELS, DATASETS, NUM_CLASSES
@@ -209,6 +258,10 @@ def run_convert(
     from duodiff.models import build_model
 
     latent = autoencoder is not None
+    check_uvit_recipe(
+        noise_process=noise_process, time_input=time_input, beta_schedule=beta_schedule, beta_start=beta_start,
+        beta_end=beta_end, sde_beta_min=sde_beta_min, sde_beta_max=sde_beta_max, latent=latent,
+    )  # fmt: skip
     model_config = _checked_settings(
         config_path, num_timesteps, parametrization, dataset, compare_timesteps, label_dropout, latent
     )

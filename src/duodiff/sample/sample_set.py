@@ -506,7 +506,7 @@ def add_cli(subparsers) -> None:
     add_flag(parser, "--cache-keep", type=int, default=None,
              help="cache: in-blocks at the start and out-blocks at the end run on the steps between (1..depth // 2)")
     add_flag(parser, "--sampler", default="ddim", choices=SAMPLERS)
-    add_flag(parser, "--steps", type=int, default=None, help="sampling steps (ddim, dpm_solver: required; ddpm: num_timesteps)")
+    add_flag(parser, "--steps", type=int, default=None, help="sampling steps (network evaluations; ddpm: num_timesteps, every other sampler: required)")
     add_flag(parser, "--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like noise")
     add_flag(parser, "--n-samples", type=int, required=True)
     add_flag(parser, "--batch-size", type=int, required=True)
