@@ -138,7 +138,8 @@ def run_train_router(*, checkpoint_path, output_folder, sampler, steps, eta, gui
     settings = {"sampler": sampler, "steps": steps, "eta": float(eta), "guidance_scale": float(guidance_scale),
                 "n_trajectories": n_trajectories, "batch_size": batch_size, "n_steps": n_steps,
                 "router_lr": float(router_lr), "l1_weight": float(l1_weight), "seed": seed, "use_ema": bool(use_ema)}
-    current = fingerprint({"model weights": checkpoint_path}, settings)
+    # n_steps stays out: a longer run resumes a shorter one's state (the router has no schedule to end)
+    current = fingerprint({"model weights": checkpoint_path}, {k: v for k, v in settings.items() if k != "n_steps"})
     rows = cache_steps(steps)
     logits = torch.nn.Parameter(torch.randn((len(rows), model.depth, LAYERS_PER_BLOCK),
                                             generator=torch.Generator().manual_seed(seed)).to(dev))  # L2C: randn
