@@ -89,7 +89,7 @@ def test_tiny_study_draws_every_generated_set_in_the_quality_figure(tiny_study):
     drawn = {(round(x, 9), round(y, 9)) for series in figure["series"] for x, y in zip(series["x"], series["y"])}
     with open(study / "tables" / "scores.csv") as f:
         rows = [row for row in csv.DictReader(f) if row["method"] != "real"]
-    assert {row["method"] for row in rows} >= {"full", "fewer_steps", "early_exit", "duodiff", "cache", "composed"}
+    assert {row["method"] for row in rows} >= {"full", "fewer_steps", "early_exit", "duodiff", "cache", "l2c", "composed"}
     for row in rows:
         point = (round(float(row["gflops_per_image"]), 9), round(float(row["score"]), 9))
         assert point in drawn, row["set"]
@@ -115,11 +115,15 @@ def test_tiny_study_sample_sets_were_made_with_the_configured_settings(tiny_stud
         assert (stats["sampler"], stats["steps"], stats["n_samples"], stats["batch_size"], stats["seed"]) == (
             sampling["sampler"], steps, sampling["n_samples"], sampling["batch_size"], sampling["seed"])
         method = {"full": "full", "shallow": "shallow", "ee": "early_exit", "duodiff": "duodiff",
-                  "cache": "cache"}[name.split("_")[0]]
+                  "cache": "cache", "l2c": "l2c"}[name.split("_")[0]]
         assert stats["method"] == method
         if method == "cache":  # cache_N<interval>_k<keep>
             assert (stats["cache_interval"], stats["cache_keep"]) == tuple(int(part[1:]) for part in name.split("_")[1:])
-        if "_thr" in name:  # early exit, alone or in DuoDiff's late phase (composed)
+        if method == "l2c":  # l2c_thr<τ>, the study's router
+            assert stats["router_threshold"] == float(name.removeprefix("l2c_thr"))
+            assert stats["router"] == "results/tiny/models/router/router.pt"
+            assert (tiny_study / "results" / "tiny" / "models" / "router" / "loss.csv").is_file()
+        elif "_thr" in name:  # early exit, alone or in DuoDiff's late phase (composed)
             assert stats["threshold"] == float(name.rsplit("_thr", 1)[1].split("_")[0])
             assert stats["classifier_type"] == name[name.index("ee_") + len("ee_"):name.rindex("_thr")]
         if method == "duodiff":
@@ -128,7 +132,7 @@ def test_tiny_study_sample_sets_were_made_with_the_configured_settings(tiny_stud
         for metric in ("fid", "cmmd", "gflops"):
             assert (tiny_study / "results" / "tiny" / "metrics" / name / f"{metric}.json").is_file()
         rule = {"full": "sample_full", "shallow": "sample_shallow", "early_exit": "sample_early_exit",
-                "duodiff": "sample_duodiff", "cache": "sample_cache"}[method]
+                "duodiff": "sample_duodiff", "cache": "sample_cache", "l2c": "sample_l2c"}[method]
         rule = "sample_fewer_steps" if name.startswith("full_steps") else rule
         rule = composed_rule(name) if name in composed_sets(load(TINY)) else rule
         assert (tiny_study / "results" / "tiny" / "logs" / rule / f"{name}.log").is_file()
@@ -251,7 +255,7 @@ def test_tiny_study_searches_each_family_and_reports_the_setting_found(tiny_stud
     with open(study / "tables" / "search.csv") as f:
         rows = list(csv.DictReader(f))
     composed = "composed-duodiff_d1_ts2_ee_attention_probe_thr_steps4"  # tiny.yaml's entry, its knob the threshold
-    families = {"fewer_steps", "early_exit-attention_probe", "duodiff-d1", "cache-k1", composed}
+    families = {"fewer_steps", "early_exit-attention_probe", "duodiff-d1", "cache-k1", "l2c", composed}
     assert {row["family"] for row in rows} == families
     for family in families:
         trace = [row for row in rows if row["family"] == family]
@@ -269,7 +273,7 @@ def test_tiny_study_searches_each_family_and_reports_the_setting_found(tiny_stud
     with open(study / "tables" / "scores.csv") as f:
         grid = {row["set"] for row in csv.DictReader(f)}
     for label, family in [("fewer steps", "fewer_steps"), ("attention_probe", "early_exit-attention_probe"),
-                          ("shallow depth 1", "duodiff-d1"), ("k = 1", "cache-k1")]:
+                          ("shallow depth 1", "duodiff-d1"), ("k = 1", "cache-k1"), ("learned router", "l2c")]:
         final = next(row for row in rows if row["family"] == family)
         assert "found by search" in points[label]["note"]
         assert points[label]["set"] == final["best"]  # "" when none passes: the note names the closest
