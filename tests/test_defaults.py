@@ -25,6 +25,7 @@ BLOCKS = {
     "metrics.cmmd": (METRICS["cmmd"]["properties"], "cmmd"),
     "metrics.classifier": (METRICS["classifier"]["properties"], "feature-net"),
     "timing": (SCHEMA["properties"]["timing"]["properties"], "time"),
+    "learning_to_cache": (SCHEMA["properties"]["learning_to_cache"]["properties"], "train-router"),
 }
 # By design: `duodiff sample --steps` has no default (ddim needs it, ddpm takes num_timesteps),
 # the workflow's sampling block samples 50 DDIM steps unless the config says otherwise.

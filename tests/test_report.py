@@ -148,10 +148,11 @@ def build_tiny_report(tmp_path):
 
     config = yaml.safe_load((REPO / TINY).read_text())
     # The study made by hand below has the classic sets and Inception scores only: no fewer-steps,
-    # caching or composed sets, no real-data set, no classifier headline, no search (tests/test_tiny_study.py
+    # caching, Learning-to-Cache or composed sets, no real-data set, no classifier headline, no search (tests/test_tiny_study.py
     # runs those for real).
     config["sampling"]["fewer_steps"], config["reference"]["n_real"], config["composed"] = [], 0, []
     config["search"]["enabled"], config["cache"]["interval"] = False, []
+    config["learning_to_cache"]["thresholds"] = []
     config["metrics"]["headline"] = "inception"
     config_path = tmp_path / "tiny_report.yaml"
     config_path.write_text(yaml.safe_dump(config))

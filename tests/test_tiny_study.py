@@ -76,6 +76,7 @@ def test_tiny_study_has_the_fewer_steps_baseline_the_floor_and_operating_points(
         points = list(csv.DictReader(f))
     assert [p["family"] for p in points] == ["fewer steps", "attention_probe", "shallow depth 1", "k = 1",
                                              "DuoDiff d1, t_switch 2 + caching k = 1, N 2",
+                                             "learned router",
                                              "DuoDiff d1, t_switch 2 + attention_probe τ 0.5 at 4 steps"]
     info = json.loads((tiny_study / "results" / "tiny" / "feature_net" / "feature_net.json").read_text())
     assert 0 <= info["heldout_accuracy"] <= 1 and info["n_heldout"] == 359
@@ -90,7 +91,7 @@ def test_tiny_study_draws_every_generated_set_in_the_quality_figure(tiny_study):
     drawn = {(round(x, 9), round(y, 9)) for series in figure["series"] for x, y in zip(series["x"], series["y"])}
     with open(study / "tables" / "scores.csv") as f:
         rows = [row for row in csv.DictReader(f) if row["method"] != "real"]
-    assert {row["method"] for row in rows} >= {"full", "fewer_steps", "early_exit", "duodiff", "cache", "composed"}
+    assert {row["method"] for row in rows} >= {"full", "fewer_steps", "early_exit", "duodiff", "cache", "l2c", "composed"}
     for row in rows:
         point = (round(float(row["gflops_per_image"]), 9), round(float(row["score"]), 9))
         assert point in drawn, row["set"]
@@ -116,11 +117,15 @@ def test_tiny_study_sample_sets_were_made_with_the_configured_settings(tiny_stud
         assert (stats["sampler"], stats["steps"], stats["n_samples"], stats["batch_size"], stats["seed"]) == (
             sampling["sampler"], steps, sampling["n_samples"], sampling["batch_size"], sampling["seed"])
         method = {"full": "full", "shallow": "shallow", "ee": "early_exit", "duodiff": "duodiff",
-                  "cache": "cache"}[name.split("_")[0]]
+                  "cache": "cache", "l2c": "l2c"}[name.split("_")[0]]
         assert stats["method"] == method
         if method == "cache":  # cache_N<interval>_k<keep>
             assert (stats["cache_interval"], stats["cache_keep"]) == tuple(int(part[1:]) for part in name.split("_")[1:])
-        if "_thr" in name:  # early exit, alone or in DuoDiff's late phase (composed)
+        if method == "l2c":  # l2c_thr<τ>, the study's router
+            assert stats["router_threshold"] == float(name.removeprefix("l2c_thr"))
+            assert stats["router"] == "results/tiny/models/router/router.pt"
+            assert (tiny_study / "results" / "tiny" / "models" / "router" / "loss.csv").is_file()
+        elif "_thr" in name:  # early exit, alone or in DuoDiff's late phase (composed)
             assert stats["threshold"] == float(name.rsplit("_thr", 1)[1].split("_")[0])
             assert stats["classifier_type"] == name[name.index("ee_") + len("ee_"):name.rindex("_thr")]
         if method == "duodiff":
@@ -129,7 +134,7 @@ def test_tiny_study_sample_sets_were_made_with_the_configured_settings(tiny_stud
         for metric in ("fid", "cmmd", "gflops"):
             assert (tiny_study / "results" / "tiny" / "metrics" / name / f"{metric}.json").is_file()
         rule = {"full": "sample_full", "shallow": "sample_shallow", "early_exit": "sample_early_exit",
-                "duodiff": "sample_duodiff", "cache": "sample_cache"}[method]
+                "duodiff": "sample_duodiff", "cache": "sample_cache", "l2c": "sample_l2c"}[method]
         rule = "sample_fewer_steps" if name.startswith("full_steps") else rule
         rule = composed_rule(name) if name in composed_sets(load(TINY)) else rule
         assert (tiny_study / "results" / "tiny" / "logs" / rule / f"{name}.log").is_file()
@@ -253,7 +258,7 @@ def test_tiny_study_searches_each_family_and_reports_the_setting_found(tiny_stud
         rows = list(csv.DictReader(f))
     composed = "composed-duodiff_d1_ts2_ee_attention_probe_thr_steps4"  # tiny.yaml's entry, its knob the threshold
     cached = "composed-duodiff_d1_ts2_cache_N_k1"  # DuoDiff with caching, its knob the interval
-    families = {"fewer_steps", "early_exit-attention_probe", "duodiff-d1", "cache-k1", composed, cached}
+    families = {"fewer_steps", "early_exit-attention_probe", "duodiff-d1", "cache-k1", "l2c", composed, cached}
     assert {row["family"] for row in rows} == families
     for family in families:
         trace = [row for row in rows if row["family"] == family]
@@ -271,7 +276,7 @@ def test_tiny_study_searches_each_family_and_reports_the_setting_found(tiny_stud
     with open(study / "tables" / "scores.csv") as f:
         grid = {row["set"] for row in csv.DictReader(f)}
     for label, family in [("fewer steps", "fewer_steps"), ("attention_probe", "early_exit-attention_probe"),
-                          ("shallow depth 1", "duodiff-d1"), ("k = 1", "cache-k1")]:
+                          ("shallow depth 1", "duodiff-d1"), ("k = 1", "cache-k1"), ("learned router", "l2c")]:
         final = next(row for row in rows if row["family"] == family)
         assert "found by search" in points[label]["note"]
         assert points[label]["set"] == final["best"]  # "" when none passes: the note names the closest

@@ -125,6 +125,11 @@ def test_every_set_the_workflow_samples_parses_into_the_method_and_settings_it_r
                 assert Path(flags["--checkpoint-path-late"]).parent.name == "full", name
         else:
             assert "--cache-interval" not in flags and "--cache-keep" not in flags, name
+        if method == "l2c":
+            assert float(flags["--router-threshold"]) == float(fields["router_threshold"]), name
+            assert Path(flags["--router"]).name == "router.pt", name
+        else:
+            assert "--router" not in flags and "--router-threshold" not in flags, name
         if "classifier_type" in fields:  # early exit alone, or DuoDiff's late model
             late = flags["--checkpoint-path-late"] if "depth" in fields else flags["--checkpoint-path"]
             assert Path(late).parent.name == f"ee_{fields['classifier_type']}", name
@@ -145,6 +150,7 @@ def test_the_sets_study_names_for_a_config_are_the_sets_the_workflow_tabulates(p
            for c in cfg["early_exit"]["classifier_types"] for t in cfg["early_exit"]["thresholds"]]
         + [set_name("duodiff", depth=d, t_switch=t) for d in depths for t in cfg["duodiff"]["t_switch"]]
         + [set_name("cache", cache_interval=n, cache_keep=cfg["cache"]["keep_blocks"]) for n in cfg["cache"]["interval"]]
+        + [set_name("l2c", router_threshold=t) for t in cfg.get("learning_to_cache", {}).get("thresholds", [])]
         + [name for entry in cfg.get("composed", []) for name in composed_names(entry)]
         + ([set_name("real")] if cfg["reference"]["n_real"] > 0 else [])
     )  # fmt: skip

@@ -99,8 +99,13 @@ def expected_sets(cfg: dict) -> list:
         + [f"ee_{c}_thr{float(t)!r}" for c in cfg["early_exit"]["classifier_types"] for t in cfg["early_exit"]["thresholds"]]
         + [f"duodiff_d{d}_ts{t}" for d in depths for t in cfg["duodiff"]["t_switch"]]
         + [f"cache_N{n}_k{cache_keep(cfg)}" for n in cfg.get("cache", {}).get("interval", [])]
+        + l2c_sets(cfg)
         + composed_sets(cfg)
     )
+
+
+def l2c_sets(cfg: dict) -> list:
+    return [f"l2c_thr{float(t)!r}" for t in cfg.get("learning_to_cache", {}).get("thresholds", [])]
 
 
 def cache_keep(cfg: dict) -> int:
@@ -163,6 +168,8 @@ def expected_jobs(cfg: dict) -> dict:
         "sample_early_exit": n_classifiers * n_thresholds,
         "sample_duodiff": n_shallow * n_t_switch,
         "sample_cache": len(cfg.get("cache", {}).get("interval", [])),
+        "train_router": int(bool(l2c_sets(cfg))),  # one router for every l2c set
+        "sample_l2c": len(l2c_sets(cfg)),
         **{rule: [composed_rule(name) for name in composed_sets(cfg)].count(rule)
            for rule in {composed_rule(name) for name in composed_sets(cfg)}},
         "score": n_scored,  # Inception's and (headline classifier) the classifier's scores, one job a set
@@ -187,7 +194,7 @@ def search_family_count(cfg: dict) -> int:
         return 0
     return (int(bool(cfg["sampling"].get("fewer_steps", []))) + len(cfg["early_exit"]["classifier_types"])
             + len(cfg["models"]["shallow"]) * int(bool(cfg["duodiff"]["t_switch"])) + len(cfg.get("composed", []))
-            + int(bool(cfg.get("cache", {}).get("interval", []))))
+            + int(bool(cfg.get("cache", {}).get("interval", []))) + int(bool(l2c_sets(cfg))))
 
 
 def test_a_dry_run_plans_round_0_of_every_family_with_its_grid(dry_runs):
@@ -196,7 +203,7 @@ def test_a_dry_run_plans_round_0_of_every_family_with_its_grid(dry_runs):
     assert sorted((job["wildcards"]["family"], job["wildcards"]["round"]) for job in jobs) == [
         ("cache-k1", "0"), ("composed-duodiff_d1_ts2_cache_N_k1", "0"),
         ("composed-duodiff_d1_ts2_ee_attention_probe_thr_steps4", "0"), ("duodiff-d1", "0"),
-        ("early_exit-attention_probe", "0"), ("fewer_steps", "0")]
+        ("early_exit-attention_probe", "0"), ("fewer_steps", "0"), ("l2c", "0")]
     grid = {job["wildcards"]["family"]: job["input"] for job in jobs}
     assert grid["early_exit-attention_probe"] == {
         f"results/tiny/metrics/{name}/fd_classifier.json"
@@ -578,7 +585,7 @@ def test_every_file_a_job_reads_is_its_input(dry_runs):
     full = f"{root}/models/full/model.pt"
 
     def models(name):  # from the set name's grammar (docs/architecture.md)
-        if name == "full" or name.startswith(("full_steps", "cache_")):  # caching reuses the full model's work
+        if name == "full" or name.startswith(("full_steps", "cache_", "l2c_")):  # caching reuses the full model's work
             return {full}
         if name.startswith("shallow_d"):
             return {f"{root}/models/{name}/model.pt"}

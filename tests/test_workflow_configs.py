@@ -53,6 +53,8 @@ BAD_CONFIGS = [
      "invalid config: duodiff.t_switch 7 must be in [0, sampling.steps = 6]"),
     ("cache interval beyond the sampling steps", lambda c, w: c.update(cache={"interval": [2, 7]}),
      "invalid config: cache.interval 7 must be in [1, sampling.steps = 6]"),
+    ("Learning-to-Cache threshold above 1", lambda c, w: c.update(learning_to_cache={"thresholds": [0.5, 1.5]}),
+     "invalid config: learning_to_cache.thresholds[1]: 1.5 is greater than the maximum of 1"),
     ("cache interval 0", lambda c, w: c.update(cache={"interval": [0]}),
      "invalid config: cache.interval[0]: 0 is less than the minimum of 1"),
     ("cache keeping the whole network", lambda c, w: c.update(cache={"interval": [2], "keep_blocks": 2}),

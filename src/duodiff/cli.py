@@ -24,6 +24,7 @@ from duodiff.core.io import check_output_path
 COMMANDS = {
     "encode": "duodiff.core.latent",
     "train": "duodiff.train.loop",
+    "train-router": "duodiff.train.router",
     "convert": "duodiff.models.convert",
     "sample": "duodiff.sample.sample_set",
     "feature-net": "duodiff.metrics.feature_net",

@@ -32,6 +32,7 @@ WILDCARD_PATTERNS = {
     "threshold": r"\d+(\.\d+)?(e-\d+)?",
     "cache_interval": r"\d+",
     "cache_keep": r"\d+",
+    "router_threshold": r"\d+(\.\d+)?(e-\d+)?",
 }
 SET_NAMES = {
     "full": "full",
@@ -41,6 +42,8 @@ SET_NAMES = {
     "duodiff": "duodiff_d{depth}_ts{t_switch}",
     # DeepCache-style caching (config `cache`): the whole network every N steps, k blocks at each end between
     "cache": "cache_N{cache_interval}_k{cache_keep}",
+    # Learning-to-Cache (config `learning_to_cache`): the trained router, gates at most the threshold reuse
+    "l2c": "l2c_thr{router_threshold}",
     # composed (config `composed`): early exit or DuoDiff at fewer steps, DuoDiff with early exit in
     # the full model's phase. No field pattern holds an underscore, so no name matches two forms.
     "early_exit_steps": "ee_{classifier_type}_thr{threshold}_steps{steps}",
@@ -119,6 +122,9 @@ def sample_sets() -> list:
     sets += [
         names["cache"].format(cache_interval=n, cache_keep=config["cache"]["keep_blocks"])
         for n in config["cache"]["interval"]
+    ]
+    sets += [
+        names["l2c"].format(router_threshold=threshold_label(tau)) for tau in config["learning_to_cache"]["thresholds"]
     ]
     sets += [name for name in composed_sets() if name not in sets]
     return sets
@@ -255,6 +261,7 @@ SAMPLE_SUBCATEGORIES = {
     "duodiff": "5. DuoDiff",
     "composed": "6. Composed",
     "cache": "7. Caching",
+    "l2c": "8. Learning-to-Cache",
 }
 # The probes as the report names them (the tables' cells.PROBE_NAMES, duodiff.report.tables).
 PROBE_NAMES = {
@@ -281,6 +288,8 @@ def sample_label(wildcards) -> str:
         parts.append(
             f"the whole network every {fields['cache_interval']} steps, {fields['cache_keep']} outer blocks between"
         )
+    if "router_threshold" in fields:
+        parts.append(f"learned router, threshold = {fields['router_threshold']}")
     return "; ".join(parts) or f"every block, {config['sampling']['steps']} steps"
 
 
@@ -410,6 +419,8 @@ SEARCH_KNOBS = {
     "t_switch": {"low": 0, "high": "steps", "cheaper": "higher", "integer": True},
     # caching: N = 1 runs the whole network every step (the full model); a longer interval is cheaper
     "cache_interval": {"low": 1, "high": "steps", "cheaper": "higher", "integer": True},
+    # Learning-to-Cache: a higher threshold closes more gates (more layers reuse), so it is cheaper
+    "router_threshold": {"low": 0.0, "high": 1.0, "cheaper": "higher", "integer": False},
 }
 
 
@@ -463,6 +474,11 @@ def search_families() -> dict:
         label = f"caching, k = {cache['keep_blocks']}"
         families.append(
             search_family(f"cache-k{cache['keep_blocks']}", label, template, "cache_interval", cache["interval"])
+        )
+    l2c = config["learning_to_cache"]
+    if l2c["thresholds"]:
+        families.append(
+            search_family("l2c", "Learning-to-Cache", SET_NAMES["l2c"], "router_threshold", l2c["thresholds"])
         )
     # Composed policies (issue 21, point 3): each {"template", "knob", "values", "label"} is one
     # family more, its id the template with the knob's placeholder dropped.

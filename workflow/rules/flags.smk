@@ -91,6 +91,16 @@ def encode_flags() -> str:
     return " ".join([dataset_flags(), autoencoder_flags(), cli_flags(settings)])
 
 
+def router_flags() -> str:
+    """`duodiff train-router`'s settings: config `learning_to_cache` (all but thresholds) and the
+    sampling grid the router is for (sampler, steps, eta, guidance scale, EMA), plus device."""
+    sampling = config["sampling"]
+    settings = {key: value for key, value in config["learning_to_cache"].items() if key != "thresholds"}
+    settings.update({key: sampling[key] for key in ("sampler", "steps", "eta")})
+    settings.update(no_ema=not sampling["use_ema"], device=config["device"], guidance_scale=sampling["guidance_scale"])
+    return cli_flags(unless_zero(settings, "guidance_scale"))
+
+
 def sampling_flags(steps=None) -> str:
     """The `duodiff sample` settings of config `sampling`; `steps` overrides its steps (fewer steps)."""
     sampling = config["sampling"]

@@ -113,6 +113,27 @@ use rule sample_full as sample_cache with:
         ),
 
 
+# Learning-to-Cache (config `learning_to_cache`): the full model and the study's trained router;
+# on the cache steps a layer whose gate is at most the threshold reuses its last residual.
+
+
+use rule sample_full as sample_l2c with:
+    input:
+        **autoencoder_inputs(),
+        model=trained(rules.train_full.output.model),
+        router=rules.train_router.output.router,
+    output:
+        **sample_outputs("l2c"),
+    log:
+        "results/{experiment}/logs/sample_l2c/l2c_thr{router_threshold}.log",
+    benchmark:
+        "results/{experiment}/benchmarks/sample_l2c/l2c_thr{router_threshold}.tsv"
+    params:
+        method="l2c",
+        checkpoints=lambda wildcards, input: f"--checkpoint-path {input.model} --router {input.router}",
+        flags=lambda wildcards: f"--router-threshold {wildcards.router_threshold} {sampling_flags()}",
+
+
 # Composed policies (config `composed`, common.smk): the same `duodiff sample` methods at fewer
 # steps, or DuoDiff whose late model is the early-exit model (the frozen full backbone with its
 # heads and probes), its exit rule running in the full model's phase.

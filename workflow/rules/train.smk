@@ -87,3 +87,30 @@ rule train_early_exit:
         "duodiff train --restart --nproc-per-node {resources.gpu} --model early_exit --classifier-type {wildcards.classifier_type} "
         "--load-backbone {input.backbone} --config-path {input.model_config} --log-path {params.folder} "
         "{params.flags} > {log} 2>&1"
+
+
+# Learning-to-Cache's router (config `learning_to_cache`): the frozen full model, trained for the
+# study's sampler and steps (one gate per cache step and layer); `duodiff train-router` resumes its
+# checkpoint.pt like `duodiff train`, which lies beside router.pt undeclared for the same reason.
+rule train_router:
+    input:
+        model=trained(rules.train_full.output.model),
+    output:
+        router="results/{experiment}/models/router/router.pt",
+        loss="results/{experiment}/models/router/loss.csv",
+    log:
+        "results/{experiment}/logs/train_router.log",
+    benchmark:
+        "results/{experiment}/benchmarks/train_router.tsv"
+    priority: 5
+    conda:
+        ENV
+    threads: config["threads"]["train"]
+    resources:
+        **resources("train"),
+    params:
+        folder=subpath(output.router, parent=True),
+        flags=router_flags(),
+    shell:
+        "duodiff train-router --restart --checkpoint-path {input.model} --output-folder {params.folder} "
+        "{params.flags} > {log} 2>&1"

@@ -164,6 +164,11 @@ def _check_sampling(config) -> None:
                 f"invalid config: cache.interval {interval} must be in [1, sampling.steps = {sampling['steps']}] "
                 "(the steps from one full network pass to the next)"
             )
+    if config["learning_to_cache"]["thresholds"] and sampling["steps"] < 2:
+        raise ValueError(
+            "invalid config: learning_to_cache needs sampling.steps >= 2 (step 0 never caches; the router "
+            f"gates steps 1, 3, ...); got {sampling['steps']}"
+        )
     for t_switch in config["duodiff"]["t_switch"]:
         if not 0 <= t_switch <= sampling["steps"]:
             raise ValueError(

@@ -14,12 +14,12 @@ import re
 from duodiff.core.errors import DuodiffError
 
 # What `duodiff sample --method` runs and stats.json records (docs/architecture.md).
-METHODS = ("full", "shallow", "early_exit", "duodiff", "cache")
+METHODS = ("full", "shallow", "early_exit", "duodiff", "cache", "l2c")
 # The methods of the tables' rows, in the papers' order: the sampling methods, the held-out real
 # images, and the full model sampled with fewer steps.
 # Composed sets (several families in one policy: fewer steps, DuoDiff's shallow phase, early exit
 # inside the full model) are one method, whatever they combine.
-METHOD_ORDER = ("real", "full", "fewer_steps", "shallow", "early_exit", "duodiff", "cache", "composed")
+METHOD_ORDER = ("real", "full", "fewer_steps", "shallow", "early_exit", "duodiff", "cache", "l2c", "composed")
 # The method a set's stats.json records (what `duodiff sample --method` runs) when it differs from
 # the set's own method, by the form of its name (SET_NAME_TEMPLATES; stats_method).
 STATS_METHOD = {
@@ -32,7 +32,9 @@ STATS_METHOD = {
 }
 # The setting each swept method varies from set to set.
 # cache: the interval N between full steps (cache_keep, the blocks run at each end, is fixed per family).
-SWEPT_SETTING = {"early_exit": "threshold", "duodiff": "t_switch", "cache": "cache_interval"}
+# l2c: the router's threshold (one router per study: the sampler and steps it was trained for).
+SWEPT_SETTING = {"early_exit": "threshold", "duodiff": "t_switch", "cache": "cache_interval",
+                 "l2c": "router_threshold"}
 
 # ddpm: every timestep; ddim and dpm_solver (DPM-Solver++ 2M, this project's): `steps` of them;
 # dpm_solver_fast (U-ViT's ImageNet sampler) and euler_maruyama (U-ViT's CIFAR-10 / CelebA one): `steps`
@@ -65,6 +67,7 @@ FIELD_PATTERNS = {
     "threshold": THRESHOLD_PATTERN,
     "cache_interval": r"\d+",
     "cache_keep": r"\d+",
+    "router_threshold": THRESHOLD_PATTERN,
 }
 SET_NAME_TEMPLATES = {
     "real": "real",
@@ -75,6 +78,8 @@ SET_NAME_TEMPLATES = {
     "duodiff": "duodiff_d{depth}_ts{t_switch}",
     # DeepCache-style caching: the whole network every N steps, k blocks at each end in between
     "cache": "cache_N{cache_interval}_k{cache_keep}",
+    # Learning-to-Cache: the trained router, layers whose gate is at most the threshold reuse
+    "l2c": "l2c_thr{router_threshold}",
     # composed: early exit at fewer steps; DuoDiff at fewer steps; DuoDiff whose full-model phase
     # runs the early-exit model with its exit rule (at the study's steps, or fewer).
     "early_exit_steps": "ee_{classifier_type}_thr{threshold}_steps{steps}",
@@ -109,6 +114,8 @@ def set_name(method: str, **fields) -> str:
     -> 'ee_attention_probe_thr0.2_steps30'."""
     if "threshold" in fields:
         fields = {**fields, "threshold": threshold_label(fields["threshold"])}
+    if "router_threshold" in fields:
+        fields = {**fields, "router_threshold": threshold_label(fields["router_threshold"])}
     return SET_NAME_TEMPLATES[name_form(method, fields)].format(**fields)
 
 
@@ -155,17 +162,17 @@ def stats_method(name: str) -> str:
 # of the figures, where sets drawn at one point share one label.
 SETTING_STYLES = {
     "stats": ({"early_exit": ("threshold", "threshold={}", ""), "duodiff": ("t_switch", "t_switch={}", ""),
-               "cache": ("cache_interval", "N={}", ""),
+               "cache": ("cache_interval", "N={}", ""), "l2c": ("router_threshold", "router_threshold={}", ""),
                "real": (None, "real images not in the reference", ""),
                "composed": (("t_switch", "t_switch={}", ""), ("threshold", "threshold={}", ""),
                             ("cache_interval", "N={}", ""), ("steps", "steps={}", ""))}, "-"),
     "table": ({"early_exit": ("threshold", "threshold = {}", "g"), "duodiff": ("t_switch", "t_switch = {}", "g"),
-               "cache": ("cache_interval", "N = {}", "g"),
+               "cache": ("cache_interval", "N = {}", "g"), "l2c": ("router_threshold", "τ = {}", "g"),
                "fewer_steps": ("steps", "{} steps", ""), "real": ("n_samples", "{} images", ""),
                "composed": (("t_switch", "t_switch = {}", "g"), ("threshold", "τ = {}", "g"),
                             ("cache_interval", "N = {}", "g"), ("steps", "{} steps", ""))}, "–"),
     "plot": ({"early_exit": ("threshold", "τ={}", "g"), "duodiff": ("t_switch", "tₛ={}", ""),
-              "cache": ("cache_interval", "N={}", "g"),
+              "cache": ("cache_interval", "N={}", "g"), "l2c": ("router_threshold", "τ={}", "g"),
               "fewer_steps": ("steps", "{} steps", ""),
               "composed": (("t_switch", "tₛ={}", ""), ("threshold", "τ={}", "g"), ("cache_interval", "N={}", "g"),
                            ("steps", "{} steps", ""))}, ""),

@@ -35,6 +35,11 @@ Per sample set (DIR/stats.json, DIR/exit_layers.pt of shape (steps, n)):
   FlopCounterMode on that call itself: embedding, the first and last cache_keep blocks, head;
   DuoDiff with caching (a composed set): the shallow network for the first t_switch steps, then
   the full network's full and cached steps as a cache set's;
+  l2c: the whole network at steps 0, 2, 4, ...; on each cache step what UViT.forward_routed
+  runs with that step's plan (the router's gates above the set's threshold; models/router.py),
+  counted by FlopCounterMode on that call: embedding, the attention and MLP layers that run
+  (with their LayerNorms), every out-block's skip_linear, head; exit_layers (the blocks of which
+  a layer ran) must agree with the plan;
 - layer_ratio: the mean executed depth (exit_layers) / the full depth;
 - gflops_decoder_per_image (latent diffusion; null in pixel space): the autoencoder's one decoder
   pass per image, counted the same way on the decoder built from its config. It is kept apart:
@@ -54,7 +59,7 @@ from pathlib import Path
 
 import torch
 
-from duodiff.core.errors import is_int, require
+from duodiff.core.errors import is_int, is_number, require
 from duodiff.core.flags import add_flag
 from duodiff.core.io import read_json, write_json
 from duodiff.core.study import METHODS
@@ -181,6 +186,21 @@ def _cached_cost_for(key: str, keep: int) -> dict:
     return cached_step_cost(_meta_model(json.loads(key)), keep)
 
 
+def routed_step_cost(model, run) -> dict:
+    """FLOPs of one Learning-to-Cache step (UViT.forward_routed with `run`, depth x (attention,
+    MLP) booleans) on the cache a full step left: the call itself counted."""
+    device = next(model.parameters()).device
+    x, t, y = dummy_inputs(model, device)
+    with torch.no_grad():
+        _, cache = model.forward_routed(x, t, y)
+    return count(lambda: model.forward_routed(x, t, y, run=run, cache=cache))[1]
+
+
+@functools.lru_cache(maxsize=None)
+def _routed_cost_for(key: str, run: tuple) -> dict:
+    return routed_step_cost(_meta_model(json.loads(key)), run)
+
+
 def model_costs(kind: str, model_config: dict, num_timesteps: int = 1000, classifier_type: str | None = None) -> dict:
     """piece_costs of the model built from this config; cached per process per config."""
     key = json.dumps(
@@ -216,6 +236,17 @@ def checkpoint_cached_cost(path, keep: int) -> dict:
     return _cached_cost_for(key, int(keep))
 
 
+def checkpoint_routed_cost(path, run: tuple) -> dict:
+    """routed_step_cost of a (plain U-ViT) model.pt's architecture, built on the meta device."""
+    obj = model_file(path)
+    key = json.dumps(
+        {"kind": obj["kind"], "model_config": obj["model_config"],
+         "num_timesteps": int(obj["diffusion"].get("num_timesteps", 1000)), "classifier_type": obj.get("classifier_type")},
+        sort_keys=True,
+    )  # fmt: skip
+    return _routed_cost_for(key, tuple(tuple(pair) for pair in run))
+
+
 def checkpoint_costs(path) -> tuple[dict, dict]:
     """-> (piece costs, model file metadata) of a model.pt; only its config is used."""
     obj = model_file(path)
@@ -230,15 +261,27 @@ def checkpoint_costs(path) -> tuple[dict, dict]:
 
 
 def set_costs(method: str, exit_layers: torch.Tensor, costs: dict, costs_late: dict | None = None, t_switch=None,
-              cached: dict | None = None, cache_keep=None):
+              cached: dict | None = None, cache_keep=None, routed: list | None = None):
     """Per-evaluation cost (steps, n) tensors {"total", "linear_conv"} in FLOPs, and the full depth.
 
     method full / shallow: `costs` is the one network; early_exit: `costs` has probes, exit_layers
     index its LUT; duodiff: `costs` is the shallow network, `costs_late` the full one; cache:
-    `costs` is the full network, `cached` one cached step with `cache_keep` blocks at each end.
+    `costs` is the full network, `cached` one cached step with `cache_keep` blocks at each end;
+    l2c: `costs` is the full network, `routed` per step None (a full step) or (plan, cost) of a cache step.
     """
     steps, n = exit_layers.shape
     per_eval = {}
+    if method == "l2c":
+        depth = len(costs["blocks"])
+        require(routed is not None and len(routed) == steps,
+                f"l2c set: exit_layers has {steps} steps but the router plans {len(routed or [])}")
+        whole = network_cost(costs)
+        expected = [depth if entry is None else sum(1 for a, m in entry[0] if a or m) for entry in routed]
+        require(bool((exit_layers == torch.tensor(expected).unsqueeze(1)).all()),
+                f"l2c set: exit_layers (blocks run) should be {expected} per step, as the router and threshold plan")
+        per_eval = {k: torch.tensor([float(whole[k] if entry is None else entry[1][k]) for entry in routed],
+                                    dtype=torch.float64).unsqueeze(1).expand(steps, n).clone() for k in whole}
+        return per_eval, depth
     if method == "cache":
         depth = len(costs["blocks"])
         assert cached is not None and 1 <= cache_keep <= depth // 2, "run_flops checks a cache set's cache_keep"
@@ -387,7 +430,19 @@ def run_flops(*, samples, output) -> dict:
         half = len(cached_costs["blocks"]) // 2
         require(is_int(keep) and 1 <= keep <= half, f"{stats_path}: cache_keep must be an integer in [1, {half}]; got {keep!r}")
         cached = checkpoint_cached_cost(cached_path, keep)
-    per_eval, full_depth = set_costs(method, exit_layers, costs, costs_late, stats.get("t_switch"), cached, keep)
+    routed = None
+    if method == "l2c":
+        from duodiff.models.router import check_router_fits, load_router, routing_plan
+
+        require(meta["kind"] == "uvit", f"{stats_path}: an l2c set needs a uvit checkpoint; {stats['checkpoint']} is {meta['kind']!r}")
+        threshold = stats.get("router_threshold")
+        require(bool(stats.get("router")) and is_number(threshold), f"{stats_path}: an l2c set needs router and router_threshold")
+        router = load_router(stats["router"])
+        check_router_fits(router, stats["router"], steps=exit_layers.shape[0], sampler=stats["sampler"],
+                          depth=len(costs["blocks"]))
+        routed = [None if run is None else (run, checkpoint_routed_cost(stats["checkpoint"], run))
+                  for run in routing_plan(router, threshold)]
+    per_eval, full_depth = set_costs(method, exit_layers, costs, costs_late, stats.get("t_switch"), cached, keep, routed)
     branches = stats.get("branches", 1)  # sets sampled before guidance existed: 1
 
     full = network_cost(costs_late if method == "duodiff" else costs)

@@ -30,6 +30,12 @@ skips: out-block depth-1-i reads in-block i, so with the first `keep` in-blocks 
 out-blocks run afresh, everything between them (the inner in-blocks, the mid block, the inner
 out-blocks) reduces to one tensor, the hidden state entering out-block depth-keep, which is taken
 from the last full step.
+
+Learning-to-Cache (Ma, Fang, Mi, Wang, NeurIPS 2024; `forward_routed`, models/router.py,
+sample/policies.py RouterDenoiser) caches at a finer grain, as L2C's U-ViT does: each block's
+attention and its MLP are two layers, each adding a residual to the hidden state; on a cache step
+a gated-off layer adds the residual it added on the previous step instead of computing it (an
+out-block's skip_linear, which merges the long skip, always runs, as in L2C).
 """
 
 from __future__ import annotations
@@ -205,6 +211,25 @@ class Block(nn.Module):
         x = x + self.mlp(self.norm2(x))
         return x
 
+    def forward_routed(self, x, skip=None, run=(True, True), cached=None, gates=None):
+        """-> (output, (attention residual, MLP residual)). `run` (attention, MLP): a layer that
+        does not run adds its residual in `cached` (the previous step's) and is not computed;
+        `gates` (training, L2C's relaxation): every layer runs and adds g * fresh + (1 - g) *
+        cached. With both layers run and no gates, the same operations as `forward`."""
+        if self.skip_linear is not None:
+            x = self.skip_linear(torch.cat([x, skip], dim=-1))
+        residuals = []
+        for j, (norm, layer) in enumerate(((self.norm1, self.attn), (self.norm2, self.mlp))):
+            if run[j]:
+                residual = layer(norm(x))
+                if gates is not None:
+                    residual = gates[j] * residual + (1 - gates[j]) * cached[j]
+            else:
+                residual = cached[j]
+            residuals.append(residual)
+            x = x + residual
+        return x, tuple(residuals)
+
 
 class PatchEmbed(nn.Module):
     """Image to patch tokens: Conv2d with kernel = stride = patch size, then flatten."""
@@ -326,6 +351,32 @@ class UViT(nn.Module):
         for i in range(self.depth - keep, self.depth):
             x = self.run_block(i, x, skips)
         return self.head(x), cache
+
+    def forward_routed(self, x, t, y=None, run=None, cache=None, gates=None):
+        """-> (output, residuals): Learning-to-Cache's routed pass. `residuals` lists, per block in
+        execution order, the (attention, MLP) residuals this pass added: the next step's cache.
+        Without `cache`: the whole network (the operations of `forward`, bitwise its output).
+        With `cache` and `run` (depth x (attention, MLP) booleans): a layer whose entry is False
+        re-adds its cached residual and is not computed. With `cache` and `gates` (a (depth, 2)
+        tensor in [0, 1], router training): every layer runs, its residual interpolated
+        g * fresh + (1 - g) * cached."""
+        x = self.embed(x, t, y)
+        skips, residuals = [], []
+        half = self.depth // 2
+        for i in range(self.depth):
+            block = self.block(i)
+            kwargs = {}
+            if cache is not None:
+                kwargs["cached"] = cache[i]
+                if gates is not None:
+                    kwargs["gates"] = gates[i]
+                elif run is not None:
+                    kwargs["run"] = run[i]
+            x, parts = block.forward_routed(x, skips.pop() if i > half else None, **kwargs)
+            if i < half:
+                skips.append(x)
+            residuals.append(parts)
+        return self.head(x), residuals
 
     @staticmethod
     def loss(output, target, weights, use_unweighted_loss=False):

@@ -16,6 +16,9 @@ The building blocks:
     CacheDenoiser      DeepCache-style caching (Ma, Fang, Wang, CVPR 2024) on U-ViT's long skips:
                        the whole network every `interval` steps; in between only the first `keep`
                        in-blocks and the last `keep` out-blocks, the rest from the last full step
+    RouterDenoiser     Learning-to-Cache (Ma, Fang, Mi, Wang, NeurIPS 2024): a trained router
+                       (models/router.py) says, per cache step and layer (a block's attention or
+                       MLP), whether the layer runs or re-adds its residual of the step before
     PhasedPolicy       one policy for the first `switch` steps, another for the rest (fed the
                        phase-local step index)
 
@@ -37,6 +40,7 @@ from typing import Protocol
 import torch
 
 from duodiff.core.guidance import GuidedDenoiser, guided_labels
+from duodiff.models.router import load_router, routing_plan
 
 
 class SamplingPolicy(Protocol):
@@ -121,6 +125,35 @@ class CacheDenoiser:
         return torch.tensor(self._blocks, dtype=torch.long).reshape(steps, 1).expand(steps, batch_size).clone()
 
 
+class RouterDenoiser:
+    """Learning-to-Cache on U-ViT (UViT.forward_routed): `plan` (models/router.routing_plan) holds,
+    per step, None (the whole network runs: steps 0, 2, 4, ...) or one (attention, MLP) pair of
+    booleans per block; a layer marked False re-adds its residual of the step before and is not
+    computed. Its executed depth is, per step, the blocks of which the attention or the MLP ran (an
+    out-block's skip_linear always runs and is not counted on its own), the same for every sample;
+    the FLOPs count each layer exactly (metrics/flops.py)."""
+
+    def __init__(self, model, plan: list, y=None):
+        self.model = model
+        self.plan = plan
+        self.y = y
+        self._cache = None
+        self._blocks: list[int] = []
+
+    def __call__(self, x, t, step_index):
+        assert step_index == len(self._blocks), "a RouterDenoiser records one sampling run"
+        run = self.plan[step_index]
+        if run is not None and self._cache is None:  # step 0 is never a cache step; kept for safety
+            run = None
+        output, self._cache = self.model.forward_routed(x, t, self.y, run=run, cache=None if run is None else self._cache)
+        self._blocks.append(self.model.depth if run is None else sum(1 for a, m in run if a or m))
+        return output
+
+    def executed_depth(self, steps: int, batch_size: int) -> torch.Tensor:
+        assert len(self._blocks) == steps, (len(self._blocks), steps)
+        return torch.tensor(self._blocks, dtype=torch.long).reshape(steps, 1).expand(steps, batch_size).clone()
+
+
 class PhasedPolicy:
     """`early` for the first `switch` steps (the noisiest), `late` for the rest. The late policy
     sees its own step count from 0, so an EarlyExitDenoiser (which records one exit row per step
@@ -161,7 +194,9 @@ def DuoDiffDenoiser(shallow, full, t_switch: int, y=None, steps: int | None = No
 
 def cache_settings(settings: dict):
     """(interval, keep) of a set's settings or stats.json: a cache set's, or a DuoDiff set's whose
-    full-model phase is cached; None for every other set."""
+    full-model phase is cached; (router path, threshold) of an l2c set's; None for every other set."""
+    if settings["method"] == "l2c":
+        return settings["router"], settings["router_threshold"]
     return (settings["cache_interval"], settings["cache_keep"]) if settings.get("cache_interval") is not None else None
 
 
@@ -179,4 +214,7 @@ def make_denoiser(method, models, threshold, t_switch, y, guidance_scale=0.0, nu
         return DuoDiffDenoiser(models["shallow"], models["full"], t_switch, y=y, threshold=threshold, cache=cache)
     if method == "cache":
         return CacheDenoiser(models["model"], *cache, y=y)
+    if method == "l2c":  # cache = (router path, threshold), checked against the set by run_sample
+        router_path, router_threshold = cache
+        return RouterDenoiser(models["model"], routing_plan(load_router(router_path), router_threshold), y=y)
     return ModelDenoiser(models["model"], y=y)

@@ -15,6 +15,10 @@ Methods (docs/architecture.md):
             out-blocks, everything inside them taken from the last full step. With --method duodiff
             and a plain full U-ViT as --checkpoint-path-late, --cache-interval and --cache-keep cache
             the full model's phase the same way (its first step a full one): DuoDiff with caching.
+- l2c       Learning-to-Cache on the full U-ViT: a router trained for this sampler and step count
+            (--router, `duodiff train-router`); on the cache steps (1, 3, 5, ...) each block's
+            attention and MLP whose gate is at most --router-threshold re-add their residuals of
+            the step before instead of running.
 Any method runs at the --steps given: a composed set at fewer steps is the same command.
 With --guidance-scale S != 0 each method also runs the unconditional branch (duodiff.core.guidance).
 
@@ -38,9 +42,10 @@ from duodiff.core.fingerprint import RESTART_HELP, check_state, fingerprint, rem
 from duodiff.core.flags import add_flag
 from duodiff.core.guidance import branch_major, check_guidance_scale, label_classes, set_null_label
 from duodiff.core.images import image_grid, load_png, png_problem, save_png, to_uint8
-from duodiff.core.io import remove_stray_temporaries, torch_save, write_json
+from duodiff.core.io import file_sha256, remove_stray_temporaries, torch_save, write_json
 from duodiff.core.latent import autoencoder_record, check_model_autoencoder, decoding_stats, load_codec
 from duodiff.core.study import CUDA_ONLY_PRECISIONS, METHODS, PRECISIONS, SAMPLERS, setting_label
+from duodiff.models.router import check_router_fits, load_router
 from duodiff.sample.policies import cache_settings, make_denoiser
 from duodiff.sample.setup import (
     check_device,
@@ -84,7 +89,7 @@ def main_value(by_role: dict):
 
 def check_sample_args(*, method, sampler, steps, n_samples, batch_size, seed, eta, threshold, t_switch,
                       checkpoint_path_late, allow_deeper_shallow, precision, device, guidance_scale,
-                      cache_interval=None, cache_keep=None) -> torch.device:
+                      cache_interval=None, cache_keep=None, router=None, router_threshold=None) -> torch.device:
     """Every rule on the arguments that needs no file, once, before any work; -> the device."""
     check_choice("--method", method, METHODS)
     check_choice("--sampler", sampler, SAMPLERS)
@@ -151,6 +156,14 @@ def check_sample_args(*, method, sampler, steps, n_samples, batch_size, seed, et
                 f"{name} applies to --method cache (and duodiff's full-model phase) only; got {name} {value} with "
                 f"--method {method}",
             )
+    if method == "l2c":
+        require(router is not None, "--method l2c needs --router (a router.pt of duodiff train-router)")
+        require(router_threshold is not None, "--method l2c needs --router-threshold (in [0, 1])")
+        require(is_number(router_threshold) and 0.0 <= router_threshold <= 1.0,
+                f"--router-threshold must be in [0, 1]; got {router_threshold!r}")
+    else:
+        for name, value in (("--router", router), ("--router-threshold", router_threshold)):
+            require(value is None, f"{name} applies to --method l2c only; got {name} {value} with --method {method}")
     check_choice("--precision", precision, PRECISIONS)
     check_guidance_scale(guidance_scale)
     dev = check_device(device or default_device())
@@ -219,14 +232,15 @@ def sampling_steps(num_timesteps: int, method, sampler, steps, t_switch) -> int:
 def run_sample(*, checkpoint_path, method, output_folder, sampler, steps, n_samples, batch_size, seed, threshold,
                t_switch, checkpoint_path_late, eta, use_ema, device, precision, progress, allow_deeper_shallow,
                guidance_scale, autoencoder, autoencoder_config, scale_factor, restart, cache_interval=None,
-               cache_keep=None):
+               cache_keep=None, router=None, router_threshold=None):
     """Generate `n_samples` images into `output_folder` (see docs/architecture.md, "Sample set folder")."""
     dev = check_sample_args(
         method=method, sampler=sampler, steps=steps, n_samples=n_samples, batch_size=batch_size, seed=seed, eta=eta,
         threshold=threshold, t_switch=t_switch, checkpoint_path_late=checkpoint_path_late,
         allow_deeper_shallow=allow_deeper_shallow, precision=precision, device=device, guidance_scale=guidance_scale,
-        cache_interval=cache_interval, cache_keep=cache_keep,
+        cache_interval=cache_interval, cache_keep=cache_keep, router=router, router_threshold=router_threshold,
     )  # fmt: skip
+    router_record = load_router(router) if method == "l2c" else None  # a bad file: one line before any work
     decoder = autoencoder_record(autoencoder, autoencoder_config, scale_factor)  # latent diffusion: None in pixel space
     paths = (checkpoint_path, checkpoint_path_late)
     models, diffusion, metas = load_models(method, *paths, use_ema, dev, allow_deeper_shallow)
@@ -237,6 +251,9 @@ def run_sample(*, checkpoint_path, method, output_folder, sampler, steps, n_samp
     cached, cached_path = ("full", checkpoint_path_late) if method == "duodiff" else ("model", checkpoint_path)
     check_cache_keep(cache_keep, models[cached].depth, cached_path)
     steps = sampling_steps(diffusion.num_timesteps, method, sampler, steps, t_switch)
+    if router_record is not None:
+        check_router_fits(router_record, router, steps=steps, sampler=sampler, depth=main_value(models).depth,
+                          model_sha256=file_sha256(checkpoint_path))
     null = set_null_label(guidance_scale, models, metas)
     settings = {
         "method": method,
@@ -254,11 +271,13 @@ def run_sample(*, checkpoint_path, method, output_folder, sampler, steps, n_samp
         **({"autoencoder": decoder} if decoder is not None else {}),
         # Only in cache sets, for the same reason.
         **({"cache_interval": cache_interval, "cache_keep": cache_keep} if cache_interval is not None else {}),
+        **({"router": str(router), "router_threshold": float(router_threshold)} if method == "l2c" else {}),
     }
     # The parts are keyed by the models' bytes, not their paths and steps: a model retrained in
     # place with the same step count must not pass off the old model's images as its own.
-    paths_free = {k: v for k, v in settings.items() if k not in ("checkpoint", "checkpoint_late")}
-    current = fingerprint({"model weights": checkpoint_path, "late model weights": checkpoint_path_late}, paths_free)
+    paths_free = {k: v for k, v in settings.items() if k not in ("checkpoint", "checkpoint_late", "router")}
+    current = fingerprint({"model weights": checkpoint_path, "late model weights": checkpoint_path_late,
+                           "router": router if method == "l2c" else None}, paths_free)
     folder = Path(output_folder)
     remove_stray_temporaries(folder)  # a killed job's half-written PNG or part, never a result
     starts = range(0, n_samples, batch_size)
@@ -459,6 +478,8 @@ def set_stats(settings: dict, parts: list, exit_layers, models, metas, diffusion
         "t_switch": settings["t_switch"],
         # cache: the whole network every cache_interval steps, cache_keep blocks at each end between
         **{key: settings[key] for key in ("cache_interval", "cache_keep") if key in settings},
+        # l2c: the router file and its threshold (a layer runs on a cache step when its gate is above it)
+        **{key: settings.get(key) for key in ("router", "router_threshold") if method == "l2c"},
         # early exit, alone or in DuoDiff's late phase (then the late model's)
         "classifier_type": (meta if method == "early_exit" else metas.get("full", {})).get("classifier_type")
         if settings["threshold"] is not None else None,
@@ -487,7 +508,7 @@ def set_stats(settings: dict, parts: list, exit_layers, models, metas, diffusion
 def add_cli(subparsers) -> None:
     parser = subparsers.add_parser(
         "sample",
-        help="generate a sample set (full, shallow, early exit, DuoDiff or caching) and time it",
+        help="generate a sample set (full, shallow, early exit, DuoDiff, caching or Learning-to-Cache) and time it",
         description="Generate images with a trained model into --output-folder (images/, grid.png, "
         "exit_layers.pt, stats.json). Rerunning the same command resumes an interrupted set.",
     )
@@ -505,6 +526,9 @@ def add_cli(subparsers) -> None:
              help="cache: run the whole network every N steps (1: every step, the full model)")
     add_flag(parser, "--cache-keep", type=int, default=None,
              help="cache: in-blocks at the start and out-blocks at the end run on the steps between (1..depth // 2)")
+    add_flag(parser, "--router", default=None, help="l2c: the router file (duodiff train-router) for this sampler and steps")
+    add_flag(parser, "--router-threshold", type=float, default=None,
+             help="l2c: on a cache step a layer runs when its gate is above this, else re-adds its last residual; in [0, 1]")
     add_flag(parser, "--sampler", default="ddim", choices=SAMPLERS)
     add_flag(parser, "--steps", type=int, default=None, help="sampling steps (network evaluations; ddpm: num_timesteps, every other sampler: required)")
     add_flag(parser, "--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like noise")

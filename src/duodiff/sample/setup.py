@@ -80,7 +80,7 @@ def load_models(method, checkpoint_path, checkpoint_path_late, use_ema, device, 
         f"--method {method} needs a uvit model; {checkpoint_path} holds a {meta['kind']!r} model "
         "(use --method early_exit for early-exit models)",
     )
-    if method in ("full", "shallow", "cache"):  # cache: the full U-ViT, its inner blocks cached
+    if method in ("full", "shallow", "cache", "l2c"):  # cache, l2c: the full U-ViT, parts of it cached
         return {"model": model}, diffusion, {"model": meta}
 
     late, late_diffusion, late_meta = load(checkpoint_path_late, use_ema=use_ema, device=device)

@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 from duodiff.core.distributed import default_device
-from duodiff.core.errors import DuodiffError, check_int, is_int, require
+from duodiff.core.errors import DuodiffError, check_int, is_int, is_number, require
 from duodiff.core.flags import add_flag
 from duodiff.core.guidance import label_classes, set_null_label
 from duodiff.core.io import read_json, write_csv, write_json
@@ -96,6 +96,10 @@ def read_stats(folder: Path) -> dict:
     # cache sets, and DuoDiff sets whose full-model phase is cached
     for key in ("cache_interval", "cache_keep") if method == "cache" or "cache_interval" in stats else ():
         require(is_int(stats.get(key)) and stats[key] > 0, f"{path}: {key} must be a positive integer; got {stats.get(key)!r}")
+    if method == "l2c":  # the router file it was sampled with, rebuilt from it (make_denoiser)
+        require(bool(stats.get("router")) and Path(stats["router"]).is_file(), f"{path}: router {stats.get('router')!r} does not exist")
+        threshold = stats.get("router_threshold")
+        require(is_number(threshold) and 0 <= threshold <= 1, f"{path}: router_threshold must be in [0, 1]; got {threshold!r}")
     return stats
 
 

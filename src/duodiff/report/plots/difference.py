@@ -27,14 +27,15 @@ PANEL_HEIGHT = 2.2  # inches per row of panels
 def _family_color(palette: Palette, method: str, family: str, sets: pd.DataFrame):
     if method == "fewer_steps":
         return FEWER_STEPS_STYLE["color"]
-    key = {"early_exit": sets["classifier_type"].iloc[0], "composed": family, "cache": family}.get(
+    key = {"early_exit": sets["classifier_type"].iloc[0], "composed": family, "cache": family, "l2c": family}.get(
         method, sets["shallow_depth"].iloc[0])
     return palette.family.get((method, key), "0.3")
 
 
 def _title(method: str, family: str) -> str:
     return {"fewer_steps": "Fewer steps", "early_exit": f"Early exit, {family}",
-            "duodiff": f"DuoDiff, {family}", "cache": f"Caching, {family}", "composed": f"Composed, {family}"}[method]
+            "duodiff": f"DuoDiff, {family}", "cache": f"Caching, {family}",
+            "l2c": f"Learning-to-Cache, {family}", "composed": f"Composed, {family}"}[method]
 
 
 def plot_paired_difference(table: pd.DataFrame, palette: Palette):

@@ -138,10 +138,10 @@ class QualitySeries:
             if method == "early_exit":
                 group = table[(table["method"] == method) & (table["classifier_type"] == key)].sort_values("threshold")
                 label = f"early exit, {key}"
-            elif method in ("composed", "cache"):  # a family's sets in its knob's order (Palette.members), those drawn here
+            elif method in ("composed", "cache", "l2c"):  # a family's sets in its knob's order (Palette.members), those drawn here
                 names = [name for name in palette.members[(method, key)] if name in set(table["set"])]
                 group = table.set_index("set").loc[names].reset_index()
-                label = f"{'composed' if method == 'composed' else 'caching'}, {key}"
+                label = {"composed": f"composed, {key}", "cache": f"caching, {key}"}.get(method, "Learning-to-Cache")
             else:
                 group = table[(table["method"] == method) & (table["shallow_depth"] == key)].sort_values("t_switch")
                 label = f"DuoDiff, {key}-block shallow"
@@ -185,6 +185,8 @@ def quality_panels(table: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     for method, family, sets in method_families(table):  # caching per keep_blocks, one panel per composed entry
         if method == "cache":
             panels.append((f"Caching, {family}", sets))
+        if method == "l2c":
+            panels.append(("Learning-to-Cache", sets))
         if method == "composed":
             panels.append((f"Composed: {family}", sets))
     return panels or [("Full U-ViT", table.iloc[0:0])]

@@ -75,7 +75,7 @@ GRID_COLUMNS = 3  # sample grids per row: a family with more settings wraps onto
 
 def grid_title(row) -> str:
     """A sample grid's title: the set within its row of the figure, and its score."""
-    if row["method"] in ("early_exit", "duodiff", "cache", "composed"):
+    if row["method"] in ("early_exit", "duodiff", "cache", "l2c", "composed"):
         what = setting_label(row, style="plot")
     elif row["method"] == "shallow":
         what = f"shallow, {blocks(row['shallow_depth'])}"

@@ -26,7 +26,8 @@ REAL_COLOR = "tab:green"
 EARLY_EXIT_CMAPS = ["Blues", "Purples", "YlOrBr", "BuGn", "GnBu", "BuPu"]
 DUODIFF_CMAPS = ["Reds", "Oranges", "RdPu"]
 COMPOSED_CMAPS = ["Greens", "YlGn", "PuBuGn", "OrRd"]  # one per composed family (config entry)
-CACHE_CMAPS = ["copper_r", "pink_r"]  # caching, one per keep_blocks (a study has one)
+CACHE_CMAPS = ["copper_r", "pink_r"]
+L2C_CMAP = "Greys"  # Learning-to-Cache: one router per study, its threshold swept  # caching, one per keep_blocks (a study has one)
 FULL_STYLE = dict(color="black", marker="*", markersize=15, linestyle="none")
 SHALLOW_MARKER = "s"
 # Every figure is drawn at about the width of a paper's column (3.3 in) and its smallest type is
@@ -122,6 +123,10 @@ class Palette:
             key = ("cache", f"k = {keep}")
             self._assign(group, "cache_interval", CACHE_CMAPS[i % len(CACHE_CMAPS)], key)
             self.members[key] = list(group.sort_values("cache_interval")["set"])
+        group = table[table["method"] == "l2c"]
+        if len(group):  # higher thresholds reuse more (cheaper): darker
+            self._assign(group, "router_threshold", L2C_CMAP, ("l2c", "learned router"))
+            self.members[("l2c", "learned router")] = list(group.sort_values("router_threshold")["set"])
         for i, (method, family, sets) in enumerate(f for f in method_families(table) if f[0] == "composed"):
             cmap = COMPOSED_CMAPS[i % len(COMPOSED_CMAPS)]
             for name, color in zip(sets["set"], shades(cmap, len(sets))):
@@ -199,7 +204,7 @@ def sampling_caption(table: pd.DataFrame) -> str:
     return caption + (f"; fewer steps: {', '.join(map(str, fewer))}" if fewer else "")
 
 
-def swept_families(table: pd.DataFrame, methods=("early_exit", "duodiff", "cache", "composed")) -> list[tuple[str, pd.DataFrame]]:
+def swept_families(table: pd.DataFrame, methods=("early_exit", "duodiff", "cache", "l2c", "composed")) -> list[tuple[str, pd.DataFrame]]:
     """(title, sets in setting order) of every method family with a swept setting: early exit per
     classifier (thresholds), DuoDiff per shallow depth (t_switch), each composed family (its knob)."""
     # Composed families come in their knob's order already (operating_points.composed_families).

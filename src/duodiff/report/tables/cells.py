@@ -251,6 +251,7 @@ def readable(text) -> str:
 def _family_label(point) -> str:
     family = readable(point.family)
     return {"fewer_steps": "Fewer steps", "early_exit": f"Early exit, {family}",
-            "duodiff": f"DuoDiff, {family}", "cache": f"Caching, {family}", "composed": f"Composed, {family}",
+            "duodiff": f"DuoDiff, {family}", "cache": f"Caching, {family}",
+            "l2c": f"Learning-to-Cache, {family}", "composed": f"Composed, {family}",
             # A searched family without grid sets of its method: its search id.
             }.get(point.method, f"Searched, {family.replace('_', ' ').replace('-', ', ', 1)}")

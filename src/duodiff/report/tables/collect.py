@@ -111,6 +111,8 @@ def method_label(row) -> str:
         return " + ".join(parts) + (", fewer steps" if "steps" in fields else "")
     if method == "cache":  # k from the set's name: the csv tables have no cache_keep column
         return f"Caching (k = {parse_set_form(row['set'])[1]['cache_keep']})"
+    if method == "l2c":
+        return "Learning-to-Cache"
     return f"DuoDiff ({row['shallow_depth']} + {row['depth']} blocks)"
 
 
@@ -129,6 +131,8 @@ def _order_key(row) -> tuple:
         return (METHOD_ORDER.index(method), "", number(row["shallow_depth"]), number(row["t_switch"]))
     if method == "cache":
         return (METHOD_ORDER.index(method), "", number(row["cache_keep"]), number(row["cache_interval"]))
+    if method == "l2c":
+        return (METHOD_ORDER.index(method), "", number(row["router_threshold"]), 0.0)
     if method == "composed":  # by form (the set name up to its numbers), then t_switch, threshold, fewer steps
         return (METHOD_ORDER.index(method), re.sub(r"\d+(\.\d+)?(e-\d+)?", "#", row["set"]),
                 tuple(number(row.get(key)) for key in ("t_switch", "threshold", "cache_interval")), -number(row["steps"]))
@@ -152,7 +156,7 @@ def collect(settings: TableSettings, sets: list[str], margin: float, probes: lis
     frame = pd.DataFrame(rows)
     for column in ID_COLUMNS + SPEED_COLUMNS + ["real_mode", "batch_size", "device", "torch_version", "timing_clock",
                                                 "precision", "gflops_per_forward_linear_conv", "gflops_convention",
-                                                "timing_source", "cache_interval", "cache_keep"]:
+                                                "timing_source", "cache_interval", "cache_keep", "router_threshold"]:
         if column not in frame:  # a study of the real set alone has no sampling columns
             frame[column] = None
     for column in INTEGER_COLUMNS:  # nullable integers, so t_switch 300 stays "300", not "300.0"

@@ -265,6 +265,7 @@ def read_set(settings: TableSettings, name: str, method: str) -> dict:
         "t_switch": stats["t_switch"], "shallow_depth": shallow_depth, "depth": stats["depth"],
         # caching's N and k (stats.json has them in cache sets and DuoDiff sets with caching only)
         "cache_interval": stats.get("cache_interval"), "cache_keep": stats.get("cache_keep"),
+        "router_threshold": stats.get("router_threshold"),  # Learning-to-Cache's (l2c sets only)
         "sampler": stats["sampler"], "steps": stats["steps"], "seed": stats["seed"],
         "n_samples": stats["n_samples"], "batch_size": stats["batch_size"],
         "device": stats["device"], "torch_version": stats["torch_version"],

@@ -68,13 +68,15 @@ OPERATING_POINT_COLUMNS = ["method", "family", "set", "setting", "setting_label"
 def with_cache_fields(frame: pd.DataFrame) -> pd.DataFrame:
     """The frame with caching's N and k as columns (cache_interval, cache_keep): the tables' csv
     files do not carry them, the cache sets' names do (cache_N<N>_k<k>)."""
-    if "cache_keep" in frame and "cache_interval" in frame:
+    if "cache_keep" in frame and "cache_interval" in frame and "router_threshold" in frame:
         return frame
     frame = frame.copy()
-    fields = [parse_set_form(name)[1] if method in ("cache", "composed") else {}
+    fields = [parse_set_form(name)[1] if method in ("cache", "l2c", "composed") else {}
               for name, method in zip(frame["set"], frame["method"])]
     for column in ("cache_interval", "cache_keep"):
         frame[column] = pd.array([int(f[column]) if column in f else None for f in fields], dtype="Int64")
+    # Learning-to-Cache's threshold, from l2c_thr<τ>
+    frame["router_threshold"] = [float(f["router_threshold"]) if "router_threshold" in f else None for f in fields]
     return frame
 
 
@@ -95,6 +97,9 @@ def method_families(frame: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
     for keep in frame.loc[frame["method"] == "cache", "cache_keep"].drop_duplicates():
         sets = frame[(frame["method"] == "cache") & (frame["cache_keep"] == keep)].sort_values("cache_interval")
         families.append(("cache", f"k = {keep}", sets))
+    sets = frame[frame["method"] == "l2c"]
+    if len(sets):  # one router per study: one family, its threshold swept
+        families.append(("l2c", "learned router", sets.sort_values("router_threshold")))
     families += [("composed", label, sets) for label, _, sets in composed_families(frame)]
     return families
 
@@ -143,6 +148,8 @@ def search_family_ids(method: str, sets: pd.DataFrame) -> list[str]:
         return [f"duodiff-d{first['shallow_depth']}"]
     if method == "cache":
         return [f"cache-k{first['cache_keep']}"]
+    if method == "l2c":
+        return ["l2c"]
     if method == "composed":
         # Its sets lie on a line (composed_families): the one field that varies is the knob, and
         # the name with that field as a placeholder is the config entry's template.
