@@ -165,6 +165,28 @@ def test_router_training_lowers_its_objective():
     assert data.item() < 1e-8
 
 
+def test_several_cache_steps_in_one_pass_are_the_sum_of_their_own_objectives():
+    # Router training's pass over R cache steps at once (each sample its own row's gates) against
+    # R separate one-row objectives, each computed as for a single cache step.
+    model = model_and_inputs()[0]
+    model.requires_grad_(False)
+    g = torch.Generator().manual_seed(4)
+    R, B = 3, 2
+    x_prev, x_now = torch.randn(R * B, 2, 8, 8, generator=g), torch.randn(R * B, 2, 8, 8, generator=g)
+    t_prev = torch.tensor([700, 700, 500, 500, 300, 300])
+    t_now = t_prev - 100
+    with torch.no_grad():
+        teacher = model(x_now, t_now)
+    logits = torch.randn(R + 1, model.depth, 2, generator=g)  # row 2 is not drawn: its gates stay out
+    rows = torch.tensor([0, 0, 1, 1, 3, 3])
+    loss, data, l1 = router_objective(model, logits, x_prev, t_prev, x_now, t_now, teacher, l1_weight=0.05, rows=rows)
+    expected = [router_objective(model, logits[r], x_prev[rows == r], t_prev[rows == r], x_now[rows == r],
+                                 t_now[rows == r], teacher[rows == r], l1_weight=0.05) for r in (0, 1, 3)]
+    assert torch.allclose(loss, sum(e[0] for e in expected), rtol=1e-5)
+    assert torch.allclose(data, sum(e[1] for e in expected), rtol=1e-5)
+    assert torch.allclose(l1, sum(e[2] for e in expected), rtol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     root = tmp_path_factory.mktemp("l2c_models")
@@ -195,6 +217,9 @@ def test_train_router_writes_a_router_resumes_and_refuses_other_inputs(ckpt, tmp
     train(ckpt, tmp_path / "part", n_steps=3)
     resumed = train(ckpt, tmp_path / "part")
     assert torch.allclose(resumed["logits"], record["logits"], atol=1e-6)
+    # L2C's own loop, one cache step per training step, trains too (and is another router)
+    one = train(ckpt, tmp_path / "one", cache_steps_per_step=1)
+    assert one["logits"].shape == (2, 5, 2) and not torch.allclose(one["logits"], record["logits"])
     with pytest.raises(DuodiffError, match="--l1-weight 0.1 -> 0.2.*--restart"):
         train(ckpt, folder, l1_weight=0.2)
     train(ckpt, folder, l1_weight=0.2, restart=True)

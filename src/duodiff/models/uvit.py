@@ -223,7 +223,9 @@ class Block(nn.Module):
             if run[j]:
                 residual = layer(norm(x))
                 if gates is not None:
-                    residual = gates[j] * residual + (1 - gates[j]) * cached[j]
+                    # one gate for the batch (2,), or one per sample (B, 2): each its own cache step
+                    g = gates[..., j] if gates.dim() == 1 else gates[:, j, None, None]
+                    residual = g * residual + (1 - g) * cached[j]
             else:
                 residual = cached[j]
             residuals.append(residual)
@@ -358,8 +360,8 @@ class UViT(nn.Module):
         Without `cache`: the whole network (the operations of `forward`, bitwise its output).
         With `cache` and `run` (depth x (attention, MLP) booleans): a layer whose entry is False
         re-adds its cached residual and is not computed. With `cache` and `gates` (a (depth, 2)
-        tensor in [0, 1], router training): every layer runs, its residual interpolated
-        g * fresh + (1 - g) * cached."""
+        tensor in [0, 1], or (B, depth, 2): one row per sample; router training): every layer
+        runs, its residual interpolated g * fresh + (1 - g) * cached."""
         x = self.embed(x, t, y)
         skips, residuals = [], []
         half = self.depth // 2
@@ -369,7 +371,7 @@ class UViT(nn.Module):
             if cache is not None:
                 kwargs["cached"] = cache[i]
                 if gates is not None:
-                    kwargs["gates"] = gates[i]
+                    kwargs["gates"] = gates[i] if gates.dim() == 2 else gates[:, i]
                 elif run is not None:
                     kwargs["run"] = run[i]
             x, parts = block.forward_routed(x, skips.pop() if i > half else None, **kwargs)

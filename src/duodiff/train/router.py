@@ -2,14 +2,20 @@
 2406.01733) for one frozen U-ViT and one sampling grid (sampler, steps, eta, guidance scale).
 
 The router (models/router.py) holds one logit per (cache step, block, attention | MLP). L2C's
-differentiable objective, per training step:
-  - a cache step s (1, 3, 5, ...) and a batch are drawn;
+differentiable objective, per cache step s (1, 3, 5, ...):
   - the frozen model runs whole at step s - 1 of the teacher trajectory, leaving each layer's
     residual (the cache; no gradient);
   - the student runs at step s on the teacher's input, every layer's residual interpolated
     g * fresh + (1 - g) * cached with g = sigmoid(logit) (L2C's relaxed gate);
-  - loss = sum over the output's elements of (student - teacher)^2, averaged over the batch
+  - loss_s = sum over the output's elements of (student - teacher)^2, averaged over the batch
     (L2C's `sos`), + l1_weight * sum of the step's gates (L2C's router L1 term).
+Each training step draws `--cache-steps-per-step` R of the cache steps (0: all of them), a batch
+for each, and takes one optimiser step on the sum of their loss_s in one forward pass (each sample
+carries its own step's gates): the rows share no parameter, so this is each drawn row's own L2C
+step at once. R 1 is L2C's own loop (one step's states per iteration, 40,000 iterations on
+ImageNet); a small study takes all: with one of 20 rows per step, 120 steps left the gates where
+their random start put them, with all 20 the gates settle (near 0 or 1, or in between for the
+layers whose reuse costs about the L1 weight) in about 100.
 Only the logits learn (AdamW, no weight decay, as L2C's router optimiser).
 
 The teacher trajectory: the frozen model samples `--n-trajectories` images with the set's own
@@ -84,27 +90,37 @@ def teacher_trajectories(model, diffusion, *, sampler, steps, eta, guidance_scal
     return torch.cat(xs, dim=1), torch.cat(ts, dim=1), torch.cat(outs, dim=1), y_all
 
 
-def router_objective(model, logits_row, x_prev, t_prev, x, t, teacher, y=None, l1_weight=0.0):
-    """L2C's loss at one cache step -> (loss, data_loss, l1_loss): the frozen model whole at the
-    step before (the cache), the student at this step with every layer's residual
-    g * fresh + (1 - g) * cached, g = sigmoid(logits_row) (depth, 2)."""
+def router_objective(model, logits_row, x_prev, t_prev, x, t, teacher, y=None, l1_weight=0.0, rows=None):
+    """L2C's loss -> (loss, data_loss, l1_loss): the frozen model whole at the step before (the
+    cache), the student at this step with every layer's residual g * fresh + (1 - g) * cached,
+    g = sigmoid(logits_row). One cache step: logits_row (depth, 2), the data loss averaged over the
+    batch. Several at once: logits_row (R, depth, 2) and `rows` (B,) the row of each sample; the
+    data loss is averaged within each row and summed over the rows, the L1 term sums those rows'
+    gates: the sum of the rows' own objectives."""
     with torch.no_grad():
         _, cache = model.forward_routed(x_prev, t_prev, y)
     g = gates(logits_row)
-    student, _ = model.forward_routed(x, t, y, cache=cache, gates=g)
-    data_loss = (student.float() - teacher.float()).square().flatten(1).sum(1).mean()
-    l1_loss = g.sum()
+    per_sample = g if rows is None else g[rows]
+    student, _ = model.forward_routed(x, t, y, cache=cache, gates=per_sample)
+    errors = (student.float() - teacher.float()).square().flatten(1).sum(1)
+    if rows is None:
+        data_loss = errors.mean()
+    else:
+        counts = torch.bincount(rows, minlength=g.shape[0]).clamp(min=1).to(errors)
+        data_loss = (torch.zeros(g.shape[0], dtype=errors.dtype, device=errors.device).index_add(0, rows, errors) / counts).sum()
+    l1_loss = g.sum() if rows is None else g[torch.unique(rows)].sum()  # the drawn rows' gates only
     return data_loss + l1_weight * l1_loss, data_loss, l1_loss
 
 
 def check_train_router_args(*, sampler, steps, eta, guidance_scale, n_trajectories, batch_size, n_steps, router_lr,
-                            l1_weight, seed, log_every_n_steps, save_every_n_steps) -> None:
+                            l1_weight, seed, log_every_n_steps, save_every_n_steps, cache_steps_per_step=0) -> None:
     check_choice("--sampler", sampler, SAMPLERS)
     check_int("--steps", steps, 2)  # step 0 never caches: a router needs a step 1
     require(is_number(eta) and eta >= 0, f"--eta must be >= 0; got {eta!r}")
     check_guidance_scale(guidance_scale)
     for flag, value, low in (("--n-trajectories", n_trajectories, 1), ("--batch-size", batch_size, 1),
                              ("--n-steps", n_steps, 1), ("--seed", seed, 0), ("--log-every-n-steps", log_every_n_steps, 1),
+                             ("--cache-steps-per-step", cache_steps_per_step, 0),
                              ("--save-every-n-steps", save_every_n_steps, 1)):  # fmt: skip
         check_int(flag, value, low)
     require(is_number(router_lr) and router_lr > 0, f"--router-lr must be a positive number; got {router_lr!r}")
@@ -113,12 +129,13 @@ def check_train_router_args(*, sampler, steps, eta, guidance_scale, n_trajectori
 
 def run_train_router(*, checkpoint_path, output_folder, sampler, steps, eta, guidance_scale, n_trajectories, batch_size,
                      n_steps, router_lr, l1_weight, seed, use_ema, device, log_every_n_steps, save_every_n_steps,
-                     restart) -> dict:
+                     restart, cache_steps_per_step=0) -> dict:
     """Train the router of `checkpoint_path` for (sampler, steps) -> FOLDER/router.pt (its record)."""
     check_train_router_args(
         sampler=sampler, steps=steps, eta=eta, guidance_scale=guidance_scale, n_trajectories=n_trajectories,
         batch_size=batch_size, n_steps=n_steps, router_lr=router_lr, l1_weight=l1_weight, seed=seed,
         log_every_n_steps=log_every_n_steps, save_every_n_steps=save_every_n_steps,
+        cache_steps_per_step=cache_steps_per_step,
     )  # fmt: skip
     from duodiff.core.distributed import default_device
     from duodiff.models.checkpoints import load_model
@@ -137,7 +154,8 @@ def run_train_router(*, checkpoint_path, output_folder, sampler, steps, eta, gui
     state_path, router_path, loss_path = folder / "checkpoint.pt", folder / "router.pt", folder / "loss.csv"
     settings = {"sampler": sampler, "steps": steps, "eta": float(eta), "guidance_scale": float(guidance_scale),
                 "n_trajectories": n_trajectories, "batch_size": batch_size, "n_steps": n_steps,
-                "router_lr": float(router_lr), "l1_weight": float(l1_weight), "seed": seed, "use_ema": bool(use_ema)}
+                "router_lr": float(router_lr), "l1_weight": float(l1_weight), "seed": seed, "use_ema": bool(use_ema),
+                "cache_steps_per_step": cache_steps_per_step}
     # n_steps stays out: a longer run resumes a shorter one's state (the router has no schedule to end)
     current = fingerprint({"model weights": checkpoint_path}, {k: v for k, v in settings.items() if k != "n_steps"})
     rows = cache_steps(steps)
@@ -160,6 +178,7 @@ def run_train_router(*, checkpoint_path, output_folder, sampler, steps, eta, gui
                                            batch_size=batch_size, seed=seed, device=dev)
     pool = xs.shape[1]
     batch = min(batch_size, pool)
+    per_step = len(rows) if cache_steps_per_step == 0 else min(cache_steps_per_step, len(rows))
 
     def save_state() -> None:
         torch_save({"fingerprint": current, "logits": logits.detach().cpu(), "optimizer": optimizer.state_dict(),
@@ -168,13 +187,17 @@ def run_train_router(*, checkpoint_path, output_folder, sampler, steps, eta, gui
     sums = torch.zeros(4, dtype=torch.float64)
     while step < n_steps:
         draw = torch.Generator().manual_seed(seed * 1_000_003 + step)  # (seed, step) alone: resumable
-        row = int(torch.randint(len(rows), (1,), generator=draw))
-        index = torch.randperm(pool, generator=draw)[:batch]
-        s = rows[row]
-        yb = None if y is None else y[index].to(dev)
+        # R of the cache steps (0: all), a batch of trajectories for each, stacked: row by row
+        drawn = torch.randperm(len(rows), generator=draw)[:per_step].sort().values
+        index = torch.stack([torch.randperm(pool, generator=draw)[:batch] for _ in drawn])  # (R, batch)
+        now = torch.tensor(rows)[drawn][:, None].expand_as(index)
+        before = now - 1
+        row_of = drawn[:, None].expand_as(index).reshape(-1).to(dev)
+        pick = lambda a, s: a[s.reshape(-1), index.reshape(-1)].to(dev)  # noqa: E731
+        yb = None if y is None else y[index.reshape(-1)].to(dev)
         loss, data_loss, l1_loss = router_objective(
-            model, logits[row], xs[s - 1][index].to(dev), ts[s - 1][index].to(dev), xs[s][index].to(dev),
-            ts[s][index].to(dev), outs[s][index].to(dev), yb, l1_weight)
+            model, logits, pick(xs, before), pick(ts, before), pick(xs, now), pick(ts, now), pick(outs, now), yb,
+            l1_weight, rows=row_of)
         require(bool(torch.isfinite(loss)), f"train-router: the loss is not finite at step {step} (--router-lr {router_lr})")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -217,7 +240,9 @@ def add_cli(subparsers) -> None:
     add_flag(parser, "--eta", type=float, default=0.0)
     add_flag(parser, "--guidance-scale", type=float, default=0.0, help="the sample sets' guidance scale (both branches)")
     add_flag(parser, "--n-trajectories", type=int, default=256, help="teacher trajectories sampled once (the training states)")
-    add_flag(parser, "--batch-size", type=int, default=64, help="states per training step (L2C: 64)")
+    add_flag(parser, "--batch-size", type=int, default=64, help="states per cache step and training step (L2C: 64)")
+    add_flag(parser, "--cache-steps-per-step", type=int, default=0,
+             help="cache steps trained per training step (0: all of them; L2C: 1)")
     add_flag(parser, "--n-steps", type=int, default=500, help="router training steps (L2C U-ViT: 40,000 on ImageNet)")
     add_flag(parser, "--router-lr", type=float, default=1e-3, help="AdamW learning rate of the logits (L2C: 0.001)")
     add_flag(parser, "--l1-weight", type=float, default=0.1, help="weight of the gates' sum, the sparsity term (L2C: 0.1)")
