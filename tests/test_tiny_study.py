@@ -75,8 +75,8 @@ def test_tiny_study_has_the_fewer_steps_baseline_the_floor_and_operating_points(
     with open(tables / "operating_points.csv") as f:
         points = list(csv.DictReader(f))
     assert [p["family"] for p in points] == ["fewer steps", "attention_probe", "shallow depth 1", "k = 1",
-                                             "DuoDiff d1, t_switch 2 + caching k = 1, N 2",
                                              "learned router",
+                                             "DuoDiff d1, t_switch 2 + caching k = 1, N 2",
                                              "DuoDiff d1, t_switch 2 + attention_probe τ 0.5 at 4 steps"]
     info = json.loads((tiny_study / "results" / "tiny" / "feature_net" / "feature_net.json").read_text())
     assert 0 <= info["heldout_accuracy"] <= 1 and info["n_heldout"] == 359

@@ -82,9 +82,11 @@ def plot_exit_heatmap(table, palette, summaries: dict[str, np.ndarray]):
     """Where early exit exits: one row of heat maps per classifier type (its title above it), one
     heat map per threshold, one colour bar for all."""
     # Early exit alone, every composed family with an exit rule (its sets have a threshold), and
-    # caching, whose exit_layers are the blocks each step ran (all at full steps, 2k between).
+    # caching, whose exit_layers are the blocks each step ran (all at full steps, 2k between),
+    # alone, learned (l2c) or in DuoDiff's full phase (a composed set named ..._cache_N<n>_k<k>).
     families = [(title, sets) for title, sets in swept_families(table, methods=("early_exit", "cache", "l2c", "composed"))
-                if sets["threshold"].notna().all() or sets["method"].isin(["cache", "l2c"]).all()]
+                if sets["threshold"].notna().all() or sets["method"].isin(["cache", "l2c"]).all()
+                or sets["set"].str.contains("_cache_N").all()]
     n_cols = min(HEATMAP_COLUMNS, max([len(sets) for _, sets in families] + [1]))
     rows = [math.ceil(len(sets) / n_cols) for _, sets in families]
     heights = [r * (HEATMAP_HEIGHT + 0.55) + 0.25 for r in rows] + [0.55]  # heat maps, titles; colour bar
