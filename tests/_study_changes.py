@@ -27,13 +27,14 @@ from test_workflow import TINY, load, make_workdir, modified, snakemake
 
 def smaller(cfg):
     # Four sets (full, shallow, one threshold, one t_switch) and the real-data row; no CMMD (CLIP), no
-    # composed or caching sets, no search.
+    # composed, caching or Learning-to-Cache sets, no search.
     cfg["early_exit"]["thresholds"] = [0.1]
     cfg["sampling"]["fewer_steps"] = []
     cfg["metrics"]["cmmd"] = {"enabled": False}
     cfg["search"]["enabled"] = False  # the search and the composed sets have their own tests (test_tiny_study.py)
     cfg["composed"] = []
     cfg["cache"]["interval"] = []  # no caching sets either
+    cfg["learning_to_cache"]["thresholds"] = []  # nor a router and its sets
 
 
 BASE = modified(load(TINY), smaller)

@@ -401,6 +401,7 @@ OUTPUT_COMMANDS = {
     "train": "train --model uvit --config-path {cfg} --log-path {dest}",
     "convert": "convert --checkpoint {full} --config-path {cfg} --output {dest}/model.pt",
     "sample": "sample --checkpoint-path {full} --method full " + SAMPLE + " --output-folder {dest}",
+    "train-router": "train-router --checkpoint-path {full} --steps 4 --n-steps 1 --output-folder {dest}",
     "reference": "reference --dataset digits --n-reference 2 --output-folder {dest}",
     "feature-net": "feature-net --dataset digits --epochs 1 --output-folder {dest}",
     "real-set": "real-set --dataset digits --n-reference 2 --n-images 2 --output-folder {dest}",

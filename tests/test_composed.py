@@ -63,7 +63,7 @@ def test_composed_names_parse_into_their_form_and_build_back(name, form, recorde
 def test_every_name_of_every_form_parses_one_way_only():
     values = {"steps": [1, 30], "depth": [1, 13], "t_switch": [0, 20], "threshold": [1e-05, 0.15, 1, 0.1 + 0.2],
               "classifier_type": ["attention_probe", "mlp_probe_per_layer_per_timestep"],
-              "cache_interval": [1, 12], "cache_keep": [1, 3]}  # fmt: skip
+              "cache_interval": [1, 12], "cache_keep": [1, 3], "router_threshold": [1e-05, 0.9, 1]}  # fmt: skip
     names = set()
     for form, pattern in SET_NAME_PATTERNS.items():
         keys = list(pattern.groupindex)

@@ -266,7 +266,7 @@ def test_conditional_model_and_ema_choice(ckpt, tmp_path):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(method="fast"), "--method must be one of full, shallow, early_exit, duodiff, cache; got 'fast'"),
+        (dict(method="fast"), "--method must be one of full, shallow, early_exit, duodiff, cache, l2c; got 'fast'"),
         (dict(sampler="euler"), "--sampler must be one of ddpm, ddim, dpm_solver, dpm_solver_fast, euler_maruyama; got 'euler'"),
         (dict(n_samples=0), "--n-samples must be a positive integer; got 0"),
         (dict(batch_size=-2), "--batch-size must be a positive integer; got -2"),
