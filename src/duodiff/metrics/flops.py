@@ -225,26 +225,24 @@ def _model_file(path: str, mtime_ns: int, size: int) -> dict:
     return {k: v for k, v in load_model_file(path).items() if k not in ("state_dict", "ema_state_dict")}
 
 
-def checkpoint_cached_cost(path, keep: int) -> dict:
-    """cached_step_cost of a (plain U-ViT) model.pt's architecture, built on the meta device."""
+def _architecture_key(path) -> str:
+    """A model.pt's architecture as a hashable text (kind, model config, timesteps, classifier)."""
     obj = model_file(path)
-    key = json.dumps(
+    return json.dumps(
         {"kind": obj["kind"], "model_config": obj["model_config"],
          "num_timesteps": int(obj["diffusion"].get("num_timesteps", 1000)), "classifier_type": obj.get("classifier_type")},
         sort_keys=True,
     )  # fmt: skip
-    return _cached_cost_for(key, int(keep))
+
+
+def checkpoint_cached_cost(path, keep: int) -> dict:
+    """cached_step_cost of a (plain U-ViT) model.pt's architecture, built on the meta device."""
+    return _cached_cost_for(_architecture_key(path), int(keep))
 
 
 def checkpoint_routed_cost(path, run: tuple) -> dict:
     """routed_step_cost of a (plain U-ViT) model.pt's architecture, built on the meta device."""
-    obj = model_file(path)
-    key = json.dumps(
-        {"kind": obj["kind"], "model_config": obj["model_config"],
-         "num_timesteps": int(obj["diffusion"].get("num_timesteps", 1000)), "classifier_type": obj.get("classifier_type")},
-        sort_keys=True,
-    )  # fmt: skip
-    return _routed_cost_for(key, tuple(tuple(pair) for pair in run))
+    return _routed_cost_for(_architecture_key(path), tuple(tuple(pair) for pair in run))
 
 
 def checkpoint_costs(path) -> tuple[dict, dict]:
