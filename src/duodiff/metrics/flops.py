@@ -283,15 +283,7 @@ def set_costs(method: str, exit_layers: torch.Tensor, costs: dict, costs_late: d
     if method == "cache":
         depth = len(costs["blocks"])
         assert cached is not None and 1 <= cache_keep <= depth // 2, "run_flops checks a cache set's cache_keep"
-        full_step = exit_layers == depth
-        require(
-            bool((full_step | (exit_layers == 2 * cache_keep)).all()),
-            f"cache set: exit_layers (blocks run) should be {depth} (full steps) or {2 * cache_keep} (cached steps, "
-            f"cache_keep={cache_keep})",
-        )
-        whole = network_cost(costs)
-        per_eval = {k: torch.where(full_step, float(whole[k]), float(cached[k])).double() for k in whole}
-        return per_eval, depth
+        return cached_phase_costs(exit_layers, network_cost(costs), cached, depth, cache_keep, "cache set:"), depth
     if method in ("full", "shallow"):
         depth = len(costs["blocks"])
         require(bool((exit_layers == depth).all()), f"{method} set: exit_layers should all be {depth} (the model's depth)")
@@ -319,15 +311,11 @@ def set_costs(method: str, exit_layers: torch.Tensor, costs: dict, costs_late: d
         )
         late_layers = exit_layers[t_switch:]
         if cached is not None:  # DuoDiff with caching: the full network or one cached step after t_switch
-            require(
-                bool(((late_layers == depth) | (late_layers == 2 * cache_keep)).all()),
-                f"duodiff set with caching: exit_layers after t_switch={t_switch} should be {depth} (full steps) or "
-                f"{2 * cache_keep} (cached steps, cache_keep={cache_keep})",
-            )
-            shallow, whole = network_cost(costs), network_cost(costs_late)
-            for k in whole:
-                per_eval[k] = torch.where(exit_layers == depth, float(whole[k]), float(cached[k])).double()
-                per_eval[k][:t_switch] = float(shallow[k])
+            late = cached_phase_costs(late_layers, network_cost(costs_late), cached, depth, cache_keep,
+                                      f"duodiff set with caching: after t_switch={t_switch},")
+            shallow = network_cost(costs)
+            per_eval = {k: torch.cat([torch.full((t_switch, n), float(shallow[k]), dtype=torch.float64), late[k]])
+                        for k in late}
             return per_eval, depth
         if early_exit:
             require(
@@ -345,6 +333,17 @@ def set_costs(method: str, exit_layers: torch.Tensor, costs: dict, costs_late: d
             per_eval[k][:t_switch] = float(shallow[k])
         return per_eval, depth
     raise AssertionError(f"read_set checks the method; got {method!r}")
+
+
+def cached_phase_costs(layers: torch.Tensor, whole: dict, cached: dict, depth: int, keep: int, what: str) -> dict:
+    """Per-evaluation cost of steps run with DeepCache's rule: `whole` where all `depth` blocks
+    ran (full steps), `cached` where 2 * `keep` did; any other count is refused, naming `what`."""
+    full_step = layers == depth
+    require(
+        bool((full_step | (layers == 2 * keep)).all()),
+        f"{what} exit_layers (blocks run) should be {depth} (full steps) or {2 * keep} (cached steps, cache_keep={keep})",
+    )
+    return {k: torch.where(full_step, float(whole[k]), float(cached[k])).double() for k in whole}
 
 
 def summarize(per_eval: dict, exit_layers: torch.Tensor, full_depth: int, branches: int = 1) -> dict:

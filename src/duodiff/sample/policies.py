@@ -121,8 +121,14 @@ class CacheDenoiser:
         return output
 
     def executed_depth(self, steps: int, batch_size: int) -> torch.Tensor:
-        assert len(self._blocks) == steps, (len(self._blocks), steps)
-        return torch.tensor(self._blocks, dtype=torch.long).reshape(steps, 1).expand(steps, batch_size).clone()
+        return blocks_per_step(self._blocks, steps, batch_size)
+
+
+def blocks_per_step(blocks: list[int], steps: int, batch_size: int) -> torch.Tensor:
+    """The executed depth of a policy that runs the same blocks for every sample of the batch:
+    `blocks` (one count per step it ran) as a LongTensor (steps, batch_size)."""
+    assert len(blocks) == steps, (len(blocks), steps)
+    return torch.tensor(blocks, dtype=torch.long).reshape(steps, 1).expand(steps, batch_size).clone()
 
 
 class RouterDenoiser:
@@ -143,15 +149,13 @@ class RouterDenoiser:
     def __call__(self, x, t, step_index):
         assert step_index == len(self._blocks), "a RouterDenoiser records one sampling run"
         run = self.plan[step_index]
-        if run is not None and self._cache is None:  # step 0 is never a cache step; kept for safety
-            run = None
+        assert run is None or self._cache is not None, "routing_plan never caches step 0"
         output, self._cache = self.model.forward_routed(x, t, self.y, run=run, cache=None if run is None else self._cache)
         self._blocks.append(self.model.depth if run is None else sum(1 for a, m in run if a or m))
         return output
 
     def executed_depth(self, steps: int, batch_size: int) -> torch.Tensor:
-        assert len(self._blocks) == steps, (len(self._blocks), steps)
-        return torch.tensor(self._blocks, dtype=torch.long).reshape(steps, 1).expand(steps, batch_size).clone()
+        return blocks_per_step(self._blocks, steps, batch_size)
 
 
 class PhasedPolicy:

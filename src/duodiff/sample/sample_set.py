@@ -150,20 +150,15 @@ def check_sample_args(*, method, sampler, steps, n_samples, batch_size, seed, et
             f"--threshold (early exit in that phase); got --threshold {threshold}",
         )
     else:
-        for name, value in (("--cache-interval", cache_interval), ("--cache-keep", cache_keep)):
-            require(
-                value is None,
-                f"{name} applies to --method cache (and duodiff's full-model phase) only; got {name} {value} with "
-                f"--method {method}",
-            )
+        _refuse_flags(method, "--method cache (and duodiff's full-model phase)",
+                      ("--cache-interval", cache_interval), ("--cache-keep", cache_keep))
     if method == "l2c":
         require(router is not None, "--method l2c needs --router (a router.pt of duodiff train-router)")
         require(router_threshold is not None, "--method l2c needs --router-threshold (in [0, 1])")
         require(is_number(router_threshold) and 0.0 <= router_threshold <= 1.0,
                 f"--router-threshold must be in [0, 1]; got {router_threshold!r}")
     else:
-        for name, value in (("--router", router), ("--router-threshold", router_threshold)):
-            require(value is None, f"{name} applies to --method l2c only; got {name} {value} with --method {method}")
+        _refuse_flags(method, "--method l2c", ("--router", router), ("--router-threshold", router_threshold))
     check_choice("--precision", precision, PRECISIONS)
     check_guidance_scale(guidance_scale)
     dev = check_device(device or default_device())
@@ -172,6 +167,12 @@ def check_sample_args(*, method, sampler, steps, n_samples, batch_size, seed, et
         f"--precision {precision} needs --device cuda; on {dev.type} choose fp32 or bf16",
     )
     return dev
+
+
+def _refuse_flags(method, applies_to: str, *flags) -> None:
+    """Each (flag, value) given (not None) with a method it does not apply to: one line naming it."""
+    for name, value in flags:
+        require(value is None, f"{name} applies to {applies_to} only; got {name} {value} with --method {method}")
 
 
 def check_late_model(method, metas, threshold, checkpoint_path_late, cache_interval=None) -> None:
