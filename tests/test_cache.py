@@ -198,16 +198,21 @@ def test_a_cache_set_records_blocks_run_and_its_flops(ckpts, tmp_path):
         flops.run_flops(samples=out, output=tmp_path / "flops.json")
 
 
-def test_the_timing_stage_rebuilds_the_cache_policy_from_stats(ckpts, tmp_path, monkeypatch):
+def timed_policy(folder, monkeypatch):
+    """The policy `duodiff time` rebuilds from a set's stats.json and runs once."""
     from duodiff.timing import time_sets
 
-    sample(ckpts, tmp_path / "cache", cache_interval=3, cache_keep=2)
     built = []
     monkeypatch.setattr(time_sets, "make_denoiser", lambda *a, **k: built.append(make_denoiser(*a, **k)) or built[-1])
-    stats = time_sets.read_stats(tmp_path / "cache")
-    runners = time_sets.build_runners({"cache": (tmp_path / "cache", stats)}, 2, 0, torch.device("cpu"))
-    runners["cache"]()
+    runners = time_sets.build_runners({"set": (folder, time_sets.read_stats(folder))}, 2, 0, torch.device("cpu"))
+    runners["set"]()
     (policy,) = built
+    return policy
+
+
+def test_the_timing_stage_rebuilds_the_cache_policy_from_stats(ckpts, tmp_path, monkeypatch):
+    sample(ckpts, tmp_path / "cache", cache_interval=3, cache_keep=2)
+    policy = timed_policy(tmp_path / "cache", monkeypatch)
     assert isinstance(policy, CacheDenoiser) and (policy.interval, policy.keep) == (3, 2)
     assert torch.equal(policy.executed_depth(5, 2), torch.tensor([5, 4, 4, 5, 4])[:, None].expand(5, 2))
 
@@ -323,15 +328,9 @@ def duodiff_sample_alone(paths, tmp_path):
 
 def test_the_timing_stage_rebuilds_duodiff_with_caching(duodiff_ckpts, tmp_path, monkeypatch):
     from duodiff.sample.policies import PhasedPolicy
-    from duodiff.timing import time_sets
 
     duodiff_sample(duodiff_ckpts, tmp_path / "set", cache_interval=2, cache_keep=1)
-    built = []
-    monkeypatch.setattr(time_sets, "make_denoiser", lambda *a, **k: built.append(make_denoiser(*a, **k)) or built[-1])
-    stats = time_sets.read_stats(tmp_path / "set")
-    runners = time_sets.build_runners({"set": (tmp_path / "set", stats)}, 2, 0, torch.device("cpu"))
-    runners["set"]()
-    (policy,) = built
+    policy = timed_policy(tmp_path / "set", monkeypatch)
     assert isinstance(policy, PhasedPolicy) and isinstance(policy.late, CacheDenoiser)
     assert (policy.switch, policy.late.interval, policy.late.keep) == (2, 2, 1)
 
